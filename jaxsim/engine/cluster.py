@@ -1,0 +1,214 @@
+"""The simulation loop: a cluster of instances advanced one engine iteration at a time.
+
+One step of the loop moves the clock to the next iteration end (or, when every instance is
+idle, to the next arrival), finishes the batches that end then, routes the arrivals, records the
+iteration, and starts the next batch on every idle instance. The whole run is one
+``lax.while_loop`` inside one ``jit``: a run is one compiled call.
+
+The state has an instance axis from the start (``InstanceState`` leaves are ``[instance, ...]``,
+and per-instance work is ``vmap``-ed). Routing across several instances belongs to the cluster
+issue; today every arrival goes to instance 0 and the host rejects more than one instance.
+
+Time is int64 nanoseconds (x64 is enabled by ``jaxsim``): exact however long the run.
+"""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+from jaxsim import latency
+from jaxsim.engine import instance as inst_lib
+from jaxsim.engine.instance import I32, I64, RUNNING, WAITING
+
+NEVER = jnp.iinfo(jnp.int64).max
+
+
+class WorkloadArrays(eqx.Module):
+    """The trace, shared by every configuration. Request ids are trace lines."""
+
+    arrival_sorted: Int[Array, " req"]  # arrival times in (arrival, id) order, int64 ns
+    order: Int[Array, " req"]  # request id at each position of that order
+    prompt: Int[Array, " req"]
+    output: Int[Array, " req"]
+    hashes: Int[Array, "req mb"]  # dense prefix-hash ids of full blocks, -1 padded
+    n_hashes: Int[Array, " req"]
+    token_offset: Int[Array, " req"]  # start of the request's output tokens in token_times
+
+
+class EngineParams(eqx.Module):
+    """Per-instance numeric parameters (leaves have a leading instance axis)."""
+
+    sched: inst_lib.SchedulerParams
+    tables: latency.LatencyTables
+    iteration_overhead_ns: Int[Array, ""]
+    first_token_delay_ns: Int[Array, ""]
+    token_output_delay_ns: Int[Array, ""]
+
+
+class ClusterState(eqx.Module):
+    now: Int[Array, ""]  # int64 ns
+    next_pending: Int[Array, ""]  # position in arrival order of the first request not yet routed
+    inst: inst_lib.InstanceState  # [instance, ...]
+    finished: Int[Array, ""]
+    stalled: Bool[Array, ""]  # nothing runs, nothing arrives, work is left: a request never fits
+    steps: Int[Array, ""]
+    # Per-request outputs, written at emission and at finish.
+    first_token: Int[Array, " req"]
+    finish: Int[Array, " req"]
+    first_scheduled: Int[Array, " req"]
+    prefix_hit: Int[Array, " req"]
+    num_preemptions: Int[Array, " req"]
+    recomputed: Int[Array, " req"]
+    instance: Int[Array, " req"]
+    token_times: Int[Array, " tok"]
+
+
+def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now):
+    """Move arrived requests (arrival <= now) into free slots of instance 0, in arrival order.
+
+    Requests that find no free slot stay pending: for one instance that is the tail of the
+    waiting queue, so the schedule is unchanged (they are counted in the waiting gauge).
+    """
+    s = jax.tree.map(lambda x: x[0], inst.slots)
+    n_req = wl.arrival_sorted.shape[0]
+    arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right").astype(I32)
+    free = s.status == inst_lib.EMPTY
+    n_route = jnp.minimum(arrived - next_pending, jnp.sum(free.astype(I32), dtype=I32))
+    rank = jnp.cumsum(free.astype(I32), dtype=I32) - 1
+    take = free & (rank < n_route)
+    pos = jnp.minimum(next_pending + rank, n_req - 1)
+    req = wl.order[pos]
+    prompt = wl.prompt[req]
+
+    def put(old, new):
+        return jnp.where(take, new, old)
+
+    s = inst_lib.Slots(
+        req=put(s.req, req), status=put(s.status, WAITING), prompt=put(s.prompt, prompt),
+        target=put(s.target, prompt + wl.output[req]), reached=put(s.reached, prompt),
+        computed=put(s.computed, 0), first=put(s.first, True), num_preemptions=put(s.num_preemptions, 0),
+        last_emit=put(s.last_emit, 0), first_scheduled=put(s.first_scheduled, -1),
+        prefix_hit=put(s.prefix_hit, -1), recomputed=put(s.recomputed, 0), nblk=put(s.nblk, 0),
+        nreg=put(s.nreg, 0), blocks=s.blocks, run_key=s.run_key, wait_key=put(s.wait_key, pos),
+        sched_n=s.sched_n, sched_c=s.sched_c, sched_pos=s.sched_pos)
+    slots = jax.tree.map(lambda all_, one: all_.at[0].set(one), inst.slots, s)
+    unrouted = arrived - next_pending - n_route
+    # Overflow: arrivals wait outside while no slot holds a waiting request, so the scheduler
+    # could stop admitting for lack of slots rather than for a vLLM reason.
+    no_waiting_slot = ~jnp.any(s.status == WAITING)
+    overflow = inst.counters.slot_overflow.at[0].set(
+        inst.counters.slot_overflow[0] | ((unrouted > 0) & no_waiting_slot))
+    inst = eqx.tree_at(lambda i: (i.slots, i.counters.slot_overflow), inst, (slots, overflow))
+    return inst, next_pending + n_route, unrouted
+
+
+def _start_batches(inst, prm: EngineParams, wl, now, *, block_size, window, ring_cap):
+    """On every idle instance, schedule a batch and compute when it ends."""
+
+    def one(inst, prm):
+        def go(inst):
+            inst = inst_lib.schedule(inst, prm.sched, wl, now, block_size=block_size, window=window,
+                                     ring_cap=ring_cap)
+            shape = inst_lib.batch_shape(inst.slots)
+            dt, extrap = latency.iteration_time(prm.tables, **shape)
+            has_batch = shape["S"] > 0
+            end = now + dt.astype(I64) + prm.iteration_overhead_ns
+            ctr = eqx.tree_at(lambda c: c.extrapolated, inst.counters,
+                              inst.counters.extrapolated + jnp.where(has_batch, (extrap > 0).astype(I32), 0))
+            return eqx.tree_at(
+                lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters),
+                inst, (has_batch, now, end, shape["T"], shape["S"], ctr))
+
+        return jax.lax.cond(inst.busy, lambda i: i, go, inst)
+
+    return jax.vmap(one)(inst, prm)
+
+
+def _record(inst, ending, prm: EngineParams, ptok, gtok, now, unrouted):
+    """Append one row per instance whose iteration ended now (gauges after routing)."""
+
+    def one(inst, ending, num_blocks, ptok, gtok):
+        s = inst.slots
+        row = dict(start=inst.batch_start, end=now, prompt_tokens=ptok, gen_tokens=gtok,
+                   num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs,
+                   running=jnp.sum((s.status == RUNNING).astype(I32), dtype=I32),
+                   waiting=jnp.sum((s.status == WAITING).astype(I32), dtype=I32) + unrouted,
+                   kv_used=num_blocks - inst.pool.num_free)
+        cap = inst.records.start.shape[0]
+        idx = jnp.where(ending, inst.n_iters, cap)  # out of range = not written
+        rec = inst_lib.Records(**{k: getattr(inst.records, k).at[idx].set(v, mode="drop") for k, v in row.items()})
+        return eqx.tree_at(lambda i: (i.records, i.n_iters), inst, (rec, inst.n_iters + ending.astype(I32)))
+
+    return jax.vmap(one)(inst, ending, prm.sched.num_blocks, ptok, gtok)
+
+
+def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size, window, ring_cap):
+    now = st.now
+    inst = st.inst
+    ending = inst.busy & (inst.batch_end == now)
+    inst, ev, ptok, gtok = jax.vmap(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap),
+                                    in_axes=(0, 0, None))(inst, ending, now)
+    # Per-request outputs from the emissions of every instance (flattened over instance, slot).
+    ev = jax.tree.map(lambda x: x.reshape(-1), ev)
+    n_req = st.finish.shape[0]
+    n_inst = inst.busy.shape[0]
+    req = jnp.maximum(ev.req, 0)
+    delay = jnp.where(ev.first_emit, prm.first_token_delay_ns[0], prm.token_output_delay_ns[0])
+    tok_pos = jnp.where(ev.emit, wl.token_offset[req] + ev.token_index, st.token_times.shape[0])
+    token_times = st.token_times.at[tok_pos].set(now + delay, mode="drop")
+    first_pos = jnp.where(ev.first_emit, req, n_req)
+    fin = jnp.where(ev.finish, req, n_req)
+    inst_id = jnp.repeat(jnp.arange(n_inst, dtype=I32), ev.req.shape[0] // n_inst)
+    st = eqx.tree_at(
+        lambda s: (s.token_times, s.first_token, s.finish, s.first_scheduled, s.prefix_hit,
+                   s.num_preemptions, s.recomputed, s.instance, s.finished),
+        st, (token_times, st.first_token.at[first_pos].set(now + delay, mode="drop"),
+             st.finish.at[fin].set(now + delay, mode="drop"),
+             st.first_scheduled.at[fin].set(ev.first_scheduled, mode="drop"),
+             st.prefix_hit.at[fin].set(ev.prefix_hit, mode="drop"),
+             st.num_preemptions.at[fin].set(ev.num_preemptions, mode="drop"),
+             st.recomputed.at[fin].set(ev.recomputed, mode="drop"),
+             st.instance.at[fin].set(inst_id, mode="drop"),
+             st.finished + jnp.sum(ev.finish.astype(I32), dtype=I32)))
+
+    inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now)
+    inst = _record(inst, ending, prm, ptok, gtok, now, unrouted)
+    inst = _start_batches(inst, prm, wl, now, block_size=block_size, window=window, ring_cap=ring_cap)
+
+    any_busy = jnp.any(inst.busy)
+    next_arrival = jnp.where(next_pending < n_req,
+                             wl.arrival_sorted[jnp.minimum(next_pending, n_req - 1)], NEVER)
+    next_now = jnp.where(any_busy, jnp.min(jnp.where(inst.busy, inst.batch_end, NEVER)),
+                         jnp.maximum(next_arrival, now))
+    stalled = (~any_busy) & (next_pending >= n_req) & (st.finished < n_req)
+    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.stalled, s.steps),
+                       st, (next_now, next_pending, inst, stalled, st.steps + 1))
+
+
+def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int) -> ClusterState:
+    z64 = jnp.full(n_req, -1, I64)
+    z32 = jnp.zeros(n_req, I32)
+    zero = jnp.asarray(0, I32)
+    return ClusterState(
+        now=jnp.asarray(0, I64), next_pending=zero, inst=inst, finished=zero,
+        stalled=jnp.asarray(False), steps=zero, first_token=z64, finish=z64, first_scheduled=z64,
+        prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32,
+        token_times=jnp.full(max(n_tokens, 1), -1, I64))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "window", "ring_cap", "max_steps"))
+def run(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int, window: int,
+        ring_cap: int, max_steps: int) -> ClusterState:
+    """Advance until every request has finished (or the run stalls, or a buffer would overflow)."""
+    max_iters = st.inst.records.start.shape[-1]
+    n_req = wl.prompt.shape[0]
+
+    def cond(st):
+        return ((st.finished < n_req) & (~st.stalled) & (st.steps < max_steps)
+                & jnp.all(st.inst.n_iters < max_iters))
+
+    body = functools.partial(_step, prm=prm, wl=wl, block_size=block_size, window=window, ring_cap=ring_cap)
+    return jax.lax.while_loop(cond, body, st)

@@ -1,0 +1,382 @@
+"""One serving instance: its request slots, its KV pool, and the vLLM V1 scheduler.
+
+REFERENCE.md §1.1-1.4. A slot holds a request that has been routed to the instance and has not
+finished (waiting or running). List orders are keys rather than physical positions:
+``run_key`` is the admission counter (the running list is in admission order, the tail is the
+largest key) and ``wait_key`` orders the waiting queue (preempted requests get negative keys, the
+newest preemption first, ahead of arrivals keyed by their position in arrival order).
+
+The scheduler is vectorised where vLLM's loop has no cross-request dependence (the running
+phase's token budget is a prefix sum) and uses ``lax.while_loop`` where it does (tail
+preemption, one admission at a time): those loops run only as many trips as there are
+preemptions or admissions, so a steady decode step costs O(slots).
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+from jaxsim.engine import kvpool
+
+I32 = jnp.int32
+I64 = jnp.int64
+BIG = 1 << 30  # "unlimited" for int32 knobs and sort keys
+
+EMPTY, WAITING, RUNNING = 0, 1, 2
+
+
+class Slots(eqx.Module):
+    req: Int[Array, " slot"]  # request id (trace line), -1 when empty
+    status: Int[Array, " slot"]  # EMPTY | WAITING | RUNNING
+    prompt: Int[Array, " slot"]
+    target: Int[Array, " slot"]  # prompt + output tokens
+    reached: Int[Array, " slot"]  # vLLM num_tokens
+    computed: Int[Array, " slot"]  # vLLM num_computed_tokens
+    first: Bool[Array, " slot"]  # first token not yet emitted
+    num_preemptions: Int[Array, " slot"]
+    last_emit: Int[Array, " slot"]  # ns
+    first_scheduled: Int[Array, " slot"]  # ns, -1 before the first scheduling
+    prefix_hit: Int[Array, " slot"]  # prefix-hit tokens at first admission, -1 before it
+    recomputed: Int[Array, " slot"]  # prompt tokens recomputed after preemptions
+    nblk: Int[Array, " slot"]  # blocks held
+    nreg: Int[Array, " slot"]  # leading blocks already indexed in the prefix cache
+    blocks: Int[Array, "slot mb"]  # block table
+    run_key: Int[Array, " slot"]
+    wait_key: Int[Array, " slot"]
+    # The batch being executed: tokens scheduled and computed-before, 0 when not scheduled.
+    sched_n: Int[Array, " slot"]
+    sched_c: Int[Array, " slot"]
+    sched_pos: Int[Array, " slot"]  # position in the batch (vLLM's scheduled order)
+
+
+class Counters(eqx.Module):
+    preemptions: Int[Array, ""]
+    prefix_requested: Int[Array, ""]  # prompt tokens looked up at first admission
+    prefix_hits: Int[Array, ""]
+    recomputed: Int[Array, ""]
+    extrapolated: Int[Array, " 4"]  # iterations whose lookups left the profile grid, per table kind
+    slot_overflow: Bool[Array, ""]  # a request could not be admitted for lack of slots
+
+
+class Records(eqx.Module):
+    """One row per engine iteration (a fixed-size buffer; rows past ``n`` are unused)."""
+
+    start: Int[Array, " it"]
+    end: Int[Array, " it"]
+    prompt_tokens: Int[Array, " it"]
+    gen_tokens: Int[Array, " it"]
+    num_tokens: Int[Array, " it"]
+    num_seqs: Int[Array, " it"]
+    running: Int[Array, " it"]
+    waiting: Int[Array, " it"]
+    kv_used: Int[Array, " it"]
+
+
+class InstanceState(eqx.Module):
+    slots: Slots
+    pool: kvpool.KVPool
+    busy: Bool[Array, ""]  # a batch is in flight
+    batch_start: Int[Array, ""]  # ns
+    batch_end: Int[Array, ""]  # ns
+    batch_tokens: Int[Array, ""]
+    batch_seqs: Int[Array, ""]
+    run_counter: Int[Array, ""]
+    preempt_counter: Int[Array, ""]
+    n_iters: Int[Array, ""]
+    counters: Counters
+    records: Records
+
+
+class SchedulerParams(eqx.Module):
+    """Numeric knobs of one instance: arrays, so that configurations can be stacked and vmapped."""
+
+    max_num_seqs: Int[Array, ""]  # 0 = unlimited
+    max_num_batched_tokens: Int[Array, ""]  # 0 = unlimited
+    long_prefill_threshold: Int[Array, ""]  # 0 = off
+    chunked_prefill: Bool[Array, ""]
+    reserve_full_isl: Bool[Array, ""]
+    prefix_caching: Bool[Array, ""]
+    num_blocks: Int[Array, ""]
+
+
+def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_hashes, window,
+                  max_iters, num_blocks) -> InstanceState:
+    z = jnp.zeros(num_slots, I32)
+    slots = Slots(
+        req=jnp.full(num_slots, -1, I32), status=z, prompt=z, target=z, reached=z, computed=z,
+        first=jnp.zeros(num_slots, bool), num_preemptions=z, last_emit=jnp.zeros(num_slots, I64),
+        first_scheduled=jnp.full(num_slots, -1, I64), prefix_hit=jnp.full(num_slots, -1, I32),
+        recomputed=z, nblk=z, nreg=z, blocks=jnp.full((num_slots, max_blocks_per_req), -1, I32),
+        run_key=z, wait_key=jnp.full(num_slots, BIG, I32), sched_n=z, sched_c=z, sched_pos=z)
+    zi = jnp.zeros(max_iters, I32)
+    zt = jnp.zeros(max_iters, I64)
+    zero = jnp.asarray(0, I32)
+    return InstanceState(
+        slots=slots,
+        pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks),
+        busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
+        batch_tokens=zero, batch_seqs=zero, run_counter=zero, preempt_counter=zero, n_iters=zero,
+        counters=Counters(zero, zero, zero, zero, jnp.zeros(4, I32), jnp.asarray(False)),
+        records=Records(zt, zt, zi, zi, zi, zi, zi, zi, zi),
+    )
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def _expand(counts, first, window):
+    """For entries first..first+window-1 of the concatenation of ranges of lengths ``counts``:
+    (owner index, offset in the owner's range, valid)."""
+    ends = jnp.cumsum(counts, dtype=I32)
+    e = first + jnp.arange(window, dtype=I32)
+    owner = jnp.searchsorted(ends, e, side="right").astype(I32)
+    owner_c = jnp.minimum(owner, counts.shape[0] - 1)
+    offset = e - (ends[owner_c] - counts[owner_c])
+    return owner_c, offset, e < ends[-1]
+
+
+def _release_slot(inst: InstanceState, slot, ring_cap) -> InstanceState:
+    s = inst.slots
+    pool = kvpool.release_blocks(inst.pool, s.blocks[slot], s.nblk[slot], ring_cap)
+    return eqx.tree_at(lambda i: i.pool, inst, pool)
+
+
+def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: int, window: int,
+             ring_cap: int) -> InstanceState:
+    """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``."""
+    bs = block_size
+    s = inst.slots
+    num_slots = s.req.shape[0]
+    max_seqs = jnp.where(prm.max_num_seqs > 0, prm.max_num_seqs, BIG)
+    budget0 = jnp.where(prm.max_num_batched_tokens > 0, prm.max_num_batched_tokens, BIG)
+    thr = prm.long_prefill_threshold
+    s = eqx.tree_at(lambda x: (x.sched_n, x.sched_c, x.sched_pos), s,
+                    (jnp.zeros_like(s.sched_n), jnp.zeros_like(s.sched_c), jnp.zeros_like(s.sched_pos)))
+    inst = eqx.tree_at(lambda i: i.slots, inst, s)
+
+    # ---- Phase A: the running list, in order. The budget is a prefix sum. ----
+    running = s.status == RUNNING
+    order = jnp.argsort(jnp.where(running, s.run_key, BIG), stable=True).astype(I32)
+    m = jnp.sum(running.astype(I32), dtype=I32)
+    in_list = jnp.arange(num_slots) < m
+    want = s.reached - s.computed
+    want = jnp.where((thr > 0) & (thr < want), thr, want)
+    want_o = jnp.where(in_list, want[order], 0)
+    used_before = jnp.cumsum(want_o, dtype=I32) - want_o
+    n_o = jnp.clip(budget0 - used_before, 0, want_o)
+    need_o = jnp.where(n_o > 0, jnp.maximum(_ceil_div(s.computed[order] + n_o, bs) - s.nblk[order], 0), 0)
+    need_cum = jnp.cumsum(need_o, dtype=I32)
+
+    # Tail preemption: pop the tail of the running list while the blocks needed by the entries
+    # ahead of it exceed the free blocks (exactly vLLM's sequential loop, see module notes).
+    def needs_victim(c):
+        inst, p = c
+        return (p > 0) & (need_cum[jnp.maximum(p - 1, 0)] > inst.pool.num_free)
+
+    def preempt_tail(c):
+        inst, p = c
+        v = order[p - 1]
+        inst = _release_slot(inst, v, ring_cap)
+        key = -(inst.preempt_counter + 1)  # prepended: ahead of every waiting request
+        sl = inst.slots
+        sl = eqx.tree_at(
+            lambda x: (x.status, x.computed, x.nblk, x.nreg, x.num_preemptions, x.wait_key),
+            sl, (sl.status.at[v].set(WAITING), sl.computed.at[v].set(0), sl.nblk.at[v].set(0),
+                 sl.nreg.at[v].set(0), sl.num_preemptions.at[v].add(1), sl.wait_key.at[v].set(key)))
+        ctr = eqx.tree_at(lambda c: c.preemptions, inst.counters, inst.counters.preemptions + 1)
+        inst = eqx.tree_at(lambda i: (i.slots, i.preempt_counter, i.counters), inst,
+                           (sl, inst.preempt_counter + 1, ctr))
+        return inst, p - 1
+
+    inst, kept = jax.lax.while_loop(needs_victim, preempt_tail, (inst, m))
+    preempted = kept < m
+    n_o = jnp.where(jnp.arange(num_slots) < kept, n_o, 0)
+    need_o = jnp.where(n_o > 0, need_o, 0)
+
+    # Allocate the new blocks of every scheduled running request from the free-list head.
+    need_ends = jnp.cumsum(need_o, dtype=I32)
+
+    def sink_a(blocks, ids, first_k, count):
+        owner, offset, _ = _expand(need_o, first_k, window)
+        valid = jnp.arange(window) < count
+        slot = order[owner]
+        col = inst.slots.nblk[slot] + offset
+        return blocks.at[jnp.where(valid, slot, num_slots), col].set(ids, mode="drop")
+
+    pool, blocks = kvpool.pop_blocks(inst.pool, need_ends[-1], window, sink_a, inst.slots.blocks)
+    sl = inst.slots
+    n_slot = jnp.zeros(num_slots, I32).at[order].set(n_o)
+    need_slot = jnp.zeros(num_slots, I32).at[order].set(need_o)
+    pos_slot = jnp.zeros(num_slots, I32).at[order].set(jnp.arange(num_slots, dtype=I32))
+    computed = sl.computed + n_slot
+    nblk = sl.nblk + need_slot
+    sl = eqx.tree_at(lambda x: (x.blocks, x.sched_n, x.sched_c, x.sched_pos, x.computed, x.nblk),
+                     sl, (blocks, n_slot, sl.computed, pos_slot, computed, nblk))
+
+    # Index the blocks that this iteration's tokens fill (vLLM caches them at allocation).
+    n_hashes = jnp.where(prm.prefix_caching, wl.n_hashes[jnp.maximum(sl.req, 0)], 0)
+    full = jnp.minimum(jnp.minimum(computed, sl.reached) // bs, n_hashes)
+    new_reg = jnp.where(n_slot > 0, jnp.maximum(full - sl.nreg, 0), 0)
+    reg_o = new_reg[order]
+    total_reg = jnp.sum(reg_o, dtype=I32)
+
+    def reg_cond(c):
+        return c[1] < total_reg
+
+    def reg_body(c):
+        pool, first = c
+        owner, offset, valid = _expand(reg_o, first, window)
+        slot = order[owner]
+        j = sl.nreg[slot] + offset
+        blk = sl.blocks[slot, jnp.minimum(j, sl.blocks.shape[1] - 1)]
+        h = wl.hashes[jnp.maximum(sl.req[slot], 0), jnp.minimum(j, wl.hashes.shape[1] - 1)]  # [req, mb]
+        return kvpool.register_blocks(pool, blk, h, valid), first + window
+
+    pool, _ = jax.lax.while_loop(reg_cond, reg_body, (pool, jnp.asarray(0, I32)))
+    sl = eqx.tree_at(lambda x: x.nreg, sl, sl.nreg + new_reg)
+    inst = eqx.tree_at(lambda i: (i.slots, i.pool), inst, (sl, pool))
+    budget = budget0 - jnp.sum(n_o, dtype=I32)
+    n_sched = jnp.sum((n_o > 0).astype(I32), dtype=I32)
+
+    # ---- Phase B: admit from the head of the waiting queue, one at a time, FCFS. ----
+    def admit_cond(c):
+        inst, budget, n_sched, stop = c
+        n_running = jnp.sum((inst.slots.status == RUNNING).astype(I32), dtype=I32)
+        has_waiting = jnp.any(inst.slots.status == WAITING)
+        return (~preempted) & (~stop) & (budget > 0) & (n_running < max_seqs) & has_waiting
+
+    def admit_body(c):
+        inst, budget, n_sched, _ = c
+        sl, pool = inst.slots, inst.pool
+        r = jnp.argmin(jnp.where(sl.status == WAITING, sl.wait_key, BIG)).astype(I32)
+        req = sl.req[r]
+        reached = sl.reached[r]
+        hashes = wl.hashes[req]
+        limit = jnp.where(prm.prefix_caching, jnp.minimum((reached - 1) // bs, wl.n_hashes[req]), 0)
+        matched, hit_blocks = kvpool.lookup_prefix(pool, hashes, limit)
+        hit_mask = jnp.arange(hashes.shape[0]) < matched
+        c0 = matched * bs
+        n = reached - c0
+        n = jnp.where((thr > 0) & (thr < n), thr, n)
+        no_chunk_stop = (~prm.chunked_prefill) & (n > budget)
+        n = jnp.minimum(n, budget)
+        hit_ref = pool.ref.at[jnp.where(hit_mask, hit_blocks, pool.ref.shape[0])].get(mode="fill", fill_value=1)
+        hits_free = jnp.sum((hit_mask & (hit_ref == 0)).astype(I32), dtype=I32)
+        full_need = _ceil_div(jnp.maximum(reached, c0), bs) - matched + hits_free
+        new_blocks = _ceil_div(c0 + n, bs) - matched
+        ok = ((~no_chunk_stop) & (n > 0)
+              & ~(prm.reserve_full_isl & (full_need > pool.num_free))
+              & (new_blocks + hits_free <= pool.num_free))
+
+        def admit(inst):
+            sl, pool = inst.slots, inst.pool
+            mb = sl.blocks.shape[1]
+            pool = kvpool.touch_blocks(pool, hit_blocks, hit_mask)
+            row = hit_blocks  # the hit blocks lead the block table, -1 after them
+
+            def sink_b(row, ids, first_k, count):
+                col = matched + first_k + jnp.arange(window, dtype=I32)
+                return row.at[jnp.where(jnp.arange(window) < count, col, mb)].set(ids, mode="drop")
+
+            pool, row = kvpool.pop_blocks(pool, new_blocks, window, sink_b, row)
+            computed = c0 + n
+            n_full = jnp.minimum(jnp.minimum(computed, reached) // bs,
+                                 jnp.where(prm.prefix_caching, wl.n_hashes[req], 0))
+            j = jnp.arange(mb)
+            reg_mask = (j >= matched) & (j < n_full)
+            pool = kvpool.register_blocks(pool, row, hashes, reg_mask)
+            first_admission = sl.prefix_hit[r] < 0
+            sl = eqx.tree_at(
+                lambda x: (x.blocks, x.status, x.computed, x.nblk, x.nreg, x.run_key, x.wait_key,
+                           x.sched_n, x.sched_c, x.sched_pos, x.prefix_hit, x.recomputed, x.first_scheduled),
+                sl, (sl.blocks.at[r].set(row), sl.status.at[r].set(RUNNING), sl.computed.at[r].set(computed),
+                     sl.nblk.at[r].set(matched + new_blocks), sl.nreg.at[r].set(jnp.maximum(matched, n_full)),
+                     sl.run_key.at[r].set(inst.run_counter), sl.wait_key.at[r].set(BIG),
+                     sl.sched_n.at[r].set(n), sl.sched_c.at[r].set(c0), sl.sched_pos.at[r].set(n_sched),
+                     sl.prefix_hit.at[r].set(jnp.where(first_admission, c0, sl.prefix_hit[r])),
+                     sl.recomputed.at[r].add(jnp.where(first_admission, 0, reached - c0)),
+                     sl.first_scheduled.at[r].set(jnp.where(sl.first_scheduled[r] < 0, now, sl.first_scheduled[r]))))
+            ctr = inst.counters
+            ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed), ctr,
+                              (ctr.prefix_requested + jnp.where(first_admission, sl.prompt[r], 0),
+                               ctr.prefix_hits + jnp.where(first_admission, c0, 0),
+                               ctr.recomputed + jnp.where(first_admission, 0, reached - c0)))
+            return eqx.tree_at(lambda i: (i.slots, i.pool, i.run_counter, i.counters), inst,
+                               (sl, pool, inst.run_counter + 1, ctr))
+
+        inst = jax.lax.cond(ok, admit, lambda i: i, inst)
+        return inst, budget - jnp.where(ok, n, 0), n_sched + ok.astype(I32), ~ok
+
+    inst, budget, n_sched, _ = jax.lax.while_loop(
+        admit_cond, admit_body, (inst, budget, n_sched, jnp.asarray(False)))
+    return inst
+
+
+def batch_shape(s: Slots):
+    """The lookup arguments of REFERENCE.md §2.1 for the scheduled batch."""
+    n, c = s.sched_n, s.sched_c
+    sched = n > 0
+    prefill = n > 1
+    decode = n == 1
+    big = jnp.iinfo(I32).max
+    return dict(
+        T=jnp.sum(n, dtype=I32), S=jnp.sum(sched.astype(I32), dtype=I32),
+        pc=jnp.sum(jnp.where(prefill, n, 0), dtype=I32), kp=jnp.sum(jnp.where(prefill, c, 0), dtype=I32),
+        nd=jnp.sum(decode.astype(I32), dtype=I32), kvd_sum=jnp.sum(jnp.where(decode, c, 0), dtype=I32),
+        kvd_min=jnp.where(jnp.any(decode), jnp.min(jnp.where(decode, c, big)), 0),
+        kvd_max=jnp.max(jnp.where(decode, c, 0)),
+    )
+
+
+class Emissions(eqx.Module):
+    """What an iteration's end produced, per slot (for the cluster's per-request outputs)."""
+
+    emit: Bool[Array, " slot"]
+    first_emit: Bool[Array, " slot"]
+    token_index: Int[Array, " slot"]  # index of the emitted token in the request's output
+    finish: Bool[Array, " slot"]
+    req: Int[Array, " slot"]
+    first_scheduled: Int[Array, " slot"]
+    prefix_hit: Int[Array, " slot"]
+    num_preemptions: Int[Array, " slot"]
+    recomputed: Int[Array, " slot"]
+
+
+def end_iteration(inst: InstanceState, ending, now, *, ring_cap: int):
+    """Process the end of the batch in flight at time ``now`` (REFERENCE.md §1.1)."""
+    s = inst.slots
+    sched = ending & (s.sched_n > 0)
+    first_emit = sched & s.first & (s.computed >= s.prompt)
+    later_emit = sched & ~s.first & (s.computed >= s.reached)
+    emit = first_emit | later_emit
+    token_index = s.reached - s.prompt
+    reached = s.reached + emit.astype(I32)
+    finish = sched & (reached >= s.target)
+    prompt_tokens = (jnp.sum(jnp.where(sched & ((s.sched_n > 1) | s.first), s.sched_n, 0), dtype=I32)
+                     + jnp.sum(jnp.where(first_emit, jnp.maximum(s.prefix_hit, 0), 0), dtype=I32))
+    gen_tokens = jnp.sum(emit.astype(I32), dtype=I32)
+    events = Emissions(emit=emit, first_emit=first_emit, token_index=token_index, finish=finish,
+                       req=s.req, first_scheduled=s.first_scheduled, prefix_hit=s.prefix_hit,
+                       num_preemptions=s.num_preemptions, recomputed=s.recomputed)
+    s = eqx.tree_at(lambda x: (x.reached, x.first, x.last_emit), s,
+                    (reached, s.first & ~first_emit, jnp.where(emit, now, s.last_emit)))
+    inst = eqx.tree_at(lambda i: i.slots, inst, s)
+
+    # Free finished requests' blocks in batch order (the free-list order depends on it).
+    def cond(c):
+        return jnp.any(c[1])
+
+    def body(c):
+        inst, left = c
+        slot = jnp.argmin(jnp.where(left, inst.slots.sched_pos, BIG)).astype(I32)
+        return _release_slot(inst, slot, ring_cap), left.at[slot].set(False)
+
+    inst, _ = jax.lax.while_loop(cond, body, (inst, finish))
+    s = inst.slots
+    s = eqx.tree_at(lambda x: (x.status, x.req, x.nblk, x.sched_n), s,
+                    (jnp.where(finish, EMPTY, s.status), jnp.where(finish, -1, s.req),
+                     jnp.where(finish, 0, s.nblk), jnp.where(ending, 0, s.sched_n)))
+    inst = eqx.tree_at(lambda i: (i.slots, i.busy), inst, (s, inst.busy & ~ending))
+    return inst, events, prompt_tokens, gen_tokens

@@ -1,0 +1,22 @@
+"""Errors raised for bad user input.
+
+Every error names *where* the problem is (a file, a line, a config field) and *what to do*,
+so that a user never has to read a traceback to fix an input.
+"""
+
+
+class JaxsimInputError(ValueError):
+    """Bad user input: a config field, a trace line, a profile table or a model config."""
+
+    def __init__(self, where: str, problem: str, fix: str = ""):
+        self.where = where
+        self.problem = problem
+        self.fix = fix
+        message = f"{where}: {problem}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+class CapacityOverflowError(RuntimeError):
+    """A fixed-capacity array of the simulator would have overflowed; results would be wrong."""

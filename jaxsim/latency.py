@@ -1,0 +1,402 @@
+"""One engine iteration's latency in integer ns, from profile tables (REFERENCE.md §2.1-§2.7).
+
+:func:`latency_tables` turns a host-side :class:`jaxsim.profiles.ProfileBundle` into a
+:class:`LatencyTables` (an ``equinox.Module`` whose leaves are all JAX arrays, hardware knobs
+included, so that many configurations can be stacked and ``vmap``-ed). :func:`iteration_time` is a
+pure, jittable, vmappable function of the tables and one batch shape.
+
+Composition (one NPU, pp = 1)::
+
+    t = [in: cpu_lat + 2*fp*T/cpu_bw] + Σ_prologue + L*{pre_attn + attn + post_attn [+AR] + MLP [+AR]}
+        + head + [out: cpu_lat + 4*T/cpu_bw]
+
+The ``[recall]`` term of §2.1 (lower-tier KV hits) is not part of this function; the caller adds it.
+
+Choices where REFERENCE.md leaves room (the oracle ``tests/reference_latency.py`` makes the same):
+  * 1-D lookups (§2.4) and every bracket of §2.5/§2.7: ``t = (q - x_lo)/(x_hi - x_lo)``, value
+    ``v_lo + t*(v_hi - v_lo)``; a query on a key uses that key's value; a table with one key is
+    constant (there are no two points to extrapolate from).
+  * nd = 0: kvd = 0 (no division). No attention term when pc = nd = 0.
+  * TP AllReduce (§1.8): a ring on one dimension, ``2(N-1)`` steps each costing
+    ``link_latency + step_overhead + (T*H*fp/N)/link_bw`` (bytes as a real number, 1 GB/s = 1 B/ns),
+    the total floored to whole ns, like the host memory operations. ``step_overhead`` defaults to 0;
+    the reference back end's 10 ns endpoint delay can be put there. One AllReduce follows o_proj
+    and one down_proj (dense MLP); MoE models have only the o_proj one.
+  * MoE (§1.9 BALANCED, §2.7): ``activated = min(round(T*k/ep), E/ep)``,
+    ``local = round(T*(1 - ((ep-1)/ep)**k))``; with ep > 1 the block adds a dispatch AllGather of
+    ``max(1, T//ep)*(H+E)*fp`` bytes per rank ((ep-1) steps) and a combine ReduceScatter of
+    ``T*H*fp`` bytes ((ep-1) steps of 1/ep of it), each floored, on the same link as TP. All ranks
+    are identical under BALANCED, so ``max_r`` is one lookup.
+  * Skew labels: a value above the last bin edge gets the last label (§2.6), implemented by
+    treating the last upper edge as +inf.
+  * ``extrapolated[c]`` (c = dense, per_sequence, attention, moe) is 1 when any lookup of that
+    category in this iteration queried above its last key (the skew ``t_max`` lookup counts only
+    when the skew correction applies).
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsim.model import ModelConfig
+from jaxsim.profiles import ProfileBundle
+from jaxsim.spec import HardwareConfig
+
+# Times are int64 ns; jaxsim/__init__.py enables x64, repeated here in case this module is imported
+# through a path that skips the package __init__ (e.g. a stale editable install).
+jax.config.update("jax_enable_x64", True)
+
+_F = jnp.float64
+_I = jnp.int64
+
+
+class LatencyTables(eqx.Module):
+    """Profile tables and hardware knobs of one configuration; every leaf is a JAX array.
+
+    Lookups are organised in three dependent levels so that each level is one vectorized
+    bracket over a padded key matrix (keys padded with +inf; ``*_last`` = index of the last key):
+
+    1. ``l1``: rows 0, 1, 2 are the attention ``pc`` axis, the attention ``nd`` axis and the MoE
+       activated-experts axis; rows 3... are the dense (by T) and per-sequence (by S) layers.
+    2. the ``kp`` keys of the four attention corner slices and the token keys of the two MoE rows.
+    3. the ``kvd`` keys of the eight attention ``kp`` rows (for ``kvd_mean`` and ``kvd_max``).
+
+    Missing ``(pc, nd)`` slices hold a copy of their nearest-slice fallback (§2.5). Use
+    :func:`stack_tables` to stack several configurations (it pads every axis) for ``vmap``.
+    """
+
+    # level 1: 3 axis rows + R layer rows
+    l1_keys: jax.Array  # f64 [3 + R, W1]
+    l1_last: jax.Array  # i32 [3 + R]
+    lin_vals: jax.Array  # f64 [R, W1] ns
+    lin_by_seq: jax.Array  # bool [R] keyed by S (per_sequence) instead of T (dense)
+    lin_per_block: jax.Array  # i64 [R] occurrences per transformer block (layernorm: 2)
+    lin_once: jax.Array  # i64 [R] occurrences outside the blocks (prologue, head)
+    # attention, P pc values x D nd values
+    att_kp: jax.Array  # f64 [P, D, W2] kp keys of each slice
+    att_kp_last: jax.Array  # i32 [P, D]
+    att_kvd: jax.Array  # f64 [P, D, KP, KV] kvd keys of each kp row
+    att_kvd_last: jax.Array  # i32 [P, D, KP]
+    att_vals: jax.Array  # f64 [P, D, KP, KV] ns
+    att_per_block: jax.Array  # i64 [] attention layers per block
+    # skew fit: alpha per (pc slot, n, sr, kv_big, kp); slot 0 holds alpha_default
+    skew_slot: jax.Array  # i32 [129] slot of pc = 16*i (0 where that pc has no bucket)
+    skew_alpha: jax.Array  # f64 [1 + G, nN, nSR, nKVB, nKP] (missing buckets = alpha_default; disabled = 0)
+    skew_n_hi: jax.Array  # f64 [nN] upper bin edges bins[1:], the last one +inf
+    skew_sr_hi: jax.Array  # f64 [nSR]
+    skew_kvb_hi: jax.Array  # f64 [nKVB]
+    skew_kp_hi: jax.Array  # f64 [nKP]
+    # MoE rows (a dummy 1x1 table with moe_per_block = 0 for dense models)
+    moe_tok: jax.Array  # f64 [A, W2] token keys per activated-experts row
+    moe_tok_last: jax.Array  # i32 [A]
+    moe_vals: jax.Array  # f64 [A, W2] ns
+    moe_per_block: jax.Array  # i64 []
+    moe_k: jax.Array  # i64 [] experts per token
+    moe_experts: jax.Array  # i64 [] E
+    ep: jax.Array  # i64 []
+    # model and hardware knobs
+    num_layers: jax.Array  # i64 [] L
+    hidden: jax.Array  # i64 [] H
+    weight_bytes: jax.Array  # i64 [] fp
+    tp: jax.Array  # i64 []
+    ar_per_block: jax.Array  # i64 [] TP AllReduces per block (2 dense, 1 MoE)
+    link_bw: jax.Array  # f64 [] bytes/ns
+    link_lat: jax.Array  # f64 [] ns per ring step
+    link_step_overhead: jax.Array  # f64 [] extra ns per ring step
+    cpu_bw: jax.Array  # f64 [] bytes/ns
+    cpu_lat: jax.Array  # f64 [] ns
+
+
+def _pad_rows(rows, width, fill):
+    out = np.full((len(rows), width), fill, dtype=np.float64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def _inf_pad(keys, n, axis_len):
+    """Float keys with entries at positions >= n (broadcast over leading axes) set to +inf."""
+    out = keys.astype(np.float64)
+    out[np.arange(axis_len) >= n[..., None]] = np.inf
+    return out
+
+
+def _hi_edges(bins):
+    hi = np.asarray(bins, np.float64)[1:].copy()
+    hi[-1] = np.inf  # a value above every bin gets the last label (§2.6 step 2)
+    return hi
+
+
+def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig, weight_bytes: int = 2,
+                   *, ep: int | None = None, link_step_overhead_ns: float = 0.0) -> LatencyTables:
+    """Build the device-side tables of one configuration.
+
+    Args:
+      bundle: a bundle loaded at ``tp = hw.tp``.
+      model: the model config (L, H, experts).
+      hw: hardware knobs (TP link, host memory).
+      weight_bytes: fp, bytes per weight / activation element.
+      ep: expert-parallel degree of a MoE model (default: ``hw.tp`` for MoE models, REFERENCE.md
+        §1.8; ignored for dense models).
+      link_step_overhead_ns: fixed extra cost per ring step of a collective (0 by default).
+    """
+    if bundle.tp != hw.tp:
+        raise ValueError(f"the bundle was loaded at tp={bundle.tp} but the hardware has tp={hw.tp}")
+    seq, cat = bundle.sequence, bundle.category
+    block_groups = ("pre_attn", "post_attn", "mlp_dense", "mlp_moe")
+    once_groups = ("prologue", "head")
+
+    # --- 1-D layers: one row per distinct name
+    names = []
+    for group in ("prologue", *block_groups, "head"):
+        for n in seq[group]:
+            if cat[n] in ("dense", "per_sequence") and n not in names:
+                names.append(n)
+    per_block = [sum(seq[g].count(n) for g in block_groups) for n in names]
+    once = [sum(seq[g].count(n) for g in once_groups) for n in names]
+    by_seq = [cat[n] == "per_sequence" for n in names]
+    tabs = [(bundle.per_sequence if s else bundle.dense)[n] for n, s in zip(names, by_seq)]
+
+    # --- attention, fallback slices copied into the missing corners
+    at = bundle.attention
+    P, D = at.has_slice.shape
+    KP, KV = at.kvd_keys.shape[2:]
+    fi, fj = at.fallback[..., 0], at.fallback[..., 1]
+    n_kp = at.n_kp[fi, fj]
+    n_kvd = at.n_kvd[fi, fj]
+    att_kp = _inf_pad(at.kp_keys[fi, fj], n_kp, KP)
+    att_kvd = _inf_pad(at.kvd_keys[fi, fj], n_kvd, KV)
+    att_vals = at.values_ns[fi, fj].astype(np.float64)
+    n_att = sum(1 for g in block_groups for n in seq[g] if cat[n] == "attention")
+
+    # --- MoE
+    n_moe = sum(1 for g in block_groups for n in seq[g] if cat[n] == "moe")
+    if n_moe and bundle.moe is not None:
+        mo = bundle.moe
+        moe_ae = mo.ae_axis.astype(np.float64)
+        moe_tok = _inf_pad(mo.token_keys, mo.n_tokens, mo.token_keys.shape[1])
+        moe_vals = mo.values_ns.astype(np.float64)
+        moe_tok_last = (mo.n_tokens - 1).astype(np.int32)
+    else:
+        moe_ae, moe_tok, moe_vals = np.ones(1), np.ones((1, 1)), np.ones((1, 1))
+        moe_tok_last = np.zeros(1, np.int32)
+        n_moe = 0
+    if ep is None or not n_moe:
+        ep = hw.tp if n_moe else 1
+
+    # --- level-1 matrix: pc axis, nd axis, ae axis, then the layers
+    l1_rows = [at.pc_axis, at.nd_axis, moe_ae] + [t.keys for t in tabs]
+    w1 = max(len(r) for r in l1_rows)
+    l1_keys = _pad_rows(l1_rows, w1, np.inf)
+    l1_last = np.array([len(r) - 1 for r in l1_rows], np.int32)
+    lin_vals = _pad_rows([t.values_ns for t in tabs], w1, 0.0)
+    # level 2 shares one width between attention kp keys and MoE token keys
+    w2 = max(KP, moe_tok.shape[1])
+    att_kp = np.concatenate([att_kp, np.full((P, D, w2 - KP), np.inf)], axis=-1)
+    moe_tok = np.concatenate([moe_tok, np.full((moe_tok.shape[0], w2 - moe_tok.shape[1]), np.inf)], axis=-1)
+    moe_vals = np.concatenate([moe_vals, np.zeros((moe_vals.shape[0], w2 - moe_vals.shape[1]))], axis=-1)
+
+    # --- skew fit: slot 0 = alpha_default, then the pc values that have buckets
+    sk = bundle.skew
+    present = np.flatnonzero(sk.has_alpha.reshape(len(sk.pc_grid), -1).any(axis=1))
+    slot = np.zeros(len(sk.pc_grid), np.int32)
+    slot[present] = np.arange(1, len(present) + 1, dtype=np.int32)
+    alpha_default = sk.alpha_default if sk.enabled else 0.0
+    alpha = np.full((1 + len(present), *sk.alpha.shape[1:]), alpha_default, np.float64)
+    alpha[1:] = np.where(sk.has_alpha[present], sk.alpha[present], alpha_default)
+    if not sk.enabled:
+        alpha[:] = 0.0  # §2.6 step 3
+
+    ar_per_block = seq["post_attn"].count("o_proj") + (0 if n_moe else seq["mlp_dense"].count("down_proj"))
+
+    f = lambda x: jnp.asarray(x, _F)  # noqa: E731
+    i = lambda x: jnp.asarray(x, _I)  # noqa: E731
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    return LatencyTables(
+        l1_keys=f(l1_keys), l1_last=i32(l1_last), lin_vals=f(lin_vals), lin_by_seq=jnp.asarray(by_seq, bool),
+        lin_per_block=i(per_block), lin_once=i(once),
+        att_kp=f(att_kp), att_kp_last=i32(n_kp - 1), att_kvd=f(att_kvd), att_kvd_last=i32(np.maximum(n_kvd - 1, 0)),
+        att_vals=f(att_vals), att_per_block=i(n_att),
+        skew_slot=i32(slot), skew_alpha=f(alpha), skew_n_hi=f(_hi_edges(sk.n_bins)),
+        skew_sr_hi=f(_hi_edges(sk.sr_bins)), skew_kvb_hi=f(_hi_edges(sk.kvb_bins)), skew_kp_hi=f(_hi_edges(sk.kp_bins)),
+        moe_tok=f(moe_tok), moe_tok_last=i32(moe_tok_last), moe_vals=f(moe_vals), moe_per_block=i(n_moe),
+        moe_k=i(model.experts_per_token), moe_experts=i(model.num_experts), ep=i(ep),
+        num_layers=i(model.num_layers), hidden=i(model.hidden_size), weight_bytes=i(weight_bytes),
+        tp=i(hw.tp), ar_per_block=i(ar_per_block), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
+        link_step_overhead=f(link_step_overhead_ns), cpu_bw=f(hw.cpu_mem_bw_gbps), cpu_lat=f(hw.cpu_mem_latency_ns),
+    )
+
+
+_INF_PADDED = {"l1_keys", "att_kp", "att_kvd", "moe_tok", "skew_n_hi", "skew_sr_hi", "skew_kvb_hi", "skew_kp_hi"}
+
+
+def stack_tables(tables: list) -> LatencyTables:
+    """Stack configurations along a new leading axis (for ``vmap``), padding every axis.
+
+    Keys pad with +inf and everything else with 0; every count is explicit (``*_last``,
+    multiplicities), so padded rows, slices and labels are never used.
+    """
+    def stack(name, *leaves):
+        nd = leaves[0].ndim
+        shape = [max(x.shape[d] for x in leaves) for d in range(nd)]
+        fill = np.inf if name in _INF_PADDED else 0
+        out = []
+        for x in leaves:
+            pad = [(0, shape[d] - x.shape[d]) for d in range(nd)]
+            out.append(jnp.pad(x, pad, constant_values=fill) if any(p[1] for p in pad) else x)
+        return jnp.stack(out)
+
+    fields = [f.name for f in dataclasses.fields(LatencyTables)]
+    return LatencyTables(**{n: stack(n, *(getattr(t, n) for t in tables)) for n in fields})
+
+
+# ----------------------------------------------------------------------------------- lookups
+def _take2(a, lo, hi):
+    """``a[..., lo]`` and ``a[..., hi]`` with one gather."""
+    both = jnp.take_along_axis(a, jnp.stack([lo, hi], axis=-1), axis=-1, mode="promise_in_bounds")
+    return both[..., 0], both[..., 1]
+
+
+def _bracket(keys, last, q):
+    """Bracket ``q`` on sorted, +inf-padded ``keys [..., K]`` (``last`` = index of the last key).
+
+    Returns ``(lo, hi, t, above)``: at or below the first key ``(0, 0, 0)`` (clamp); on key i
+    ``(i, i, 0)``; between keys the bracketing pair with ``0 < t < 1``; above the last key the top
+    two keys with ``t > 1`` (extrapolate); a single-key table is constant.
+    """
+    # one reduction counts both keys <= q (low 16 bits) and keys < q (high bits); K < 65536
+    qq = q[..., None]
+    c = jnp.sum(jnp.where(keys < qq, 65537, jnp.where(keys == qq, 1, 0)), axis=-1, dtype=jnp.int32)
+    c_le, c_lt = c & 0xFFFF, c >> 16
+    above = c_lt > last
+    on_key = c_le > c_lt
+    lo = jnp.where(above, jnp.maximum(last - 1, 0), jnp.maximum(c_le - 1, 0))
+    # on a key the pair collapses to that key, so that a neighbour that gets zero weight is never
+    # looked at (its extrapolation flag must not count)
+    hi = jnp.where(above, last, jnp.where(on_key, lo, jnp.minimum(c_le, last)))
+    klo, khi = _take2(keys, lo, hi)
+    span = hi > lo
+    t = jnp.where(span, (q - klo) / jnp.where(span, khi - klo, 1.0), 0.0)
+    return lo, hi, t, above
+
+
+def _lerp(a, b, t):
+    return a + t * (b - a)
+
+
+def _trunc(v):
+    """``max(1, int(v))``: truncation toward zero, then at least 1 ns."""
+    return jnp.maximum(jnp.trunc(v).astype(_I), 1)
+
+
+def _label(hi_edges, v):
+    """First label i with ``v <= bins[i+1]`` (the last edge is +inf), §2.6 step 2."""
+    return jnp.sum(hi_edges < v, dtype=jnp.int32)
+
+
+def _ring(steps, tb: LatencyTables, msg_bytes):
+    """``floor(steps * (latency + overhead + msg/bw))`` ns: a ring collective on one dimension."""
+    cost = steps.astype(_F) * ((tb.link_lat + tb.link_step_overhead) + msg_bytes / tb.link_bw)
+    return jnp.floor(cost).astype(_I)
+
+
+def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max):
+    """Latency of one engine iteration (REFERENCE.md §2.1), one NPU, pp = 1.
+
+    Args:
+      tb: the configuration's tables.
+      T, S: tokens and sequences scheduled (DP padding included).
+      pc, kp: merged prefill chunk tokens and their summed histories.
+      nd: decodes; kvd_sum, kvd_min, kvd_max: sum, min and max of their KV lengths.
+
+    Returns:
+      ``(time_ns, extrapolated)``: an int64 scalar, and int32 [4] flags (dense, per_sequence,
+      attention, moe) set when a lookup of that category went above its grid.
+    """
+    T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max = (
+        jnp.asarray(x).astype(_I) for x in (T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max))
+    L, H, E, fp = tb.num_layers, tb.hidden, tb.moe_experts, tb.weight_bytes
+    Tf = T.astype(_F)
+    epf = tb.ep.astype(_F)
+
+    # MoE routing, BALANCED (§1.9): activated experts and tokens per rank
+    kf = tb.moe_k.astype(_F)
+    ae = jnp.maximum(jnp.minimum(jnp.round(Tf * kf / epf), E.astype(_F) / epf), 1.0)
+    tokens = jnp.maximum(jnp.round(Tf * (1.0 - jnp.power((epf - 1.0) / epf, kf))), 1.0)
+
+    # level 1: pc axis, nd axis, ae axis, then every dense / per-sequence layer
+    q_lin = jnp.where(tb.lin_by_seq, jnp.maximum(S, 1), jnp.maximum(T, 1)).astype(_F)
+    q1 = jnp.concatenate([jnp.stack([pc.astype(_F), nd.astype(_F), ae]), q_lin])
+    lo1, hi1, t1, ab1 = _bracket(tb.l1_keys, tb.l1_last, q1)
+    v = _trunc(_lerp(*_take2(tb.lin_vals, lo1[3:], hi1[3:]), t1[3:]))
+    mult = L * tb.lin_per_block + tb.lin_once
+    t_lin = jnp.sum(mult * v)
+    used = mult > 0
+    ext_dense = jnp.any(ab1[3:] & used & ~tb.lin_by_seq)
+    ext_seq = jnp.any(ab1[3:] & used & tb.lin_by_seq)
+
+    # level 2: kp keys of the 4 corners (00 01 10 11 over pc x nd), token keys of the 2 MoE rows
+    pi = jnp.stack([lo1[0], lo1[0], hi1[0], hi1[0]])
+    ni = jnp.stack([lo1[1], hi1[1], lo1[1], hi1[1]])
+    mrows = jnp.stack([lo1[2], hi1[2]])
+    keys2 = jnp.concatenate([tb.att_kp[pi, ni], tb.moe_tok[mrows]])  # [6, W2]
+    last2 = jnp.concatenate([tb.att_kp_last[pi, ni], tb.moe_tok_last[mrows]])
+    q2 = jnp.concatenate([jnp.broadcast_to(kp.astype(_F), (4,)), jnp.broadcast_to(tokens, (2,))])
+    lo2, hi2, t2, ab2 = _bracket(keys2, last2, q2)
+
+    # MoE block: interpolate each row on its own token keys, then across ae (§2.7)
+    mvals = tb.moe_vals[mrows]
+    mr = _lerp(*_take2(mvals, lo2[4:], hi2[4:]), t2[4:])
+    t_moe = _trunc(_lerp(mr[0], mr[1], t1[2]))
+    ep_steps = tb.ep - 1
+    ag = _ring(ep_steps, tb, (jnp.maximum(1, T // tb.ep) * (H + E) * fp).astype(_F))  # dispatch
+    rs = _ring(ep_steps, tb, (T * H * fp).astype(_F) / epf)  # combine
+    t_moe_block = t_moe + jnp.where(tb.ep > 1, ag + rs, 0)
+    ext_moe = (tb.moe_per_block > 0) & (ab1[2] | ab2[4] | ab2[5])
+
+    # level 3: kvd keys of the 8 kp rows, for kvd_mean and kvd_max (§2.5 steps 2-3)
+    kvd_mean = jnp.where(nd > 0, kvd_sum // jnp.maximum(nd, 1), 0)
+    rows = jnp.stack([lo2[:4], hi2[:4]], axis=-1)  # [4, 2]
+    pi2, ni2 = pi[:, None], ni[:, None]
+    keys3 = tb.att_kvd[pi2, ni2, rows]  # [4, 2, KV]
+    last3 = tb.att_kvd_last[pi2, ni2, rows]
+    vals3 = tb.att_vals[pi2, ni2, rows]
+    shape = (2, 4, 2)
+    q3 = jnp.broadcast_to(jnp.stack([kvd_mean, kvd_max]).astype(_F)[:, None, None], shape)
+    lo3, hi3, t3, ab3 = _bracket(jnp.broadcast_to(keys3, shape + keys3.shape[-1:]), jnp.broadcast_to(last3, shape), q3)
+    vals3 = jnp.broadcast_to(vals3, shape + vals3.shape[-1:])
+    r = _lerp(*_take2(vals3, lo3, hi3), t3)  # [2, 4, 2]: per kp row
+    c = _lerp(r[..., 0], r[..., 1], t2[:4])  # [2, 4]: per corner
+    v0 = _lerp(c[:, 0], c[:, 1], t1[1])
+    v1 = _lerp(c[:, 2], c[:, 3], t1[1])
+    tt = _trunc(_lerp(v0, v1, t1[0]))
+    t_mean, t_max = tt[0], tt[1]
+    a_att = ab1[0] | ab1[1] | jnp.any(ab2[:4]) | jnp.any(ab3, axis=(1, 2))  # [2]
+
+    # skew correction (§2.6)
+    skew_on = (nd > 1) & (kvd_max != kvd_mean)
+    span = kvd_max - kvd_min
+    sr = jnp.where(span != 0, (kvd_mean - kvd_min).astype(_F) / jnp.where(span != 0, span, 1).astype(_F), 0.0)
+    sr = jnp.clip(sr, 0.0, 1.0)
+    on_grid = (pc % 16 == 0) & (pc >= 0) & (pc <= 2048)
+    slot = jnp.where(on_grid, tb.skew_slot[jnp.clip(pc // 16, 0, tb.skew_slot.shape[0] - 1)], 0)
+    alpha = tb.skew_alpha[slot, _label(tb.skew_n_hi, nd.astype(_F)), _label(tb.skew_sr_hi, sr),
+                          _label(tb.skew_kvb_hi, kvd_max.astype(_F)), _label(tb.skew_kp_hi, kp.astype(_F))]
+    skewed = jnp.round(t_mean.astype(_F) + alpha * (t_max - t_mean).astype(_F)).astype(_I)
+    t_att = jnp.where(skew_on & (alpha != 0) & (t_max > t_mean), skewed, t_mean)
+    has_att = (pc > 0) | (nd > 0)
+    t_att = jnp.where(has_att, t_att, 0)
+    ext_att = has_att & (a_att[0] | (skew_on & a_att[1]))
+
+    # host memory ops (token ids in, sampled ids out, each floored) and the TP AllReduce (ring)
+    t_in = jnp.floor(tb.cpu_lat + (2 * fp * T).astype(_F) / tb.cpu_bw).astype(_I)
+    t_out = jnp.floor(tb.cpu_lat + (4 * T).astype(_F) / tb.cpu_bw).astype(_I)
+    ar = _ring(2 * (tb.tp - 1), tb, (T * H * fp).astype(_F) / tb.tp.astype(_F))
+
+    block = tb.att_per_block * t_att + tb.moe_per_block * t_moe_block + tb.ar_per_block * ar
+    total = t_in + t_out + t_lin + L * block
+    extrapolated = jnp.stack([ext_dense, ext_seq, ext_att, ext_moe]).astype(jnp.int32)
+    return total, extrapolated

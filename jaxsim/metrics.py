@@ -1,0 +1,377 @@
+"""Host-side metrics from a :class:`~jaxsim.spec.SimResult` (REFERENCE.md §5). numpy only.
+
+* :func:`request_table` — one row per finished request (columns :data:`REQUEST_COLUMNS`).
+* :func:`summarize` — the run summary dict.
+* :func:`time_series` — 1-s bins with the columns of vLLM's ``timeseries.csv``.
+* :func:`write_outputs` — ``requests.csv``, ``summary.json``, ``timeseries.csv``, ``config.yaml``.
+"""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from jaxsim.spec import SimResult
+
+REQUEST_COLUMNS = (
+    "request_id", "instance_id", "input", "output", "arrival_ns", "first_scheduled_ns",
+    "first_token_ns", "end_ns", "queuing_delay_ns", "ttft_ns", "tpot_ns", "e2e_ns",
+    "itl_mean_ns", "itl_median_ns", "itl_p99_ns", "itl_max_ns", "prefix_hit_tokens",
+    "num_preemptions", "recomputed_tokens", "itl_ns",
+)
+TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting",
+                      "kv_cache_pct")
+# the reference simulator's per-request CSV header (REFERENCE.md §5)
+REFERENCE_COLUMNS = ("instance id", "request id", "model", "input", "output", "arrival",
+                     "end_time", "latency", "queuing_delay", "TTFT", "TPOT", "ITL")
+STAT_NAMES = ("mean", "median", "p90", "p95", "p99")
+NS_PER_S = 1_000_000_000
+
+
+def _i64(x) -> np.ndarray:
+    return np.asarray(x).astype(np.int64)
+
+
+def distribution_stats(values) -> dict:
+    """mean / median / p90 / p95 / p99 of ``values`` (numpy linear percentiles); NaN when empty."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {k: math.nan for k in STAT_NAMES}
+    return {
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "p90": float(np.percentile(v, 90)),
+        "p95": float(np.percentile(v, 95)),
+        "p99": float(np.percentile(v, 99)),
+    }
+
+
+def _finished(result: SimResult) -> np.ndarray:
+    """Mask of the requests that finished (the engine marks the others with a negative time)."""
+    return (_i64(result.finish_ns) >= 0) & (_i64(result.first_token_ns) >= 0)
+
+
+def _token_times(result: SimResult, i: int) -> np.ndarray:
+    offsets = _i64(result.token_offsets)
+    if offsets.shape[0] <= i + 1:
+        return np.zeros(0, dtype=np.int64)
+    return _i64(result.token_times_ns[offsets[i]:offsets[i + 1]])
+
+
+def request_table(result: SimResult) -> dict:
+    """Per-request table, one row per finished request, ordered by (instance, request id).
+
+    Times in ns. ``ttft = first_token - arrival``, ``e2e = end - arrival``,
+    ``tpot = (e2e - ttft) // (output - 1)`` (0 when output is 1), ``queuing_delay =
+    first_scheduled - arrival``; ``itl_ns`` holds, per row, the int64 array of gaps between the
+    request's token emissions (empty when token times were not recorded; the ``itl_*`` statistics
+    are then NaN, as they are for single-token requests).
+
+    Returns:
+      ``{column: np.ndarray}`` for every name in :data:`REQUEST_COLUMNS` except ``itl_ns``, which is
+      a list of arrays.
+    """
+    done = np.nonzero(_finished(result))[0]
+    inst = _i64(result.instance)[done]
+    order = np.lexsort((done, inst))
+    ids = done[order]
+
+    arrival = _i64(result.arrival_ns)[ids]
+    first_sched = _i64(result.first_scheduled_ns)[ids]
+    first_tok = _i64(result.first_token_ns)[ids]
+    end = _i64(result.finish_ns)[ids]
+    output = _i64(result.output_toks)[ids]
+    ttft = first_tok - arrival
+    e2e = end - arrival
+    tpot = np.where(output > 1, (e2e - ttft) // np.maximum(output - 1, 1), 0)
+
+    itls = []
+    itl_stats = np.full((ids.shape[0], 4), np.nan)
+    for row, i in enumerate(ids):
+        gaps = np.diff(_token_times(result, int(i)))
+        itls.append(gaps)
+        if gaps.size:
+            itl_stats[row] = (gaps.mean(), np.median(gaps), np.percentile(gaps, 99), gaps.max())
+
+    return {
+        "request_id": ids.astype(np.int64),
+        "instance_id": _i64(result.instance)[ids],
+        "input": _i64(result.input_toks)[ids],
+        "output": output,
+        "arrival_ns": arrival,
+        "first_scheduled_ns": first_sched,
+        "first_token_ns": first_tok,
+        "end_ns": end,
+        "queuing_delay_ns": first_sched - arrival,
+        "ttft_ns": ttft,
+        "tpot_ns": tpot,
+        "e2e_ns": e2e,
+        "itl_mean_ns": itl_stats[:, 0],
+        "itl_median_ns": itl_stats[:, 1],
+        "itl_p99_ns": itl_stats[:, 2],
+        "itl_max_ns": itl_stats[:, 3],
+        "prefix_hit_tokens": _i64(result.prefix_hit_tokens)[ids],
+        "num_preemptions": _i64(result.num_preemptions)[ids],
+        "recomputed_tokens": _i64(result.recomputed_tokens)[ids],
+        "itl_ns": itls,
+    }
+
+
+def _jsonable(v):
+    """numpy scalars/arrays -> plain Python; NaN/inf -> None (strict JSON)."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return [_jsonable(x) for x in v.tolist()]
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, (np.floating, float)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    return v
+
+
+def summarize(result: SimResult, table: dict | None = None) -> dict:
+    """Run summary (REFERENCE.md §5) as a flat dict of plain Python values.
+
+    Keys: ``requests``, ``unfinished_requests``, ``makespan_ns``, ``makespan_s``,
+    ``total_input_tokens``, ``total_generated_tokens``, ``preemptions``, ``recomputed_tokens``,
+    ``request_throughput_rps``, ``prompt_throughput_tps``, ``generation_throughput_tps``,
+    ``total_throughput_tps``, ``{ttft,tpot,itl,e2e}_ms_{mean,median,p90,p95,p99}``,
+    ``prefix_cache_requested_tokens``, ``prefix_cache_hit_tokens``, ``prefix_cache_hit_ratio``,
+    ``kv_num_blocks``, ``kv_block_size``, ``kv_num_tokens``, ``kv_peak_usage_pct``, ``iterations``;
+    then every entry of ``result.stats`` (a stats key that collides with one above is stored as
+    ``stats_<key>``).
+
+    The makespan is the last completion minus the first arrival (of all requests); throughputs
+    divide the finished requests' tokens by it. ITL statistics are over all gaps of all requests.
+    """
+    if table is None:
+        table = request_table(result)
+    n = int(table["request_id"].shape[0])
+    arrival_all = _i64(result.arrival_ns)
+    if n:
+        makespan_ns = int(table["end_ns"].max() - arrival_all.min())
+    else:
+        makespan_ns = 0
+    makespan_s = makespan_ns / NS_PER_S
+    tot_in = int(table["input"].sum())
+    tot_out = int(table["output"].sum())
+
+    def rate(x):
+        return x / makespan_s if makespan_s > 0 else math.nan
+
+    s = {
+        "requests": n,
+        "unfinished_requests": int(arrival_all.shape[0] - n),
+        "makespan_ns": makespan_ns,
+        "makespan_s": makespan_s,
+        "total_input_tokens": tot_in,
+        "total_generated_tokens": tot_out,
+        "preemptions": int(table["num_preemptions"].sum()),
+        "recomputed_tokens": int(table["recomputed_tokens"].sum()),
+        "request_throughput_rps": rate(n),
+        "prompt_throughput_tps": rate(tot_in),
+        "generation_throughput_tps": rate(tot_out),
+        "total_throughput_tps": rate(tot_in + tot_out),
+    }
+    all_gaps = (np.concatenate(table["itl_ns"]) if table["itl_ns"] else np.zeros(0))
+    for name, values in (("ttft", table["ttft_ns"]), ("tpot", table["tpot_ns"]),
+                         ("itl", all_gaps), ("e2e", table["e2e_ns"])):
+        for k, v in distribution_stats(np.asarray(values, dtype=np.float64) / 1e6).items():
+            s[f"{name}_ms_{k}"] = v
+    hit = int(table["prefix_hit_tokens"].sum())
+    s["prefix_cache_requested_tokens"] = tot_in
+    s["prefix_cache_hit_tokens"] = hit
+    s["prefix_cache_hit_ratio"] = hit / tot_in if tot_in else 0.0
+    num_blocks = int(result.num_blocks)
+    used = _i64(result.iter_kv_blocks_used)
+    s["kv_num_blocks"] = num_blocks
+    s["kv_block_size"] = int(result.block_size)
+    s["kv_num_tokens"] = num_blocks * int(result.block_size)
+    s["kv_peak_usage_pct"] = (float(used.max()) / num_blocks * 100
+                              if used.size and num_blocks else 0.0)
+    s["iterations"] = int(np.asarray(result.iter_end_ns).shape[0])
+    for k, v in (result.stats or {}).items():
+        s[f"stats_{k}" if k in s else str(k)] = v
+    return _jsonable(s)
+
+
+def time_series(result: SimResult, interval_s: float = 1.0) -> dict:
+    """Per-interval series with the columns of vLLM's ``timeseries.csv``.
+
+    Bin k (``t = k``, 1-based) covers ``[t0 + (k-1)·Δ, t0 + k·Δ)`` with ``t0`` the first arrival.
+    An iteration belongs to the bin in which it ends. Throughputs are that bin's prompt / generated
+    tokens per second; ``running``, ``waiting`` and ``kv_cache_pct`` (pinned blocks / num_blocks ×
+    100) are the gauges of the last iteration ending in the bin, carried forward through empty bins
+    (0 before the first iteration). Bins run up to the one holding the last iteration.
+
+    Returns:
+      ``{column: np.ndarray}`` for :data:`TIMESERIES_COLUMNS` (``t`` float, counts int64).
+    """
+    interval_ns = int(round(interval_s * NS_PER_S))
+    end = _i64(result.iter_end_ns)
+    arrival = _i64(result.arrival_ns)
+    empty = {c: np.zeros(0, dtype=np.float64) for c in TIMESERIES_COLUMNS}
+    if end.size == 0 or arrival.size == 0:
+        return empty
+    t0 = int(arrival.min())
+    k = np.maximum((end - t0) // interval_ns, 0)  # 0-based bin of each iteration
+    nbins = int(k.max()) + 1
+    prompt = np.bincount(k, weights=_i64(result.iter_prompt_tokens), minlength=nbins)
+    gen = np.bincount(k, weights=_i64(result.iter_gen_tokens), minlength=nbins)
+
+    # index of the last iteration ending in or before each bin (iterations are in time order)
+    order = np.argsort(end, kind="stable")
+    last_rank = np.full(nbins, -1, dtype=np.int64)
+    np.maximum.at(last_rank, k[order], np.arange(order.shape[0]))
+    last_rank = np.maximum.accumulate(last_rank)
+    last = np.where(last_rank >= 0, order[np.maximum(last_rank, 0)], -1)
+
+    def gauge(x, dtype):
+        x = np.asarray(x).astype(dtype)
+        return np.where(last >= 0, x[np.maximum(last, 0)], 0).astype(dtype)
+
+    used = gauge(result.iter_kv_blocks_used, np.float64)
+    nb = int(result.num_blocks)
+    return {
+        "t": np.arange(1, nbins + 1, dtype=np.float64) * interval_s,
+        "prompt_throughput": prompt / interval_s,
+        "gen_throughput": gen / interval_s,
+        "running": gauge(result.iter_running, np.int64),
+        "waiting": gauge(result.iter_waiting, np.int64),
+        "kv_cache_pct": used / nb * 100 if nb else np.zeros(nbins),
+    }
+
+
+def _cell(v):
+    if isinstance(v, (float, np.floating)):
+        return "" if not math.isfinite(v) else repr(float(v))
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def write_request_csv(table: dict, path: str | Path) -> None:
+    """``requests.csv`` with :data:`REQUEST_COLUMNS` (``itl_ns`` a JSON list, NaN as empty)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(REQUEST_COLUMNS)
+        for r in range(table["request_id"].shape[0]):
+            row = [_cell(table[c][r]) for c in REQUEST_COLUMNS[:-1]]
+            row.append(json.dumps(table["itl_ns"][r].tolist()))
+            w.writerow(row)
+
+
+def write_reference_csv(table: dict, path: str | Path, model_name: str) -> None:
+    """The reference simulator's header (spaces in names, ITL a stringified list)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(REFERENCE_COLUMNS)
+        for r in range(table["request_id"].shape[0]):
+            w.writerow([
+                int(table["instance_id"][r]), int(table["request_id"][r]), model_name,
+                int(table["input"][r]), int(table["output"][r]), int(table["arrival_ns"][r]),
+                int(table["end_ns"][r]), int(table["e2e_ns"][r]),
+                int(table["queuing_delay_ns"][r]), int(table["ttft_ns"][r]),
+                int(table["tpot_ns"][r]), str(table["itl_ns"][r].tolist()),
+            ])
+
+
+def write_timeseries_csv(series: dict, path: str | Path) -> None:
+    """``timeseries.csv`` formatted like vLLM's (``t`` and throughputs as floats)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(TIMESERIES_COLUMNS)
+        for r in range(series["t"].shape[0]):
+            w.writerow([
+                float(series["t"][r]), float(series["prompt_throughput"][r]),
+                float(series["gen_throughput"][r]), int(series["running"][r]),
+                int(series["waiting"][r]), round(float(series["kv_cache_pct"][r]), 4),
+            ])
+
+
+def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | None = None,
+                  model_name: str | None = None, interval_s: float = 1.0) -> dict:
+    """Write ``requests.csv``, ``summary.json``, ``timeseries.csv`` into ``out_dir``.
+
+    Also ``config.yaml`` when ``config_dict`` (a plain, resolved dict) is given and
+    ``requests_reference.csv`` (the reference simulator's header) when ``model_name`` is given.
+
+    Returns:
+      The summary dict (as written to ``summary.json``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = request_table(result)
+    summary = summarize(result, table)
+    write_request_csv(table, out / "requests.csv")
+    if model_name is not None:
+        write_reference_csv(table, out / "requests_reference.csv", model_name)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_timeseries_csv(time_series(result, interval_s), out / "timeseries.csv")
+    if config_dict is not None:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(_jsonable(config_dict), sort_keys=False))
+    return summary
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1e6 else f"{v:,.1f}"
+    return str(v)
+
+
+def format_summary(summary: dict) -> str:
+    """A readable multi-table rendering of :func:`summarize`'s dict."""
+    s = summary
+    used = set()
+
+    def take(*keys):
+        rows = []
+        for k in keys:
+            if k in s:
+                used.add(k)
+                rows.append((k, _fmt(s[k])))
+        return rows
+
+    parts = []
+    overview = take("requests", "unfinished_requests", "makespan_s", "total_input_tokens",
+                    "total_generated_tokens", "preemptions", "recomputed_tokens",
+                    "request_throughput_rps", "prompt_throughput_tps",
+                    "generation_throughput_tps", "total_throughput_tps", "iterations")
+    parts.append(tabulate(overview, headers=("Run", "value"), tablefmt="simple",
+                          disable_numparse=True, colalign=("left", "right")))
+    lat_rows = []
+    for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E")):
+        keys = [f"{name}_ms_{k}" for k in STAT_NAMES]
+        used.update(keys)
+        lat_rows.append([label] + [_fmt(s.get(k)) for k in keys])
+    parts.append(tabulate(lat_rows, headers=("Latency (ms)",) + STAT_NAMES, tablefmt="simple",
+                          disable_numparse=True, colalign=("left",) + ("right",) * 5))
+    cache = take("prefix_cache_requested_tokens", "prefix_cache_hit_tokens",
+                 "prefix_cache_hit_ratio", "kv_num_blocks", "kv_block_size", "kv_num_tokens",
+                 "kv_peak_usage_pct")
+    parts.append(tabulate(cache, headers=("KV cache", "value"), tablefmt="simple",
+                          disable_numparse=True, colalign=("left", "right")))
+    used.add("makespan_ns")
+    rest = [(k, _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(v))
+            for k, v in s.items() if k not in used]
+    if rest:
+        parts.append(tabulate(rest, headers=("Other", "value"), tablefmt="simple",
+                              disable_numparse=True, colalign=("left", "right")))
+    return "\n\n".join(parts)

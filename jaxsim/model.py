@@ -1,0 +1,112 @@
+"""Model configuration: the dimensions of a Hugging Face config that the simulator needs.
+
+REFERENCE.md §3.2 lists the fields read. Sizes derived here (weight bytes, KV bytes per token)
+feed the KV-capacity memory model (§1.3) and the collective costs (§1.8).
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxsim.errors import JaxsimInputError
+
+DTYPE_BYTES = {
+    "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
+    "float32": 4, "fp32": 4, "float": 4,
+    "fp8": 1, "float8": 1, "float8_e4m3fn": 1, "int8": 1,
+}
+
+
+def dtype_bytes(name: str, where: str) -> int:
+    """Bytes per element of a dtype name such as ``bfloat16``; a clear error for unknown names."""
+    try:
+        return DTYPE_BYTES[str(name).lower()]
+    except KeyError:
+        raise JaxsimInputError(
+            where, f"unknown dtype {name!r}", f"use one of {sorted(DTYPE_BYTES)}"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str  # "org/name", e.g. "meta-llama/Llama-3.1-8B"
+    model_type: str  # selects profiles/architectures/<model_type>.yaml
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    torch_dtype: str
+    num_experts: int = 0  # 0 for dense models
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_bytes_per_rank(self, weight_bytes: int, tp: int = 1, pp: int = 1, ep: int = 1) -> int:
+        """Per-rank weight bytes, REFERENCE.md §1.3 (embedding, blocks, final norm, lm_head)."""
+        h, v, fp = self.hidden_size, self.vocab_size, weight_bytes
+        block = 2 * h * fp + h * ((self.q_dim + 2 * self.kv_dim) // tp) * fp + (self.q_dim // tp) * h * fp
+        if self.is_moe:
+            e = self.num_experts
+            block += h * e * fp + (e // ep) * 3 * h * self.moe_intermediate_size * fp
+        else:
+            block += 3 * h * (self.intermediate_size // tp) * fp
+        return (v // tp) * h * fp + (self.num_layers // pp) * block + h * fp + h * (v // tp) * fp
+
+    def kv_bytes_per_token_per_rank(self, kv_bytes: int, tp: int = 1, pp: int = 1) -> int:
+        """K and V bytes one token occupies on one rank (each rank holds a 1/(tp*pp) shard)."""
+        return 2 * self.kv_dim * self.num_layers * kv_bytes // (tp * pp)
+
+
+_REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+             "max_position_embeddings")
+
+
+def load_model_config(models_dir: str | Path, name: str) -> ModelConfig:
+    """Read ``<models_dir>/<org>/<name>.json`` (a raw HF config)."""
+    path = Path(models_dir) / f"{name}.json"
+    if not path.is_file():
+        known = sorted(str(p.relative_to(models_dir))[:-5] for p in Path(models_dir).glob("*/*.json"))
+        raise JaxsimInputError(str(path), f"unknown model {name!r}", f"known models: {known}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise JaxsimInputError(f"{path}:{e.lineno}", f"invalid JSON: {e.msg}") from None
+    for field in _REQUIRED:
+        if field not in raw:
+            raise JaxsimInputError(str(path), f"missing required field {field!r}",
+                                   "a Hugging Face config.json must define it")
+    heads = int(raw["num_attention_heads"])
+    hidden = int(raw["hidden_size"])
+    experts = int(raw.get("num_local_experts", raw.get("num_experts", 0)) or 0)
+    intermediate = int(raw.get("intermediate_size", 0) or 0)
+    return ModelConfig(
+        name=name,
+        model_type=str(raw["model_type"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        intermediate_size=intermediate,
+        vocab_size=int(raw["vocab_size"]),
+        max_position_embeddings=int(raw["max_position_embeddings"]),
+        torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
+        num_experts=experts,
+        experts_per_token=int(raw.get("num_experts_per_tok", 0) or 0),
+        moe_intermediate_size=int(raw.get("moe_intermediate_size") or intermediate) if experts else 0,
+    )

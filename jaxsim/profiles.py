@@ -1,0 +1,490 @@
+"""Host-side (numpy) loading of a profile bundle, REFERENCE.md §2.2-§2.7.
+
+A bundle is ``<profiles_dir>/<hardware>/<org>/<name>/<variant>/`` with ``meta.yaml`` and one
+``tp<N>/`` folder per profiled TP degree. :func:`load_profile_bundle` reads it into a
+:class:`ProfileBundle` of plain numpy arrays; :func:`jaxsim.latency.latency_tables` turns that into
+JAX arrays. Every profiled time is converted from µs to integer ns with ``max(1, round(us*1000))``
+*before* any interpolation (REFERENCE.md §0).
+
+Conventions (also followed by the test oracle ``tests/reference_latency.py``):
+  * keys are sorted and deduplicated per table; when a key repeats, the last row wins;
+  * the attention table keeps the raw structure of §2.5: a global ``pc`` axis and ``nd`` axis, a
+    slice per ``(pc, nd)`` pair with its own sorted ``kp`` keys, and per ``kp`` row its own sorted
+    ``kvd`` keys; a missing ``(pc, nd)`` corner falls back to the existing slice nearest in squared
+    raw distance, ties going to the smallest ``(pc, nd)``;
+  * skew-fit alphas live in a dense array over (pc grid 0,16,...,2048; n; skew rate; kv_big; kp)
+    labels, NaN where no bucket exists; rows whose pc is off that grid can never be hit and are
+    dropped.
+"""
+
+import csv
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from jaxsim.errors import JaxsimInputError
+from jaxsim.model import ModelConfig
+
+SEQUENCE_GROUPS = ("prologue", "pre_attn", "post_attn", "mlp_dense", "mlp_moe", "head")
+CATEGORIES = ("dense", "per_sequence", "attention", "moe")
+SKEW_PC_GRID = np.arange(0, 2049, 16, dtype=np.int64)  # §2.6: pc must be exactly one of these
+_NOT_HARDWARE = {"architectures", "models", "validation", "workloads"}
+
+
+@dataclasses.dataclass
+class Table1D:
+    """One token- or sequence-keyed layer: sorted unique keys and integer ns values."""
+
+    keys: np.ndarray  # int64 [K], strictly increasing
+    values_ns: np.ndarray  # int64 [K]
+
+
+@dataclasses.dataclass
+class AttentionTable:
+    """The 4-D attention table of §2.5 as padded arrays (P pc values, D nd values)."""
+
+    pc_axis: np.ndarray  # int64 [P], sorted
+    nd_axis: np.ndarray  # int64 [D], sorted
+    has_slice: np.ndarray  # bool [P, D]: the (pc, nd) pair was profiled
+    fallback: np.ndarray  # int64 [P, D, 2]: (pc index, nd index) of the slice to use (itself if present)
+    n_kp: np.ndarray  # int32 [P, D]: number of kp rows in the slice (0 where absent)
+    kp_keys: np.ndarray  # int64 [P, D, KP], sorted in the first n_kp entries, 0-padded
+    n_kvd: np.ndarray  # int32 [P, D, KP]: number of kvd keys in each kp row
+    kvd_keys: np.ndarray  # int64 [P, D, KP, KV], sorted in the first n_kvd entries, 0-padded
+    values_ns: np.ndarray  # int64 [P, D, KP, KV], 0-padded
+
+
+@dataclasses.dataclass
+class MoETable:
+    """``tp1/moe.csv`` (§2.7): per activated-experts row, its own token keys."""
+
+    ae_axis: np.ndarray  # int64 [A], sorted
+    n_tokens: np.ndarray  # int32 [A]
+    token_keys: np.ndarray  # int64 [A, K], sorted in the first n_tokens entries, 0-padded
+    values_ns: np.ndarray  # int64 [A, K]
+
+
+@dataclasses.dataclass
+class SkewFit:
+    """Skew correction α per bucket (§2.6). ``alpha`` is NaN where the bucket was not fitted."""
+
+    enabled: bool
+    alpha_default: float  # per_tp[tp].alpha_default of the loaded tp; 0 when disabled
+    alpha_default_per_tp: dict  # {tp: alpha_default} for every profiled TP degree ({} when disabled)
+    n_bins: np.ndarray  # float64 [nN + 1]; (lo, hi] bins
+    n_labels: list
+    sr_bins: np.ndarray  # float64 [nSR + 1]
+    sr_labels: list
+    kvb_bins: np.ndarray  # float64 [nKVB + 1]
+    kvb_labels: list
+    kp_bins: np.ndarray  # float64 [nKP + 1]
+    kp_labels: list
+    pc_grid: np.ndarray  # int64 [129] = 0, 16, ..., 2048
+    alpha: np.ndarray  # float64 [129, nN, nSR, nKVB, nKP], NaN = no bucket
+    has_alpha: np.ndarray  # bool, same shape
+
+
+@dataclasses.dataclass
+class ProfileBundle:
+    hardware: str
+    model_name: str
+    model_type: str
+    variant: str
+    tp: int
+    path: str  # the bundle folder
+    meta: dict  # meta.yaml as read
+    engine_effective: dict  # the profiler's engine kwargs (for extrapolation warnings)
+    sequence: dict  # group -> [layer names], missing layers already dropped (§2.1)
+    category: dict  # layer name -> dense | per_sequence | attention | moe
+    tp_stable: set  # layer names marked tp_stable in the architecture YAML
+    dense: dict  # layer -> Table1D (tokens)
+    per_sequence: dict  # layer -> Table1D (sequences)
+    attention: AttentionTable
+    moe: "MoETable | None"
+    skew: SkewFit
+
+
+# ------------------------------------------------------------------------------------------ CSVs
+def _read_csv(path: Path, columns: tuple) -> list:
+    """Rows of ``path`` as tuples typed per ``columns`` = ((name, int|float|str), ...), with the
+    file line number as the last element. Clear errors for every malformed input."""
+    if not path.is_file():
+        raise JaxsimInputError(str(path), "missing profile table",
+                               "re-run the profiler for this bundle or pick another hardware/model/tp")
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise JaxsimInputError(str(path), "empty file",
+                                   f"expected a header {','.join(c for c, _ in columns)}") from None
+        except csv.Error as e:
+            raise JaxsimInputError(f"{path}:1", f"unreadable CSV header: {e}") from None
+        header = [h.strip() for h in header]
+        index = []
+        for name, _ in columns:
+            if name not in header:
+                raise JaxsimInputError(f"{path}:1", f"missing column {name!r} (header is {header})",
+                                       f"the file needs columns {[c for c, _ in columns]}")
+            index.append(header.index(name))
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise JaxsimInputError(f"{path}:{reader.line_num}", f"unreadable CSV line: {e}") from None
+            line = reader.line_num
+            if not fields or all(not x.strip() for x in fields):
+                continue
+            if len(fields) != len(header):
+                raise JaxsimInputError(f"{path}:{line}",
+                                       f"expected {len(header)} fields, found {len(fields)}: {fields}",
+                                       "fix or delete this line")
+            out = []
+            for (name, kind), i in zip(columns, index):
+                text = fields[i].strip()
+                try:
+                    if kind is int:
+                        v = float(text)
+                        if not v.is_integer():
+                            raise ValueError
+                        v = int(v)
+                        if v < 0:
+                            raise ValueError
+                    elif kind is float:
+                        v = float(text)
+                        if not math.isfinite(v):
+                            raise ValueError
+                    else:
+                        v = text
+                except ValueError:
+                    what = "a non-negative integer" if kind is int else "a finite number" if kind is float else "text"
+                    raise JaxsimInputError(f"{path}:{line}", f"column {name!r} = {text!r} is not {what}",
+                                           "fix or delete this line") from None
+                out.append(v)
+            out.append(line)
+            rows.append(tuple(out))
+    return rows
+
+
+def us_to_ns(us) -> np.ndarray:
+    """``max(1, round(us*1000))`` as int64 (round half to even, as Python's ``round``)."""
+    return np.maximum(1, np.rint(np.asarray(us, dtype=np.float64) * 1000.0)).astype(np.int64)
+
+
+def _check_time(path, rows, col=-2):
+    for r in rows:
+        if r[col] < 0:
+            raise JaxsimInputError(f"{path}:{r[-1]}", f"negative time_us {r[col]}", "fix or delete this line")
+
+
+def _tables_1d(path: Path, key_col: str) -> dict:
+    rows = _read_csv(path, (("layer", str), (key_col, int), ("time_us", float)))
+    _check_time(path, rows)
+    per_layer: dict = {}
+    for layer, key, us, _line in rows:
+        per_layer.setdefault(layer, {})[key] = us  # last row wins
+    out = {}
+    for layer, d in per_layer.items():
+        keys = np.array(sorted(d), dtype=np.int64)
+        out[layer] = Table1D(keys, us_to_ns([d[k] for k in keys]))
+    return out
+
+
+def _attention_table(path: Path) -> AttentionTable:
+    rows = _read_csv(path, (("prefill_chunk", int), ("kv_prefill", int), ("n_decode", int),
+                            ("kv_decode", int), ("time_us", float)))
+    _check_time(path, rows)
+    if not rows:
+        raise JaxsimInputError(str(path), "no attention rows", "re-run the profiler for this bundle")
+    d: dict = {}
+    for pc, kp, nd, kvd, us, _line in rows:
+        d.setdefault((pc, nd), {}).setdefault(kp, {})[kvd] = us  # last row wins
+    pc_axis = np.array(sorted({k[0] for k in d}), dtype=np.int64)
+    nd_axis = np.array(sorted({k[1] for k in d}), dtype=np.int64)
+    P, D = len(pc_axis), len(nd_axis)
+    KP = max(len(s) for s in d.values())
+    KV = max(len(r) for s in d.values() for r in s.values())
+    has = np.zeros((P, D), bool)
+    n_kp = np.zeros((P, D), np.int32)
+    kp_keys = np.zeros((P, D, KP), np.int64)
+    n_kvd = np.zeros((P, D, KP), np.int32)
+    kvd_keys = np.zeros((P, D, KP, KV), np.int64)
+    values = np.zeros((P, D, KP, KV), np.int64)
+    pc_pos = {int(v): i for i, v in enumerate(pc_axis)}
+    nd_pos = {int(v): i for i, v in enumerate(nd_axis)}
+    for (pc, nd), sl in d.items():
+        i, j = pc_pos[pc], nd_pos[nd]
+        has[i, j] = True
+        kps = sorted(sl)
+        n_kp[i, j] = len(kps)
+        kp_keys[i, j, : len(kps)] = kps
+        for r, kp in enumerate(kps):
+            kvds = sorted(sl[kp])
+            n_kvd[i, j, r] = len(kvds)
+            kvd_keys[i, j, r, : len(kvds)] = kvds
+            values[i, j, r, : len(kvds)] = us_to_ns([sl[kp][k] for k in kvds])
+    # Nearest existing slice for every corner (squared raw distance, ties -> smallest (pc, nd)).
+    present = np.argwhere(has)  # lexicographic (pc index, nd index) order = (pc, nd) order
+    ppc = pc_axis[present[:, 0]].astype(np.float64)
+    pnd = nd_axis[present[:, 1]].astype(np.float64)
+    fallback = np.zeros((P, D, 2), np.int64)
+    for i in range(P):
+        for j in range(D):
+            dist = (ppc - pc_axis[i]) ** 2 + (pnd - nd_axis[j]) ** 2
+            fallback[i, j] = present[int(np.argmin(dist))]  # argmin returns the first minimum
+    return AttentionTable(pc_axis, nd_axis, has, fallback, n_kp, kp_keys, n_kvd, kvd_keys, values)
+
+
+def _moe_table(path: Path) -> MoETable:
+    rows = _read_csv(path, (("tokens", int), ("activated_experts", int), ("time_us", float)))
+    _check_time(path, rows)
+    if not rows:
+        raise JaxsimInputError(str(path), "no MoE rows", "re-run the profiler's MoE stage for this bundle")
+    d: dict = {}
+    for tok, ae, us, _line in rows:
+        d.setdefault(ae, {})[tok] = us
+    ae_axis = np.array(sorted(d), dtype=np.int64)
+    K = max(len(r) for r in d.values())
+    n_tok = np.zeros(len(ae_axis), np.int32)
+    keys = np.zeros((len(ae_axis), K), np.int64)
+    vals = np.zeros((len(ae_axis), K), np.int64)
+    for a, ae in enumerate(ae_axis):
+        toks = sorted(d[int(ae)])
+        n_tok[a] = len(toks)
+        keys[a, : len(toks)] = toks
+        vals[a, : len(toks)] = us_to_ns([d[int(ae)][t] for t in toks])
+    return MoETable(ae_axis, n_tok, keys, vals)
+
+
+# ------------------------------------------------------------------------------------ skew fit
+def _bins(meta_path, axes, name, n_labels_expected=None):
+    bins_key, labels_key = f"{name}_bins", f"{name}_labels"
+    if bins_key not in axes or labels_key not in axes:
+        raise JaxsimInputError(str(meta_path), f"skew_fit.bucket_axes lacks {bins_key!r} or {labels_key!r}",
+                               "re-run the profiler's skew fit or set skew_fit.enabled: false")
+    try:
+        bins = np.array([float(b) for b in axes[bins_key]], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise JaxsimInputError(str(meta_path), f"skew_fit.bucket_axes.{bins_key} is not a list of numbers") from None
+    labels = [str(x) for x in axes[labels_key]]
+    if len(bins) != len(labels) + 1 or len(labels) == 0 or np.any(np.diff(bins) <= 0):
+        raise JaxsimInputError(str(meta_path), f"skew_fit.bucket_axes.{bins_key} must be increasing and have "
+                               f"one more entry than {labels_key} ({len(bins)} vs {len(labels)})")
+    return bins, labels
+
+
+def _skew_fit(meta: dict, meta_path: Path, tpdir: Path, tp: int) -> SkewFit:
+    fit = meta.get("skew_fit") or {}
+    enabled = bool(fit.get("enabled", False)) if isinstance(fit, dict) else False
+    empty = SkewFit(False, 0.0, {}, np.array([0.0, 1.0]), ["all"], np.array([0.0, 1.0]), ["all"],
+                    np.array([0.0, 1.0]), ["all"], np.array([0.0, 1.0]), ["all"], SKEW_PC_GRID,
+                    np.full((len(SKEW_PC_GRID), 1, 1, 1, 1), np.nan), np.zeros((len(SKEW_PC_GRID), 1, 1, 1, 1), bool))
+    if not enabled:
+        return empty  # α = 0 (§2.6 step 3)
+    axes = fit.get("bucket_axes")
+    if not isinstance(axes, dict):
+        raise JaxsimInputError(str(meta_path), "skew_fit.enabled is true but skew_fit.bucket_axes is missing",
+                               "re-run the profiler's skew fit or set skew_fit.enabled: false")
+    n_bins, n_labels = _bins(meta_path, axes, "n")
+    sr_bins, sr_labels = _bins(meta_path, axes, "skew_rate")
+    kvb_bins, kvb_labels = _bins(meta_path, axes, "kv_big")
+    kp_bins, kp_labels = _bins(meta_path, axes, "kp")
+    per_tp = fit.get("per_tp") or {}
+    entry = per_tp.get(tp, per_tp.get(str(tp)))
+    if not isinstance(entry, dict) or "alpha_default" not in entry:
+        raise JaxsimInputError(str(meta_path), f"skew_fit.per_tp has no alpha_default for tp {tp}",
+                               "re-run the profiler's skew fit for this TP degree or set skew_fit.enabled: false")
+    alpha_default = float(entry["alpha_default"])
+    per_tp_defaults = {int(k): float(v["alpha_default"]) for k, v in per_tp.items()
+                       if isinstance(v, dict) and "alpha_default" in v}
+    path = tpdir / "skew_fit.csv"
+    rows = _read_csv(path, (("pc", int), ("n_label", str), ("skew_rate_label", str), ("kv_big_label", str),
+                            ("kp_label", str), ("alpha", float)))
+    shape = (len(SKEW_PC_GRID), len(n_labels), len(sr_labels), len(kvb_labels), len(kp_labels))
+    alpha = np.full(shape, np.nan)
+    has = np.zeros(shape, bool)
+    lookups = [(n_labels, "n_label"), (sr_labels, "skew_rate_label"), (kvb_labels, "kv_big_label"),
+               (kp_labels, "kp_label")]
+    for pc, nl, sl, kl, pl, a, line in rows:
+        idx = []
+        for (labels, col), text in zip(lookups, (nl, sl, kl, pl)):
+            if text not in labels:
+                raise JaxsimInputError(f"{path}:{line}", f"{col} {text!r} is not one of {labels}",
+                                       f"use a label from {meta_path}::skew_fit.bucket_axes")
+            idx.append(labels.index(text))
+        if pc % 16 != 0 or pc > 2048:
+            continue  # can never be hit: §2.6 needs pc exactly on 0, 16, ..., 2048
+        alpha[(pc // 16, *idx)] = a
+        has[(pc // 16, *idx)] = True
+    return SkewFit(True, alpha_default, per_tp_defaults, n_bins, n_labels, sr_bins, sr_labels, kvb_bins, kvb_labels,
+                   kp_bins, kp_labels, SKEW_PC_GRID, alpha, has)
+
+
+# ------------------------------------------------------------------------------------- bundle
+def known_hardware(profiles_dir) -> list:
+    p = Path(profiles_dir)
+    if not p.is_dir():
+        return []
+    return sorted(x.name for x in p.iterdir() if x.is_dir() and x.name not in _NOT_HARDWARE
+                  and not x.name.startswith("."))
+
+
+def _load_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise JaxsimInputError(str(path), f"missing {what}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise JaxsimInputError(where, f"invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise JaxsimInputError(str(path), f"{what} must be a YAML mapping")
+    return data
+
+
+def load_architecture(profiles_dir, model_type: str):
+    """``(sequence, category, tp_stable)`` from ``<profiles_dir>/architectures/<model_type>.yaml``."""
+    adir = Path(profiles_dir) / "architectures"
+    path = adir / f"{model_type}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in adir.glob("*.yaml"))
+        raise JaxsimInputError(str(path), f"no architecture YAML for model_type {model_type!r}",
+                               f"known architectures: {known}")
+    arch = _load_yaml(path, "architecture YAML")
+    seq_raw = arch.get("sequence")
+    cat_raw = arch.get("catalog")
+    if not isinstance(seq_raw, dict) or not isinstance(cat_raw, dict):
+        raise JaxsimInputError(str(path), "needs a 'sequence' mapping and a 'catalog' mapping")
+    category, tp_stable = {}, set()
+    for cat, layers in cat_raw.items():
+        if cat not in CATEGORIES:
+            raise JaxsimInputError(str(path), f"unknown catalog category {cat!r}", f"use one of {list(CATEGORIES)}")
+        for name, info in (layers or {}).items():
+            category[name] = cat
+            if isinstance(info, dict) and info.get("tp_stable"):
+                tp_stable.add(name)
+    sequence = {}
+    for group in SEQUENCE_GROUPS:
+        names = seq_raw.get(group) or []
+        for name in names:
+            if name not in category:
+                raise JaxsimInputError(str(path), f"sequence.{group} names {name!r}, which is not in the catalog",
+                                       "add it to the catalog or remove it from the sequence")
+        sequence[group] = [str(n) for n in names]
+    for group in seq_raw:
+        if group not in SEQUENCE_GROUPS:
+            raise JaxsimInputError(str(path), f"unknown sequence group {group!r}", f"use {list(SEQUENCE_GROUPS)}")
+    return sequence, category, tp_stable
+
+
+def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: str = "bf16",
+                        tp: int = 1) -> ProfileBundle:
+    """Read one profile bundle (REFERENCE.md §2.2) for ``model`` at TP degree ``tp``.
+
+    Raises :class:`JaxsimInputError` naming the file (and line) for unknown hardware, a missing
+    model/variant/``tp<N>`` folder (TP is never extrapolated), a missing CSV or column and an
+    unparsable line. A layer that the architecture sequence lists but no table has is skipped
+    with a warning, except attention, ``lm_head`` or an empty dense table, which raise.
+    """
+    root = Path(profiles_dir)
+    hw_dir = root / hardware
+    if not hw_dir.is_dir() or hardware in _NOT_HARDWARE:
+        raise JaxsimInputError(str(hw_dir), f"unknown hardware {hardware!r}",
+                               f"known hardware: {known_hardware(root)}")
+    model_dir = hw_dir / model.name
+    if not model_dir.is_dir():
+        known = sorted(str(p.parent.relative_to(hw_dir)) for p in hw_dir.glob("*/*/*/meta.yaml"))
+        known = sorted(set(str(Path(k).parent) for k in known))
+        raise JaxsimInputError(str(model_dir), f"no profiles of model {model.name!r} on {hardware}",
+                               f"profiled models on {hardware}: {known}")
+    base = model_dir / variant
+    if not base.is_dir():
+        known = sorted(p.name for p in model_dir.iterdir() if p.is_dir())
+        raise JaxsimInputError(str(base), f"no variant {variant!r} of {model.name} on {hardware}",
+                               f"profiled variants: {known}")
+    tp = int(tp)
+    tpdir = base / f"tp{tp}"
+    if not tpdir.is_dir():
+        known = sorted(int(p.name[2:]) for p in base.glob("tp*") if p.is_dir() and p.name[2:].isdigit())
+        raise JaxsimInputError(str(tpdir), f"TP degree {tp} was not profiled for {model.name} on {hardware}",
+                               f"TP is never extrapolated; profiled degrees: {known}")
+    meta_path = base / "meta.yaml"
+    meta = _load_yaml(meta_path, "meta.yaml")
+    sequence, category, tp_stable = load_architecture(root, model.model_type)
+
+    dense = _tables_1d(tpdir / "dense.csv", "tokens")
+    per_seq = _tables_1d(tpdir / "per_sequence.csv", "sequences")
+    if not dense:
+        raise JaxsimInputError(str(tpdir / "dense.csv"), "the dense table has no rows",
+                               "re-run the profiler for this bundle")
+    if tp != 1:
+        # tp_stable layers are profiled at TP1 and copied; fall back to tp1 where a copy is missing.
+        for name, fname, tables in (("dense", "dense.csv", dense), ("per_sequence", "per_sequence.csv", per_seq)):
+            need = [n for n in tp_stable if category.get(n) == name and n not in tables
+                    and any(n in g for g in sequence.values())]
+            if need and (base / "tp1" / fname).is_file():
+                tp1 = _tables_1d(base / "tp1" / fname, "tokens" if name == "dense" else "sequences")
+                for n in need:
+                    if n in tp1:
+                        tables[n] = tp1[n]
+    attention = _attention_table(tpdir / "attention.csv")
+    needs_moe = any(category[n] == "moe" for g in sequence.values() for n in g)
+    moe = _moe_table(base / "tp1" / "moe.csv") if needs_moe else None
+
+    is_tpu = "TPU" in hardware
+    kept = {}
+    for group, names in sequence.items():
+        kept[group] = []
+        for name in names:
+            cat = category[name]
+            if name == "rotary_emb" and is_tpu:
+                continue  # §2.1: skipped on TPU hardware
+            if cat == "dense" and name not in dense:
+                where = tpdir / "dense.csv"
+            elif cat == "per_sequence" and name not in per_seq:
+                where = tpdir / "per_sequence.csv"
+            else:
+                kept[group].append(name)
+                continue
+            if name == "lm_head":
+                raise JaxsimInputError(str(where), "no rows for layer 'lm_head'",
+                                       "re-run the profiler for this bundle")
+            warnings.warn(f"{where}: no rows for layer {name!r} of sequence.{group}; the layer is skipped",
+                          stacklevel=2)
+    if not any(category[n] == "attention" for g in kept.values() for n in g):
+        raise JaxsimInputError(str(root / "architectures" / f"{model.model_type}.yaml"),
+                               "the sequence has no attention layer", "add 'attention' to sequence.pre_attn")
+
+    skew = _skew_fit(meta, meta_path, tpdir, tp)
+    engine = meta.get("engine_effective") or {}
+    return ProfileBundle(
+        hardware=hardware, model_name=model.name, model_type=model.model_type, variant=variant, tp=tp,
+        path=str(base), meta=meta, engine_effective=dict(engine) if isinstance(engine, dict) else {},
+        sequence=kept, category=category, tp_stable=tp_stable, dense=dense, per_sequence=per_seq,
+        attention=attention, moe=moe, skew=skew,
+    )
+
+
+def check_engine_limits(bundle: ProfileBundle, max_num_batched_tokens: int, max_num_seqs: int) -> list:
+    """Warn (and return the messages) when runtime limits exceed what the profiler ran with.
+
+    REFERENCE.md §2.2: lookups above ``engine_effective`` extrapolate linearly (§2.4).
+    """
+    messages = []
+    eff = bundle.engine_effective
+    for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
+        limit = eff.get(name)
+        if isinstance(limit, int) and value and value > limit:
+            messages.append(f"{bundle.path}/meta.yaml: {name} = {value} exceeds the profiled {limit}; "
+                            "latency lookups above it are extrapolated linearly")
+    for msg in messages:
+        warnings.warn(msg, stacklevel=2)
+    return messages

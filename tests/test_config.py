@@ -1,0 +1,175 @@
+"""Hydra composition of every option of every group, and bad-value errors (no JAX)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from jaxsim import config as jconfig
+from jaxsim.errors import JaxsimInputError
+from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+GROUPS = ("hardware", "model", "scheduler", "workload", "calibration")
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def make(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def spec(overrides=()):
+    return jconfig.from_hydra(make(overrides))
+
+
+def test_conf_dir_and_root():
+    assert jconfig.CONF_DIR == CONF and jconfig.PROJECT_ROOT == ROOT
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+    assert len(OPTIONS) >= 12
+
+
+def test_defaults():
+    r = spec()
+    assert r.hardware == HardwareConfig()  # conf/hardware/rtxpro6000 == the spec defaults
+    assert r.scheduler == SchedulerConfig()
+    assert r.model == ModelRuntimeConfig(name="meta-llama/Llama-3.1-8B")
+    assert r.calibration == Calibration()
+    assert r.sim == jconfig.SimOptions(max_slots=256, record_token_times=True, max_iterations=0)
+    assert r.paths.root == ROOT
+    assert r.paths.profiles == ROOT / "profiles"
+    assert r.paths.models == ROOT / "profiles" / "models"
+    assert r.paths.workloads == ROOT / "profiles" / "workloads"
+    assert isinstance(r.workload, Workload) and r.workload.num_requests == 300
+    assert r.model_config.max_position_embeddings == 131072
+    assert r.output_dir is None  # ${hydra:runtime.output_dir} needs a @hydra.main run
+    assert r.config["scheduler"]["max_num_seqs"] == 128
+    assert r.config["paths"]["workloads"] == str(ROOT / "profiles" / "workloads")
+
+
+@pytest.mark.parametrize("group, option", OPTIONS)
+def test_every_option_composes(group, option):
+    r = spec([f"{group}={option}"])
+    assert isinstance(r.hardware, HardwareConfig)
+    assert isinstance(r.scheduler, SchedulerConfig)
+    assert isinstance(r.model, ModelRuntimeConfig)
+    assert isinstance(r.calibration, Calibration)
+    w = r.workload
+    assert isinstance(w, Workload) and w.num_requests > 0
+    assert w.arrival_ns.dtype == np.int64 and w.input_toks.dtype == np.int32
+    assert np.all(w.output_toks >= 1)
+    for obj in (r.hardware, r.scheduler, r.model, r.calibration, r.sim):
+        hash(obj)  # frozen, hashable: usable as jit static arguments
+        for v in vars(obj).values():
+            assert isinstance(v, (int, float, str, bool, type(None)))
+
+
+def test_option_values():
+    assert spec(["hardware=rtxpro6000_tp2"]).hardware.tp == 2
+    hw = spec(["hardware=rtx4090"]).hardware
+    assert (hw.name, hw.mem_size_gb, hw.mem_bw_gbps) == ("RTX4090", 24, 1008)
+    assert spec(["model=qwen3_32b"]).model.name == "Qwen/Qwen3-32B"
+    assert not spec(["scheduler=no_prefix_cache"]).scheduler.enable_prefix_caching
+    assert spec(["workload=example"]).workload.num_requests == 10
+    g = spec(["workload=synthetic_gamma"]).workload
+    assert g.num_requests == 300 and g.source.startswith("synthetic(")
+    assert (g.input_toks > 512).mean() > 0.3  # the shared prefix is prepended
+
+
+def test_overrides():
+    r = spec(["scheduler.max_num_seqs=0", "hardware.num_gpu_blocks=1000", "workload=example",
+              "workload.num_requests=4", "workload.shift_ns=5", "sim.max_slots=64",
+              "calibration.iteration_overhead_ns=1500"])
+    assert r.scheduler.max_num_seqs == 0 and r.hardware.num_gpu_blocks == 1000
+    assert r.workload.num_requests == 4 and int(r.workload.arrival_ns[0]) == 46926808 + 5
+    assert r.sim.max_slots == 64 and r.calibration.iteration_overhead_ns == 1500
+    # a workload file given by absolute path, and the synthetic generator's trace lengths
+    path = ROOT / "profiles" / "workloads" / "example_trace.jsonl"
+    assert spec([f"workload.path={path}"]).workload.num_requests == 10
+    t = spec(["workload=synthetic_poisson", "workload.num_requests=20",
+              "workload.input_len.kind=trace", "+workload.input_len.path=example_trace.jsonl"]
+             ).workload
+    assert set(t.input_toks.tolist()) <= {10, 22, 16, 4} | set(
+        spec(["workload=example"]).workload.input_toks.tolist())
+
+
+def test_paths_override(tmp_path):
+    r = spec([f"paths.workloads={ROOT / 'profiles' / 'workloads'}", f"paths.root={ROOT}"])
+    assert r.paths.workloads == ROOT / "profiles" / "workloads"
+    with pytest.raises(JaxsimInputError, match=r"^paths\.profiles: .* is not a directory"):
+        spec([f"paths.root={tmp_path}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("scheduler.max_num_seqs=-3", "scheduler.max_num_seqs: must be >= 0, got -3"),
+    ("scheduler.max_num_batched_tokens=-1", "scheduler.max_num_batched_tokens: must be >= 0"),
+    ("scheduler.block_size=0", "scheduler.block_size: must be >= 1, got 0"),
+    ("scheduler.long_prefill_token_threshold=-2", "scheduler.long_prefill_token_threshold:"),
+    ("hardware.mem_util=1.5", "hardware.mem_util: must be <= 1, got 1.5"),
+    ("hardware.mem_util=0", "hardware.mem_util: must be > 0"),
+    ("hardware.mem_size_gb=-96", "hardware.mem_size_gb: must be > 0"),
+    ("hardware.tp=0", "hardware.tp: must be >= 1, got 0"),
+    ("hardware.num_gpu_blocks=0", "hardware.num_gpu_blocks: must be >= 1, got 0"),
+    ("hardware.activation_reserve_gb=90", "hardware.activation_reserve_gb:"),
+    ("hardware.name=H100", "hardware.name: no profiles for hardware 'H100'"),
+    ("model.name=foo/bar", "model.name: unknown model 'foo/bar'"),
+    ("model.dtype=float7", "model.dtype: unknown dtype 'float7'"),
+    ("model.max_model_len=-1", "model.max_model_len: must be >= 0"),
+    ("model.max_model_len=200000", "model.max_model_len: 200000 exceeds"),
+    ("calibration.iteration_overhead_ns=-5", "calibration.iteration_overhead_ns: must be >= 0"),
+    ("sim.max_slots=0", "sim.max_slots: must be >= 1, got 0"),
+    ("sim.max_iterations=-1", "sim.max_iterations: must be >= 0"),
+    ("workload.kind=stream", "workload.kind: unknown workload kind 'stream'"),
+    ("workload.path=missing.jsonl", "workload.path: workload file 'missing.jsonl' not found"),
+    ("workload.num_requests=-1", "workload.num_requests: must be >= 0"),
+    ("workload.shift_ns=-1", "workload.shift_ns: must be >= 0"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(JaxsimInputError) as e:
+        spec([override])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["workload.rate_rps=0"], "workload.rate_rps: must be > 0"),
+    (["workload.arrival=uniform"], "workload.arrival: unknown arrival process"),
+    (["workload.num_requests=0"], "workload.num_requests: must be >= 1"),
+    (["workload.cv=-1"], "workload.cv: must be > 0"),
+    (["workload.prefix_fraction=2"], "workload.prefix_fraction: must be in [0, 1]"),
+    (["workload.input_len.sigma=-1"], "workload.input_len.sigma: must be >= 0"),
+    (["workload.output_len.kind=zipf"], "workload.output_len.kind: unknown length"),
+    (["workload.input_len.max=1"], "workload.input_len.max: must be >="),
+])
+def test_bad_synthetic_values(overrides, message):
+    with pytest.raises(JaxsimInputError) as e:
+        spec(["workload=synthetic_poisson"] + overrides)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_context_and_chunking_checks():
+    with pytest.raises(JaxsimInputError) as e:
+        spec(["model.max_model_len=1000"])
+    assert "sharegpt-llama-3.1-8b-300-sps10.jsonl:1" in str(e.value)
+    assert "model.max_model_len is 1000" in str(e.value)
+    with pytest.raises(JaxsimInputError, match="^scheduler.max_num_batched_tokens: 2048 is "
+                                               "smaller than the longest prompt"):
+        spec(["scheduler.enable_chunked_prefill=false"])
+    assert not spec(["scheduler.enable_chunked_prefill=false",
+                     "scheduler.max_num_batched_tokens=0"]).scheduler.enable_chunked_prefill
+
+
+def test_unprofiled_pair():
+    with pytest.raises(JaxsimInputError, match="^model.name: no profiles for 'Qwen/Qwen3-32B' on "
+                                               "'RTX4090'"):
+        spec(["hardware=rtx4090", "model=qwen3_32b"])
+
+
+def test_schema_type_errors_at_compose():
+    # the structured schema rejects wrong types and unknown keys while composing
+    with pytest.raises(ConfigCompositionException, match="scheduler.max_num_seqs=abc"):
+        make(["scheduler.max_num_seqs=abc"])
+    with pytest.raises(ConfigCompositionException, match="max_num_seq"):
+        make(["scheduler.max_num_seq=3"])

@@ -1,0 +1,343 @@
+"""Iteration latency (REFERENCE.md §2): worked checks, parity with the plain-Python oracle, TP
+AllReduce, stacking/vmap over configurations, and clear errors for bad profile bundles."""
+
+import dataclasses
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsim  # noqa: F401  (enables x64)
+from jaxsim.errors import JaxsimInputError
+from jaxsim.latency import iteration_time, latency_tables, stack_tables
+from jaxsim.model import load_model_config
+from jaxsim.profiles import load_profile_bundle
+from jaxsim.spec import HardwareConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reference_latency as ref  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ROOT / "profiles"
+MODELS = PROFILES / "models"
+LLAMA = "meta-llama/Llama-3.1-8B"
+QWEN_MOE = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+
+# compiled once per module (one compile per distinct table shape)
+_ONE = jax.jit(iteration_time)
+_MANY = jax.jit(jax.vmap(iteration_time, in_axes=(None,) + (0,) * 8))
+_CONFIGS = jax.jit(jax.vmap(iteration_time, in_axes=(0,) + (None,) * 8))
+
+_BUNDLES = {}
+
+
+def _setup(hardware="RTXPRO6000", model=LLAMA, tp=1, **hw_kw):
+    """(model config, bundle, hardware, tables, oracle bundle), loaded once per key."""
+    key = (hardware, model, tp)
+    if key not in _BUNDLES:
+        m = load_model_config(MODELS, model)
+        _BUNDLES[key] = (m, load_profile_bundle(PROFILES, hardware, m, tp=tp), ref.RefBundle(PROFILES, hardware, m, tp))
+    m, b, rb = _BUNDLES[key]
+    hw = HardwareConfig(name=hardware, tp=tp, **hw_kw)
+    return m, b, hw, rb
+
+
+def _time(tb, *shape):
+    t, e = _ONE(tb, *shape)
+    return int(t), [int(x) for x in e]
+
+
+# ------------------------------------------------------------------------------ worked checks
+def test_worked_check_request0():
+    """REFERENCE.md §1.1: the validation case's request 0 (2048-token chunk, then 310 over 2048)."""
+    m, b, hw, _ = _setup(cpu_mem_bw_gbps=256.0, cpu_mem_latency_ns=0.0)
+    tb = latency_tables(b, m, hw)
+    t1, e1 = _time(tb, 2048, 1, 2048, 0, 0, 0, 0, 0)
+    t2, e2 = _time(tb, 310, 1, 310, 2048, 0, 0, 0, 0)
+    assert t1 == 82_945_344 + 64
+    assert t2 == 19_496_205 + 8
+    assert t1 + t2 == 102_441_621  # the reference's TTFT of that request
+    assert e1 == e2 == [0, 0, 0, 0]
+
+
+def test_sanity_values_kernels_only():
+    """REFERENCE.md §2.1 sanity values, host memory operations removed (infinite host bandwidth)."""
+    m, b, hw, rb = _setup(cpu_mem_bw_gbps=math.inf, cpu_mem_latency_ns=0.0)
+    tb = latency_tables(b, m, hw)
+    assert _time(tb, 1, 1, 0, 0, 1, 512, 512, 512)[0] == 11_284_385
+    assert _time(tb, 128, 128, 0, 0, 128, 128 * 1024, 1024, 1024)[0] == 25_338_691
+    assert _time(tb, 2048, 1, 2048, 0, 0, 0, 0, 0)[0] == 82_945_344
+    # per-layer attention values quoted there, checked on the oracle
+    assert ref.attn(rb, 0, 0, 128, 1024)[0] == 404_865
+    assert ref.attn(rb, 2048, 0, 0, 0)[0] == 172_609
+
+
+def test_host_memory_ops_are_floored_separately():
+    m, b, hw, _ = _setup(cpu_mem_bw_gbps=256.0, cpu_mem_latency_ns=0.0)
+    m2, b2, hw0, _ = _setup(cpu_mem_bw_gbps=math.inf, cpu_mem_latency_ns=0.0)
+    hw_lat = dataclasses.replace(hw, cpu_mem_latency_ns=1000.5)
+    for T in (1, 63, 64, 310, 2048):
+        shape = (T, 1, T, 0, 0, 0, 0, 0)
+        base = _time(latency_tables(b, m, hw0), *shape)[0]
+        assert _time(latency_tables(b, m, hw), *shape)[0] - base == (4 * T) // 256 + (4 * T) // 256
+        assert _time(latency_tables(b, m, hw_lat), *shape)[0] - base == 2 * math.floor(1000.5 + 4 * T / 256)
+
+
+# ------------------------------------------------------------------------------------- parity
+def _random_shapes(rng, n):
+    """Mixed prefill + decode batches, skewed decode lengths, and values above every grid."""
+    shapes = []
+    for _ in range(n):
+        kind = rng.integers(0, 4)  # 0 prefill only, 1 decode only, 2-3 mixed
+        big = rng.random() < 0.15  # push past the grids
+        nd = 0 if kind == 0 else int(rng.integers(0, 400 if big else 257))
+        pc = 0 if kind == 1 else int(rng.integers(0, 4000 if big else 2049))
+        if pc and rng.random() < 0.3:  # on the skew-fit pc grid (and one value just off the profiled grid)
+            pc = int(rng.choice([16, 32, 48, 64, 128, 256, 512, 1024, 2048, 2064]))
+        if pc == 0 and nd == 0:
+            nd = 1
+        kp = int(rng.integers(0, 30000 if big else 16385)) if pc else 0
+        if pc and rng.random() < 0.2:
+            kp = int(rng.choice([0, 512, 1024, 2048, 4096, 16384]))
+        if nd:
+            lo = int(rng.integers(1, 20000 if big else 16384))
+            kv = rng.integers(lo, lo + 1 + int(rng.integers(0, 8000)), size=nd)
+            if rng.random() < 0.3:
+                kv[:] = lo  # homogeneous: no skew correction
+            kvs, kmin, kmax = int(kv.sum()), int(kv.min()), int(kv.max())
+        else:
+            kvs = kmin = kmax = 0
+        T = pc + nd
+        S = nd + (1 + int(rng.integers(0, 3)) if pc else 0)  # several chunks merged into one prefill
+        shapes.append((T, S, pc, kp, nd, kvs, kmin, kmax))
+    # hand-picked corners: on-grid keys, one decode, the top of every grid, empty-ish batches
+    shapes += [(1, 1, 0, 0, 1, 16, 16, 16), (1, 1, 0, 0, 1, 0, 0, 0), (2048, 1, 2048, 16384, 0, 0, 0, 0),
+               (256, 256, 0, 0, 256, 256 * 16384, 16384, 16384), (3000, 300, 2700, 20000, 300, 300 * 20000, 1, 39000),
+               (0, 0, 0, 0, 0, 0, 0, 0), (17, 2, 16, 0, 1, 5, 5, 5), (40, 3, 24, 768, 2, 3000, 1000, 2000)]
+    return shapes
+
+
+PARITY_CASES = [
+    ("RTXPRO6000", LLAMA, 1, None),
+    ("RTXPRO6000", LLAMA, 2, None),
+    ("RTX4090", LLAMA, 1, None),  # skew_fit disabled -> alpha = 0
+    ("RTXPRO6000", QWEN_MOE, 1, 1),
+    ("RTXPRO6000", QWEN_MOE, 2, 2),  # o_proj AllReduce + EP dispatch/combine
+]
+
+
+@pytest.mark.parametrize("hardware,model,tp,ep", PARITY_CASES)
+def test_parity_with_reference(hardware, model, tp, ep):
+    m, b, hw, rb = _setup(hardware, model, tp, cpu_mem_bw_gbps=256.0, cpu_mem_latency_ns=0.0)
+    tb = latency_tables(b, m, hw, ep=ep)
+    rng = np.random.default_rng(1234 + tp)
+    shapes = _random_shapes(rng, 300)
+    cols = [np.array(c, np.int64) for c in zip(*shapes)]
+    t_jax, e_jax = (np.asarray(x) for x in _MANY(tb, *cols))
+    skewed = 0
+    for i, s in enumerate(shapes):
+        t_ref, e_ref = ref.iteration_time(rb, *s, cpu_bw=256.0, cpu_lat=0.0, link_bw=hw.link_bw_gbps,
+                                          link_lat=hw.link_latency_ns, hardware=hardware, ep=ep or 1)
+        assert (int(t_jax[i]), list(e_jax[i])) == (t_ref, e_ref), f"shape {s}"
+        nd = s[4]
+        skewed += nd > 1 and s[7] != s[5] // nd
+    assert skewed > 50  # the skew correction path is well exercised
+    assert e_jax[:, 0].any() and e_jax[:, 1].any() and e_jax[:, 2].any()  # above-grid lookups happen
+    assert e_jax[:, 3].any() == (model == QWEN_MOE)
+
+
+def test_extrapolation_flags():
+    m, b, hw, _ = _setup()
+    tb = latency_tables(b, m, hw)
+    assert _time(tb, 100, 10, 0, 0, 100, 100 * 1000, 1000, 1000)[1] == [0, 0, 0, 0]
+    assert _time(tb, 3000, 1, 3000, 0, 0, 0, 0, 0)[1] == [1, 0, 1, 0]  # T and pc above 2048
+    assert _time(tb, 300, 300, 0, 0, 300, 300 * 1000, 1000, 1000)[1] == [0, 1, 1, 0]  # S and nd above 256
+    assert _time(tb, 8, 8, 0, 0, 8, 8 * 20000, 20000, 20000)[1] == [0, 0, 1, 0]  # kvd above 16384
+
+
+def test_skew_correction_changes_attention():
+    """A skewed decode batch costs more than a homogeneous one with the same mean (alpha > 0)."""
+    m, b, hw, rb = _setup()
+    tb = latency_tables(b, m, hw)
+    homog = _time(tb, 64, 64, 0, 0, 64, 64 * 2048, 2048, 2048)[0]
+    skew = _time(tb, 64, 64, 0, 0, 64, 64 * 2048, 1024, 8192)[0]
+    assert skew > homog
+    assert skew == ref.iteration_time(rb, 64, 64, 0, 0, 64, 64 * 2048, 1024, 8192)[0]
+    # RTX4090's meta.yaml disables the fit: no correction at all
+    m4, b4, hw4, _ = _setup("RTX4090")
+    tb4 = latency_tables(b4, m4, hw4)
+    assert _time(tb4, 64, 64, 0, 0, 64, 64 * 2048, 1024, 8192)[0] == _time(tb4, 64, 64, 0, 0, 64, 64 * 2048, 2048, 2048)[0]
+
+
+# ------------------------------------------------------------------------- TP, MoE, stacking
+def test_tp2_allreduce_matches_hand_computation():
+    T, H, fp, N, L = 100, 4096, 2, 2, 32
+    m, b, hw, _ = _setup(tp=2, link_bw_gbps=16.0, link_latency_ns=20000.0)
+    assert b.tp == 2 and b.path.endswith("bf16")
+    no_link = dataclasses.replace(hw, link_bw_gbps=math.inf, link_latency_ns=0.0)
+    shape = (T, 4, 96, 512, 4, 4 * 700, 700, 700)
+    with_ar = _time(latency_tables(b, m, hw), *shape)[0]
+    without = _time(latency_tables(b, m, no_link), *shape)[0]
+    per_ar = math.floor(2 * (N - 1) * (20000.0 + (T * H * fp / N) / 16.0))
+    assert per_ar == 91_200
+    assert with_ar - without == L * 2 * per_ar  # after o_proj and after down_proj, every block
+    # MoE models have only the o_proj AllReduce (ep = 1 here: no EP collectives)
+    mm, bm, hwm, _ = _setup(model=QWEN_MOE, tp=2, link_bw_gbps=16.0, link_latency_ns=20000.0)
+    no_link_m = dataclasses.replace(hwm, link_bw_gbps=math.inf, link_latency_ns=0.0)
+    Hm, Lm = mm.hidden_size, mm.num_layers
+    d = (_time(latency_tables(bm, mm, hwm, ep=1), *shape)[0]
+         - _time(latency_tables(bm, mm, no_link_m, ep=1), *shape)[0])
+    assert d == Lm * math.floor(2 * (N - 1) * (20000.0 + (T * Hm * fp / N) / 16.0))
+
+
+def test_moe_block_ep1():
+    """§2.7 with ep = 1: moe(T, min(T*k, E)) per layer, from tp1/moe.csv."""
+    m, b, hw, rb = _setup(model=QWEN_MOE)
+    assert b.moe is not None and int(b.moe.ae_axis[-1]) == 128
+    # (2048, 128) is on the grid: 1066.6 us
+    assert ref.moe_lookup(rb, 2048, 128)[0] == 1_066_600
+    # the ae = 128 row starts at 16 tokens: 3 tokens clamp to its 16-token value (§2.7)
+    row = {int(k): int(v) for k, v in zip(b.moe.token_keys[-1][: b.moe.n_tokens[-1]], b.moe.values_ns[-1])}
+    assert ref.moe_lookup(rb, 3, 128)[0] == row[16]
+    tb = latency_tables(b, m, hw)
+    t, e = _time(tb, 2048, 1, 2048, 0, 0, 0, 0, 0)
+    assert (t, e) == tuple(ref.iteration_time(rb, 2048, 1, 2048, 0, 0, 0, 0, 0))
+
+
+def test_stacked_configs_vmap():
+    """Tables of different bundles and knobs stack (padded) and vmap to the per-config results."""
+    m, b, hw, _ = _setup(cpu_mem_bw_gbps=256.0)
+    m2, b2, hw2, _ = _setup(model=QWEN_MOE, tp=2, cpu_mem_bw_gbps=64.0, cpu_mem_latency_ns=500.0)
+    m3, b3, hw3, _ = _setup("RTX4090")
+    tabs = [latency_tables(b, m, hw), latency_tables(b2, m2, hw2), latency_tables(b3, m3, hw3),
+            latency_tables(b, m, dataclasses.replace(hw, cpu_mem_latency_ns=1234.0))]
+    stacked = stack_tables(tabs)
+    for shape in [(2048, 1, 2048, 0, 0, 0, 0, 0), (96, 90, 6, 700, 90, 90 * 3000, 100, 9000), (1, 1, 0, 0, 1, 7, 7, 7),
+                  (3000, 300, 2700, 20000, 300, 300 * 20000, 1, 39000)]:
+        t, e = _CONFIGS(stacked, *shape)
+        for i, tb in enumerate(tabs):
+            assert (int(t[i]), [int(x) for x in e[i]]) == _time(tb, *shape)
+
+
+def test_iteration_time_traces_once():
+    m, b, hw, _ = _setup()
+    tb = latency_tables(b, m, hw)
+    count = {"n": 0}
+
+    def f(tb, *a):
+        count["n"] += 1
+        return iteration_time(tb, *a)
+
+    g = jax.jit(f)
+    for shape in [(1, 1, 0, 0, 1, 5, 5, 5), (9, 2, 8, 3, 1, 4, 4, 4), (2048, 1, 2048, 0, 0, 0, 0, 0)]:
+        g(tb, *(jnp.int64(x) for x in shape))
+    g(latency_tables(b, m, dataclasses.replace(hw, cpu_mem_bw_gbps=1.0)), *(jnp.int64(x) for x in shape))
+    assert count["n"] == 1
+
+
+# -------------------------------------------------------------------------------- bad inputs
+def _copy_bundle(tmp_path, model=LLAMA):
+    """A private copy of profiles/ holding only the RTXPRO6000 bundle of ``model`` (tp1, tp2)."""
+    root = tmp_path / "profiles"
+    shutil.copytree(PROFILES / "architectures", root / "architectures")
+    src = PROFILES / "RTXPRO6000" / model / "bf16"
+    dst = root / "RTXPRO6000" / model / "bf16"
+    shutil.copytree(src, dst)
+    return root, dst
+
+
+def test_unknown_hardware():
+    m = load_model_config(MODELS, LLAMA)
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(PROFILES, "H100", m)
+    assert "H100" in str(e.value) and "RTXPRO6000" in str(e.value) and "RTX4090" in str(e.value)
+
+
+def test_missing_model_and_tp_folder():
+    m = load_model_config(MODELS, "meta-llama/Llama-3.1-70B")
+    with pytest.raises(JaxsimInputError, match="Llama-3.1-70B"):
+        load_profile_bundle(PROFILES, "RTXPRO6000", m)
+    m = load_model_config(MODELS, LLAMA)
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(PROFILES, "RTX4090", m, tp=2)
+    msg = str(e.value)
+    assert "tp2" in msg and "never extrapolated" in msg and "[1]" in msg
+
+
+def test_malformed_csv_line_names_file_and_line(tmp_path):
+    root, dst = _copy_bundle(tmp_path)
+    path = dst / "tp1" / "dense.csv"
+    lines = path.read_text().splitlines()
+    lines[5] = "act_fn,6,not-a-number"
+    path.write_text("\n".join(lines) + "\n")
+    m = load_model_config(MODELS, LLAMA)
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(root, "RTXPRO6000", m)
+    assert f"{path}:6" in str(e.value) and "time_us" in str(e.value)
+
+
+def test_attention_csv_wrong_field_count(tmp_path):
+    root, dst = _copy_bundle(tmp_path)
+    path = dst / "tp1" / "attention.csv"
+    with open(path, "a") as f:
+        f.write("16,0,1\n")
+    n = len(path.read_text().splitlines())
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(root, "RTXPRO6000", load_model_config(MODELS, LLAMA))
+    assert f"{path}:{n}" in str(e.value)
+
+
+def test_missing_column_and_missing_csv(tmp_path):
+    root, dst = _copy_bundle(tmp_path)
+    m = load_model_config(MODELS, LLAMA)
+    path = dst / "tp1" / "per_sequence.csv"
+    text = path.read_text()
+    path.write_text(text.replace("layer,sequences,time_us", "layer,seqs,time_us", 1))
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(root, "RTXPRO6000", m)
+    assert str(path) in str(e.value) and "sequences" in str(e.value)
+    path.write_text(text)
+    (dst / "tp1" / "attention.csv").unlink()
+    with pytest.raises(JaxsimInputError, match="attention.csv"):
+        load_profile_bundle(root, "RTXPRO6000", m)
+
+
+def test_bad_skew_label(tmp_path):
+    root, dst = _copy_bundle(tmp_path)
+    path = dst / "tp1" / "skew_fit.csv"
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].replace("n<=", "nn<=", 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(root, "RTXPRO6000", load_model_config(MODELS, LLAMA))
+    assert f"{path}:4" in str(e.value)
+
+
+def test_missing_layer_warns_or_raises(tmp_path):
+    root, dst = _copy_bundle(tmp_path)
+    m = load_model_config(MODELS, LLAMA)
+    path = dst / "tp1" / "dense.csv"
+    text = path.read_text()
+    path.write_text("\n".join(x for x in text.splitlines() if not x.startswith("rotary_emb,")) + "\n")
+    with pytest.warns(UserWarning, match="rotary_emb"):
+        b = load_profile_bundle(root, "RTXPRO6000", m)
+    assert "rotary_emb" not in b.sequence["pre_attn"]
+    # the skipped layer simply contributes nothing
+    full_m, full_b, hw, rb = _setup()
+    t_full = _time(latency_tables(full_b, m, hw), 64, 1, 64, 0, 0, 0, 0, 0)[0]
+    t_skip = _time(latency_tables(b, m, hw), 64, 1, 64, 0, 0, 0, 0, 0)[0]
+    rot = ref.trunc(ref.lookup_1d(rb.dense["rotary_emb"], 64)[0])
+    assert t_full - t_skip == m.num_layers * rot
+    path.write_text(text)
+    ps = dst / "tp1" / "per_sequence.csv"
+    ps.write_text("\n".join(x for x in ps.read_text().splitlines() if not x.startswith("lm_head,")) + "\n")
+    with pytest.raises(JaxsimInputError, match="lm_head"):
+        load_profile_bundle(root, "RTXPRO6000", m)
+    path.write_text("layer,tokens,time_us\n")
+    with pytest.raises(JaxsimInputError, match="dense"):
+        load_profile_bundle(root, "RTXPRO6000", m)

@@ -1,0 +1,270 @@
+"""Workload loading, context checks and the synthetic generator (no JAX)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsim.errors import JaxsimInputError
+from jaxsim.workload import check_context, load_workload, shift_workload, synthetic_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = ROOT / "profiles" / "workloads"
+EXAMPLE = WORKLOADS / "example_trace.jsonl"
+SHAREGPT = WORKLOADS / "sharegpt-llama-3.1-8b-300-sps10.jsonl"
+
+
+def _write(tmp_path, lines, name="w.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return p
+
+
+GOOD = {"input_toks": 4, "output_toks": 2, "arrival_time_ns": 10}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def test_example_trace():
+    w = load_workload(EXAMPLE)
+    assert w.num_requests == 10
+    assert w.arrival_ns.dtype == np.int64
+    assert w.input_toks.dtype == np.int32 and w.output_toks.dtype == np.int32
+    assert int(w.arrival_ns[0]) == 46926808
+    assert (int(w.input_toks[0]), int(w.output_toks[0])) == (10, 70)
+    ids0 = w.token_ids[0]
+    assert ids0.shape == (80,)
+    np.testing.assert_array_equal(ids0, np.arange(1, 81))
+    # ids of request 1: the input ids followed by the output ids
+    first = json.loads(EXAMPLE.read_text().splitlines()[1])
+    np.testing.assert_array_equal(w.token_ids[1], first["input_tok_ids"] + first["output_tok_ids"])
+    np.testing.assert_array_equal(w.line_numbers, np.arange(1, 11))
+    assert w.source == str(EXAMPLE)
+
+
+def test_sharegpt_totals_and_num_requests():
+    w = load_workload(SHAREGPT)
+    assert w.num_requests == 300
+    # the validation time series sums to exactly these totals (REFERENCE.md §4.3)
+    assert int(w.input_toks.sum()) == 257239
+    assert int(w.output_toks.sum()) == 195753
+    w5 = load_workload(SHAREGPT, num_requests=5)
+    assert w5.num_requests == 5
+    np.testing.assert_array_equal(w5.input_toks, w.input_toks[:5])
+
+
+def test_num_requests_too_many(tmp_path):
+    with pytest.raises(JaxsimInputError, match="has only 10 requests"):
+        load_workload(EXAMPLE, num_requests=11)
+    with pytest.raises(JaxsimInputError, match="num_requests"):
+        load_workload(EXAMPLE, num_requests=-1)
+
+
+def test_blank_lines_and_missing_ids(tmp_path):
+    p = _write(tmp_path, ["", GOOD, "   ", {**GOOD, "input_tok_ids": [1, 2, 3, 4]},
+                          {**GOOD, "input_tok_ids": [1, 2, 3, 4], "output_tok_ids": [9, 9]}])
+    w = load_workload(p)
+    assert w.num_requests == 3
+    np.testing.assert_array_equal(w.line_numbers, [2, 4, 5])
+    assert w.token_ids[0] is None
+    np.testing.assert_array_equal(w.token_ids[1], [1, 2, 3, 4])
+    np.testing.assert_array_equal(w.token_ids[2], [1, 2, 3, 4, 9, 9])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "invalid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({"output_toks": 2, "arrival_time_ns": 0}, "missing required field 'input_toks'"),
+    ({"input_toks": 2, "arrival_time_ns": 0}, "missing required field 'output_toks'"),
+    ({"input_toks": 2, "output_toks": 2}, "missing required field 'arrival_time_ns'"),
+    ({**GOOD, "arrival_time_ns": -5}, "arrival_time_ns must be >= 0"),
+    ({**GOOD, "input_toks": 1.5}, "'input_toks' must be an integer"),
+    ({**GOOD, "input_toks": "7"}, "'input_toks' must be an integer"),
+    ({**GOOD, "output_toks": True}, "'output_toks' must be an integer"),
+    ({**GOOD, "output_toks": 0}, "output_toks must be >= 1"),
+    ({**GOOD, "input_toks": 0}, "input_toks must be >= 1"),
+    ({**GOOD, "input_toks": -3}, "input_toks must be >= 1"),
+    ({**GOOD, "input_tok_ids": [1, "a"]}, "'input_tok_ids' must contain only integers"),
+    ({**GOOD, "input_tok_ids": 5}, "'input_tok_ids' must be a list"),
+    ({**GOOD, "output_tok_ids": [-1]}, "'output_tok_ids' must be a flat list of token ids"),
+])
+def test_malformed_lines_name_the_file_line(tmp_path, bad, message):
+    # line 1 good, line 2 blank, line 3 bad: the error names the real line 3
+    p = _write(tmp_path, [GOOD, "", bad, GOOD])
+    with pytest.raises(JaxsimInputError, match=message) as e:
+        load_workload(p)
+    assert str(e.value).startswith(f"{p}:3:")
+
+
+def test_integral_float_is_accepted(tmp_path):
+    w = load_workload(_write(tmp_path, [{**GOOD, "arrival_time_ns": 1.5e9}]))
+    assert int(w.arrival_ns[0]) == 1_500_000_000
+
+
+def test_session_line_is_rejected(tmp_path):
+    session = {"session_id": "s0", "arrival_time_ns": 0,
+               "sub_requests": [{"input_toks": 3, "output_toks": 2}]}
+    p = _write(tmp_path, [GOOD, session])
+    with pytest.raises(JaxsimInputError, match="agentic sessions are not supported yet") as e:
+        load_workload(p)
+    assert str(e.value).startswith(f"{p}:2:")
+
+
+def test_missing_and_empty_file(tmp_path):
+    with pytest.raises(JaxsimInputError, match="not found"):
+        load_workload(tmp_path / "nope.jsonl")
+    with pytest.raises(JaxsimInputError, match="no requests"):
+        load_workload(_write(tmp_path, ["", ""]))
+
+
+# ---------------------------------------------------------------------------------------------
+# context check, shift
+# ---------------------------------------------------------------------------------------------
+
+
+def test_check_context(tmp_path):
+    p = _write(tmp_path, [GOOD, "", {**GOOD, "input_toks": 90, "output_toks": 20}])
+    w = load_workload(p)
+    check_context(w, 110, "model.max_model_len")  # exactly at the limit is fine
+    with pytest.raises(JaxsimInputError) as e:
+        check_context(w, 109, "model.max_model_len")
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:3:")
+    assert "110 tokens (input 90 + output 20)" in msg and "model.max_model_len is 109" in msg
+
+
+def test_check_context_synthetic_names_request():
+    w = synthetic_workload(3, 1.0, input_len={"kind": "fixed", "value": 50},
+                           output_len={"kind": "fixed", "value": 10})
+    with pytest.raises(JaxsimInputError, match="request 0"):
+        check_context(w, 59)
+
+
+def test_shift_workload():
+    w = load_workload(EXAMPLE)
+    s = shift_workload(w, 86_400 * 10**9)
+    np.testing.assert_array_equal(s.arrival_ns - w.arrival_ns, 86_400 * 10**9)
+    np.testing.assert_array_equal(s.input_toks, w.input_toks)
+    assert s.token_ids is w.token_ids
+    back = shift_workload(s, -86_400 * 10**9)
+    np.testing.assert_array_equal(back.arrival_ns, w.arrival_ns)
+    with pytest.raises(JaxsimInputError, match="negative"):
+        shift_workload(w, -int(w.arrival_ns.min()) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic generator
+# ---------------------------------------------------------------------------------------------
+
+FIXED = {"kind": "fixed", "value": 4}
+ONE = {"kind": "fixed", "value": 1}
+
+
+def test_synthetic_reproducible():
+    kw = dict(input_len={"kind": "lognormal", "mean": 100, "sigma": 0.5, "min": 2, "max": 400},
+              output_len={"kind": "uniform", "min": 1, "max": 50}, prefix_len=32,
+              prefix_fraction=0.5)
+    a = synthetic_workload(50, 5.0, seed=7, **kw)
+    b = synthetic_workload(50, 5.0, seed=7, **kw)
+    c = synthetic_workload(50, 5.0, seed=8, **kw)
+    for x, y in ((a.arrival_ns, b.arrival_ns), (a.input_toks, b.input_toks),
+                 (a.output_toks, b.output_toks)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(a.token_ids, b.token_ids):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.arrival_ns, c.arrival_ns)
+    assert a.line_numbers is None and a.source.startswith("synthetic(")
+    for i in range(a.num_requests):
+        assert a.token_ids[i].shape == (int(a.input_toks[i]) + int(a.output_toks[i]),)
+        assert a.token_ids[i].dtype == np.int32
+
+
+@pytest.mark.parametrize("arrival, cv", [("poisson", 1.0), ("gamma", 1.0), ("gamma", 2.0),
+                                         ("gamma", 0.5)])
+def test_synthetic_rate_and_cv(arrival, cv):
+    n, rate = 20000, 10.0
+    w = synthetic_workload(n, rate, arrival=arrival, cv=cv, input_len=FIXED, output_len=ONE,
+                           seed=1)
+    gaps = np.diff(np.concatenate([[0], w.arrival_ns])) / 1e9
+    assert np.all(gaps >= 0)
+    # mean gap 1/rate; its standard error is cv/(rate·sqrt(n)) -> 5 sigma
+    assert abs(gaps.mean() - 1 / rate) < 5 * cv / (rate * np.sqrt(n))
+    assert abs(n / (w.arrival_ns[-1] / 1e9) - rate) / rate < 0.05
+    assert abs(gaps.std() / gaps.mean() - cv) / cv < 0.06
+
+
+def test_synthetic_infinite_rate():
+    w = synthetic_workload(5, float("inf"), input_len=FIXED, output_len=ONE, start_ns=123)
+    np.testing.assert_array_equal(w.arrival_ns, 123)
+
+
+def test_synthetic_lengths():
+    n = 4000
+    w = synthetic_workload(n, 1.0, input_len={"kind": "uniform", "min": 3, "max": 9},
+                           output_len={"kind": "lognormal", "mean": 200, "sigma": 0.6}, seed=3)
+    assert w.input_toks.min() == 3 and w.input_toks.max() == 9
+    assert abs(w.output_toks.mean() - 200) / 200 < 0.05
+    clipped = synthetic_workload(n, 1.0, input_len=FIXED, output_len={
+        "kind": "lognormal", "mean": 200, "sigma": 1.0, "min": 50, "max": 300}, seed=3)
+    assert clipped.output_toks.min() == 50 and clipped.output_toks.max() == 300
+    assert set(np.unique(synthetic_workload(10, 1.0, input_len=FIXED, output_len=ONE)
+                         .input_toks)) == {4}
+
+
+def test_synthetic_trace_resampling():
+    trace = {"kind": "trace", "path": str(SHAREGPT)}
+    src = load_workload(SHAREGPT)
+    pairs = set(zip(src.input_toks.tolist(), src.output_toks.tolist()))
+    w = synthetic_workload(500, 10.0, input_len=trace, output_len=trace, seed=2)
+    # both lengths come from the same file: (input, output) pairs are resampled jointly
+    assert set(zip(w.input_toks.tolist(), w.output_toks.tolist())) <= pairs
+    w2 = synthetic_workload(500, 10.0, input_len=trace, output_len=FIXED, seed=2)
+    assert set(w2.input_toks.tolist()) <= set(src.input_toks.tolist())
+
+
+def test_synthetic_prefix_sharing():
+    n, plen = 400, 64
+    w = synthetic_workload(n, 10.0, input_len=FIXED, output_len=ONE, prefix_len=plen,
+                           prefix_fraction=0.25, seed=5)
+    has = w.input_toks == 4 + plen
+    assert set(np.unique(w.input_toks)) == {4, 4 + plen}
+    assert abs(has.mean() - 0.25) < 0.07
+    idx = np.nonzero(has)[0]
+    ref = w.token_ids[idx[0]][:plen]
+    for i in idx:
+        np.testing.assert_array_equal(w.token_ids[i][:plen], ref)
+    # the rest of the ids are random: no two requests share their first 4 non-prefix ids
+    starts = {tuple(w.token_ids[i][plen if has[i] else 0:][:4].tolist()) for i in range(n)}
+    assert len(starts) == n
+    two = synthetic_workload(200, 10.0, input_len=FIXED, output_len=ONE, prefix_len=16,
+                             prefix_fraction=1.0, num_prefixes=2, seed=1)
+    assert len({tuple(ids[:16].tolist()) for ids in two.token_ids}) == 2
+
+
+@pytest.mark.parametrize("kwargs, where", [
+    (dict(rate_rps=0.0), "synthetic_workload.rate_rps"),
+    (dict(rate_rps=-1.0), "synthetic_workload.rate_rps"),
+    (dict(num_requests=0), "synthetic_workload.num_requests"),
+    (dict(arrival="weird"), "synthetic_workload.arrival"),
+    (dict(arrival="gamma", cv=0.0), "synthetic_workload.cv"),
+    (dict(prefix_fraction=1.5), "synthetic_workload.prefix_fraction"),
+    (dict(input_len={"kind": "zipf"}), "synthetic_workload.input_len.kind"),
+    (dict(input_len={"kind": "lognormal", "mean": 10, "sigma": -1}),
+     "synthetic_workload.input_len.sigma"),
+    (dict(input_len={"kind": "lognormal", "sigma": 1}), "synthetic_workload.input_len.mean"),
+    (dict(output_len={"kind": "uniform", "min": 5, "max": 2}),
+     "synthetic_workload.output_len.max"),
+    (dict(output_len={"kind": "fixed", "value": 0}), "synthetic_workload.output_len.value"),
+    (dict(output_len={"kind": "fixed", "valu": 3}), "synthetic_workload.output_len"),
+    (dict(input_len={"kind": "trace", "path": "/nonexistent.jsonl"}), "/nonexistent.jsonl"),
+])
+def test_synthetic_errors(kwargs, where):
+    args = dict(num_requests=3, rate_rps=1.0, input_len=FIXED, output_len=ONE)
+    args.update(kwargs)
+    with pytest.raises(JaxsimInputError) as e:
+        synthetic_workload(**args)
+    assert str(e.value).startswith(where)
