@@ -126,7 +126,7 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     max_iters = int(2 * (out.sum() + -(-int(workload.input_toks.sum()) // chunk)) + 64)
     ring_cap = 2 * num_blocks + POP_WINDOW
     inst = inst_lib.init_instance(max_slots, max_blocks, num_blocks, ring_cap, num_hashes, POP_WINDOW,
-                                  max_iters, num_blocks)
+                                  num_blocks)
     inst = jax.tree.map(lambda x: x[None], inst)  # instance axis
     sp = inst_lib.SchedulerParams(
         max_num_seqs=jnp.asarray(sched.max_num_seqs, jnp.int32),
@@ -135,6 +135,7 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
         chunked_prefill=jnp.asarray(sched.enable_chunked_prefill),
         reserve_full_isl=jnp.asarray(sched.reserve_full_isl),
         prefix_caching=jnp.asarray(sched.enable_prefix_caching),
+        async_scheduling=jnp.asarray(sched.async_scheduling),
         num_blocks=jnp.asarray(num_blocks, jnp.int32))
     params = cluster.EngineParams(
         sched=sp, tables=tables,
@@ -143,7 +144,7 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
         token_output_delay_ns=jnp.asarray(calib.token_output_delay_ns, jnp.int64))
     params = jax.tree.map(lambda x: jnp.asarray(x)[None], params)
     n_tokens = int(out.sum()) if record_token_times else 0
-    state = cluster.init_state(inst, n, n_tokens)
+    state = cluster.init_state(inst, n, n_tokens, max_iters)
     static = dict(block_size=bs, window=POP_WINDOW, ring_cap=ring_cap, max_steps=4 * max_iters + 2 * n + 16)
     return Prepared(state, params, wl, static, num_blocks, bs, workload)
 
@@ -158,7 +159,7 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
     w = p.workload_host
     n = w.num_requests
     inst = jax.tree.map(lambda x: x[0], f.inst)
-    rec = inst.records
+    rec = jax.tree.map(lambda x: x[0], f.records)
     k = int(inst.n_iters)
     if bool(inst.counters.slot_overflow):
         raise CapacityOverflowError("request slots overflowed: raise sim.max_slots")

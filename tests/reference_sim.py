@@ -77,7 +77,7 @@ class _BlockPool:
 def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter_time_fn, *,
              block_size=16, max_num_seqs=128, max_num_batched_tokens=2048, long_prefill_threshold=0,
              enable_chunked_prefill=True, reserve_full_isl=True, enable_prefix_caching=True,
-             iteration_overhead_ns=0, max_iterations=10**7):
+             async_scheduling=False, iteration_overhead_ns=0, max_iterations=10**7):
     """Run to completion. Returns (list of _Req in id order, list of per-iteration dicts)."""
     bs = block_size
     msq = max_num_seqs or 10**9
@@ -90,6 +90,7 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
     pending = sorted(reqs, key=lambda r: (r.arrival, r.rid))
     pool = _BlockPool(num_blocks)
     running, waiting, iters = [], [], []
+    finishing = []  # async scheduling: finished in the previous batch, seat and blocks still held
     now, done, pi = 0, 0, 0
 
     def lookup(r):
@@ -121,6 +122,11 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
         while pi < len(pending) and pending[pi].arrival <= now:
             waiting.append(pending[pi])
             pi += 1
+        if not running:  # the engine drains its last outputs before idling
+            for r in finishing:
+                pool.release(r.blocks)
+                r.blocks = []
+            finishing = []
         if not running and not waiting:
             now = pending[pi].arrival
             continue
@@ -156,7 +162,7 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
             budget -= n
             i += 1
         if not preempted:
-            while waiting and budget > 0 and len(running) < msq:
+            while waiting and budget > 0 and len(running) + len(finishing) < msq:
                 r = waiting[0]
                 hit_blocks = lookup(r) if r.computed == 0 else []
                 npu_hit = len(hit_blocks) * bs
@@ -210,6 +216,10 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
         now = now + int(dt) + iteration_overhead_ns
         # ---- end of iteration (REFERENCE.md §1.1) ----
         prompt_tok, gen_tok = 0, 0
+        for r in finishing:
+            pool.release(r.blocks)
+            r.blocks = []
+        finishing = []
         for r, n, c in scheduled:
             if n > 1 or r.first:
                 prompt_tok += n
@@ -228,8 +238,11 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
                 gen_tok += 1
             if r.reached >= r.target:
                 r.finish = now
-                pool.release(r.blocks)
-                r.blocks = []
+                if async_scheduling:
+                    finishing.append(r)
+                else:
+                    pool.release(r.blocks)
+                    r.blocks = []
                 running.remove(r)
                 done += 1
         # Arrivals during the iteration are counted as waiting at its end, like vLLM's gauge.

@@ -64,6 +64,26 @@ class ClusterState(eqx.Module):
     recomputed: Int[Array, " req"]
     instance: Int[Array, " req"]
     token_times: Int[Array, " tok"]
+    # Per-iteration rows [instance, iteration]. Kept out of InstanceState so that the large
+    # buffers never pass through the scheduler's conditionals (which may copy their operands).
+    records: inst_lib.Records
+
+
+def per_instance(fn, in_axes=0):
+    """``jax.vmap(fn)`` over the instance axis; called directly when there is one instance.
+
+    Under ``vmap`` every ``lax.cond`` becomes a select that runs both branches, so the common
+    single-instance case skips the batching to keep the scheduler's branches real.
+    """
+    def call(*args):
+        axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+        leaves = [a for a, ax in zip(args, axes) if ax == 0]
+        n = jax.tree.leaves(leaves)[0].shape[0]
+        if n != 1:
+            return jax.vmap(fn, in_axes=axes)(*args)
+        squeezed = [jax.tree.map(lambda x: x[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
+        return jax.tree.map(lambda x: jnp.asarray(x)[None], fn(*squeezed))
+    return call
 
 
 def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now):
@@ -109,48 +129,50 @@ def _start_batches(inst, prm: EngineParams, wl, now, *, block_size, window, ring
     """On every idle instance, schedule a batch and compute when it ends."""
 
     def one(inst, prm):
-        def go(inst):
-            inst = inst_lib.schedule(inst, prm.sched, wl, now, block_size=block_size, window=window,
-                                     ring_cap=ring_cap)
-            shape = inst_lib.batch_shape(inst.slots)
-            dt, extrap = latency.iteration_time(prm.tables, **shape)
-            has_batch = shape["S"] > 0
-            end = now + dt.astype(I64) + prm.iteration_overhead_ns
-            ctr = eqx.tree_at(lambda c: c.extrapolated, inst.counters,
-                              inst.counters.extrapolated + jnp.where(has_batch, (extrap > 0).astype(I32), 0))
-            return eqx.tree_at(
-                lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters),
-                inst, (has_batch, now, end, shape["T"], shape["S"], ctr))
+        idle = ~inst.busy
+        inst = inst_lib.schedule(inst, prm.sched, wl, now, block_size=block_size, window=window,
+                                 ring_cap=ring_cap)  # a no-op on a busy instance
+        shape = inst_lib.batch_shape(inst.slots)
+        dt, extrap = latency.iteration_time(prm.tables, **shape)
+        start = idle & (shape["S"] > 0)
+        end = now + dt.astype(I64) + prm.iteration_overhead_ns
+        ctr = eqx.tree_at(lambda c: c.extrapolated, inst.counters,
+                          inst.counters.extrapolated + jnp.where(start, (extrap > 0).astype(I32), 0))
 
-        return jax.lax.cond(inst.busy, lambda i: i, go, inst)
+        def pick(new, old):
+            return jnp.where(start, new, old)
 
-    return jax.vmap(one)(inst, prm)
+        return eqx.tree_at(
+            lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters),
+            inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
+                   pick(shape["T"], inst.batch_tokens), pick(shape["S"], inst.batch_seqs), ctr))
+
+    return per_instance(one)(inst, prm)
 
 
-def _record(inst, ending, prm: EngineParams, ptok, gtok, now, unrouted):
+def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, unrouted):
     """Append one row per instance whose iteration ended now (gauges after routing)."""
 
-    def one(inst, ending, num_blocks, ptok, gtok):
+    def one(records, inst, ending, num_blocks, ptok, gtok):
         s = inst.slots
         row = dict(start=inst.batch_start, end=now, prompt_tokens=ptok, gen_tokens=gtok,
                    num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs,
                    running=jnp.sum((s.status == RUNNING).astype(I32), dtype=I32),
                    waiting=jnp.sum((s.status == WAITING).astype(I32), dtype=I32) + unrouted,
                    kv_used=num_blocks - inst.pool.num_free)
-        cap = inst.records.start.shape[0]
-        idx = jnp.where(ending, inst.n_iters, cap)  # out of range = not written
-        rec = inst_lib.Records(**{k: getattr(inst.records, k).at[idx].set(v, mode="drop") for k, v in row.items()})
-        return eqx.tree_at(lambda i: (i.records, i.n_iters), inst, (rec, inst.n_iters + ending.astype(I32)))
+        idx = jnp.where(ending, inst.n_iters, records.start.shape[0])  # out of range = not written
+        records = inst_lib.Records(**{k: getattr(records, k).at[idx].set(v, mode="drop") for k, v in row.items()})
+        return records, eqx.tree_at(lambda i: i.n_iters, inst, inst.n_iters + ending.astype(I32))
 
-    return jax.vmap(one)(inst, ending, prm.sched.num_blocks, ptok, gtok)
+    return per_instance(one)(records, inst, ending, prm.sched.num_blocks, ptok, gtok)
 
 
 def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size, window, ring_cap):
     now = st.now
     inst = st.inst
     ending = inst.busy & (inst.batch_end == now)
-    inst, ev, ptok, gtok = jax.vmap(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap),
-                                    in_axes=(0, 0, None))(inst, ending, now)
+    inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap),
+                                        in_axes=(0, 0, 0, None))(inst, prm.sched.async_scheduling, ending, now)
     # Per-request outputs from the emissions of every instance (flattened over instance, slot).
     ev = jax.tree.map(lambda x: x.reshape(-1), ev)
     n_req = st.finish.shape[0]
@@ -175,7 +197,7 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size
              st.finished + jnp.sum(ev.finish.astype(I32), dtype=I32)))
 
     inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now)
-    inst = _record(inst, ending, prm, ptok, gtok, now, unrouted)
+    records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, unrouted)
     inst = _start_batches(inst, prm, wl, now, block_size=block_size, window=window, ring_cap=ring_cap)
 
     any_busy = jnp.any(inst.busy)
@@ -184,11 +206,11 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size
     next_now = jnp.where(any_busy, jnp.min(jnp.where(inst.busy, inst.batch_end, NEVER)),
                          jnp.maximum(next_arrival, now))
     stalled = (~any_busy) & (next_pending >= n_req) & (st.finished < n_req)
-    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.stalled, s.steps),
-                       st, (next_now, next_pending, inst, stalled, st.steps + 1))
+    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.stalled, s.steps, s.records),
+                       st, (next_now, next_pending, inst, stalled, st.steps + 1, records))
 
 
-def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int) -> ClusterState:
+def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iters: int) -> ClusterState:
     z64 = jnp.full(n_req, -1, I64)
     z32 = jnp.zeros(n_req, I32)
     zero = jnp.asarray(0, I32)
@@ -196,14 +218,16 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int) -> Clust
         now=jnp.asarray(0, I64), next_pending=zero, inst=inst, finished=zero,
         stalled=jnp.asarray(False), steps=zero, first_token=z64, finish=z64, first_scheduled=z64,
         prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32,
-        token_times=jnp.full(max(n_tokens, 1), -1, I64))
+        token_times=jnp.full(max(n_tokens, 1), -1, I64),
+        records=jax.tree.map(lambda x: jnp.broadcast_to(x, (inst.busy.shape[0],) + x.shape),
+                             inst_lib.init_records(max_iters)))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "window", "ring_cap", "max_steps"))
 def run(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int, window: int,
         ring_cap: int, max_steps: int) -> ClusterState:
     """Advance until every request has finished (or the run stalls, or a buffer would overflow)."""
-    max_iters = st.inst.records.start.shape[-1]
+    max_iters = st.records.start.shape[-1]
     n_req = wl.prompt.shape[0]
 
     def cond(st):

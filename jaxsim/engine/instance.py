@@ -23,7 +23,10 @@ I32 = jnp.int32
 I64 = jnp.int64
 BIG = 1 << 30  # "unlimited" for int32 knobs and sort keys
 
-EMPTY, WAITING, RUNNING = 0, 1, 2
+EMPTY, WAITING, RUNNING, FINISHING = 0, 1, 2, 3
+# FINISHING: vLLM V1's async scheduling builds batch k+1 before it has processed the outputs of
+# batch k, so a request that finished in batch k still holds its seat (max_num_seqs) and its KV
+# blocks while batch k+1 runs; they are released when batch k+1 ends.
 
 
 class Slots(eqx.Module):
@@ -85,7 +88,6 @@ class InstanceState(eqx.Module):
     preempt_counter: Int[Array, ""]
     n_iters: Int[Array, ""]
     counters: Counters
-    records: Records
 
 
 class SchedulerParams(eqx.Module):
@@ -97,11 +99,18 @@ class SchedulerParams(eqx.Module):
     chunked_prefill: Bool[Array, ""]
     reserve_full_isl: Bool[Array, ""]
     prefix_caching: Bool[Array, ""]
+    async_scheduling: Bool[Array, ""]  # finished requests release their seat one batch later
     num_blocks: Int[Array, ""]
 
 
+def init_records(max_iters: int) -> Records:
+    zi = jnp.zeros(max_iters, I32)
+    zt = jnp.zeros(max_iters, I64)
+    return Records(zt, zt, zi, zi, zi, zi, zi, zi, zi)
+
+
 def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_hashes, window,
-                  max_iters, num_blocks) -> InstanceState:
+                  num_blocks) -> InstanceState:
     z = jnp.zeros(num_slots, I32)
     slots = Slots(
         req=jnp.full(num_slots, -1, I32), status=z, prompt=z, target=z, reached=z, computed=z,
@@ -109,8 +118,6 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         first_scheduled=jnp.full(num_slots, -1, I64), prefix_hit=jnp.full(num_slots, -1, I32),
         recomputed=z, nblk=z, nreg=z, blocks=jnp.full((num_slots, max_blocks_per_req), -1, I32),
         run_key=z, wait_key=jnp.full(num_slots, BIG, I32), sched_n=z, sched_c=z, sched_pos=z)
-    zi = jnp.zeros(max_iters, I32)
-    zt = jnp.zeros(max_iters, I64)
     zero = jnp.asarray(0, I32)
     return InstanceState(
         slots=slots,
@@ -118,7 +125,6 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
         batch_tokens=zero, batch_seqs=zero, run_counter=zero, preempt_counter=zero, n_iters=zero,
         counters=Counters(zero, zero, zero, zero, jnp.zeros(4, I32), jnp.asarray(False)),
-        records=Records(zt, zt, zi, zi, zi, zi, zi, zi, zi),
     )
 
 
@@ -137,6 +143,36 @@ def _expand(counts, first, window):
     return owner_c, offset, e < ends[-1]
 
 
+def _release_finished(inst: InstanceState, zombies_due, finish, ring_cap, async_scheduling=None):
+    """Free the blocks of finished requests and empty their slots.
+
+    ``zombies_due``: release the FINISHING slots (requests that finished one batch earlier).
+    ``finish``: this batch's finishers; released now, or parked as FINISHING when
+    ``async_scheduling`` (then ``wait_key`` remembers their batch position for the release order).
+    """
+    s = inst.slots
+    zombie = zombies_due & (s.status == FINISHING)
+    park = finish & async_scheduling if async_scheduling is not None else jnp.zeros_like(finish)
+    release_now = zombie | (finish & ~park)
+    key = jnp.where(zombie, s.wait_key, BIG // 2 + s.sched_pos)
+
+    def cond(c):
+        return jnp.any(c[1])
+
+    def body(c):
+        inst, left = c
+        slot = jnp.argmin(jnp.where(left, key, BIG)).astype(I32)
+        return _release_slot(inst, slot, ring_cap), left.at[slot].set(False)
+
+    inst, _ = jax.lax.while_loop(cond, body, (inst, release_now))
+    s = inst.slots
+    s = eqx.tree_at(lambda x: (x.status, x.req, x.nblk, x.wait_key), s,
+                    (jnp.where(release_now, EMPTY, jnp.where(park, FINISHING, s.status)),
+                     jnp.where(release_now, -1, s.req), jnp.where(release_now, 0, s.nblk),
+                     jnp.where(park, s.sched_pos, s.wait_key)))
+    return eqx.tree_at(lambda i: i.slots, inst, s)
+
+
 def _release_slot(inst: InstanceState, slot, ring_cap) -> InstanceState:
     s = inst.slots
     pool = kvpool.release_blocks(inst.pool, s.blocks[slot], s.nblk[slot], ring_cap)
@@ -145,16 +181,29 @@ def _release_slot(inst: InstanceState, slot, ring_cap) -> InstanceState:
 
 def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: int, window: int,
              ring_cap: int) -> InstanceState:
-    """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``."""
+    """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``.
+
+    A busy instance (a batch in flight) is left unchanged. That is done by giving it no token
+    budget rather than with ``lax.cond``, which may copy the whole state on every step.
+    """
     bs = block_size
+    idle = ~inst.busy
     s = inst.slots
     num_slots = s.req.shape[0]
     max_seqs = jnp.where(prm.max_num_seqs > 0, prm.max_num_seqs, BIG)
     budget0 = jnp.where(prm.max_num_batched_tokens > 0, prm.max_num_batched_tokens, BIG)
+    budget0 = jnp.where(idle, budget0, 0)
     thr = prm.long_prefill_threshold
+    in_flight = (s.sched_n, s.sched_c, s.sched_pos)
     s = eqx.tree_at(lambda x: (x.sched_n, x.sched_c, x.sched_pos), s,
                     (jnp.zeros_like(s.sched_n), jnp.zeros_like(s.sched_c), jnp.zeros_like(s.sched_pos)))
     inst = eqx.tree_at(lambda i: i.slots, inst, s)
+
+    # With nothing running, the engine processes the last outputs before it idles: requests
+    # parked as FINISHING give their seats and blocks back now.
+    nothing_runs = idle & ~jnp.any(s.status == RUNNING)
+    inst = _release_finished(inst, nothing_runs, jnp.zeros(s.status.shape, bool), ring_cap)
+    s = inst.slots
 
     # ---- Phase A: the running list, in order. The budget is a prefix sum. ----
     running = s.status == RUNNING
@@ -243,7 +292,8 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
     # ---- Phase B: admit from the head of the waiting queue, one at a time, FCFS. ----
     def admit_cond(c):
         inst, budget, n_sched, stop = c
-        n_running = jnp.sum((inst.slots.status == RUNNING).astype(I32), dtype=I32)
+        seats = (inst.slots.status == RUNNING) | (inst.slots.status == FINISHING)
+        n_running = jnp.sum(seats.astype(I32), dtype=I32)
         has_waiting = jnp.any(inst.slots.status == WAITING)
         return (~preempted) & (~stop) & (budget > 0) & (n_running < max_seqs) & has_waiting
 
@@ -311,7 +361,9 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
 
     inst, budget, n_sched, _ = jax.lax.while_loop(
         admit_cond, admit_body, (inst, budget, n_sched, jnp.asarray(False)))
-    return inst
+    sl = inst.slots
+    kept = tuple(jnp.where(idle, new, old) for new, old in zip((sl.sched_n, sl.sched_c, sl.sched_pos), in_flight))
+    return eqx.tree_at(lambda i: (i.slots.sched_n, i.slots.sched_c, i.slots.sched_pos), inst, kept)
 
 
 def batch_shape(s: Slots):
@@ -344,7 +396,7 @@ class Emissions(eqx.Module):
     recomputed: Int[Array, " slot"]
 
 
-def end_iteration(inst: InstanceState, ending, now, *, ring_cap: int):
+def end_iteration(inst: InstanceState, async_scheduling, ending, now, *, ring_cap: int):
     """Process the end of the batch in flight at time ``now`` (REFERENCE.md §1.1)."""
     s = inst.slots
     sched = ending & (s.sched_n > 0)
@@ -364,19 +416,10 @@ def end_iteration(inst: InstanceState, ending, now, *, ring_cap: int):
                     (reached, s.first & ~first_emit, jnp.where(emit, now, s.last_emit)))
     inst = eqx.tree_at(lambda i: i.slots, inst, s)
 
-    # Free finished requests' blocks in batch order (the free-list order depends on it).
-    def cond(c):
-        return jnp.any(c[1])
-
-    def body(c):
-        inst, left = c
-        slot = jnp.argmin(jnp.where(left, inst.slots.sched_pos, BIG)).astype(I32)
-        return _release_slot(inst, slot, ring_cap), left.at[slot].set(False)
-
-    inst, _ = jax.lax.while_loop(cond, body, (inst, finish))
+    # Release, in order: requests that finished in the previous batch (async scheduling), then
+    # this batch's finishers in batch order (the free-list order depends on it).
+    inst = _release_finished(inst, ending, finish, ring_cap, async_scheduling)
     s = inst.slots
-    s = eqx.tree_at(lambda x: (x.status, x.req, x.nblk, x.sched_n), s,
-                    (jnp.where(finish, EMPTY, s.status), jnp.where(finish, -1, s.req),
-                     jnp.where(finish, 0, s.nblk), jnp.where(ending, 0, s.sched_n)))
+    s = eqx.tree_at(lambda x: x.sched_n, s, jnp.where(ending, 0, s.sched_n))
     inst = eqx.tree_at(lambda i: (i.slots, i.busy), inst, (s, inst.busy & ~ending))
     return inst, events, prompt_tokens, gen_tokens
