@@ -65,6 +65,7 @@ class SchedulerSchema:
     reserve_full_isl: bool = True
     enable_prefix_caching: bool = True
     block_size: int = 16
+    async_scheduling: bool = True
 
 
 @dataclasses.dataclass
@@ -90,9 +91,9 @@ class WorkloadSchema:
 
 @dataclasses.dataclass
 class CalibrationSchema:
-    iteration_overhead_ns: int = 0
-    first_token_delay_ns: int = 0
-    token_output_delay_ns: int = 0
+    iteration_overhead_ns: int = Calibration.iteration_overhead_ns
+    first_token_delay_ns: int = Calibration.first_token_delay_ns
+    token_output_delay_ns: int = Calibration.token_output_delay_ns
 
 
 @dataclasses.dataclass
@@ -260,6 +261,7 @@ def _scheduler(d: dict) -> SchedulerConfig:
         enable_prefix_caching=_check_bool(d.get("enable_prefix_caching"),
                                           f"{p}.enable_prefix_caching"),
         block_size=_check_int(d.get("block_size"), f"{p}.block_size", 1),
+        async_scheduling=_check_bool(d.get("async_scheduling", True), f"{p}.async_scheduling"),
     )
 
 

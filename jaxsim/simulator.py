@@ -182,7 +182,7 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
         extrapolated_iterations=dict(zip(("dense", "per_sequence", "attention", "moe"),
                                          (int(x) for x in ctr.extrapolated))))
     if wall_s is not None:
-        stats["wall_s"] = wall_s
+        stats["wall_s_with_compile"] = wall_s
     return SimResult(
         arrival_ns=np.asarray(w.arrival_ns, np.int64), first_scheduled_ns=np.asarray(f.first_scheduled),
         first_token_ns=np.asarray(f.first_token), finish_ns=np.asarray(f.finish),
