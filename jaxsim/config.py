@@ -98,7 +98,7 @@ class CalibrationSchema:
 
 @dataclasses.dataclass
 class SimSchema:
-    max_slots: int = 256
+    max_slots: int = 0
     record_token_times: bool = True
     max_iterations: int = 0  # 0 = auto
 
@@ -138,7 +138,7 @@ register_configs()
 
 @dataclasses.dataclass(frozen=True)
 class SimOptions:
-    max_slots: int = 256  # request slots of the engine state (a shape)
+    max_slots: int = 0  # request slots of the engine state (a shape); 0 = auto
     record_token_times: bool = True  # keep every token's emission time (ITL)
     max_iterations: int = 0  # engine iteration cap; 0 = derived from the workload
 
@@ -294,7 +294,7 @@ def _calibration(d: dict) -> Calibration:
 def _sim(d: dict) -> SimOptions:
     p = "sim"
     return SimOptions(
-        max_slots=_check_int(d.get("max_slots"), f"{p}.max_slots", 1),
+        max_slots=_check_int(d.get("max_slots"), f"{p}.max_slots", 0),
         record_token_times=_check_bool(d.get("record_token_times"), f"{p}.record_token_times"),
         max_iterations=_check_int(d.get("max_iterations"), f"{p}.max_iterations", 0),
     )

@@ -23,7 +23,8 @@ from jaxsim.spec import (Calibration, HardwareConfig, ModelRuntimeConfig, Schedu
                          Workload)
 
 GIB = 2**30
-POP_WINDOW = 256  # free-list entries examined per trip when allocating (any value is correct)
+POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
+SLOT_HEADROOM = 32  # waiting-request slots beyond max_num_seqs when sim.max_slots is auto
 
 
 def weight_and_kv_bytes(model: ModelConfig, rt: ModelRuntimeConfig) -> tuple[int, int]:
@@ -67,7 +68,7 @@ class Prepared:
 
 def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
             rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), *,
-            profiles_dir="profiles", max_slots: int = 256, record_token_times: bool = True,
+            profiles_dir="profiles", max_slots: int = 0, record_token_times: bool = True,
             variant: str | None = None) -> Prepared:
     bs = sched.block_size
     n = workload.num_requests
@@ -78,10 +79,14 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     for field in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold"):
         if getattr(sched, field) < 0:
             raise JaxsimInputError(f"scheduler.{field}", f"must be >= 0 (0 = unlimited/off), got {getattr(sched, field)}")
-    if sched.max_num_seqs == 0 or sched.max_num_seqs >= max_slots:
+    # Slots hold the running requests and the head of the waiting queue; with one instance, the
+    # rest of the queue waits in arrival order outside the state, which schedules identically.
+    if max_slots == 0:
+        max_slots = sched.max_num_seqs + SLOT_HEADROOM if sched.max_num_seqs else n + 1
+    elif sched.max_num_seqs and max_slots <= sched.max_num_seqs:
         raise JaxsimInputError(
-            "sim.max_slots", f"must exceed scheduler.max_num_seqs ({sched.max_num_seqs or 'unlimited'}); got {max_slots}",
-            "raise sim.max_slots: each slot holds one running or waiting request")
+            "sim.max_slots", f"must exceed scheduler.max_num_seqs ({sched.max_num_seqs}); got {max_slots}",
+            "raise sim.max_slots or set it to 0 (auto): each slot holds one running or waiting request")
     target = workload.input_toks.astype(np.int64) + workload.output_toks
     ctx = model.max_position_embeddings
     too_long = np.nonzero(target > ctx)[0]

@@ -24,7 +24,7 @@ from jaxsim.errors import JaxsimInputError
 from jaxsim.metrics import STAT_NAMES, distribution_stats
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
 from jaxsim.spec import HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
-from jaxsim.workload import check_context, load_workload
+from jaxsim.workload import check_context, iter_jsonl, load_workload
 
 METRICS = ("ttft", "tpot", "e2e")
 TIMESERIES_COMPARED = ("prompt_throughput", "gen_throughput", "running", "waiting")
@@ -225,43 +225,35 @@ def _load_real_requests(path: Path, workload: Workload) -> tuple[dict, float]:
     cols = {k: np.full(n, np.nan) for k in ("arrival_time", "queued_ts", "scheduled_ts",
                                              "first_token_ts", "last_token_ts")}
     seen = np.zeros(n, dtype=bool)
-    with path.open() as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise JaxsimInputError(where, f"invalid JSON: {e.msg}") from None
-            rid = obj.get("request_id") if isinstance(obj, dict) else None
-            if not isinstance(rid, str) or not rid.startswith("bench-") \
-                    or not rid[6:].isdigit():
-                raise JaxsimInputError(where, f"request_id must look like 'bench-<i>', got {rid!r}",
-                                       "<i> is the workload line index")
-            i = int(rid[6:])
-            if i >= n:
-                # more measured requests than simulated ones: keep the first n
-                continue
-            if seen[i]:
-                raise JaxsimInputError(where, f"duplicate request_id {rid!r}")
-            seen[i] = True
-            for k in cols:
-                v = obj.get(k)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise JaxsimInputError(where, f"field {k!r} must be a number, got {v!r}")
-                cols[k][i] = v
-            for k, ref in (("input_toks", workload.input_toks), ("output_toks",
-                                                                   workload.output_toks)):
-                if k in obj and int(obj[k]) != int(ref[i]):
-                    raise JaxsimInputError(where, f"{k} is {obj[k]} but workload request {i} has "
-                                           f"{int(ref[i])}", "the workload is not the one that "
-                                           "was measured; check dataset_path")
+    for _, where, obj in iter_jsonl(path):
+        rid = obj.get("request_id")
+        if not isinstance(rid, str) or not rid.startswith("bench-") \
+                or not rid[6:].isdigit():
+            raise JaxsimInputError(where, f"request_id must look like 'bench-<i>', got {rid!r}",
+                                   "<i> is the workload line index")
+        i = int(rid[6:])
+        if i >= n:
+            # more measured requests than simulated ones: keep the first n
+            continue
+        if seen[i]:
+            raise JaxsimInputError(where, f"duplicate request_id {rid!r}")
+        seen[i] = True
+        for k in cols:
+            v = obj.get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise JaxsimInputError(where, f"field {k!r} must be a number, got {v!r}")
+            cols[k][i] = v
+        for k, ref in (("input_toks", workload.input_toks), ("output_toks",
+                                                               workload.output_toks)):
+            if k in obj and int(obj[k]) != int(ref[i]):
+                raise JaxsimInputError(where, f"{k} is {obj[k]} but workload request {i} has "
+                                       f"{int(ref[i])}", "the workload is not the one that "
+                                       "was measured; check dataset_path")
     missing = np.nonzero(~seen)[0]
     if missing.size:
         raise JaxsimInputError(str(path), f"no measurement for bench-{int(missing[0])} "
-                               f"({missing.size} missing)", "every simulated request needs one; "
-                               "lower meta.json num_requests")
+                           f"({missing.size} missing)", "every simulated request needs one; "
+                           "lower meta.json num_requests")
     far = np.abs(cols["arrival_time"] - cols["queued_ts"]) > _CLOCK_DOMAIN_GAP_S
     arr = np.where(far, cols["queued_ts"], cols["arrival_time"])
     out = workload.output_toks.astype(np.float64)

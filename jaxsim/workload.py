@@ -58,6 +58,25 @@ def _token_ids(obj: dict, where: str, field: str) -> np.ndarray | None:
     return arr.astype(np.int32)
 
 
+def iter_jsonl(path: Path):
+    """Yield ``(line number, "file:line", object)`` for each non-blank line of a JSONL file,
+    with a clear error for a line that is not one JSON object."""
+    with Path(path).open() as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise JaxsimInputError(where, f"invalid JSON: {e.msg} (column {e.colno})",
+                                       "each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise JaxsimInputError(where, f"expected a JSON object, got {type(obj).__name__}",
+                                       "each line must be one JSON object")
+            yield lineno, where, obj
+
+
 def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
     """Read a flat JSONL trace.
 
@@ -77,53 +96,41 @@ def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
     if not path.is_file():
         raise JaxsimInputError(str(path), "workload file not found", "check the path")
     arrival, inp, out, ids, lines = [], [], [], [], []
-    with path.open() as f:
-        for lineno, text in enumerate(f, start=1):
-            if num_requests and len(arrival) >= num_requests:
-                break
-            if not text.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise JaxsimInputError(where, f"invalid JSON: {e.msg} (column {e.colno})",
-                                       "each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise JaxsimInputError(where, f"expected a JSON object, got {type(obj).__name__}",
-                                       "each line must be one JSON object")
-            if "session_id" in obj or "sub_requests" in obj:
-                raise JaxsimInputError(where, "agentic sessions are not supported yet",
-                                       "use flat request lines (input_toks, output_toks, "
-                                       "arrival_time_ns)")
-            vals = {}
-            for field in _FLAT_FIELDS:
-                if field not in obj:
-                    raise JaxsimInputError(where, f"missing required field {field!r}",
-                                           f"a request line needs {', '.join(_FLAT_FIELDS)}")
-                vals[field] = _as_int(obj[field], where, field)
-            if vals["input_toks"] < 1:
-                raise JaxsimInputError(where, f"input_toks must be >= 1, got {vals['input_toks']}",
-                                       "every request needs a prompt")
-            if vals["output_toks"] < 1:
-                raise JaxsimInputError(where, f"output_toks must be >= 1, got "
-                                       f"{vals['output_toks']}", "every request generates at "
-                                       "least one token")
-            if vals["arrival_time_ns"] < 0:
-                raise JaxsimInputError(where, f"arrival_time_ns must be >= 0, got "
-                                       f"{vals['arrival_time_ns']}", "arrivals are ns from 0")
-            in_ids = _token_ids(obj, where, "input_tok_ids")
-            out_ids = _token_ids(obj, where, "output_tok_ids")
-            if in_ids is None:
-                ids.append(None)
-            elif out_ids is None:
-                ids.append(in_ids)
-            else:
-                ids.append(np.concatenate([in_ids, out_ids]))
-            arrival.append(vals["arrival_time_ns"])
-            inp.append(vals["input_toks"])
-            out.append(vals["output_toks"])
-            lines.append(lineno)
+    for lineno, where, obj in iter_jsonl(path):
+        if num_requests and len(arrival) >= num_requests:
+            break
+        if "session_id" in obj or "sub_requests" in obj:
+            raise JaxsimInputError(where, "agentic sessions are not supported yet",
+                                   "use flat request lines (input_toks, output_toks, "
+                                   "arrival_time_ns)")
+        vals = {}
+        for field in _FLAT_FIELDS:
+            if field not in obj:
+                raise JaxsimInputError(where, f"missing required field {field!r}",
+                                       f"a request line needs {', '.join(_FLAT_FIELDS)}")
+            vals[field] = _as_int(obj[field], where, field)
+        if vals["input_toks"] < 1:
+            raise JaxsimInputError(where, f"input_toks must be >= 1, got {vals['input_toks']}",
+                                   "every request needs a prompt")
+        if vals["output_toks"] < 1:
+            raise JaxsimInputError(where, f"output_toks must be >= 1, got "
+                                   f"{vals['output_toks']}", "every request generates at "
+                                   "least one token")
+        if vals["arrival_time_ns"] < 0:
+            raise JaxsimInputError(where, f"arrival_time_ns must be >= 0, got "
+                                   f"{vals['arrival_time_ns']}", "arrivals are ns from 0")
+        in_ids = _token_ids(obj, where, "input_tok_ids")
+        out_ids = _token_ids(obj, where, "output_tok_ids")
+        if in_ids is None:
+            ids.append(None)
+        elif out_ids is None:
+            ids.append(in_ids)
+        else:
+            ids.append(np.concatenate([in_ids, out_ids]))
+        arrival.append(vals["arrival_time_ns"])
+        inp.append(vals["input_toks"])
+        out.append(vals["output_toks"])
+        lines.append(lineno)
     if not arrival:
         raise JaxsimInputError(str(path), "the workload has no requests",
                                "add request lines or pick another file")
