@@ -69,7 +69,7 @@ class Prepared:
 def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
             rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), *,
             profiles_dir="profiles", max_slots: int = 0, record_token_times: bool = True,
-            variant: str | None = None) -> Prepared:
+            max_iterations: int = 0, variant: str | None = None) -> Prepared:
     bs = sched.block_size
     n = workload.num_requests
     if n == 0:
@@ -92,15 +92,17 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     too_long = np.nonzero(target > ctx)[0]
     if len(too_long):
         i = int(too_long[0])
+        line = int(workload.line_numbers[i]) if workload.line_numbers is not None else i + 1
         raise JaxsimInputError(
-            f"{workload.source}: request {i} (line {i + 1})",
-            f"input {int(workload.input_toks[i])} + output {int(workload.output_toks[i])} tokens exceed the "
+            f"{workload.source}:{line}",
+            f"request {i} (line {line}): input {int(workload.input_toks[i])} + output {int(workload.output_toks[i])} tokens exceed the "
             f"context of {model.name} ({ctx})", "drop or truncate the request")
 
     w_bytes, _ = weight_and_kv_bytes(model, rt)
     variant = variant or {1: "fp8", 2: "bf16", 4: "fp32"}.get(w_bytes, "bf16")
     bundle = profiles.load_profile_bundle(profiles_dir, hw.name, model, variant=variant, tp=hw.tp)
     tables = latency.latency_tables(bundle, model, hw, weight_bytes=w_bytes)
+    profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
     num_blocks = num_kv_blocks(model, hw, sched, rt)
 
     # Prefix-cache keys: dense hash ids of each request's full blocks, padded to the block table.
@@ -128,7 +130,7 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     # token budget (a chunk smaller than the budget and the threshold completes its prefill and
     # emits). Doubled as headroom for recomputation after preemptions; overflow is reported.
     chunk = min(mnbt, sched.long_prefill_token_threshold or mnbt)
-    max_iters = int(2 * (out.sum() + -(-int(workload.input_toks.sum()) // chunk)) + 64)
+    max_iters = max_iterations or int(2 * (out.sum() + -(-int(workload.input_toks.sum()) // chunk)) + 64)
     ring_cap = 2 * num_blocks + POP_WINDOW
     inst = inst_lib.init_instance(max_slots, max_blocks, num_blocks, ring_cap, num_hashes, POP_WINDOW,
                                   num_blocks)

@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
         result = simulator.simulate(
             spec.workload, spec.model_config, spec.hardware, spec.scheduler, spec.model, spec.calibration,
             profiles_dir=spec.paths.profiles, max_slots=spec.sim.max_slots,
-            record_token_times=spec.sim.record_token_times)
+            record_token_times=spec.sim.record_token_times, max_iterations=spec.sim.max_iterations)
     except (JaxsimInputError, CapacityOverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -204,6 +204,12 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
                 budget -= n
         for r, n, c in scheduled:
             r.computed = c + n
+        if not scheduled and finishing:  # async: drain the parked outputs, then schedule again
+            for r in finishing:
+                pool.release(r.blocks)
+                r.blocks = []
+            finishing = []
+            continue
         if not scheduled:
             raise RuntimeError(f"no progress at t={now}: the head of the waiting queue never fits the KV cache")
         # ---- latency ----

@@ -38,7 +38,7 @@ def test_defaults():
     assert r.scheduler == SchedulerConfig()
     assert r.model == ModelRuntimeConfig(name="meta-llama/Llama-3.1-8B")
     assert r.calibration == Calibration()
-    assert r.sim == jconfig.SimOptions(max_slots=256, record_token_times=True, max_iterations=0)
+    assert r.sim == jconfig.SimOptions(max_slots=0, record_token_times=True, max_iterations=0)
     assert r.paths.root == ROOT
     assert r.paths.profiles == ROOT / "profiles"
     assert r.paths.models == ROOT / "profiles" / "models"
@@ -120,7 +120,7 @@ def test_paths_override(tmp_path):
     ("model.max_model_len=-1", "model.max_model_len: must be >= 0"),
     ("model.max_model_len=200000", "model.max_model_len: 200000 exceeds"),
     ("calibration.iteration_overhead_ns=-5", "calibration.iteration_overhead_ns: must be >= 0"),
-    ("sim.max_slots=0", "sim.max_slots: must be >= 1, got 0"),
+    ("sim.max_slots=-1", "sim.max_slots: must be >= 0, got -1"),
     ("sim.max_iterations=-1", "sim.max_iterations: must be >= 0"),
     ("workload.kind=stream", "workload.kind: unknown workload kind 'stream'"),
     ("workload.path=missing.jsonl", "workload.path: workload file 'missing.jsonl' not found"),

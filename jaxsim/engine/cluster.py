@@ -167,6 +167,17 @@ def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, unrouted)
     return per_instance(one)(records, inst, ending, prm.sched.num_blocks, ptok, gtok)
 
 
+def _drain_if_stuck(inst, *, ring_cap):
+    """An idle instance with work left whose batch came out empty because requests parked as
+    FINISHING (async scheduling) still hold their blocks: vLLM then processes those outputs and
+    schedules again. Release them; the loop retries at the same instant."""
+    s = inst.slots
+    work = jnp.any((s.status == WAITING) | (s.status == RUNNING))
+    retry = (~inst.busy) & work & jnp.any(s.status == inst_lib.FINISHING)
+    inst = inst_lib.release_finished(inst, retry, jnp.zeros(s.status.shape, bool), ring_cap)
+    return inst, retry
+
+
 def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size, window, ring_cap):
     now = st.now
     inst = st.inst
@@ -199,11 +210,12 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size
     inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now)
     records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, unrouted)
     inst = _start_batches(inst, prm, wl, now, block_size=block_size, window=window, ring_cap=ring_cap)
+    inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap))(inst)
 
-    any_busy = jnp.any(inst.busy)
+    any_busy = jnp.any(inst.busy) | jnp.any(retry)
     next_arrival = jnp.where(next_pending < n_req,
                              wl.arrival_sorted[jnp.minimum(next_pending, n_req - 1)], NEVER)
-    next_now = jnp.where(any_busy, jnp.min(jnp.where(inst.busy, inst.batch_end, NEVER)),
+    next_now = jnp.where(any_busy, jnp.min(jnp.where(inst.busy, inst.batch_end, jnp.where(retry, now, NEVER))),
                          jnp.maximum(next_arrival, now))
     stalled = (~any_busy) & (next_pending >= n_req) & (st.finished < n_req)
     return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.stalled, s.steps, s.records),
