@@ -45,10 +45,6 @@ from jaxsim.model import ModelConfig
 from jaxsim.profiles import ProfileBundle
 from jaxsim.spec import HardwareConfig
 
-# Times are int64 ns; jaxsim/__init__.py enables x64, repeated here in case this module is imported
-# through a path that skips the package __init__ (e.g. a stale editable install).
-jax.config.update("jax_enable_x64", True)
-
 _F = jnp.float64
 _I = jnp.int64
 

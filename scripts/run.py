@@ -8,6 +8,7 @@ Writes requests.csv, summary.json, timeseries.csv and config.yaml to the run's o
 (Hydra's outputs/<date>/<time>/ unless output_dir=... is given).
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from jaxsim.errors import CapacityOverflowError, JaxsimInputError  # noqa: E402
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
     try:
         spec = config_lib.from_hydra(cfg)
         result = simulator.simulate(

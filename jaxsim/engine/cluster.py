@@ -7,7 +7,7 @@ iteration, and starts the next batch on every idle instance. The whole run is on
 
 The state has an instance axis from the start (``InstanceState`` leaves are ``[instance, ...]``,
 and per-instance work is ``vmap``-ed). Routing across several instances belongs to the cluster
-issue; today every arrival goes to instance 0 and the host rejects more than one instance.
+issue; today every arrival goes to instance 0 and the host builds a single instance.
 
 Time is int64 nanoseconds (x64 is enabled by ``jaxsim``): exact however long the run.
 """
@@ -189,12 +189,13 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size
     n_req = st.finish.shape[0]
     n_inst = inst.busy.shape[0]
     req = jnp.maximum(ev.req, 0)
-    delay = jnp.where(ev.first_emit, prm.first_token_delay_ns[0], prm.token_output_delay_ns[0])
+    per_slot = ev.req.shape[0] // n_inst
+    inst_id = jnp.repeat(jnp.arange(n_inst, dtype=I32), per_slot)
+    delay = jnp.where(ev.first_emit, prm.first_token_delay_ns[inst_id], prm.token_output_delay_ns[inst_id])
     tok_pos = jnp.where(ev.emit, wl.token_offset[req] + ev.token_index, st.token_times.shape[0])
     token_times = st.token_times.at[tok_pos].set(now + delay, mode="drop")
     first_pos = jnp.where(ev.first_emit, req, n_req)
     fin = jnp.where(ev.finish, req, n_req)
-    inst_id = jnp.repeat(jnp.arange(n_inst, dtype=I32), ev.req.shape[0] // n_inst)
     st = eqx.tree_at(
         lambda s: (s.token_times, s.first_token, s.finish, s.first_scheduled, s.prefix_hit,
                    s.num_preemptions, s.recomputed, s.instance, s.finished),
