@@ -23,6 +23,10 @@ from jaxsim.spec import (Calibration, HardwareConfig, ModelRuntimeConfig, Schedu
                          Workload)
 
 GIB = 2**30
+
+
+class IterationBufferFull(CapacityOverflowError):
+    """The per-iteration record buffer filled up before every request finished."""
 POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
 SLOT_HEADROOM = 32  # waiting-request slots beyond max_num_seqs when sim.max_slots is auto
 
@@ -64,6 +68,7 @@ class Prepared:
     num_blocks: int
     block_size: int
     workload_host: Workload
+    max_iters_bound: int  # the iteration buffer never needs more rows than this
 
 
 def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
@@ -126,11 +131,15 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
 
     mnbt = sched.max_num_batched_tokens or ctx
     mnbt = min(mnbt, ctx)  # vLLM clamps the budget to the context length
-    # Iteration bound: every iteration emits a token, or advances prefill chunks that fill the
+    # Iteration buffer. Every iteration emits a token or advances prefill chunks that fill the
     # token budget (a chunk smaller than the budget and the threshold completes its prefill and
-    # emits). Doubled as headroom for recomputation after preemptions; overflow is reported.
+    # emits), which bounds the count (doubled as headroom for recomputation after preemptions).
+    # That bound is large and mostly unused, so the buffer starts from a guess for a batched
+    # engine; ``simulate`` doubles it and reruns when it fills (overflow is detected, never silent).
     chunk = min(mnbt, sched.long_prefill_token_threshold or mnbt)
-    max_iters = max_iterations or int(2 * (out.sum() + -(-int(workload.input_toks.sum()) // chunk)) + 64)
+    chunks = -(-int(workload.input_toks.sum()) // chunk)
+    bound = int(2 * (out.sum() + chunks) + 64)
+    max_iters = max_iterations or min(bound, int(out.sum()) // 4 + 4 * chunks + 8 * n + 1024)
     ring_cap = 2 * num_blocks + POP_WINDOW
     inst = inst_lib.init_instance(max_slots, max_blocks, num_blocks, ring_cap, num_hashes, POP_WINDOW,
                                   num_blocks)
@@ -153,7 +162,7 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     n_tokens = int(out.sum()) if record_token_times else 0
     state = cluster.init_state(inst, n, n_tokens, max_iters)
     static = dict(block_size=bs, window=POP_WINDOW, ring_cap=ring_cap, max_steps=4 * max_iters + 2 * n + 16)
-    return Prepared(state, params, wl, static, num_blocks, bs, workload)
+    return Prepared(state, params, wl, static, num_blocks, bs, workload, bound)
 
 
 def run_prepared(p: Prepared) -> cluster.ClusterState:
@@ -170,8 +179,9 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
     k = int(inst.n_iters)
     if bool(inst.counters.slot_overflow):
         raise CapacityOverflowError("request slots overflowed: raise sim.max_slots")
-    if k >= rec.start.shape[0]:
-        raise CapacityOverflowError(f"the iteration buffer ({rec.start.shape[0]} rows) filled up before the run ended")
+    if k >= rec.start.shape[0] and int(f.finished) < n:
+        raise IterationBufferFull(f"the iteration buffer ({rec.start.shape[0]} rows) filled up before the run "
+                                  "ended: raise sim.max_iterations (0 = automatic)")
     if bool(f.stalled):
         left = np.nonzero(f.finish < 0)[0]
         raise JaxsimInputError(
@@ -207,8 +217,20 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
 def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
              rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(),
              **kwargs) -> SimResult:
-    """Simulate one instance serving ``workload``; returns per-request and per-iteration results."""
-    p = prepare(workload, model, hw, sched, rt, calib, **kwargs)
+    """Simulate one instance serving ``workload``; returns per-request and per-iteration results.
+
+    With an automatic iteration buffer (``max_iterations=0``), a run that fills it is rerun with
+    twice the rows (a recompile), up to the proven bound.
+    """
     t0 = time.perf_counter()
-    final = jax.block_until_ready(run_prepared(p))
-    return to_result(p, final, wall_s=time.perf_counter() - t0)
+    p = prepare(workload, model, hw, sched, rt, calib, **kwargs)
+    while True:
+        final = jax.block_until_ready(run_prepared(p))
+        try:
+            return to_result(p, final, wall_s=time.perf_counter() - t0)
+        except IterationBufferFull:
+            rows = p.state.records.start.shape[-1]
+            if kwargs.get("max_iterations") or rows >= p.max_iters_bound:
+                raise
+            p = prepare(workload, model, hw, sched, rt, calib,
+                        **{**kwargs, "max_iterations": min(2 * rows, p.max_iters_bound)})

@@ -519,3 +519,12 @@ def test_validation_case_within_tolerance(tmp_path):
     assert set(written["stats"]) == set(c["stats"])
     for k in c["stats"]:
         assert written["stats"][k]["diff_pct"] == pytest.approx(c["stats"][k]["diff_pct"])
+
+
+def test_full_iteration_buffer_is_reported_not_truncated():
+    """An explicit iteration buffer too small for the run raises instead of dropping iterations."""
+    from jaxsim.simulator import IterationBufferFull
+
+    with pytest.raises(IterationBufferFull, match="sim.max_iterations"):
+        simulator.simulate(two_requests(), model(), HardwareConfig(), SchedulerConfig(), calib=NONE,
+                           profiles_dir=PROFILES, max_slots=SLOTS, max_iterations=3)
