@@ -174,7 +174,7 @@ def _drain_if_stuck(inst, *, ring_cap):
     s = inst.slots
     work = jnp.any((s.status == WAITING) | (s.status == RUNNING))
     retry = (~inst.busy) & work & jnp.any(s.status == inst_lib.FINISHING)
-    inst = inst_lib.release_finished(inst, retry, jnp.zeros(s.status.shape, bool), ring_cap)
+    inst = inst_lib.release_finished(inst, retry, jnp.zeros(s.status.shape, bool), False, ring_cap)
     return inst, retry
 
 

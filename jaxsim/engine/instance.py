@@ -143,7 +143,7 @@ def _expand(counts, first, window):
     return owner_c, offset, e < ends[-1]
 
 
-def release_finished(inst: InstanceState, zombies_due, finish, ring_cap, async_scheduling=None):
+def release_finished(inst: InstanceState, zombies_due, finish, async_scheduling, ring_cap):
     """Free the blocks of finished requests and empty their slots.
 
     ``zombies_due``: release the FINISHING slots (requests that finished one batch earlier).
@@ -152,7 +152,7 @@ def release_finished(inst: InstanceState, zombies_due, finish, ring_cap, async_s
     """
     s = inst.slots
     zombie = zombies_due & (s.status == FINISHING)
-    park = finish & async_scheduling if async_scheduling is not None else jnp.zeros_like(finish)
+    park = finish & async_scheduling
     release_now = zombie | (finish & ~park)
     key = jnp.where(zombie, s.wait_key, BIG // 2 + s.sched_pos)
 
@@ -202,7 +202,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
     # With nothing running, the engine processes the last outputs before it idles: requests
     # parked as FINISHING give their seats and blocks back now.
     nothing_runs = idle & ~jnp.any(s.status == RUNNING)
-    inst = release_finished(inst, nothing_runs, jnp.zeros(s.status.shape, bool), ring_cap)
+    inst = release_finished(inst, nothing_runs, jnp.zeros(s.status.shape, bool), False, ring_cap)
     s = inst.slots
 
     # ---- Phase A: the running list, in order. The budget is a prefix sum. ----
@@ -418,7 +418,7 @@ def end_iteration(inst: InstanceState, async_scheduling, ending, now, *, ring_ca
 
     # Release, in order: requests that finished in the previous batch (async scheduling), then
     # this batch's finishers in batch order (the free-list order depends on it).
-    inst = release_finished(inst, ending, finish, ring_cap, async_scheduling)
+    inst = release_finished(inst, ending, finish, async_scheduling, ring_cap)
     s = inst.slots
     s = eqx.tree_at(lambda x: x.sched_n, s, jnp.where(ending, 0, s.sched_n))
     inst = eqx.tree_at(lambda i: (i.slots, i.busy), inst, (s, inst.busy & ~ending))
