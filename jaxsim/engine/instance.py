@@ -320,43 +320,45 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
               & ~(prm.reserve_full_isl & (full_need > pool.num_free))
               & (new_blocks + hits_free <= pool.num_free))
 
-        def admit(inst):
-            sl, pool = inst.slots, inst.pool
-            mb = sl.blocks.shape[1]
-            pool = kvpool.touch_blocks(pool, hit_blocks, hit_mask)
-            row = hit_blocks  # the hit blocks lead the block table, -1 after them
+        # Admit r when ok; every write below is masked by ok (a lax.cond would copy the state).
+        mb = sl.blocks.shape[1]
+        pool = kvpool.touch_blocks(pool, hit_blocks, hit_mask & ok)
+        row = hit_blocks  # the hit blocks lead the block table, -1 after them
 
-            def sink_b(row, ids, first_k, count):
-                col = matched + first_k + jnp.arange(window, dtype=I32)
-                return row.at[jnp.where(jnp.arange(window) < count, col, mb)].set(ids, mode="drop")
+        def sink_b(row, ids, first_k, count):
+            col = matched + first_k + jnp.arange(window, dtype=I32)
+            return row.at[jnp.where(jnp.arange(window) < count, col, mb)].set(ids, mode="drop")
 
-            pool, row = kvpool.pop_blocks(pool, new_blocks, window, sink_b, row)
-            computed = c0 + n
-            n_full = jnp.minimum(jnp.minimum(computed, reached) // bs,
-                                 jnp.where(prm.prefix_caching, wl.n_hashes[req], 0))
-            j = jnp.arange(mb)
-            reg_mask = (j >= matched) & (j < n_full)
-            pool = kvpool.register_blocks(pool, row, hashes, reg_mask)
-            first_admission = sl.prefix_hit[r] < 0
-            sl = eqx.tree_at(
-                lambda x: (x.blocks, x.status, x.computed, x.nblk, x.nreg, x.run_key, x.wait_key,
-                           x.sched_n, x.sched_c, x.sched_pos, x.prefix_hit, x.recomputed, x.first_scheduled),
-                sl, (sl.blocks.at[r].set(row), sl.status.at[r].set(RUNNING), sl.computed.at[r].set(computed),
-                     sl.nblk.at[r].set(matched + new_blocks), sl.nreg.at[r].set(jnp.maximum(matched, n_full)),
-                     sl.run_key.at[r].set(inst.run_counter), sl.wait_key.at[r].set(BIG),
-                     sl.sched_n.at[r].set(n), sl.sched_c.at[r].set(c0), sl.sched_pos.at[r].set(n_sched),
-                     sl.prefix_hit.at[r].set(jnp.where(first_admission, c0, sl.prefix_hit[r])),
-                     sl.recomputed.at[r].add(jnp.where(first_admission, 0, reached - c0)),
-                     sl.first_scheduled.at[r].set(jnp.where(sl.first_scheduled[r] < 0, now, sl.first_scheduled[r]))))
-            ctr = inst.counters
-            ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed), ctr,
-                              (ctr.prefix_requested + jnp.where(first_admission, sl.prompt[r], 0),
-                               ctr.prefix_hits + jnp.where(first_admission, c0, 0),
-                               ctr.recomputed + jnp.where(first_admission, 0, reached - c0)))
-            return eqx.tree_at(lambda i: (i.slots, i.pool, i.run_counter, i.counters), inst,
-                               (sl, pool, inst.run_counter + 1, ctr))
+        pool, row = kvpool.pop_blocks(pool, jnp.where(ok, new_blocks, 0), window, sink_b, row)
+        computed = c0 + n
+        n_full = jnp.minimum(jnp.minimum(computed, reached) // bs,
+                             jnp.where(prm.prefix_caching, wl.n_hashes[req], 0))
+        j = jnp.arange(mb)
+        pool = kvpool.register_blocks(pool, row, hashes, ok & (j >= matched) & (j < n_full))
+        first_admission = sl.prefix_hit[r] < 0
+        w = jnp.where(ok, r, num_slots)  # out of range: the writes are dropped
 
-        inst = jax.lax.cond(ok, admit, lambda i: i, inst)
+        def put(field, value):
+            return field.at[w].set(value, mode="drop")
+
+        sl = eqx.tree_at(
+            lambda x: (x.blocks, x.status, x.computed, x.nblk, x.nreg, x.run_key, x.wait_key,
+                       x.sched_n, x.sched_c, x.sched_pos, x.prefix_hit, x.recomputed, x.first_scheduled),
+            sl, (put(sl.blocks, row), put(sl.status, RUNNING), put(sl.computed, computed),
+                 put(sl.nblk, matched + new_blocks), put(sl.nreg, jnp.maximum(matched, n_full)),
+                 put(sl.run_key, inst.run_counter), put(sl.wait_key, BIG),
+                 put(sl.sched_n, n), put(sl.sched_c, c0), put(sl.sched_pos, n_sched),
+                 put(sl.prefix_hit, jnp.where(first_admission, c0, sl.prefix_hit[r])),
+                 put(sl.recomputed, sl.recomputed[r] + jnp.where(first_admission, 0, reached - c0)),
+                 put(sl.first_scheduled, jnp.where(sl.first_scheduled[r] < 0, now, sl.first_scheduled[r]))))
+        first_ok = ok & first_admission
+        ctr = inst.counters
+        ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed), ctr,
+                          (ctr.prefix_requested + jnp.where(first_ok, sl.prompt[r], 0),
+                           ctr.prefix_hits + jnp.where(first_ok, c0, 0),
+                           ctr.recomputed + jnp.where(ok & ~first_admission, reached - c0, 0)))
+        inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_counter, i.counters), inst,
+                           (sl, pool, inst.run_counter + ok.astype(I32), ctr))
         return inst, budget - jnp.where(ok, n, 0), n_sched + ok.astype(I32), ~ok
 
     inst, budget, n_sched, _ = jax.lax.while_loop(
