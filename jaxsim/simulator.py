@@ -23,12 +23,12 @@ from jaxsim.spec import (Calibration, HardwareConfig, ModelRuntimeConfig, Schedu
                          Workload)
 
 GIB = 2**30
+POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
+SLOT_HEADROOM = 32  # waiting-request slots beyond max_num_seqs when sim.max_slots is auto
 
 
 class IterationBufferFull(CapacityOverflowError):
     """The per-iteration record buffer filled up before every request finished."""
-POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
-SLOT_HEADROOM = 32  # waiting-request slots beyond max_num_seqs when sim.max_slots is auto
 
 
 def weight_and_kv_bytes(model: ModelConfig, rt: ModelRuntimeConfig) -> tuple[int, int]:

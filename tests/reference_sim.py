@@ -111,6 +111,12 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
             pool.register(r.blocks[j], r.hashes[j])
         r.num_registered = max(r.num_registered, min(full, len(r.hashes)))
 
+    def drain_finishing():
+        for r in finishing:
+            pool.release(r.blocks)
+            r.blocks = []
+        finishing.clear()
+
     def preempt(v):
         pool.release(v.blocks)
         v.blocks, v.num_registered, v.computed = [], 0, 0
@@ -123,10 +129,7 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
             waiting.append(pending[pi])
             pi += 1
         if not running:  # the engine drains its last outputs before idling
-            for r in finishing:
-                pool.release(r.blocks)
-                r.blocks = []
-            finishing = []
+            drain_finishing()
         if not running and not waiting:
             now = pending[pi].arrival
             continue
@@ -205,10 +208,7 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
         for r, n, c in scheduled:
             r.computed = c + n
         if not scheduled and finishing:  # async: drain the parked outputs, then schedule again
-            for r in finishing:
-                pool.release(r.blocks)
-                r.blocks = []
-            finishing = []
+            drain_finishing()
             continue
         if not scheduled:
             raise RuntimeError(f"no progress at t={now}: the head of the waiting queue never fits the KV cache")
@@ -222,10 +222,7 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
         now = now + int(dt) + iteration_overhead_ns
         # ---- end of iteration (REFERENCE.md §1.1) ----
         prompt_tok, gen_tok = 0, 0
-        for r in finishing:
-            pool.release(r.blocks)
-            r.blocks = []
-        finishing = []
+        drain_finishing()  # the previous batch's finishers, before this batch's
         for r, n, c in scheduled:
             if n > 1 or r.first:
                 prompt_tok += n

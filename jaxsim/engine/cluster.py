@@ -72,8 +72,8 @@ class ClusterState(eqx.Module):
 def per_instance(fn, in_axes=0):
     """``jax.vmap(fn)`` over the instance axis; called directly when there is one instance.
 
-    Under ``vmap`` every ``lax.cond`` becomes a select that runs both branches, so the common
-    single-instance case skips the batching to keep the scheduler's branches real.
+    Under ``vmap`` a ``while_loop`` with a batched predicate selects over its whole carry on every
+    trip, so the common single-instance case skips the batching to keep the scheduler's loops cheap.
     """
     def call(*args):
         axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
@@ -174,7 +174,7 @@ def _drain_if_stuck(inst, *, ring_cap):
     s = inst.slots
     work = jnp.any((s.status == WAITING) | (s.status == RUNNING))
     retry = (~inst.busy) & work & jnp.any(s.status == inst_lib.FINISHING)
-    inst = inst_lib.release_finished(inst, retry, jnp.zeros(s.status.shape, bool), False, ring_cap)
+    inst = inst_lib.release_parked(inst, retry, ring_cap)
     return inst, retry
 
 

@@ -173,6 +173,11 @@ def release_finished(inst: InstanceState, zombies_due, finish, async_scheduling,
     return eqx.tree_at(lambda i: i.slots, inst, s)
 
 
+def release_parked(inst: InstanceState, due, ring_cap) -> InstanceState:
+    """Release the requests parked as FINISHING when ``due`` (their outputs get processed)."""
+    return release_finished(inst, due, jnp.zeros(inst.slots.status.shape, bool), False, ring_cap)
+
+
 def _release_slot(inst: InstanceState, slot, ring_cap) -> InstanceState:
     s = inst.slots
     pool = kvpool.release_blocks(inst.pool, s.blocks[slot], s.nblk[slot], ring_cap)
@@ -202,7 +207,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
     # With nothing running, the engine processes the last outputs before it idles: requests
     # parked as FINISHING give their seats and blocks back now.
     nothing_runs = idle & ~jnp.any(s.status == RUNNING)
-    inst = release_finished(inst, nothing_runs, jnp.zeros(s.status.shape, bool), False, ring_cap)
+    inst = release_parked(inst, nothing_runs, ring_cap)
     s = inst.slots
 
     # ---- Phase A: the running list, in order. The budget is a prefix sum. ----

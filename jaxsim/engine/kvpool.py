@@ -64,8 +64,8 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state):
     already points at a newer block with that hash. Blocks are handed, in order, to
     ``sink(sink_state, ids[window], first_k, n) -> sink_state`` window by window, where only the
     first ``n`` ids are valid and ``first_k`` is the rank of ids[0] among all popped blocks.
-    The caller checks ``count <= pool.num_free``; the count is clipped all the same, because
-    under ``vmap`` an untaken ``lax.cond`` branch still runs and every loop must terminate.
+    The caller checks ``count <= pool.num_free``; the count is clipped all the same so that the
+    loop terminates on any input (under ``vmap`` it also runs for configurations that pop nothing).
     """
     n_blocks = pool.ref.shape[0]
     n_hash = pool.hash_index.shape[0]
