@@ -104,6 +104,13 @@ class LatencyTables(eqx.Module):
     link_step_overhead: jax.Array  # f64 [] extra ns per ring step
     cpu_bw: jax.Array  # f64 [] bytes/ns
     cpu_lat: jax.Array  # f64 [] ns
+    # What-if time multipliers (1.0 = as profiled; 0.8 = 20% faster). The profiles measure whole
+    # operators, not a compute/memory split, so the split is by operator kind: ``compute_scale``
+    # multiplies the linear layers (GEMMs, norms, activations, MoE experts), ``memory_scale`` the
+    # attention (dominated by KV reads), ``link_scale`` the collectives (TP AllReduce, EP).
+    compute_scale: jax.Array  # f64 []
+    memory_scale: jax.Array  # f64 []
+    link_scale: jax.Array  # f64 []
 
 
 def _pad_rows(rows, width, fill):
@@ -127,7 +134,8 @@ def _hi_edges(bins):
 
 
 def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig, weight_bytes: int = 2,
-                   *, ep: int | None = None, link_step_overhead_ns: float = 0.0) -> LatencyTables:
+                   *, ep: int | None = None, link_step_overhead_ns: float = 0.0, compute_scale: float = 1.0,
+                   memory_scale: float = 1.0, link_scale: float = 1.0) -> LatencyTables:
     """Build the device-side tables of one configuration.
 
     Args:
@@ -223,7 +231,13 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
         num_layers=i(model.num_layers), hidden=i(model.hidden_size), weight_bytes=i(weight_bytes),
         tp=i(hw.tp), ar_per_block=i(ar_per_block), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
         link_step_overhead=f(link_step_overhead_ns), cpu_bw=f(hw.cpu_mem_bw_gbps), cpu_lat=f(hw.cpu_mem_latency_ns),
+        compute_scale=f(compute_scale), memory_scale=f(memory_scale), link_scale=f(link_scale),
     )
+
+
+def _scaled(t, scale):
+    """``floor(t * scale)`` for int64 ns (exact when scale == 1)."""
+    return jnp.floor(t.astype(_F) * scale).astype(_I)
 
 
 _INF_PADDED = {"l1_keys", "att_kp", "att_kvd", "moe_tok", "skew_n_hi", "skew_sr_hi", "skew_kvb_hi", "skew_kp_hi"}
@@ -296,7 +310,7 @@ def _label(hi_edges, v):
 def _ring(steps, tb: LatencyTables, msg_bytes):
     """``floor(steps * (latency + overhead + msg/bw))`` ns: a ring collective on one dimension."""
     cost = steps.astype(_F) * ((tb.link_lat + tb.link_step_overhead) + msg_bytes / tb.link_bw)
-    return jnp.floor(cost).astype(_I)
+    return jnp.floor(cost * tb.link_scale).astype(_I)
 
 
 def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max):
@@ -329,7 +343,7 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
     lo1, hi1, t1, ab1 = _bracket(tb.l1_keys, tb.l1_last, q1)
     v = _trunc(_lerp(*_take2(tb.lin_vals, lo1[3:], hi1[3:]), t1[3:]))
     mult = L * tb.lin_per_block + tb.lin_once
-    t_lin = jnp.sum(mult * v)
+    t_lin = _scaled(jnp.sum(mult * v), tb.compute_scale)
     used = mult > 0
     ext_dense = jnp.any(ab1[3:] & used & ~tb.lin_by_seq)
     ext_seq = jnp.any(ab1[3:] & used & tb.lin_by_seq)
@@ -346,7 +360,7 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
     # MoE block: interpolate each row on its own token keys, then across ae (§2.7)
     mvals = tb.moe_vals[mrows]
     mr = _lerp(*_take2(mvals, lo2[4:], hi2[4:]), t2[4:])
-    t_moe = _trunc(_lerp(mr[0], mr[1], t1[2]))
+    t_moe = _scaled(_trunc(_lerp(mr[0], mr[1], t1[2])), tb.compute_scale)
     ep_steps = tb.ep - 1
     ag = _ring(ep_steps, tb, (jnp.maximum(1, T // tb.ep) * (H + E) * fp).astype(_F))  # dispatch
     rs = _ring(ep_steps, tb, (T * H * fp).astype(_F) / epf)  # combine
@@ -384,7 +398,7 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
     skewed = jnp.round(t_mean.astype(_F) + alpha * (t_max - t_mean).astype(_F)).astype(_I)
     t_att = jnp.where(skew_on & (alpha != 0) & (t_max > t_mean), skewed, t_mean)
     has_att = (pc > 0) | (nd > 0)
-    t_att = jnp.where(has_att, t_att, 0)
+    t_att = jnp.where(has_att, _scaled(t_att, tb.memory_scale), 0)
     ext_att = has_att & (a_att[0] | (skew_on & a_att[1]))
 
     # host memory ops (token ids in, sampled ids out, each floored) and the TP AllReduce (ring)

@@ -6,6 +6,7 @@ builds the fixed-shape state, runs the jitted loop and converts the result to nu
 """
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -59,6 +60,48 @@ def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig
     return int(blocks)
 
 
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The static sizes of one compiled run. Configurations batched together share one ``Dims``
+    (the elementwise max of theirs, :meth:`merge`); larger sizes never change a result."""
+
+    num_slots: int  # request slots (running + head of the waiting queue)
+    max_blocks: int  # block-table width: blocks of the longest request, + 1
+    num_hashes: int  # prefix-index entries (distinct full-block hashes of the trace)
+    num_blocks_cap: int  # KV-pool capacity in blocks (each configuration uses num_blocks of it)
+    max_iters: int  # rows of the per-iteration record buffer
+    num_tokens: int  # token-time buffer (0 = token times not recorded)
+    num_requests: int
+
+    @staticmethod
+    def merge(dims: "list[Dims]") -> "Dims":
+        return Dims(**{f.name: max(getattr(d, f.name) for d in dims) for f in dataclasses.fields(Dims)})
+
+    @property
+    def ring_cap(self) -> int:
+        return 2 * self.num_blocks_cap + POP_WINDOW
+
+    def static(self, block_size: int, record_iterations: bool = True) -> dict:
+        """Keyword arguments of :func:`cluster.run` / :func:`cluster.run_batch`."""
+        return dict(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
+                    max_steps=4 * self.max_iters + 2 * self.num_requests + 16, record_iterations=record_iterations)
+
+
+@dataclasses.dataclass
+class Plan:
+    """One configuration on the host, before any device array: what ``prepare`` builds from."""
+
+    workload: Workload
+    workload_arrays: dict  # numpy fields of cluster.WorkloadArrays
+    tables: latency.LatencyTables
+    sched: dict  # numpy fields of inst_lib.SchedulerParams (num_blocks included)
+    calibration: Calibration
+    num_blocks: int
+    block_size: int
+    dims: Dims
+    max_iters_bound: int  # the iteration buffer never needs more rows than this
+
+
 @dataclasses.dataclass
 class Prepared:
     state: cluster.ClusterState
@@ -71,27 +114,15 @@ class Prepared:
     max_iters_bound: int  # the iteration buffer never needs more rows than this
 
 
-def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
-            rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), *,
-            profiles_dir="profiles", max_slots: int = 0, record_token_times: bool = True,
-            max_iterations: int = 0, variant: str | None = None) -> Prepared:
-    bs = sched.block_size
-    n = workload.num_requests
-    if n == 0:
-        raise JaxsimInputError(workload.source, "the workload has no requests")
-    if bs <= 0:
-        raise JaxsimInputError("scheduler.block_size", f"must be > 0, got {bs}")
+def check_scheduler(sched: SchedulerConfig) -> None:
+    if sched.block_size <= 0:
+        raise JaxsimInputError("scheduler.block_size", f"must be > 0, got {sched.block_size}")
     for field in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold"):
         if getattr(sched, field) < 0:
             raise JaxsimInputError(f"scheduler.{field}", f"must be >= 0 (0 = unlimited/off), got {getattr(sched, field)}")
-    # Slots hold the running requests and the head of the waiting queue; with one instance, the
-    # rest of the queue waits in arrival order outside the state, which schedules identically.
-    if max_slots == 0:
-        max_slots = sched.max_num_seqs + SLOT_HEADROOM if sched.max_num_seqs else n + 1
-    elif sched.max_num_seqs and max_slots <= sched.max_num_seqs:
-        raise JaxsimInputError(
-            "sim.max_slots", f"must exceed scheduler.max_num_seqs ({sched.max_num_seqs}); got {max_slots}",
-            "raise sim.max_slots or set it to 0 (auto): each slot holds one running or waiting request")
+
+
+def check_workload_fits(workload: Workload, model: ModelConfig) -> None:
     target = workload.input_toks.astype(np.int64) + workload.output_toks
     ctx = model.max_position_embeddings
     too_long = np.nonzero(target > ctx)[0]
@@ -103,20 +134,15 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
             f"request {i} (line {line}): input {int(workload.input_toks[i])} + output {int(workload.output_toks[i])} tokens exceed the "
             f"context of {model.name} ({ctx})", "drop or truncate the request")
 
-    w_bytes, _ = weight_and_kv_bytes(model, rt)
-    variant = variant or {1: "fp8", 2: "bf16", 4: "fp32"}.get(w_bytes, "bf16")
-    bundle = profiles.load_profile_bundle(profiles_dir, hw.name, model, variant=variant, tp=hw.tp)
-    tables = latency.latency_tables(bundle, model, hw, weight_bytes=w_bytes)
-    profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
-    num_blocks = num_kv_blocks(model, hw, sched, rt)
 
-    # Prefix-cache keys: dense hash ids of each request's full blocks, padded to the block table.
-    max_blocks = int(-(-target.max() // bs)) + 1
+def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, max_blocks: int) -> dict:
+    """The trace as the engine's numpy arrays (``cluster.WorkloadArrays`` fields) + hash count."""
+    n = workload.num_requests
     hashes = np.full((n, max_blocks), -1, np.int32)
     n_hashes = np.zeros(n, np.int32)
     num_hashes = 1
-    if sched.enable_prefix_caching:
-        ids, num_hashes = hash_ids(workload.token_ids, bs)
+    if prefix_caching:
+        ids, num_hashes = hash_ids(workload.token_ids, block_size)
         for i, h in enumerate(ids):
             h = h[:max_blocks]
             hashes[i, : len(h)] = h
@@ -124,10 +150,52 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     order = np.lexsort((np.arange(n), workload.arrival_ns)).astype(np.int32)
     out = workload.output_toks.astype(np.int64)
     token_offset = np.concatenate([[0], np.cumsum(out)[:-1]]).astype(np.int32)
-    wl = cluster.WorkloadArrays(
-        arrival_sorted=jnp.asarray(workload.arrival_ns[order], jnp.int64), order=jnp.asarray(order),
-        prompt=jnp.asarray(workload.input_toks, jnp.int32), output=jnp.asarray(workload.output_toks, jnp.int32),
-        hashes=jnp.asarray(hashes), n_hashes=jnp.asarray(n_hashes), token_offset=jnp.asarray(token_offset))
+    return dict(arrival_sorted=np.asarray(workload.arrival_ns[order], np.int64), order=order,
+                prompt=np.asarray(workload.input_toks, np.int32), output=np.asarray(workload.output_toks, np.int32),
+                hashes=hashes, n_hashes=n_hashes, token_offset=token_offset, num_hashes=num_hashes)
+
+
+@functools.lru_cache(maxsize=64)
+def _bundle(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp: int):
+    return profiles.load_profile_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
+
+
+def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
+         rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), *,
+         profiles_dir="profiles", max_slots: int = 0, record_token_times: bool = True,
+         max_iterations: int = 0, variant: str | None = None, scales: dict | None = None,
+         arrays: dict | None = None) -> Plan:
+    """Check one configuration and compute everything host-side (``arrays``: precomputed
+    :func:`workload_arrays` of this workload, reused across a sweep)."""
+    bs = sched.block_size
+    n = workload.num_requests
+    if n == 0:
+        raise JaxsimInputError(workload.source, "the workload has no requests")
+    check_scheduler(sched)
+    # Slots hold the running requests and the head of the waiting queue; with one instance, the
+    # rest of the queue waits in arrival order outside the state, which schedules identically.
+    if max_slots == 0:
+        max_slots = sched.max_num_seqs + SLOT_HEADROOM if sched.max_num_seqs else n + 1
+    elif sched.max_num_seqs and max_slots <= sched.max_num_seqs:
+        raise JaxsimInputError(
+            "sim.max_slots", f"must exceed scheduler.max_num_seqs ({sched.max_num_seqs}); got {max_slots}",
+            "raise sim.max_slots or set it to 0 (auto): each slot holds one running or waiting request")
+    check_workload_fits(workload, model)
+    ctx = model.max_position_embeddings
+
+    w_bytes, _ = weight_and_kv_bytes(model, rt)
+    variant = variant or {1: "fp8", 2: "bf16", 4: "fp32"}.get(w_bytes, "bf16")
+    bundle = _bundle(str(profiles_dir), hw.name, model, variant, hw.tp)
+    tables = latency.latency_tables(bundle, model, hw, weight_bytes=w_bytes, **(scales or {}))
+    profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
+    num_blocks = num_kv_blocks(model, hw, sched, rt)
+
+    # Prefix-cache keys: dense hash ids of each request's full blocks, padded to the block table.
+    target = workload.input_toks.astype(np.int64) + workload.output_toks
+    max_blocks = int(-(-target.max() // bs)) + 1
+    if arrays is None:
+        arrays = workload_arrays(workload, bs, sched.enable_prefix_caching, max_blocks)
+    out = workload.output_toks.astype(np.int64)
 
     mnbt = sched.max_num_batched_tokens or ctx
     mnbt = min(mnbt, ctx)  # vLLM clamps the budget to the context length
@@ -140,29 +208,69 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     chunks = -(-int(workload.input_toks.sum()) // chunk)
     bound = int(2 * (out.sum() + chunks) + 64)
     max_iters = max_iterations or min(bound, int(out.sum()) // 4 + 4 * chunks + 8 * n + 1024)
-    ring_cap = 2 * num_blocks + POP_WINDOW
-    inst = inst_lib.init_instance(max_slots, max_blocks, num_blocks, ring_cap, num_hashes, POP_WINDOW,
-                                  num_blocks)
-    inst = jax.tree.map(lambda x: x[None], inst)  # instance axis
-    sp = inst_lib.SchedulerParams(
-        max_num_seqs=jnp.asarray(sched.max_num_seqs, jnp.int32),
-        max_num_batched_tokens=jnp.asarray(mnbt, jnp.int32),
-        long_prefill_threshold=jnp.asarray(sched.long_prefill_token_threshold, jnp.int32),
-        chunked_prefill=jnp.asarray(sched.enable_chunked_prefill),
-        reserve_full_isl=jnp.asarray(sched.reserve_full_isl),
-        prefix_caching=jnp.asarray(sched.enable_prefix_caching),
-        async_scheduling=jnp.asarray(sched.async_scheduling),
-        num_blocks=jnp.asarray(num_blocks, jnp.int32))
-    params = cluster.EngineParams(
-        sched=sp, tables=tables,
-        iteration_overhead_ns=jnp.asarray(calib.iteration_overhead_ns, jnp.int64),
-        first_token_delay_ns=jnp.asarray(calib.first_token_delay_ns, jnp.int64),
-        token_output_delay_ns=jnp.asarray(calib.token_output_delay_ns, jnp.int64))
-    params = jax.tree.map(lambda x: jnp.asarray(x)[None], params)
-    n_tokens = int(out.sum()) if record_token_times else 0
-    state = cluster.init_state(inst, n, n_tokens, max_iters)
-    static = dict(block_size=bs, window=POP_WINDOW, ring_cap=ring_cap, max_steps=4 * max_iters + 2 * n + 16)
-    return Prepared(state, params, wl, static, num_blocks, bs, workload, bound)
+    sp = dict(max_num_seqs=np.int32(sched.max_num_seqs), max_num_batched_tokens=np.int32(mnbt),
+              long_prefill_threshold=np.int32(sched.long_prefill_token_threshold),
+              chunked_prefill=np.bool_(sched.enable_chunked_prefill), reserve_full_isl=np.bool_(sched.reserve_full_isl),
+              prefix_caching=np.bool_(sched.enable_prefix_caching), async_scheduling=np.bool_(sched.async_scheduling),
+              num_blocks=np.int32(num_blocks))
+    dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
+                num_blocks_cap=num_blocks, max_iters=max_iters,
+                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n)
+    return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound)
+
+
+def _pad_workload(arrays: dict, dims: Dims) -> dict:
+    a = {k: v for k, v in arrays.items() if k != "num_hashes"}
+    h = a["hashes"]
+    if h.shape[1] < dims.max_blocks:
+        a["hashes"] = np.pad(h, ((0, 0), (0, dims.max_blocks - h.shape[1])), constant_values=-1)
+    return a
+
+
+def build(plans: "list[Plan]", dims: Dims, *, batched: bool):
+    """Device arrays for ``plans`` at the shared ``dims``: (state, params, workload, workload_batched).
+
+    With ``batched``, every leaf gets a leading configuration axis (the workload only when the
+    plans' traces differ, e.g. scaled arrivals or other seeds); otherwise ``plans`` has one entry.
+    """
+    num_blocks = np.array([p.num_blocks for p in plans], np.int32)
+    state = _init_states(jnp.asarray(num_blocks), dims=dims)
+    sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans]))[:, None] for k in plans[0].sched}
+    calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))[:, None]
+             for k in ("iteration_overhead_ns", "first_token_delay_ns", "token_output_delay_ns")}
+    tables = latency.stack_tables([p.tables for p in plans])
+    params = cluster.EngineParams(sched=inst_lib.SchedulerParams(**sched), tables=jax.tree.map(lambda x: x[:, None], tables),
+                                  **calib)
+    distinct = {id(p.workload_arrays): p.workload_arrays for p in plans}
+    wl_batched = batched and len(distinct) > 1
+    if wl_batched:
+        padded = [_pad_workload(p.workload_arrays, dims) for p in plans]
+        wl = cluster.WorkloadArrays(**{k: jnp.asarray(np.stack([a[k] for a in padded])) for k in padded[0]})
+    else:
+        wl = cluster.WorkloadArrays(**{k: jnp.asarray(v) for k, v in _pad_workload(plans[0].workload_arrays, dims).items()})
+    if not batched:
+        state, params = jax.tree.map(lambda x: x[0], (state, params))
+    return state, params, wl, wl_batched
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _init_states(num_blocks, *, dims: Dims):
+    """Fresh states [config, ...] (each with one instance) for per-configuration KV capacities."""
+    def one(nb):
+        inst = inst_lib.init_instance(dims.num_slots, dims.max_blocks, dims.num_blocks_cap, dims.ring_cap,
+                                      dims.num_hashes, POP_WINDOW, nb)
+        inst = jax.tree.map(lambda x: x[None], inst)  # instance axis
+        return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters)
+    return jax.vmap(one)(num_blocks)
+
+
+def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
+            rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), **kwargs) -> Prepared:
+    """Everything :func:`cluster.run` needs for one configuration (``plan`` + ``build``)."""
+    pl = plan(workload, model, hw, sched, rt, calib, **kwargs)
+    state, params, wl, _ = build([pl], pl.dims, batched=False)
+    return Prepared(state, params, wl, pl.dims.static(pl.block_size), pl.num_blocks, pl.block_size, workload,
+                    pl.max_iters_bound)
 
 
 def run_prepared(p: Prepared) -> cluster.ClusterState:

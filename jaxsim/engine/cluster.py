@@ -22,6 +22,8 @@ from jaxtyping import Array, Bool, Int
 from jaxsim import latency
 from jaxsim.engine import instance as inst_lib
 from jaxsim.engine.instance import I32, I64, RUNNING, WAITING
+from jaxsim.engine.loops import masked_while_loop
+from jaxsim.engine.ops import prefix_sum
 
 NEVER = jnp.iinfo(jnp.int64).max
 
@@ -86,18 +88,22 @@ def per_instance(fn, in_axes=0):
     return call
 
 
-def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now):
+def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, active):
     """Move arrived requests (arrival <= now) into free slots of instance 0, in arrival order.
 
     Requests that find no free slot stay pending: for one instance that is the tail of the
     waiting queue, so the schedule is unchanged (they are counted in the waiting gauge).
     """
-    s = jax.tree.map(lambda x: x[0], inst.slots)
+    # Only the per-request fields change; the block table is left alone (it is large).
+    fields = ("req", "status", "prompt", "target", "reached", "computed", "first", "num_preemptions",
+              "last_emit", "first_scheduled", "prefix_hit", "recomputed", "nblk", "nreg", "wait_key")
+    s = {f: getattr(inst.slots, f)[0] for f in fields}
     n_req = wl.arrival_sorted.shape[0]
     arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right").astype(I32)
-    free = s.status == inst_lib.EMPTY
+    arrived = jnp.where(active, arrived, next_pending)
+    free = s["status"] == inst_lib.EMPTY
     n_route = jnp.minimum(arrived - next_pending, jnp.sum(free.astype(I32), dtype=I32))
-    rank = jnp.cumsum(free.astype(I32), dtype=I32) - 1
+    rank = prefix_sum(free.astype(I32)) - 1
     take = free & (rank < n_route)
     pos = jnp.minimum(next_pending + rank, n_req - 1)
     req = wl.order[pos]
@@ -106,31 +112,28 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now):
     def put(old, new):
         return jnp.where(take, new, old)
 
-    s = inst_lib.Slots(
-        req=put(s.req, req), status=put(s.status, WAITING), prompt=put(s.prompt, prompt),
-        target=put(s.target, prompt + wl.output[req]), reached=put(s.reached, prompt),
-        computed=put(s.computed, 0), first=put(s.first, True), num_preemptions=put(s.num_preemptions, 0),
-        last_emit=put(s.last_emit, 0), first_scheduled=put(s.first_scheduled, -1),
-        prefix_hit=put(s.prefix_hit, -1), recomputed=put(s.recomputed, 0), nblk=put(s.nblk, 0),
-        nreg=put(s.nreg, 0), blocks=s.blocks, run_key=s.run_key, wait_key=put(s.wait_key, pos),
-        sched_n=s.sched_n, sched_c=s.sched_c, sched_pos=s.sched_pos)
-    slots = jax.tree.map(lambda all_, one: all_.at[0].set(one), inst.slots, s)
+    new = dict(req=req, status=WAITING, prompt=prompt, target=prompt + wl.output[req], reached=prompt,
+               computed=0, first=True, num_preemptions=0, last_emit=0, first_scheduled=-1, prefix_hit=-1,
+               recomputed=0, nblk=0, nreg=0, wait_key=pos)
+    s = {f: put(s[f], new[f]) for f in fields}
+    slots = eqx.tree_at(lambda x: tuple(getattr(x, f) for f in fields), inst.slots,
+                        tuple(getattr(inst.slots, f).at[0].set(s[f]) for f in fields))
     unrouted = arrived - next_pending - n_route
     # Overflow: arrivals wait outside while no slot holds a waiting request, so the scheduler
     # could stop admitting for lack of slots rather than for a vLLM reason.
-    no_waiting_slot = ~jnp.any(s.status == WAITING)
+    no_waiting_slot = ~jnp.any(s["status"] == WAITING)
     overflow = inst.counters.slot_overflow.at[0].set(
         inst.counters.slot_overflow[0] | ((unrouted > 0) & no_waiting_slot))
     inst = eqx.tree_at(lambda i: (i.slots, i.counters.slot_overflow), inst, (slots, overflow))
     return inst, next_pending + n_route, unrouted
 
 
-def _start_batches(inst, prm: EngineParams, wl, now, *, block_size, window, ring_cap):
+def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, window, ring_cap):
     """On every idle instance, schedule a batch and compute when it ends."""
 
     def one(inst, prm):
-        idle = ~inst.busy
-        inst = inst_lib.schedule(inst, prm.sched, wl, now, block_size=block_size, window=window,
+        idle = ~inst.busy & active
+        inst = inst_lib.schedule(inst, prm.sched, wl, now, active, block_size=block_size, window=window,
                                  ring_cap=ring_cap)  # a no-op on a busy instance
         shape = inst_lib.batch_shape(inst.slots)
         dt, extrap = latency.iteration_time(prm.tables, **shape)
@@ -167,21 +170,22 @@ def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, unrouted)
     return per_instance(one)(records, inst, ending, prm.sched.num_blocks, ptok, gtok)
 
 
-def _drain_if_stuck(inst, *, ring_cap):
+def _drain_if_stuck(inst, active, *, ring_cap):
     """An idle instance with work left whose batch came out empty because requests parked as
     FINISHING (async scheduling) still hold their blocks: vLLM then processes those outputs and
     schedules again. Release them; the loop retries at the same instant."""
     s = inst.slots
     work = jnp.any((s.status == WAITING) | (s.status == RUNNING))
-    retry = (~inst.busy) & work & jnp.any(s.status == inst_lib.FINISHING)
+    retry = active & (~inst.busy) & work & jnp.any(s.status == inst_lib.FINISHING)
     inst = inst_lib.release_parked(inst, retry, ring_cap)
     return inst, retry
 
 
-def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size, window, ring_cap):
+def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, block_size, window, ring_cap):
+    """One engine iteration of the cluster. A no-op when not ``active`` (see ``run``)."""
     now = st.now
     inst = st.inst
-    ending = inst.busy & (inst.batch_end == now)
+    ending = active & inst.busy & (inst.batch_end == now)
     inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap),
                                         in_axes=(0, 0, 0, None))(inst, prm.sched.async_scheduling, ending, now)
     # Per-request outputs from the emissions of every instance (flattened over instance, slot).
@@ -208,10 +212,11 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size
              st.instance.at[fin].set(inst_id, mode="drop"),
              st.finished + jnp.sum(ev.finish.astype(I32), dtype=I32)))
 
-    inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now)
+    inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now, active)
     records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, unrouted)
-    inst = _start_batches(inst, prm, wl, now, block_size=block_size, window=window, ring_cap=ring_cap)
-    inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap))(inst)
+    inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap)
+    inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap),
+                               in_axes=(0, None))(inst, active)
 
     any_busy = jnp.any(inst.busy) | jnp.any(retry)
     next_arrival = jnp.where(next_pending < n_req,
@@ -220,7 +225,8 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size
                          jnp.maximum(next_arrival, now))
     stalled = (~any_busy) & (next_pending >= n_req) & (st.finished < n_req)
     return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.stalled, s.steps, s.records),
-                       st, (next_now, next_pending, inst, stalled, st.steps + 1, records))
+                       st, (jnp.where(active, next_now, now), next_pending, inst,
+                            jnp.where(active, stalled, st.stalled), st.steps + active.astype(I32), records))
 
 
 def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iters: int) -> ClusterState:
@@ -236,16 +242,51 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
                              inst_lib.init_records(max_iters)))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "window", "ring_cap", "max_steps"))
-def run(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int, window: int,
-        ring_cap: int, max_steps: int) -> ClusterState:
-    """Advance until every request has finished (or the run stalls, or a buffer would overflow)."""
+def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int,
+                        window: int, ring_cap: int, max_steps: int, record_iterations: bool = True) -> ClusterState:
+    """Advance until every request has finished (or the run stalls, or a buffer would overflow).
+
+    Unjitted; :func:`run` (one configuration) and :func:`run_batch` (a ``vmap`` over
+    configurations) compile it. ``record_iterations=False`` ignores the iteration buffer's size
+    (its writes past the end are dropped), for sweeps that only need per-request results.
+    """
     max_iters = st.records.start.shape[-1]
     n_req = wl.prompt.shape[0]
 
-    def cond(st):
-        return ((st.finished < n_req) & (~st.stalled) & (st.steps < max_steps)
-                & jnp.all(st.inst.n_iters < max_iters))
+    def cond(consts, st):
+        ok = (st.finished < n_req) & (~st.stalled) & (st.steps < max_steps)
+        return ok & jnp.all(st.inst.n_iters < max_iters) if record_iterations else ok
 
-    body = functools.partial(_step, prm=prm, wl=wl, block_size=block_size, window=window, ring_cap=ring_cap)
-    return jax.lax.while_loop(cond, body, st)
+    def body(consts, st):
+        prm, wl = consts
+        return _step(st, prm, wl, cond(consts, st), block_size=block_size, window=window, ring_cap=ring_cap)
+
+    if st.inst.busy.shape[0] != 1:
+        return masked_while_loop(cond, body, st, (prm, wl))
+    # One instance: the loop carries the state without its instance axis. Under a vmap over
+    # configurations, XLA otherwise lays out [config, 1, ...] carries differently from the
+    # body's results and copies the whole state (records included) on every step.
+    squeeze = functools.partial(_map_instance_parts, lambda x: x[0])
+    expand = functools.partial(_map_instance_parts, lambda x: x[None])
+    out = masked_while_loop(lambda c, s: cond(c, expand(s)), lambda c, s: squeeze(body(c, expand(s))),
+                            squeeze(st), (prm, wl))
+    return expand(out)
+
+
+def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
+    """Apply ``fn`` to every leaf with an instance axis (the instances and their records)."""
+    return eqx.tree_at(lambda s: (s.inst, s.records), st, (jax.tree.map(fn, st.inst), jax.tree.map(fn, st.records)))
+
+
+_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations")
+run = functools.partial(jax.jit, static_argnames=_STATIC)(simulate_until_done)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("workload_batched",))
+def run_batch(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, workload_batched: bool = False,
+              **static) -> ClusterState:
+    """:func:`simulate_until_done` for a leading configuration axis on ``st`` and ``prm`` (and on
+    ``wl`` when ``workload_batched``). The loop runs until the last configuration is done; the
+    others stand still meanwhile (every step is masked by its own predicate)."""
+    fn = functools.partial(simulate_until_done, **static)
+    return jax.vmap(fn, in_axes=(0, 0, 0 if workload_batched else None))(st, prm, wl)

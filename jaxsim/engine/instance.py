@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
 from jaxsim.engine import kvpool
+from jaxsim.engine.loops import masked_while_loop
+from jaxsim.engine.ops import prefix_sum, stable_argsort
 
 I32 = jnp.int32
 I64 = jnp.int64
@@ -135,7 +137,7 @@ def _ceil_div(a, b):
 def _expand(counts, first, window):
     """For entries first..first+window-1 of the concatenation of ranges of lengths ``counts``:
     (owner index, offset in the owner's range, valid)."""
-    ends = jnp.cumsum(counts, dtype=I32)
+    ends = prefix_sum(counts)
     e = first + jnp.arange(window, dtype=I32)
     owner = jnp.searchsorted(ends, e, side="right").astype(I32)
     owner_c = jnp.minimum(owner, counts.shape[0] - 1)
@@ -156,15 +158,15 @@ def release_finished(inst: InstanceState, zombies_due, finish, async_scheduling,
     release_now = zombie | (finish & ~park)
     key = jnp.where(zombie, s.wait_key, BIG // 2 + s.sched_pos)
 
-    def cond(c):
+    def cond(key, c):
         return jnp.any(c[1])
 
-    def body(c):
+    def body(key, c):  # with nothing left, slot 0 is released with no blocks: a no-op
         inst, left = c
         slot = jnp.argmin(jnp.where(left, key, BIG)).astype(I32)
-        return _release_slot(inst, slot, ring_cap), left.at[slot].set(False)
+        return _release_slot(inst, slot, ring_cap, jnp.any(left)), left.at[slot].set(False)
 
-    inst, _ = jax.lax.while_loop(cond, body, (inst, release_now))
+    inst, _ = masked_while_loop(cond, body, (inst, release_now), key)
     s = inst.slots
     s = eqx.tree_at(lambda x: (x.status, x.req, x.nblk, x.wait_key), s,
                     (jnp.where(release_now, EMPTY, jnp.where(park, FINISHING, s.status)),
@@ -178,21 +180,28 @@ def release_parked(inst: InstanceState, due, ring_cap) -> InstanceState:
     return release_finished(inst, due, jnp.zeros(inst.slots.status.shape, bool), False, ring_cap)
 
 
-def _release_slot(inst: InstanceState, slot, ring_cap) -> InstanceState:
+def _release_slot(inst: InstanceState, slot, ring_cap, active) -> InstanceState:
+    """Give back the blocks of ``slot`` (none when not ``active``)."""
     s = inst.slots
-    pool = kvpool.release_blocks(inst.pool, s.blocks[slot], s.nblk[slot], ring_cap)
+    pool = kvpool.release_blocks(inst.pool, s.blocks[slot], jnp.where(active, s.nblk[slot], 0), ring_cap)
     return eqx.tree_at(lambda i: i.pool, inst, pool)
 
 
-def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: int, window: int,
-             ring_cap: int) -> InstanceState:
+def _put(field, index, value):
+    """``field[index] = value``; an out-of-range index (a masked write) changes nothing."""
+    return field.at[index].set(value, mode="drop")
+
+
+def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *, block_size: int,
+             window: int, ring_cap: int) -> InstanceState:
     """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``.
 
-    A busy instance (a batch in flight) is left unchanged. That is done by giving it no token
-    budget rather than with ``lax.cond``, which may copy the whole state on every step.
+    A busy instance (a batch in flight), or one not ``allowed`` to schedule, is left unchanged.
+    That is done by giving it no token budget rather than with ``lax.cond``, which may copy the
+    whole state on every step.
     """
     bs = block_size
-    idle = ~inst.busy
+    idle = ~inst.busy & allowed
     s = inst.slots
     num_slots = s.req.shape[0]
     max_seqs = jnp.where(prm.max_num_seqs > 0, prm.max_num_seqs, BIG)
@@ -212,54 +221,62 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
 
     # ---- Phase A: the running list, in order. The budget is a prefix sum. ----
     running = s.status == RUNNING
-    order = jnp.argsort(jnp.where(running, s.run_key, BIG), stable=True).astype(I32)
+    order = stable_argsort(jnp.where(running, s.run_key, BIG))
     m = jnp.sum(running.astype(I32), dtype=I32)
     in_list = jnp.arange(num_slots) < m
     want = s.reached - s.computed
     want = jnp.where((thr > 0) & (thr < want), thr, want)
     want_o = jnp.where(in_list, want[order], 0)
-    used_before = jnp.cumsum(want_o, dtype=I32) - want_o
+    used_before = prefix_sum(want_o) - want_o
     n_o = jnp.clip(budget0 - used_before, 0, want_o)
     need_o = jnp.where(n_o > 0, jnp.maximum(_ceil_div(s.computed[order] + n_o, bs) - s.nblk[order], 0), 0)
-    need_cum = jnp.cumsum(need_o, dtype=I32)
+    need_cum = prefix_sum(need_o)
 
     # Tail preemption: pop the tail of the running list while the blocks needed by the entries
     # ahead of it exceed the free blocks (exactly vLLM's sequential loop, see module notes).
-    def needs_victim(c):
+    def needs_victim(consts, c):
+        need_cum, _ = consts
         inst, p = c
         return (p > 0) & (need_cum[jnp.maximum(p - 1, 0)] > inst.pool.num_free)
 
-    def preempt_tail(c):
+    def preempt_tail(consts, c):  # every write masked by `act` (see masked_while_loop)
+        act = needs_victim(consts, c)
+        _, order = consts
         inst, p = c
-        v = order[p - 1]
-        inst = _release_slot(inst, v, ring_cap)
+        v = order[jnp.maximum(p - 1, 0)]
+        inst = _release_slot(inst, v, ring_cap, act)
         key = -(inst.preempt_counter + 1)  # prepended: ahead of every waiting request
+        w = jnp.where(act, v, num_slots)
         sl = inst.slots
         sl = eqx.tree_at(
             lambda x: (x.status, x.computed, x.nblk, x.nreg, x.num_preemptions, x.wait_key),
-            sl, (sl.status.at[v].set(WAITING), sl.computed.at[v].set(0), sl.nblk.at[v].set(0),
-                 sl.nreg.at[v].set(0), sl.num_preemptions.at[v].add(1), sl.wait_key.at[v].set(key)))
-        ctr = eqx.tree_at(lambda c: c.preemptions, inst.counters, inst.counters.preemptions + 1)
+            sl, (_put(sl.status, w, WAITING), _put(sl.computed, w, 0), _put(sl.nblk, w, 0),
+                 _put(sl.nreg, w, 0), _put(sl.num_preemptions, w, sl.num_preemptions[v] + 1),
+                 _put(sl.wait_key, w, key)))
+        a = act.astype(I32)
+        ctr = eqx.tree_at(lambda c: c.preemptions, inst.counters, inst.counters.preemptions + a)
         inst = eqx.tree_at(lambda i: (i.slots, i.preempt_counter, i.counters), inst,
-                           (sl, inst.preempt_counter + 1, ctr))
-        return inst, p - 1
+                           (sl, inst.preempt_counter + a, ctr))
+        return inst, p - a
 
-    inst, kept = jax.lax.while_loop(needs_victim, preempt_tail, (inst, m))
+    inst, kept = masked_while_loop(needs_victim, preempt_tail, (inst, m), (need_cum, order))
     preempted = kept < m
     n_o = jnp.where(jnp.arange(num_slots) < kept, n_o, 0)
     need_o = jnp.where(n_o > 0, need_o, 0)
 
     # Allocate the new blocks of every scheduled running request from the free-list head.
-    need_ends = jnp.cumsum(need_o, dtype=I32)
+    need_ends = prefix_sum(need_o)
 
-    def sink_a(blocks, ids, first_k, count):
+    def sink_a(consts, blocks, ids, first_k, count):
+        need_o, order, nblk = consts
         owner, offset, _ = _expand(need_o, first_k, window)
         valid = jnp.arange(window) < count
         slot = order[owner]
-        col = inst.slots.nblk[slot] + offset
+        col = nblk[slot] + offset
         return blocks.at[jnp.where(valid, slot, num_slots), col].set(ids, mode="drop")
 
-    pool, blocks = kvpool.pop_blocks(inst.pool, need_ends[-1], window, sink_a, inst.slots.blocks)
+    pool, blocks = kvpool.pop_blocks(inst.pool, need_ends[-1], window, sink_a, inst.slots.blocks,
+                                     (need_o, order, inst.slots.nblk))
     sl = inst.slots
     n_slot = jnp.zeros(num_slots, I32).at[order].set(n_o)
     need_slot = jnp.zeros(num_slots, I32).at[order].set(need_o)
@@ -276,40 +293,45 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
     reg_o = new_reg[order]
     total_reg = jnp.sum(reg_o, dtype=I32)
 
-    def reg_cond(c):
-        return c[1] < total_reg
+    def reg_cond(consts, c):
+        return c[1] < consts[0]
 
-    def reg_body(c):
+    def reg_body(consts, c):  # past total_reg no entry is valid: a no-op
+        _, reg_o, order, nreg, blocks, req, hashes = consts
         pool, first = c
         owner, offset, valid = _expand(reg_o, first, window)
         slot = order[owner]
-        j = sl.nreg[slot] + offset
-        blk = sl.blocks[slot, jnp.minimum(j, sl.blocks.shape[1] - 1)]
-        h = wl.hashes[jnp.maximum(sl.req[slot], 0), jnp.minimum(j, wl.hashes.shape[1] - 1)]  # [req, mb]
+        j = nreg[slot] + offset
+        blk = blocks[slot, jnp.minimum(j, blocks.shape[1] - 1)]
+        h = hashes[jnp.maximum(req[slot], 0), jnp.minimum(j, hashes.shape[1] - 1)]  # [req, mb]
         return kvpool.register_blocks(pool, blk, h, valid), first + window
 
-    pool, _ = jax.lax.while_loop(reg_cond, reg_body, (pool, jnp.asarray(0, I32)))
+    pool, _ = masked_while_loop(reg_cond, reg_body, (pool, jnp.asarray(0, I32)),
+                                (total_reg, reg_o, order, sl.nreg, sl.blocks, sl.req, wl.hashes))
     sl = eqx.tree_at(lambda x: x.nreg, sl, sl.nreg + new_reg)
     inst = eqx.tree_at(lambda i: (i.slots, i.pool), inst, (sl, pool))
     budget = budget0 - jnp.sum(n_o, dtype=I32)
     n_sched = jnp.sum((n_o > 0).astype(I32), dtype=I32)
 
     # ---- Phase B: admit from the head of the waiting queue, one at a time, FCFS. ----
-    def admit_cond(c):
+    def admit_cond(consts, c):
+        preempted, max_seqs = consts[:2]
         inst, budget, n_sched, stop = c
         seats = (inst.slots.status == RUNNING) | (inst.slots.status == FINISHING)
         n_running = jnp.sum(seats.astype(I32), dtype=I32)
         has_waiting = jnp.any(inst.slots.status == WAITING)
         return (~preempted) & (~stop) & (budget > 0) & (n_running < max_seqs) & has_waiting
 
-    def admit_body(c):
+    def admit_body(consts, c):  # every write masked by `ok`, which implies admit_cond
+        act = admit_cond(consts, c)
+        _, _, thr, now, hashes_all, n_hashes_all, prm = consts
         inst, budget, n_sched, _ = c
         sl, pool = inst.slots, inst.pool
         r = jnp.argmin(jnp.where(sl.status == WAITING, sl.wait_key, BIG)).astype(I32)
         req = sl.req[r]
         reached = sl.reached[r]
-        hashes = wl.hashes[req]
-        limit = jnp.where(prm.prefix_caching, jnp.minimum((reached - 1) // bs, wl.n_hashes[req]), 0)
+        hashes = hashes_all[req]
+        limit = jnp.where(prm.prefix_caching, jnp.minimum((reached - 1) // bs, n_hashes_all[req]), 0)
         matched, hit_blocks = kvpool.lookup_prefix(pool, hashes, limit)
         hit_mask = jnp.arange(hashes.shape[0]) < matched
         c0 = matched * bs
@@ -321,7 +343,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
         hits_free = jnp.sum((hit_mask & (hit_ref == 0)).astype(I32), dtype=I32)
         full_need = _ceil_div(jnp.maximum(reached, c0), bs) - matched + hits_free
         new_blocks = _ceil_div(c0 + n, bs) - matched
-        ok = ((~no_chunk_stop) & (n > 0)
+        ok = (act & (~no_chunk_stop) & (n > 0)
               & ~(prm.reserve_full_isl & (full_need > pool.num_free))
               & (new_blocks + hits_free <= pool.num_free))
 
@@ -330,21 +352,21 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
         pool = kvpool.touch_blocks(pool, hit_blocks, hit_mask & ok)
         row = hit_blocks  # the hit blocks lead the block table, -1 after them
 
-        def sink_b(row, ids, first_k, count):
+        def sink_b(matched, row, ids, first_k, count):
             col = matched + first_k + jnp.arange(window, dtype=I32)
             return row.at[jnp.where(jnp.arange(window) < count, col, mb)].set(ids, mode="drop")
 
-        pool, row = kvpool.pop_blocks(pool, jnp.where(ok, new_blocks, 0), window, sink_b, row)
+        pool, row = kvpool.pop_blocks(pool, jnp.where(ok, new_blocks, 0), window, sink_b, row, matched)
         computed = c0 + n
         n_full = jnp.minimum(jnp.minimum(computed, reached) // bs,
-                             jnp.where(prm.prefix_caching, wl.n_hashes[req], 0))
+                             jnp.where(prm.prefix_caching, n_hashes_all[req], 0))
         j = jnp.arange(mb)
         pool = kvpool.register_blocks(pool, row, hashes, ok & (j >= matched) & (j < n_full))
         first_admission = sl.prefix_hit[r] < 0
         w = jnp.where(ok, r, num_slots)  # out of range: the writes are dropped
 
         def put(field, value):
-            return field.at[w].set(value, mode="drop")
+            return _put(field, w, value)
 
         sl = eqx.tree_at(
             lambda x: (x.blocks, x.status, x.computed, x.nblk, x.nreg, x.run_key, x.wait_key,
@@ -366,8 +388,9 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, *, block_size: 
                            (sl, pool, inst.run_counter + ok.astype(I32), ctr))
         return inst, budget - jnp.where(ok, n, 0), n_sched + ok.astype(I32), ~ok
 
-    inst, budget, n_sched, _ = jax.lax.while_loop(
-        admit_cond, admit_body, (inst, budget, n_sched, jnp.asarray(False)))
+    inst, budget, n_sched, _ = masked_while_loop(
+        admit_cond, admit_body, (inst, budget, n_sched, jnp.asarray(False)),
+        (preempted, max_seqs, thr, now, wl.hashes, wl.n_hashes, prm))
     sl = inst.slots
     kept = tuple(jnp.where(idle, new, old) for new, old in zip((sl.sched_n, sl.sched_c, sl.sched_pos), in_flight))
     return eqx.tree_at(lambda i: (i.slots.sched_n, i.slots.sched_c, i.slots.sched_pos), inst, kept)

@@ -16,12 +16,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
+from jaxsim.engine.loops import masked_while_loop
+from jaxsim.engine.ops import leading_true, prefix_sum
+
 I32 = jnp.int32
 
 
 class KVPool(eqx.Module):
     ref: Int[Array, " block"]  # ref count; 0 = free (possibly still cached under its hash)
-    blk_hash: Int[Array, " block"]  # hash id the block carries, -1 for none
+    # Hash id the block was last registered under, -1 for none. Not cleared when the block is
+    # popped: a stale id is harmless because eviction checks that the index points at the block.
+    blk_hash: Int[Array, " block"]
     ring_pos: Int[Array, " block"]  # index of the block in `ring` while it is free
     ring: Int[Array, " ring"]  # free list in LRU order between head and tail; -1 = tombstone
     head: Int[Array, ""]
@@ -57,13 +62,14 @@ def indexed_block(entry):
     return (entry & jnp.asarray(0xFFFFFFFF, jnp.int64)).astype(I32)
 
 
-def pop_blocks(pool: KVPool, count, window: int, sink, sink_state):
+def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=()):
     """Pop ``count`` blocks from the head of the free list (the least recently freed first).
 
     Popping a block that still carries a hash evicts it from the prefix index unless the index
     already points at a newer block with that hash. Blocks are handed, in order, to
-    ``sink(sink_state, ids[window], first_k, n) -> sink_state`` window by window, where only the
-    first ``n`` ids are valid and ``first_k`` is the rank of ids[0] among all popped blocks.
+    ``sink(sink_consts, sink_state, ids[window], first_k, n) -> sink_state`` window by window,
+    where only the first ``n`` ids are valid (``n`` is 0 on a trip that pops nothing, and the
+    sink must then change nothing) and ``first_k`` is the rank of ids[0] among all popped blocks.
     The caller checks ``count <= pool.num_free``; the count is clipped all the same so that the
     loop terminates on any input (under ``vmap`` it also runs for configurations that pop nothing).
     """
@@ -72,15 +78,16 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state):
 
     count = jnp.minimum(count, pool.num_free)
 
-    def cond(c):
-        return (c[2] < count) & (c[0].head < c[0].tail)
+    def cond(consts, c):
+        return (c[2] < consts[0]) & (c[0].head < c[0].tail)
 
-    def body(c):
+    def body(consts, c):  # a no-op once done == count (nothing is taken, the head stays)
+        count, sink_consts = consts
         pool, sink_state, done = c
         pos = pool.head + jnp.arange(window, dtype=I32)
         ids = jax.lax.dynamic_slice(pool.ring, (pool.head,), (window,))
         live = (ids >= 0) & (pos < pool.tail)
-        rank = jnp.cumsum(live.astype(I32), dtype=I32) - 1
+        rank = prefix_sum(live.astype(I32)) - 1
         take = live & (rank < count - done)
         n_take = jnp.sum(take.astype(I32), dtype=I32)
         # Compact the taken ids to the front of the window, in free-list order.
@@ -91,34 +98,37 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state):
         entry = pool.hash_index.at[jnp.maximum(h, 0)].get()
         still_indexed = valid & (h >= 0) & (entry >= 0) & (indexed_block(entry) == packed)
         hash_index = pool.hash_index.at[jnp.where(still_indexed, h, n_hash)].set(-1, mode="drop")
-        blk_hash = pool.blk_hash.at[safe].set(-1, mode="drop")
         ref = pool.ref.at[safe].set(1, mode="drop")
         # New head: just past the last taken entry (or past the whole window if more are needed).
         last = jnp.max(jnp.where(take, jnp.arange(window, dtype=I32), -1))
         need_more = n_take < count - done
         head = jnp.where(need_more, jnp.minimum(pool.head + window, pool.tail), pool.head + last + 1)
         pool = eqx.tree_at(
-            lambda p: (p.ref, p.blk_hash, p.hash_index, p.head, p.num_free),
-            pool, (ref, blk_hash, hash_index, head, pool.num_free - n_take))
-        sink_state = sink(sink_state, packed, done, n_take)
+            lambda p: (p.ref, p.hash_index, p.head, p.num_free),
+            pool, (ref, hash_index, head, pool.num_free - n_take))
+        sink_state = sink(sink_consts, sink_state, packed, done, n_take)
         return pool, sink_state, done + n_take
 
-    pool, sink_state, _ = jax.lax.while_loop(cond, body, (pool, sink_state, jnp.asarray(0, I32)))
+    pool, sink_state, _ = masked_while_loop(cond, body, (pool, sink_state, jnp.asarray(0, I32)),
+                                            (count, sink_consts))
     return pool, sink_state
 
 
-def _compact(pool: KVPool) -> KVPool:
-    """Move the live free-list entries to the front of the buffer (keeps their order)."""
+def _compact(pool: KVPool, needed) -> KVPool:
+    """Move the live free-list entries to the front of the buffer (keeps their order), when
+    ``needed`` (otherwise the pool is returned unchanged, as ``masked_while_loop`` requires)."""
     n_blocks = pool.ref.shape[0]
     size = pool.ring.shape[0]
     idx = jnp.arange(size, dtype=I32)
     live = (idx >= pool.head) & (idx < pool.tail) & (pool.ring >= 0)
-    new_pos = jnp.cumsum(live.astype(I32), dtype=I32) - 1
+    new_pos = prefix_sum(live.astype(I32)) - 1
     ring = jnp.full(size, -1, I32).at[jnp.where(live, new_pos, size)].set(pool.ring, mode="drop")
     ring_pos = pool.ring_pos.at[jnp.where(live, pool.ring, n_blocks)].set(new_pos, mode="drop")
     n_live = jnp.sum(live.astype(I32), dtype=I32)
+    new = (ring, ring_pos, jnp.asarray(0, I32), n_live)
+    old = (pool.ring, pool.ring_pos, pool.head, pool.tail)
     return eqx.tree_at(lambda p: (p.ring, p.ring_pos, p.head, p.tail), pool,
-                       (ring, ring_pos, jnp.asarray(0, I32), n_live))
+                       tuple(jnp.where(needed, a, b) for a, b in zip(new, old)))
 
 
 def release_blocks(pool: KVPool, blocks, nblk, ring_cap: int) -> KVPool:
@@ -135,11 +145,15 @@ def release_blocks(pool: KVPool, blocks, nblk, ring_cap: int) -> KVPool:
     ref = pool.ref.at[safe].add(-1, mode="drop")
     freed = valid & (ref.at[safe].get(mode="fill", fill_value=1) == 0)
     n_freed = jnp.sum(freed.astype(I32), dtype=I32)
-    # Rare path: compact the buffer when the appends would run past its end. A while loop with
-    # at most one trip costs nothing when not taken, even under vmap (unlike lax.cond).
+    # Rare path: compact the buffer when the appends would run past its end. A loop with at most
+    # one trip costs nothing when not taken, even under vmap (unlike lax.cond).
     pool = eqx.tree_at(lambda p: p.ref, pool, ref)
-    pool = jax.lax.while_loop(lambda p: p.tail + n_freed > ring_cap, _compact, pool)
-    slot = pool.tail + jnp.cumsum(freed.astype(I32), dtype=I32) - 1
+
+    def overflows(n_freed, p):
+        return p.tail + n_freed > ring_cap
+
+    pool = masked_while_loop(overflows, lambda n, p: _compact(p, overflows(n, p)), pool, n_freed)
+    slot = pool.tail + prefix_sum(freed.astype(I32)) - 1
     ring = pool.ring.at[jnp.where(freed, slot, pool.ring.shape[0])].set(rev, mode="drop")
     ring_pos = pool.ring_pos.at[jnp.where(freed, rev, n_blocks)].set(slot, mode="drop")
     return eqx.tree_at(lambda p: (p.ring, p.ring_pos, p.tail, p.num_free), pool,
@@ -150,10 +164,13 @@ def touch_blocks(pool: KVPool, blocks, mask) -> KVPool:
     """Take a reference on prefix-hit blocks; free ones leave the middle of the free list."""
     n_blocks = pool.ref.shape[0]
     safe = jnp.where(mask, blocks, n_blocks)
-    was_free = mask & (pool.ref.at[safe].get(mode="fill", fill_value=1) == 0)
+    old_ref = pool.ref.at[safe].get(mode="fill", fill_value=1)
+    was_free = mask & (old_ref == 0)
     pos = pool.ring_pos.at[jnp.where(was_free, blocks, n_blocks)].get(mode="fill", fill_value=-1)
     ring = pool.ring.at[jnp.where(was_free, pos, pool.ring.shape[0])].set(-1, mode="drop")
-    ref = pool.ref.at[safe].add(1, mode="drop")
+    # Written from the values read (not `.add`), so that XLA orders the read first and updates
+    # in place; an unordered read forces a copy of the whole array.
+    ref = pool.ref.at[safe].set(old_ref + 1, mode="drop")
     return eqx.tree_at(lambda p: (p.ring, p.ref, p.num_free), pool,
                        (ring, ref, pool.num_free - jnp.sum(was_free.astype(I32), dtype=I32)))
 
@@ -163,7 +180,7 @@ def register_blocks(pool: KVPool, blocks, hashes, mask) -> KVPool:
     later entry (the newest block) wins, as in the reference's one-block-per-hash index."""
     n_blocks = pool.ref.shape[0]
     n_hash = pool.hash_index.shape[0]
-    stamp = pool.num_registered + jnp.cumsum(mask.astype(jnp.int64), dtype=jnp.int64)
+    stamp = pool.num_registered + prefix_sum(mask.astype(jnp.int64))
     entry = (stamp << 32) | blocks.astype(jnp.int64)
     hash_index = pool.hash_index.at[jnp.where(mask, hashes, n_hash)].max(entry, mode="drop")
     blk_hash = pool.blk_hash.at[jnp.where(mask, blocks, n_blocks)].set(hashes, mode="drop")
@@ -176,5 +193,5 @@ def lookup_prefix(pool: KVPool, hashes, limit):
     n = hashes.shape[0]
     entry = pool.hash_index.at[jnp.maximum(hashes, 0)].get()
     hit = (hashes >= 0) & (entry >= 0) & (jnp.arange(n) < limit)
-    matched = jnp.sum(jnp.cumprod(hit.astype(I32)), dtype=I32)
+    matched = leading_true(hit)
     return matched, jnp.where(jnp.arange(n) < matched, indexed_block(entry), -1)

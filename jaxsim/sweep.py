@@ -1,0 +1,278 @@
+"""Many configurations in one compiled, vmapped call.
+
+    base = SweepBase(workload, model, HardwareConfig(), SchedulerConfig())
+    points = expand_grid({"max_num_seqs": [32, 64, 128], "arrival_rate_scale": [0.5, 1, 2]})
+    result = sweep(base, points)          # 9 configurations, one compile
+    result.write("sweep.csv")
+
+Every knob in :data:`KNOBS` is numeric in the engine (a traced array), so configurations that
+differ only in knobs share one compiled program: their states are padded to common sizes
+(:class:`jaxsim.simulator.Dims`, which never changes a result) and stacked along a leading
+configuration axis. What changes shapes or code (the block size, the number of requests) splits
+the points into groups, one compile per group. A group runs in chunks of ``chunk_size``
+configurations (bounded memory, a progress bar); each chunk is split across the local devices
+with ``shard_map`` when there are several, each device running its share independently.
+
+A configuration of a sweep gives exactly the result of its single run (``tests/test_sweep.py``):
+:func:`point_inputs` is the one place that turns a point into the inputs of ``simulate``.
+"""
+
+import dataclasses
+import functools
+import itertools
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxsim import simulator
+from jaxsim.engine import cluster
+from jaxsim.errors import JaxsimInputError
+from jaxsim.model import ModelConfig
+from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.workload import synthetic_workload
+
+# knob -> what it sets. All of them vary per configuration inside one compiled call.
+KNOBS = {
+    "hardware": "a name in SweepBase.hardware_options: profile bundle, memory and links",
+    "tp": "tensor-parallel degree (selects the profiles' tp<N> folder; never extrapolated)",
+    "num_gpu_blocks": "KV capacity in blocks (overrides the memory model)",
+    "mem_util": "gpu_memory_utilization of the memory model (KV capacity)",
+    "link_bw_gbps": "TP/EP link bandwidth, GB/s",
+    "link_latency_ns": "TP/EP link latency per ring step, ns",
+    "max_num_seqs": "scheduler seat limit",
+    "max_num_batched_tokens": "scheduler token budget per iteration",
+    "long_prefill_token_threshold": "cap on one prefill chunk (0 = off)",
+    "enable_prefix_caching": "prefix caching on/off",
+    "enable_chunked_prefill": "chunked prefill on/off",
+    "async_scheduling": "vLLM V1 async scheduling on/off",
+    "compute_scale": "time multiplier of linear layers / MoE experts (0.8 = 20% faster compute)",
+    "memory_scale": "time multiplier of attention (KV-read bound)",
+    "link_scale": "time multiplier of collectives",
+    "arrival_rate_scale": "request-rate multiplier: arrival times are divided by it",
+    "seed": "seed of the synthetic workload (SweepBase.synthetic)",
+}
+_HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns")
+_SCHEDULER_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
+                    "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
+_SCALE_KNOBS = ("compute_scale", "memory_scale", "link_scale")
+
+
+@dataclasses.dataclass
+class SweepBase:
+    """The configuration every point starts from; a point overrides some :data:`KNOBS`."""
+
+    workload: Workload
+    model: ModelConfig
+    hardware: HardwareConfig = HardwareConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    runtime: ModelRuntimeConfig = ModelRuntimeConfig()
+    calibration: Calibration = Calibration()
+    profiles_dir: str | Path = "profiles"
+    hardware_options: dict = dataclasses.field(default_factory=dict)  # name -> HardwareConfig
+    synthetic: dict | None = None  # synthetic_workload(**synthetic, seed=...) for the "seed" knob
+    slo_ttft_ms: float | None = None  # SLO attainment = TTFT and TPOT both within their SLO
+    slo_tpot_ms: float | None = None
+    max_slots: int = 0  # sim.max_slots (0 = auto)
+
+
+def expand_grid(axes: dict) -> list:
+    """The cartesian product of ``{knob: [values]}`` as a list of points (last knob fastest)."""
+    for name, values in axes.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise JaxsimInputError(f"sweep.axes.{name}", f"must be a non-empty list, got {values!r}")
+    names = list(axes)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))]
+
+
+def scale_arrivals(workload: Workload, factor: float) -> Workload:
+    """The trace at ``factor`` times its request rate: arrival times (from the first) / factor."""
+    if not factor > 0:
+        raise JaxsimInputError("sweep.arrival_rate_scale", f"must be > 0, got {factor}")
+    if factor == 1:
+        return workload
+    t0 = int(workload.arrival_ns.min())
+    arrival = t0 + np.floor((workload.arrival_ns - t0) / float(factor)).astype(np.int64)
+    return dataclasses.replace(workload, arrival_ns=arrival)
+
+
+def _check_point(point: dict, base: SweepBase, where: str) -> None:
+    for name in point:
+        if name not in KNOBS:
+            raise JaxsimInputError(f"{where}.{name}", "unknown knob", f"knobs: {sorted(KNOBS)}; structural "
+                                   "choices (model, block size, trace file) go in Hydra multirun (-m)")
+    if "hardware" in point and point["hardware"] not in base.hardware_options:
+        raise JaxsimInputError(f"{where}.hardware", f"unknown hardware {point['hardware']!r}",
+                               f"known: {sorted(base.hardware_options)}")
+    if "seed" in point and base.synthetic is None:
+        raise JaxsimInputError(f"{where}.seed", "the seed knob needs a synthetic workload",
+                               "use workload=synthetic_poisson (or SweepBase.synthetic)")
+
+
+def point_inputs(base: SweepBase, point: dict) -> dict:
+    """The arguments of :func:`jaxsim.simulate` / :func:`jaxsim.simulator.plan` for one point."""
+    hw = base.hardware_options[point["hardware"]] if "hardware" in point else base.hardware
+    hw = dataclasses.replace(hw, **{k: point[k] for k in _HARDWARE_KNOBS if k in point})
+    sched = dataclasses.replace(base.scheduler, **{k: point[k] for k in _SCHEDULER_KNOBS if k in point})
+    workload = _workload(base, point.get("seed"), point.get("arrival_rate_scale", 1.0))
+    return dict(workload=workload, model=base.model, hw=hw, sched=sched, rt=base.runtime,
+                calib=base.calibration, profiles_dir=base.profiles_dir, max_slots=base.max_slots,
+                scales={k: float(point.get(k, 1.0)) for k in _SCALE_KNOBS})
+
+
+_WORKLOADS: dict = {}  # (id(base), seed, scale) -> Workload, so points share arrays by identity
+
+
+def _workload(base: SweepBase, seed, scale) -> Workload:
+    key = (id(base), seed, float(scale))
+    if key not in _WORKLOADS:
+        w = base.workload if seed is None else synthetic_workload(**{**base.synthetic, "seed": int(seed)})
+        _WORKLOADS[key] = scale_arrivals(w, scale)
+    return _WORKLOADS[key]
+
+
+@dataclasses.dataclass
+class SweepResult:
+    rows: list  # one dict per point: its knobs, then metrics (see :func:`config_metrics`)
+    requests: list | None  # per point, per-request arrays (``keep_requests=True``)
+    num_groups: int
+    wall_s: float
+    sim_s: float  # sum over configurations of simulated seconds
+
+    def write(self, path) -> Path:
+        from jaxsim import report
+        return report.write_table(self.rows, path)
+
+
+_REQUEST_FIELDS = ("first_token", "finish", "first_scheduled", "prefix_hit", "num_preemptions", "recomputed")
+
+
+def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: bool = True, devices=None,
+          keep_requests: bool = False) -> SweepResult:
+    """Run every point; see the module docstring. ``devices`` defaults to ``jax.local_devices()``."""
+    t_start = time.perf_counter()
+    if not points:
+        raise JaxsimInputError("sweep.axes", "no configurations to run")
+    for i, p in enumerate(points):
+        _check_point(p, base, f"sweep point {i}")
+    devices = list(devices or jax.local_devices())
+    chunk_size = max(len(devices), -(-chunk_size // len(devices)) * len(devices))
+
+    # Host side: one plan per point; traces hashed once per distinct trace.
+    arrays_cache: dict = {}
+    plans = []
+    for p in points:
+        kw = point_inputs(base, p)
+        w, sched = kw["workload"], kw["sched"]
+        max_blocks = int(-(-(w.input_toks.astype(np.int64) + w.output_toks).max() // sched.block_size)) + 1
+        key = (id(w), sched.block_size, max_blocks)
+        if key not in arrays_cache:  # hashes are computed for every point: prefix caching is a knob
+            arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks)
+        plans.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
+
+    groups: dict = {}
+    for i, pl in enumerate(plans):
+        groups.setdefault((pl.block_size, pl.dims.num_requests), []).append(i)
+
+    rows: list = [None] * len(points)
+    requests: list | None = [None] * len(points) if keep_requests else None
+    sim_s = 0.0
+    bar = _progress(len(points), progress)
+    for (block_size, _), members in groups.items():
+        dims = simulator.Dims.merge([plans[i].dims for i in members])
+        static = dims.static(block_size, record_iterations=False)
+        for lo in range(0, len(members), chunk_size):
+            idx = members[lo:lo + chunk_size]
+            padded = idx + [idx[-1]] * (chunk_size - len(idx))  # one shape per group: one compile
+            state, params, wl, wl_batched = simulator.build([plans[i] for i in padded], dims, batched=True)
+            final = _run_chunk(state, params, wl, wl_batched, static, tuple(devices))
+            host = jax.device_get(dict(
+                **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,
+                stalled=final.stalled, n_iters=final.inst.n_iters[:, 0],
+                preemptions=final.inst.counters.preemptions[:, 0],
+                slot_overflow=final.inst.counters.slot_overflow[:, 0]))
+            for k, i in enumerate(idx):
+                one = {f: v[k] for f, v in host.items()}
+                row, sim = config_metrics(plans[i].workload, one, base.slo_ttft_ms, base.slo_tpot_ms, static["max_steps"])
+                rows[i] = {"config": i, **points[i], **row}
+                sim_s += sim
+                if keep_requests:
+                    requests[i] = {f: one[f] for f in _REQUEST_FIELDS}
+            bar.update(len(idx))
+    bar.close()
+    return SweepResult(rows, requests, len(groups), time.perf_counter() - t_start, sim_s)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=not enabled, unit="config", desc="sweep")
+
+
+def _run_chunk(state, params, wl, wl_batched: bool, static: dict, devices: tuple):
+    if len(devices) == 1:
+        return cluster.run_batch(state, params, wl, workload_batched=wl_batched, **static)
+    return _sharded_runner(devices, wl_batched, tuple(sorted(static.items())))(state, params, wl)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_runner(devices: tuple, wl_batched: bool, static_items: tuple):
+    """``run_batch`` split over ``devices`` along the configuration axis. Each device loops over
+    its own configurations (no cross-device synchronisation per step)."""
+    static = dict(static_items)
+    mesh = Mesh(np.array(devices), ("config",))
+    cfg, rep = PartitionSpec("config"), PartitionSpec()
+    fn = functools.partial(cluster.simulate_until_done, **static)
+
+    def local(st, prm, wl):
+        return jax.vmap(fn, in_axes=(0, 0, 0 if wl_batched else None))(st, prm, wl)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(cfg, cfg, cfg if wl_batched else rep), out_specs=cfg,
+                            check_vma=False)
+    return jax.jit(sharded)
+
+
+def config_metrics(workload: Workload, out: dict, slo_ttft_ms, slo_tpot_ms, max_steps: int):
+    """One row of metrics from a configuration's per-request times (definitions as in
+    :func:`jaxsim.metrics.request_table`: TPOT = (e2e - ttft) // (output - 1), 0 for one token).
+
+    Returns ``(row, simulated seconds)``. ``status`` is ``ok`` unless the run did not complete:
+    ``stalled`` (a request never fits the KV cache), ``slot_overflow`` (raise max_slots) or
+    ``step_limit``; the metrics then cover the finished requests only.
+    """
+    finish = np.asarray(out["finish"], np.int64)
+    done = finish >= 0
+    arrival = workload.arrival_ns.astype(np.int64)
+    output = workload.output_toks.astype(np.int64)
+    ttft = (np.asarray(out["first_token"], np.int64) - arrival)[done]
+    e2e = (finish - arrival)[done]
+    out_done = output[done]
+    tpot = np.where(out_done > 1, (e2e - ttft) // np.maximum(out_done - 1, 1), 0)
+    makespan = float(finish[done].max() - arrival.min()) / 1e9 if done.any() else math.nan
+    span = float(arrival.max() - arrival.min()) / 1e9
+    status = ("slot_overflow" if out["slot_overflow"] else "stalled" if out["stalled"]
+              else "ok" if done.all() else "step_limit")
+    row = {"status": status, "finished": int(done.sum())}
+    for name, v in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
+        ms = v / 1e6
+        row[f"{name}_mean_ms"] = float(ms.mean()) if ms.size else math.nan
+        for q in (50, 90, 99):
+            row[f"{name}_p{q}_ms"] = float(np.percentile(ms, q)) if ms.size else math.nan
+    row["offered_rate_rps"] = (len(arrival) - 1) / span if span > 0 else math.inf
+    row["throughput_rps"] = float(done.sum() / makespan) if makespan > 0 else math.nan
+    row["output_tok_s"] = float(out_done.sum() / makespan) if makespan > 0 else math.nan
+    row["makespan_s"] = makespan
+    row["preemptions"] = int(out["preemptions"])
+    row["iterations"] = int(out["n_iters"])
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        ok = np.ones(ttft.shape, bool)
+        if slo_ttft_ms is not None:
+            ok &= ttft / 1e6 <= slo_ttft_ms
+        if slo_tpot_ms is not None:
+            ok &= tpot / 1e6 <= slo_tpot_ms
+        row["slo_attainment"] = float(ok.sum() / len(arrival))  # unfinished requests miss the SLO
+        row["goodput_rps"] = float(ok.sum() / makespan) if makespan > 0 else math.nan
+    return row, (0.0 if math.isnan(makespan) else makespan)
