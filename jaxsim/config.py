@@ -6,6 +6,10 @@
 every field, loads or generates the workload and returns a :class:`RunSpec`; no ``DictConfig``
 goes further than this module.
 
+The ``sweep`` group (``scripts/sweep.py``) adds the axes of a batched sweep: :func:`sweep_options`
+validates that section and :func:`sweep_base` builds the :class:`jaxsim.sweep.SweepBase` every
+point starts from (both import JAX lazily; the rest of this module does not need it).
+
 Data paths: ``paths.root`` defaults to the project root derived from this package's location,
 and ``paths.profiles`` / ``paths.models`` / ``paths.workloads`` derive from it (each overridable).
 """
@@ -104,6 +108,23 @@ class SimSchema:
 
 
 @dataclasses.dataclass
+class SloSchema:
+    ttft_ms: Optional[float] = None  # a request meets the SLO when its TTFT <= ttft_ms ...
+    tpot_ms: Optional[float] = None  # ... and its TPOT <= tpot_ms (null = no bound)
+
+
+@dataclasses.dataclass
+class SweepSchema:
+    # knob (jaxsim.sweep.KNOBS) -> list of values; the cartesian product runs as one batched call
+    axes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    slo: SloSchema = dataclasses.field(default_factory=SloSchema)
+    chunk_size: int = 128  # configurations per compiled call
+    progress: bool = True  # progress bar
+    plots: bool = True  # report.default_plots into the output dir
+    table: str = "sweep.csv"  # results table in the output dir (.csv or .parquet)
+
+
+@dataclasses.dataclass
 class PathsSchema:
     root: str = str(PROJECT_ROOT)
     profiles: str = "${paths.root}/profiles"
@@ -119,6 +140,7 @@ class RootSchema:
     workload: WorkloadSchema = MISSING
     calibration: CalibrationSchema = MISSING
     sim: SimSchema = dataclasses.field(default_factory=SimSchema)
+    sweep: SweepSchema = dataclasses.field(default_factory=SweepSchema)
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
     output_dir: Optional[str] = None
 
@@ -212,8 +234,7 @@ def _section(cfg: dict, name: str) -> dict:
     return sec
 
 
-def _hardware(d: dict, profiles: Path) -> HardwareConfig:
-    p = "hardware"
+def _hardware(d: dict, profiles: Path, p: str = "hardware") -> HardwareConfig:
     name = _check_str(d.get("name"), f"{p}.name")
     if not (profiles / name).is_dir():
         known = sorted(x.name for x in profiles.iterdir() if x.is_dir()
@@ -300,6 +321,32 @@ def _sim(d: dict) -> SimOptions:
     )
 
 
+def _synthetic_kwargs(d: dict, workloads: Path) -> dict:
+    """The keyword arguments of :func:`jaxsim.workload.synthetic_workload` for a synthetic
+    ``workload`` section (trace length paths resolved against ``paths.workloads``)."""
+    p = "workload"
+    n = _check_int(d.get("num_requests"), f"{p}.num_requests", 0)
+    if n < 1:
+        raise JaxsimInputError(f"{p}.num_requests", f"must be >= 1 for a synthetic workload, "
+                               f"got {n}")
+    lens = {}
+    for key in ("input_len", "output_len"):
+        v = d.get(key)
+        if not v:
+            raise JaxsimInputError(f"{p}.{key}", "missing length distribution",
+                                   "e.g. {kind: lognormal, mean: 512, sigma: 0.7}")
+        lens[key] = dict(v)
+        if lens[key].get("kind") == "trace" and lens[key].get("path"):
+            tp = Path(str(lens[key]["path"])).expanduser()
+            if not tp.is_absolute() and not tp.is_file():
+                lens[key]["path"] = str(workloads / tp)
+    return dict(
+        num_requests=n, rate_rps=d.get("rate_rps"), arrival=d.get("arrival"),
+        cv=d.get("cv"), input_len=lens["input_len"], output_len=lens["output_len"],
+        seed=d.get("seed"), prefix_len=d.get("prefix_len"),
+        prefix_fraction=d.get("prefix_fraction"), num_prefixes=d.get("num_prefixes"))
+
+
 def _workload(d: dict, workloads: Path) -> Workload:
     p = "workload"
     kind = d.get("kind")
@@ -318,26 +365,7 @@ def _workload(d: dict, workloads: Path) -> Workload:
                                    f"looked in {workloads})", f"available: {known}")
         w = load_workload(path, n)
     elif kind == "synthetic":
-        if n < 1:
-            raise JaxsimInputError(f"{p}.num_requests", f"must be >= 1 for a synthetic workload, "
-                                   f"got {n}")
-        lens = {}
-        for key in ("input_len", "output_len"):
-            v = d.get(key)
-            if not v:
-                raise JaxsimInputError(f"{p}.{key}", "missing length distribution",
-                                       "e.g. {kind: lognormal, mean: 512, sigma: 0.7}")
-            lens[key] = dict(v)
-            if lens[key].get("kind") == "trace" and lens[key].get("path"):
-                tp = Path(str(lens[key]["path"])).expanduser()
-                if not tp.is_absolute() and not tp.is_file():
-                    lens[key]["path"] = str(workloads / tp)
-        w = synthetic_workload(
-            num_requests=n, rate_rps=d.get("rate_rps"), arrival=d.get("arrival"),
-            cv=d.get("cv"), input_len=lens["input_len"], output_len=lens["output_len"],
-            seed=d.get("seed"), prefix_len=d.get("prefix_len"),
-            prefix_fraction=d.get("prefix_fraction"), num_prefixes=d.get("num_prefixes"),
-            where=p)
+        w = synthetic_workload(**_synthetic_kwargs(d, workloads), where=p)
     else:
         raise JaxsimInputError(f"{p}.kind", f"unknown workload kind {kind!r}",
                                "use 'file' or 'synthetic'")
@@ -428,3 +456,165 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
         calibration=calibration, workload=workload, sim=sim, paths=paths,
         output_dir=_output_dir(cfg), config=d, choices=_choices(cfg),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps (scripts/sweep.py): the ``sweep`` section -> jaxsim.sweep.SweepBase + points
+# ------------------------------------------------------------------------------------------------
+
+# Value checks of the knobs of jaxsim.sweep.KNOBS (the keys must match it; tests check).
+_INT_KNOBS = {"tp": 1, "num_gpu_blocks": 1, "block_size": 1, "max_num_seqs": 0,
+              "max_num_batched_tokens": 0, "long_prefill_token_threshold": 0,
+              "seed": 0}  # knob -> lowest value
+_BOOL_KNOBS = ("enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
+_FLOAT_KNOBS = {"mem_util": (0.0, True, 1.0), "link_bw_gbps": (0.0, True, None),
+                "link_latency_ns": (0.0, False, None), "compute_scale": (0.0, True, None),
+                "memory_scale": (0.0, True, None), "link_scale": (0.0, True, None),
+                "arrival_rate_scale": (0.0, True, None)}  # knob -> (lo, lo_open, hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """The validated ``sweep`` section."""
+
+    axes: dict  # knob -> list of values, in config order (the last knob varies fastest)
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    chunk_size: int = 128
+    progress: bool = True
+    plots: bool = True
+    table: str = "sweep.csv"
+
+    @property
+    def slo(self) -> dict | None:
+        """``{"ttft_ms": ..., "tpot_ms": ...}``, or None when neither bound is set."""
+        if self.slo_ttft_ms is None and self.slo_tpot_ms is None:
+            return None
+        return {"ttft_ms": self.slo_ttft_ms, "tpot_ms": self.slo_tpot_ms}
+
+    def points(self) -> list:
+        """The grid as a list of points (``[{}]``, the base configuration, when no axes)."""
+        from jaxsim.sweep import expand_grid
+
+        return expand_grid(self.axes) if self.axes else [{}]
+
+
+def _check_knob_value(name: str, v, key: str):
+    if name == "hardware":
+        return _check_str(v, key)
+    if name in _BOOL_KNOBS:
+        return _check_bool(v, key)
+    if name in _INT_KNOBS:
+        return _check_int(v, key, _INT_KNOBS[name], allow_none=name == "num_gpu_blocks")
+    if name in _FLOAT_KNOBS:
+        lo, lo_open, hi = _FLOAT_KNOBS[name]
+        return _check_float(v, key, lo, lo_open=lo_open, hi=hi)
+    return v  # a knob added to jaxsim.sweep.KNOBS after this table: jaxsim.sweep checks it
+
+
+def sweep_options(d: dict | None) -> SweepOptions:
+    """Validate a ``sweep`` section (a plain dict, e.g. ``RunSpec.config["sweep"]``).
+
+    Errors name the key: ``sweep.axes.max_num_seq: unknown knob (known knobs: [...])``,
+    ``sweep.axes.max_num_seqs[1]: must be >= 0, got -4``, ``sweep.slo.ttft_ms: must be > 0``.
+    """
+    from jaxsim.sweep import KNOBS
+
+    p = "sweep"
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise JaxsimInputError(p, f"must be a mapping, got {d!r}")
+    axes_in = d.get("axes") or {}
+    if not isinstance(axes_in, dict):
+        raise JaxsimInputError(f"{p}.axes", f"must be a mapping knob -> list of values, got "
+                               f"{axes_in!r}", "e.g. sweep.axes={max_num_seqs:[64,128]}")
+    axes = {}
+    for name, values in axes_in.items():
+        key = f"{p}.axes.{name}"
+        if name not in KNOBS:
+            raise JaxsimInputError(key, "unknown knob", f"known knobs: {sorted(KNOBS)}; other "
+                                   "choices (model, workload file, ...) go through Hydra "
+                                   "multirun: -m model=a,b")
+        if isinstance(values, tuple):
+            values = list(values)
+        if not isinstance(values, list) or not values:
+            raise JaxsimInputError(key, f"must be a non-empty list of values, got {values!r}",
+                                   f"e.g. {key}=[a,b]")
+        axes[name] = [_check_knob_value(name, v, f"{key}[{i}]") for i, v in enumerate(values)]
+    slo = d.get("slo") or {}
+    if not isinstance(slo, dict):
+        raise JaxsimInputError(f"{p}.slo", f"must be a mapping, got {slo!r}",
+                               "e.g. sweep.slo={ttft_ms:1000,tpot_ms:50}")
+    bounds = {k: None if slo.get(k) is None else _check_float(slo[k], f"{p}.slo.{k}", 0,
+                                                               lo_open=True)
+              for k in ("ttft_ms", "tpot_ms")}
+    table = _check_str(d.get("table", "sweep.csv"), f"{p}.table")
+    if Path(table).suffix not in (".csv", ".parquet"):
+        raise JaxsimInputError(f"{p}.table", f"{table!r} is neither .csv nor .parquet",
+                               "e.g. sweep.table=sweep.csv")
+    return SweepOptions(
+        axes=axes, slo_ttft_ms=bounds["ttft_ms"], slo_tpot_ms=bounds["tpot_ms"],
+        chunk_size=_check_int(d.get("chunk_size", 128), f"{p}.chunk_size", 1),
+        progress=_check_bool(d.get("progress", True), f"{p}.progress"),
+        plots=_check_bool(d.get("plots", True), f"{p}.plots"),
+        table=table,
+    )
+
+
+def hardware_option(name: str, profiles: Path, model_name: str | None = None,
+                    key: str = "hardware") -> HardwareConfig:
+    """The :class:`HardwareConfig` of option ``name`` of the ``hardware`` group
+    (``conf/hardware/<name>.yaml`` as it is on disk), validated like the ``hardware`` section;
+    with ``model_name``, also checks that the pair has a profile bundle."""
+    folder = CONF_DIR / "hardware"
+    path = folder / f"{name}.yaml"
+    if not isinstance(name, str) or "/" in name or not path.is_file():
+        raise JaxsimInputError(key, f"unknown hardware option {name!r}",
+                               f"options of conf/hardware: {sorted(x.stem for x in folder.glob('*.yaml'))}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(HardwareSchema), OmegaConf.load(path))
+        d = OmegaConf.to_container(node, resolve=True)
+    except Exception as e:  # type errors, unknown keys, bad YAML
+        raise JaxsimInputError(key, f"cannot load {path}: {e}") from None
+    hw = _hardware(d, profiles, p=f"{key}={name}: hardware")
+    if model_name is not None and not (profiles / hw.name / model_name).is_dir():
+        raise JaxsimInputError(key, f"hardware option {name!r}: no profiles for {model_name!r} on "
+                               f"{hw.name!r} (looked for {profiles / hw.name / model_name})",
+                               "pick a profiled model/hardware pair")
+    return hw
+
+
+def sweep_base(spec: RunSpec, cfg_sweep: dict | SweepOptions | None = None):
+    """The :class:`jaxsim.sweep.SweepBase` of a run: every point starts from ``spec``.
+
+    ``cfg_sweep`` is the ``sweep`` section (a dict, default ``spec.config["sweep"]``) or its
+    :class:`SweepOptions`. The ``hardware`` knob's values are options of the ``hardware`` group,
+    loaded from ``conf/hardware/<name>.yaml`` (command-line overrides of ``hardware.*`` apply to
+    the base hardware only). With a synthetic workload, ``SweepBase.synthetic`` holds the
+    generator's arguments so that the ``seed`` knob regenerates the trace; a trace file has no
+    seed (``sweep.axes.seed`` then raises).
+    """
+    from jaxsim.sweep import SweepBase
+
+    opts = cfg_sweep if isinstance(cfg_sweep, SweepOptions) else sweep_options(
+        spec.config.get("sweep") if cfg_sweep is None else cfg_sweep)
+    hardware_options = {}
+    for i, name in enumerate(opts.axes.get("hardware", [])):
+        if name not in hardware_options:
+            hardware_options[name] = hardware_option(name, spec.paths.profiles, spec.model.name,
+                                                     key=f"sweep.axes.hardware[{i}]")
+    wd = _section(spec.config, "workload")
+    synthetic = None
+    if wd.get("kind") == "synthetic":
+        synthetic = {**_synthetic_kwargs(wd, spec.paths.workloads),
+                     "start_ns": int(wd.get("shift_ns") or 0), "where": "workload"}
+    elif "seed" in opts.axes:
+        raise JaxsimInputError("sweep.axes.seed", "the seed knob needs a synthetic workload, "
+                               f"the workload is a trace file ({wd.get('kind')})",
+                               "add workload=synthetic_poisson (or synthetic_gamma)")
+    return SweepBase(
+        workload=spec.workload, model=spec.model_config, hardware=spec.hardware,
+        scheduler=spec.scheduler, runtime=spec.model, calibration=spec.calibration,
+        profiles_dir=spec.paths.profiles, hardware_options=hardware_options,
+        synthetic=synthetic, slo_ttft_ms=opts.slo_ttft_ms, slo_tpot_ms=opts.slo_tpot_ms,
+        max_slots=spec.sim.max_slots)

@@ -250,14 +250,15 @@ def stack_tables(tables: list) -> LatencyTables:
     multiplicities), so padded rows, slices and labels are never used.
     """
     def stack(name, *leaves):
+        leaves = [np.asarray(x) for x in leaves]  # on the host: one transfer per field
         nd = leaves[0].ndim
         shape = [max(x.shape[d] for x in leaves) for d in range(nd)]
         fill = np.inf if name in _INF_PADDED else 0
         out = []
         for x in leaves:
             pad = [(0, shape[d] - x.shape[d]) for d in range(nd)]
-            out.append(jnp.pad(x, pad, constant_values=fill) if any(p[1] for p in pad) else x)
-        return jnp.stack(out)
+            out.append(np.pad(x, pad, constant_values=fill) if any(p[1] for p in pad) else x)
+        return jnp.asarray(np.stack(out))
 
     fields = [f.name for f in dataclasses.fields(LatencyTables)]
     return LatencyTables(**{n: stack(n, *(getattr(t, n) for t in tables)) for n in fields})

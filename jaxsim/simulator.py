@@ -160,6 +160,12 @@ def _bundle(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, 
     return profiles.load_profile_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
 
 
+@functools.lru_cache(maxsize=64)
+def _tables(profiles_dir: str, hw: HardwareConfig, model: ModelConfig, variant: str, w_bytes: int):
+    bundle = _bundle(profiles_dir, hw.name, model, variant, hw.tp)
+    return latency.latency_tables(bundle, model, hw, weight_bytes=w_bytes)
+
+
 def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
          rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), *,
          profiles_dir="profiles", max_slots: int = 0, record_token_times: bool = True,
@@ -186,7 +192,10 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     w_bytes, _ = weight_and_kv_bytes(model, rt)
     variant = variant or {1: "fp8", 2: "bf16", 4: "fp32"}.get(w_bytes, "bf16")
     bundle = _bundle(str(profiles_dir), hw.name, model, variant, hw.tp)
-    tables = latency.latency_tables(bundle, model, hw, weight_bytes=w_bytes, **(scales or {}))
+    tables = _tables(str(profiles_dir), hw, model, variant, w_bytes)
+    if scales:
+        f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
+        tables = dataclasses.replace(tables, **{k: f64(v) for k, v in scales.items()})
     profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
     num_blocks = num_kv_blocks(model, hw, sched, rt)
 
@@ -227,11 +236,12 @@ def _pad_workload(arrays: dict, dims: Dims) -> dict:
     return a
 
 
-def build(plans: "list[Plan]", dims: Dims, *, batched: bool):
+def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: bool | None = None):
     """Device arrays for ``plans`` at the shared ``dims``: (state, params, workload, workload_batched).
 
     With ``batched``, every leaf gets a leading configuration axis (the workload only when the
-    plans' traces differ, e.g. scaled arrivals or other seeds); otherwise ``plans`` has one entry.
+    plans' traces differ, e.g. scaled arrivals or other seeds, or when ``workload_batched``);
+    otherwise ``plans`` has one entry.
     """
     num_blocks = np.array([p.num_blocks for p in plans], np.int32)
     state = _init_states(jnp.asarray(num_blocks), dims=dims)
@@ -242,7 +252,7 @@ def build(plans: "list[Plan]", dims: Dims, *, batched: bool):
     params = cluster.EngineParams(sched=inst_lib.SchedulerParams(**sched), tables=jax.tree.map(lambda x: x[:, None], tables),
                                   **calib)
     distinct = {id(p.workload_arrays): p.workload_arrays for p in plans}
-    wl_batched = batched and len(distinct) > 1
+    wl_batched = batched and (len(distinct) > 1 if workload_batched is None else workload_batched)
     if wl_batched:
         padded = [_pad_workload(p.workload_arrays, dims) for p in plans]
         wl = cluster.WorkloadArrays(**{k: jnp.asarray(np.stack([a[k] for a in padded])) for k in padded[0]})

@@ -22,6 +22,7 @@ import functools
 import itertools
 import math
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -44,6 +45,7 @@ KNOBS = {
     "mem_util": "gpu_memory_utilization of the memory model (KV capacity)",
     "link_bw_gbps": "TP/EP link bandwidth, GB/s",
     "link_latency_ns": "TP/EP link latency per ring step, ns",
+    "block_size": "KV block size in tokens (a shape: one compile per value)",
     "max_num_seqs": "scheduler seat limit",
     "max_num_batched_tokens": "scheduler token budget per iteration",
     "long_prefill_token_threshold": "cap on one prefill chunk (0 = off)",
@@ -57,12 +59,12 @@ KNOBS = {
     "seed": "seed of the synthetic workload (SweepBase.synthetic)",
 }
 _HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns")
-_SCHEDULER_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
+_SCHEDULER_KNOBS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
                     "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
 _SCALE_KNOBS = ("compute_scale", "memory_scale", "link_scale")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity (the trace cache is keyed by the base)
 class SweepBase:
     """The configuration every point starts from; a point overrides some :data:`KNOBS`."""
 
@@ -124,15 +126,18 @@ def point_inputs(base: SweepBase, point: dict) -> dict:
                 scales={k: float(point.get(k, 1.0)) for k in _SCALE_KNOBS})
 
 
-_WORKLOADS: dict = {}  # (id(base), seed, scale) -> Workload, so points share arrays by identity
+# base -> {(seed, scale): Workload}: the points of one base share trace objects (hence hashed
+# arrays) by identity. Weak keys: a later base never sees another base's traces.
+_WORKLOADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _workload(base: SweepBase, seed, scale) -> Workload:
-    key = (id(base), seed, float(scale))
-    if key not in _WORKLOADS:
+    cache = _WORKLOADS.setdefault(base, {})
+    key = (seed, float(scale))
+    if key not in cache:
         w = base.workload if seed is None else synthetic_workload(**{**base.synthetic, "seed": int(seed)})
-        _WORKLOADS[key] = scale_arrivals(w, scale)
-    return _WORKLOADS[key]
+        cache[key] = scale_arrivals(w, scale)
+    return cache[key]
 
 
 @dataclasses.dataclass
@@ -160,6 +165,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     for i, p in enumerate(points):
         _check_point(p, base, f"sweep point {i}")
     devices = list(devices or jax.local_devices())
+    chunk_size = min(chunk_size, len(points))  # a small sweep is not padded to a full chunk
     chunk_size = max(len(devices), -(-chunk_size // len(devices)) * len(devices))
 
     # Host side: one plan per point; traces hashed once per distinct trace.
@@ -185,10 +191,13 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     for (block_size, _), members in groups.items():
         dims = simulator.Dims.merge([plans[i].dims for i in members])
         static = dims.static(block_size, record_iterations=False)
+        # Every chunk of a group has the same shapes (hence one compile), the workload axis included.
+        wl_axis = len({id(plans[i].workload_arrays) for i in members}) > 1
         for lo in range(0, len(members), chunk_size):
             idx = members[lo:lo + chunk_size]
             padded = idx + [idx[-1]] * (chunk_size - len(idx))  # one shape per group: one compile
-            state, params, wl, wl_batched = simulator.build([plans[i] for i in padded], dims, batched=True)
+            state, params, wl, wl_batched = simulator.build([plans[i] for i in padded], dims, batched=True,
+                                                                workload_batched=wl_axis)
             final = _run_chunk(state, params, wl, wl_batched, static, tuple(devices))
             host = jax.device_get(dict(
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,

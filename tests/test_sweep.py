@@ -1,0 +1,157 @@
+"""Batched sweeps (jaxsim.sweep): every configuration of a sweep equals its own single run, knobs
+that change shapes share one compile, static knobs split groups, chunks pad without leaking, the
+results table round-trips, and a sweep split over two (virtual) CPU devices gives the same rows.
+
+Compile budget: one small trace (16 requests); the sweep compiles once per (group shape, chunk
+size) and each distinct single-run shape compiles once.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxsim
+from jaxsim import report, sweep
+from jaxsim.engine import cluster
+from jaxsim.errors import JaxsimInputError
+from jaxsim.model import load_model_config
+from jaxsim.spec import HardwareConfig, SchedulerConfig
+from jaxsim.workload import load_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ROOT / "profiles"
+TRACE = PROFILES / "workloads" / "sharegpt-llama-3.1-8b-300-sps10.jsonl"
+RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, mem_bw_gbps=1008, link_latency_ns=1000,
+                         cpu_mem_bw_gbps=50, num_gpu_blocks=900)
+
+
+def _base(**kw):
+    w = load_workload(TRACE, 16)
+    model = load_model_config(PROFILES / "models", "meta-llama/Llama-3.1-8B")
+    return sweep.SweepBase(w, model, hardware=HardwareConfig(num_gpu_blocks=900),
+                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024),
+                           profiles_dir=PROFILES, max_slots=24, slo_ttft_ms=400, slo_tpot_ms=30,
+                           hardware_options={"pro6000": HardwareConfig(num_gpu_blocks=900), "rtx4090": RTX4090}, **kw)
+
+
+BASE = _base()
+# Knobs that change shapes (KV capacity, profile grids) next to purely numeric ones. 300 blocks
+# leaves room for one long request at a time: preemptions happen.
+POINTS = [
+    {},
+    {"num_gpu_blocks": 300},
+    {"max_num_seqs": 3, "long_prefill_token_threshold": 256},
+    {"arrival_rate_scale": 4.0, "compute_scale": 0.7, "memory_scale": 1.3},
+    {"hardware": "rtx4090", "max_num_batched_tokens": 512},
+    {"enable_prefix_caching": False, "async_scheduling": False, "num_gpu_blocks": 300},
+]
+
+
+@pytest.fixture(scope="module")
+def swept():
+    before = cluster.run_batch._cache_size()
+    result = sweep.sweep(BASE, POINTS, chunk_size=4, progress=False, keep_requests=True)  # 2 chunks, the last padded
+    return result, cluster.run_batch._cache_size() - before
+
+
+def _single(point):
+    kw = sweep.point_inputs(BASE, point)
+    return jaxsim.simulate(kw.pop("workload"), kw.pop("model"), kw.pop("hw"), kw.pop("sched"), **kw,
+                           record_token_times=False)
+
+
+@pytest.mark.parametrize("i", range(len(POINTS)))
+def test_each_configuration_equals_its_single_run(swept, i):
+    result, _ = swept
+    single = _single(POINTS[i])
+    got = result.requests[i]
+    np.testing.assert_array_equal(got["first_token"], single.first_token_ns)
+    np.testing.assert_array_equal(got["finish"], single.finish_ns)
+    np.testing.assert_array_equal(got["first_scheduled"], single.first_scheduled_ns)
+    np.testing.assert_array_equal(got["prefix_hit"], single.prefix_hit_tokens)
+    np.testing.assert_array_equal(got["num_preemptions"], single.num_preemptions)
+    row = result.rows[i]
+    assert row["status"] == "ok" and row["finished"] == 16
+    assert row["iterations"] == single.stats["iterations"]
+    assert row["preemptions"] == single.stats["preemptions"]
+    ttft_ms = (single.first_token_ns - single.arrival_ns) / 1e6
+    assert row["ttft_mean_ms"] == pytest.approx(ttft_ms.mean(), rel=1e-12)
+    assert row["ttft_p99_ms"] == pytest.approx(np.percentile(ttft_ms, 99), rel=1e-12)
+
+
+def test_configurations_differ_and_knobs_act(swept):
+    result, _ = swept
+    rows = result.rows
+    assert len({r["e2e_mean_ms"] for r in rows}) == len(rows)
+    assert rows[1]["preemptions"] > rows[0]["preemptions"]  # less KV -> more preemption
+    assert rows[3]["offered_rate_rps"] == pytest.approx(4 * rows[0]["offered_rate_rps"], rel=1e-3)
+    assert all(0.0 <= r["slo_attainment"] <= 1.0 for r in rows)
+
+
+def test_one_compile_for_shape_changing_knobs(swept):
+    result, compiles = swept
+    assert result.num_groups == 1
+    assert compiles == 1  # KV capacity, seats and another GPU's profile grid: padded, not recompiled
+
+
+def test_static_knob_splits_groups_and_still_matches():
+    points = [{"block_size": 16}, {"block_size": 32}, {"block_size": 32, "max_num_seqs": 4}]
+    result = sweep.sweep(BASE, points, chunk_size=4, progress=False, keep_requests=True)
+    assert result.num_groups == 2
+    for i in (1, 2):
+        single = _single(points[i])
+        np.testing.assert_array_equal(result.requests[i]["finish"], single.finish_ns)
+    assert result.rows[0]["e2e_mean_ms"] != result.rows[1]["e2e_mean_ms"]
+
+
+def test_expand_grid_and_bad_knobs():
+    pts = sweep.expand_grid({"max_num_seqs": [4, 8], "compute_scale": [1.0, 0.5, 0.25]})
+    assert len(pts) == 6 and pts[0] == {"max_num_seqs": 4, "compute_scale": 1.0}
+    assert pts[1] == {"max_num_seqs": 4, "compute_scale": 0.5}  # last knob fastest
+    with pytest.raises(JaxsimInputError, match="max_num_seq.*unknown knob"):
+        sweep.sweep(BASE, [{"max_num_seq": 4}], progress=False)
+    with pytest.raises(JaxsimInputError, match="hardware.*unknown hardware 'h100'"):
+        sweep.sweep(BASE, [{"hardware": "h100"}], progress=False)
+    with pytest.raises(JaxsimInputError, match="seed knob needs a synthetic workload"):
+        sweep.sweep(BASE, [{"seed": 1}], progress=False)
+    with pytest.raises(JaxsimInputError, match="arrival_rate_scale.*> 0"):
+        sweep.scale_arrivals(BASE.workload, 0.0)
+
+
+def test_results_table_round_trip(swept, tmp_path):
+    result, _ = swept
+    path = result.write(tmp_path / "sweep.csv")
+    back = report.read_table(path)
+    assert len(back) == len(POINTS)
+    for row, got in zip(result.rows, back):
+        assert got["config"] == row["config"] and got["status"] == "ok"
+        assert got["ttft_p99_ms"] == row["ttft_p99_ms"] and got["preemptions"] == row["preemptions"]
+    assert back[4]["hardware"] == "rtx4090" and back[1]["num_gpu_blocks"] == 300
+
+
+_SHARDED = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+import jax
+from tests.test_sweep import BASE, POINTS
+from jaxsim import sweep
+assert len(jax.local_devices()) == 2, jax.local_devices()
+r = sweep.sweep(BASE, POINTS, chunk_size=4, progress=False)
+print(json.dumps(r.rows))
+"""
+
+
+def test_sharded_over_two_cpu_devices_gives_the_same_rows(swept):
+    result, _ = swept
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _SHARDED.format(root=str(ROOT))], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rows == json.loads(json.dumps(result.rows))
