@@ -2,8 +2,10 @@
 
 One step of the loop moves the clock to the next iteration end (or, when every instance is
 idle, to the next arrival), finishes the batches that end then, routes the arrivals, records the
-iteration, and starts the next batch on every idle instance. The whole run is one
-``lax.while_loop`` inside one ``jit``: a run is one compiled call.
+iteration, and starts the next batch on every idle instance. The whole run is one loop inside one
+``jit``: a run is one compiled call (:func:`run`), and a batch of configurations is the same loop
+under ``vmap`` (:func:`run_batch`). Every loop is a ``masked_while_loop`` (engine/loops.py): each
+step is a no-op for a configuration that is done, so batching never copies the state per trip.
 
 The state has an instance axis from the start (``InstanceState`` leaves are ``[instance, ...]``,
 and per-instance work is ``vmap``-ed). Routing across several instances belongs to the cluster

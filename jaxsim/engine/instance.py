@@ -7,7 +7,7 @@ largest key) and ``wait_key`` orders the waiting queue (preempted requests get n
 newest preemption first, ahead of arrivals keyed by their position in arrival order).
 
 The scheduler is vectorised where vLLM's loop has no cross-request dependence (the running
-phase's token budget is a prefix sum) and uses ``lax.while_loop`` where it does (tail
+phase's token budget is a prefix sum) and uses ``masked_while_loop`` where it does (tail
 preemption, one admission at a time): those loops run only as many trips as there are
 preemptions or admissions, so a steady decode step costs O(slots).
 """
