@@ -135,6 +135,12 @@ def check_workload_fits(workload: Workload, model: ModelConfig) -> None:
             f"context of {model.name} ({ctx})", "drop or truncate the request")
 
 
+def block_table_width(workload: Workload, block_size: int) -> int:
+    """Blocks of the longest request (prompt + output), + 1: the block table's width."""
+    target = workload.input_toks.astype(np.int64) + workload.output_toks
+    return int(-(-target.max() // block_size)) + 1
+
+
 def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, max_blocks: int) -> dict:
     """The trace as the engine's numpy arrays (``cluster.WorkloadArrays`` fields) + hash count."""
     n = workload.num_requests
@@ -200,10 +206,8 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     num_blocks = num_kv_blocks(model, hw, sched, rt)
 
     # Prefix-cache keys: dense hash ids of each request's full blocks, padded to the block table.
-    target = workload.input_toks.astype(np.int64) + workload.output_toks
-    max_blocks = int(-(-target.max() // bs)) + 1
     if arrays is None:
-        arrays = workload_arrays(workload, bs, sched.enable_prefix_caching, max_blocks)
+        arrays = workload_arrays(workload, bs, sched.enable_prefix_caching, block_table_width(workload, bs))
     out = workload.output_toks.astype(np.int64)
 
     mnbt = sched.max_num_batched_tokens or ctx

@@ -174,7 +174,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     for p in points:
         kw = point_inputs(base, p)
         w, sched = kw["workload"], kw["sched"]
-        max_blocks = int(-(-(w.input_toks.astype(np.int64) + w.output_toks).max() // sched.block_size)) + 1
+        max_blocks = simulator.block_table_width(w, sched.block_size)
         key = (id(w), sched.block_size, max_blocks)
         if key not in arrays_cache:  # hashes are computed for every point: prefix caching is a knob
             arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks)

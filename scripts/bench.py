@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     if args.steps:
         return _emit(bench_steps(), args.json)
 
-    workload = load_workload(ROOT / "profiles/workloads/sharegpt-llama-3.1-8b-300-sps10.jsonl")
-    model = load_model_config(ROOT / "profiles/models", "meta-llama/Llama-3.1-8B")
+    workload, model = _default_case()
     p = simulator.prepare(workload, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles")
 
     t0 = time.perf_counter()
