@@ -44,10 +44,30 @@ def block_hash_chain(token_ids: np.ndarray | None, block_size: int) -> np.ndarra
 
 
 def hash_ids(token_ids: list, block_size: int) -> tuple[list[np.ndarray], int]:
-    """Per request, the dense ids (int32) of its full-block chain hashes; and the id count U."""
-    chains = [block_hash_chain(t, block_size) for t in token_ids]
-    lengths = [len(c) for c in chains]
-    flat = np.concatenate(chains) if chains and sum(lengths) else np.zeros(0, np.uint64)
-    uniq, inverse = np.unique(flat, return_inverse=True)
-    splits = np.cumsum(lengths)[:-1]
-    return [a.astype(np.int32) for a in np.split(inverse, splits)], int(len(uniq))
+    """Per request, the dense ids (int32) of its full-block chain hashes; and the id count U.
+
+    The same chains as :func:`block_hash_chain`, computed for all requests at once: the chain is
+    sequential along a request, so the loop runs over block positions, each step for every
+    request that has a block there (a Python loop over requests took ~0.2 s per 300-request trace).
+    """
+    lengths = np.array([0 if t is None else len(t) // block_size for t in token_ids], np.int64)
+    n_max = int(lengths.max()) if len(lengths) else 0
+    content = np.zeros((len(token_ids), n_max), np.uint64)
+    pos = _mix64(np.arange(1, block_size + 1, dtype=np.uint64))
+    for r, t in enumerate(token_ids):
+        if lengths[r]:
+            blocks = np.asarray(t[: lengths[r] * block_size], np.int64).astype(np.uint64)
+            with np.errstate(over="ignore"):
+                content[r, : lengths[r]] = np.bitwise_xor.reduce(
+                    _mix64(blocks.reshape(-1, block_size) + pos[None, :]), axis=1)
+    chains = np.zeros_like(content)
+    h = np.full(len(token_ids), _SEED, np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(n_max):
+            h = _mix64(h * np.uint64(31) + content[:, i])
+            chains[:, i] = h
+    valid = np.arange(n_max)[None, :] < lengths[:, None]
+    uniq, inverse = np.unique(chains[valid], return_inverse=True)
+    ids = np.full(chains.shape, -1, np.int64)
+    ids[valid] = inverse
+    return [ids[r, : lengths[r]].astype(np.int32) for r in range(len(token_ids))], int(len(uniq))

@@ -141,8 +141,10 @@ def block_table_width(workload: Workload, block_size: int) -> int:
     return int(-(-target.max() // block_size)) + 1
 
 
-def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, max_blocks: int) -> dict:
-    """The trace as the engine's numpy arrays (``cluster.WorkloadArrays`` fields) + hash count."""
+def workload_hashes(workload: Workload, block_size: int, prefix_caching: bool, max_blocks: int) -> dict:
+    """The prefix-cache keys of the trace: dense hash ids of each request's full blocks, padded to
+    the block table (``hashes``, ``n_hashes``), and the id count. They depend only on the token
+    ids, so traces that differ in arrival times only (a sweep's rate scaling) share them."""
     n = workload.num_requests
     hashes = np.full((n, max_blocks), -1, np.int32)
     n_hashes = np.zeros(n, np.int32)
@@ -153,12 +155,21 @@ def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, m
             h = h[:max_blocks]
             hashes[i, : len(h)] = h
             n_hashes[i] = len(h)
-    order = np.lexsort((np.arange(n), workload.arrival_ns)).astype(np.int32)
+    return dict(hashes=hashes, n_hashes=n_hashes, num_hashes=num_hashes)
+
+
+def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, max_blocks: int,
+                    hashes: dict | None = None) -> dict:
+    """The trace as the engine's numpy arrays (``cluster.WorkloadArrays`` fields) + hash count
+    (``hashes``: :func:`workload_hashes` of the same token ids, when already computed)."""
+    if hashes is None:
+        hashes = workload_hashes(workload, block_size, prefix_caching, max_blocks)
+    order = np.lexsort((np.arange(workload.num_requests), workload.arrival_ns)).astype(np.int32)
     out = workload.output_toks.astype(np.int64)
     token_offset = np.concatenate([[0], np.cumsum(out)[:-1]]).astype(np.int32)
     return dict(arrival_sorted=np.asarray(workload.arrival_ns[order], np.int64), order=order,
                 prompt=np.asarray(workload.input_toks, np.int32), output=np.asarray(workload.output_toks, np.int32),
-                hashes=hashes, n_hashes=n_hashes, token_offset=token_offset, num_hashes=num_hashes)
+                token_offset=token_offset, **hashes)
 
 
 @functools.lru_cache(maxsize=64)

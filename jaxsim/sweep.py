@@ -170,6 +170,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
 
     # Host side: one plan per point; traces hashed once per distinct trace.
     arrays_cache: dict = {}
+    hashes_cache: dict = {}  # rate-scaled traces share their token ids, hence their hashes
     plans = []
     for p in points:
         kw = point_inputs(base, p)
@@ -177,7 +178,11 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         max_blocks = simulator.block_table_width(w, sched.block_size)
         key = (id(w), sched.block_size, max_blocks)
         if key not in arrays_cache:  # hashes are computed for every point: prefix caching is a knob
-            arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks)
+            hkey = (id(w.token_ids), sched.block_size, max_blocks)
+            if hkey not in hashes_cache:
+                hashes_cache[hkey] = simulator.workload_hashes(w, sched.block_size, True, max_blocks)
+            arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks,
+                                                          hashes=hashes_cache[hkey])
         plans.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
 
     groups: dict = {}
@@ -189,8 +194,13 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     sim_s = 0.0
     bar = _progress(len(points), progress)
     for (block_size, _), members in groups.items():
+        # A chunk loops until its slowest configuration is done, so chunks gather configurations
+        # of similar length: longest trace (arrival span) first, ties in point order.
+        members = sorted(members, key=lambda i: -_arrival_span(plans[i].workload))
         dims = simulator.Dims.merge([plans[i].dims for i in members])
-        static = dims.static(block_size, record_iterations=False)
+        static = dims.static(block_size, record_iterations=False)  # the step limit follows max_iters
+        # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
+        dims = dataclasses.replace(dims, max_iters=1)
         # Every chunk of a group has the same shapes (hence one compile), the workload axis included.
         wl_axis = len({id(plans[i].workload_arrays) for i in members}) > 1
         for lo in range(0, len(members), chunk_size):
@@ -214,6 +224,10 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             bar.update(len(idx))
     bar.close()
     return SweepResult(rows, requests, len(groups), time.perf_counter() - t_start, sim_s)
+
+
+def _arrival_span(workload: Workload) -> int:
+    return int(workload.arrival_ns.max() - workload.arrival_ns.min())
 
 
 def _progress(total: int, enabled: bool):

@@ -1,10 +1,11 @@
 """One serving instance: its request slots, its KV pool, and the vLLM V1 scheduler.
 
 REFERENCE.md §1.1-1.4. A slot holds a request that has been routed to the instance and has not
-finished (waiting or running). List orders are keys rather than physical positions:
-``run_key`` is the admission counter (the running list is in admission order, the tail is the
-largest key) and ``wait_key`` orders the waiting queue (preempted requests get negative keys, the
-newest preemption first, ahead of arrivals keyed by their position in arrival order).
+finished (waiting or running). The running list is kept as an array of slot ids in admission
+order (``InstanceState.run_list``: admissions append, preemption pops the tail, requests that
+stop running are compacted out before the next schedule). The waiting queue is ordered by a key,
+``wait_key`` (preempted requests get negative keys, the newest preemption first, ahead of
+arrivals keyed by their position in arrival order).
 
 The scheduler is vectorised where vLLM's loop has no cross-request dependence (the running
 phase's token budget is a prefix sum) and uses ``masked_while_loop`` where it does (tail
@@ -19,7 +20,7 @@ from jaxtyping import Array, Bool, Int
 
 from jaxsim.engine import kvpool
 from jaxsim.engine.loops import masked_while_loop
-from jaxsim.engine.ops import prefix_sum, stable_argsort
+from jaxsim.engine.ops import expand_ranges, prefix_sum
 
 I32 = jnp.int32
 I64 = jnp.int64
@@ -47,7 +48,6 @@ class Slots(eqx.Module):
     nblk: Int[Array, " slot"]  # blocks held
     nreg: Int[Array, " slot"]  # leading blocks already indexed in the prefix cache
     blocks: Int[Array, "slot mb"]  # block table
-    run_key: Int[Array, " slot"]
     wait_key: Int[Array, " slot"]
     # The batch being executed: tokens scheduled and computed-before, 0 when not scheduled.
     sched_n: Int[Array, " slot"]
@@ -86,7 +86,7 @@ class InstanceState(eqx.Module):
     batch_end: Int[Array, ""]  # ns
     batch_tokens: Int[Array, ""]
     batch_seqs: Int[Array, ""]
-    run_counter: Int[Array, ""]
+    run_list: Int[Array, " slot"]  # the running list: slot ids in order, -1 past its end
     preempt_counter: Int[Array, ""]
     n_iters: Int[Array, ""]
     counters: Counters
@@ -119,30 +119,19 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         first=jnp.zeros(num_slots, bool), num_preemptions=z, last_emit=jnp.zeros(num_slots, I64),
         first_scheduled=jnp.full(num_slots, -1, I64), prefix_hit=jnp.full(num_slots, -1, I32),
         recomputed=z, nblk=z, nreg=z, blocks=jnp.full((num_slots, max_blocks_per_req), -1, I32),
-        run_key=z, wait_key=jnp.full(num_slots, BIG, I32), sched_n=z, sched_c=z, sched_pos=z)
+        wait_key=jnp.full(num_slots, BIG, I32), sched_n=z, sched_c=z, sched_pos=z)
     zero = jnp.asarray(0, I32)
     return InstanceState(
         slots=slots,
         pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks),
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
-        batch_tokens=zero, batch_seqs=zero, run_counter=zero, preempt_counter=zero, n_iters=zero,
+        batch_tokens=zero, batch_seqs=zero, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
         counters=Counters(zero, zero, zero, zero, jnp.zeros(4, I32), jnp.asarray(False)),
     )
 
 
 def _ceil_div(a, b):
     return (a + b - 1) // b
-
-
-def _expand(counts, first, window):
-    """For entries first..first+window-1 of the concatenation of ranges of lengths ``counts``:
-    (owner index, offset in the owner's range, valid)."""
-    ends = prefix_sum(counts)
-    e = first + jnp.arange(window, dtype=I32)
-    owner = jnp.searchsorted(ends, e, side="right").astype(I32)
-    owner_c = jnp.minimum(owner, counts.shape[0] - 1)
-    offset = e - (ends[owner_c] - counts[owner_c])
-    return owner_c, offset, e < ends[-1]
 
 
 def release_finished(inst: InstanceState, zombies_due, finish, async_scheduling, ring_cap):
@@ -220,10 +209,15 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     s = inst.slots
 
     # ---- Phase A: the running list, in order. The budget is a prefix sum. ----
-    running = s.status == RUNNING
-    order = stable_argsort(jnp.where(running, s.run_key, BIG))
-    m = jnp.sum(running.astype(I32), dtype=I32)
+    # Requests that finished since the last schedule leave the list (a stable compaction: O(slots),
+    # where sorting slots by an admission key cost O(slots^2) per step). Entries past m are 0.
+    listed = inst.run_list
+    still = (listed >= 0) & (s.status[jnp.maximum(listed, 0)] == RUNNING)
+    m = jnp.sum(still.astype(I32), dtype=I32)
+    order = jnp.zeros(num_slots, I32).at[jnp.where(still, prefix_sum(still.astype(I32)) - 1, num_slots)].set(
+        listed, mode="drop")
     in_list = jnp.arange(num_slots) < m
+    order_w = jnp.where(in_list, order, num_slots)  # scatter index: out of range past the list
     want = s.reached - s.computed
     want = jnp.where((thr > 0) & (thr < want), thr, want)
     want_o = jnp.where(in_list, want[order], 0)
@@ -268,19 +262,19 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     need_ends = prefix_sum(need_o)
 
     def sink_a(consts, blocks, ids, first_k, count):
-        need_o, order, nblk = consts
-        owner, offset, _ = _expand(need_o, first_k, window)
+        need_ends, order, nblk = consts
+        owner, offset, _ = expand_ranges(need_ends, first_k, window)
         valid = jnp.arange(window) < count
         slot = order[owner]
         col = nblk[slot] + offset
         return blocks.at[jnp.where(valid, slot, num_slots), col].set(ids, mode="drop")
 
     pool, blocks = kvpool.pop_blocks(inst.pool, need_ends[-1], window, sink_a, inst.slots.blocks,
-                                     (need_o, order, inst.slots.nblk))
+                                     (need_ends, order, inst.slots.nblk))
     sl = inst.slots
-    n_slot = jnp.zeros(num_slots, I32).at[order].set(n_o)
-    need_slot = jnp.zeros(num_slots, I32).at[order].set(need_o)
-    pos_slot = jnp.zeros(num_slots, I32).at[order].set(jnp.arange(num_slots, dtype=I32))
+    n_slot = jnp.zeros(num_slots, I32).at[order_w].set(n_o, mode="drop")
+    need_slot = jnp.zeros(num_slots, I32).at[order_w].set(need_o, mode="drop")
+    pos_slot = jnp.zeros(num_slots, I32).at[order_w].set(jnp.arange(num_slots, dtype=I32), mode="drop")
     computed = sl.computed + n_slot
     nblk = sl.nblk + need_slot
     sl = eqx.tree_at(lambda x: (x.blocks, x.sched_n, x.sched_c, x.sched_pos, x.computed, x.nblk),
@@ -290,24 +284,24 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     n_hashes = jnp.where(prm.prefix_caching, wl.n_hashes[jnp.maximum(sl.req, 0)], 0)
     full = jnp.minimum(jnp.minimum(computed, sl.reached) // bs, n_hashes)
     new_reg = jnp.where(n_slot > 0, jnp.maximum(full - sl.nreg, 0), 0)
-    reg_o = new_reg[order]
-    total_reg = jnp.sum(reg_o, dtype=I32)
+    reg_ends = prefix_sum(jnp.where(in_list, new_reg[order], 0))
 
     def reg_cond(consts, c):
         return c[1] < consts[0]
 
     def reg_body(consts, c):  # past total_reg no entry is valid: a no-op
-        _, reg_o, order, nreg, blocks, req, hashes = consts
+        _, reg_ends, order, nreg, blocks, req, hashes = consts
         pool, first = c
-        owner, offset, valid = _expand(reg_o, first, window)
+        owner, offset, valid = expand_ranges(reg_ends, first, window)
         slot = order[owner]
         j = nreg[slot] + offset
         blk = blocks[slot, jnp.minimum(j, blocks.shape[1] - 1)]
         h = hashes[jnp.maximum(req[slot], 0), jnp.minimum(j, hashes.shape[1] - 1)]  # [req, mb]
-        return kvpool.register_blocks(pool, blk, h, valid), first + window
+        # The valid entries lead the window: their rank among registrations is their index.
+        return kvpool.register_blocks(pool, blk, h, valid, jnp.arange(window, dtype=I32)), first + window
 
     pool, _ = masked_while_loop(reg_cond, reg_body, (pool, jnp.asarray(0, I32)),
-                                (total_reg, reg_o, order, sl.nreg, sl.blocks, sl.req, wl.hashes))
+                                (reg_ends[-1], reg_ends, order, sl.nreg, sl.blocks, sl.req, wl.hashes))
     sl = eqx.tree_at(lambda x: x.nreg, sl, sl.nreg + new_reg)
     inst = eqx.tree_at(lambda i: (i.slots, i.pool), inst, (sl, pool))
     budget = budget0 - jnp.sum(n_o, dtype=I32)
@@ -316,7 +310,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     # ---- Phase B: admit from the head of the waiting queue, one at a time, FCFS. ----
     def admit_cond(consts, c):
         preempted, max_seqs = consts[:2]
-        inst, budget, n_sched, stop = c
+        inst, budget, n_sched, stop, _ = c
         seats = (inst.slots.status == RUNNING) | (inst.slots.status == FINISHING)
         n_running = jnp.sum(seats.astype(I32), dtype=I32)
         has_waiting = jnp.any(inst.slots.status == WAITING)
@@ -325,7 +319,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     def admit_body(consts, c):  # every write masked by `ok`, which implies admit_cond
         act = admit_cond(consts, c)
         _, _, thr, now, hashes_all, n_hashes_all, prm = consts
-        inst, budget, n_sched, _ = c
+        inst, budget, n_sched, _, run_len = c
         sl, pool = inst.slots, inst.pool
         r = jnp.argmin(jnp.where(sl.status == WAITING, sl.wait_key, BIG)).astype(I32)
         req = sl.req[r]
@@ -361,7 +355,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         n_full = jnp.minimum(jnp.minimum(computed, reached) // bs,
                              jnp.where(prm.prefix_caching, n_hashes_all[req], 0))
         j = jnp.arange(mb)
-        pool = kvpool.register_blocks(pool, row, hashes, ok & (j >= matched) & (j < n_full))
+        pool = kvpool.register_blocks(pool, row, hashes, ok & (j >= matched) & (j < n_full), j - matched)
         first_admission = sl.prefix_hit[r] < 0
         w = jnp.where(ok, r, num_slots)  # out of range: the writes are dropped
 
@@ -369,11 +363,11 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
             return _put(field, w, value)
 
         sl = eqx.tree_at(
-            lambda x: (x.blocks, x.status, x.computed, x.nblk, x.nreg, x.run_key, x.wait_key,
+            lambda x: (x.blocks, x.status, x.computed, x.nblk, x.nreg, x.wait_key,
                        x.sched_n, x.sched_c, x.sched_pos, x.prefix_hit, x.recomputed, x.first_scheduled),
             sl, (put(sl.blocks, row), put(sl.status, RUNNING), put(sl.computed, computed),
                  put(sl.nblk, matched + new_blocks), put(sl.nreg, jnp.maximum(matched, n_full)),
-                 put(sl.run_key, inst.run_counter), put(sl.wait_key, BIG),
+                 put(sl.wait_key, BIG),
                  put(sl.sched_n, n), put(sl.sched_c, c0), put(sl.sched_pos, n_sched),
                  put(sl.prefix_hit, jnp.where(first_admission, c0, sl.prefix_hit[r])),
                  put(sl.recomputed, sl.recomputed[r] + jnp.where(first_admission, 0, reached - c0)),
@@ -384,12 +378,14 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
                           (ctr.prefix_requested + jnp.where(first_ok, sl.prompt[r], 0),
                            ctr.prefix_hits + jnp.where(first_ok, c0, 0),
                            ctr.recomputed + jnp.where(ok & ~first_admission, reached - c0, 0)))
-        inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_counter, i.counters), inst,
-                           (sl, pool, inst.run_counter + ok.astype(I32), ctr))
-        return inst, budget - jnp.where(ok, n, 0), n_sched + ok.astype(I32), ~ok
+        run_list = _put(inst.run_list, jnp.where(ok, run_len, num_slots), r)  # appended to the running list
+        inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_list, i.counters), inst, (sl, pool, run_list, ctr))
+        return inst, budget - jnp.where(ok, n, 0), n_sched + ok.astype(I32), ~ok, run_len + ok.astype(I32)
 
-    inst, budget, n_sched, _ = masked_while_loop(
-        admit_cond, admit_body, (inst, budget, n_sched, jnp.asarray(False)),
+    # The running list after preemption; admissions append to it.
+    inst = eqx.tree_at(lambda i: i.run_list, inst, jnp.where(jnp.arange(num_slots) < kept, order, -1))
+    inst, budget, n_sched, _, _ = masked_while_loop(
+        admit_cond, admit_body, (inst, budget, n_sched, jnp.asarray(False), kept),
         (preempted, max_seqs, thr, now, wl.hashes, wl.n_hashes, prm))
     sl = inst.slots
     kept = tuple(jnp.where(idle, new, old) for new, old in zip((sl.sched_n, sl.sched_c, sl.sched_pos), in_flight))

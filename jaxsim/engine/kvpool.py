@@ -175,17 +175,19 @@ def touch_blocks(pool: KVPool, blocks, mask) -> KVPool:
                        (ring, ref, pool.num_free - jnp.sum(was_free.astype(I32), dtype=I32)))
 
 
-def register_blocks(pool: KVPool, blocks, hashes, mask) -> KVPool:
+def register_blocks(pool: KVPool, blocks, hashes, mask, rank) -> KVPool:
     """Index full blocks under their hashes, in array order: when one hash appears twice, the
-    later entry (the newest block) wins, as in the reference's one-block-per-hash index."""
+    later entry (the newest block) wins, as in the reference's one-block-per-hash index.
+    ``rank``: each masked entry's position among the masked entries (0-based, in array order;
+    the callers' masks are contiguous ranges, so this is an offset rather than a prefix sum)."""
     n_blocks = pool.ref.shape[0]
     n_hash = pool.hash_index.shape[0]
-    stamp = pool.num_registered + prefix_sum(mask.astype(jnp.int64))
+    stamp = pool.num_registered + 1 + rank.astype(jnp.int64)
     entry = (stamp << 32) | blocks.astype(jnp.int64)
     hash_index = pool.hash_index.at[jnp.where(mask, hashes, n_hash)].max(entry, mode="drop")
     blk_hash = pool.blk_hash.at[jnp.where(mask, blocks, n_blocks)].set(hashes, mode="drop")
     return eqx.tree_at(lambda p: (p.hash_index, p.blk_hash, p.num_registered), pool,
-                       (hash_index, blk_hash, stamp[-1]))
+                       (hash_index, blk_hash, pool.num_registered + jnp.sum(mask.astype(jnp.int64))))
 
 
 def lookup_prefix(pool: KVPool, hashes, limit):
