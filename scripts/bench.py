@@ -7,20 +7,25 @@ vLLM defaults): one compiled run, a batched sweep, and the per-step cost against
 
 ``--sweep N``: N configurations of the default case (compute and memory scale in [0.8, 1.2],
 arrival rate x [0.8, 1.2]; their step counts stay close to the default's), run with
-:func:`jaxsim.sweep.sweep` over every local device (set
-``XLA_FLAGS=--xla_force_host_platform_device_count=2`` to use both cores of a 2-core CPU).
+:func:`jaxsim.sweep.sweep` over every local device (on a CPU each core is made a device unless
+``XLA_FLAGS`` already sets ``--xla_force_host_platform_device_count``).
 Reports ``compile_s`` (a first sweep of one chunk, minus that chunk's steady run time),
 ``wall_s`` (the timed sweep, compiled), ``aggregate_realtime_factor`` (sum of simulated seconds /
 wall_s), ``per_config_s`` against ``single_run_s`` and ``peak_mem_gib`` (peak RSS of the process).
 
-Prints and writes: ``compile_s`` (trace + XLA compile of the whole run), ``wall_s`` (median wall
+``--steps``: the cost of one engine step on a 100,000-request trace against the same trace cut
+to 300 requests (see :func:`bench_steps`).
+
+With no flag, prints and writes: ``compile_s`` (trace + XLA compile of the whole run), ``wall_s`` (median wall
 time of one compiled run, over --repeats), ``sim_s`` (simulated seconds: last finish - first
 arrival) and ``realtime_factor`` = sim_s / wall_s, all measured in this one process (after one
 untimed warm-up run). On a shared 2-core VM the figure varies between processes; run it twice.
 """
 
 import argparse
+import dataclasses
 import json
+import os
 import resource
 import statistics
 import sys
@@ -29,6 +34,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# A sweep spreads over every local device; on a CPU, make each core a device (unless the caller
+# chose). It must be set before JAX starts.
+if any(a.startswith("--sweep") for a in sys.argv[1:]) and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -130,24 +141,55 @@ def bench_sweep(n: int, chunk_size: int) -> dict:
                 configs_ok=ok, warmup_configs=len(warm.rows))
 
 
-def bench_steps(long_requests: int = 100_000, steps: int = 20_000) -> dict:
-    """Wall time per engine step on the 300-request trace and on a 100,000-request synthetic
-    trace with the same length distribution and rate (the first ``steps`` steps of it)."""
+def bench_steps(long_requests: int = 100_000, short_requests: int = 300, steps: int = 1_500,
+                repeats: int = 5) -> dict:
+    """Wall time per engine step against the length of the trace.
+
+    A 100,000-request synthetic trace (lengths drawn from the ShareGPT trace, 10 requests/s) and
+    the same trace cut to its first 300 requests run the same engine iterations on the same
+    requests until the cut trace runs dry. Each runs ``steps // 3`` and ``steps`` steps; the
+    difference of the two wall times over the difference of steps is the cost of one step
+    (a call also copies its input state once, which is larger for the longer trace: its prefix
+    index has an entry per distinct block hash of the trace; that is reported separately). All
+    runs are interleaved, ``repeats`` times each, and each reports its fastest (a shared VM has
+    bursts of contention).
+    """
     workload, model = _default_case()
-    out = {}
     long = synthetic_workload(num_requests=long_requests, rate_rps=10.0,
                               input_len={"kind": "trace", "path": str(workload.source)},
                               output_len={"kind": "trace", "path": str(workload.source)}, seed=0)
-    for name, w, max_steps in (("trace300", workload, 10**6), ("synthetic100k", long, steps)):
+    short = dataclasses.replace(long, arrival_ns=long.arrival_ns[:short_requests],
+                                input_toks=long.input_toks[:short_requests],
+                                output_toks=long.output_toks[:short_requests],
+                                token_ids=long.token_ids[:short_requests])
+    runs = {}
+    for name, w in ((f"trace{short_requests}", short), (f"trace{long_requests // 1000}k", long)):
         p = simulator.prepare(w, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles",
                               record_token_times=False, max_iterations=1)
-        p.static = dict(p.static, record_iterations=False, max_steps=max_steps)  # no iteration records
-        wall, final = _timed_single(p)
-        n_steps = int(final.steps)
+        for n in (steps // 3, steps):
+            static = dict(p.static, record_iterations=False, max_steps=n)  # no iteration records
+            compiled = cluster.run.lower(p.state, p.params, p.workload, **static).compile()
+            final = jax.block_until_ready(compiled(p.state, p.params, p.workload))  # warm-up
+            if int(final.finished) == w.num_requests or int(final.steps) != n:
+                raise RuntimeError(f"{name} ran dry before {n} steps: lower --steps")
+            runs[name, n] = (p, compiled, int(final.finished), [])
+    for _ in range(repeats):
+        for p, compiled, _, walls in runs.values():
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(p.state, p.params, p.workload))
+            walls.append(time.perf_counter() - t0)
+    out = {"steps": steps}
+    per_step = {}
+    for name, w in ((f"trace{short_requests}", short), (f"trace{long_requests // 1000}k", long)):
+        (_, _, _, few), (_, _, finished, many) = runs[name, steps // 3], runs[name, steps]
+        per_step[name] = (min(many) - min(few)) / (steps - steps // 3)
         out[f"{name}_requests"] = w.num_requests
-        out[f"{name}_steps"] = n_steps
-        out[f"{name}_us_per_step"] = round(wall / n_steps * 1e6, 2)
-    out["per_step_ratio_100k_over_300"] = round(out["synthetic100k_us_per_step"] / out["trace300_us_per_step"], 3)
+        out[f"{name}_finished_in_those_steps"] = finished
+        out[f"{name}_us_per_step"] = round(per_step[name] * 1e6, 2)
+        out[f"{name}_call_overhead_ms"] = round((min(many) - steps * per_step[name]) * 1e3, 2)
+        out[f"{name}_prefix_index_entries"] = int(runs[name, steps][0].state.inst.pool.hash_index.shape[-1])
+    short_s, long_s = per_step.values()
+    out["per_step_ratio_long_over_short"] = round(long_s / short_s, 3)
     out["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return out
 

@@ -101,7 +101,7 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
               "last_emit", "first_scheduled", "prefix_hit", "recomputed", "nblk", "nreg", "wait_key")
     s = {f: getattr(inst.slots, f)[0] for f in fields}
     n_req = wl.arrival_sorted.shape[0]
-    arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right").astype(I32)
+    arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right", method="scan_unrolled").astype(I32)
     arrived = jnp.where(active, arrived, next_pending)
     free = s["status"] == inst_lib.EMPTY
     n_route = jnp.minimum(arrived - next_pending, jnp.sum(free.astype(I32), dtype=I32))
