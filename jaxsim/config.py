@@ -17,11 +17,12 @@ and ``paths.profiles`` / ``paths.models`` / ``paths.workloads`` derive from it (
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from jaxsim.cluster_config import ClusterSpec, cluster_spec
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
 from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
@@ -125,6 +126,15 @@ class SweepSchema:
 
 
 @dataclasses.dataclass
+class ClusterSchema:
+    # Empty instances and no json: one instance from `hardware` + `scheduler` (jaxsim/cluster_config.py).
+    instances: List[Any] = dataclasses.field(default_factory=list)
+    json: Optional[str] = None  # a reference cluster JSON (REFERENCE.md §3.1); replaces `instances`
+    routing: str = "least_loaded"
+    routing_seed: int = 42
+
+
+@dataclasses.dataclass
 class PathsSchema:
     root: str = str(PROJECT_ROOT)
     profiles: str = "${paths.root}/profiles"
@@ -141,6 +151,7 @@ class RootSchema:
     calibration: CalibrationSchema = MISSING
     sim: SimSchema = dataclasses.field(default_factory=SimSchema)
     sweep: SweepSchema = dataclasses.field(default_factory=SweepSchema)
+    cluster: ClusterSchema = dataclasses.field(default_factory=ClusterSchema)
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
     output_dir: Optional[str] = None
 
@@ -188,6 +199,7 @@ class RunSpec:
     output_dir: Path | None  # Hydra's run dir; None outside a @hydra.main run (compose API)
     config: dict  # the resolved config as a plain dict (written as config.yaml)
     choices: dict  # group -> chosen option, e.g. {"hardware": "rtxpro6000", ...} when known
+    cluster: ClusterSpec | None = None  # several instances (None: the one of hardware + scheduler)
 
 
 def _check_int(v, key: str, lo: int | None = None, allow_none: bool = False):
@@ -268,8 +280,7 @@ def _hardware(d: dict, profiles: Path, p: str = "hardware") -> HardwareConfig:
     return hw
 
 
-def _scheduler(d: dict) -> SchedulerConfig:
-    p = "scheduler"
+def _scheduler(d: dict, p: str = "scheduler") -> SchedulerConfig:
     return SchedulerConfig(
         max_num_seqs=_check_int(d.get("max_num_seqs"), f"{p}.max_num_seqs", 0),
         max_num_batched_tokens=_check_int(d.get("max_num_batched_tokens"),
@@ -451,10 +462,12 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
                                    f"longest prompt ({longest} tokens) while "
                                    "scheduler.enable_chunked_prefill is false",
                                    "raise it (0 = unlimited) or enable chunked prefill")
+    cluster = cluster_spec(d.get("cluster"), _section(d, "hardware"), _section(d, "scheduler"), calibration,
+                           paths.profiles, model.name, lambda h, k: _hardware(h, paths.profiles, k), _scheduler)
     return RunSpec(
         hardware=hardware, scheduler=scheduler, model=model, model_config=model_config,
         calibration=calibration, workload=workload, sim=sim, paths=paths,
-        output_dir=_output_dir(cfg), config=d, choices=_choices(cfg),
+        output_dir=_output_dir(cfg), config=d, choices=_choices(cfg), cluster=cluster,
     )
 
 

@@ -192,7 +192,7 @@ def summarize(result: SimResult, table: dict | None = None) -> dict:
     s["prefix_cache_hit_tokens"] = hit
     s["prefix_cache_hit_ratio"] = hit / tot_in if tot_in else 0.0
     num_blocks = int(result.num_blocks)
-    used = _i64(result.iter_kv_blocks_used)
+    used = _i64(cluster_gauge(result, result.iter_kv_blocks_used))
     s["kv_num_blocks"] = num_blocks
     s["kv_block_size"] = int(result.block_size)
     s["kv_num_tokens"] = num_blocks * int(result.block_size)
@@ -202,6 +202,23 @@ def summarize(result: SimResult, table: dict | None = None) -> dict:
     for k, v in (result.stats or {}).items():
         s[f"stats_{k}" if k in s else str(k)] = v
     return _jsonable(s)
+
+
+def cluster_gauge(result: SimResult, values) -> np.ndarray:
+    """A per-iteration gauge as the cluster total: at each row (rows are in end-time order), the
+    sum over instances of each one's latest value (0 before its first iteration). For a single
+    instance, the values themselves."""
+    values = np.asarray(values)
+    inst = result.iter_instance
+    if inst is None:
+        return values
+    total = np.zeros(values.shape, np.int64)
+    rows = np.arange(values.shape[0])
+    for i in np.unique(inst):
+        mine = np.where(inst == i, rows, -1)
+        latest = np.maximum.accumulate(mine)  # this instance's last row at or before each row
+        total += np.where(latest >= 0, values[np.maximum(latest, 0)], 0).astype(np.int64)
+    return total
 
 
 def time_series(result: SimResult, interval_s: float = 1.0) -> dict:
@@ -239,14 +256,14 @@ def time_series(result: SimResult, interval_s: float = 1.0) -> dict:
         x = np.asarray(x).astype(dtype)
         return np.where(last >= 0, x[np.maximum(last, 0)], 0).astype(dtype)
 
-    used = gauge(result.iter_kv_blocks_used, np.float64)
+    used = gauge(cluster_gauge(result, result.iter_kv_blocks_used), np.float64)
     nb = int(result.num_blocks)
     return {
         "t": np.arange(1, nbins + 1, dtype=np.float64) * interval_s,
         "prompt_throughput": prompt / interval_s,
         "gen_throughput": gen / interval_s,
-        "running": gauge(result.iter_running, np.int64),
-        "waiting": gauge(result.iter_waiting, np.int64),
+        "running": gauge(cluster_gauge(result, result.iter_running), np.int64),
+        "waiting": gauge(cluster_gauge(result, result.iter_waiting), np.int64),
         "kv_cache_pct": used / nb * 100 if nb else np.zeros(nbins),
     }
 

@@ -17,11 +17,12 @@ import numpy as np
 from jaxsim import latency, profiles
 from jaxsim.engine import cluster
 from jaxsim.engine import instance as inst_lib
+from jaxsim.engine import routing
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes
 from jaxsim.prefix import hash_ids
-from jaxsim.spec import (Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, SimResult,
-                         Workload)
+from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, ModelRuntimeConfig, SchedulerConfig,
+                         SimResult, Workload)
 
 GIB = 2**30
 POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
@@ -260,12 +261,35 @@ def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: b
     """
     num_blocks = np.array([p.num_blocks for p in plans], np.int32)
     state = _init_states(jnp.asarray(num_blocks), dims=dims)
-    sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans]))[:, None] for k in plans[0].sched}
-    calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))[:, None]
+    params = jax.tree.map(lambda x: x[:, None], _stacked_params(plans))  # one instance each
+    wl, wl_batched = _workload_for(plans, dims, batched, workload_batched)
+    if not batched:
+        state, params = jax.tree.map(lambda x: x[0], (state, params))
+    return state, params, wl, wl_batched
+
+
+def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched: bool | None = None):
+    """:func:`build` for a batch of clusters of one instance count (``clusters[c][i]``: the plan
+    of instance i of configuration c; the instances of a configuration share its trace)."""
+    n = len(clusters[0])
+    flat = [pl for c in clusters for pl in c]
+    params = jax.tree.map(lambda x: x.reshape((len(clusters), n) + x.shape[1:]), _stacked_params(flat))
+    num_blocks = jnp.asarray([[pl.num_blocks for pl in c] for c in clusters], jnp.int32)
+    state = jax.vmap(functools.partial(_init_cluster, dims=dims))(num_blocks)
+    wl, wl_batched = _workload_for([c[0] for c in clusters], dims, True, workload_batched)
+    return state, params, wl, wl_batched
+
+
+def _stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
+    """The plans' engine parameters stacked along a leading axis."""
+    sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans])) for k in plans[0].sched}
+    calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))
              for k in ("iteration_overhead_ns", "first_token_delay_ns", "token_output_delay_ns")}
-    tables = latency.stack_tables([p.tables for p in plans])
-    params = cluster.EngineParams(sched=inst_lib.SchedulerParams(**sched), tables=jax.tree.map(lambda x: x[:, None], tables),
-                                  **calib)
+    return cluster.EngineParams(sched=inst_lib.SchedulerParams(**sched),
+                                tables=latency.stack_tables([p.tables for p in plans]), **calib)
+
+
+def _workload_for(plans: "list[Plan]", dims: Dims, batched: bool, workload_batched: bool | None):
     distinct = {id(p.workload_arrays): p.workload_arrays for p in plans}
     wl_batched = batched and (len(distinct) > 1 if workload_batched is None else workload_batched)
     if wl_batched:
@@ -273,9 +297,7 @@ def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: b
         wl = cluster.WorkloadArrays(**{k: jnp.asarray(np.stack([a[k] for a in padded])) for k in padded[0]})
     else:
         wl = cluster.WorkloadArrays(**{k: jnp.asarray(v) for k, v in _pad_workload(plans[0].workload_arrays, dims).items()})
-    if not batched:
-        state, params = jax.tree.map(lambda x: x[0], (state, params))
-    return state, params, wl, wl_batched
+    return wl, wl_batched
 
 
 @functools.partial(jax.jit, static_argnames=("dims",))
@@ -298,6 +320,43 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
                     pl.max_iters_bound)
 
 
+def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
+                    router: routing.Router = routing.Router(), rt: ModelRuntimeConfig = ModelRuntimeConfig(),
+                    **kwargs) -> Prepared:
+    """A cluster of instances of one model (hardware, scheduler knobs and engine costs may differ
+    per instance) serving ``workload``, with arrivals routed by ``router``."""
+    if not instances:
+        raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
+    plans = [plan(workload, model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
+    sizes = {pl.block_size for pl in plans}
+    if len(sizes) > 1:
+        raise JaxsimInputError("cluster.instances[*].scheduler.block_size",
+                               f"instances of one cluster share a block size, got {sorted(sizes)}")
+    dims = Dims.merge([pl.dims for pl in plans])
+    params = _stacked_params(plans)  # the plans' axis is the instance axis
+    wl, _ = _workload_for(plans, dims, False, False)
+    state = _init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims=dims)
+    static = dict(dims.static(plans[0].block_size), router=router)
+    return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
+                    max(pl.max_iters_bound for pl in plans))
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _init_cluster(num_blocks, *, dims: Dims):
+    """A fresh state with one instance per entry of ``num_blocks`` (its KV capacity)."""
+    inst = jax.vmap(lambda nb: inst_lib.init_instance(dims.num_slots, dims.max_blocks, dims.num_blocks_cap,
+                                                      dims.ring_cap, dims.num_hashes, POP_WINDOW, nb))(num_blocks)
+    return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters)
+
+
+def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
+                     router: routing.Router = routing.Router(), rt: ModelRuntimeConfig = ModelRuntimeConfig(),
+                     **kwargs) -> SimResult:
+    """Simulate a cluster (see :func:`prepare_cluster`); per-request results carry the instance
+    each request was routed to, and the iteration rows of every instance (``iter_instance``)."""
+    return _run_growing_buffer(lambda **kw: prepare_cluster(workload, model, instances, router, rt, **kw), kwargs)
+
+
 def run_prepared(p: Prepared) -> cluster.ClusterState:
     return cluster.run(p.state, p.params, p.workload, **p.static)
 
@@ -307,13 +366,14 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
     f = jax.device_get(final)
     w = p.workload_host
     n = w.num_requests
-    inst = jax.tree.map(lambda x: x[0], f.inst)
-    rec = jax.tree.map(lambda x: x[0], f.records)
-    k = int(inst.n_iters)
-    if bool(inst.counters.slot_overflow):
+    n_inst = f.inst.busy.shape[0]
+    counts = [int(x) for x in f.inst.n_iters]
+    if bool(np.any(f.inst.counters.slot_overflow)):
         raise CapacityOverflowError("request slots overflowed: raise sim.max_slots")
-    if k >= rec.start.shape[0] and int(f.finished) < n:
-        raise IterationBufferFull(f"the iteration buffer ({rec.start.shape[0]} rows) filled up before the run "
+    if bool(f.router.overflow):
+        raise CapacityOverflowError("a routing queue overflowed")
+    if max(counts) >= f.records.start.shape[-1] and int(f.finished) < n:
+        raise IterationBufferFull(f"the iteration buffer ({f.records.start.shape[-1]} rows) filled up before the run "
                                   "ended: raise sim.max_iterations (0 = automatic)")
     if bool(f.stalled):
         left = np.nonzero(f.finish < 0)[0]
@@ -324,13 +384,23 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
         raise CapacityOverflowError(f"the step limit was reached with {n - int(f.finished)} requests unfinished")
     out = w.output_toks.astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(out)])
-    ctr = inst.counters
+    ctr = jax.tree.map(lambda x: np.asarray(x).sum(axis=0), f.inst.counters)  # summed over instances
+    # Iteration rows of every instance, in order of end time (then instance).
+    rows = {name: np.concatenate([getattr(f.records, name)[i, :counts[i]] for i in range(n_inst)])
+            for name in ("start", "end", "prompt_tokens", "gen_tokens", "num_tokens", "num_seqs", "running",
+                         "waiting", "kv_used")}
+    row_inst = np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(counts)])
+    by_end = np.lexsort((row_inst, rows["end"]))
+    rows = {k: v[by_end] for k, v in rows.items()}
     stats = dict(
-        iterations=k, steps=int(f.steps), preemptions=int(ctr.preemptions),
+        iterations=sum(counts), steps=int(f.steps), preemptions=int(ctr.preemptions),
         prefix_requested_tokens=int(ctr.prefix_requested), prefix_hit_tokens=int(ctr.prefix_hits),
         recomputed_tokens=int(ctr.recomputed),
         extrapolated_iterations=dict(zip(("dense", "per_sequence", "attention", "moe"),
                                          (int(x) for x in ctr.extrapolated))))
+    if n_inst > 1:
+        stats["iterations_per_instance"] = counts
+        stats["requests_per_instance"] = np.bincount(np.asarray(f.instance), minlength=n_inst).tolist()
     if wall_s is not None:
         stats["wall_s_with_compile"] = wall_s
     return SimResult(
@@ -341,10 +411,11 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
         recomputed_tokens=np.asarray(f.recomputed), instance=np.asarray(f.instance),
         token_times_ns=np.asarray(f.token_times) if f.token_times.shape[0] == offsets[-1] else np.zeros(0, np.int64),
         token_offsets=offsets,
-        iter_start_ns=rec.start[:k], iter_end_ns=rec.end[:k], iter_prompt_tokens=rec.prompt_tokens[:k],
-        iter_gen_tokens=rec.gen_tokens[:k], iter_num_tokens=rec.num_tokens[:k], iter_num_seqs=rec.num_seqs[:k],
-        iter_running=rec.running[:k], iter_waiting=rec.waiting[:k], iter_kv_blocks_used=rec.kv_used[:k],
-        num_blocks=p.num_blocks, block_size=p.block_size, stats=stats)
+        iter_start_ns=rows["start"], iter_end_ns=rows["end"], iter_prompt_tokens=rows["prompt_tokens"],
+        iter_gen_tokens=rows["gen_tokens"], iter_num_tokens=rows["num_tokens"], iter_num_seqs=rows["num_seqs"],
+        iter_running=rows["running"], iter_waiting=rows["waiting"], iter_kv_blocks_used=rows["kv_used"],
+        num_blocks=p.num_blocks, block_size=p.block_size, stats=stats,
+        iter_instance=row_inst[by_end] if n_inst > 1 else None)
 
 
 def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
@@ -355,8 +426,14 @@ def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: 
     With an automatic iteration buffer (``max_iterations=0``), a run that fills it is rerun with
     twice the rows (a recompile), up to the proven bound.
     """
+    return _run_growing_buffer(lambda **kw: prepare(workload, model, hw, sched, rt, calib, **kw), kwargs)
+
+
+def _run_growing_buffer(prepare_fn, kwargs: dict) -> SimResult:
+    """Run ``prepare_fn(**kwargs)``; with an automatic iteration buffer (``max_iterations=0``),
+    a run that fills it is rerun with twice the rows (a recompile), up to the proven bound."""
     t0 = time.perf_counter()
-    p = prepare(workload, model, hw, sched, rt, calib, **kwargs)
+    p = prepare_fn(**kwargs)
     while True:
         final = jax.block_until_ready(run_prepared(p))
         try:
@@ -365,5 +442,4 @@ def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: 
             rows = p.state.records.start.shape[-1]
             if kwargs.get("max_iterations") or rows >= p.max_iters_bound:
                 raise
-            p = prepare(workload, model, hw, sched, rt, calib,
-                        **{**kwargs, "max_iterations": min(2 * rows, p.max_iters_bound)})
+            p = prepare_fn(**{**kwargs, "max_iterations": min(2 * rows, p.max_iters_bound)})

@@ -72,6 +72,15 @@ class Calibration:
         return cls(0, 0, 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+    """One instance of a cluster: its hardware, scheduler knobs and engine costs (same model)."""
+
+    hw: HardwareConfig = HardwareConfig()
+    sched: SchedulerConfig = SchedulerConfig()
+    calib: Calibration = Calibration()
+
+
 @dataclasses.dataclass
 class Workload:
     """A request trace, numbered in file-line order. Arrays have length N."""
@@ -129,3 +138,6 @@ class SimResult:
     num_blocks: int
     block_size: int
     stats: dict  # e.g. preemptions, prefix requested/hit tokens, extrapolated lookups, wall times
+    # Cluster runs: the instance of each iteration row (rows of all instances, ordered by end
+    # time then instance); None for a single instance.
+    iter_instance: np.ndarray | None = None

@@ -32,9 +32,10 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxsim import simulator
 from jaxsim.engine import cluster
+from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, ModelRuntimeConfig, SchedulerConfig, Workload
 from jaxsim.workload import synthetic_workload
 
 # knob -> what it sets. All of them vary per configuration inside one compiled call.
@@ -80,6 +81,10 @@ class SweepBase:
     slo_ttft_ms: float | None = None  # SLO attainment = TTFT and TPOT both within their SLO
     slo_tpot_ms: float | None = None
     max_slots: int = 0  # sim.max_slots (0 = auto)
+    # A cluster instead of one instance: every point applies its knobs to each instance (the
+    # ``hardware`` knob replaces each one's hardware). None: one instance of hardware+scheduler.
+    instances: tuple | None = None  # of jaxsim.spec.InstanceSpec
+    router: Router = Router()
 
 
 def expand_grid(axes: dict) -> list:
@@ -116,14 +121,33 @@ def _check_point(point: dict, base: SweepBase, where: str) -> None:
 
 
 def point_inputs(base: SweepBase, point: dict) -> dict:
-    """The arguments of :func:`jaxsim.simulate` / :func:`jaxsim.simulator.plan` for one point."""
-    hw = base.hardware_options[point["hardware"]] if "hardware" in point else base.hardware
+    """The arguments of :func:`jaxsim.simulate` / :func:`jaxsim.simulator.plan` for one point
+    (for a cluster base, the instance's ``hw``/``sched``/``calib`` are those of instance 0;
+    :func:`point_instances` gives them all)."""
+    return {**_shared_inputs(base, point), **_instance_inputs(base, point, _instances(base)[0])}
+
+
+def point_instances(base: SweepBase, point: dict) -> list:
+    """A cluster base's instances at this point (:class:`jaxsim.spec.InstanceSpec`), the
+    arguments of :func:`jaxsim.simulator.simulate_cluster` for it."""
+    return [InstanceSpec(**_instance_inputs(base, point, spec)) for spec in _instances(base)]
+
+
+def _instances(base: SweepBase) -> tuple:
+    return base.instances or (InstanceSpec(base.hardware, base.scheduler, base.calibration),)
+
+
+def _instance_inputs(base: SweepBase, point: dict, spec: InstanceSpec) -> dict:
+    hw = base.hardware_options[point["hardware"]] if "hardware" in point else spec.hw
     hw = dataclasses.replace(hw, **{k: point[k] for k in _HARDWARE_KNOBS if k in point})
-    sched = dataclasses.replace(base.scheduler, **{k: point[k] for k in _SCHEDULER_KNOBS if k in point})
+    sched = dataclasses.replace(spec.sched, **{k: point[k] for k in _SCHEDULER_KNOBS if k in point})
+    return dict(hw=hw, sched=sched, calib=spec.calib)
+
+
+def _shared_inputs(base: SweepBase, point: dict) -> dict:
     workload = _workload(base, point.get("seed"), point.get("arrival_rate_scale", 1.0))
-    return dict(workload=workload, model=base.model, hw=hw, sched=sched, rt=base.runtime,
-                calib=base.calibration, profiles_dir=base.profiles_dir, max_slots=base.max_slots,
-                scales={k: float(point.get(k, 1.0)) for k in _SCALE_KNOBS})
+    return dict(workload=workload, model=base.model, rt=base.runtime, profiles_dir=base.profiles_dir,
+                max_slots=base.max_slots, scales={k: float(point.get(k, 1.0)) for k in _SCALE_KNOBS})
 
 
 # base -> {(seed, scale): Workload}: the points of one base share trace objects (hence hashed
@@ -173,21 +197,28 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     hashes_cache: dict = {}  # rate-scaled traces share their token ids, hence their hashes
     plans = []
     for p in points:
-        kw = point_inputs(base, p)
-        w, sched = kw["workload"], kw["sched"]
-        max_blocks = simulator.block_table_width(w, sched.block_size)
-        key = (id(w), sched.block_size, max_blocks)
-        if key not in arrays_cache:  # hashes are computed for every point: prefix caching is a knob
-            hkey = (id(w.token_ids), sched.block_size, max_blocks)
-            if hkey not in hashes_cache:
-                hashes_cache[hkey] = simulator.workload_hashes(w, sched.block_size, True, max_blocks)
-            arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks,
-                                                          hashes=hashes_cache[hkey])
-        plans.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
+        shared = _shared_inputs(base, p)
+        w = shared["workload"]
+        insts = []  # this point's plan of each instance
+        for spec in _instances(base):
+            kw = {**shared, **_instance_inputs(base, p, spec)}
+            sched = kw["sched"]
+            max_blocks = simulator.block_table_width(w, sched.block_size)
+            key = (id(w), sched.block_size, max_blocks)
+            if key not in arrays_cache:  # hashes are computed for every point: prefix caching is a knob
+                hkey = (id(w.token_ids), sched.block_size, max_blocks)
+                if hkey not in hashes_cache:
+                    hashes_cache[hkey] = simulator.workload_hashes(w, sched.block_size, True, max_blocks)
+                arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks,
+                                                              hashes=hashes_cache[hkey])
+            insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
+        if len({pl.block_size for pl in insts}) > 1:
+            raise JaxsimInputError(f"sweep point {len(plans)}", "the instances of a cluster share a block size")
+        plans.append(insts)
 
     groups: dict = {}
-    for i, pl in enumerate(plans):
-        groups.setdefault((pl.block_size, pl.dims.num_requests), []).append(i)
+    for i, insts in enumerate(plans):
+        groups.setdefault((insts[0].block_size, insts[0].dims.num_requests), []).append(i)
 
     rows: list = [None] * len(points)
     requests: list | None = [None] * len(points) if keep_requests else None
@@ -196,27 +227,33 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     for (block_size, _), members in groups.items():
         # A chunk loops until its slowest configuration is done, so chunks gather configurations
         # of similar length: longest trace (arrival span) first, ties in point order.
-        members = sorted(members, key=lambda i: -_arrival_span(plans[i].workload))
-        dims = simulator.Dims.merge([plans[i].dims for i in members])
+        members = sorted(members, key=lambda i: -_arrival_span(plans[i][0].workload))
+        dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]])
         static = dims.static(block_size, record_iterations=False)  # the step limit follows max_iters
+        if base.instances is not None:
+            static["router"] = base.router
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
         dims = dataclasses.replace(dims, max_iters=1)
         # Every chunk of a group has the same shapes (hence one compile), the workload axis included.
-        wl_axis = len({id(plans[i].workload_arrays) for i in members}) > 1
+        wl_axis = len({id(plans[i][0].workload_arrays) for i in members}) > 1
         for lo in range(0, len(members), chunk_size):
             idx = members[lo:lo + chunk_size]
             padded = idx + [idx[-1]] * (chunk_size - len(idx))  # one shape per group: one compile
-            state, params, wl, wl_batched = simulator.build([plans[i] for i in padded], dims, batched=True,
+            if base.instances is None:
+                state, params, wl, wl_batched = simulator.build([plans[i][0] for i in padded], dims, batched=True,
                                                                 workload_batched=wl_axis)
+            else:
+                state, params, wl, wl_batched = simulator.build_clusters([plans[i] for i in padded], dims,
+                                                                         workload_batched=wl_axis)
             final = _run_chunk(state, params, wl, wl_batched, static, tuple(devices))
             host = jax.device_get(dict(
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,
-                stalled=final.stalled, n_iters=final.inst.n_iters[:, 0],
-                preemptions=final.inst.counters.preemptions[:, 0],
-                slot_overflow=final.inst.counters.slot_overflow[:, 0]))
+                stalled=final.stalled, n_iters=final.inst.n_iters.sum(axis=1),
+                preemptions=final.inst.counters.preemptions.sum(axis=1),
+                slot_overflow=final.inst.counters.slot_overflow.any(axis=1)))
             for k, i in enumerate(idx):
                 one = {f: v[k] for f, v in host.items()}
-                row, sim = config_metrics(plans[i].workload, one, base.slo_ttft_ms, base.slo_tpot_ms, static["max_steps"])
+                row, sim = config_metrics(plans[i][0].workload, one, base.slo_ttft_ms, base.slo_tpot_ms, static["max_steps"])
                 rows[i] = {"config": i, **points[i], **row}
                 sim_s += sim
                 if keep_requests:

@@ -3,6 +3,8 @@
     python scripts/run.py                                  # RTX PRO 6000 + Llama-3.1-8B, ShareGPT 300
     python scripts/run.py scheduler.max_num_seqs=64 hardware=rtxpro6000_tp2
     python scripts/run.py workload=synthetic_poisson workload.rate_rps=5
+    python scripts/run.py cluster=pair cluster.routing=round_robin   # two instances, routed
+    python scripts/run.py cluster=reference_json cluster.json=my_cluster.json
 
 Writes requests.csv, summary.json, timeseries.csv and config.yaml to the run's output folder
 (Hydra's outputs/<date>/<time>/ unless output_dir=... is given).
@@ -27,10 +29,14 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
     try:
         spec = config_lib.from_hydra(cfg)
-        result = simulator.simulate(
-            spec.workload, spec.model_config, spec.hardware, spec.scheduler, spec.model, spec.calibration,
-            profiles_dir=spec.paths.profiles, max_slots=spec.sim.max_slots,
-            record_token_times=spec.sim.record_token_times, max_iterations=spec.sim.max_iterations)
+        options = dict(profiles_dir=spec.paths.profiles, max_slots=spec.sim.max_slots,
+                       record_token_times=spec.sim.record_token_times, max_iterations=spec.sim.max_iterations)
+        if spec.cluster is None:
+            result = simulator.simulate(spec.workload, spec.model_config, spec.hardware, spec.scheduler, spec.model,
+                                        spec.calibration, **options)
+        else:
+            result = simulator.simulate_cluster(spec.workload, spec.model_config, list(spec.cluster.instances),
+                                                spec.cluster.router, spec.model, **options)
     except (JaxsimInputError, CapacityOverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

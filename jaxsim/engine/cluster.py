@@ -8,8 +8,8 @@ under ``vmap`` (:func:`run_batch`). Every loop is a ``masked_while_loop`` (engin
 step is a no-op for a configuration that is done, so batching never copies the state per trip.
 
 The state has an instance axis from the start (``InstanceState`` leaves are ``[instance, ...]``,
-and per-instance work is ``vmap``-ed). Routing across several instances belongs to the cluster
-issue; today every arrival goes to instance 0 and the host builds a single instance.
+and per-instance work is ``vmap``-ed). With several instances, arrivals are routed by a
+``routing.Router`` policy into per-instance queues (engine/routing.py).
 
 Time is int64 nanoseconds (x64 is enabled by ``jaxsim``): exact however long the run.
 """
@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Int
 
 from jaxsim import latency
 from jaxsim.engine import instance as inst_lib
+from jaxsim.engine import routing
 from jaxsim.engine.instance import I32, I64, RUNNING, WAITING
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import prefix_sum
@@ -56,6 +57,7 @@ class ClusterState(eqx.Module):
     now: Int[Array, ""]  # int64 ns
     next_pending: Int[Array, ""]  # position in arrival order of the first request not yet routed
     inst: inst_lib.InstanceState  # [instance, ...]
+    router: routing.RouterState  # per-instance queues of routed requests (unused with one instance)
     finished: Int[Array, ""]
     stalled: Bool[Array, ""]  # nothing runs, nothing arrives, work is left: a request never fits
     steps: Int[Array, ""]
@@ -97,8 +99,7 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
     waiting queue, so the schedule is unchanged (they are counted in the waiting gauge).
     """
     # Only the per-request fields change; the block table is left alone (it is large).
-    fields = ("req", "status", "prompt", "target", "reached", "computed", "first", "num_preemptions",
-              "last_emit", "first_scheduled", "prefix_hit", "recomputed", "nblk", "nreg", "wait_key")
+    fields = inst_lib.ROUTED_FIELDS
     s = {f: getattr(inst.slots, f)[0] for f in fields}
     n_req = wl.arrival_sorted.shape[0]
     arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right", method="scan_unrolled").astype(I32)
@@ -108,16 +109,7 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
     rank = prefix_sum(free.astype(I32)) - 1
     take = free & (rank < n_route)
     pos = jnp.minimum(next_pending + rank, n_req - 1)
-    req = wl.order[pos]
-    prompt = wl.prompt[req]
-
-    def put(old, new):
-        return jnp.where(take, new, old)
-
-    new = dict(req=req, status=WAITING, prompt=prompt, target=prompt + wl.output[req], reached=prompt,
-               computed=0, first=True, num_preemptions=0, last_emit=0, first_scheduled=-1, prefix_hit=-1,
-               recomputed=0, nblk=0, nreg=0, wait_key=pos)
-    s = {f: put(s[f], new[f]) for f in fields}
+    s = inst_lib.routed_slot_values(s, take, pos, wl)
     slots = eqx.tree_at(lambda x: tuple(getattr(x, f) for f in fields), inst.slots,
                         tuple(getattr(inst.slots, f).at[0].set(s[f]) for f in fields))
     unrouted = arrived - next_pending - n_route
@@ -155,21 +147,22 @@ def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, wind
     return per_instance(one)(inst, prm)
 
 
-def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, unrouted):
-    """Append one row per instance whose iteration ended now (gauges after routing)."""
+def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, queued):
+    """Append one row per instance whose iteration ended now (gauges after routing; ``queued``:
+    per instance, requests routed to it that wait outside its slots)."""
 
-    def one(records, inst, ending, num_blocks, ptok, gtok):
+    def one(records, inst, ending, num_blocks, ptok, gtok, queued):
         s = inst.slots
         row = dict(start=inst.batch_start, end=now, prompt_tokens=ptok, gen_tokens=gtok,
                    num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs,
                    running=jnp.sum((s.status == RUNNING).astype(I32), dtype=I32),
-                   waiting=jnp.sum((s.status == WAITING).astype(I32), dtype=I32) + unrouted,
+                   waiting=jnp.sum((s.status == WAITING).astype(I32), dtype=I32) + queued,
                    kv_used=num_blocks - inst.pool.num_free)
         idx = jnp.where(ending, inst.n_iters, records.start.shape[0])  # out of range = not written
         records = inst_lib.Records(**{k: getattr(records, k).at[idx].set(v, mode="drop") for k, v in row.items()})
         return records, eqx.tree_at(lambda i: i.n_iters, inst, inst.n_iters + ending.astype(I32))
 
-    return per_instance(one)(records, inst, ending, prm.sched.num_blocks, ptok, gtok)
+    return per_instance(one)(records, inst, ending, prm.sched.num_blocks, ptok, gtok, queued)
 
 
 def _drain_if_stuck(inst, active, *, ring_cap):
@@ -183,7 +176,8 @@ def _drain_if_stuck(inst, active, *, ring_cap):
     return inst, retry
 
 
-def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, block_size, window, ring_cap):
+def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, block_size, window, ring_cap,
+          router: routing.Router):
     """One engine iteration of the cluster. A no-op when not ``active`` (see ``run``)."""
     now = st.now
     inst = st.inst
@@ -214,8 +208,17 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
              st.instance.at[fin].set(inst_id, mode="drop"),
              st.finished + jnp.sum(ev.finish.astype(I32), dtype=I32)))
 
-    inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now, active)
-    records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, unrouted)
+    rs = st.router
+    if n_inst == 1:  # arrivals wait in arrival order outside the slots: no queue needed
+        inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now, active)
+        queued = unrouted[None]
+    else:
+        arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right", method="scan_unrolled").astype(I32)
+        next_pending = jnp.where(active, arrived, st.next_pending)
+        rs = routing.route_arrivals(inst, rs, prm.sched, wl, st.next_pending, next_pending, router=router,
+                                    block_size=block_size)
+        inst, rs, queued = routing.fill_slots(inst, rs, wl)
+    records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, queued)
     inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap)
     inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap),
                                in_axes=(0, None))(inst, active)
@@ -223,11 +226,14 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
     any_busy = jnp.any(inst.busy) | jnp.any(retry)
     next_arrival = jnp.where(next_pending < n_req,
                              wl.arrival_sorted[jnp.minimum(next_pending, n_req - 1)], NEVER)
-    next_now = jnp.where(any_busy, jnp.min(jnp.where(inst.busy, inst.batch_end, jnp.where(retry, now, NEVER))),
-                         jnp.maximum(next_arrival, now))
+    next_end = jnp.min(jnp.where(inst.busy, inst.batch_end, jnp.where(retry, now, NEVER)))
+    if n_inst == 1:  # a lone instance sees arrivals at its next batch end (its only decision point)
+        next_now = jnp.where(any_busy, next_end, jnp.maximum(next_arrival, now))
+    else:  # requests are routed when they arrive, and an idle instance starts on them at once
+        next_now = jnp.minimum(next_end, jnp.maximum(next_arrival, now))
     stalled = (~any_busy) & (next_pending >= n_req) & (st.finished < n_req)
-    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.stalled, s.steps, s.records),
-                       st, (jnp.where(active, next_now, now), next_pending, inst,
+    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.router, s.stalled, s.steps, s.records),
+                       st, (jnp.where(active, next_now, now), next_pending, inst, rs,
                             jnp.where(active, stalled, st.stalled), st.steps + active.astype(I32), records))
 
 
@@ -235,8 +241,11 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
     z64 = jnp.full(n_req, -1, I64)
     z32 = jnp.zeros(n_req, I32)
     zero = jnp.asarray(0, I32)
+    n_inst = inst.busy.shape[0]
+    # A queue can hold every request: routing never overflows it (one instance needs none).
+    router = routing.init_router(n_inst, n_req if n_inst > 1 else 1)
     return ClusterState(
-        now=jnp.asarray(0, I64), next_pending=zero, inst=inst, finished=zero,
+        now=jnp.asarray(0, I64), next_pending=zero, inst=inst, router=router, finished=zero,
         stalled=jnp.asarray(False), steps=zero, first_token=z64, finish=z64, first_scheduled=z64,
         prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32,
         token_times=jnp.full(max(n_tokens, 1), -1, I64),
@@ -245,7 +254,8 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
 
 
 def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int,
-                        window: int, ring_cap: int, max_steps: int, record_iterations: bool = True) -> ClusterState:
+                        window: int, ring_cap: int, max_steps: int, record_iterations: bool = True,
+                        router: routing.Router = routing.Router()) -> ClusterState:
     """Advance until every request has finished (or the run stalls, or a buffer would overflow).
 
     Unjitted; :func:`run` (one configuration) and :func:`run_batch` (a ``vmap`` over
@@ -261,7 +271,8 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
 
     def body(consts, st):
         prm, wl = consts
-        return _step(st, prm, wl, cond(consts, st), block_size=block_size, window=window, ring_cap=ring_cap)
+        return _step(st, prm, wl, cond(consts, st), block_size=block_size, window=window, ring_cap=ring_cap,
+                     router=router)
 
     if st.inst.busy.shape[0] != 1:
         return masked_while_loop(cond, body, st, (prm, wl))
@@ -280,7 +291,7 @@ def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
     return eqx.tree_at(lambda s: (s.inst, s.records), st, (jax.tree.map(fn, st.inst), jax.tree.map(fn, st.records)))
 
 
-_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations")
+_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations", "router")
 run = functools.partial(jax.jit, static_argnames=_STATIC)(simulate_until_done)
 
 

@@ -176,6 +176,30 @@ def _release_slot(inst: InstanceState, slot, ring_cap, active) -> InstanceState:
     return eqx.tree_at(lambda i: i.pool, inst, pool)
 
 
+# The per-request fields a routed request sets in its slot (the block table is not among them).
+ROUTED_FIELDS = ("req", "status", "prompt", "target", "reached", "computed", "first", "num_preemptions",
+                 "last_emit", "first_scheduled", "prefix_hit", "recomputed", "nblk", "nreg", "wait_key")
+
+
+def routed_slot_values(fields: dict, take, pos, wl) -> dict:
+    """``fields`` (the ROUTED_FIELDS of one instance's slots) with the slots where ``take`` now
+    holding the requests at arrival positions ``pos``, waiting (FCFS by arrival position)."""
+    req = wl.order[pos]
+    prompt = wl.prompt[req]
+    new = dict(req=req, status=WAITING, prompt=prompt, target=prompt + wl.output[req], reached=prompt,
+               computed=0, first=True, num_preemptions=0, last_emit=0, first_scheduled=-1, prefix_hit=-1,
+               recomputed=0, nblk=0, nreg=0, wait_key=pos)
+    return {f: jnp.where(take, new[f], fields[f]) for f in ROUTED_FIELDS}
+
+
+def admit_to_slots(inst: InstanceState, take, pos, wl) -> InstanceState:
+    """Place the requests at arrival positions ``pos`` in the slots where ``take`` (one instance)."""
+    vals = routed_slot_values({f: getattr(inst.slots, f) for f in ROUTED_FIELDS}, take, pos, wl)
+    slots = eqx.tree_at(lambda x: tuple(getattr(x, f) for f in ROUTED_FIELDS), inst.slots,
+                        tuple(vals[f] for f in ROUTED_FIELDS))
+    return eqx.tree_at(lambda i: i.slots, inst, slots)
+
+
 def _put(field, index, value):
     """``field[index] = value``; an out-of-range index (a masked write) changes nothing."""
     return field.at[index].set(value, mode="drop")

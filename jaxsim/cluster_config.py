@@ -1,0 +1,164 @@
+"""Cluster descriptions -> ``list[InstanceSpec]`` + a ``Router``: the Hydra ``cluster`` section
+and the reference simulator's cluster JSON (REFERENCE.md §3.1).
+
+Hydra (``conf/cluster/*.yaml``)::
+
+    cluster:
+      routing: least_loaded          # engine/routing.py POLICIES
+      routing_seed: 42               # for routing: random
+      json: null                     # a reference cluster JSON; replaces `instances`
+      instances:                     # empty: one instance from `hardware` + `scheduler`
+        - count: 2                   # two instances as the run's hardware/scheduler sections
+        - hardware: {name: RTX4090, mem_size_gb: 24, mem_bw_gbps: 1008}
+          scheduler: {max_num_seqs: 32}
+
+Each instance entry overrides the run's ``hardware`` and ``scheduler`` sections (same keys); all
+instances serve the run's model. The JSON importer maps each instance's fields onto the same
+dataclasses and rejects what the engine does not model yet (P/D roles, pipeline or data
+parallelism, placement, offloading, power): a cluster is never simulated with a field ignored.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxsim.engine.routing import POLICIES, Router
+from jaxsim.errors import JaxsimInputError
+from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, SchedulerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    instances: tuple  # of InstanceSpec
+    router: Router
+
+
+# JSON instance field -> (section, our key). Runtime overrides of REFERENCE.md §3.1.
+_JSON_SCHEDULER = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
+                   "long_prefill_token_threshold": "long_prefill_token_threshold", "block_size": "block_size",
+                   "enable_chunked_prefill": "enable_chunked_prefill",
+                   "enable_prefix_caching": "enable_prefix_caching", "reserve_full_isl": "reserve_full_isl"}
+# Fields whose behaviour the engine does not model yet: present and not at their neutral value,
+# they are refused rather than ignored.
+_JSON_UNSUPPORTED = {"pd_type": (None,), "pp_size": (1,), "dp_group": (None,), "placement": (None, {}),
+                     "enable_local_offloading": (False,), "enable_attn_offloading": (False,),
+                     "enable_sub_batch_interleaving": (False,), "enable_block_copy": (False,),
+                     "kv_loc": ("npu",), "dtype": ("auto",), "kv_cache_dtype": ("auto",)}
+_JSON_TOP_UNSUPPORTED = ("cxl_mem",)
+_JSON_NODE_UNSUPPORTED = ("power",)
+
+
+def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: Calibration, profiles: Path,
+                 model_name: str, parse_hardware, parse_scheduler) -> ClusterSpec | None:
+    """The ``cluster`` section (None or no instances and no JSON: a single instance -> None).
+
+    ``parse_hardware(dict, key) -> HardwareConfig`` and ``parse_scheduler(dict, key)`` are the
+    run config's validators (jaxsim.config), so a cluster entry is checked like the top level."""
+    if not section:
+        return None
+    routing = section.get("routing", "least_loaded")
+    if routing not in POLICIES or routing == "custom":
+        raise JaxsimInputError("cluster.routing", f"unknown policy {routing!r}",
+                               f"one of {[p for p in POLICIES if p != 'custom']} (custom: from Python)")
+    seed = section.get("routing_seed", 42)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise JaxsimInputError("cluster.routing_seed", f"must be an integer, got {seed!r}")
+    router = Router(routing, seed)
+    if section.get("json"):
+        base_hw = parse_hardware(hardware, "hardware")
+        base_sched = parse_scheduler(scheduler, "scheduler")
+        instances = load_cluster_json(section["json"], base_hw, base_sched, calib, model_name)
+        for k, spec in enumerate(instances):  # the JSON's values pass the same checks as the YAML's
+            parse_hardware(dataclasses.asdict(spec.hw), f"{section['json']}: instance {k}")
+            parse_scheduler(dataclasses.asdict(spec.sched), f"{section['json']}: instance {k}")
+        return ClusterSpec(tuple(instances), router)
+    entries = section.get("instances") or []
+    if not isinstance(entries, list):
+        raise JaxsimInputError("cluster.instances", f"must be a list, got {type(entries).__name__}")
+    if not entries:
+        return None
+    instances = []
+    for i, e in enumerate(entries):
+        key = f"cluster.instances[{i}]"
+        if not isinstance(e, dict):
+            raise JaxsimInputError(key, f"must be a mapping, got {e!r}")
+        unknown = set(e) - {"count", "hardware", "scheduler"}
+        if unknown:
+            raise JaxsimInputError(f"{key}.{sorted(unknown)[0]}", "unknown field", "use count, hardware, scheduler")
+        count = e.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise JaxsimInputError(f"{key}.count", f"must be an integer >= 1, got {count!r}")
+        for sec, base in (("hardware", hardware), ("scheduler", scheduler)):
+            extra = set(e.get(sec) or {}) - set(base)
+            if extra:
+                raise JaxsimInputError(f"{key}.{sec}.{sorted(extra)[0]}", "unknown field",
+                                       f"fields of the {sec} section: {sorted(base)}")
+        hw = parse_hardware({**hardware, **(e.get("hardware") or {})}, f"{key}.hardware")
+        sched = parse_scheduler({**scheduler, **(e.get("scheduler") or {})}, f"{key}.scheduler")
+        instances += [InstanceSpec(hw, sched, calib)] * count
+    return ClusterSpec(tuple(instances), router)
+
+
+def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig, calib: Calibration,
+                      model_name: str) -> list:
+    """The instances of a reference cluster JSON. Fields it does not give keep the values of
+    ``base_hw`` / ``base_sched``; links are the top-level ``link_bw``/``link_latency`` (the first
+    entry of a per-dimension list: instances of one node)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise JaxsimInputError(str(path), f"cannot read the cluster JSON: {e}") from None
+
+    def need(obj, key, where):
+        if key not in obj:
+            raise JaxsimInputError(f"{path}: {where}", f"missing required field {key!r}")
+        return obj[key]
+
+    for key in _JSON_TOP_UNSUPPORTED:
+        if d.get(key):
+            raise JaxsimInputError(f"{path}: {key}", "CXL memory pools are not modelled yet", "remove it")
+    nodes = need(d, "nodes", "top level")
+    if need(d, "num_nodes", "top level") != len(nodes):
+        raise JaxsimInputError(f"{path}: num_nodes", f"{d['num_nodes']} but {len(nodes)} nodes are listed")
+    link_bw, link_lat = need(d, "link_bw", "top level"), need(d, "link_latency", "top level")
+    link_bw = link_bw[0] if isinstance(link_bw, list) else link_bw
+    link_lat = link_lat[0] if isinstance(link_lat, list) else link_lat
+    out = []
+    for n, node in enumerate(nodes):
+        for key in _JSON_NODE_UNSUPPORTED:
+            if node.get(key):
+                raise JaxsimInputError(f"{path}: nodes[{n}].{key}", "power modelling is not implemented yet",
+                                       "remove the section")
+        insts = need(node, "instances", f"nodes[{n}]")
+        if need(node, "num_instances", f"nodes[{n}]") != len(insts):
+            raise JaxsimInputError(f"{path}: nodes[{n}].num_instances",
+                                   f"{node['num_instances']} but {len(insts)} instances are listed")
+        cpu = node.get("cpu_mem") or {}
+        for i, inst in enumerate(insts):
+            where = f"{path}: nodes[{n}].instances[{i}]"
+            model = need(inst, "model_name", f"nodes[{n}].instances[{i}]")
+            if model != model_name:
+                raise JaxsimInputError(f"{where}.model_name", f"{model!r}, but the run's model is {model_name!r}",
+                                       "one model per cluster: set model.name to it")
+            for key, neutral in _JSON_UNSUPPORTED.items():
+                if key in inst and inst[key] not in neutral:
+                    raise JaxsimInputError(f"{where}.{key}", f"{inst[key]!r} is not modelled yet",
+                                           f"only {json.dumps(neutral[0])} is supported today")
+            mem = need(inst, "npu_mem", f"nodes[{n}].instances[{i}]")
+            tp = inst.get("tp_size", inst.get("num_npus", 1))
+            if inst.get("num_npus", tp) != tp:
+                raise JaxsimInputError(f"{where}.num_npus", f"{inst['num_npus']} NPUs for tp_size {tp}",
+                                       "num_npus = tp_size (pipeline parallelism is not modelled yet)")
+            hw = dataclasses.replace(
+                base_hw, name=need(inst, "hardware", f"nodes[{n}].instances[{i}]"),
+                mem_size_gb=float(need(mem, "mem_size", "npu_mem")), mem_bw_gbps=float(need(mem, "mem_bw", "npu_mem")),
+                mem_latency_ns=float(mem.get("mem_latency", 0)), mem_util=float(mem.get("mem_util", base_hw.mem_util)),
+                tp=int(tp), link_bw_gbps=float(link_bw), link_latency_ns=float(link_lat),
+                cpu_mem_bw_gbps=float(cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps)),
+                cpu_mem_latency_ns=float(cpu.get("mem_latency", base_hw.cpu_mem_latency_ns)))
+            sched = dataclasses.replace(base_sched, **{ours: inst[k] for k, ours in _JSON_SCHEDULER.items() if k in inst})
+            out.append(InstanceSpec(hw, sched, calib))
+    if not out:
+        raise JaxsimInputError(str(path), "the cluster has no instances")
+    return out

@@ -1,0 +1,196 @@
+"""Clusters of several instances (engine/routing.py, simulator.simulate_cluster): routing
+decisions by hand, a round-robin pair equals two lone instances on the halves of the trace,
+invariants on a heterogeneous least-loaded cluster, and prefix affinity.
+
+Compile budget: a 2-instance and a 3-instance cluster loop (~15 s each on CPU), plus the lone
+runs on the two halves (one shape).
+"""
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsim import simulator
+from jaxsim.engine import cluster, routing
+from jaxsim.errors import JaxsimInputError
+from jaxsim.model import load_model_config
+from jaxsim.spec import HardwareConfig, InstanceSpec, SchedulerConfig, Workload
+from jaxsim.workload import load_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ROOT / "profiles"
+TRACE = PROFILES / "workloads" / "sharegpt-llama-3.1-8b-300-sps10.jsonl"
+MODEL = load_model_config(PROFILES / "models", "meta-llama/Llama-3.1-8B")
+SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024)
+PRO = InstanceSpec(HardwareConfig(num_gpu_blocks=600), SCHED)
+RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, mem_bw_gbps=1008, link_latency_ns=1000,
+                         cpu_mem_bw_gbps=50, num_gpu_blocks=400)
+
+
+def _features(**kw):
+    f = dict(waiting=[0, 0, 0], running=[0, 0, 0], free_blocks=[0, 0, 0], num_blocks=[9, 9, 9], max_num_seqs=[4, 4, 4])
+    f.update(kw)
+    return {k: jnp.asarray(v, jnp.int32) for k, v in f.items()}
+
+
+def _choose(policy, f, counter=0, cached=(0, 0, 0), pos=0, **kw):
+    best, new = routing.choose(routing.Router(policy, **kw), f, jnp.int32(counter), jnp.int32(pos),
+                               jnp.asarray(cached, jnp.int32), jnp.int32(100))
+    return int(best), int(new)
+
+
+def test_routing_decisions_by_hand():
+    # LOAD = (4 waiting + running) / max_num_seqs, raw when unlimited: 8/4 = 2, 3/4, 4 -> instance 1.
+    assert _choose("least_loaded", _features(waiting=[2, 0, 1], running=[0, 3, 0], max_num_seqs=[4, 4, 0])) == (1, 2)
+    # Ties: the scan starts at the counter; the first minimum wins.
+    assert _choose("least_loaded", _features(), counter=2) == (2, 3)
+    assert _choose("least_loaded", _features(), counter=4) == (1, 2)
+    assert _choose("round_robin", _features(), counter=5) == (2, 3)
+    assert _choose("kv_aware", _features(free_blocks=[10, 30, 30])) == (1, 2)
+    assert _choose("kv_aware", _features(free_blocks=[10, 30, 30]), counter=2) == (2, 3)
+    # Most cached blocks first, then least loaded: instances 1 and 2 tie on cache, 2 is idler.
+    f = _features(waiting=[0, 1, 0], running=[0, 0, 1])
+    assert _choose("prefix_affinity", f, cached=(0, 2, 2)) == (2, 3)
+    assert _choose("prefix_affinity", f, cached=(3, 2, 2)) == (0, 1)
+    # Random: seeded by (seed, arrival position), so reproducible, and it covers the instances.
+    picks = [_choose("random", _features(), pos=p, seed=7)[0] for p in range(30)]
+    assert picks == [_choose("random", _features(), pos=p, seed=7)[0] for p in range(30)]
+    assert set(picks) == {0, 1, 2}
+    # A user score: fewest running, lowest wins.
+    assert _choose("custom", _features(running=[3, 1, 2]), score_fn=lambda f: f["running"]) == (1, 2)
+    with pytest.raises(ValueError, match="custom"):
+        routing.Router("custom")
+    with pytest.raises(ValueError, match="policy"):
+        routing.Router("nearest")
+
+
+def _split(w: Workload, idx) -> Workload:
+    idx = np.asarray(idx)
+    return dataclasses.replace(w, arrival_ns=w.arrival_ns[idx], input_toks=w.input_toks[idx],
+                               output_toks=w.output_toks[idx], token_ids=[w.token_ids[i] for i in idx],
+                               line_numbers=None if w.line_numbers is None else w.line_numbers[idx])
+
+
+@functools.lru_cache(maxsize=None)
+def _trace(n=16):
+    return load_workload(TRACE, n)
+
+
+def test_round_robin_pair_equals_two_lone_instances():
+    """Round robin sends arrivals alternately to two identical instances; each then serves
+    exactly the requests a lone instance would serve on that half of the trace."""
+    w = _trace()
+    res = simulator.simulate_cluster(w, MODEL, [PRO, PRO], routing.Router("round_robin"), profiles_dir=PROFILES,
+                                     max_slots=12, record_token_times=False)
+    order = np.lexsort((np.arange(w.num_requests), w.arrival_ns))
+    np.testing.assert_array_equal(res.instance[order], np.arange(w.num_requests) % 2)
+    for k in range(2):
+        idx = np.sort(order[k::2])
+        lone = simulator.simulate(_split(w, idx), MODEL, PRO.hw, PRO.sched, profiles_dir=PROFILES, max_slots=12,
+                                  record_token_times=False)
+        for name in ("first_scheduled_ns", "first_token_ns", "finish_ns", "prefix_hit_tokens", "num_preemptions"):
+            np.testing.assert_array_equal(getattr(res, name)[idx], getattr(lone, name), err_msg=name)
+        rows = res.iter_instance == k
+        np.testing.assert_array_equal(res.iter_end_ns[rows], lone.iter_end_ns)
+        np.testing.assert_array_equal(res.iter_waiting[rows], lone.iter_waiting)
+    assert res.stats["requests_per_instance"] == [8, 8]
+
+
+def _three_instances():
+    small = InstanceSpec(RTX4090, dataclasses.replace(SCHED, max_num_seqs=2, max_num_batched_tokens=512))
+    return [PRO, small, PRO]
+
+
+def test_least_loaded_heterogeneous_cluster_invariants():
+    w = _trace()
+    specs = _three_instances()
+    p = simulator.prepare_cluster(w, MODEL, specs, routing.Router("least_loaded"), profiles_dir=PROFILES,
+                                  max_slots=12, record_token_times=False)
+    final = jax.device_get(simulator.run_prepared(p))
+    res = simulator.to_result(p, final)
+    n = w.num_requests
+    # Every request routed once, served once, finished after it arrived.
+    assert int(final.finished) == n and np.all(res.finish_ns > res.first_token_ns)
+    assert np.all(res.first_token_ns >= res.arrival_ns)
+    assert sorted(res.stats["requests_per_instance"]) == sorted(np.bincount(res.instance, minlength=3).tolist())
+    assert sum(res.stats["requests_per_instance"]) == n and min(res.stats["requests_per_instance"]) > 0
+    # All KV returned: each instance's pool is back to its own capacity (600, 400, 600 blocks).
+    np.testing.assert_array_equal(final.inst.pool.num_free, [600, 400, 600])
+    np.testing.assert_array_equal(final.router.head, final.router.tail)  # queues drained
+    # Iteration rows: per instance, in time order and never overlapping.
+    for k in range(3):
+        rows = res.iter_instance == k
+        assert np.all(res.iter_start_ns[rows][1:] >= res.iter_end_ns[rows][:-1])
+    assert np.all(np.diff(res.iter_end_ns) >= 0)
+    # Decisions replayed on the host: at each arrival, the least loaded instance got it. The
+    # load at an arrival is taken from the per-request times (waiting = routed, not yet first
+    # scheduled; running = scheduled, not finished) -- valid when no request is preempted.
+    assert res.stats["preemptions"] == 0
+    seqs = np.array([s.sched.max_num_seqs for s in specs])
+    order = np.lexsort((np.arange(n), w.arrival_ns))
+    counter = 0
+    for j, r in enumerate(order):
+        t = w.arrival_ns[r]
+        before = order[:j]
+        waiting = [np.sum((res.instance[before] == k) & (res.first_scheduled_ns[before] > t)) for k in range(3)]
+        running = [np.sum((res.instance[before] == k) & (res.first_scheduled_ns[before] <= t)
+                          & (res.finish_ns[before] > t)) for k in range(3)]
+        load = (4 * np.array(waiting) + np.array(running)) / seqs
+        scan = (counter + np.arange(3)) % 3
+        best = scan[np.argmin(load[scan])]
+        assert res.instance[r] == best, f"arrival {j}"
+        counter = best + 1
+
+
+def test_prefix_affinity_follows_the_cache():
+    """Two prompt families; after the first request of each family has run, later requests of a
+    family go to the instance holding its prefix, whatever the load."""
+    rng = np.random.default_rng(0)
+    fam = [rng.integers(0, 30_000, 160) for _ in range(2)]
+    ids, arrival = [], []
+    for i in range(8):
+        f = fam[(i // 2) % 2] if i >= 2 else fam[i]
+        ids.append(np.concatenate([f, rng.integers(0, 30_000, 20 + i), rng.integers(0, 30_000, 8)]))
+        arrival.append(i * 2_000_000_000)  # 2 s apart: each request is done before the next
+    w = Workload(arrival_ns=np.array(arrival, np.int64), input_toks=np.array([len(x) - 8 for x in ids], np.int32),
+                 output_toks=np.full(8, 8, np.int32), token_ids=ids, source="<families>")
+    res = simulator.simulate_cluster(w, MODEL, [PRO, PRO], routing.Router("prefix_affinity"), profiles_dir=PROFILES,
+                                     max_slots=12, record_token_times=False)
+    first = {0: res.instance[0], 1: res.instance[1]}
+    assert first[0] != first[1]  # the idle cluster spreads the first two (scan order)
+    for i in range(2, 8):
+        assert res.instance[i] == first[(i // 2) % 2]
+        assert res.prefix_hit_tokens[i] == 160  # 10 full blocks of the family prefix
+
+
+def test_cluster_input_errors():
+    w = _trace(4)
+    with pytest.raises(JaxsimInputError, match="at least one instance"):
+        simulator.prepare_cluster(w, MODEL, [], profiles_dir=PROFILES)
+    other = InstanceSpec(PRO.hw, dataclasses.replace(SCHED, block_size=32))
+    with pytest.raises(JaxsimInputError, match="block size"):
+        simulator.prepare_cluster(w, MODEL, [PRO, other], profiles_dir=PROFILES)
+
+
+def test_cluster_sweep_equals_cluster_runs():
+    """A sweep over a 2-instance cluster design: each point equals its own simulate_cluster."""
+    from jaxsim import sweep
+    base = sweep.SweepBase(_trace(), MODEL, profiles_dir=PROFILES, max_slots=12,
+                           instances=(PRO, InstanceSpec(RTX4090, SCHED)), router=routing.Router("least_loaded"))
+    points = [{}, {"max_num_seqs": 2}, {"arrival_rate_scale": 3.0, "compute_scale": 0.8}]
+    result = sweep.sweep(base, points, chunk_size=3, progress=False, keep_requests=True)
+    for i, point in enumerate(points):
+        kw = sweep.point_inputs(base, point)
+        single = simulator.simulate_cluster(kw["workload"], MODEL, sweep.point_instances(base, point), base.router,
+                                            profiles_dir=PROFILES, max_slots=12, record_token_times=False,
+                                            scales=kw["scales"])
+        np.testing.assert_array_equal(result.requests[i]["first_token"], single.first_token_ns)
+        np.testing.assert_array_equal(result.requests[i]["finish"], single.finish_ns)
+        assert result.rows[i]["status"] == "ok"
+        assert result.rows[i]["iterations"] == single.stats["iterations"]
+    assert sweep.point_instances(base, points[1])[1].sched.max_num_seqs == 2  # knobs apply to every instance

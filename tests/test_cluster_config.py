@@ -1,0 +1,86 @@
+"""Cluster descriptions (jaxsim/cluster_config.py): the Hydra `cluster` group and the reference
+cluster JSON importer, with their errors (no JAX compile)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxsim.cluster_config import load_cluster_json
+from jaxsim.engine.routing import Router
+from jaxsim.errors import JaxsimInputError
+from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig
+
+from test_config import spec  # Hydra compose + from_hydra
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = ROOT / "profiles" / "clusters"
+LLAMA = "meta-llama/Llama-3.1-8B"
+
+
+def _load(name, **kw):
+    return load_cluster_json(CLUSTERS / name, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA, **kw)
+
+
+def test_reference_json_instances():
+    a, b = _load("single_node_multi_instance.json")
+    assert a == b
+    assert a.hw == dataclasses.replace(HardwareConfig(), mem_size_gb=96.0, mem_bw_gbps=1597.0, link_bw_gbps=16.0,
+                                       link_latency_ns=20000.0, cpu_mem_bw_gbps=256.0)
+    assert a.sched == SchedulerConfig()
+    r = _load("rtx4090_multi_instance.json")
+    assert [x.hw.name for x in r] == ["RTX4090", "RTX4090"]
+    assert r[0].hw.mem_util == 0.833919 and r[0].hw.mem_size_gb == 24 and r[0].hw.link_latency_ns == 1000
+    assert r[0].hw.cpu_mem_bw_gbps == 50
+    # Two nodes; per-dimension link lists take the intra-node entry.
+    dual = _load("dual_node_multi_instance.json")
+    assert len(dual) == sum(n["num_instances"] for n in json.loads((CLUSTERS / "dual_node_multi_instance.json")
+                                                                   .read_text())["nodes"])
+
+
+def test_reference_json_refuses_what_is_not_modelled(tmp_path):
+    with pytest.raises(JaxsimInputError, match=r"instances\[0\].pd_type: 'prefill' is not modelled yet"):
+        _load("single_node_pd_instance.json")
+    with pytest.raises(JaxsimInputError, match="one model per cluster"):
+        load_cluster_json(CLUSTERS / "single_node_multi_instance.json", HardwareConfig(), SchedulerConfig(),
+                          Calibration(), "Qwen/Qwen3-32B")
+    d = json.loads((CLUSTERS / "single_node_multi_instance.json").read_text())
+    d["nodes"][0]["num_instances"] = 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(JaxsimInputError, match=r"num_instances.*3 but 2 instances"):
+        load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
+    d["nodes"][0]["num_instances"] = 2
+    d["nodes"][0]["power"] = {"base_node_power": 60}
+    bad.write_text(json.dumps(d))
+    with pytest.raises(JaxsimInputError, match="power"):
+        load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
+
+
+def test_hydra_cluster_groups():
+    assert spec().cluster is None  # cluster=none: one instance
+    pair = spec(["cluster=pair", "cluster.routing=round_robin"]).cluster
+    assert len(pair.instances) == 2 and pair.router == Router("round_robin", 42)
+    assert pair.instances[0].hw == HardwareConfig() and pair.instances[0].sched == SchedulerConfig()
+    mixed = spec(["cluster=mixed"]).cluster
+    assert [i.hw.name for i in mixed.instances] == ["RTXPRO6000", "RTXPRO6000", "RTX4090"]
+    assert mixed.instances[2].sched.max_num_seqs == 64 and mixed.instances[2].hw.mem_size_gb == 24
+    assert mixed.instances[2].sched.max_num_batched_tokens == SchedulerConfig().max_num_batched_tokens
+    ref = spec(["cluster=reference_json"]).cluster
+    assert len(ref.instances) == 2 and ref.router.policy == "least_loaded"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["cluster=pair", "cluster.routing=nearest"], "cluster.routing"),
+    (["cluster=mixed", "++cluster.instances.1.hardware.mem_sizegb=3"], "cluster.instances[1].hardware.mem_sizegb"),
+    (["cluster=mixed", "cluster.instances.1.hardware.mem_size_gb=-1"], "cluster.instances[1].hardware.mem_size_gb"),
+    (["cluster=mixed", "cluster.instances.1.scheduler.max_num_seqs=-2"], "cluster.instances[1].scheduler.max_num_seqs"),
+    (["cluster=mixed", "cluster.instances.1.hardware.name=TPU9"], "cluster.instances[1].hardware.name"),
+    (["cluster=pair", "cluster.instances.0.count=0"], "cluster.instances[0].count"),
+    (["cluster=reference_json", "cluster.json=/nonexistent/c.json"], "/nonexistent/c.json"),
+])
+def test_hydra_cluster_errors(overrides, key):
+    with pytest.raises(JaxsimInputError) as e:
+        spec(overrides)
+    assert str(e.value).startswith(key), str(e.value)
