@@ -121,8 +121,8 @@ def route_arrivals(inst, rs: RouterState, sched, wl, next_pending, arrived, *, r
         req = wl.order[jnp.minimum(pos, wl.order.shape[0] - 1)]
         f = _features(inst, rs, sched)
         if router.policy in ("prefix_affinity", "custom"):
-            prompt_blocks = wl.prompt[req] // block_size
-            limit = jnp.minimum(prompt_blocks, wl.n_hashes[req])
+            # The blocks its admission would find cached: vLLM looks up (prompt - 1) // block_size.
+            limit = jnp.minimum((wl.prompt[req] - 1) // block_size, wl.n_hashes[req])
             cached = jax.vmap(lambda pool: kvpool.lookup_prefix(pool, wl.hashes[req], limit)[0])(inst.pool)
         else:
             cached = jnp.zeros_like(f["waiting"])
