@@ -23,9 +23,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from jaxsim.cluster_config import ClusterSpec, cluster_spec
+from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
-from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, ModelRuntimeConfig, SchedulerConfig, Workload
 from jaxsim.workload import check_context, load_workload, shift_workload, synthetic_workload
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -513,7 +514,7 @@ class SweepOptions:
 
 
 def _check_knob_value(name: str, v, key: str):
-    if name == "hardware":
+    if name in ("hardware", "cluster"):
         return _check_str(v, key)
     if name in _BOOL_KNOBS:
         return _check_bool(v, key)
@@ -597,6 +598,26 @@ def hardware_option(name: str, profiles: Path, model_name: str | None = None,
     return hw
 
 
+def cluster_option(name: str, spec: RunSpec, key: str = "cluster") -> tuple:
+    """The instances of option ``name`` of the ``cluster`` group (``conf/cluster/<name>.yaml``
+    as it is on disk), on top of the run's hardware and scheduler sections."""
+    folder = CONF_DIR / "cluster"
+    path = folder / f"{name}.yaml"
+    if not isinstance(name, str) or "/" in name or not path.is_file():
+        raise JaxsimInputError(key, f"unknown cluster option {name!r}",
+                               f"options of conf/cluster: {sorted(x.stem for x in folder.glob('*.yaml'))}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(ClusterSchema), OmegaConf.load(path))
+        node = OmegaConf.merge(OmegaConf.create({"paths": spec.config["paths"]}), {"cluster": node})
+        d = OmegaConf.to_container(node, resolve=True)["cluster"]
+    except Exception as e:  # type errors, unknown keys, bad YAML
+        raise JaxsimInputError(key, f"cannot load {path}: {e}") from None
+    c = cluster_spec(d, _section(spec.config, "hardware"), _section(spec.config, "scheduler"), spec.calibration,
+                     spec.paths.profiles, spec.model.name, lambda h, k: _hardware(h, spec.paths.profiles, k),
+                     _scheduler)
+    return c.instances if c else (InstanceSpec(spec.hardware, spec.scheduler, spec.calibration),)
+
+
 def sweep_base(spec: RunSpec, cfg_sweep: dict | SweepOptions | None = None):
     """The :class:`jaxsim.sweep.SweepBase` of a run: every point starts from ``spec``.
 
@@ -625,7 +646,14 @@ def sweep_base(spec: RunSpec, cfg_sweep: dict | SweepOptions | None = None):
         raise JaxsimInputError("sweep.axes.seed", "the seed knob needs a synthetic workload, "
                                f"the workload is a trace file ({wd.get('kind')})",
                                "add workload=synthetic_poisson (or synthetic_gamma)")
+    cluster_options = {}
+    for i, name in enumerate(opts.axes.get("cluster", [])):
+        if name not in cluster_options:
+            cluster_options[name] = cluster_option(name, spec, key=f"sweep.axes.cluster[{i}]")
+    cluster = spec.cluster
     return SweepBase(
+        instances=cluster.instances if cluster else None, router=cluster.router if cluster else Router(),
+        cluster_options=cluster_options,
         workload=spec.workload, model=spec.model_config, hardware=spec.hardware,
         scheduler=spec.scheduler, runtime=spec.model, calibration=spec.calibration,
         profiles_dir=spec.paths.profiles, hardware_options=hardware_options,

@@ -10,6 +10,7 @@ import functools
 import math
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -269,11 +270,16 @@ def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: b
 
 
 def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched: bool | None = None):
-    """:func:`build` for a batch of clusters of one instance count (``clusters[c][i]``: the plan
-    of instance i of configuration c; the instances of a configuration share its trace)."""
-    n = len(clusters[0])
+    """:func:`build` for a batch of cluster designs (``clusters[c][i]``: the plan of instance i of
+    configuration c; the instances of a configuration share its trace). Designs with fewer
+    instances than the largest are padded with copies of their last instance that are never
+    routed to (``EngineParams.routable``), which leaves their results unchanged."""
+    n = max(len(c) for c in clusters)
+    routable = np.array([[i < len(c) for i in range(n)] for c in clusters])
+    clusters = [list(c) + [c[-1]] * (n - len(c)) for c in clusters]
     flat = [pl for c in clusters for pl in c]
     params = jax.tree.map(lambda x: x.reshape((len(clusters), n) + x.shape[1:]), _stacked_params(flat))
+    params = eqx.tree_at(lambda p: p.routable, params, jnp.asarray(routable))
     num_blocks = jnp.asarray([[pl.num_blocks for pl in c] for c in clusters], jnp.int32)
     state = jax.vmap(functools.partial(_init_cluster, dims=dims))(num_blocks)
     wl, wl_batched = _workload_for([c[0] for c in clusters], dims, True, workload_batched)
@@ -286,7 +292,8 @@ def _stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
     calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))
              for k in ("iteration_overhead_ns", "first_token_delay_ns", "token_output_delay_ns")}
     return cluster.EngineParams(sched=inst_lib.SchedulerParams(**sched),
-                                tables=latency.stack_tables([p.tables for p in plans]), **calib)
+                                tables=latency.stack_tables([p.tables for p in plans]),
+                                routable=jnp.ones(len(plans), bool), **calib)
 
 
 def _workload_for(plans: "list[Plan]", dims: Dims, batched: bool, workload_batched: bool | None):

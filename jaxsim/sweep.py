@@ -58,6 +58,8 @@ KNOBS = {
     "link_scale": "time multiplier of collectives",
     "arrival_rate_scale": "request-rate multiplier: arrival times are divided by it",
     "seed": "seed of the synthetic workload (SweepBase.synthetic)",
+    "cluster": "a name in SweepBase.cluster_options: the instances of a cluster design (designs are "
+               "padded to the largest instance count with instances nothing is routed to)",
 }
 _HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns")
 _SCHEDULER_KNOBS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
@@ -85,6 +87,7 @@ class SweepBase:
     # ``hardware`` knob replaces each one's hardware). None: one instance of hardware+scheduler.
     instances: tuple | None = None  # of jaxsim.spec.InstanceSpec
     router: Router = Router()
+    cluster_options: dict = dataclasses.field(default_factory=dict)  # name -> tuple of InstanceSpec
 
 
 def expand_grid(axes: dict) -> list:
@@ -115,6 +118,9 @@ def _check_point(point: dict, base: SweepBase, where: str) -> None:
     if "hardware" in point and point["hardware"] not in base.hardware_options:
         raise JaxsimInputError(f"{where}.hardware", f"unknown hardware {point['hardware']!r}",
                                f"known: {sorted(base.hardware_options)}")
+    if "cluster" in point and point["cluster"] not in base.cluster_options:
+        raise JaxsimInputError(f"{where}.cluster", f"unknown cluster design {point['cluster']!r}",
+                               f"known: {sorted(base.cluster_options)}")
     if "seed" in point and base.synthetic is None:
         raise JaxsimInputError(f"{where}.seed", "the seed knob needs a synthetic workload",
                                "use workload=synthetic_poisson (or SweepBase.synthetic)")
@@ -124,16 +130,22 @@ def point_inputs(base: SweepBase, point: dict) -> dict:
     """The arguments of :func:`jaxsim.simulate` / :func:`jaxsim.simulator.plan` for one point
     (for a cluster base, the instance's ``hw``/``sched``/``calib`` are those of instance 0;
     :func:`point_instances` gives them all)."""
-    return {**_shared_inputs(base, point), **_instance_inputs(base, point, _instances(base)[0])}
+    return {**_shared_inputs(base, point), **_instance_inputs(base, point, _instances(base, point)[0])}
 
 
 def point_instances(base: SweepBase, point: dict) -> list:
     """A cluster base's instances at this point (:class:`jaxsim.spec.InstanceSpec`), the
     arguments of :func:`jaxsim.simulator.simulate_cluster` for it."""
-    return [InstanceSpec(**_instance_inputs(base, point, spec)) for spec in _instances(base)]
+    return [InstanceSpec(**_instance_inputs(base, point, spec)) for spec in _instances(base, point)]
 
 
-def _instances(base: SweepBase) -> tuple:
+def _is_cluster(base: SweepBase) -> bool:
+    return base.instances is not None or bool(base.cluster_options)
+
+
+def _instances(base: SweepBase, point: dict) -> tuple:
+    if "cluster" in point:
+        return tuple(base.cluster_options[point["cluster"]])
     return base.instances or (InstanceSpec(base.hardware, base.scheduler, base.calibration),)
 
 
@@ -200,7 +212,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         shared = _shared_inputs(base, p)
         w = shared["workload"]
         insts = []  # this point's plan of each instance
-        for spec in _instances(base):
+        for spec in _instances(base, p):
             kw = {**shared, **_instance_inputs(base, p, spec)}
             sched = kw["sched"]
             max_blocks = simulator.block_table_width(w, sched.block_size)
@@ -230,7 +242,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         members = sorted(members, key=lambda i: -_arrival_span(plans[i][0].workload))
         dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]])
         static = dims.static(block_size, record_iterations=False)  # the step limit follows max_iters
-        if base.instances is not None:
+        if _is_cluster(base):
             static["router"] = base.router
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
         dims = dataclasses.replace(dims, max_iters=1)
@@ -239,7 +251,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         for lo in range(0, len(members), chunk_size):
             idx = members[lo:lo + chunk_size]
             padded = idx + [idx[-1]] * (chunk_size - len(idx))  # one shape per group: one compile
-            if base.instances is None:
+            if not _is_cluster(base):
                 state, params, wl, wl_batched = simulator.build([plans[i][0] for i in padded], dims, batched=True,
                                                                 workload_batched=wl_axis)
             else:

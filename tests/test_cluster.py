@@ -177,13 +177,11 @@ def test_cluster_input_errors():
         simulator.prepare_cluster(w, MODEL, [PRO, other], profiles_dir=PROFILES)
 
 
-def test_cluster_sweep_equals_cluster_runs():
-    """A sweep over a 2-instance cluster design: each point equals its own simulate_cluster."""
+MIXED_PAIR = (PRO, InstanceSpec(RTX4090, SCHED))
+
+
+def _check_sweep_equals_runs(base, points, result):
     from jaxsim import sweep
-    base = sweep.SweepBase(_trace(), MODEL, profiles_dir=PROFILES, max_slots=12,
-                           instances=(PRO, InstanceSpec(RTX4090, SCHED)), router=routing.Router("least_loaded"))
-    points = [{}, {"max_num_seqs": 2}, {"arrival_rate_scale": 3.0, "compute_scale": 0.8}]
-    result = sweep.sweep(base, points, chunk_size=3, progress=False, keep_requests=True)
     for i, point in enumerate(points):
         kw = sweep.point_inputs(base, point)
         single = simulator.simulate_cluster(kw["workload"], MODEL, sweep.point_instances(base, point), base.router,
@@ -193,4 +191,27 @@ def test_cluster_sweep_equals_cluster_runs():
         np.testing.assert_array_equal(result.requests[i]["finish"], single.finish_ns)
         assert result.rows[i]["status"] == "ok"
         assert result.rows[i]["iterations"] == single.stats["iterations"]
+
+
+def test_cluster_sweep_equals_cluster_runs():
+    """A sweep over a 2-instance cluster: each point equals its own simulate_cluster."""
+    from jaxsim import sweep
+    base = sweep.SweepBase(_trace(), MODEL, profiles_dir=PROFILES, max_slots=12, instances=MIXED_PAIR,
+                           router=routing.Router("least_loaded"))
+    points = [{}, {"max_num_seqs": 2}, {"arrival_rate_scale": 3.0, "compute_scale": 0.8}]
+    _check_sweep_equals_runs(base, points, sweep.sweep(base, points, chunk_size=3, progress=False, keep_requests=True))
     assert sweep.point_instances(base, points[1])[1].sched.max_num_seqs == 2  # knobs apply to every instance
+
+
+def test_cluster_designs_of_different_sizes_share_a_sweep():
+    """Designs of 1 and 2 instances in one compiled chunk: the 1-instance design is padded with an
+    instance nothing is routed to, and still equals its own (lone-instance) run."""
+    from jaxsim import sweep
+    base = sweep.SweepBase(_trace(), MODEL, profiles_dir=PROFILES, max_slots=12, router=routing.Router("least_loaded"),
+                           cluster_options={"one": (PRO,), "mixed": MIXED_PAIR})
+    points = [{"cluster": "one"}, {"cluster": "mixed"}, {"cluster": "one", "max_num_seqs": 2}]
+    result = sweep.sweep(base, points, chunk_size=3, progress=False, keep_requests=True)
+    assert result.num_groups == 1
+    _check_sweep_equals_runs(base, points, result)
+    with pytest.raises(JaxsimInputError, match="unknown cluster design"):
+        sweep.sweep(base, [{"cluster": "three"}], progress=False)

@@ -84,3 +84,15 @@ def test_hydra_cluster_errors(overrides, key):
     with pytest.raises(JaxsimInputError) as e:
         spec(overrides)
     assert str(e.value).startswith(key), str(e.value)
+
+
+def test_sweep_base_carries_the_cluster_and_cluster_designs():
+    from jaxsim import config as jconfig
+    r = spec(["cluster=pair", "cluster.routing=round_robin", "++sweep.axes.cluster=[none,mixed]"])
+    base = jconfig.sweep_base(r)
+    assert len(base.instances) == 2 and base.router == Router("round_robin", 42)
+    assert [len(base.cluster_options[k]) for k in ("none", "mixed")] == [1, 3]
+    assert base.cluster_options["mixed"][2].hw.name == "RTX4090"
+    with pytest.raises(JaxsimInputError) as e:
+        jconfig.sweep_base(spec(["++sweep.axes.cluster=[nowhere]"]))
+    assert str(e.value).startswith("sweep.axes.cluster[0]")

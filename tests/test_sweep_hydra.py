@@ -53,7 +53,7 @@ def script():
 def test_knob_checks_cover_every_knob():
     from jaxsim.sweep import KNOBS
 
-    checked = {"hardware", *jconfig._INT_KNOBS, *jconfig._BOOL_KNOBS, *jconfig._FLOAT_KNOBS}
+    checked = {"hardware", "cluster", *jconfig._INT_KNOBS, *jconfig._BOOL_KNOBS, *jconfig._FLOAT_KNOBS}
     assert checked == set(KNOBS)
 
 

@@ -51,6 +51,9 @@ class EngineParams(eqx.Module):
     iteration_overhead_ns: Int[Array, ""]
     first_token_delay_ns: Int[Array, ""]
     token_output_delay_ns: Int[Array, ""]
+    # False for an instance that only pads a smaller cluster design to a sweep's instance count:
+    # arrivals are never routed to it, so it stays idle.
+    routable: Bool[Array, ""]
 
 
 class ClusterState(eqx.Module):
@@ -215,8 +218,8 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
     else:
         arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right", method="scan_unrolled").astype(I32)
         next_pending = jnp.where(active, arrived, st.next_pending)
-        rs = routing.route_arrivals(inst, rs, prm.sched, wl, st.next_pending, next_pending, router=router,
-                                    block_size=block_size)
+        rs = routing.route_arrivals(inst, rs, prm.sched, prm.routable, wl, st.next_pending, next_pending,
+                                    router=router, block_size=block_size)
         inst, rs, queued = routing.fill_slots(inst, rs, wl)
     records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, queued)
     inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap)

@@ -83,30 +83,37 @@ def _first_best(scores, counter):
     return scan[k].astype(I32)
 
 
-def choose(router: Router, f: dict, counter, pos, cached_blocks, prompt):
-    """The instance for the request at arrival position ``pos``; and the new counter."""
+def choose(router: Router, f: dict, counter, pos, cached_blocks, prompt, routable=None):
+    """The instance for the request at arrival position ``pos``; and the new counter. Instances
+    that are not ``routable`` (padding of a smaller cluster design) are never chosen."""
     n = f["waiting"].shape[0]
+    routable = jnp.ones(n, bool) if routable is None else routable
     load = (4 * f["waiting"] + f["running"]).astype(jnp.float64)
     load = jnp.where(f["max_num_seqs"] > 0, load / jnp.maximum(f["max_num_seqs"], 1), load)
+
+    def best_of(scores):
+        return _first_best(jnp.where(routable, jnp.asarray(scores, jnp.float64), jnp.inf), counter)
+
     if router.policy == "round_robin":
-        best = counter % n
+        best = best_of(jnp.zeros(n))  # the first routable instance from the counter on
     elif router.policy == "random":
         key = jax.random.fold_in(jax.random.PRNGKey(router.seed), pos)
-        return jax.random.randint(key, (), 0, n, dtype=I32), counter
+        k = jax.random.randint(key, (), 0, jnp.sum(routable.astype(I32)), dtype=I32)
+        return jnp.argmax(prefix_sum(routable.astype(I32)) > k).astype(I32), counter  # the k-th routable
     elif router.policy == "least_loaded":
-        best = _first_best(load, counter)
+        best = best_of(load)
     elif router.policy == "kv_aware":
-        best = _first_best(-f["free_blocks"].astype(jnp.float64), counter)
+        best = best_of(-f["free_blocks"].astype(jnp.float64))
     elif router.policy == "prefix_affinity":
         # Lexicographic (most cached blocks, then least load): load < 2**40 for any real state.
-        best = _first_best(-cached_blocks.astype(jnp.float64) * 2.0**40 + load, counter)
+        best = best_of(-cached_blocks.astype(jnp.float64) * 2.0**40 + load)
     else:
-        scores = router.score_fn({**f, "cached_blocks": cached_blocks, "prompt": prompt})
-        best = _first_best(jnp.asarray(scores, jnp.float64), counter)
+        best = best_of(router.score_fn({**f, "cached_blocks": cached_blocks, "prompt": prompt}))
     return best.astype(I32), (best + 1).astype(I32)
 
 
-def route_arrivals(inst, rs: RouterState, sched, wl, next_pending, arrived, *, router: Router, block_size: int):
+def route_arrivals(inst, rs: RouterState, sched, routable, wl, next_pending, arrived, *, router: Router,
+                   block_size: int):
     """Route the requests at arrival positions ``next_pending .. arrived - 1``, one at a time
     (each decision sees the queues as the previous ones left them)."""
     q = rs.queue.shape[1]
@@ -115,7 +122,7 @@ def route_arrivals(inst, rs: RouterState, sched, wl, next_pending, arrived, *, r
         return c[1] < consts[0]
 
     def body(consts, c):  # a no-op once every arrival is routed (the write index is out of range)
-        arrived, inst, sched, wl = consts
+        arrived, inst, sched, routable, wl = consts
         rs, pos = c
         act = pos < arrived
         req = wl.order[jnp.minimum(pos, wl.order.shape[0] - 1)]
@@ -126,7 +133,7 @@ def route_arrivals(inst, rs: RouterState, sched, wl, next_pending, arrived, *, r
             cached = jax.vmap(lambda pool: kvpool.lookup_prefix(pool, wl.hashes[req], limit)[0])(inst.pool)
         else:
             cached = jnp.zeros_like(f["waiting"])
-        best, counter = choose(router, f, rs.counter, pos, cached, wl.prompt[req])
+        best, counter = choose(router, f, rs.counter, pos, cached, wl.prompt[req], routable)
         full = rs.tail[best] - rs.head[best] >= q
         ok = act & ~full
         row = jnp.where(ok, best, rs.queue.shape[0])
@@ -136,7 +143,7 @@ def route_arrivals(inst, rs: RouterState, sched, wl, next_pending, arrived, *, r
                          overflow=rs.overflow | (act & full))
         return rs, pos + act.astype(I32)
 
-    rs, _ = masked_while_loop(cond, body, (rs, next_pending), (arrived, inst, sched, wl))
+    rs, _ = masked_while_loop(cond, body, (rs, next_pending), (arrived, inst, sched, routable, wl))
     return rs
 
 
