@@ -6,9 +6,12 @@ import jax
 # typed, so enabling x64 changes nothing else.
 jax.config.update("jax_enable_x64", True)
 
-from jaxsim.simulator import prepare, run_prepared, simulate, to_result  # noqa: E402
-from jaxsim.spec import (Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig,  # noqa: E402
-                         SimResult, Workload)
+from jaxsim.engine.routing import Router  # noqa: E402
+from jaxsim.simulator import (prepare, prepare_cluster, run_prepared, simulate, simulate_cluster,  # noqa: E402
+                              to_result)
+from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, ModelRuntimeConfig,  # noqa: E402
+                         SchedulerConfig, SimResult, Workload)
 
-__all__ = ["simulate", "prepare", "run_prepared", "to_result", "Calibration", "HardwareConfig",
-           "ModelRuntimeConfig", "SchedulerConfig", "SimResult", "Workload"]
+__all__ = ["simulate", "simulate_cluster", "prepare", "prepare_cluster", "run_prepared", "to_result", "Router",
+           "Calibration", "HardwareConfig", "InstanceSpec", "ModelRuntimeConfig", "SchedulerConfig", "SimResult",
+           "Workload"]
