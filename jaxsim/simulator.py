@@ -83,10 +83,13 @@ class Dims:
     def ring_cap(self) -> int:
         return 2 * self.num_blocks_cap + POP_WINDOW
 
-    def static(self, block_size: int, record_iterations: bool = True) -> dict:
-        """Keyword arguments of :func:`cluster.run` / :func:`cluster.run_batch`."""
+    def static(self, block_size: int, record_iterations: bool = True, num_instances: int = 1) -> dict:
+        """Keyword arguments of :func:`cluster.run` / :func:`cluster.run_batch`. The step limit
+        (a guard against a run that never ends) covers every instance's iterations (``max_iters``
+        each) and a stop at every arrival."""
         return dict(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
-                    max_steps=4 * self.max_iters + 2 * self.num_requests + 16, record_iterations=record_iterations)
+                    max_steps=4 * num_instances * self.max_iters + 2 * self.num_requests + 16,
+                    record_iterations=record_iterations)
 
 
 @dataclasses.dataclass
@@ -343,7 +346,7 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     params = _stacked_params(plans)  # the plans' axis is the instance axis
     wl, _ = _workload_for(plans, dims, False, False)
     state = _init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims=dims)
-    static = dict(dims.static(plans[0].block_size), router=router)
+    static = dict(dims.static(plans[0].block_size, num_instances=len(plans)), router=router)
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans))
 

@@ -241,7 +241,8 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         # of similar length: longest trace (arrival span) first, ties in point order.
         members = sorted(members, key=lambda i: -_arrival_span(plans[i][0].workload))
         dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]])
-        static = dims.static(block_size, record_iterations=False)  # the step limit follows max_iters
+        n_inst = max(len(plans[i]) for i in members)
+        static = dims.static(block_size, record_iterations=False, num_instances=n_inst)  # limit follows max_iters
         if _is_cluster(base):
             static["router"] = base.router
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
