@@ -4,6 +4,7 @@ vLLM defaults): one compiled run, a batched sweep, and the per-step cost against
     python scripts/bench.py --json OUT                 # one run
     python scripts/bench.py --sweep 1000 --json OUT    # 1,000 configurations in one sweep
     python scripts/bench.py --steps --json OUT         # per-step cost: 300 vs 100,000 requests
+    python scripts/bench.py --instances 1,2,4          # clusters of 1, 2, 4 instances
 
 ``--sweep N``: N configurations of the default case (compute and memory scale in [0.8, 1.2],
 arrival rate x [0.8, 1.2]; their step counts stay close to the default's), run with
@@ -49,7 +50,8 @@ from jaxsim import sweep as jsweep  # noqa: E402
 from jaxsim import simulator  # noqa: E402
 from jaxsim.engine import cluster  # noqa: E402
 from jaxsim.model import load_model_config  # noqa: E402
-from jaxsim.spec import HardwareConfig, SchedulerConfig  # noqa: E402
+from jaxsim.engine.routing import Router  # noqa: E402
+from jaxsim.spec import HardwareConfig, InstanceSpec, SchedulerConfig  # noqa: E402
 from jaxsim.workload import load_workload, synthetic_workload  # noqa: E402
 
 
@@ -60,11 +62,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", type=int, default=0, metavar="N", help="run N configurations as one sweep")
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--steps", action="store_true", help="per-step cost: 300 vs 100,000 requests")
+    ap.add_argument("--instances", help="comma-separated cluster sizes, e.g. 1,2,4 (least-loaded routing)")
     args = ap.parse_args(argv)
     if args.sweep:
         return _emit(bench_sweep(args.sweep, args.chunk_size), args.json)
     if args.steps:
         return _emit(bench_steps(), args.json)
+    if args.instances:
+        return _emit(bench_clusters([int(x) for x in args.instances.split(",")]), args.json)
 
     workload, model = _default_case()
     p = simulator.prepare(workload, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles")
@@ -191,6 +196,32 @@ def bench_steps(long_requests: int = 100_000, short_requests: int = 300, steps: 
     short_s, long_s = per_step.values()
     out["per_step_ratio_long_over_short"] = round(long_s / short_s, 3)
     out["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return out
+
+
+def bench_clusters(sizes: list, repeats: int = 3) -> dict:
+    """The default case served by clusters of ``sizes`` identical instances behind the
+    least-loaded router: compile time, and the fastest of ``repeats`` compiled runs."""
+    workload, model = _default_case()
+    out = {}
+    for n in sizes:
+        p = simulator.prepare_cluster(workload, model, [InstanceSpec()] * n, Router("least_loaded"),
+                                      profiles_dir=ROOT / "profiles", record_token_times=False)
+        t0 = time.perf_counter()
+        compiled = cluster.run.lower(p.state, p.params, p.workload, **p.static).compile()
+        compile_s = time.perf_counter() - t0
+        final = jax.block_until_ready(compiled(p.state, p.params, p.workload))  # warm-up
+        walls = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            final = jax.block_until_ready(compiled(p.state, p.params, p.workload))
+            walls.append(time.perf_counter() - t0)
+        result = simulator.to_result(p, final)
+        sim_s = float(result.finish_ns.max() - result.arrival_ns.min()) / 1e9
+        out[f"instances{n}"] = dict(compile_s=round(compile_s, 2), wall_s=round(min(walls), 4), steps=int(final.steps),
+                                    sim_s=round(sim_s, 2), realtime_factor=round(sim_s / min(walls), 1),
+                                    requests_per_instance=result.stats.get("requests_per_instance",
+                                                                           [workload.num_requests]))
     return out
 
 
