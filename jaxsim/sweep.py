@@ -15,6 +15,11 @@ with ``shard_map`` when there are several, each device running its share indepen
 
 A configuration of a sweep gives exactly the result of its single run (``tests/test_sweep.py``):
 :func:`point_inputs` is the one place that turns a point into the inputs of ``simulate``.
+
+Clusters: with ``SweepBase.instances`` every point is a cluster (its knobs apply to each
+instance; :func:`point_instances` gives the inputs of ``simulate_cluster``), and the ``cluster``
+knob picks a design from ``SweepBase.cluster_options``; designs with fewer instances are padded
+with instances that nothing is routed to (``tests/test_cluster.py`` checks the equality).
 """
 
 import dataclasses
