@@ -575,21 +575,28 @@ def sweep_options(d: dict | None) -> SweepOptions:
     )
 
 
+def _group_option(group: str, name: str, schema, key: str, paths: dict | None = None) -> dict:
+    """Option ``name`` of config group ``group`` (``conf/<group>/<name>.yaml`` as it is on disk)
+    checked against ``schema``, as a plain dict; ``${paths.*}`` resolve against ``paths``."""
+    folder = CONF_DIR / group
+    path = folder / f"{name}.yaml"
+    if not isinstance(name, str) or "/" in name or not path.is_file():
+        raise JaxsimInputError(key, f"unknown {group} option {name!r}",
+                               f"options of conf/{group}: {sorted(x.stem for x in folder.glob('*.yaml'))}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+        root = OmegaConf.merge(OmegaConf.create({"paths": paths or {}}), {group: node})
+        return OmegaConf.to_container(root, resolve=True)[group]
+    except Exception as e:  # type errors, unknown keys, bad YAML
+        raise JaxsimInputError(key, f"cannot load {path}: {e}") from None
+
+
 def hardware_option(name: str, profiles: Path, model_name: str | None = None,
                     key: str = "hardware") -> HardwareConfig:
     """The :class:`HardwareConfig` of option ``name`` of the ``hardware`` group
     (``conf/hardware/<name>.yaml`` as it is on disk), validated like the ``hardware`` section;
     with ``model_name``, also checks that the pair has a profile bundle."""
-    folder = CONF_DIR / "hardware"
-    path = folder / f"{name}.yaml"
-    if not isinstance(name, str) or "/" in name or not path.is_file():
-        raise JaxsimInputError(key, f"unknown hardware option {name!r}",
-                               f"options of conf/hardware: {sorted(x.stem for x in folder.glob('*.yaml'))}")
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(HardwareSchema), OmegaConf.load(path))
-        d = OmegaConf.to_container(node, resolve=True)
-    except Exception as e:  # type errors, unknown keys, bad YAML
-        raise JaxsimInputError(key, f"cannot load {path}: {e}") from None
+    d = _group_option("hardware", name, HardwareSchema, key)
     hw = _hardware(d, profiles, p=f"{key}={name}: hardware")
     if model_name is not None and not (profiles / hw.name / model_name).is_dir():
         raise JaxsimInputError(key, f"hardware option {name!r}: no profiles for {model_name!r} on "
@@ -601,17 +608,7 @@ def hardware_option(name: str, profiles: Path, model_name: str | None = None,
 def cluster_option(name: str, spec: RunSpec, key: str = "cluster") -> tuple:
     """The instances of option ``name`` of the ``cluster`` group (``conf/cluster/<name>.yaml``
     as it is on disk), on top of the run's hardware and scheduler sections."""
-    folder = CONF_DIR / "cluster"
-    path = folder / f"{name}.yaml"
-    if not isinstance(name, str) or "/" in name or not path.is_file():
-        raise JaxsimInputError(key, f"unknown cluster option {name!r}",
-                               f"options of conf/cluster: {sorted(x.stem for x in folder.glob('*.yaml'))}")
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(ClusterSchema), OmegaConf.load(path))
-        node = OmegaConf.merge(OmegaConf.create({"paths": spec.config["paths"]}), {"cluster": node})
-        d = OmegaConf.to_container(node, resolve=True)["cluster"]
-    except Exception as e:  # type errors, unknown keys, bad YAML
-        raise JaxsimInputError(key, f"cannot load {path}: {e}") from None
+    d = _group_option("cluster", name, ClusterSchema, key, paths=spec.config["paths"])
     c = cluster_spec(d, _section(spec.config, "hardware"), _section(spec.config, "scheduler"), spec.calibration,
                      spec.paths.profiles, spec.model.name, lambda h, k: _hardware(h, spec.paths.profiles, k),
                      _scheduler)

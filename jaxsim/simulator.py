@@ -248,6 +248,13 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound)
 
 
+def check_block_sizes(plans: "list[Plan]", key: str) -> None:
+    """The instances of one cluster share a block size (a compiled shape)."""
+    sizes = {pl.block_size for pl in plans}
+    if len(sizes) > 1:
+        raise JaxsimInputError(key, f"instances of one cluster share a block size, got {sorted(sizes)}")
+
+
 def _pad_workload(arrays: dict, dims: Dims) -> dict:
     a = {k: v for k, v in arrays.items() if k != "num_hashes"}
     h = a["hashes"]
@@ -263,10 +270,8 @@ def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: b
     plans' traces differ, e.g. scaled arrivals or other seeds, or when ``workload_batched``);
     otherwise ``plans`` has one entry.
     """
-    num_blocks = np.array([p.num_blocks for p in plans], np.int32)
-    state = _init_states(jnp.asarray(num_blocks), dims=dims)
-    params = jax.tree.map(lambda x: x[:, None], _stacked_params(plans))  # one instance each
-    wl, wl_batched = _workload_for(plans, dims, batched, workload_batched)
+    state, params, wl, wl_batched = build_clusters([[p] for p in plans], dims,  # one instance each
+                                                   workload_batched=workload_batched if batched else False)
     if not batched:
         state, params = jax.tree.map(lambda x: x[0], (state, params))
     return state, params, wl, wl_batched
@@ -310,17 +315,6 @@ def _workload_for(plans: "list[Plan]", dims: Dims, batched: bool, workload_batch
     return wl, wl_batched
 
 
-@functools.partial(jax.jit, static_argnames=("dims",))
-def _init_states(num_blocks, *, dims: Dims):
-    """Fresh states [config, ...] (each with one instance) for per-configuration KV capacities."""
-    def one(nb):
-        inst = inst_lib.init_instance(dims.num_slots, dims.max_blocks, dims.num_blocks_cap, dims.ring_cap,
-                                      dims.num_hashes, POP_WINDOW, nb)
-        inst = jax.tree.map(lambda x: x[None], inst)  # instance axis
-        return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters)
-    return jax.vmap(one)(num_blocks)
-
-
 def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
             rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), **kwargs) -> Prepared:
     """Everything :func:`cluster.run` needs for one configuration (``plan`` + ``build``)."""
@@ -338,10 +332,7 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     if not instances:
         raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
     plans = [plan(workload, model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
-    sizes = {pl.block_size for pl in plans}
-    if len(sizes) > 1:
-        raise JaxsimInputError("cluster.instances[*].scheduler.block_size",
-                               f"instances of one cluster share a block size, got {sorted(sizes)}")
+    check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     dims = Dims.merge([pl.dims for pl in plans])
     params = _stacked_params(plans)  # the plans' axis is the instance axis
     wl, _ = _workload_for(plans, dims, False, False)

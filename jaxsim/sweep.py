@@ -229,8 +229,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                 arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks,
                                                               hashes=hashes_cache[hkey])
             insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
-        if len({pl.block_size for pl in insts}) > 1:
-            raise JaxsimInputError(f"sweep point {len(plans)}", "the instances of a cluster share a block size")
+        simulator.check_block_sizes(insts, f"sweep point {len(plans)}")
         plans.append(insts)
 
     groups: dict = {}

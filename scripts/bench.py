@@ -74,16 +74,8 @@ def main(argv=None) -> int:
     workload, model = _default_case()
     p = simulator.prepare(workload, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles")
 
-    t0 = time.perf_counter()
-    compiled = cluster.run.lower(p.state, p.params, p.workload, **p.static).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(p.state, p.params, p.workload))  # warm-up: first-touch of buffers
-
-    walls = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        final = jax.block_until_ready(compiled(p.state, p.params, p.workload))
-        walls.append(time.perf_counter() - t0)
+    compiled, compile_s, final = _compile(p)
+    walls = _timed(compiled, p, args.repeats)
     result = simulator.to_result(p, final)
     sim_s = float(result.finish_ns.max() - result.arrival_ns.min()) / 1e9
     wall_s = statistics.median(walls)
@@ -109,15 +101,23 @@ def _default_case():
     return workload, model
 
 
-def _timed_single(p, repeats=3) -> tuple[float, object]:
-    compiled = cluster.run.lower(p.state, p.params, p.workload, **p.static).compile()
-    final = jax.block_until_ready(compiled(p.state, p.params, p.workload))
+def _compile(p, **static) -> tuple:
+    """``cluster.run`` compiled for ``p`` (``static`` overrides ``p.static``): (compiled, compile
+    seconds, the final state of one untimed warm-up run, which also first-touches the buffers)."""
+    t0 = time.perf_counter()
+    compiled = cluster.run.lower(p.state, p.params, p.workload, **{**p.static, **static}).compile()
+    compile_s = time.perf_counter() - t0
+    return compiled, compile_s, jax.block_until_ready(compiled(p.state, p.params, p.workload))
+
+
+def _timed(compiled, p, repeats: int) -> list:
+    """Wall seconds of ``repeats`` compiled runs."""
     walls = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        final = jax.block_until_ready(compiled(p.state, p.params, p.workload))
+        jax.block_until_ready(compiled(p.state, p.params, p.workload))
         walls.append(time.perf_counter() - t0)
-    return statistics.median(walls), final
+    return walls
 
 
 def bench_sweep(n: int, chunk_size: int) -> dict:
@@ -135,7 +135,7 @@ def bench_sweep(n: int, chunk_size: int) -> dict:
     compile_s = max(first_s - result.wall_s / chunks, 0.0)
     p = simulator.prepare(workload, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles",
                           record_token_times=False)
-    single_s, _ = _timed_single(p)
+    single_s = statistics.median(_timed(_compile(p)[0], p, 3))
     ok = sum(r["status"] == "ok" for r in result.rows)
     return dict(n_configs=n, chunk_size=chunk, devices=len(jax.local_devices()), compile_s=round(compile_s, 2),
                 wall_s=round(result.wall_s, 2), sim_s=round(result.sim_s, 1),
@@ -172,17 +172,13 @@ def bench_steps(long_requests: int = 100_000, short_requests: int = 300, steps: 
         p = simulator.prepare(w, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles",
                               record_token_times=False, max_iterations=1)
         for n in (steps // 3, steps):
-            static = dict(p.static, record_iterations=False, max_steps=n)  # no iteration records
-            compiled = cluster.run.lower(p.state, p.params, p.workload, **static).compile()
-            final = jax.block_until_ready(compiled(p.state, p.params, p.workload))  # warm-up
+            compiled, _, final = _compile(p, record_iterations=False, max_steps=n)  # no iteration records
             if int(final.finished) == w.num_requests or int(final.steps) != n:
                 raise RuntimeError(f"{name} ran dry before {n} steps: lower --steps")
             runs[name, n] = (p, compiled, int(final.finished), [])
     for _ in range(repeats):
         for p, compiled, _, walls in runs.values():
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(p.state, p.params, p.workload))
-            walls.append(time.perf_counter() - t0)
+            walls += _timed(compiled, p, 1)
     out = {"steps": steps}
     per_step = {}
     for name, w in ((f"trace{short_requests}", short), (f"trace{long_requests // 1000}k", long)):
@@ -207,15 +203,8 @@ def bench_clusters(sizes: list, repeats: int = 3) -> dict:
     for n in sizes:
         p = simulator.prepare_cluster(workload, model, [InstanceSpec()] * n, Router("least_loaded"),
                                       profiles_dir=ROOT / "profiles", record_token_times=False)
-        t0 = time.perf_counter()
-        compiled = cluster.run.lower(p.state, p.params, p.workload, **p.static).compile()
-        compile_s = time.perf_counter() - t0
-        final = jax.block_until_ready(compiled(p.state, p.params, p.workload))  # warm-up
-        walls = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            final = jax.block_until_ready(compiled(p.state, p.params, p.workload))
-            walls.append(time.perf_counter() - t0)
+        compiled, compile_s, final = _compile(p)
+        walls = _timed(compiled, p, repeats)
         result = simulator.to_result(p, final)
         sim_s = float(result.finish_ns.max() - result.arrival_ns.min()) / 1e9
         out[f"instances{n}"] = dict(compile_s=round(compile_s, 2), wall_s=round(min(walls), 4), steps=int(final.steps),
