@@ -52,6 +52,7 @@ class HardwareSchema:
     link_latency_ns: float = 20000.0
     cpu_mem_bw_gbps: float = 256.0
     cpu_mem_latency_ns: float = 0.0
+    ep: int = 0  # expert-parallel degree of a MoE model; 0 = tp
 
 
 @dataclasses.dataclass
@@ -60,6 +61,9 @@ class ModelSchema:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
     max_model_len: int = 0
+    expert_routing: str = "balanced"  # MoE expert popularity: "balanced" | "zipf"
+    expert_zipf_s: float = 1.0  # Zipf exponent (expert_routing: zipf); 0 = uniform
+    expert_seed: int = 0  # permutation of the Zipf ranks over experts; -1 = hottest experts on EP rank 0
 
 
 @dataclasses.dataclass
@@ -250,9 +254,9 @@ def _section(cfg: dict, name: str) -> dict:
 def _hardware(d: dict, profiles: Path, p: str = "hardware") -> HardwareConfig:
     name = _check_str(d.get("name"), f"{p}.name")
     if not (profiles / name).is_dir():
-        known = sorted(x.name for x in profiles.iterdir() if x.is_dir()
-                       and x.name not in ("models", "workloads", "validation", "architectures")) \
-            if profiles.is_dir() else []
+        from jaxsim.profiles import known_hardware  # bundle folders and legacy/<HW> (REFERENCE.md §2.8)
+
+        known = known_hardware(profiles)
         raise JaxsimInputError(f"{p}.name", f"no profiles for hardware {name!r} in {profiles}",
                                f"known hardware: {known}")
     hw = HardwareConfig(
@@ -272,7 +276,11 @@ def _hardware(d: dict, profiles: Path, p: str = "hardware") -> HardwareConfig:
                                      lo_open=True),
         cpu_mem_latency_ns=_check_float(d.get("cpu_mem_latency_ns"), f"{p}.cpu_mem_latency_ns",
                                         0),
+        ep=_check_int(d.get("ep", 0), f"{p}.ep", 0),
     )
+    if hw.ep > hw.tp:
+        raise JaxsimInputError(f"{p}.ep", f"{hw.ep} exceeds tp = {hw.tp}: without DP groups the expert-parallel "
+                               "group is the instance's TP ranks", "use 0 (= tp) or a value <= tp")
     if hw.activation_reserve_gb >= hw.mem_size_gb * hw.mem_util:
         raise JaxsimInputError(f"{p}.activation_reserve_gb",
                                f"{hw.activation_reserve_gb:g} GiB leaves no memory of "
@@ -314,8 +322,18 @@ def _model(d: dict, models: Path) -> tuple[ModelRuntimeConfig, ModelConfig]:
         raise JaxsimInputError(f"{p}.max_model_len",
                                f"{mml} exceeds {name}'s max_position_embeddings "
                                f"{mc.max_position_embeddings}", "use 0 for the model's context")
+    routing = _check_str(d.get("expert_routing", "balanced"), f"{p}.expert_routing")
+    if routing not in ("balanced", "zipf"):
+        raise JaxsimInputError(f"{p}.expert_routing", f"unknown expert routing {routing!r}",
+                               "use 'balanced' or 'zipf'")
+    if routing != "balanced" and not mc.is_moe:
+        raise JaxsimInputError(f"{p}.expert_routing", f"{routing!r} needs a MoE model; {name} has no experts",
+                               "use 'balanced'")
+    zipf_s = _check_float(d.get("expert_zipf_s", 1.0), f"{p}.expert_zipf_s", 0)
+    seed = _check_int(d.get("expert_seed", 0), f"{p}.expert_seed", -1)
     return ModelRuntimeConfig(name=name, dtype=d["dtype"], kv_cache_dtype=d["kv_cache_dtype"],
-                              max_model_len=mml), mc
+                              max_model_len=mml, expert_routing=routing, expert_zipf_s=zipf_s,
+                              expert_seed=seed), mc
 
 
 def _calibration(d: dict) -> Calibration:

@@ -7,8 +7,13 @@ pure, jittable, vmappable function of the tables and one batch shape.
 
 Composition (one NPU, pp = 1)::
 
-    t = [in: cpu_lat + 2*fp*T/cpu_bw] + Σ_prologue + L*{pre_attn + attn + post_attn [+AR] + MLP [+AR]}
-        + head + [out: cpu_lat + 4*T/cpu_bw]
+    t = [in: cpu_lat + 2*fp*T/cpu_bw] + Σ_prologue + L*{pre_attn + attn + post_attn [+AR]}
+        + L_dense*{dense MLP [+AR]} + L_moe*{AG + max_r moe(local_r, act_r) + RS} + head
+        + [out: cpu_lat + 4*T/cpu_bw]
+
+``L_moe`` / ``L_dense`` split the L blocks of a hybrid MoE model (``mlp_only_layers`` /
+``decoder_sparse_step``, :attr:`jaxsim.model.ModelConfig.n_moe_layers`); a dense model has
+``L_dense = L``, a plain MoE model ``L_moe = L``.
 
 The ``[recall]`` term of §2.1 (lower-tier KV hits) is not part of this function; the caller adds it.
 
@@ -27,6 +32,15 @@ Choices where REFERENCE.md leaves room (the oracle ``tests/reference_latency.py`
     ``max(1, T//ep)*(H+E)*fp`` bytes per rank ((ep-1) steps) and a combine ReduceScatter of
     ``T*H*fp`` bytes ((ep-1) steps of 1/ep of it), each floored, on the same link as TP. All ranks
     are identical under BALANCED, so ``max_r`` is one lookup.
+  * MoE with an expert popularity ``p`` (length E, e.g. :func:`zipf_popularity`): expert e lives
+    on rank ``floor(e*ep/E)``; rank r with experts R_r and ``P_r = Σ_{e∈R_r} p_e`` gets
+    ``local_r = round(T*(1 - (1 - P_r)**k))`` tokens (at least 1) and
+    ``act_r = clip(round(Σ_{e∈R_r} 1 - (1 - p_e)**(T*k)), 1, |R_r|)`` activated experts (expected
+    distinct experts hit by T*k independent draws); the block is ``max_r moe(local_r, act_r)``
+    (the slowest rank gates the combine, §1.8). The collectives are those of BALANCED. A uniform
+    ``p`` is BALANCED exactly: ``local_r`` reduces to the closed form, but the expected-distinct
+    count does not (it is lower than ``min(T*k/ep, E/ep)`` at mid T, e.g. 81 against 128 experts
+    at T = 16, k = 8, E = 128, ep = 1), so a uniform ``p`` is stored as BALANCED.
   * Skew labels: a value above the last bin edge gets the last label (§2.6), implemented by
     treating the last upper edge as +inf.
   * ``extrapolated[c]`` (c = dense, per_sequence, attention, moe) is 1 when any lookup of that
@@ -35,12 +49,14 @@ Choices where REFERENCE.md leaves room (the oracle ``tests/reference_latency.py`
 """
 
 import dataclasses
+import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
 from jaxsim.profiles import ProfileBundle
 from jaxsim.spec import HardwareConfig
@@ -55,29 +71,31 @@ class LatencyTables(eqx.Module):
     Lookups are organised in three dependent levels so that each level is one vectorized
     bracket over a padded key matrix (keys padded with +inf; ``*_last`` = index of the last key):
 
-    1. ``l1``: rows 0, 1, 2 are the attention ``pc`` axis, the attention ``nd`` axis and the MoE
-       activated-experts axis; rows 3... are the dense (by T) and per-sequence (by S) layers.
-    2. the ``kp`` keys of the four attention corner slices and the token keys of the two MoE rows.
+    1. ``l1``: rows 0, 1 are the attention ``pc`` and ``nd`` axes; rows 2... are the dense (by T)
+       and per-sequence (by S) layers. The MoE activated-experts axis (``moe_ae``) is bracketed
+       once per EP rank.
+    2. the ``kp`` keys of the four attention corner slices; the token keys of the two MoE rows of
+       each rank.
     3. the ``kvd`` keys of the eight attention ``kp`` rows (for ``kvd_mean`` and ``kvd_max``).
 
     Missing ``(pc, nd)`` slices hold a copy of their nearest-slice fallback (§2.5). Use
     :func:`stack_tables` to stack several configurations (it pads every axis) for ``vmap``.
     """
 
-    # level 1: 3 axis rows + R layer rows
-    l1_keys: jax.Array  # f64 [3 + R, W1]
-    l1_last: jax.Array  # i32 [3 + R]
+    # level 1: 2 axis rows + R layer rows
+    l1_keys: jax.Array  # f64 [2 + R, W1]
+    l1_last: jax.Array  # i32 [2 + R]
     lin_vals: jax.Array  # f64 [R, W1] ns
     lin_by_seq: jax.Array  # bool [R] keyed by S (per_sequence) instead of T (dense)
-    lin_per_block: jax.Array  # i64 [R] occurrences per transformer block (layernorm: 2)
-    lin_once: jax.Array  # i64 [R] occurrences outside the blocks (prologue, head)
+    lin_mult: jax.Array  # i64 [R] occurrences per iteration (L per block use, layernorm 2L; dense MLP
+    #                      layers L_dense; prologue and head once)
     # attention, P pc values x D nd values
     att_kp: jax.Array  # f64 [P, D, W2] kp keys of each slice
     att_kp_last: jax.Array  # i32 [P, D]
     att_kvd: jax.Array  # f64 [P, D, KP, KV] kvd keys of each kp row
     att_kvd_last: jax.Array  # i32 [P, D, KP]
     att_vals: jax.Array  # f64 [P, D, KP, KV] ns
-    att_per_block: jax.Array  # i64 [] attention layers per block
+    att_per_block: jax.Array  # i64 [] attention layers per block (times L)
     # skew fit: alpha per (pc slot, n, sr, kv_big, kp); slot 0 holds alpha_default
     skew_slot: jax.Array  # i32 [129] slot of pc = 16*i (0 where that pc has no bucket)
     skew_alpha: jax.Array  # f64 [1 + G, nN, nSR, nKVB, nKP] (missing buckets = alpha_default; disabled = 0)
@@ -85,20 +103,26 @@ class LatencyTables(eqx.Module):
     skew_sr_hi: jax.Array  # f64 [nSR]
     skew_kvb_hi: jax.Array  # f64 [nKVB]
     skew_kp_hi: jax.Array  # f64 [nKP]
-    # MoE rows (a dummy 1x1 table with moe_per_block = 0 for dense models)
-    moe_tok: jax.Array  # f64 [A, W2] token keys per activated-experts row
+    # MoE rows (a dummy 1x1 table with moe_blocks = 0 for dense models)
+    moe_ae: jax.Array  # f64 [A] activated-experts axis
+    moe_ae_last: jax.Array  # i32 []
+    moe_tok: jax.Array  # f64 [A, WM] token keys per activated-experts row
     moe_tok_last: jax.Array  # i32 [A]
-    moe_vals: jax.Array  # f64 [A, W2] ns
-    moe_per_block: jax.Array  # i64 []
+    moe_vals: jax.Array  # f64 [A, WM] ns
+    moe_blocks: jax.Array  # i64 [] sparse MoE blocks per iteration (L_moe)
     moe_k: jax.Array  # i64 [] experts per token
     moe_experts: jax.Array  # i64 [] E
     ep: jax.Array  # i64 []
+    # expert popularity per EP rank (REFERENCE.md §1.9 extension). BALANCED: one row, unused.
+    moe_skewed: jax.Array  # bool [] False = BALANCED closed form
+    moe_pop: jax.Array  # f64 [ranks, experts per rank] p_e of each rank's experts, 0-padded
+    moe_rank_experts: jax.Array  # i64 [ranks] |R_r|; 0 marks a padded rank (never used)
     # model and hardware knobs
     num_layers: jax.Array  # i64 [] L
     hidden: jax.Array  # i64 [] H
     weight_bytes: jax.Array  # i64 [] fp
     tp: jax.Array  # i64 []
-    ar_per_block: jax.Array  # i64 [] TP AllReduces per block (2 dense, 1 MoE)
+    ar_count: jax.Array  # i64 [] TP AllReduces per iteration (L after o_proj, L_dense after down_proj)
     link_bw: jax.Array  # f64 [] bytes/ns
     link_lat: jax.Array  # f64 [] ns per ring step
     link_step_overhead: jax.Array  # f64 [] extra ns per ring step
@@ -133,48 +157,69 @@ def _hi_edges(bins):
     return hi
 
 
+def zipf_popularity(num_experts: int, s: float, seed: int | None = None) -> np.ndarray:
+    """Zipf(s) popularity over ``num_experts`` experts: ``p ∝ 1/rank**s``, summing to 1.
+
+    ``s = 0`` is uniform. Without a seed (or with a negative one) expert 0 is the hottest, so the
+    hottest experts are packed on EP rank 0 (the worst case); a seed permutes the ranks over the
+    experts, spreading the hot experts over the EP ranks.
+    """
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not (s >= 0 and math.isfinite(s)):
+        raise ValueError(f"the Zipf exponent must be a finite number >= 0, got {s}")
+    w = 1.0 / np.arange(1, num_experts + 1, dtype=np.float64) ** s
+    p = w / w.sum()
+    if seed is not None and seed >= 0:
+        p = p[np.random.default_rng(seed).permutation(num_experts)]
+    return p
+
+
+def rank_popularity(popularity, ep: int) -> list:
+    """The popularity of each EP rank's experts (expert e on rank ``floor(e*ep/E)``, §1.8)."""
+    p = np.asarray(popularity, np.float64)
+    owner = (np.arange(len(p)) * ep) // len(p)
+    return [p[owner == r] for r in range(ep)]
+
+
+def _check_popularity(p, num_experts: int) -> np.ndarray:
+    where = "expert_popularity"
+    try:
+        p = np.asarray(p, np.float64)
+    except (TypeError, ValueError):
+        raise JaxsimInputError(where, "must be an array of numbers") from None
+    if p.shape != (num_experts,):
+        raise JaxsimInputError(where, f"must have one entry per expert ({num_experts}), got shape {p.shape}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise JaxsimInputError(where, "entries must be finite and >= 0")
+    if abs(p.sum() - 1.0) > 1e-6:
+        raise JaxsimInputError(where, f"must sum to 1, got {p.sum():.9g}")
+    return p
+
+
 def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig, weight_bytes: int = 2,
-                   *, ep: int | None = None, link_step_overhead_ns: float = 0.0, compute_scale: float = 1.0,
+                   *, ep: int | None = None, expert_popularity: np.ndarray | None = None,
+                   link_step_overhead_ns: float = 0.0, compute_scale: float = 1.0,
                    memory_scale: float = 1.0, link_scale: float = 1.0) -> LatencyTables:
     """Build the device-side tables of one configuration.
 
     Args:
       bundle: a bundle loaded at ``tp = hw.tp``.
-      model: the model config (L, H, experts).
-      hw: hardware knobs (TP link, host memory).
+      model: the model config (L, H, experts, hybrid dense MLP layers).
+      hw: hardware knobs (TP link, host memory, ``ep``).
       weight_bytes: fp, bytes per weight / activation element.
-      ep: expert-parallel degree of a MoE model (default: ``hw.tp`` for MoE models, REFERENCE.md
-        §1.8; ignored for dense models).
+      ep: expert-parallel degree of a MoE model (default: ``hw.ep``, or ``hw.tp`` when that is 0,
+        REFERENCE.md §1.8; ignored for dense models).
+      expert_popularity: length-E routing probabilities of a MoE model (sum 1); None = BALANCED
+        (§1.9). A uniform popularity is BALANCED.
       link_step_overhead_ns: fixed extra cost per ring step of a collective (0 by default).
     """
     if bundle.tp != hw.tp:
         raise ValueError(f"the bundle was loaded at tp={bundle.tp} but the hardware has tp={hw.tp}")
     seq, cat = bundle.sequence, bundle.category
-    block_groups = ("pre_attn", "post_attn", "mlp_dense", "mlp_moe")
+    attn_groups = ("pre_attn", "post_attn")
+    block_groups = (*attn_groups, "mlp_dense", "mlp_moe")
     once_groups = ("prologue", "head")
-
-    # --- 1-D layers: one row per distinct name
-    names = []
-    for group in ("prologue", *block_groups, "head"):
-        for n in seq[group]:
-            if cat[n] in ("dense", "per_sequence") and n not in names:
-                names.append(n)
-    per_block = [sum(seq[g].count(n) for g in block_groups) for n in names]
-    once = [sum(seq[g].count(n) for g in once_groups) for n in names]
-    by_seq = [cat[n] == "per_sequence" for n in names]
-    tabs = [(bundle.per_sequence if s else bundle.dense)[n] for n, s in zip(names, by_seq)]
-
-    # --- attention, fallback slices copied into the missing corners
-    at = bundle.attention
-    P, D = at.has_slice.shape
-    KP, KV = at.kvd_keys.shape[2:]
-    fi, fj = at.fallback[..., 0], at.fallback[..., 1]
-    n_kp = at.n_kp[fi, fj]
-    n_kvd = at.n_kvd[fi, fj]
-    att_kp = _inf_pad(at.kp_keys[fi, fj], n_kp, KP)
-    att_kvd = _inf_pad(at.kvd_keys[fi, fj], n_kvd, KV)
-    att_vals = at.values_ns[fi, fj].astype(np.float64)
-    n_att = sum(1 for g in block_groups for n in seq[g] if cat[n] == "attention")
 
     # --- MoE
     n_moe = sum(1 for g in block_groups for n in seq[g] if cat[n] == "moe")
@@ -188,20 +233,64 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
         moe_ae, moe_tok, moe_vals = np.ones(1), np.ones((1, 1)), np.ones((1, 1))
         moe_tok_last = np.zeros(1, np.int32)
         n_moe = 0
-    if ep is None or not n_moe:
-        ep = hw.tp if n_moe else 1
+    if not n_moe:
+        ep = 1
+    else:
+        ep = ep if ep is not None else (hw.ep or hw.tp)
+        if not 1 <= ep <= model.num_experts:
+            raise JaxsimInputError("hardware.ep", f"must be in [1, {model.num_experts}] ({model.name}'s experts), "
+                                   f"got {ep}")
 
-    # --- level-1 matrix: pc axis, nd axis, ae axis, then the layers
-    l1_rows = [at.pc_axis, at.nd_axis, moe_ae] + [t.keys for t in tabs]
+    # --- layer counts: L blocks; a hybrid MoE model has dense MLPs on L_dense of them
+    L = model.num_layers
+    L_moe = model.n_moe_layers if n_moe else 0
+    L_dense = L - L_moe
+    if n_moe and L_dense and not seq["mlp_dense"]:
+        raise JaxsimInputError(
+            bundle.path, f"{model.name} has {L_dense} dense MLP layer(s) of {L} (mlp_only_layers="
+            f"{list(model.mlp_only_layers)}, decoder_sparse_step={model.decoder_sparse_step}) but the profile "
+            f"bundle has no dense MLP layers to price them (sequence.mlp_dense of {model.model_type}.yaml is empty "
+            "or its rows are missing)", "profile the dense MLP (gate_up_proj, act_fn, down_proj) of this model")
+
+    # --- expert popularity per EP rank
+    skewed = False
+    pop, rank_experts = np.zeros((1, 1)), np.ones(1, np.int64)
+    if n_moe and expert_popularity is not None:
+        p = _check_popularity(expert_popularity, model.num_experts)
+        if not np.allclose(p, 1.0 / len(p), rtol=1e-9, atol=0.0):  # uniform = BALANCED (module docstring)
+            skewed = True
+            ranks = rank_popularity(p, ep)
+            rank_experts = np.array([len(r) for r in ranks], np.int64)
+            pop = _pad_rows(ranks, int(rank_experts.max()), 0.0)
+
+    # --- 1-D layers: one row per distinct name
+    names = []
+    for group in ("prologue", *block_groups, "head"):
+        for n in seq[group]:
+            if cat[n] in ("dense", "per_sequence") and n not in names:
+                names.append(n)
+    mult = [L * sum(seq[g].count(n) for g in attn_groups) + L_dense * seq["mlp_dense"].count(n)
+            + L_moe * seq["mlp_moe"].count(n) + sum(seq[g].count(n) for g in once_groups) for n in names]
+    by_seq = [cat[n] == "per_sequence" for n in names]
+    tabs = [(bundle.per_sequence if s else bundle.dense)[n] for n, s in zip(names, by_seq)]
+
+    # --- attention, fallback slices copied into the missing corners
+    at = bundle.attention
+    fi, fj = at.fallback[..., 0], at.fallback[..., 1]
+    KP, KV = at.kvd_keys.shape[2:]
+    n_kp = at.n_kp[fi, fj]
+    n_kvd = at.n_kvd[fi, fj]
+    att_kp = _inf_pad(at.kp_keys[fi, fj], n_kp, KP)
+    att_kvd = _inf_pad(at.kvd_keys[fi, fj], n_kvd, KV)
+    att_vals = at.values_ns[fi, fj].astype(np.float64)
+    n_att = sum(1 for g in block_groups for n in seq[g] if cat[n] == "attention")
+
+    # --- level-1 matrix: pc axis, nd axis, then the layers
+    l1_rows = [at.pc_axis, at.nd_axis] + [t.keys for t in tabs]
     w1 = max(len(r) for r in l1_rows)
     l1_keys = _pad_rows(l1_rows, w1, np.inf)
     l1_last = np.array([len(r) - 1 for r in l1_rows], np.int32)
     lin_vals = _pad_rows([t.values_ns for t in tabs], w1, 0.0)
-    # level 2 shares one width between attention kp keys and MoE token keys
-    w2 = max(KP, moe_tok.shape[1])
-    att_kp = np.concatenate([att_kp, np.full((P, D, w2 - KP), np.inf)], axis=-1)
-    moe_tok = np.concatenate([moe_tok, np.full((moe_tok.shape[0], w2 - moe_tok.shape[1]), np.inf)], axis=-1)
-    moe_vals = np.concatenate([moe_vals, np.zeros((moe_vals.shape[0], w2 - moe_vals.shape[1]))], axis=-1)
 
     # --- skew fit: slot 0 = alpha_default, then the pc values that have buckets
     sk = bundle.skew
@@ -214,22 +303,24 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
     if not sk.enabled:
         alpha[:] = 0.0  # §2.6 step 3
 
-    ar_per_block = seq["post_attn"].count("o_proj") + (0 if n_moe else seq["mlp_dense"].count("down_proj"))
+    ar_count = L * seq["post_attn"].count("o_proj") + L_dense * seq["mlp_dense"].count("down_proj")
 
     f = lambda x: jnp.asarray(x, _F)  # noqa: E731
     i = lambda x: jnp.asarray(x, _I)  # noqa: E731
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     return LatencyTables(
         l1_keys=f(l1_keys), l1_last=i32(l1_last), lin_vals=f(lin_vals), lin_by_seq=jnp.asarray(by_seq, bool),
-        lin_per_block=i(per_block), lin_once=i(once),
+        lin_mult=i(mult),
         att_kp=f(att_kp), att_kp_last=i32(n_kp - 1), att_kvd=f(att_kvd), att_kvd_last=i32(np.maximum(n_kvd - 1, 0)),
         att_vals=f(att_vals), att_per_block=i(n_att),
         skew_slot=i32(slot), skew_alpha=f(alpha), skew_n_hi=f(_hi_edges(sk.n_bins)),
         skew_sr_hi=f(_hi_edges(sk.sr_bins)), skew_kvb_hi=f(_hi_edges(sk.kvb_bins)), skew_kp_hi=f(_hi_edges(sk.kp_bins)),
-        moe_tok=f(moe_tok), moe_tok_last=i32(moe_tok_last), moe_vals=f(moe_vals), moe_per_block=i(n_moe),
+        moe_ae=f(moe_ae), moe_ae_last=i32(len(moe_ae) - 1),
+        moe_tok=f(moe_tok), moe_tok_last=i32(moe_tok_last), moe_vals=f(moe_vals), moe_blocks=i(L_moe * n_moe),
         moe_k=i(model.experts_per_token), moe_experts=i(model.num_experts), ep=i(ep),
-        num_layers=i(model.num_layers), hidden=i(model.hidden_size), weight_bytes=i(weight_bytes),
-        tp=i(hw.tp), ar_per_block=i(ar_per_block), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
+        moe_skewed=jnp.asarray(skewed, bool), moe_pop=f(pop), moe_rank_experts=i(rank_experts),
+        num_layers=i(L), hidden=i(model.hidden_size), weight_bytes=i(weight_bytes),
+        tp=i(hw.tp), ar_count=i(ar_count), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
         link_step_overhead=f(link_step_overhead_ns), cpu_bw=f(hw.cpu_mem_bw_gbps), cpu_lat=f(hw.cpu_mem_latency_ns),
         compute_scale=f(compute_scale), memory_scale=f(memory_scale), link_scale=f(link_scale),
     )
@@ -240,14 +331,16 @@ def _scaled(t, scale):
     return jnp.floor(t.astype(_F) * scale).astype(_I)
 
 
-_INF_PADDED = {"l1_keys", "att_kp", "att_kvd", "moe_tok", "skew_n_hi", "skew_sr_hi", "skew_kvb_hi", "skew_kp_hi"}
+_INF_PADDED = {"l1_keys", "att_kp", "att_kvd", "moe_ae", "moe_tok", "skew_n_hi", "skew_sr_hi", "skew_kvb_hi",
+               "skew_kp_hi"}
 
 
 def stack_tables(tables: list) -> LatencyTables:
     """Stack configurations along a new leading axis (for ``vmap``), padding every axis.
 
     Keys pad with +inf and everything else with 0; every count is explicit (``*_last``,
-    multiplicities), so padded rows, slices and labels are never used.
+    multiplicities, ``moe_rank_experts``), so padded rows, slices, labels and EP ranks are never
+    used.
     """
     def stack(name, *leaves):
         leaves = [np.asarray(x) for x in leaves]  # on the host: one transfer per field
@@ -333,40 +426,51 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
     Tf = T.astype(_F)
     epf = tb.ep.astype(_F)
 
-    # MoE routing, BALANCED (§1.9): activated experts and tokens per rank
+    # MoE routing per EP rank (§1.9): BALANCED closed form (identical on every rank), or the
+    # expectation under the expert popularity of each rank
     kf = tb.moe_k.astype(_F)
-    ae = jnp.maximum(jnp.minimum(jnp.round(Tf * kf / epf), E.astype(_F) / epf), 1.0)
-    tokens = jnp.maximum(jnp.round(Tf * (1.0 - jnp.power((epf - 1.0) / epf, kf))), 1.0)
+    ae_bal = jnp.maximum(jnp.minimum(jnp.round(Tf * kf / epf), E.astype(_F) / epf), 1.0)
+    tok_bal = jnp.maximum(jnp.round(Tf * (1.0 - jnp.power((epf - 1.0) / epf, kf))), 1.0)
+    p_rank = jnp.sum(tb.moe_pop, axis=-1)  # [ranks]
+    tok_pop = jnp.maximum(jnp.round(Tf * (1.0 - jnp.power(1.0 - p_rank, kf))), 1.0)
+    ae_pop = jnp.round(jnp.sum(1.0 - jnp.power(1.0 - tb.moe_pop, Tf * kf), axis=-1))
+    ae_pop = jnp.minimum(jnp.maximum(ae_pop, 1.0), tb.moe_rank_experts.astype(_F))
+    ae = jnp.where(tb.moe_skewed, ae_pop, ae_bal)  # [ranks]
+    tokens = jnp.where(tb.moe_skewed, tok_pop, tok_bal)
+    rank_on = tb.moe_rank_experts > 0
 
-    # level 1: pc axis, nd axis, ae axis, then every dense / per-sequence layer
+    # level 1: pc axis, nd axis, then every dense / per-sequence layer
     q_lin = jnp.where(tb.lin_by_seq, jnp.maximum(S, 1), jnp.maximum(T, 1)).astype(_F)
-    q1 = jnp.concatenate([jnp.stack([pc.astype(_F), nd.astype(_F), ae]), q_lin])
+    q1 = jnp.concatenate([jnp.stack([pc.astype(_F), nd.astype(_F)]), q_lin])
     lo1, hi1, t1, ab1 = _bracket(tb.l1_keys, tb.l1_last, q1)
-    v = _trunc(_lerp(*_take2(tb.lin_vals, lo1[3:], hi1[3:]), t1[3:]))
-    mult = L * tb.lin_per_block + tb.lin_once
+    v = _trunc(_lerp(*_take2(tb.lin_vals, lo1[2:], hi1[2:]), t1[2:]))
+    mult = tb.lin_mult
     t_lin = _scaled(jnp.sum(mult * v), tb.compute_scale)
     used = mult > 0
-    ext_dense = jnp.any(ab1[3:] & used & ~tb.lin_by_seq)
-    ext_seq = jnp.any(ab1[3:] & used & tb.lin_by_seq)
+    ext_dense = jnp.any(ab1[2:] & used & ~tb.lin_by_seq)
+    ext_seq = jnp.any(ab1[2:] & used & tb.lin_by_seq)
 
-    # level 2: kp keys of the 4 corners (00 01 10 11 over pc x nd), token keys of the 2 MoE rows
+    # level 2: kp keys of the 4 corners (00 01 10 11 over pc x nd)
     pi = jnp.stack([lo1[0], lo1[0], hi1[0], hi1[0]])
     ni = jnp.stack([lo1[1], hi1[1], lo1[1], hi1[1]])
-    mrows = jnp.stack([lo1[2], hi1[2]])
-    keys2 = jnp.concatenate([tb.att_kp[pi, ni], tb.moe_tok[mrows]])  # [6, W2]
-    last2 = jnp.concatenate([tb.att_kp_last[pi, ni], tb.moe_tok_last[mrows]])
-    q2 = jnp.concatenate([jnp.broadcast_to(kp.astype(_F), (4,)), jnp.broadcast_to(tokens, (2,))])
-    lo2, hi2, t2, ab2 = _bracket(keys2, last2, q2)
+    lo2, hi2, t2, ab2 = _bracket(tb.att_kp[pi, ni], tb.att_kp_last[pi, ni], jnp.broadcast_to(kp.astype(_F), (4,)))
 
-    # MoE block: interpolate each row on its own token keys, then across ae (§2.7)
-    mvals = tb.moe_vals[mrows]
-    mr = _lerp(*_take2(mvals, lo2[4:], hi2[4:]), t2[4:])
-    t_moe = _scaled(_trunc(_lerp(mr[0], mr[1], t1[2])), tb.compute_scale)
+    # MoE block (§2.7), per rank: bracket ae, interpolate the two rows on their own token keys,
+    # then across ae; the slowest rank gates the combine
+    R = ae.shape[0]
+    lo_a, hi_a, t_a, ab_a = _bracket(jnp.broadcast_to(tb.moe_ae, (R,) + tb.moe_ae.shape),
+                                     jnp.broadcast_to(tb.moe_ae_last, (R,)), ae)
+    mrows = jnp.stack([lo_a, hi_a], axis=-1)  # [R, 2]
+    lo_m, hi_m, t_m, ab_m = _bracket(tb.moe_tok[mrows], tb.moe_tok_last[mrows],
+                                     jnp.broadcast_to(tokens[:, None], (R, 2)))
+    mr = _lerp(*_take2(tb.moe_vals[mrows], lo_m, hi_m), t_m)  # [R, 2]
+    t_rank = _trunc(_lerp(mr[:, 0], mr[:, 1], t_a))
+    t_moe = _scaled(jnp.max(jnp.where(rank_on, t_rank, 0)), tb.compute_scale)
     ep_steps = tb.ep - 1
     ag = _ring(ep_steps, tb, (jnp.maximum(1, T // tb.ep) * (H + E) * fp).astype(_F))  # dispatch
     rs = _ring(ep_steps, tb, (T * H * fp).astype(_F) / epf)  # combine
     t_moe_block = t_moe + jnp.where(tb.ep > 1, ag + rs, 0)
-    ext_moe = (tb.moe_per_block > 0) & (ab1[2] | ab2[4] | ab2[5])
+    ext_moe = (tb.moe_blocks > 0) & jnp.any(rank_on & (ab_a | ab_m[:, 0] | ab_m[:, 1]))
 
     # level 3: kvd keys of the 8 kp rows, for kvd_mean and kvd_max (§2.5 steps 2-3)
     kvd_mean = jnp.where(nd > 0, kvd_sum // jnp.maximum(nd, 1), 0)
@@ -407,7 +511,6 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
     t_out = jnp.floor(tb.cpu_lat + (4 * T).astype(_F) / tb.cpu_bw).astype(_I)
     ar = _ring(2 * (tb.tp - 1), tb, (T * H * fp).astype(_F) / tb.tp.astype(_F))
 
-    block = tb.att_per_block * t_att + tb.moe_per_block * t_moe_block + tb.ar_per_block * ar
-    total = t_in + t_out + t_lin + L * block
+    total = t_in + t_out + t_lin + L * tb.att_per_block * t_att + tb.moe_blocks * t_moe_block + tb.ar_count * ar
     extrapolated = jnp.stack([ext_dense, ext_seq, ext_att, ext_moe]).astype(jnp.int32)
     return total, extrapolated

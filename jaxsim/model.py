@@ -43,10 +43,27 @@ class ModelConfig:
     num_experts: int = 0  # 0 for dense models
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
+    # Hybrid MoE (REFERENCE.md §1.9, vLLM's Qwen MoE rule): layer i has a dense MLP when it is
+    # listed in ``mlp_only_layers`` or ``(i + 1) % decoder_sparse_step != 0``; else a sparse block.
+    mlp_only_layers: tuple = ()
+    decoder_sparse_step: int = 1
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        """Layers whose MLP is the sparse MoE block (0 for a dense model)."""
+        if not self.is_moe:
+            return 0
+        skip = set(self.mlp_only_layers)
+        return sum(1 for i in range(self.num_layers) if i not in skip and (i + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def n_dense_mlp_layers(self) -> int:
+        """Layers with a dense MLP (all of them for a dense model)."""
+        return self.num_layers - self.n_moe_layers
 
     @property
     def q_dim(self) -> int:
@@ -60,11 +77,17 @@ class ModelConfig:
         """Per-rank weight bytes, REFERENCE.md §1.3 (embedding, blocks, final norm, lm_head)."""
         h, v, fp = self.hidden_size, self.vocab_size, weight_bytes
         block = 2 * h * fp + h * ((self.q_dim + 2 * self.kv_dim) // tp) * fp + (self.q_dim // tp) * h * fp
+        dense_mlp = 3 * h * (self.intermediate_size // tp) * fp
         if self.is_moe:
             e = self.num_experts
-            block += h * e * fp + (e // ep) * 3 * h * self.moe_intermediate_size * fp
+            moe_mlp = h * e * fp + (e // ep) * 3 * h * self.moe_intermediate_size * fp
+            n_dense = self.n_dense_mlp_layers
+            if n_dense:  # hybrid: dense MLPs on some layers
+                blocks = (self.num_layers // pp) * block + (self.n_moe_layers * moe_mlp + n_dense * dense_mlp) // pp
+                return (v // tp) * h * fp + blocks + h * fp + h * (v // tp) * fp
+            block += moe_mlp
         else:
-            block += 3 * h * (self.intermediate_size // tp) * fp
+            block += dense_mlp
         return (v // tp) * h * fp + (self.num_layers // pp) * block + h * fp + h * (v // tp) * fp
 
     def kv_bytes_per_token_per_rank(self, kv_bytes: int, tp: int = 1, pp: int = 1) -> int:
@@ -94,10 +117,20 @@ def load_model_config(models_dir: str | Path, name: str) -> ModelConfig:
     hidden = int(raw["hidden_size"])
     experts = int(raw.get("num_local_experts", raw.get("num_experts", 0)) or 0)
     intermediate = int(raw.get("intermediate_size", 0) or 0)
+    layers = int(raw["num_hidden_layers"])
+    only = (raw.get("mlp_only_layers") or []) if experts else []  # hybrid MoE (§1.9); dense models ignore it
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers
+                                         for i in only):
+        raise JaxsimInputError(str(path), f"mlp_only_layers must be a list of layer indices in [0, {layers}), "
+                               f"got {only!r}")
+    step = raw.get("decoder_sparse_step") if experts else None
+    step = 1 if step is None else step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise JaxsimInputError(str(path), f"decoder_sparse_step must be an integer >= 1, got {step!r}")
     return ModelConfig(
         name=name,
         model_type=str(raw["model_type"]),
-        num_layers=int(raw["num_hidden_layers"]),
+        num_layers=layers,
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=int(raw.get("num_key_value_heads") or heads),
@@ -109,4 +142,6 @@ def load_model_config(models_dir: str | Path, name: str) -> ModelConfig:
         num_experts=experts,
         experts_per_token=int(raw.get("num_experts_per_tok", 0) or 0),
         moe_intermediate_size=int(raw.get("moe_intermediate_size") or intermediate) if experts else 0,
+        mlp_only_layers=tuple(sorted(set(only))),
+        decoder_sparse_step=step,
     )

@@ -32,7 +32,7 @@ from jaxsim.model import ModelConfig
 SEQUENCE_GROUPS = ("prologue", "pre_attn", "post_attn", "mlp_dense", "mlp_moe", "head")
 CATEGORIES = ("dense", "per_sequence", "attention", "moe")
 SKEW_PC_GRID = np.arange(0, 2049, 16, dtype=np.int64)  # §2.6: pc must be exactly one of these
-_NOT_HARDWARE = {"architectures", "models", "validation", "workloads"}
+_NOT_HARDWARE = {"architectures", "models", "validation", "workloads", "clusters", "legacy"}
 
 
 @dataclasses.dataclass
@@ -329,11 +329,14 @@ def _skew_fit(meta: dict, meta_path: Path, tpdir: Path, tp: int) -> SkewFit:
 
 # ------------------------------------------------------------------------------------- bundle
 def known_hardware(profiles_dir) -> list:
+    """Hardware names: the bundle folders, then ``legacy/<HW>`` (REFERENCE.md §2.8, :mod:`jaxsim.legacy_profiles`)."""
+    from jaxsim.legacy_profiles import legacy_hardware
+
     p = Path(profiles_dir)
     if not p.is_dir():
         return []
     return sorted(x.name for x in p.iterdir() if x.is_dir() and x.name not in _NOT_HARDWARE
-                  and not x.name.startswith("."))
+                  and not x.name.startswith(".")) + legacy_hardware(p)
 
 
 def _load_yaml(path: Path, what: str) -> dict:
@@ -394,6 +397,10 @@ def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant
     unparsable line. A layer that the architecture sequence lists but no table has is skipped
     with a warning, except attention, ``lm_head`` or an empty dense table, which raise.
     """
+    if str(hardware).startswith("legacy/"):  # the legacy format (REFERENCE.md §2.8)
+        from jaxsim.legacy_profiles import load_legacy_bundle
+
+        return load_legacy_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
     root = Path(profiles_dir)
     hw_dir = root / hardware
     if not hw_dir.is_dir() or hardware in _NOT_HARDWARE:

@@ -22,8 +22,8 @@ from jaxsim.engine import routing
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes
 from jaxsim.prefix import hash_ids
-from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, ModelRuntimeConfig, SchedulerConfig,
-                         SimResult, Workload)
+from jaxsim.spec import (ROLES, Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig,
+                         SchedulerConfig, SimResult, Workload)
 
 GIB = 2**30
 POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
@@ -83,13 +83,14 @@ class Dims:
     def ring_cap(self) -> int:
         return 2 * self.num_blocks_cap + POP_WINDOW
 
-    def static(self, block_size: int, record_iterations: bool = True, num_instances: int = 1) -> dict:
+    def static(self, block_size: int, record_iterations: bool = True, num_instances: int = 1,
+               releases: bool = False) -> dict:
         """Keyword arguments of :func:`cluster.run` / :func:`cluster.run_batch`. The step limit
         (a guard against a run that never ends) covers every instance's iterations (``max_iters``
-        each) and a stop at every arrival."""
+        each) and a stop at every arrival and release."""
         return dict(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
-                    max_steps=4 * num_instances * self.max_iters + 2 * self.num_requests + 16,
-                    record_iterations=record_iterations)
+                    max_steps=4 * num_instances * self.max_iters + 4 * self.num_requests + 16,
+                    record_iterations=record_iterations, releases=releases)
 
 
 @dataclasses.dataclass
@@ -105,6 +106,11 @@ class Plan:
     block_size: int
     dims: Dims
     max_iters_bound: int  # the iteration buffer never needs more rows than this
+    kv_token_bytes: int  # K+V bytes of one token (all layers and ranks): what a P/D hand-off sends
+    # Its place in a cluster (set by prepare_cluster / the sweep; a lone instance keeps these).
+    role: str = "colocated"
+    node: int = 0
+    links: LinkConfig = LinkConfig()
 
 
 @dataclasses.dataclass
@@ -169,12 +175,19 @@ def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, m
     (``hashes``: :func:`workload_hashes` of the same token ids, when already computed)."""
     if hashes is None:
         hashes = workload_hashes(workload, block_size, prefix_caching, max_blocks)
-    order = np.lexsort((np.arange(workload.num_requests), workload.arrival_ns)).astype(np.int32)
+    n = workload.num_requests
+    # Agentic sub-requests after the first arrive when their predecessor finishes: they sort last,
+    # at a time that never comes (the engine releases them).
+    arrival = np.where(workload.released, np.iinfo(np.int64).max, np.asarray(workload.arrival_ns, np.int64))
+    order = np.lexsort((np.arange(n), arrival)).astype(np.int32)
     out = workload.output_toks.astype(np.int64)
     token_offset = np.concatenate([[0], np.cumsum(out)[:-1]]).astype(np.int32)
-    return dict(arrival_sorted=np.asarray(workload.arrival_ns[order], np.int64), order=order,
+    nxt = workload.next_in_session if workload.next_in_session is not None else np.full(n, -1)
+    tool = workload.tool_ns if workload.tool_ns is not None else np.zeros(n)
+    return dict(arrival_sorted=arrival[order], order=order,
                 prompt=np.asarray(workload.input_toks, np.int32), output=np.asarray(workload.output_toks, np.int32),
-                token_offset=token_offset, **hashes)
+                token_offset=token_offset, next_in_session=np.asarray(nxt, np.int32),
+                tool_ns=np.asarray(tool, np.int64), **hashes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,9 +196,16 @@ def _bundle(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, 
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(profiles_dir: str, hw: HardwareConfig, model: ModelConfig, variant: str, w_bytes: int):
+def _tables(profiles_dir: str, hw: HardwareConfig, model: ModelConfig, variant: str, w_bytes: int,
+            rt: ModelRuntimeConfig = ModelRuntimeConfig()):
     bundle = _bundle(profiles_dir, hw.name, model, variant, hw.tp)
-    return latency.latency_tables(bundle, model, hw, weight_bytes=w_bytes)
+    if rt.expert_routing not in ("balanced", "zipf"):
+        raise JaxsimInputError("model.expert_routing", f"unknown routing {rt.expert_routing!r}",
+                               "use 'balanced' or 'zipf'")
+    pop = None  # BALANCED expert routing (REFERENCE.md §1.9)
+    if model.is_moe and rt.expert_routing == "zipf":
+        pop = latency.zipf_popularity(model.num_experts, rt.expert_zipf_s, seed=rt.expert_seed)
+    return latency.latency_tables(bundle, model, hw, weight_bytes=w_bytes, ep=hw.ep or None, expert_popularity=pop)
 
 
 def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
@@ -211,10 +231,10 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     check_workload_fits(workload, model)
     ctx = model.max_position_embeddings
 
-    w_bytes, _ = weight_and_kv_bytes(model, rt)
+    w_bytes, kv_bytes = weight_and_kv_bytes(model, rt)
     variant = variant or {1: "fp8", 2: "bf16", 4: "fp32"}.get(w_bytes, "bf16")
     bundle = _bundle(str(profiles_dir), hw.name, model, variant, hw.tp)
-    tables = _tables(str(profiles_dir), hw, model, variant, w_bytes)
+    tables = _tables(str(profiles_dir), hw, model, variant, w_bytes, rt)
     if scales:
         f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
         tables = dataclasses.replace(tables, **{k: f64(v) for k, v in scales.items()})
@@ -245,7 +265,25 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
                 num_blocks_cap=num_blocks, max_iters=max_iters,
                 num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n)
-    return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound)
+    return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound,
+                model.kv_bytes_per_token_per_rank(kv_bytes))
+
+
+def needs_releases(plans: "list[Plan]") -> bool:
+    """Whether requests enter queues during the run: P/D hand-offs or agentic sessions."""
+    return any(p.role != "colocated" or p.workload.has_sessions for p in plans)
+
+
+def place_instances(plans: "list[Plan]", instances: "list[InstanceSpec]", links: LinkConfig,
+                    key: str = "cluster.instances") -> "list[Plan]":
+    """The plans with their instances' roles, nodes and the cluster's links; checks that a
+    disaggregated cluster has both prefill and decode instances."""
+    roles = [spec.role for spec in instances]
+    if ("prefill" in roles) != ("decode" in roles):
+        have = "prefill" if "prefill" in roles else "decode"
+        raise JaxsimInputError(f"{key}[*].role", f"a disaggregated cluster needs prefill and decode instances; "
+                               f"it has {have} instances only", "add the other role, or make them colocated")
+    return [dataclasses.replace(pl, role=spec.role, node=spec.node, links=links) for pl, spec in zip(plans, instances)]
 
 
 def check_block_sizes(plans: "list[Plan]", key: str) -> None:
@@ -289,7 +327,7 @@ def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched
     params = jax.tree.map(lambda x: x.reshape((len(clusters), n) + x.shape[1:]), _stacked_params(flat))
     params = eqx.tree_at(lambda p: p.routable, params, jnp.asarray(routable))
     num_blocks = jnp.asarray([[pl.num_blocks for pl in c] for c in clusters], jnp.int32)
-    state = jax.vmap(functools.partial(_init_cluster, dims=dims))(num_blocks)
+    state = jax.vmap(functools.partial(_init_cluster, dims=dims, releases=needs_releases(flat)))(num_blocks)
     wl, wl_batched = _workload_for([c[0] for c in clusters], dims, True, workload_batched)
     return state, params, wl, wl_batched
 
@@ -299,9 +337,15 @@ def _stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
     sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans])) for k in plans[0].sched}
     calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))
              for k in ("iteration_overhead_ns", "first_token_delay_ns", "token_output_delay_ns")}
-    return cluster.EngineParams(sched=inst_lib.SchedulerParams(**sched),
-                                tables=latency.stack_tables([p.tables for p in plans]),
-                                routable=jnp.ones(len(plans), bool), **calib)
+    links = [p.links for p in plans]
+    return cluster.EngineParams(
+        sched=inst_lib.SchedulerParams(**sched), tables=latency.stack_tables([p.tables for p in plans]),
+        routable=jnp.ones(len(plans), bool), role=jnp.asarray([ROLES.index(p.role) for p in plans], jnp.int32),
+        node=jnp.asarray([p.node for p in plans], jnp.int32),
+        kv_token_bytes=jnp.asarray([p.kv_token_bytes for p in plans], jnp.int64),
+        kv_link_bw=jnp.asarray([[k.intra_node_bw_gbps, k.inter_node_bw_gbps] for k in links], jnp.float64),
+        kv_link_latency=jnp.asarray([[k.intra_node_latency_ns, k.inter_node_latency_ns] for k in links], jnp.float64),
+        kv_layerwise=jnp.asarray([k.kv_transfer == "layerwise" for k in links]), **calib)
 
 
 def _workload_for(plans: "list[Plan]", dims: Dims, batched: bool, workload_batched: bool | None):
@@ -320,42 +364,48 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     """Everything :func:`cluster.run` needs for one configuration (``plan`` + ``build``)."""
     pl = plan(workload, model, hw, sched, rt, calib, **kwargs)
     state, params, wl, _ = build([pl], pl.dims, batched=False)
-    return Prepared(state, params, wl, pl.dims.static(pl.block_size), pl.num_blocks, pl.block_size, workload,
+    return Prepared(state, params, wl, pl.dims.static(pl.block_size, releases=needs_releases([pl])), pl.num_blocks,
+                    pl.block_size, workload,
                     pl.max_iters_bound)
 
 
 def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
                     router: routing.Router = routing.Router(), rt: ModelRuntimeConfig = ModelRuntimeConfig(),
-                    **kwargs) -> Prepared:
-    """A cluster of instances of one model (hardware, scheduler knobs and engine costs may differ
-    per instance) serving ``workload``, with arrivals routed by ``router``."""
+                    links: LinkConfig = LinkConfig(), **kwargs) -> Prepared:
+    """A cluster of instances of one model (hardware, scheduler knobs, engine costs and roles may
+    differ per instance) serving ``workload``, with arrivals routed by ``router`` and KV handed
+    from prefill to decode instances over ``links``."""
     if not instances:
         raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
     plans = [plan(workload, model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
+    plans = place_instances(plans, instances, links)
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     dims = Dims.merge([pl.dims for pl in plans])
     params = _stacked_params(plans)  # the plans' axis is the instance axis
     wl, _ = _workload_for(plans, dims, False, False)
-    state = _init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims=dims)
-    static = dict(dims.static(plans[0].block_size, num_instances=len(plans)), router=router)
+    releases = needs_releases(plans)
+    state = _init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims=dims, releases=releases)
+    static = dict(dims.static(plans[0].block_size, num_instances=len(plans), releases=releases), router=router)
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans))
 
 
-@functools.partial(jax.jit, static_argnames=("dims",))
-def _init_cluster(num_blocks, *, dims: Dims):
+@functools.partial(jax.jit, static_argnames=("dims", "releases"))
+def _init_cluster(num_blocks, *, dims: Dims, releases: bool = False):
     """A fresh state with one instance per entry of ``num_blocks`` (its KV capacity)."""
     inst = jax.vmap(lambda nb: inst_lib.init_instance(dims.num_slots, dims.max_blocks, dims.num_blocks_cap,
                                                       dims.ring_cap, dims.num_hashes, POP_WINDOW, nb))(num_blocks)
-    return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters)
+    return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters, releases)
 
 
 def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
                      router: routing.Router = routing.Router(), rt: ModelRuntimeConfig = ModelRuntimeConfig(),
-                     **kwargs) -> SimResult:
+                     links: LinkConfig = LinkConfig(), **kwargs) -> SimResult:
     """Simulate a cluster (see :func:`prepare_cluster`); per-request results carry the instance
-    each request was routed to, and the iteration rows of every instance (``iter_instance``)."""
-    return _run_growing_buffer(lambda **kw: prepare_cluster(workload, model, instances, router, rt, **kw), kwargs)
+    that finished each request, and the iteration rows of every instance (``iter_instance``);
+    P/D runs add the prefill instance, KV transfer times and bytes of every request."""
+    return _run_growing_buffer(lambda **kw: prepare_cluster(workload, model, instances, router, rt, links, **kw),
+                               kwargs)
 
 
 def run_prepared(p: Prepared) -> cluster.ClusterState:
@@ -381,6 +431,8 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
         raise JaxsimInputError(
             f"{w.source}: request {int(left[0])}", "can never be scheduled: its KV blocks exceed the cache "
             f"({p.num_blocks} blocks of {p.block_size} tokens)", "raise KV capacity or shorten the request")
+    if int(np.sum(f.finish >= 0)) != int(f.finished):
+        raise AssertionError(f"internal: {int(f.finished)} finishes counted, {int(np.sum(f.finish >= 0))} recorded")
     if int(f.finished) < n:
         raise CapacityOverflowError(f"the step limit was reached with {n - int(f.finished)} requests unfinished")
     out = w.output_toks.astype(np.int64)
@@ -402,10 +454,21 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
     if n_inst > 1:
         stats["iterations_per_instance"] = counts
         stats["requests_per_instance"] = np.bincount(np.asarray(f.instance), minlength=n_inst).tolist()
+    handed = np.asarray(f.prefill_instance) >= 0
+    pd = bool(np.any(np.asarray(p.params.role) != 0))
+    if pd:
+        stats["prefills_per_instance"] = np.bincount(np.asarray(f.prefill_instance)[handed], minlength=n_inst).tolist()
+        stats["kv_transfer_bytes"] = int(np.sum(f.kv_bytes))
+        wait = (np.asarray(f.kv_ready) - np.asarray(f.prefill_end))[handed]
+        stats["kv_transfer_wait_ms"] = ({"mean": float(wait.mean()) / 1e6, "p50": float(np.percentile(wait, 50)) / 1e6,
+                                         "p99": float(np.percentile(wait, 99)) / 1e6, "max": float(wait.max()) / 1e6}
+                                        if wait.size else {})
+    released = w.released
+    arrival = np.where(released, np.asarray(f.arrival), np.asarray(w.arrival_ns, np.int64))
     if wall_s is not None:
         stats["wall_s_with_compile"] = wall_s
     return SimResult(
-        arrival_ns=np.asarray(w.arrival_ns, np.int64), first_scheduled_ns=np.asarray(f.first_scheduled),
+        arrival_ns=arrival, first_scheduled_ns=np.asarray(f.first_scheduled),
         first_token_ns=np.asarray(f.first_token), finish_ns=np.asarray(f.finish),
         input_toks=np.asarray(w.input_toks), output_toks=np.asarray(w.output_toks),
         prefix_hit_tokens=np.asarray(f.prefix_hit), num_preemptions=np.asarray(f.num_preemptions),
@@ -416,7 +479,11 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
         iter_gen_tokens=rows["gen_tokens"], iter_num_tokens=rows["num_tokens"], iter_num_seqs=rows["num_seqs"],
         iter_running=rows["running"], iter_waiting=rows["waiting"], iter_kv_blocks_used=rows["kv_used"],
         num_blocks=p.num_blocks, block_size=p.block_size, stats=stats,
-        iter_instance=row_inst[by_end] if n_inst > 1 else None)
+        iter_instance=row_inst[by_end] if n_inst > 1 else None,
+        prefill_instance=np.asarray(f.prefill_instance) if pd else None,
+        prefill_end_ns=np.asarray(f.prefill_end) if pd else None,
+        kv_ready_ns=np.asarray(f.kv_ready) if pd else None,
+        kv_transfer_bytes=np.asarray(f.kv_bytes) if pd else None)
 
 
 def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,

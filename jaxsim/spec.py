@@ -43,6 +43,7 @@ class HardwareConfig:
     link_latency_ns: float = 20000.0
     cpu_mem_bw_gbps: float = 256.0  # host memory: token ids in / sampled ids out
     cpu_mem_latency_ns: float = 0.0
+    ep: int = 0  # expert-parallel degree of a MoE model; 0 = tp (REFERENCE.md §1.8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,9 @@ class ModelRuntimeConfig:
     dtype: str = "auto"  # weight dtype; auto = the model's torch_dtype
     kv_cache_dtype: str = "auto"  # auto = the activation dtype
     max_model_len: int = 0  # vLLM max_model_len; 0 = the model's max_position_embeddings
+    expert_routing: str = "balanced"  # MoE expert popularity: "balanced" (§1.9 closed form) | "zipf"
+    expert_zipf_s: float = 1.0  # Zipf exponent of expert popularity (routing "zipf"; 0 = uniform)
+    expert_seed: int = 0  # permutation of the Zipf ranks over experts (-1 = hottest experts on rank 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +76,48 @@ class Calibration:
         return cls(0, 0, 0)
 
 
+ROLES = ("colocated", "prefill", "decode")  # REFERENCE.md §1.7 pd_type: null | prefill | decode
+KV_TRANSFERS = ("layerwise", "after_prefill")
+
+
 @dataclasses.dataclass(frozen=True)
 class InstanceSpec:
-    """One instance of a cluster: its hardware, scheduler knobs and engine costs (same model)."""
+    """One instance of a cluster: its hardware, scheduler knobs and engine costs (same model),
+    its role (``colocated`` serves requests whole; under P/D, ``prefill`` instances compute the
+    prompt and the first token and hand the request to a ``decode`` instance), and its node."""
 
     hw: HardwareConfig = HardwareConfig()
     sched: SchedulerConfig = SchedulerConfig()
     calib: Calibration = Calibration()
+    role: str = "colocated"
+    node: int = 0
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"instance role {self.role!r}: expected one of {ROLES}")
+        if self.node < 0:
+            raise ValueError(f"instance node must be >= 0, got {self.node}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkConfig:
+    """The links that carry KV between instances (P/D hand-offs), per level: within a node and
+    between nodes. Defaults: the reference's cluster default (16 GB/s, 20 µs) on both levels."""
+
+    intra_node_bw_gbps: float = 16.0
+    intra_node_latency_ns: float = 20000.0
+    inter_node_bw_gbps: float = 16.0
+    inter_node_latency_ns: float = 20000.0
+    # "layerwise": each prefill iteration streams its KV layer by layer while it computes (as the
+    # reference does); "after_prefill": a request's whole KV is sent when its prefill is done.
+    kv_transfer: str = "layerwise"
+
+    def __post_init__(self):
+        if self.kv_transfer not in KV_TRANSFERS:
+            raise ValueError(f"kv_transfer {self.kv_transfer!r}: expected one of {KV_TRANSFERS}")
+        for f in ("intra_node_bw_gbps", "inter_node_bw_gbps"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"links.{f} must be > 0, got {getattr(self, f)}")
 
 
 @dataclasses.dataclass
@@ -91,6 +130,24 @@ class Workload:
     token_ids: list  # per request: int array of input ids + output ids (None = no ids: never hits)
     source: str = "<memory>"  # file path or generator description, for messages
     line_numbers: np.ndarray | None = None  # int64 1-based file line per request; None if generated
+    # Agentic sessions (REFERENCE.md §1.15): the sub-request released when request i finishes
+    # (-1: none), and per request the tool time between its predecessor's finish and its release.
+    # A released request's ``arrival_ns`` is its session's arrival (the simulated release time is
+    # in the result). None: no sessions.
+    next_in_session: np.ndarray | None = None
+    tool_ns: np.ndarray | None = None
+
+    @property
+    def has_sessions(self) -> bool:
+        return self.next_in_session is not None and bool(np.any(self.next_in_session >= 0))
+
+    @property
+    def released(self) -> np.ndarray:
+        """True for the sub-requests that arrive when their predecessor finishes."""
+        out = np.zeros(self.num_requests, bool)
+        if self.next_in_session is not None:
+            out[self.next_in_session[self.next_in_session >= 0]] = True
+        return out
 
     @property
     def num_requests(self) -> int:
@@ -141,3 +198,10 @@ class SimResult:
     # Cluster runs: the instance of each iteration row (rows of all instances, ordered by end
     # time then instance); None for a single instance.
     iter_instance: np.ndarray | None = None
+    # P/D runs (None otherwise), per request: the prefill instance (-1: served colocated, or its
+    # only output token came from the prefill instance), the end of the iteration that completed
+    # its prefill, when its last KV layer reached the decode instance, and the KV bytes sent.
+    prefill_instance: np.ndarray | None = None
+    prefill_end_ns: np.ndarray | None = None
+    kv_ready_ns: np.ndarray | None = None
+    kv_transfer_bytes: np.ndarray | None = None

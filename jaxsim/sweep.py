@@ -40,7 +40,8 @@ from jaxsim.engine import cluster
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig,
+                         Workload)
 from jaxsim.workload import synthetic_workload
 
 # knob -> what it sets. All of them vary per configuration inside one compiled call.
@@ -93,6 +94,7 @@ class SweepBase:
     instances: tuple | None = None  # of jaxsim.spec.InstanceSpec
     router: Router = Router()
     cluster_options: dict = dataclasses.field(default_factory=dict)  # name -> tuple of InstanceSpec
+    links: LinkConfig = LinkConfig()  # KV links between instances (P/D designs)
 
 
 def expand_grid(axes: dict) -> list:
@@ -141,7 +143,7 @@ def point_inputs(base: SweepBase, point: dict) -> dict:
 def point_instances(base: SweepBase, point: dict) -> list:
     """A cluster base's instances at this point (:class:`jaxsim.spec.InstanceSpec`), the
     arguments of :func:`jaxsim.simulator.simulate_cluster` for it."""
-    return [InstanceSpec(**_instance_inputs(base, point, spec)) for spec in _instances(base, point)]
+    return [dataclasses.replace(spec, **_instance_inputs(base, point, spec)) for spec in _instances(base, point)]
 
 
 def _is_cluster(base: SweepBase) -> bool:
@@ -194,7 +196,8 @@ class SweepResult:
         return report.write_table(self.rows, path)
 
 
-_REQUEST_FIELDS = ("first_token", "finish", "first_scheduled", "prefix_hit", "num_preemptions", "recomputed")
+_REQUEST_FIELDS = ("first_token", "finish", "first_scheduled", "prefix_hit", "num_preemptions", "recomputed",
+                   "arrival", "prefill_instance", "prefill_end", "kv_ready")
 
 
 def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: bool = True, devices=None,
@@ -217,7 +220,8 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         shared = _shared_inputs(base, p)
         w = shared["workload"]
         insts = []  # this point's plan of each instance
-        for spec in _instances(base, p):
+        specs = _instances(base, p)
+        for spec in specs:
             kw = {**shared, **_instance_inputs(base, p, spec)}
             sched = kw["sched"]
             max_blocks = simulator.block_table_width(w, sched.block_size)
@@ -229,24 +233,27 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                 arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks,
                                                               hashes=hashes_cache[hkey])
             insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
+        insts = simulator.place_instances(insts, specs, base.links, key=f"sweep point {len(plans)}: instances")
         simulator.check_block_sizes(insts, f"sweep point {len(plans)}")
         plans.append(insts)
 
     groups: dict = {}
     for i, insts in enumerate(plans):
-        groups.setdefault((insts[0].block_size, insts[0].dims.num_requests), []).append(i)
+        key = (insts[0].block_size, insts[0].dims.num_requests, simulator.needs_releases(insts))
+        groups.setdefault(key, []).append(i)
 
     rows: list = [None] * len(points)
     requests: list | None = [None] * len(points) if keep_requests else None
     sim_s = 0.0
     bar = _progress(len(points), progress)
-    for (block_size, _), members in groups.items():
+    for (block_size, _, releases), members in groups.items():
         # A chunk loops until its slowest configuration is done, so chunks gather configurations
         # of similar length: longest trace (arrival span) first, ties in point order.
         members = sorted(members, key=lambda i: -_arrival_span(plans[i][0].workload))
         dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]])
         n_inst = max(len(plans[i]) for i in members)
-        static = dims.static(block_size, record_iterations=False, num_instances=n_inst)  # limit follows max_iters
+        static = dims.static(block_size, record_iterations=False, num_instances=n_inst,  # limit follows max_iters
+                             releases=releases)
         if _is_cluster(base):
             static["router"] = base.router
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
@@ -322,7 +329,8 @@ def config_metrics(workload: Workload, out: dict, slo_ttft_ms, slo_tpot_ms, max_
     """
     finish = np.asarray(out["finish"], np.int64)
     done = finish >= 0
-    arrival = workload.arrival_ns.astype(np.int64)
+    # agentic sub-requests arrive when the engine releases them
+    arrival = np.where(workload.released, np.asarray(out["arrival"], np.int64), workload.arrival_ns.astype(np.int64))
     output = workload.output_toks.astype(np.int64)
     ttft = (np.asarray(out["first_token"], np.int64) - arrival)[done]
     e2e = (finish - arrival)[done]
@@ -342,6 +350,11 @@ def config_metrics(workload: Workload, out: dict, slo_ttft_ms, slo_tpot_ms, max_
     row["throughput_rps"] = float(done.sum() / makespan) if makespan > 0 else math.nan
     row["output_tok_s"] = float(out_done.sum() / makespan) if makespan > 0 else math.nan
     row["makespan_s"] = makespan
+    handed = np.asarray(out["prefill_instance"]) >= 0
+    if handed.any():  # P/D: the wait for the KV transfer after the prefill
+        wait_ms = (np.asarray(out["kv_ready"], np.int64) - np.asarray(out["prefill_end"], np.int64))[handed] / 1e6
+        row["kv_wait_mean_ms"] = float(wait_ms.mean())
+        row["kv_wait_p99_ms"] = float(np.percentile(wait_ms, 99))
     row["preemptions"] = int(out["preemptions"])
     row["iterations"] = int(out["n_iters"])
     if slo_ttft_ms is not None or slo_tpot_ms is not None:

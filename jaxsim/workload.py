@@ -77,16 +77,71 @@ def iter_jsonl(path: Path):
             yield lineno, where, obj
 
 
+_SESSION_FIELDS = ("session_id", "arrival_time_ns", "sub_requests")
+_SUB_FIELDS = ("input_toks", "output_toks")
+
+
+def _request(obj: dict, where: str, fields: tuple) -> dict:
+    """The checked counts and token ids of one request (a flat line or a sub-request)."""
+    vals = {}
+    for field in fields:
+        if field not in obj:
+            raise JaxsimInputError(where, f"missing required field {field!r}",
+                                   f"a request needs {', '.join(fields)}")
+        vals[field] = _as_int(obj[field], where, field)
+    if vals["input_toks"] < 1:
+        raise JaxsimInputError(where, f"input_toks must be >= 1, got {vals['input_toks']}",
+                               "every request needs a prompt")
+    if vals["output_toks"] < 1:
+        raise JaxsimInputError(where, f"output_toks must be >= 1, got "
+                               f"{vals['output_toks']}", "every request generates at "
+                               "least one token")
+    if vals.get("arrival_time_ns", 0) < 0:
+        raise JaxsimInputError(where, f"arrival_time_ns must be >= 0, got "
+                               f"{vals['arrival_time_ns']}", "arrivals are ns from 0")
+    in_ids = _token_ids(obj, where, "input_tok_ids")
+    out_ids = _token_ids(obj, where, "output_tok_ids")
+    vals["ids"] = in_ids if in_ids is None or out_ids is None else np.concatenate([in_ids, out_ids])
+    return vals
+
+
+def _sub_requests(obj: dict, where: str) -> list:
+    """The sub-requests of a session line (REFERENCE.md §1.15), each with its tool time."""
+    for field in _SESSION_FIELDS:
+        if field not in obj:
+            raise JaxsimInputError(where, f"missing required field {field!r}",
+                                   f"a session line needs {', '.join(_SESSION_FIELDS)}")
+    subs = obj["sub_requests"]
+    if not isinstance(subs, list) or not subs or not all(isinstance(x, dict) for x in subs):
+        raise JaxsimInputError(where, "field 'sub_requests' must be a non-empty list of objects",
+                               "each sub-request has input_toks, output_toks and optional "
+                               "tool_duration_ns")
+    out = []
+    for k, sub in enumerate(subs):
+        here = f"{where} sub_requests[{k}]"
+        vals = _request(sub, here, _SUB_FIELDS)
+        vals["tool_ns"] = _as_int(sub.get("tool_duration_ns", 0), here, "tool_duration_ns")
+        if vals["tool_ns"] < 0:
+            raise JaxsimInputError(here, f"tool_duration_ns must be >= 0, got {vals['tool_ns']}",
+                                   "it is the tool call's duration in ns")
+        out.append(vals)
+    return out
+
+
 def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
-    """Read a flat JSONL trace.
+    """Read a JSONL trace: flat request lines and agentic session lines, which may be mixed.
+
+    A session line (REFERENCE.md §1.15: ``session_id``, ``arrival_time_ns``, ``sub_requests``)
+    gives one request per sub-request, in order. Sub-request 0 arrives at the session's arrival;
+    sub-request i+1 is released when sub-request i finishes plus i's ``tool_duration_ns``.
 
     Args:
-      path: the ``.jsonl`` file; one request per line, blank lines skipped.
-      num_requests: keep the first N requests (0 = all). Asking for more than the file holds is an
-        error.
+      path: the ``.jsonl`` file; blank lines skipped.
+      num_requests: keep the first N requests, sub-requests included (0 = all). Asking for more
+        than the file holds is an error. A session cut short keeps its first sub-requests.
 
     Returns:
-      A :class:`Workload` in file-line order; ``line_numbers`` holds each request's 1-based line.
+      A :class:`Workload` in file order; ``line_numbers`` holds each request's 1-based line.
     """
     path = Path(path)
     if isinstance(num_requests, bool) or not isinstance(num_requests, (int, np.integer)) \
@@ -95,42 +150,30 @@ def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
                                "0 loads every request of the file")
     if not path.is_file():
         raise JaxsimInputError(str(path), "workload file not found", "check the path")
-    arrival, inp, out, ids, lines = [], [], [], [], []
+    arrival, inp, out, ids, lines, nxt, tool = [], [], [], [], [], [], []
     for lineno, where, obj in iter_jsonl(path):
         if num_requests and len(arrival) >= num_requests:
             break
         if "session_id" in obj or "sub_requests" in obj:
-            raise JaxsimInputError(where, "agentic sessions are not supported yet",
-                                   "use flat request lines (input_toks, output_toks, "
-                                   "arrival_time_ns)")
-        vals = {}
-        for field in _FLAT_FIELDS:
-            if field not in obj:
-                raise JaxsimInputError(where, f"missing required field {field!r}",
-                                       f"a request line needs {', '.join(_FLAT_FIELDS)}")
-            vals[field] = _as_int(obj[field], where, field)
-        if vals["input_toks"] < 1:
-            raise JaxsimInputError(where, f"input_toks must be >= 1, got {vals['input_toks']}",
-                                   "every request needs a prompt")
-        if vals["output_toks"] < 1:
-            raise JaxsimInputError(where, f"output_toks must be >= 1, got "
-                                   f"{vals['output_toks']}", "every request generates at "
-                                   "least one token")
-        if vals["arrival_time_ns"] < 0:
-            raise JaxsimInputError(where, f"arrival_time_ns must be >= 0, got "
-                                   f"{vals['arrival_time_ns']}", "arrivals are ns from 0")
-        in_ids = _token_ids(obj, where, "input_tok_ids")
-        out_ids = _token_ids(obj, where, "output_tok_ids")
-        if in_ids is None:
-            ids.append(None)
-        elif out_ids is None:
-            ids.append(in_ids)
+            t0 = _as_int(obj.get("arrival_time_ns", 0), where, "arrival_time_ns")
+            if t0 < 0:
+                raise JaxsimInputError(where, f"arrival_time_ns must be >= 0, got {t0}", "arrivals are ns from 0")
+            reqs = _sub_requests(obj, where)
         else:
-            ids.append(np.concatenate([in_ids, out_ids]))
-        arrival.append(vals["arrival_time_ns"])
-        inp.append(vals["input_toks"])
-        out.append(vals["output_toks"])
-        lines.append(lineno)
+            reqs = [_request(obj, where, _FLAT_FIELDS)]
+            t0 = reqs[0]["arrival_time_ns"]
+        for k, vals in enumerate(reqs):
+            if num_requests and len(arrival) >= num_requests:
+                break
+            if k:  # released by its predecessor, after the predecessor's tool call
+                nxt[-1] = len(arrival)
+            tool.append(reqs[k - 1]["tool_ns"] if k else 0)
+            nxt.append(-1)
+            arrival.append(t0)
+            inp.append(vals["input_toks"])
+            out.append(vals["output_toks"])
+            ids.append(vals["ids"])
+            lines.append(lineno)
     if not arrival:
         raise JaxsimInputError(str(path), "the workload has no requests",
                                "add request lines or pick another file")
@@ -143,6 +186,7 @@ def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
         if vals[big] > _INT32_MAX:
             raise JaxsimInputError(f"{path}:{lines[big]}", f"{name} {vals[big]} is too large",
                                    f"use at most {_INT32_MAX}")
+    sessions = any(x >= 0 for x in nxt)
     return Workload(
         arrival_ns=np.asarray(arrival, dtype=np.int64),
         input_toks=np.asarray(inp, dtype=np.int32),
@@ -150,6 +194,8 @@ def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
         token_ids=ids,
         source=str(path),
         line_numbers=np.asarray(lines, dtype=np.int64),
+        next_in_session=np.asarray(nxt, np.int32) if sessions else None,
+        tool_ns=np.asarray(tool, np.int64) if sessions else None,
     )
 
 

@@ -9,7 +9,12 @@ Conventions chosen here (and mirrored by jaxsim, see ``jaxsim/latency.py``):
   * a bracket on a key uses that key's value exactly; a table with a single key is constant;
   * the nearest-slice fallback breaks ties by the smallest (pc, nd);
   * TP AllReduce: ring, ``2(N-1)`` steps of ``link_latency + (T*H*fp/N)/link_bw``, floored to ns;
-  * ``extrapolated[c]`` = 1 when any lookup of category c queried above its last key.
+  * ``extrapolated[c]`` = 1 when any lookup of category c queried above its last key;
+  * MoE with an expert popularity (a list of E probabilities; a uniform one is BALANCED): expert e
+    on rank ``e*ep//E``; per rank ``local = round(T*(1-(1-P_r)**k))`` (at least 1) and
+    ``act = round(Σ 1-(1-p_e)**(T*k))`` clamped to [1, |R_r|]; the block is the slowest rank's;
+  * hybrid MoE: layer i has the sparse block when ``i not in mlp_only_layers`` and
+    ``(i+1) % decoder_sparse_step == 0``, else the dense MLP (with its AllReduce).
 """
 
 import csv
@@ -196,8 +201,52 @@ def ring_cost(steps, link_lat, msg_bytes, link_bw):
     return int(math.floor(steps * (link_lat + msg_bytes / link_bw)))
 
 
+def is_uniform(popularity):
+    E = len(popularity)
+    return all(abs(p - 1 / E) <= 1e-9 * (1 / E) for p in popularity)
+
+
+def moe_routing(T, k, E, ep, popularity=None):
+    """Per EP rank ``(local_tokens, activated)`` before the lookup's ``max(·, 1)`` (§1.9)."""
+    if popularity is None or is_uniform(popularity):
+        activated = min(round(T * k / ep), E / ep)  # BALANCED, the same on every rank
+        local = round(T * (1 - ((ep - 1) / ep) ** k))
+        return [(local, activated)] * ep
+    ranks = [[] for _ in range(ep)]
+    for e in range(E):
+        ranks[e * ep // E].append(popularity[e])
+    out = []
+    for pr in ranks:
+        P = sum(pr)
+        local = round(T * (1 - (1 - P) ** k))
+        act = round(sum(1 - (1 - p) ** (T * k) for p in pr))
+        out.append((local, min(max(act, 1), len(pr))))
+    return out
+
+
+def moe_compute(bundle, T, ep, popularity=None):
+    """``max_r moe(local_r, act_r)`` and the 'above grid' flag of any rank (§2.7)."""
+    m = bundle.model
+    best, above = 0, False
+    for local, act in moe_routing(T, m.experts_per_token, m.num_experts, ep, popularity):
+        v, a = moe_lookup(bundle, local, act)
+        best, above = max(best, v), above or a
+    return best, above
+
+
+def n_moe_layers(model):
+    if model.num_experts == 0:
+        return 0
+    n = 0
+    for i in range(model.num_layers):
+        if i not in model.mlp_only_layers and (i + 1) % model.decoder_sparse_step == 0:
+            n += 1
+    return n
+
+
 def iteration_time(bundle, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, cpu_bw=256.0, cpu_lat=0.0,
-                   link_bw=16.0, link_lat=20000.0, fp=2, hardware="RTXPRO6000", host_ops=True, ep=1):
+                   link_bw=16.0, link_lat=20000.0, fp=2, hardware="RTXPRO6000", host_ops=True, ep=1,
+                   popularity=None):
     """Total ns and extrapolation flags [dense, per_sequence, attention, moe] (0/1)."""
     m = bundle.model
     L, H, tp = m.num_layers, m.hidden_size, bundle.tp
@@ -230,10 +279,8 @@ def iteration_time(bundle, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, cpu_b
             flags[2] |= above
             return v
         if cat == "moe":
-            k, E = m.experts_per_token, m.num_experts
-            activated = min(round(T * k / ep), E / ep)  # BALANCED routing, §1.9
-            local = round(T * (1 - ((ep - 1) / ep) ** k))
-            v, above = moe_lookup(bundle, local, activated)
+            E = m.num_experts
+            v, above = moe_compute(bundle, T, ep, popularity)
             flags[3] |= above
             if ep > 1:
                 v += ring_cost(ep - 1, link_lat, max(1, T // ep) * (H + E) * fp, link_bw)  # dispatch AllGather
@@ -252,13 +299,16 @@ def iteration_time(bundle, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, cpu_b
         block += layer_time(name)
         if name == "o_proj":
             block += ar
+    dense_mlp = 0
     for name in seq.get("mlp_dense") or []:
-        block += layer_time(name)
+        dense_mlp += layer_time(name)
         if name == "down_proj":
-            block += ar
+            dense_mlp += ar
+    moe_mlp = 0
     for name in seq.get("mlp_moe") or []:
-        block += layer_time(name)
-    total += L * block
+        moe_mlp += layer_time(name)
+    L_moe = n_moe_layers(m) if seq.get("mlp_moe") else 0
+    total += L * block + (L - L_moe) * dense_mlp + L_moe * moe_mlp
     for name in seq["head"]:
         total += layer_time(name)
     return total, [int(f) for f in flags]

@@ -341,3 +341,253 @@ def test_missing_layer_warns_or_raises(tmp_path):
     path.write_text("layer,tokens,time_us\n")
     with pytest.raises(JaxsimInputError, match="dense"):
         load_profile_bundle(root, "RTXPRO6000", m)
+
+
+# ------------------------------------------------------------ MoE: EP collectives, expert skew, hybrid
+def _moe_setup(tp=1, **hw_kw):
+    return _setup(model=QWEN_MOE, tp=tp, **hw_kw)
+
+
+def test_ep_dispatch_combine_hand_computed():
+    """§1.8 EP collectives on Qwen3-30B-A3B (H = 2048, E = 128, L = 48, fp = 2), 16 GB/s, 20 us per
+    step: dispatch = ring AllGather, (ep-1) steps of a max(1, T//ep)*(H+E)*fp chunk; combine = ring
+    ReduceScatter, (ep-1) steps of T*H*fp/ep. Each floored, once per MoE block."""
+    m, b, hw, rb = _moe_setup(link_bw_gbps=16.0, link_latency_ns=20000.0)
+    assert (m.hidden_size, m.num_experts, m.num_layers, m.experts_per_token) == (2048, 128, 48, 8)
+    no_link = dataclasses.replace(hw, link_bw_gbps=math.inf, link_latency_ns=0.0)
+    H, E, fp, L = 2048, 128, 2, 48
+
+    def ag(T, ep):
+        return math.floor((ep - 1) * (20000.0 + max(1, T // ep) * (H + E) * fp / 16.0))
+
+    def rs(T, ep):
+        return math.floor((ep - 1) * (20000.0 + T * H * fp / ep / 16.0))
+
+    # by hand: T = 100, ep = 2: AG 1 x (20000 + 50*2176*2/16) = 33,600; RS 1 x (20000 + 100*2048*2/2/16) = 32,800
+    assert (ag(100, 2), rs(100, 2)) == (33_600, 32_800)
+    # ep = 4: AG 3 x (20000 + 25*2176*2/16) = 80,400; RS 3 x (20000 + 100*2048*2/4/16) = 79,200
+    assert (ag(100, 4), rs(100, 4)) == (80_400, 79_200)
+    # T = 3 < ep = 4: the dispatch chunk is max(1, 3//4) = 1 token: 3 x (20000 + 4352/16) = 60,816;
+    # RS 3 x (20000 + 3*2048*2/4/16) = 60,576
+    assert (ag(3, 4), rs(3, 4)) == (60_816, 60_576)
+    for ep in (2, 4):
+        tb, tb0 = latency_tables(b, m, hw, ep=ep), latency_tables(b, m, no_link, ep=ep)
+        for shape in [(100, 4, 96, 512, 4, 4 * 700, 700, 700), (3, 3, 0, 0, 3, 300, 100, 100),
+                      (2048, 1, 2048, 0, 0, 0, 0, 0)]:
+            T = shape[0]
+            assert _time(tb, *shape)[0] - _time(tb0, *shape)[0] == L * (ag(T, ep) + rs(T, ep))
+            assert _time(tb, *shape) == tuple(ref.iteration_time(rb, *shape, ep=ep))
+    # with TP 2 and ep = tp (the default): the o_proj AllReduce plus the EP collectives
+    m2, b2, hw2, _ = _moe_setup(tp=2, link_bw_gbps=16.0, link_latency_ns=20000.0)
+    no_link2 = dataclasses.replace(hw2, link_bw_gbps=math.inf, link_latency_ns=0.0)
+    shape = (100, 4, 96, 512, 4, 4 * 700, 700, 700)
+    d = _time(latency_tables(b2, m2, hw2), *shape)[0] - _time(latency_tables(b2, m2, no_link2), *shape)[0]
+    ar = math.floor(2 * 1 * (20000.0 + 100 * H * fp / 2 / 16.0))
+    # AllReduce: 2 x (20000 + 100*2048*2/2/16) = 65,600
+    assert d == L * (ar + ag(100, 2) + rs(100, 2)) == L * (65_600 + 33_600 + 32_800)
+    # hw.ep overrides the default (ep = 1: no EP collectives, only the AllReduce)
+    hw_ep1 = dataclasses.replace(hw2, ep=1)
+    d1 = _time(latency_tables(b2, m2, hw_ep1), *shape)[0] - _time(
+        latency_tables(b2, m2, dataclasses.replace(no_link2, ep=1)), *shape)[0]
+    assert d1 == L * ar
+
+
+def test_zipf_popularity():
+    from jaxsim.latency import rank_popularity, zipf_popularity
+
+    p = zipf_popularity(128, 1.0, seed=None)
+    assert p.shape == (128,) and abs(p.sum() - 1) < 1e-12 and np.all(np.diff(p) < 0)
+    assert p[0] / p[9] == pytest.approx(10.0)
+    assert np.array_equal(zipf_popularity(128, 0.0), np.full(128, 1 / 128))
+    q = zipf_popularity(128, 1.0, seed=3)
+    assert np.array_equal(np.sort(q), np.sort(p)) and not np.array_equal(q, p)
+    assert np.array_equal(zipf_popularity(128, 1.0, seed=3), q) and np.array_equal(zipf_popularity(128, 1.0, -1), p)
+    # expert e on rank floor(e*ep/E): contiguous blocks (uneven when ep does not divide E)
+    r = rank_popularity(np.arange(10) / 45.0, 4)
+    assert [list(np.round(x * 45).astype(int)) for x in r] == [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+
+
+def test_uniform_popularity_is_balanced():
+    """A uniform popularity gives bit-identical results to BALANCED (None), for every ep; the
+    per-rank local-token formula T*(1-(1-P_r)^k) reduces to the closed form."""
+    from jaxsim.latency import zipf_popularity
+
+    m, b, hw, rb = _moe_setup(tp=2)
+    shapes = _random_shapes(np.random.default_rng(5), 60)
+    cols = [np.array(c, np.int64) for c in zip(*shapes)]
+    for ep in (1, 2, 4):
+        bal = [np.asarray(x) for x in _MANY(latency_tables(b, m, hw, ep=ep), *cols)]
+        for pop in (np.full(128, 1 / 128), zipf_popularity(128, 0.0, seed=7)):
+            tb = latency_tables(b, m, hw, ep=ep, expert_popularity=pop)
+            assert not bool(tb.moe_skewed)
+            got = [np.asarray(x) for x in _MANY(tb, *cols)]
+            assert np.array_equal(got[0], bal[0]) and np.array_equal(got[1], bal[1])
+        for T in range(0, 3000, 7):  # local tokens: P_r = 1/ep
+            assert round(T * (1 - (1 - 1 / ep) ** 8)) == round(T * (1 - ((ep - 1) / ep) ** 8))
+    # why uniform is stored as BALANCED: the expected number of distinct experts hit by T*k
+    # independent draws is below the closed form's min(T*k/ep, E/ep) at mid T (81 vs 128 at T = 16)
+    assert ref.moe_routing(16, 8, 128, 1) == [(16, 128)]
+    skew_uniformish = [1 / 128 * (1 + 1e-6)] + [(1 - 1 / 128 * (1 + 1e-6)) / 127] * 127
+    assert ref.moe_routing(16, 8, 128, 1, skew_uniformish) == [(16, 81)]
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_skewed_popularity_moe_term(ep):
+    """Zipf(1.2) popularity, hottest experts on rank 0: the MoE block term is max_r moe(local_r,
+    act_r) (the oracle's plain-Python per-rank routing and moe.csv lookup), larger than BALANCED
+    for prefill-sized batches; whole iterations match the oracle."""
+    from jaxsim.latency import zipf_popularity
+
+    m, b, hw, rb = _moe_setup()
+    pop = zipf_popularity(128, 1.2, seed=-1)
+    tb_bal = latency_tables(b, m, hw, ep=ep)
+    tb = latency_tables(b, m, hw, ep=ep, expert_popularity=pop)
+    assert bool(tb.moe_skewed) and tb.moe_pop.shape == (ep, 128 // ep)
+    L, k = m.num_layers, m.experts_per_token
+    for T in (256, 1024, 2048):
+        shape = (T, 1, T, 0, 0, 0, 0, 0)
+        d = _time(tb, *shape)[0] - _time(tb_bal, *shape)[0]
+        # by hand, rank by rank (expert e on rank e*ep//E)
+        per_rank = []
+        for r in range(ep):
+            pr = [float(pop[e]) for e in range(128) if e * ep // 128 == r]
+            local = round(T * (1 - (1 - sum(pr)) ** k))
+            act = min(max(round(sum(1 - (1 - p) ** (T * k) for p in pr)), 1), len(pr))
+            per_rank.append(ref.moe_lookup(rb, local, act)[0])
+        skew_term = max(per_rank)
+        bal_term = ref.moe_lookup(rb, round(T * (1 - ((ep - 1) / ep) ** k)), min(round(T * k / ep), 128 / ep))[0]
+        assert skew_term == ref.moe_compute(rb, T, ep, list(pop))[0]
+        assert skew_term > bal_term
+        assert d == L * (skew_term - bal_term)
+    # parity on mixed batches (including decode-only ones, where skew may lower the term)
+    shapes = _random_shapes(np.random.default_rng(11 + ep), 80)
+    cols = [np.array(c, np.int64) for c in zip(*shapes)]
+    t_jax, e_jax = (np.asarray(x) for x in _MANY(tb, *cols))
+    for i, s in enumerate(shapes):
+        assert (int(t_jax[i]), list(e_jax[i])) == ref.iteration_time(rb, *s, ep=ep, popularity=list(pop)), s
+
+
+def test_skewed_and_balanced_tables_stack():
+    """Tables with different EP rank counts (balanced: 1 row; skewed: ep rows) pad and vmap."""
+    from jaxsim.latency import zipf_popularity
+
+    m, b, hw, _ = _moe_setup()
+    ml, bl, hwl, _ = _setup()
+    tabs = [latency_tables(b, m, hw, ep=2), latency_tables(b, m, hw, ep=4, expert_popularity=zipf_popularity(128, 1.0)),
+            latency_tables(bl, ml, hwl), latency_tables(b, m, hw, ep=2, expert_popularity=zipf_popularity(128, 2.0, 1))]
+    stacked = stack_tables(tabs)
+    assert stacked.moe_pop.shape == (4, 4, 64)
+    for shape in [(2048, 1, 2048, 0, 0, 0, 0, 0), (96, 90, 6, 700, 90, 90 * 3000, 100, 9000), (1, 1, 0, 0, 1, 7, 7, 7)]:
+        t, e = _CONFIGS(stacked, *shape)
+        for i, tb in enumerate(tabs):
+            assert (int(t[i]), [int(x) for x in e[i]]) == _time(tb, *shape)
+
+
+def test_bad_ep_and_popularity():
+    m, b, hw, _ = _moe_setup()
+    with pytest.raises(JaxsimInputError, match="hardware.ep"):
+        latency_tables(b, m, hw, ep=129)
+    with pytest.raises(JaxsimInputError, match="one entry per expert"):
+        latency_tables(b, m, hw, ep=2, expert_popularity=np.full(64, 1 / 64))
+    with pytest.raises(JaxsimInputError, match="sum to 1"):
+        latency_tables(b, m, hw, ep=2, expert_popularity=np.full(128, 1 / 100))
+    with pytest.raises(JaxsimInputError, match=">= 0"):
+        latency_tables(b, m, hw, ep=2, expert_popularity=np.r_[-0.5, np.full(127, 1.5 / 127)])
+    # dense models ignore ep and the popularity
+    ml, bl, hwl, _ = _setup()
+    assert int(latency_tables(bl, ml, hwl, ep=8, expert_popularity=np.ones(3)).ep) == 1
+
+
+def test_hybrid_moe_layers(tmp_path):
+    """mlp_only_layers / decoder_sparse_step (§1.9): the shipped MoE models have none; a hybrid
+    model needs dense MLP tables (clear error otherwise) and composes L_moe*MoE + L_dense*dense MLP."""
+    import json
+
+    for name in ("Qwen/Qwen3-30B-A3B-Instruct-2507", "mistralai/Mixtral-8x7B-v0.1", "microsoft/Phi-mini-MoE-instruct"):
+        mc = load_model_config(MODELS, name)
+        assert mc.is_moe and mc.n_moe_layers == mc.num_layers and mc.n_dense_mlp_layers == 0
+    assert load_model_config(MODELS, LLAMA).n_dense_mlp_layers == 32
+    # parsing: every 2nd layer sparse, layers 1 and 5 forced dense
+    raw = json.loads((MODELS / f"{QWEN_MOE}.json").read_text())
+    (tmp_path / "Qwen").mkdir()
+    (tmp_path / "Qwen" / "hyb.json").write_text(json.dumps({**raw, "decoder_sparse_step": 2, "mlp_only_layers": [1, 5]}))
+    hyb = load_model_config(tmp_path, "Qwen/hyb")
+    assert (hyb.decoder_sparse_step, hyb.mlp_only_layers, hyb.n_moe_layers, hyb.n_dense_mlp_layers) == (2, (1, 5), 22, 26)
+    for bad in ({"decoder_sparse_step": 0}, {"mlp_only_layers": [48]}, {"mlp_only_layers": "0"}):
+        (tmp_path / "Qwen" / "bad.json").write_text(json.dumps({**raw, **bad}))
+        with pytest.raises(JaxsimInputError, match=next(iter(bad))):
+            load_model_config(tmp_path, "Qwen/bad")
+
+    # the shipped bundle has no dense MLP rows for Qwen3-30B-A3B: a clear error
+    m, b, hw, _ = _moe_setup()
+    with pytest.raises(JaxsimInputError, match="dense MLP") as e:
+        latency_tables(b, dataclasses.replace(m, mlp_only_layers=(0, 47)), hw)
+    assert "mlp_only_layers=[0, 47]" in str(e.value)
+
+    # a bundle whose architecture has both MLP kinds (dense MLP rows borrowed from Qwen3-32B)
+    root, dst = _copy_bundle(tmp_path, QWEN_MOE)
+    arch = (root / "architectures" / "qwen3_moe.yaml").read_text()
+    arch = arch.replace("mlp_dense: []", "mlp_dense: [gate_up_proj, act_fn, down_proj]").replace(
+        "  per_sequence:\n", "    gate_up_proj: {}\n    act_fn: {}\n    down_proj: {}\n  per_sequence:\n")
+    (root / "architectures" / "qwen3_moe_hybrid.yaml").write_text(arch)
+    mlp_rows = [x for x in (PROFILES / "RTXPRO6000" / "Qwen/Qwen3-32B/bf16/tp1/dense.csv").read_text().splitlines()
+                if x.split(",")[0] in ("gate_up_proj", "act_fn", "down_proj")]
+    with open(dst / "tp1" / "dense.csv", "a") as f:
+        f.write("\n".join(mlp_rows) + "\n")
+    hm = dataclasses.replace(hyb, name=QWEN_MOE, model_type="qwen3_moe_hybrid")
+    hb = load_profile_bundle(root, "RTXPRO6000", hm)
+    hrb = ref.RefBundle(root, "RTXPRO6000", hm, 1)
+    pop = list(np.linspace(1, 3, 128) / np.linspace(1, 3, 128).sum())
+    for ep, p in ((1, None), (2, None), (2, pop)):
+        tb = latency_tables(hb, hm, hw, ep=ep, expert_popularity=None if p is None else np.array(p))
+        # AllReduces after every o_proj and after the dense MLPs' down_proj (free at tp = 1)
+        assert int(tb.moe_blocks) == 22 and int(tb.ar_count) == 48 + 26
+        for shape in [(2048, 1, 2048, 0, 0, 0, 0, 0), (64, 64, 0, 0, 64, 64 * 900, 500, 1500), (1, 1, 0, 0, 1, 5, 5, 5)]:
+            assert _time(tb, *shape) == tuple(ref.iteration_time(hrb, *shape, ep=ep, popularity=p))
+    # the composition by hand: 26 dense MLPs replace 26 MoE blocks of the all-MoE model
+    tb_h = latency_tables(hb, hm, hw, ep=1)
+    tb_all = latency_tables(hb, dataclasses.replace(hm, decoder_sparse_step=1, mlp_only_layers=()), hw, ep=1)
+    T = 512
+    shape = (T, 1, T, 0, 0, 0, 0, 0)
+    dense_mlp = sum(ref.trunc(ref.lookup_1d(hrb.dense[n], T)[0]) for n in ("gate_up_proj", "act_fn", "down_proj"))
+    moe = ref.moe_lookup(hrb, T, min(T * 8, 128))[0]
+    assert _time(tb_h, *shape)[0] - _time(tb_all, *shape)[0] == 26 * (dense_mlp - moe)
+
+
+def test_simulator_tables_plumbing():
+    """simulator._tables passes hardware.ep and the model's expert routing to latency_tables."""
+    from jaxsim import simulator
+    from jaxsim.spec import ModelRuntimeConfig
+
+    m, _, hw, _ = _moe_setup(tp=2)
+    rt = ModelRuntimeConfig(name=QWEN_MOE)
+    tb = simulator._tables(str(PROFILES), hw, m, "bf16", 2, rt)
+    assert int(tb.ep) == 2 and not bool(tb.moe_skewed)
+    tb = simulator._tables(str(PROFILES), dataclasses.replace(hw, ep=1), m, "bf16", 2,
+                           dataclasses.replace(rt, expert_routing="zipf", expert_zipf_s=1.0, expert_seed=0))
+    assert int(tb.ep) == 1 and bool(tb.moe_skewed) and tb.moe_pop.shape == (1, 128)
+    with pytest.raises(JaxsimInputError, match="model.expert_routing"):
+        simulator._tables(str(PROFILES), hw, m, "bf16", 2, dataclasses.replace(rt, expert_routing="rr"))
+
+
+def test_config_validates_ep_and_expert_routing():
+    from jaxsim import config as config_lib
+
+    hw = dict(name="RTXPRO6000", mem_size_gb=96, mem_bw_gbps=1597, mem_latency_ns=0, mem_util=0.9,
+              num_gpu_blocks=None, activation_reserve_gb=0.0, tp=2, link_bw_gbps=16, link_latency_ns=20000,
+              cpu_mem_bw_gbps=256, cpu_mem_latency_ns=0)
+    assert config_lib._hardware(hw, PROFILES).ep == 0
+    assert config_lib._hardware({**hw, "ep": 2}, PROFILES).ep == 2
+    for bad, msg in ((-1, ">= 0"), (4, "exceeds tp"), (1.5, "integer")):
+        with pytest.raises(JaxsimInputError, match=r"hardware\.ep") as e:
+            config_lib._hardware({**hw, "ep": bad}, PROFILES)
+        assert msg in str(e.value)
+    md = dict(name=QWEN_MOE, dtype="auto", kv_cache_dtype="auto", max_model_len=0)
+    rt, _ = config_lib._model({**md, "expert_routing": "zipf", "expert_zipf_s": 0.8, "expert_seed": -1}, MODELS)
+    assert (rt.expert_routing, rt.expert_zipf_s, rt.expert_seed) == ("zipf", 0.8, -1)
+    assert config_lib._model(md, MODELS)[0].expert_routing == "balanced"
+    for key, bad in (("expert_routing", "rr"), ("expert_zipf_s", -1.0), ("expert_seed", -2), ("expert_zipf_s", "x")):
+        with pytest.raises(JaxsimInputError, match=rf"model\.{key}"):
+            config_lib._model({**md, key: bad}, MODELS)
+    with pytest.raises(JaxsimInputError, match=r"model\.expert_routing.*no experts"):
+        config_lib._model({**md, "name": LLAMA, "expert_routing": "zipf"}, MODELS)

@@ -105,13 +105,42 @@ def test_integral_float_is_accepted(tmp_path):
     assert int(w.arrival_ns[0]) == 1_500_000_000
 
 
-def test_session_line_is_rejected(tmp_path):
-    session = {"session_id": "s0", "arrival_time_ns": 0,
-               "sub_requests": [{"input_toks": 3, "output_toks": 2}]}
-    p = _write(tmp_path, [GOOD, session])
-    with pytest.raises(JaxsimInputError, match="agentic sessions are not supported yet") as e:
+SESSION = {"session_id": "s0", "arrival_time_ns": 50,
+           "sub_requests": [{"input_toks": 3, "output_toks": 2, "tool_duration_ns": 700},
+                            {"input_toks": 5, "output_toks": 1, "input_tok_ids": [1, 2, 3, 4, 5]},
+                            {"input_toks": 6, "output_toks": 4}]}
+
+
+def test_session_lines_mixed_with_flat_lines(tmp_path):
+    w = load_workload(_write(tmp_path, [GOOD, SESSION, GOOD]))
+    # one request per sub-request, in file order: 0 flat, 1-3 the session, 4 flat
+    assert w.input_toks.tolist() == [4, 3, 5, 6, 4]
+    assert w.next_in_session.tolist() == [-1, 2, 3, -1, -1]
+    # tool time of the predecessor: 2 follows 1 after 1's 700 ns tool call; 3 follows 2 at once
+    assert w.tool_ns.tolist() == [0, 0, 700, 0, 0]
+    assert w.arrival_ns.tolist() == [10, 50, 50, 50, 10]
+    assert w.released.tolist() == [False, False, True, True, False]
+    assert w.line_numbers.tolist() == [1, 2, 2, 2, 3]
+    assert w.token_ids[2].tolist() == [1, 2, 3, 4, 5] and w.token_ids[1] is None
+    # a session cut by num_requests keeps its first sub-requests
+    cut = load_workload(_write(tmp_path, [GOOD, SESSION, GOOD]), num_requests=3)
+    assert cut.next_in_session.tolist() == [-1, 2, -1]
+    # flat traces carry no session arrays
+    assert load_workload(_write(tmp_path, [GOOD, GOOD])).next_in_session is None
+
+
+@pytest.mark.parametrize("sub, match", [
+    ({"input_toks": 3}, "sub_requests\\[1\\]: missing required field 'output_toks'"),
+    ({"input_toks": 3, "output_toks": 2, "tool_duration_ns": -1}, "sub_requests\\[1\\]: tool_duration_ns must be >= 0"),
+])
+def test_bad_sub_request_names_line_and_index(tmp_path, sub, match):
+    bad = {**SESSION, "sub_requests": [SESSION["sub_requests"][0], sub]}
+    p = _write(tmp_path, [GOOD, bad])
+    with pytest.raises(JaxsimInputError, match=match) as e:
         load_workload(p)
-    assert str(e.value).startswith(f"{p}:2:")
+    assert str(e.value).startswith(f"{p}:2")
+    with pytest.raises(JaxsimInputError, match="'sub_requests' must be a non-empty list"):
+        load_workload(_write(tmp_path, [{**SESSION, "sub_requests": []}]))
 
 
 def test_missing_and_empty_file(tmp_path):

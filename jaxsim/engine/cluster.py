@@ -11,6 +11,12 @@ The state has an instance axis from the start (``InstanceState`` leaves are ``[i
 and per-instance work is ``vmap``-ed). With several instances, arrivals are routed by a
 ``routing.Router`` policy into per-instance queues (engine/routing.py).
 
+Requests can also enter a queue during the run (the static ``releases`` flag turns that on):
+prefill/decode disaggregation (REFERENCE.md §1.7) hands a request from its prefill instance to
+its decode instance once its KV has arrived over the link (:func:`_kv_transfer`), and an agentic
+sub-request (§1.15) is released when its predecessor has finished plus its tool time. The clock
+then also stops at every release.
+
 Time is int64 nanoseconds (x64 is enabled by ``jaxsim``): exact however long the run.
 """
 
@@ -19,28 +25,30 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxsim import latency
 from jaxsim.engine import instance as inst_lib
 from jaxsim.engine import routing
-from jaxsim.engine.instance import I32, I64, RUNNING, WAITING
+from jaxsim.engine.instance import I32, I64, NEVER, RUNNING, WAITING
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import prefix_sum
-
-NEVER = jnp.iinfo(jnp.int64).max
+from jaxsim.engine.routing import PREFILL
 
 
 class WorkloadArrays(eqx.Module):
     """The trace, shared by every configuration. Request ids are trace lines."""
 
-    arrival_sorted: Int[Array, " req"]  # arrival times in (arrival, id) order, int64 ns
+    arrival_sorted: Int[Array, " req"]  # arrival times in (arrival, id) order, int64 ns (NEVER for
+    # agentic sub-requests after the first: they are released during the run, at the end of the order)
     order: Int[Array, " req"]  # request id at each position of that order
     prompt: Int[Array, " req"]
     output: Int[Array, " req"]
     hashes: Int[Array, "req mb"]  # dense prefix-hash ids of full blocks, -1 padded
     n_hashes: Int[Array, " req"]
     token_offset: Int[Array, " req"]  # start of the request's output tokens in token_times
+    next_in_session: Int[Array, " req"]  # the agentic sub-request released when this one finishes, -1
+    tool_ns: Int[Array, " req"]  # its predecessor's tool time: released at that finish + tool_ns
 
 
 class EngineParams(eqx.Module):
@@ -54,6 +62,12 @@ class EngineParams(eqx.Module):
     # False for an instance that only pads a smaller cluster design to a sweep's instance count:
     # arrivals are never routed to it, so it stays idle.
     routable: Bool[Array, ""]
+    role: Int[Array, ""]  # routing.COLOCATED | PREFILL | DECODE
+    node: Int[Array, ""]  # the node it sits on (selects the link level of a KV transfer)
+    kv_token_bytes: Int[Array, ""]  # K+V bytes of one token, all layers, all TP ranks
+    kv_link_bw: Float[Array, " 2"]  # bytes/ns of its KV links: [within its node, to other nodes]
+    kv_link_latency: Float[Array, " 2"]  # ns per message on those links
+    kv_layerwise: Bool[Array, ""]  # stream KV layer by layer during prefill (else send it after)
 
 
 class ClusterState(eqx.Module):
@@ -61,6 +75,8 @@ class ClusterState(eqx.Module):
     next_pending: Int[Array, ""]  # position in arrival order of the first request not yet routed
     inst: inst_lib.InstanceState  # [instance, ...]
     router: routing.RouterState  # per-instance queues of routed requests (unused with one instance)
+    releases: routing.Releases  # requests entering queues during the run (P/D hand-offs, sessions)
+    link_free: Int[Array, " inst"]  # when each instance's outgoing KV link is next free, ns
     finished: Int[Array, ""]
     stalled: Bool[Array, ""]  # nothing runs, nothing arrives, work is left: a request never fits
     steps: Int[Array, ""]
@@ -72,6 +88,11 @@ class ClusterState(eqx.Module):
     num_preemptions: Int[Array, " req"]
     recomputed: Int[Array, " req"]
     instance: Int[Array, " req"]
+    arrival: Int[Array, " req"]  # release time of an agentic sub-request (-1: the trace's arrival)
+    prefill_instance: Int[Array, " req"]  # P/D: the prefill instance, -1 without a hand-off
+    prefill_end: Int[Array, " req"]  # P/D: end of the iteration that completed the prefill
+    kv_ready: Int[Array, " req"]  # P/D: when the last KV layer reached the decode instance
+    kv_bytes: Int[Array, " req"]  # P/D: KV bytes sent (all layers and ranks)
     token_times: Int[Array, " tok"]
     # Per-iteration rows [instance, iteration]. Kept out of InstanceState so that the large
     # buffers never pass through the scheduler's conditionals (which may copy their operands).
@@ -179,18 +200,70 @@ def _drain_if_stuck(inst, active, *, ring_cap):
     return inst, retry
 
 
+def _kv_transfer(st: ClusterState, prm: EngineParams, ending, now):
+    """KV sent by the prefill instances whose iteration ends ``now`` (REFERENCE.md §1.7).
+
+    Every request that will be handed off sends the KV of the tokens computed for it in the
+    iteration (plus, on its first chunk, its prefix-hit tokens: the decode side needs them too):
+    per layer and TP rank, ``kv_token_bytes / (L * tp)`` bytes per token (ranks send their shards in
+    parallel). One layer's messages leave back to back on the instance's link, so a layer takes
+    ``s = latency + Σ bytes / bw``, each request on the link level (within the node, or between
+    nodes) of its decode instance, with the largest latency among them.
+
+    Layer-wise streaming (``kv_layerwise``) overlaps the compute: layer i's KV leaves when layer i
+    is done (the iteration split evenly over its L layers, period p) and the link is free, so the
+    last layer arrives at ``max(end + s, start + p + L*s, link_free + L*s)``: compute-bound,
+    link-bound, or still busy with earlier KV. Otherwise a request's whole prompt KV leaves when its
+    prefill ends: ``max(end, link_free) + latency + L * Σ bytes / bw`` for the requests done now.
+
+    Returns ``(ready, sent_bytes, link_free)``: per slot ``[inst, slot]`` the arrival time of the
+    last KV layer of a request whose prefill completed now (NEVER elsewhere), and the bytes sent
+    (all layers and ranks); and each instance's new link-free time.
+    """
+    s = st.inst.slots
+    req = jnp.maximum(s.req, 0)
+    leaving = ((prm.role == PREFILL) & ending)[:, None] & (s.sched_n > 0) & s.first & (s.target - s.prompt > 1)
+    completes = leaving & (s.computed >= s.prompt)
+    first_chunk = s.sched_c == jnp.maximum(s.prefix_hit, 0)
+    streamed = s.sched_n + jnp.where(first_chunk, s.sched_c, 0)
+    sent = jnp.where(prm.kv_layerwise[:, None], jnp.where(leaving, streamed, 0), jnp.where(completes, s.prompt, 0))
+    dest = st.releases.dest[req]
+    level = (prm.node[jnp.maximum(dest, 0)] != prm.node[:, None]).astype(I32)  # 0 within the node, 1 across
+    bw = jnp.take_along_axis(prm.kv_link_bw, level, axis=1)
+    lat = jnp.where(sent > 0, jnp.take_along_axis(prm.kv_link_latency, level, axis=1), 0.0)
+    layers = prm.tables.num_layers.astype(jnp.float64)
+    per_rank_layer = prm.kv_token_bytes.astype(jnp.float64) / (layers * prm.tables.tp.astype(jnp.float64))
+    wire = jnp.sum(sent.astype(jnp.float64) * per_rank_layer[:, None] / bw, axis=1)  # one layer, ns
+    latency = jnp.max(lat, axis=1)
+    s_layer = latency + wire
+    # Offsets from now (exact int64 differences; the float parts are < one run's span)
+    since_start = (now - st.inst.batch_start).astype(jnp.float64)
+    backlog = (st.link_free - now).astype(jnp.float64)  # > 0: the link is still sending
+    streamed_end = jnp.maximum(jnp.maximum(s_layer, since_start / layers - since_start + layers * s_layer),
+                               backlog + layers * s_layer)
+    whole_end = jnp.maximum(backlog, 0.0) + latency + layers * wire
+    done = now + jnp.ceil(jnp.where(prm.kv_layerwise, streamed_end, whole_end)).astype(I64)
+    link_free = jnp.where(jnp.any(sent > 0, axis=1), done, st.link_free)
+    ready = jnp.where(completes, done[:, None], NEVER)
+    return ready, sent.astype(I64) * prm.kv_token_bytes[:, None], link_free
+
+
 def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, block_size, window, ring_cap,
-          router: routing.Router):
+          router: routing.Router, releases: bool):
     """One engine iteration of the cluster. A no-op when not ``active`` (see ``run``)."""
     now = st.now
     inst = st.inst
     ending = active & inst.busy & (inst.batch_end == now)
-    inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap),
-                                        in_axes=(0, 0, 0, None))(inst, prm.sched.async_scheduling, ending, now)
-    # Per-request outputs from the emissions of every instance (flattened over instance, slot).
-    ev = jax.tree.map(lambda x: x.reshape(-1), ev)
     n_req = st.finish.shape[0]
     n_inst = inst.busy.shape[0]
+    if releases:
+        kv_ready, kv_sent, link_free = _kv_transfer(st, prm, ending, now)
+        st = eqx.tree_at(lambda s: s.link_free, st, link_free)
+    inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap),
+                                        in_axes=(0, 0, 0, 0, None))(inst, prm.sched.async_scheduling,
+                                                                    prm.role == PREFILL, ending, now)
+    # Per-request outputs from the emissions of every instance (flattened over instance, slot).
+    ev = jax.tree.map(lambda x: x.reshape(-1), ev)
     req = jnp.maximum(ev.req, 0)
     per_slot = ev.req.shape[0] // n_inst
     inst_id = jnp.repeat(jnp.arange(n_inst, dtype=I32), per_slot)
@@ -199,28 +272,57 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
     token_times = st.token_times.at[tok_pos].set(now + delay, mode="drop")
     first_pos = jnp.where(ev.first_emit, req, n_req)
     fin = jnp.where(ev.finish, req, n_req)
+    # A hand-off carries the request's outputs so far to its decode instance, like a finish.
+    out = jnp.where(ev.finish | ev.handoff, req, n_req)
     st = eqx.tree_at(
         lambda s: (s.token_times, s.first_token, s.finish, s.first_scheduled, s.prefix_hit,
                    s.num_preemptions, s.recomputed, s.instance, s.finished),
         st, (token_times, st.first_token.at[first_pos].set(now + delay, mode="drop"),
              st.finish.at[fin].set(now + delay, mode="drop"),
-             st.first_scheduled.at[fin].set(ev.first_scheduled, mode="drop"),
-             st.prefix_hit.at[fin].set(ev.prefix_hit, mode="drop"),
-             st.num_preemptions.at[fin].set(ev.num_preemptions, mode="drop"),
-             st.recomputed.at[fin].set(ev.recomputed, mode="drop"),
+             st.first_scheduled.at[out].set(ev.first_scheduled, mode="drop"),
+             st.prefix_hit.at[out].set(ev.prefix_hit, mode="drop"),
+             st.num_preemptions.at[out].set(ev.num_preemptions, mode="drop"),
+             st.recomputed.at[out].set(ev.recomputed, mode="drop"),
              st.instance.at[fin].set(inst_id, mode="drop"),
              st.finished + jnp.sum(ev.finish.astype(I32), dtype=I32)))
 
-    rs = st.router
-    if n_inst == 1:  # arrivals wait in arrival order outside the slots: no queue needed
+    rs, rel = st.router, st.releases
+    if releases:
+        hand = jnp.where(ev.handoff, req, n_req)
+        ready = kv_ready.reshape(-1)
+        # The next agentic sub-request: released when the client has this one's last token, plus
+        # the tool time.
+        nxt = wl.next_in_session[req]
+        child = jnp.where(ev.finish & (nxt >= 0), nxt, n_req)
+        release_at = rel.release_at.at[hand].set(ready, mode="drop")
+        release_at = release_at.at[child].set(now + delay + wl.tool_ns[jnp.maximum(nxt, 0)], mode="drop")
+        rel = eqx.tree_at(lambda r: (r.release_at, r.kv_in), rel,
+                          (release_at, rel.kv_in.at[hand].set(wl.prompt[req], mode="drop")))
+        st = eqx.tree_at(
+            lambda s: (s.prefill_instance, s.prefill_end, s.kv_ready, s.kv_bytes, s.arrival),
+            st, (st.prefill_instance.at[hand].set(inst_id, mode="drop"), st.prefill_end.at[hand].set(now, mode="drop"),
+                 st.kv_ready.at[hand].set(ready, mode="drop"),
+                 st.kv_bytes.at[jnp.where(ev.req >= 0, req, n_req)].add(kv_sent.reshape(-1), mode="drop"),
+                 st.arrival.at[child].set(now + delay + wl.tool_ns[jnp.maximum(nxt, 0)], mode="drop")))
+
+    if n_inst == 1 and not releases:  # arrivals wait in arrival order outside the slots: no queue needed
         inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now, active)
         queued = unrouted[None]
     else:
         arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right", method="scan_unrolled").astype(I32)
         next_pending = jnp.where(active, arrived, st.next_pending)
-        rs = routing.route_arrivals(inst, rs, prm.sched, prm.routable, wl, st.next_pending, next_pending,
-                                    router=router, block_size=block_size)
-        inst, rs, queued = routing.fill_slots(inst, rs, wl)
+        pd = releases  # P/D routing picks decode instances only when some instance hands off
+        rs, rel = routing.route_arrivals(inst, rs, rel, prm.sched, prm.routable, prm.role, wl, st.next_pending,
+                                         next_pending, router=router, block_size=block_size, pd=pd)
+        reentries = None
+        if releases:
+            rs, rel = routing.release_due(inst, rs, rel, prm.sched, prm.routable, prm.role, wl,
+                                          jnp.where(active, now, -1), router=router, block_size=block_size, pd=pd)
+            reentries = inst_lib.Reentries(
+                req=rel.entry_req, kv_in=rel.kv_in, carried_first_scheduled=st.first_scheduled,
+                carried_prefix_hit=st.prefix_hit, carried_num_preemptions=st.num_preemptions,
+                carried_recomputed=st.recomputed)
+        inst, rs, queued = routing.fill_slots(inst, rs, wl, reentries)
     records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, queued)
     inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap)
     inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap),
@@ -229,28 +331,34 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
     any_busy = jnp.any(inst.busy) | jnp.any(retry)
     next_arrival = jnp.where(next_pending < n_req,
                              wl.arrival_sorted[jnp.minimum(next_pending, n_req - 1)], NEVER)
+    if releases:
+        next_arrival = jnp.minimum(next_arrival, jnp.min(rel.release_at))
     next_end = jnp.min(jnp.where(inst.busy, inst.batch_end, jnp.where(retry, now, NEVER)))
-    if n_inst == 1:  # a lone instance sees arrivals at its next batch end (its only decision point)
+    if n_inst == 1 and not releases:  # a lone instance sees arrivals at its next batch end (its only decision point)
         next_now = jnp.where(any_busy, next_end, jnp.maximum(next_arrival, now))
     else:  # requests are routed when they arrive, and an idle instance starts on them at once
         next_now = jnp.minimum(next_end, jnp.maximum(next_arrival, now))
-    stalled = (~any_busy) & (next_pending >= n_req) & (st.finished < n_req)
-    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.router, s.stalled, s.steps, s.records),
-                       st, (jnp.where(active, next_now, now), next_pending, inst, rs,
+    stalled = (~any_busy) & (next_arrival == NEVER) & (st.finished < n_req)
+    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.router, s.releases, s.stalled, s.steps, s.records),
+                       st, (jnp.where(active, next_now, now), next_pending, inst, rs, rel,
                             jnp.where(active, stalled, st.stalled), st.steps + active.astype(I32), records))
 
 
-def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iters: int) -> ClusterState:
+def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iters: int,
+               releases: bool = False) -> ClusterState:
     z64 = jnp.full(n_req, -1, I64)
     z32 = jnp.zeros(n_req, I32)
     zero = jnp.asarray(0, I32)
     n_inst = inst.busy.shape[0]
-    # A queue can hold every request: routing never overflows it (one instance needs none).
-    router = routing.init_router(n_inst, n_req if n_inst > 1 else 1)
+    # A queue can hold every request: routing never overflows it (one instance needs none,
+    # unless requests are released during the run).
+    router = routing.init_router(n_inst, n_req if n_inst > 1 or releases else 1)
     return ClusterState(
-        now=jnp.asarray(0, I64), next_pending=zero, inst=inst, router=router, finished=zero,
+        now=jnp.asarray(0, I64), next_pending=zero, inst=inst, router=router,
+        releases=routing.init_releases(n_inst, n_req), link_free=jnp.zeros(n_inst, I64), finished=zero,
         stalled=jnp.asarray(False), steps=zero, first_token=z64, finish=z64, first_scheduled=z64,
-        prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32,
+        prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32, arrival=z64,
+        prefill_instance=jnp.full(n_req, -1, I32), prefill_end=z64, kv_ready=z64, kv_bytes=jnp.zeros(n_req, I64),
         token_times=jnp.full(max(n_tokens, 1), -1, I64),
         records=jax.tree.map(lambda x: jnp.broadcast_to(x, (inst.busy.shape[0],) + x.shape),
                              inst_lib.init_records(max_iters)))
@@ -258,12 +366,14 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
 
 def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int,
                         window: int, ring_cap: int, max_steps: int, record_iterations: bool = True,
-                        router: routing.Router = routing.Router()) -> ClusterState:
+                        router: routing.Router = routing.Router(), releases: bool = False) -> ClusterState:
     """Advance until every request has finished (or the run stalls, or a buffer would overflow).
 
     Unjitted; :func:`run` (one configuration) and :func:`run_batch` (a ``vmap`` over
     configurations) compile it. ``record_iterations=False`` ignores the iteration buffer's size
     (its writes past the end are dropped), for sweeps that only need per-request results.
+    ``releases``: requests enter queues during the run (P/D hand-offs, agentic sessions); the
+    state must come from ``init_state(..., releases=True)``.
     """
     max_iters = st.records.start.shape[-1]
     n_req = wl.prompt.shape[0]
@@ -275,7 +385,7 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
     def body(consts, st):
         prm, wl = consts
         return _step(st, prm, wl, cond(consts, st), block_size=block_size, window=window, ring_cap=ring_cap,
-                     router=router)
+                     router=router, releases=releases)
 
     if st.inst.busy.shape[0] != 1:
         return masked_while_loop(cond, body, st, (prm, wl))
@@ -294,7 +404,7 @@ def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
     return eqx.tree_at(lambda s: (s.inst, s.records), st, (jax.tree.map(fn, st.inst), jax.tree.map(fn, st.records)))
 
 
-_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations", "router")
+_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations", "router", "releases")
 run = functools.partial(jax.jit, static_argnames=_STATIC)(simulate_until_done)
 
 

@@ -25,6 +25,7 @@ from jaxsim.engine.ops import expand_ranges, prefix_sum
 I32 = jnp.int32
 I64 = jnp.int64
 BIG = 1 << 30  # "unlimited" for int32 knobs and sort keys
+NEVER = jnp.iinfo(jnp.int64).max  # a time that never comes
 
 EMPTY, WAITING, RUNNING, FINISHING = 0, 1, 2, 3
 # FINISHING: vLLM V1's async scheduling builds batch k+1 before it has processed the outputs of
@@ -53,6 +54,9 @@ class Slots(eqx.Module):
     sched_n: Int[Array, " slot"]
     sched_c: Int[Array, " slot"]
     sched_pos: Int[Array, " slot"]  # position in the batch (vLLM's scheduled order)
+    # Prompt tokens whose KV arrived from a prefill instance (P/D hand-off): the next admission
+    # starts from them instead of computing them; 0 otherwise (and after that admission).
+    kv_in: Int[Array, " slot"]
 
 
 class Counters(eqx.Module):
@@ -119,7 +123,7 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         first=jnp.zeros(num_slots, bool), num_preemptions=z, last_emit=jnp.zeros(num_slots, I64),
         first_scheduled=jnp.full(num_slots, -1, I64), prefix_hit=jnp.full(num_slots, -1, I32),
         recomputed=z, nblk=z, nreg=z, blocks=jnp.full((num_slots, max_blocks_per_req), -1, I32),
-        wait_key=jnp.full(num_slots, BIG, I32), sched_n=z, sched_c=z, sched_pos=z)
+        wait_key=jnp.full(num_slots, BIG, I32), sched_n=z, sched_c=z, sched_pos=z, kv_in=z)
     zero = jnp.asarray(0, I32)
     return InstanceState(
         slots=slots,
@@ -178,23 +182,54 @@ def _release_slot(inst: InstanceState, slot, ring_cap, active) -> InstanceState:
 
 # The per-request fields a routed request sets in its slot (the block table is not among them).
 ROUTED_FIELDS = ("req", "status", "prompt", "target", "reached", "computed", "first", "num_preemptions",
-                 "last_emit", "first_scheduled", "prefix_hit", "recomputed", "nblk", "nreg", "wait_key")
+                 "last_emit", "first_scheduled", "prefix_hit", "recomputed", "nblk", "nreg", "wait_key", "kv_in")
 
 
-def routed_slot_values(fields: dict, take, pos, wl) -> dict:
+class Reentries(eqx.Module):
+    """Queue entries beyond the trace's arrival positions (``entry >= n_req``): requests released
+    during the run. ``req[entry - n_req]`` is the request. A request with ``kv_in > 0`` was
+    handed off by a prefill instance (its prompt KV arrives with it; its first token is out and
+    its per-request outputs so far travel in the ``carried_*`` arrays); otherwise it is a fresh
+    request (an agentic sub-request released after its predecessor's tool call)."""
+
+    req: Int[Array, " reentry"]
+    kv_in: Int[Array, " req"]  # per request
+    carried_first_scheduled: Int[Array, " req"]
+    carried_prefix_hit: Int[Array, " req"]
+    carried_num_preemptions: Int[Array, " req"]
+    carried_recomputed: Int[Array, " req"]
+
+
+def routed_slot_values(fields: dict, take, entry, wl, reentries: "Reentries | None" = None) -> dict:
     """``fields`` (the ROUTED_FIELDS of one instance's slots) with the slots where ``take`` now
-    holding the requests at arrival positions ``pos``, waiting (FCFS by arrival position)."""
-    req = wl.order[pos]
+    holding the queue entries ``entry`` (arrival positions, or re-entries, see :class:`Reentries`),
+    waiting (FCFS by entry number: arrival order, then release order)."""
+    n_req = wl.order.shape[0]
+    if reentries is None:
+        req = wl.order[jnp.minimum(entry, n_req - 1)]
+        kv = jnp.zeros_like(entry)
+    else:
+        late = entry >= n_req
+        late_req = reentries.req[jnp.clip(entry - n_req, 0, reentries.req.shape[0] - 1)]
+        req = jnp.where(late, late_req, wl.order[jnp.minimum(entry, n_req - 1)])
+        kv = jnp.where(late, reentries.kv_in[req], 0)
+    handed = kv > 0
     prompt = wl.prompt[req]
-    new = dict(req=req, status=WAITING, prompt=prompt, target=prompt + wl.output[req], reached=prompt,
-               computed=0, first=True, num_preemptions=0, last_emit=0, first_scheduled=-1, prefix_hit=-1,
-               recomputed=0, nblk=0, nreg=0, wait_key=pos)
+
+    def carried(name, default):
+        return default if reentries is None else jnp.where(handed, getattr(reentries, f"carried_{name}")[req], default)
+
+    new = dict(req=req, status=WAITING, prompt=prompt, target=prompt + wl.output[req],
+               reached=prompt + handed.astype(I32), computed=0, first=~handed,
+               num_preemptions=carried("num_preemptions", 0), last_emit=0,
+               first_scheduled=carried("first_scheduled", -1), prefix_hit=carried("prefix_hit", -1),
+               recomputed=carried("recomputed", 0), nblk=0, nreg=0, wait_key=entry, kv_in=kv)
     return {f: jnp.where(take, new[f], fields[f]) for f in ROUTED_FIELDS}
 
 
-def admit_to_slots(inst: InstanceState, take, pos, wl) -> InstanceState:
-    """Place the requests at arrival positions ``pos`` in the slots where ``take`` (one instance)."""
-    vals = routed_slot_values({f: getattr(inst.slots, f) for f in ROUTED_FIELDS}, take, pos, wl)
+def admit_to_slots(inst: InstanceState, take, entry, wl, reentries: "Reentries | None" = None) -> InstanceState:
+    """Place the queue entries ``entry`` in the slots where ``take`` (one instance)."""
+    vals = routed_slot_values({f: getattr(inst.slots, f) for f in ROUTED_FIELDS}, take, entry, wl, reentries)
     slots = eqx.tree_at(lambda x: tuple(getattr(x, f) for f in ROUTED_FIELDS), inst.slots,
                         tuple(vals[f] for f in ROUTED_FIELDS))
     return eqx.tree_at(lambda i: i.slots, inst, slots)
@@ -352,7 +387,8 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         limit = jnp.where(prm.prefix_caching, jnp.minimum((reached - 1) // bs, n_hashes_all[req]), 0)
         matched, hit_blocks = kvpool.lookup_prefix(pool, hashes, limit)
         hit_mask = jnp.arange(hashes.shape[0]) < matched
-        c0 = matched * bs
+        kv_in = sl.kv_in[r]  # prompt KV handed over by a prefill instance: already computed
+        c0 = jnp.maximum(matched * bs, kv_in)
         n = reached - c0
         n = jnp.where((thr > 0) & (thr < n), thr, n)
         no_chunk_stop = (~prm.chunked_prefill) & (n > budget)
@@ -387,21 +423,21 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
             return _put(field, w, value)
 
         sl = eqx.tree_at(
-            lambda x: (x.blocks, x.status, x.computed, x.nblk, x.nreg, x.wait_key,
+            lambda x: (x.blocks, x.status, x.computed, x.nblk, x.nreg, x.wait_key, x.kv_in,
                        x.sched_n, x.sched_c, x.sched_pos, x.prefix_hit, x.recomputed, x.first_scheduled),
             sl, (put(sl.blocks, row), put(sl.status, RUNNING), put(sl.computed, computed),
                  put(sl.nblk, matched + new_blocks), put(sl.nreg, jnp.maximum(matched, n_full)),
-                 put(sl.wait_key, BIG),
+                 put(sl.wait_key, BIG), put(sl.kv_in, 0),
                  put(sl.sched_n, n), put(sl.sched_c, c0), put(sl.sched_pos, n_sched),
                  put(sl.prefix_hit, jnp.where(first_admission, c0, sl.prefix_hit[r])),
-                 put(sl.recomputed, sl.recomputed[r] + jnp.where(first_admission, 0, reached - c0)),
+                 put(sl.recomputed, sl.recomputed[r] + jnp.where(first_admission | (kv_in > 0), 0, reached - c0)),
                  put(sl.first_scheduled, jnp.where(sl.first_scheduled[r] < 0, now, sl.first_scheduled[r]))))
         first_ok = ok & first_admission
         ctr = inst.counters
         ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed), ctr,
                           (ctr.prefix_requested + jnp.where(first_ok, sl.prompt[r], 0),
                            ctr.prefix_hits + jnp.where(first_ok, c0, 0),
-                           ctr.recomputed + jnp.where(ok & ~first_admission, reached - c0, 0)))
+                           ctr.recomputed + jnp.where(ok & ~first_admission & (kv_in == 0), reached - c0, 0)))
         run_list = _put(inst.run_list, jnp.where(ok, run_len, num_slots), r)  # appended to the running list
         inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_list, i.counters), inst, (sl, pool, run_list, ctr))
         return inst, budget - jnp.where(ok, n, 0), n_sched + ok.astype(I32), ~ok, run_len + ok.astype(I32)
@@ -439,6 +475,7 @@ class Emissions(eqx.Module):
     first_emit: Bool[Array, " slot"]
     token_index: Int[Array, " slot"]  # index of the emitted token in the request's output
     finish: Bool[Array, " slot"]
+    handoff: Bool[Array, " slot"]  # prefill done on a prefill instance: the request moves on
     req: Int[Array, " slot"]
     first_scheduled: Int[Array, " slot"]
     prefix_hit: Int[Array, " slot"]
@@ -446,8 +483,13 @@ class Emissions(eqx.Module):
     recomputed: Int[Array, " slot"]
 
 
-def end_iteration(inst: InstanceState, async_scheduling, ending, now, *, ring_cap: int):
-    """Process the end of the batch in flight at time ``now`` (REFERENCE.md §1.1)."""
+def end_iteration(inst: InstanceState, async_scheduling, hands_off, ending, now, *, ring_cap: int):
+    """Process the end of the batch in flight at time ``now`` (REFERENCE.md §1.1).
+
+    On a prefill instance (``hands_off``, REFERENCE.md §1.7) a request whose first token is
+    emitted leaves the instance like a finished one (its blocks stay indexed in the prefix cache)
+    and is handed off to its decode instance, unless that token was its last.
+    """
     s = inst.slots
     sched = ending & (s.sched_n > 0)
     first_emit = sched & s.first & (s.computed >= s.prompt)
@@ -456,11 +498,12 @@ def end_iteration(inst: InstanceState, async_scheduling, ending, now, *, ring_ca
     token_index = s.reached - s.prompt
     reached = s.reached + emit.astype(I32)
     finish = sched & (reached >= s.target)
+    handoff = first_emit & hands_off & ~finish
     prompt_tokens = (jnp.sum(jnp.where(sched & ((s.sched_n > 1) | s.first), s.sched_n, 0), dtype=I32)
                      + jnp.sum(jnp.where(first_emit, jnp.maximum(s.prefix_hit, 0), 0), dtype=I32))
     gen_tokens = jnp.sum(emit.astype(I32), dtype=I32)
     events = Emissions(emit=emit, first_emit=first_emit, token_index=token_index, finish=finish,
-                       req=s.req, first_scheduled=s.first_scheduled, prefix_hit=s.prefix_hit,
+                       handoff=handoff, req=s.req, first_scheduled=s.first_scheduled, prefix_hit=s.prefix_hit,
                        num_preemptions=s.num_preemptions, recomputed=s.recomputed)
     s = eqx.tree_at(lambda x: (x.reached, x.first, x.last_emit), s,
                     (reached, s.first & ~first_emit, jnp.where(emit, now, s.last_emit)))
@@ -468,7 +511,7 @@ def end_iteration(inst: InstanceState, async_scheduling, ending, now, *, ring_ca
 
     # Release, in order: requests that finished in the previous batch (async scheduling), then
     # this batch's finishers in batch order (the free-list order depends on it).
-    inst = release_finished(inst, ending, finish, async_scheduling, ring_cap)
+    inst = release_finished(inst, ending, finish | handoff, async_scheduling, ring_cap)
     s = inst.slots
     s = eqx.tree_at(lambda x: x.sched_n, s, jnp.where(ending, 0, s.sched_n))
     inst = eqx.tree_at(lambda i: (i.slots, i.busy), inst, (s, inst.busy & ~ending))
