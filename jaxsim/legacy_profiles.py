@@ -28,15 +28,16 @@ sampler            not in the legacy format: skipped with a warning (§2.1)
 =================  =================================================================================
 
 Checks (each failure is a :class:`JaxsimInputError` naming the file, and the line or layer): the
-``tp_size`` column must equal the folder's N, ``kv_cache`` must be 0, every part of a sum must have
-rows for every token count of the first part, and every layer of the architecture sequence must be
-derivable. Two partial-coverage patterns are accepted only after they are verified in the data
-(with a warning): ``up_proj`` rows missing for a prefix of token counts [1, T0) while ``down_proj``
-drops at T0 by at least half of ``up_proj(T0)`` and the MLP total (gate + up + down) stays within
-10% across T0 (the up projection was timed inside ``down_proj`` below T0; ``gate_up_proj`` is then
-``gate_proj`` alone there); and ``act_fn`` rows present for only some token counts, each under 1% of
-gate_proj + down_proj at that count (fused into the GEMMs; the layer is skipped). Everything else
-raises; in particular ``qkv_proj`` is never guessed from ``q_proj`` alone.
+``tp_size`` column must equal the folder's N, ``kv_cache`` must be 0, a layer taken as is must have
+rows for every token count of the file's fullest layer, every part of a sum for every token count of
+the first part, and every layer of the architecture sequence must be derivable. Two partial-coverage
+patterns are accepted only after they are verified in the data (with a warning): ``up_proj`` rows
+missing for a prefix of token counts [1, T0) while ``down_proj`` drops at T0 by at least half of
+``up_proj(T0)`` and the MLP total (gate + up + down) stays within 10% across T0 (the up projection
+was timed inside ``down_proj`` below T0; ``gate_up_proj`` is then ``gate_proj`` alone there); and
+``act_fn`` rows present for only some token counts, each under 1% of gate_proj + down_proj at that
+count (fused into the GEMMs; the layer is skipped). Everything else raises; in particular
+``qkv_proj`` is never guessed from ``q_proj`` alone.
 
 TPU-v6e-1 Llama-3.1-8B tp1 (verified): no k_proj / v_proj rows at all. Were q_proj the fused QKV
 it would cost about 1.5x o_proj (same input, 1.5x the output columns); the measured q_proj/o_proj
@@ -49,9 +50,9 @@ Attention (``attention.csv``; the same :class:`AttentionTable` as the native bun
 
 * GPU (Vidur-style): ``time_stats.attn_{prefill,decode}.mean`` in ms -> ``max(1, round(ms*1e6))``
   ns. Prefill rows (batch 1) give ``prefill(chunk, kp)``; their ``kv_cache_size`` counts the chunk
-  itself (it is always >= the chunk, the first chunk has kv = chunk, and on A6000 the time is
-  a + b*chunk*kv to within 0.5%: 55.9 / 99.5 / 143.0 us at chunk 512, kv 512 / 1024 / 1536 predict
-  186.4 us at chunk 1024, kv 1024, measured 186.4 us), so the history is ``kp = kv - chunk``.
+  itself (it is always >= the chunk, the first chunk has kv = chunk, and the A6000 times follow
+  a + b*chunk*kv: 55.9 / 99.5 / 143.0 us at chunk 512, kv 512 / 1024 / 1536 predict 186.4 us at
+  chunk 1024, kv 1024, measured 186.4 us), so the history is ``kp = kv - chunk``.
   Decode rows (chunk 0) give ``decode(batch, kvd)``; the rows with ``kv_cache_size < batch_size``
   are dropped: they time a no-op (<= 3.1 us for any batch, while every valid row is >= 4.3 us).
   The headers must match the model (``n_embd``, ``n_q_head``, ``n_kv_head``) and the folder's TP.
@@ -85,8 +86,8 @@ H100 Mixtral tp4    0.14% / 0.5% / 2.4% / 4.4%       0.01% / 1.4% / 5.6% / 7.9%
 TPU 8B tp1          0% / 0.31% / 0.47% / 0.69%       0.59% / 2.5% / 4.5% / 5.8%
 ==================  ===============================  ===============================
 
-(the GPU decode data have steps of up to ~20% in kvd and nd from FlashAttention's split
-heuristics, so thinning cannot be lossless; all nd values are kept). A mixed lookup equals the
+(the GPU decode data have steps of 20-30% in kvd and nd, e.g. FlashAttention's split heuristics,
+so thinning cannot be lossless; all nd values are kept). A mixed lookup equals the
 prefill-only plus the decode-only lookup to within 1 ns (integer truncation).
 
 A chunk with a single kp row (GPU chunks >= 704, TPU chunk 2048: ``chunk + kv`` was capped at
@@ -104,7 +105,7 @@ neither (Mixtral tp1/tp2) raises.
 MoE (Mixtral-8x7B-v0.1; H100 tp4 is the only Mixtral folder with attention). Its layers.csv has
 ``gate`` (router), ``expert.w1``, ``expert.w3``, ``act_fn`` and ``expert.w2`` rows keyed by the
 tokens through *one* expert, and they are the same at tp1/2/4 (whole experts on a rank: expert
-parallelism, and equal to the Llama-8B gate/up/down rows, the same 4096x14336 shapes). That is a
+parallelism; they match the H100 Llama-8B gate/up/down rows, the same 4096x14336 shapes). That is a
 per-expert-load model, mapped onto the bundle's MoE table (``sequence.mlp_moe = [moe]`` of
 mixtral.yaml: router and experts as one unit) as the time of one EP rank::
 
@@ -123,6 +124,7 @@ Skew correction (§2.6) is disabled (``SkewFit.enabled = False``): the legacy fo
 ``engine_effective`` is ``max_num_batched_tokens: 2048, max_num_seqs: 256`` (the profiled ranges).
 """
 
+import csv
 import gzip
 import math
 import warnings
@@ -186,20 +188,22 @@ def _read(path: Path, required: tuple, optional: tuple = ()):
             text = f.read()
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise JaxsimInputError(str(path), f"unreadable file: {e}", "restore it from the source data") from None
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
+    try:
+        lines = list(csv.reader(text.splitlines()))
+    except csv.Error as e:
+        raise JaxsimInputError(str(path), f"unreadable CSV: {e}", "restore it from the source data") from None
+    if not lines or not any(h.strip() for h in lines[0]):
         raise JaxsimInputError(str(path), "empty file", f"expected a header with {list(required)}")
-    header = [h.strip() for h in lines[0].split(",")]
+    header = [h.strip() for h in lines[0]]
     missing = [c for c in required if c not in header]
     if missing:
         raise JaxsimInputError(f"{path}:1", f"missing column(s) {missing} (header is {header})",
                                f"the file needs columns {list(required)}")
     index = {c: header.index(c) for c in (*required, *optional) if c in header}
     rows = []
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
+    for n, fields in enumerate(lines[1:], start=2):
+        if not fields or all(not x.strip() for x in fields):
             continue
-        fields = line.split(",")
         if len(fields) != len(header):
             raise JaxsimInputError(f"{path}:{n}", f"expected {len(header)} fields, found {len(fields)}",
                                    "fix or delete this line")
@@ -331,6 +335,11 @@ class _Dense:
         d = self._need(src, target)
         if d is None:
             return None
+        full = max((set(v) for v in self.raw.values()), key=len)  # the token counts of the fullest layer
+        if target != "act_fn" and not set(d) >= full:
+            self.problems.append(f"layer {src!r} has no rows for tokens {_ranges(sorted(full - set(d)))} "
+                                 f"(needed for {target})")
+            return None
         if target == "act_fn" and "down_proj" in self.raw:
             down = self.raw["down_proj"]
             missing = sorted(set(down) - set(d))
@@ -421,7 +430,8 @@ def _attention_rows(path: Path, model: ModelConfig, tp: int):
     vidur = all(c in index for c in _VIDUR_COLS)
     if not vidur and "mean_ns" not in index:
         raise JaxsimInputError(f"{path}:1", "neither the Vidur-style GPU columns (time_stats.attn_*.mean in ms) "
-                               "nor the TPU column mean_ns", f"GPU columns: {list(_VIDUR_COLS)}; TPU: {list(_TPU_COLS)}")
+                               "nor the TPU column mean_ns",
+                               f"GPU columns: {list(_VIDUR_COLS)}; TPU: {list(_TPU_COLS)}")
     pre: dict = {}
     dec: dict = {}
     dropped = 0
