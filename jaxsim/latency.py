@@ -35,12 +35,12 @@ Choices where REFERENCE.md leaves room (the oracle ``tests/reference_latency.py`
   * MoE with an expert popularity ``p`` (length E, e.g. :func:`zipf_popularity`): expert e lives
     on rank ``floor(e*ep/E)``; rank r with experts R_r and ``P_r = Σ_{e∈R_r} p_e`` gets
     ``local_r = round(T*(1 - (1 - P_r)**k))`` tokens (at least 1) and
-    ``act_r = clip(round(Σ_{e∈R_r} 1 - (1 - p_e)**(T*k)), 1, |R_r|)`` activated experts (expected
-    distinct experts hit by T*k independent draws); the block is ``max_r moe(local_r, act_r)``
-    (the slowest rank gates the combine, §1.8). The collectives are those of BALANCED. A uniform
-    ``p`` is BALANCED exactly: ``local_r`` reduces to the closed form, but the expected-distinct
-    count does not (it is lower than ``min(T*k/ep, E/ep)`` at mid T, e.g. 81 against 128 experts
-    at T = 16, k = 8, E = 128, ep = 1), so a uniform ``p`` is stored as BALANCED.
+    ``act_r = clip(round(Σ_{e∈R_r} min(1, T*k*p_e)), 1, |R_r|)`` activated experts (an expert is
+    active once its expected share of the T*k assignments reaches one token: BALANCED's "as many
+    experts as there are assignments" rule, weighted by popularity); the block is
+    ``max_r moe(local_r, act_r)`` (the slowest rank gates the combine, §1.8). The collectives are
+    those of BALANCED. A uniform ``p`` reduces to BALANCED exactly (``local_r`` and ``act_r``
+    both give the closed form), and the cost changes smoothly with the skew.
   * Skew labels: a value above the last bin edge gets the last label (§2.6), implemented by
     treating the last upper edge as +inf.
   * ``extrapolated[c]`` (c = dense, per_sequence, attention, moe) is 1 when any lookup of that
@@ -433,7 +433,7 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
     tok_bal = jnp.maximum(jnp.round(Tf * (1.0 - jnp.power((epf - 1.0) / epf, kf))), 1.0)
     p_rank = jnp.sum(tb.moe_pop, axis=-1)  # [ranks]
     tok_pop = jnp.maximum(jnp.round(Tf * (1.0 - jnp.power(1.0 - p_rank, kf))), 1.0)
-    ae_pop = jnp.round(jnp.sum(1.0 - jnp.power(1.0 - tb.moe_pop, Tf * kf), axis=-1))
+    ae_pop = jnp.round(jnp.sum(jnp.minimum(1.0, Tf * kf * tb.moe_pop), axis=-1))
     ae_pop = jnp.minimum(jnp.maximum(ae_pop, 1.0), tb.moe_rank_experts.astype(_F))
     ae = jnp.where(tb.moe_skewed, ae_pop, ae_bal)  # [ranks]
     tokens = jnp.where(tb.moe_skewed, tok_pop, tok_bal)

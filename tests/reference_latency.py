@@ -12,7 +12,7 @@ Conventions chosen here (and mirrored by jaxsim, see ``jaxsim/latency.py``):
   * ``extrapolated[c]`` = 1 when any lookup of category c queried above its last key;
   * MoE with an expert popularity (a list of E probabilities; a uniform one is BALANCED): expert e
     on rank ``e*ep//E``; per rank ``local = round(T*(1-(1-P_r)**k))`` (at least 1) and
-    ``act = round(Σ 1-(1-p_e)**(T*k))`` clamped to [1, |R_r|]; the block is the slowest rank's;
+    ``act = round(Σ min(1, T*k*p_e))`` clamped to [1, |R_r|]; the block is the slowest rank's;
   * hybrid MoE: layer i has the sparse block when ``i not in mlp_only_layers`` and
     ``(i+1) % decoder_sparse_step == 0``, else the dense MLP (with its AllReduce).
 """
@@ -219,7 +219,7 @@ def moe_routing(T, k, E, ep, popularity=None):
     for pr in ranks:
         P = sum(pr)
         local = round(T * (1 - (1 - P) ** k))
-        act = round(sum(1 - (1 - p) ** (T * k) for p in pr))
+        act = round(sum(min(1.0, T * k * p) for p in pr))
         out.append((local, min(max(act, 1), len(pr))))
     return out
 
