@@ -9,13 +9,25 @@ Hydra (``conf/cluster/*.yaml``)::
       json: null                     # a reference cluster JSON; replaces `instances`
       instances:                     # empty: one instance from `hardware` + `scheduler`
         - count: 2                   # two instances as the run's hardware/scheduler sections
+          role: prefill              # colocated (default) | prefill | decode (P/D, REFERENCE.md §1.7)
+          node: 0                    # the node it sits on (default 0)
         - hardware: {name: RTX4090, mem_size_gb: 24, mem_bw_gbps: 1008}
           scheduler: {max_num_seqs: 32}
+          role: decode
+          node: 1
+      links:                         # KV hand-off links per level (spec.LinkConfig)
+        intra_node_bw_gbps: 16
+        intra_node_latency_ns: 20000
+        inter_node_bw_gbps: 16
+        inter_node_latency_ns: 20000
+        kv_transfer: layerwise       # or after_prefill
 
 Each instance entry overrides the run's ``hardware`` and ``scheduler`` sections (same keys); all
 instances serve the run's model. The JSON importer maps each instance's fields onto the same
-dataclasses and rejects what the engine does not model yet (P/D roles, pipeline or data
-parallelism, placement, offloading, power): a cluster is never simulated with a field ignored.
+dataclasses (``pd_type`` to the role, the node's position to ``node``, a per-dimension
+``link_bw``/``link_latency`` list to the two link levels) and rejects what the engine does not
+model yet (pipeline or data parallelism, placement, offloading, power): a cluster is never
+simulated with a field ignored.
 """
 
 import dataclasses
@@ -24,13 +36,49 @@ from pathlib import Path
 
 from jaxsim.engine.routing import POLICIES, Router
 from jaxsim.errors import JaxsimInputError
-from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, SchedulerConfig
+from jaxsim.spec import KV_TRANSFERS, ROLES, Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
     instances: tuple  # of InstanceSpec
     router: Router
+    links: LinkConfig = LinkConfig()
+
+
+def _links(d, key: str) -> LinkConfig:
+    """The ``cluster.links`` section (missing keys keep LinkConfig's defaults)."""
+    if d is None:
+        return LinkConfig()
+    if not isinstance(d, dict):
+        raise JaxsimInputError(key, f"must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(LinkConfig)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise JaxsimInputError(f"{key}.{sorted(unknown)[0]}", "unknown field", f"fields: {sorted(fields)}")
+    vals = {}
+    for name, v in d.items():
+        if name == "kv_transfer":
+            if v not in KV_TRANSFERS:
+                raise JaxsimInputError(f"{key}.kv_transfer", f"unknown mode {v!r}", f"one of {list(KV_TRANSFERS)}")
+            vals[name] = v
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if "bw" in name else v >= 0)
+        if not ok:
+            raise JaxsimInputError(f"{key}.{name}", f"must be a number {'> 0' if 'bw' in name else '>= 0'}, got {v!r}")
+        vals[name] = float(v)
+    return LinkConfig(**vals)
+
+
+def _placement(e: dict, key: str) -> dict:
+    """``role`` and ``node`` of a cluster instance entry."""
+    role = e.get("role", "colocated")
+    if role not in ROLES:
+        raise JaxsimInputError(f"{key}.role", f"unknown role {role!r}", f"one of {list(ROLES)}")
+    node = e.get("node", 0)
+    if not isinstance(node, int) or isinstance(node, bool) or node < 0:
+        raise JaxsimInputError(f"{key}.node", f"must be an integer >= 0, got {node!r}")
+    return dict(role=role, node=node)
 
 
 # JSON instance field -> (section, our key). Runtime overrides of REFERENCE.md §3.1.
@@ -40,10 +88,12 @@ _JSON_SCHEDULER = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "ma
                    "enable_prefix_caching": "enable_prefix_caching", "reserve_full_isl": "reserve_full_isl"}
 # Fields whose behaviour the engine does not model yet: present and not at their neutral value,
 # they are refused rather than ignored.
-_JSON_UNSUPPORTED = {"pd_type": (None,), "pp_size": (1,), "dp_group": (None,), "placement": (None, {}),
+_JSON_UNSUPPORTED = {"pp_size": (1,), "dp_group": (None,), "placement": (None, {}),
                      "enable_local_offloading": (False,), "enable_attn_offloading": (False,),
                      "enable_sub_batch_interleaving": (False,), "enable_block_copy": (False,),
-                     "kv_loc": ("npu",), "dtype": ("auto",), "kv_cache_dtype": ("auto",)}
+                     "kv_loc": ("npu",), "kv_cache_dtype": ("auto",),
+                     # the shipped profiles are bf16 (the shipped models' torch_dtype)
+                     "dtype": ("auto", "bfloat16", "bf16")}
 _JSON_TOP_UNSUPPORTED = ("cxl_mem",)
 _JSON_NODE_UNSUPPORTED = ("power",)
 
@@ -67,11 +117,13 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
     if section.get("json"):
         base_hw = parse_hardware(hardware, "hardware")
         base_sched = parse_scheduler(scheduler, "scheduler")
-        instances = load_cluster_json(section["json"], base_hw, base_sched, calib, model_name)
+        instances, links = load_cluster_json(section["json"], base_hw, base_sched, calib, model_name)
         for k, spec in enumerate(instances):  # the JSON's values pass the same checks as the YAML's
             parse_hardware(dataclasses.asdict(spec.hw), f"{section['json']}: instance {k}")
             parse_scheduler(dataclasses.asdict(spec.sched), f"{section['json']}: instance {k}")
-        return ClusterSpec(tuple(instances), router)
+        if section.get("links"):  # the YAML's links override the JSON's
+            links = dataclasses.replace(links, **dataclasses.asdict(_links(section["links"], "cluster.links")))
+        return ClusterSpec(tuple(instances), router, links)
     entries = section.get("instances") or []
     if not isinstance(entries, list):
         raise JaxsimInputError("cluster.instances", f"must be a list, got {type(entries).__name__}")
@@ -82,9 +134,10 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
         key = f"cluster.instances[{i}]"
         if not isinstance(e, dict):
             raise JaxsimInputError(key, f"must be a mapping, got {e!r}")
-        unknown = set(e) - {"count", "hardware", "scheduler"}
+        unknown = set(e) - {"count", "hardware", "scheduler", "role", "node"}
         if unknown:
-            raise JaxsimInputError(f"{key}.{sorted(unknown)[0]}", "unknown field", "use count, hardware, scheduler")
+            raise JaxsimInputError(f"{key}.{sorted(unknown)[0]}", "unknown field",
+                                   "use count, hardware, scheduler, role, node")
         count = e.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise JaxsimInputError(f"{key}.count", f"must be an integer >= 1, got {count!r}")
@@ -95,15 +148,18 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
                                        f"fields of the {sec} section: {sorted(base)}")
         hw = parse_hardware({**hardware, **(e.get("hardware") or {})}, f"{key}.hardware")
         sched = parse_scheduler({**scheduler, **(e.get("scheduler") or {})}, f"{key}.scheduler")
-        instances += [InstanceSpec(hw, sched, calib)] * count
-    return ClusterSpec(tuple(instances), router)
+        instances += [InstanceSpec(hw, sched, calib, **_placement(e, key))] * count
+    return ClusterSpec(tuple(instances), router, _links(section.get("links"), "cluster.links"))
 
 
 def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig, calib: Calibration,
-                      model_name: str) -> list:
-    """The instances of a reference cluster JSON. Fields it does not give keep the values of
-    ``base_hw`` / ``base_sched``; links are the top-level ``link_bw``/``link_latency`` (the first
-    entry of a per-dimension list: instances of one node)."""
+                      model_name: str) -> tuple:
+    """The instances of a reference cluster JSON and its links: ``(list[InstanceSpec], LinkConfig)``.
+
+    Fields it does not give keep the values of ``base_hw`` / ``base_sched``. The top-level
+    ``link_bw``/``link_latency`` is a scalar (every link) or a per-dimension list: its first entry
+    is the link within a node (TP collectives, KV hand-offs inside the node), its last the link
+    between nodes. ``pd_type`` gives the role; the node's position in ``nodes`` gives ``node``."""
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -122,8 +178,15 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
     if need(d, "num_nodes", "top level") != len(nodes):
         raise JaxsimInputError(f"{path}: num_nodes", f"{d['num_nodes']} but {len(nodes)} nodes are listed")
     link_bw, link_lat = need(d, "link_bw", "top level"), need(d, "link_latency", "top level")
-    link_bw = link_bw[0] if isinstance(link_bw, list) else link_bw
-    link_lat = link_lat[0] if isinstance(link_lat, list) else link_lat
+    bws = link_bw if isinstance(link_bw, list) else [link_bw]
+    lats = link_lat if isinstance(link_lat, list) else [link_lat]
+    for name, v in (("link_bw", bws), ("link_latency", lats)):
+        if not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v) \
+                or (name == "link_bw" and min(v) <= 0):
+            raise JaxsimInputError(f"{path}: {name}", f"must be a positive number or a list of them, got {v!r}")
+    link_bw, link_lat = bws[0], lats[0]
+    links = LinkConfig(intra_node_bw_gbps=float(bws[0]), intra_node_latency_ns=float(lats[0]),
+                       inter_node_bw_gbps=float(bws[-1]), inter_node_latency_ns=float(lats[-1]))
     out = []
     for n, node in enumerate(nodes):
         for key in _JSON_NODE_UNSUPPORTED:
@@ -158,7 +221,10 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                 cpu_mem_bw_gbps=float(cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps)),
                 cpu_mem_latency_ns=float(cpu.get("mem_latency", base_hw.cpu_mem_latency_ns)))
             sched = dataclasses.replace(base_sched, **{ours: inst[k] for k, ours in _JSON_SCHEDULER.items() if k in inst})
-            out.append(InstanceSpec(hw, sched, calib))
+            pd = inst.get("pd_type")
+            if pd not in (None, "prefill", "decode"):
+                raise JaxsimInputError(f"{where}.pd_type", f"unknown role {pd!r}", 'use null, "prefill" or "decode"')
+            out.append(InstanceSpec(hw, sched, calib, role=pd or "colocated", node=n))
     if not out:
         raise JaxsimInputError(str(path), "the cluster has no instances")
-    return out
+    return out, links

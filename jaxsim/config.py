@@ -26,7 +26,8 @@ from jaxsim.cluster_config import ClusterSpec, cluster_spec
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
-from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig,
+                         Workload)
 from jaxsim.workload import check_context, load_workload, shift_workload, synthetic_workload
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,7 @@ class ClusterSchema:
     json: Optional[str] = None  # a reference cluster JSON (REFERENCE.md §3.1); replaces `instances`
     routing: str = "least_loaded"
     routing_seed: int = 42
+    links: Optional[Dict[str, Any]] = None  # KV hand-off links per level (spec.LinkConfig fields)
 
 
 @dataclasses.dataclass
@@ -668,7 +670,7 @@ def sweep_base(spec: RunSpec, cfg_sweep: dict | SweepOptions | None = None):
     cluster = spec.cluster
     return SweepBase(
         instances=cluster.instances if cluster else None, router=cluster.router if cluster else Router(),
-        cluster_options=cluster_options,
+        cluster_options=cluster_options, links=cluster.links if cluster else LinkConfig(),
         workload=spec.workload, model=spec.model_config, hardware=spec.hardware,
         scheduler=spec.scheduler, runtime=spec.model, calibration=spec.calibration,
         profiles_dir=spec.paths.profiles, hardware_options=hardware_options,

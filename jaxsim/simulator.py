@@ -51,7 +51,8 @@ def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig
             raise JaxsimInputError("hardware.num_gpu_blocks", f"must be > 0, got {hw.num_gpu_blocks}")
         return int(hw.num_gpu_blocks)
     w, kv = weight_and_kv_bytes(model, rt)
-    weights = model.weight_bytes_per_rank(w, tp=hw.tp)
+    # Experts are split over the ranks either way: by expert (EP, ep ranks) or TP-sharded (tp ranks).
+    weights = model.weight_bytes_per_rank(w, tp=hw.tp, ep=(hw.ep or hw.tp) if model.is_moe else 1)
     usable = math.floor(hw.mem_size_gb * GIB * hw.mem_util) - weights - int(hw.activation_reserve_gb * GIB)
     per_block = sched.block_size * model.kv_bytes_per_token_per_rank(kv, tp=hw.tp)
     blocks = usable // per_block

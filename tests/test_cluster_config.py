@@ -10,7 +10,7 @@ import pytest
 from jaxsim.cluster_config import load_cluster_json
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
-from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig
+from jaxsim.spec import Calibration, HardwareConfig, LinkConfig, SchedulerConfig
 
 from test_config import spec  # Hydra compose + from_hydra
 
@@ -20,7 +20,7 @@ LLAMA = "meta-llama/Llama-3.1-8B"
 
 
 def _load(name, **kw):
-    return load_cluster_json(CLUSTERS / name, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA, **kw)
+    return load_cluster_json(CLUSTERS / name, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA, **kw)[0]
 
 
 def test_reference_json_instances():
@@ -33,15 +33,37 @@ def test_reference_json_instances():
     assert [x.hw.name for x in r] == ["RTX4090", "RTX4090"]
     assert r[0].hw.mem_util == 0.833919 and r[0].hw.mem_size_gb == 24 and r[0].hw.link_latency_ns == 1000
     assert r[0].hw.cpu_mem_bw_gbps == 50
-    # Two nodes; per-dimension link lists take the intra-node entry.
+    # Two nodes: each instance on its node's index.
     dual = _load("dual_node_multi_instance.json")
-    assert len(dual) == sum(n["num_instances"] for n in json.loads((CLUSTERS / "dual_node_multi_instance.json")
-                                                                   .read_text())["nodes"])
+    assert [x.node for x in dual] == [0, 0, 1, 1] and {x.role for x in dual} == {"colocated"}
+
+
+def test_reference_json_pd_roles_and_link_levels(tmp_path):
+    specs, links = load_cluster_json(CLUSTERS / "single_node_pd_instance.json", HardwareConfig(), SchedulerConfig(),
+                                     Calibration(), LLAMA)
+    assert [x.role for x in specs] == ["prefill", "decode"] and [x.node for x in specs] == [0, 0]
+    assert links == LinkConfig(16.0, 20000.0, 16.0, 20000.0)
+    # per-instance scheduler knobs: prefill MNBT 8192 / 32 seqs; decode unlimited MNBT, 256 seqs, no chunking
+    pd, _ = load_cluster_json(CLUSTERS / "single_node_pd_per_instance_config.json", HardwareConfig(),
+                              SchedulerConfig(), Calibration(), LLAMA)
+    assert [x.role for x in pd] == ["prefill", "decode"]
+    assert (pd[0].sched.max_num_batched_tokens, pd[0].sched.max_num_seqs) == (8192, 32)
+    assert (pd[1].sched.max_num_batched_tokens, pd[1].sched.max_num_seqs) == (256, 256)
+    assert pd[0].sched.long_prefill_token_threshold == 2048 and pd[1].sched.long_prefill_token_threshold == 0
+    # a per-dimension link list: [within a node, between nodes]
+    d = json.loads((CLUSTERS / "dual_node_multi_instance.json").read_text())
+    d["link_bw"], d["link_latency"] = [128, 16], [500, 20000]
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(d))
+    specs, links = load_cluster_json(two, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
+    assert links == LinkConfig(128.0, 500.0, 16.0, 20000.0)
+    assert specs[0].hw.link_bw_gbps == 128.0  # TP collectives stay within the instance's node
 
 
 def test_reference_json_refuses_what_is_not_modelled(tmp_path):
-    with pytest.raises(JaxsimInputError, match=r"instances\[0\].pd_type: 'prefill' is not modelled yet"):
-        _load("single_node_pd_instance.json")
+    with pytest.raises(JaxsimInputError, match=r"instances\[0\].dp_group: 'A' is not modelled yet"):
+        load_cluster_json(CLUSTERS / "dual_node_moe_dp_ep_intra_inter_instance.json", HardwareConfig(),
+                          SchedulerConfig(), Calibration(), "Qwen/Qwen3-30B-A3B-Instruct-2507")
     with pytest.raises(JaxsimInputError, match="one model per cluster"):
         load_cluster_json(CLUSTERS / "single_node_multi_instance.json", HardwareConfig(), SchedulerConfig(),
                           Calibration(), "Qwen/Qwen3-32B")
