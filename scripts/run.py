@@ -5,6 +5,7 @@
     python scripts/run.py workload=synthetic_poisson workload.rate_rps=5
     python scripts/run.py cluster=pair cluster.routing=round_robin   # two instances, routed
     python scripts/run.py cluster=reference_json cluster.json=my_cluster.json
+    python scripts/run.py cluster=pd                                  # prefill/decode disaggregation
 
 Writes requests.csv, summary.json, timeseries.csv and config.yaml to the run's output folder
 (Hydra's outputs/<date>/<time>/ unless output_dir=... is given).
@@ -36,7 +37,7 @@ def main(cfg: DictConfig) -> None:
                                         spec.calibration, **options)
         else:
             result = simulator.simulate_cluster(spec.workload, spec.model_config, list(spec.cluster.instances),
-                                                spec.cluster.router, spec.model, **options)
+                                                spec.cluster.router, spec.model, spec.cluster.links, **options)
     except (JaxsimInputError, CapacityOverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
