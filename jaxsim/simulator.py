@@ -112,6 +112,7 @@ class Plan:
     role: str = "colocated"
     node: int = 0
     links: LinkConfig = LinkConfig()
+    dp_group: int = -1  # wave-synchronised DP group: the index of its first instance; -1 none
 
 
 @dataclasses.dataclass
@@ -270,21 +271,46 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 model.kv_bytes_per_token_per_rank(kv_bytes))
 
 
+def needs_dp_sync(plans: "list[Plan]") -> bool:
+    return any(p.dp_group >= 0 for p in plans)
+
+
 def needs_releases(plans: "list[Plan]") -> bool:
     """Whether requests enter queues during the run: P/D hand-offs or agentic sessions."""
     return any(p.role != "colocated" or p.workload.has_sessions for p in plans)
 
 
-def place_instances(plans: "list[Plan]", instances: "list[InstanceSpec]", links: LinkConfig,
-                    key: str = "cluster.instances") -> "list[Plan]":
-    """The plans with their instances' roles, nodes and the cluster's links; checks that a
-    disaggregated cluster has both prefill and decode instances."""
+def place_instances(plans: "list[Plan]", instances: "list[InstanceSpec]", links: LinkConfig, model: ModelConfig,
+                    dp_sync: str = "moe", key: str = "cluster.instances") -> "list[Plan]":
+    """The plans with their instances' roles, nodes, DP groups and the cluster's links.
+
+    Checks that a disaggregated cluster has both prefill and decode instances, and that the
+    members of a DP group share a role and a hardware. ``dp_sync`` says which DP groups run
+    wave-synchronised rounds: ``moe`` (MoE models only: vLLM lock-steps DP ranks for the expert
+    collectives, while dense DP members are independent engines behind the load balancer),
+    ``always`` or ``never``."""
+    if dp_sync not in ("moe", "always", "never"):
+        raise JaxsimInputError("cluster.dp_sync", f"unknown value {dp_sync!r}", "one of moe, always, never")
     roles = [spec.role for spec in instances]
     if ("prefill" in roles) != ("decode" in roles):
         have = "prefill" if "prefill" in roles else "decode"
         raise JaxsimInputError(f"{key}[*].role", f"a disaggregated cluster needs prefill and decode instances; "
                                f"it has {have} instances only", "add the other role, or make them colocated")
-    return [dataclasses.replace(pl, role=spec.role, node=spec.node, links=links) for pl, spec in zip(plans, instances)]
+    sync = dp_sync == "always" or (dp_sync == "moe" and model.is_moe)
+    first = {}
+    groups = []
+    for i, spec in enumerate(instances):
+        if spec.dp_group is None or not sync:
+            groups.append(-1)
+            continue
+        lead = first.setdefault(spec.dp_group, i)
+        a = instances[lead]
+        if (a.role, a.hw.tp, a.hw.ep) != (spec.role, spec.hw.tp, spec.hw.ep):
+            raise JaxsimInputError(f"{key}[{i}].dp_group", f"DP group {spec.dp_group!r} mixes roles or tp/ep degrees",
+                                   "members of a DP group have equal role, tp and ep")
+        groups.append(lead)
+    return [dataclasses.replace(pl, role=spec.role, node=spec.node, links=links, dp_group=g)
+            for pl, spec, g in zip(plans, instances, groups)]
 
 
 def check_block_sizes(plans: "list[Plan]", key: str) -> None:
@@ -346,7 +372,8 @@ def _stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
         kv_token_bytes=jnp.asarray([p.kv_token_bytes for p in plans], jnp.int64),
         kv_link_bw=jnp.asarray([[k.intra_node_bw_gbps, k.inter_node_bw_gbps] for k in links], jnp.float64),
         kv_link_latency=jnp.asarray([[k.intra_node_latency_ns, k.inter_node_latency_ns] for k in links], jnp.float64),
-        kv_layerwise=jnp.asarray([k.kv_transfer == "layerwise" for k in links]), **calib)
+        kv_layerwise=jnp.asarray([k.kv_transfer == "layerwise" for k in links]),
+        dp_group=jnp.asarray([p.dp_group for p in plans], jnp.int32), **calib)
 
 
 def _workload_for(plans: "list[Plan]", dims: Dims, batched: bool, workload_batched: bool | None):
@@ -372,21 +399,22 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
 
 def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
                     router: routing.Router = routing.Router(), rt: ModelRuntimeConfig = ModelRuntimeConfig(),
-                    links: LinkConfig = LinkConfig(), **kwargs) -> Prepared:
+                    links: LinkConfig = LinkConfig(), dp_sync: str = "moe", **kwargs) -> Prepared:
     """A cluster of instances of one model (hardware, scheduler knobs, engine costs and roles may
     differ per instance) serving ``workload``, with arrivals routed by ``router`` and KV handed
     from prefill to decode instances over ``links``."""
     if not instances:
         raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
     plans = [plan(workload, model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
-    plans = place_instances(plans, instances, links)
+    plans = place_instances(plans, instances, links, model, dp_sync)
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     dims = Dims.merge([pl.dims for pl in plans])
     params = _stacked_params(plans)  # the plans' axis is the instance axis
     wl, _ = _workload_for(plans, dims, False, False)
     releases = needs_releases(plans)
     state = _init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims=dims, releases=releases)
-    static = dict(dims.static(plans[0].block_size, num_instances=len(plans), releases=releases), router=router)
+    static = dict(dims.static(plans[0].block_size, num_instances=len(plans), releases=releases), router=router,
+                  dp_sync=needs_dp_sync(plans))
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans))
 
@@ -401,12 +429,12 @@ def _init_cluster(num_blocks, *, dims: Dims, releases: bool = False):
 
 def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
                      router: routing.Router = routing.Router(), rt: ModelRuntimeConfig = ModelRuntimeConfig(),
-                     links: LinkConfig = LinkConfig(), **kwargs) -> SimResult:
+                     links: LinkConfig = LinkConfig(), dp_sync: str = "moe", **kwargs) -> SimResult:
     """Simulate a cluster (see :func:`prepare_cluster`); per-request results carry the instance
     that finished each request, and the iteration rows of every instance (``iter_instance``);
     P/D runs add the prefill instance, KV transfer times and bytes of every request."""
-    return _run_growing_buffer(lambda **kw: prepare_cluster(workload, model, instances, router, rt, links, **kw),
-                               kwargs)
+    return _run_growing_buffer(
+        lambda **kw: prepare_cluster(workload, model, instances, router, rt, links, dp_sync, **kw), kwargs)
 
 
 def run_prepared(p: Prepared) -> cluster.ClusterState:

@@ -91,6 +91,9 @@ class InstanceSpec:
     calib: Calibration = Calibration()
     role: str = "colocated"
     node: int = 0
+    # Instances with the same dp_group form a DP group (REFERENCE.md §1.8): wave-synchronised
+    # rounds padded to the group's largest batch (for MoE models by default). None: no group.
+    dp_group: str | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:

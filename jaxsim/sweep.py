@@ -95,6 +95,7 @@ class SweepBase:
     router: Router = Router()
     cluster_options: dict = dataclasses.field(default_factory=dict)  # name -> tuple of InstanceSpec
     links: LinkConfig = LinkConfig()  # KV links between instances (P/D designs)
+    dp_sync: str = "moe"  # which DP groups run wave-synchronised (simulator.place_instances)
 
 
 def expand_grid(axes: dict) -> list:
@@ -233,20 +234,22 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                 arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks,
                                                               hashes=hashes_cache[hkey])
             insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
-        insts = simulator.place_instances(insts, specs, base.links, key=f"sweep point {len(plans)}: instances")
+        insts = simulator.place_instances(insts, specs, base.links, base.model, base.dp_sync,
+                                          key=f"sweep point {len(plans)}: instances")
         simulator.check_block_sizes(insts, f"sweep point {len(plans)}")
         plans.append(insts)
 
     groups: dict = {}
     for i, insts in enumerate(plans):
-        key = (insts[0].block_size, insts[0].dims.num_requests, simulator.needs_releases(insts))
+        key = (insts[0].block_size, insts[0].dims.num_requests, simulator.needs_releases(insts),
+               simulator.needs_dp_sync(insts))
         groups.setdefault(key, []).append(i)
 
     rows: list = [None] * len(points)
     requests: list | None = [None] * len(points) if keep_requests else None
     sim_s = 0.0
     bar = _progress(len(points), progress)
-    for (block_size, _, releases), members in groups.items():
+    for (block_size, _, releases, dp_sync), members in groups.items():
         # A chunk loops until its slowest configuration is done, so chunks gather configurations
         # of similar length: longest trace (arrival span) first, ties in point order.
         members = sorted(members, key=lambda i: -_arrival_span(plans[i][0].workload))
@@ -254,6 +257,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         n_inst = max(len(plans[i]) for i in members)
         static = dims.static(block_size, record_iterations=False, num_instances=n_inst,  # limit follows max_iters
                              releases=releases)
+        static["dp_sync"] = dp_sync
         if _is_cluster(base):
             static["router"] = base.router
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.

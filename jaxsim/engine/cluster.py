@@ -68,6 +68,7 @@ class EngineParams(eqx.Module):
     kv_link_bw: Float[Array, " 2"]  # bytes/ns of its KV links: [within its node, to other nodes]
     kv_link_latency: Float[Array, " 2"]  # ns per message on those links
     kv_layerwise: Bool[Array, ""]  # stream KV layer by layer during prefill (else send it after)
+    dp_group: Int[Array, ""]  # wave-synchronised DP group (an instance index), -1 for none
 
 
 class ClusterState(eqx.Module):
@@ -146,29 +147,59 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
     return inst, next_pending + n_route, unrouted
 
 
-def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, window, ring_cap):
-    """On every idle instance, schedule a batch and compute when it ends."""
+_SHAPE_ARGS = ("T", "S", "pc", "kp", "nd", "kvd_sum", "kvd_min", "kvd_max")  # iteration_time's order
 
-    def one(inst, prm):
-        idle = ~inst.busy & active
+
+def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, window, ring_cap, dp_sync: bool):
+    """On every idle instance, schedule a batch and compute when it ends.
+
+    With ``dp_sync``, the members of a DP group (``EngineParams.dp_group``) run wave-synchronous
+    rounds as vLLM does for MoE data parallelism (REFERENCE.md §1.8): when any member has a batch,
+    every member runs one (an idle member a dummy: 1 token, 1 decode at KV length 1), each is
+    padded to the group's largest token count (dense layers see the padded T; per-sequence layers
+    see S + the padding, each pad token counting as a sequence; attention sees the real requests
+    only; the MoE collectives the padded T), and the round ends for all when its slowest member
+    is done.
+    """
+
+    def plan(inst, prm):
         inst = inst_lib.schedule(inst, prm.sched, wl, now, active, block_size=block_size, window=window,
                                  ring_cap=ring_cap)  # a no-op on a busy instance
-        shape = inst_lib.batch_shape(inst.slots)
-        dt, extrap = latency.iteration_time(prm.tables, **shape)
-        start = idle & (shape["S"] > 0)
-        end = now + dt.astype(I64) + prm.iteration_overhead_ns
-        ctr = eqx.tree_at(lambda c: c.extrapolated, inst.counters,
-                          inst.counters.extrapolated + jnp.where(start, (extrap > 0).astype(I32), 0))
+        return inst, inst_lib.batch_shape(inst.slots)
 
-        def pick(new, old):
-            return jnp.where(start, new, old)
+    inst, shape = per_instance(plan)(inst, prm)
+    idle = ~inst.busy & active
+    start = idle & (shape["S"] > 0)
+    pad = jnp.zeros_like(shape["T"])
+    if dp_sync:
+        n_inst = inst.busy.shape[0]
+        member = prm.dp_group >= 0
+        gid = jnp.where(member, prm.dp_group, n_inst)  # non-members: a group of their own, never read
 
-        return eqx.tree_at(
-            lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters),
-            inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
-                   pick(shape["T"], inst.batch_tokens), pick(shape["S"], inst.batch_seqs), ctr))
+        def group_max(x):
+            return jax.ops.segment_max(x, gid, num_segments=n_inst + 1)[gid]
 
-    return per_instance(one)(inst, prm)
+        runs = member & idle & (group_max((start & member).astype(I32)) > 0)
+        dummy = runs & ~start
+        one = jnp.ones_like(shape["T"])
+        shape = {k: jnp.where(dummy, one if k in ("T", "S", "nd", "kvd_sum", "kvd_min", "kvd_max") else 0, v)
+                 for k, v in shape.items()}
+        pad = jnp.where(runs, group_max(jnp.where(runs, shape["T"], 0)) - shape["T"], 0)
+        start = start | runs
+    padded = dict(shape, T=shape["T"] + pad, S=shape["S"] + pad)
+    dt, extrap = per_instance(latency.iteration_time)(prm.tables, *(padded[k] for k in _SHAPE_ARGS))
+    end = now + dt.astype(I64) + prm.iteration_overhead_ns
+    if dp_sync:
+        end = jnp.where(runs, jax.ops.segment_max(jnp.where(runs, end, 0), gid, num_segments=n_inst + 1)[gid], end)
+    extrapolated = inst.counters.extrapolated + jnp.where(start[:, None], (extrap > 0).astype(I32), 0)
+
+    def pick(new, old):
+        return jnp.where(start, new, old)
+
+    return eqx.tree_at(
+        lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters.extrapolated),
+        inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
+               pick(padded["T"], inst.batch_tokens), pick(padded["S"], inst.batch_seqs), extrapolated))
 
 
 def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, queued):
@@ -249,7 +280,7 @@ def _kv_transfer(st: ClusterState, prm: EngineParams, ending, now):
 
 
 def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, block_size, window, ring_cap,
-          router: routing.Router, releases: bool):
+          router: routing.Router, releases: bool, dp_sync: bool):
     """One engine iteration of the cluster. A no-op when not ``active`` (see ``run``)."""
     now = st.now
     inst = st.inst
@@ -324,7 +355,8 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
                 carried_recomputed=st.recomputed)
         inst, rs, queued = routing.fill_slots(inst, rs, wl, reentries)
     records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, queued)
-    inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap)
+    inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap,
+                          dp_sync=dp_sync)
     inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap),
                                in_axes=(0, None))(inst, active)
 
@@ -366,14 +398,16 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
 
 def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int,
                         window: int, ring_cap: int, max_steps: int, record_iterations: bool = True,
-                        router: routing.Router = routing.Router(), releases: bool = False) -> ClusterState:
+                        router: routing.Router = routing.Router(), releases: bool = False,
+                        dp_sync: bool = False) -> ClusterState:
     """Advance until every request has finished (or the run stalls, or a buffer would overflow).
 
     Unjitted; :func:`run` (one configuration) and :func:`run_batch` (a ``vmap`` over
     configurations) compile it. ``record_iterations=False`` ignores the iteration buffer's size
     (its writes past the end are dropped), for sweeps that only need per-request results.
     ``releases``: requests enter queues during the run (P/D hand-offs, agentic sessions); the
-    state must come from ``init_state(..., releases=True)``.
+    state must come from ``init_state(..., releases=True)``. ``dp_sync``: some instances form
+    wave-synchronised DP groups (``EngineParams.dp_group``).
     """
     max_iters = st.records.start.shape[-1]
     n_req = wl.prompt.shape[0]
@@ -385,7 +419,7 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
     def body(consts, st):
         prm, wl = consts
         return _step(st, prm, wl, cond(consts, st), block_size=block_size, window=window, ring_cap=ring_cap,
-                     router=router, releases=releases)
+                     router=router, releases=releases, dp_sync=dp_sync)
 
     if st.inst.busy.shape[0] != 1:
         return masked_while_loop(cond, body, st, (prm, wl))
@@ -404,7 +438,7 @@ def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
     return eqx.tree_at(lambda s: (s.inst, s.records), st, (jax.tree.map(fn, st.inst), jax.tree.map(fn, st.records)))
 
 
-_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations", "router", "releases")
+_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations", "router", "releases", "dp_sync")
 run = functools.partial(jax.jit, static_argnames=_STATIC)(simulate_until_done)
 
 
