@@ -15,6 +15,8 @@ Hydra (``conf/cluster/*.yaml``)::
           scheduler: {max_num_seqs: 32}
           role: decode
           node: 1
+          dp_group: null             # instances naming one group form a DP group (REFERENCE.md §1.8)
+      dp_sync: moe                   # DP groups run wave-synchronised rounds: moe (MoE models) | always | never
       links:                         # KV hand-off links per level (spec.LinkConfig)
         intra_node_bw_gbps: 16
         intra_node_latency_ns: 20000
@@ -44,6 +46,7 @@ class ClusterSpec:
     instances: tuple  # of InstanceSpec
     router: Router
     links: LinkConfig = LinkConfig()
+    dp_sync: str = "moe"  # which DP groups run wave-synchronised (simulator.place_instances)
 
 
 def _links(d, key: str) -> LinkConfig:
@@ -70,15 +73,34 @@ def _links(d, key: str) -> LinkConfig:
     return LinkConfig(**vals)
 
 
+def check_dp_groups(instances, key: str) -> None:
+    """Members of a DP group share tp and ep; for EP across the group, ``ep % dp == 0`` and
+    ``ep / dp <= tp`` (REFERENCE.md §1.8). Outside a group, ``ep <= tp``."""
+    groups: dict = {}
+    for i, spec in enumerate(instances):
+        groups.setdefault(spec.dp_group, []).append(i)
+    for g, members in groups.items():
+        for i in members:
+            hw = instances[i].hw
+            dp = len(members) if g is not None else 1
+            ep = hw.ep or hw.tp
+            if ep > hw.tp * dp or ep % dp:
+                raise JaxsimInputError(f"{key}[{i}].ep", f"ep {ep} with tp {hw.tp} and {dp} DP rank(s)",
+                                       "ep must be a multiple of the DP size and ep / dp <= tp")
+
+
 def _placement(e: dict, key: str) -> dict:
-    """``role`` and ``node`` of a cluster instance entry."""
+    """``role``, ``node`` and ``dp_group`` of a cluster instance entry."""
     role = e.get("role", "colocated")
     if role not in ROLES:
         raise JaxsimInputError(f"{key}.role", f"unknown role {role!r}", f"one of {list(ROLES)}")
     node = e.get("node", 0)
     if not isinstance(node, int) or isinstance(node, bool) or node < 0:
         raise JaxsimInputError(f"{key}.node", f"must be an integer >= 0, got {node!r}")
-    return dict(role=role, node=node)
+    group = e.get("dp_group")
+    if group is not None and not isinstance(group, (str, int)):
+        raise JaxsimInputError(f"{key}.dp_group", f"must be a name, got {group!r}")
+    return dict(role=role, node=node, dp_group=None if group is None else str(group))
 
 
 # JSON instance field -> (section, our key). Runtime overrides of REFERENCE.md §3.1.
@@ -88,7 +110,7 @@ _JSON_SCHEDULER = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "ma
                    "enable_prefix_caching": "enable_prefix_caching", "reserve_full_isl": "reserve_full_isl"}
 # Fields whose behaviour the engine does not model yet: present and not at their neutral value,
 # they are refused rather than ignored.
-_JSON_UNSUPPORTED = {"pp_size": (1,), "dp_group": (None,), "placement": (None, {}),
+_JSON_UNSUPPORTED = {"pp_size": (1,), "placement": (None, {}),
                      "enable_local_offloading": (False,), "enable_attn_offloading": (False,),
                      "enable_sub_batch_interleaving": (False,), "enable_block_copy": (False,),
                      "kv_loc": ("npu",), "kv_cache_dtype": ("auto",),
@@ -119,11 +141,12 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
         base_sched = parse_scheduler(scheduler, "scheduler")
         instances, links = load_cluster_json(section["json"], base_hw, base_sched, calib, model_name)
         for k, spec in enumerate(instances):  # the JSON's values pass the same checks as the YAML's
-            parse_hardware(dataclasses.asdict(spec.hw), f"{section['json']}: instance {k}")
+            parse_hardware({**dataclasses.asdict(spec.hw), "ep": 0}, f"{section['json']}: instance {k}")
             parse_scheduler(dataclasses.asdict(spec.sched), f"{section['json']}: instance {k}")
         if section.get("links"):  # the YAML's links override the JSON's
             links = dataclasses.replace(links, **dataclasses.asdict(_links(section["links"], "cluster.links")))
-        return ClusterSpec(tuple(instances), router, links)
+        check_dp_groups(instances, f"{section['json']}: instances")
+        return ClusterSpec(tuple(instances), router, links, section.get("dp_sync", "moe"))
     entries = section.get("instances") or []
     if not isinstance(entries, list):
         raise JaxsimInputError("cluster.instances", f"must be a list, got {type(entries).__name__}")
@@ -134,10 +157,10 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
         key = f"cluster.instances[{i}]"
         if not isinstance(e, dict):
             raise JaxsimInputError(key, f"must be a mapping, got {e!r}")
-        unknown = set(e) - {"count", "hardware", "scheduler", "role", "node"}
+        unknown = set(e) - {"count", "hardware", "scheduler", "role", "node", "dp_group"}
         if unknown:
             raise JaxsimInputError(f"{key}.{sorted(unknown)[0]}", "unknown field",
-                                   "use count, hardware, scheduler, role, node")
+                                   "use count, hardware, scheduler, role, node, dp_group")
         count = e.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise JaxsimInputError(f"{key}.count", f"must be an integer >= 1, got {count!r}")
@@ -146,10 +169,20 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
             if extra:
                 raise JaxsimInputError(f"{key}.{sec}.{sorted(extra)[0]}", "unknown field",
                                        f"fields of the {sec} section: {sorted(base)}")
-        hw = parse_hardware({**hardware, **(e.get("hardware") or {})}, f"{key}.hardware")
+        merged = {**hardware, **(e.get("hardware") or {})}
+        # ep is checked with the DP groups (it may span the group's ranks)
+        hw = parse_hardware({**merged, "ep": 0}, f"{key}.hardware")
+        ep = merged.get("ep", 0)
+        if not isinstance(ep, int) or isinstance(ep, bool) or ep < 0:
+            raise JaxsimInputError(f"{key}.hardware.ep", f"must be an integer >= 0, got {ep!r}")
+        hw = dataclasses.replace(hw, ep=ep)
         sched = parse_scheduler({**scheduler, **(e.get("scheduler") or {})}, f"{key}.scheduler")
         instances += [InstanceSpec(hw, sched, calib, **_placement(e, key))] * count
-    return ClusterSpec(tuple(instances), router, _links(section.get("links"), "cluster.links"))
+    check_dp_groups(instances, "cluster.instances")
+    dp_sync = section.get("dp_sync", "moe")
+    if dp_sync not in ("moe", "always", "never"):
+        raise JaxsimInputError("cluster.dp_sync", f"unknown value {dp_sync!r}", "one of moe, always, never")
+    return ClusterSpec(tuple(instances), router, _links(section.get("links"), "cluster.links"), dp_sync)
 
 
 def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig, calib: Calibration,
@@ -217,14 +250,16 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                 base_hw, name=need(inst, "hardware", f"nodes[{n}].instances[{i}]"),
                 mem_size_gb=float(need(mem, "mem_size", "npu_mem")), mem_bw_gbps=float(need(mem, "mem_bw", "npu_mem")),
                 mem_latency_ns=float(mem.get("mem_latency", 0)), mem_util=float(mem.get("mem_util", base_hw.mem_util)),
-                tp=int(tp), link_bw_gbps=float(link_bw), link_latency_ns=float(link_lat),
+                tp=int(tp), ep=int(inst.get("ep_size", 0)), link_bw_gbps=float(link_bw), link_latency_ns=float(link_lat),
                 cpu_mem_bw_gbps=float(cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps)),
                 cpu_mem_latency_ns=float(cpu.get("mem_latency", base_hw.cpu_mem_latency_ns)))
             sched = dataclasses.replace(base_sched, **{ours: inst[k] for k, ours in _JSON_SCHEDULER.items() if k in inst})
             pd = inst.get("pd_type")
             if pd not in (None, "prefill", "decode"):
                 raise JaxsimInputError(f"{where}.pd_type", f"unknown role {pd!r}", 'use null, "prefill" or "decode"')
-            out.append(InstanceSpec(hw, sched, calib, role=pd or "colocated", node=n))
+            group = inst.get("dp_group")
+            out.append(InstanceSpec(hw, sched, calib, role=pd or "colocated", node=n,
+                                    dp_group=None if group is None else str(group)))
     if not out:
         raise JaxsimInputError(str(path), "the cluster has no instances")
     return out, links

@@ -139,6 +139,7 @@ class ClusterSchema:
     routing: str = "least_loaded"
     routing_seed: int = 42
     links: Optional[Dict[str, Any]] = None  # KV hand-off links per level (spec.LinkConfig fields)
+    dp_sync: str = "moe"  # which DP groups run wave-synchronised rounds: moe | always | never
 
 
 @dataclasses.dataclass
@@ -671,6 +672,7 @@ def sweep_base(spec: RunSpec, cfg_sweep: dict | SweepOptions | None = None):
     return SweepBase(
         instances=cluster.instances if cluster else None, router=cluster.router if cluster else Router(),
         cluster_options=cluster_options, links=cluster.links if cluster else LinkConfig(),
+        dp_sync=cluster.dp_sync if cluster else "moe",
         workload=spec.workload, model=spec.model_config, hardware=spec.hardware,
         scheduler=spec.scheduler, runtime=spec.model, calibration=spec.calibration,
         profiles_dir=spec.paths.profiles, hardware_options=hardware_options,

@@ -7,7 +7,7 @@ A case directory looks like ``profiles/validation/RTXPRO6000-Llama-3.1-8B/``::
     vllm/requests.jsonl    per-request timestamps (§4.2)
     vllm/timeseries.csv    1-s ticks (§4.3)
 
-:func:`load_case` parses and checks all of it, :func:`case_to_spec` turns it into simulator inputs,
+:func:`load_case` parses and checks all of it, :func:`case_to_cluster` turns it into simulator inputs,
 :func:`compare` scores a simulated per-request table (and time series) against the measurements
 (§4.4 unpaired statistics, §4.5 paired errors), :func:`format_comparison` prints the result.
 """
@@ -23,7 +23,7 @@ import numpy as np
 from jaxsim.errors import JaxsimInputError
 from jaxsim.metrics import STAT_NAMES, distribution_stats
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
-from jaxsim.spec import HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.spec import HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
 from jaxsim.workload import check_context, iter_jsonl, load_workload
 
 METRICS = ("ttft", "tpot", "e2e")
@@ -389,27 +389,54 @@ def measured_arrival_workload(case: Case) -> Workload:
 
 
 def case_to_spec(case: Case) -> tuple[HardwareConfig, SchedulerConfig, ModelRuntimeConfig]:
-    """Simulator inputs of a single-instance case.
+    """Simulator inputs of a single-instance case (see :func:`case_to_cluster`)."""
+    specs, rt, _ = case_to_cluster(case)
+    if len(specs) != 1:
+        raise JaxsimInputError(f"{case.cluster_path}", f"{len(specs)} instances (data parallelism or several "
+                               "instances)", "use case_to_cluster and simulate_cluster")
+    return specs[0].hw, specs[0].sched, rt
+
+
+def case_to_cluster(case: Case) -> tuple[list, ModelRuntimeConfig, LinkConfig]:
+    """Simulator inputs of a case: ``(list[InstanceSpec], runtime config, links)``.
 
     Precedence per setting: meta.json ``engine_kwargs`` (what vLLM actually ran) > the instance's
     runtime overrides in config.json > vLLM v0.19.0 defaults (:data:`VLLM_DEFAULTS`). The KV block
-    count is meta.json's ``kv_cache.num_gpu_blocks`` when recorded.
+    count is meta.json's ``kv_cache.num_gpu_blocks`` when recorded (per rank).
+
+    ``engine_kwargs.data_parallel_size`` = dp > 1 runs dp engines in one DP group (vLLM's data
+    parallelism; wave-synchronised for MoE models): a config.json with one instance is replicated
+    dp times, or it lists the dp instances of one ``dp_group``. ``enable_expert_parallel`` spreads
+    a MoE model's experts over ``tp * dp`` ranks (else each instance's TP ranks shard them).
     """
-    insts = case.instances
-    if len(insts) != 1:
-        raise JaxsimInputError(f"{case.cluster_path}", f"{len(insts)} instances: multi-instance "
-                               "clusters are not supported yet", "use a single-instance case")
-    ni, ii, inst = insts[0]
-    ip = f"{case.cluster_path}: nodes[{ni}].instances[{ii}]"
     ek = case.engine_kwargs
     dp = int(ek.get("data_parallel_size") or 1)
-    if dp > 1 or inst.get("dp_group") is not None:
-        raise JaxsimInputError(f"{case.meta_path}: engine_kwargs.data_parallel_size",
-                               f"data parallelism (dp={dp}) is not supported yet",
-                               "use a case with data_parallel_size 1")
-    if inst.get("pd_type") is not None:
-        raise JaxsimInputError(f"{ip}.pd_type", "prefill/decode disaggregation is not supported "
-                               "yet", "use pd_type null")
+    insts = case.instances
+    if dp > 1:
+        if len(insts) == 1:
+            insts = [(*insts[0][:2], {**insts[0][2], "dp_group": insts[0][2].get("dp_group") or "dp"})] * dp
+        groups = {inst.get("dp_group") for _, _, inst in insts}
+        if len(insts) != dp or len(groups) != 1 or None in groups:
+            raise JaxsimInputError(f"{case.meta_path}: engine_kwargs.data_parallel_size",
+                                   f"dp={dp} but {case.cluster_path} lists {len(insts)} instance(s) in DP groups "
+                                   f"{sorted(map(str, groups))}", "list one instance, or dp instances of one dp_group")
+    expert_parallel = bool(ek.get("enable_expert_parallel")) and case.model.is_moe
+    specs = [_instance_spec(case, ni, ii, inst, dp=dp, expert_parallel=expert_parallel) for ni, ii, inst in insts]
+    rt = ModelRuntimeConfig(
+        name=case.model.name,
+        dtype=str(ek.get("dtype") or insts[0][2].get("dtype") or "auto"),
+        kv_cache_dtype=str(ek.get("kv_cache_dtype") or insts[0][2].get("kv_cache_dtype") or "auto"),
+        max_model_len=int(case.max_model_len),
+    )
+    bws, lats = case.cluster["link_bw"], case.cluster["link_latency"]
+    bws, lats = (bws if isinstance(bws, list) else [bws]), (lats if isinstance(lats, list) else [lats])
+    links = LinkConfig(float(bws[0]), float(lats[0]), float(bws[-1]), float(lats[-1]))
+    return specs, rt, links
+
+
+def _instance_spec(case: Case, ni: int, ii: int, inst: dict, *, dp: int, expert_parallel: bool) -> InstanceSpec:
+    ip = f"{case.cluster_path}: nodes[{ni}].instances[{ii}]"
+    ek = case.engine_kwargs
     if inst["pp_size"] != 1:
         raise JaxsimInputError(f"{ip}.pp_size", "pipeline parallelism is not supported yet",
                                "use pp_size 1")
@@ -445,6 +472,7 @@ def case_to_spec(case: Case) -> tuple[HardwareConfig, SchedulerConfig, ModelRunt
         mem_util=float(util),
         num_gpu_blocks=case.num_gpu_blocks,
         tp=int(tp),
+        ep=int(tp) * dp if expert_parallel else int(inst.get("ep_size") or 0),
         link_bw_gbps=float(first(case.cluster["link_bw"])),
         link_latency_ns=float(first(case.cluster["link_latency"])),
         cpu_mem_bw_gbps=float(node["cpu_mem"]["mem_bw"]),
@@ -464,13 +492,9 @@ def case_to_spec(case: Case) -> tuple[HardwareConfig, SchedulerConfig, ModelRunt
                                         "enable_prefix_caching")),
         block_size=int(pick("block_size", "block_size", "block_size")),
     )
-    model = ModelRuntimeConfig(
-        name=case.model.name,
-        dtype=str(ek.get("dtype") or inst.get("dtype") or "auto"),
-        kv_cache_dtype=str(ek.get("kv_cache_dtype") or inst.get("kv_cache_dtype") or "auto"),
-        max_model_len=int(case.max_model_len),
-    )
-    return hw, sched, model
+    group = inst.get("dp_group")
+    return InstanceSpec(hw, sched, role=inst.get("pd_type") or "colocated", node=ni,
+                        dp_group=None if group is None else str(group))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def main(cfg: DictConfig) -> None:
                                         spec.calibration, **options)
         else:
             result = simulator.simulate_cluster(spec.workload, spec.model_config, list(spec.cluster.instances),
-                                                spec.cluster.router, spec.model, spec.cluster.links, **options)
+                                                spec.cluster.router, spec.model, spec.cluster.links,
+                                                spec.cluster.dp_sync, **options)
     except (JaxsimInputError, CapacityOverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,7 @@ per-request errors, and writes them as JSON.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jaxsim import metrics, simulator, validation  # noqa: E402
+from jaxsim.engine.routing import Router  # noqa: E402
 from jaxsim.errors import JaxsimInputError  # noqa: E402
 from jaxsim.spec import Calibration  # noqa: E402
 
@@ -26,8 +28,14 @@ from jaxsim.spec import Calibration  # noqa: E402
 def run_case(case_dir, profiles, models, workloads, calibration: Calibration = Calibration()):
     """Simulate a validation case and compare it with the measurement; returns the JSON dict."""
     case = validation.load_case(case_dir, models, workloads)
-    hw, sched, rt = validation.case_to_spec(case)
-    result = simulator.simulate(case.workload, case.model, hw, sched, rt, calibration, profiles_dir=profiles)
+    specs, rt, links = validation.case_to_cluster(case)
+    specs = [dataclasses.replace(s, calib=calibration) for s in specs]
+    if len(specs) == 1:
+        result = simulator.simulate(case.workload, case.model, specs[0].hw, specs[0].sched, rt, calibration,
+                                    profiles_dir=profiles)
+    else:  # DP ranks or several engines behind vLLM's DP load balancer (least loaded)
+        result = simulator.simulate_cluster(case.workload, case.model, specs, Router("least_loaded"), rt, links,
+                                            profiles_dir=profiles)
     table = metrics.request_table(result)
     comparison = validation.compare(case, table, metrics.time_series(result))
     comparison["case"] = case.name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxsim.cluster_config import load_cluster_json
+from jaxsim.cluster_config import check_dp_groups, load_cluster_json
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import Calibration, HardwareConfig, LinkConfig, SchedulerConfig
@@ -60,10 +60,24 @@ def test_reference_json_pd_roles_and_link_levels(tmp_path):
     assert specs[0].hw.link_bw_gbps == 128.0  # TP collectives stay within the instance's node
 
 
+def test_reference_json_dp_group_across_nodes():
+    """Two TP-2 instances on two nodes in DP group A with EP 4 (= tp x dp) over [128, 16] GB/s links."""
+    specs, links = load_cluster_json(CLUSTERS / "dual_node_moe_dp_ep_intra_inter_instance.json", HardwareConfig(),
+                                     SchedulerConfig(), Calibration(), "Qwen/Qwen3-30B-A3B-Instruct-2507")
+    assert [(x.dp_group, x.node, x.hw.tp, x.hw.ep) for x in specs] == [("A", 0, 2, 4), ("A", 1, 2, 4)]
+    assert links == LinkConfig(128.0, 500.0, 16.0, 20000.0)
+    check_dp_groups(specs, "x")  # ep 4 = 2 ranks x tp 2
+    with pytest.raises(JaxsimInputError, match=r"x\[0\].ep"):
+        check_dp_groups([dataclasses.replace(specs[0], dp_group=None)], "x")  # ep 4 > tp 2 without the group
+
+
 def test_reference_json_refuses_what_is_not_modelled(tmp_path):
-    with pytest.raises(JaxsimInputError, match=r"instances\[0\].dp_group: 'A' is not modelled yet"):
-        load_cluster_json(CLUSTERS / "dual_node_moe_dp_ep_intra_inter_instance.json", HardwareConfig(),
-                          SchedulerConfig(), Calibration(), "Qwen/Qwen3-30B-A3B-Instruct-2507")
+    d = json.loads((CLUSTERS / "single_node_multi_instance.json").read_text())
+    d["nodes"][0]["instances"][0]["pp_size"] = 2
+    pp = tmp_path / "pp.json"
+    pp.write_text(json.dumps(d))
+    with pytest.raises(JaxsimInputError, match=r"instances\[0\].pp_size: 2 is not modelled yet"):
+        load_cluster_json(pp, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
     with pytest.raises(JaxsimInputError, match="one model per cluster"):
         load_cluster_json(CLUSTERS / "single_node_multi_instance.json", HardwareConfig(), SchedulerConfig(),
                           Calibration(), "Qwen/Qwen3-32B")

@@ -9,7 +9,7 @@ import pytest
 
 from jaxsim.errors import JaxsimInputError
 from jaxsim.validation import (
-    case_to_spec, compare, format_comparison, load_case, measured_arrival_workload,
+    case_to_cluster, case_to_spec, compare, format_comparison, load_case, measured_arrival_workload,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,21 +287,40 @@ def test_requests_jsonl_mismatch(tmp_path):
         load_case(d, MODELS, WORKLOADS)
 
 
-def test_multi_instance_and_dp_not_supported(tmp_path):
-    d = copy_case(tmp_path)
+def test_dp_ep_tp_cases_map_to_clusters(tmp_path):
+    """Cases laid out like the development case with tensor_parallel_size, data_parallel_size
+    and enable_expert_parallel (the DP/EP/TP validation runs of the cluster issue)."""
+    d = copy_case(tmp_path / "dp")
+    edit_json(d / "vllm" / "meta.json", lambda m: m["engine_kwargs"].update(data_parallel_size=2))
+    specs, rt, links = case_to_cluster(load_case(d, MODELS, WORKLOADS))
+    assert [(s.dp_group, s.hw.tp, s.hw.ep, s.role) for s in specs] == [("dp", 1, 0, "colocated")] * 2
+    with pytest.raises(JaxsimInputError, match="2 instances"):
+        case_to_spec(load_case(d, MODELS, WORKLOADS))
+
+    # MoE, TP 2 x DP 2 with expert parallelism: experts over tp * dp = 4 ranks
+    e = copy_case(tmp_path / "ep")
+    def qwen_meta(m):
+        m["engine_kwargs"].update(data_parallel_size=2, tensor_parallel_size=2, enable_expert_parallel=True)
+        for where in (m, m["engine_kwargs"]):
+            if "model" in where:
+                where["model"] = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+    edit_json(e / "vllm" / "meta.json", qwen_meta)
+
+    def qwen_tp2(c):
+        inst = c["nodes"][0]["instances"][0]
+        inst.update(model_name="Qwen/Qwen3-30B-A3B-Instruct-2507", tp_size=2, num_npus=2)
+    edit_json(e / "config.json", qwen_tp2)
+    specs, _, _ = case_to_cluster(load_case(e, MODELS, WORKLOADS))
+    assert [(s.dp_group, s.hw.tp, s.hw.ep) for s in specs] == [("dp", 2, 4)] * 2
+
+    # several instances that are not one DP group of dp members
+    f = copy_case(tmp_path / "bad")
 
     def two(c):
         node = c["nodes"][0]
         node["instances"].append(json.loads(json.dumps(node["instances"][0])))
         node["num_instances"] = 2
-    edit_json(d / "config.json", two)
-    c = load_case(d, MODELS, WORKLOADS)
-    with pytest.raises(JaxsimInputError, match="not supported yet"):
-        case_to_spec(c)
-
-    d2 = copy_case(tmp_path / "dp")
-    edit_json(d2 / "vllm" / "meta.json",
-              lambda m: m["engine_kwargs"].update(data_parallel_size=2))
-    c2 = load_case(d2, MODELS, WORKLOADS)
-    with pytest.raises(JaxsimInputError, match="data_parallel_size.*not supported yet"):
-        case_to_spec(c2)
+    edit_json(f / "config.json", two)
+    edit_json(f / "vllm" / "meta.json", lambda m: m["engine_kwargs"].update(data_parallel_size=2))
+    with pytest.raises(JaxsimInputError, match="data_parallel_size"):
+        case_to_cluster(load_case(f, MODELS, WORKLOADS))
