@@ -5,6 +5,7 @@ vLLM defaults): one compiled run, a batched sweep, and the per-step cost against
     python scripts/bench.py --sweep 1000 --json OUT    # 1,000 configurations in one sweep
     python scripts/bench.py --steps --json OUT         # per-step cost: 300 vs 100,000 requests
     python scripts/bench.py --instances 1,2,4          # clusters of 1, 2, 4 instances
+    python scripts/bench.py --pd                       # 3 colocated instances vs 1 prefill + 2 decode
 
 ``--sweep N``: N configurations of the default case (compute and memory scale in [0.8, 1.2],
 arrival rate x [0.8, 1.2]; their step counts stay close to the default's), run with
@@ -63,7 +64,12 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--steps", action="store_true", help="per-step cost: 300 vs 100,000 requests")
     ap.add_argument("--instances", help="comma-separated cluster sizes, e.g. 1,2,4 (least-loaded routing)")
+    ap.add_argument("--pd", action="store_true", help="3 colocated instances vs 1 prefill + 2 decode instances")
     args = ap.parse_args(argv)
+    if args.pd:
+        colocated = [InstanceSpec()] * 3
+        pd = [InstanceSpec(role="prefill")] + [InstanceSpec(role="decode", node=1)] * 2
+        return _emit(bench_clusters([3, 3], designs=[colocated, pd], names=["colocated3", "pd_1p2d"]), args.json)
     if args.sweep:
         return _emit(bench_sweep(args.sweep, args.chunk_size), args.json)
     if args.steps:
@@ -195,19 +201,21 @@ def bench_steps(long_requests: int = 100_000, short_requests: int = 300, steps: 
     return out
 
 
-def bench_clusters(sizes: list, repeats: int = 3) -> dict:
-    """The default case served by clusters of ``sizes`` identical instances behind the
-    least-loaded router: compile time, and the fastest of ``repeats`` compiled runs."""
+def bench_clusters(sizes: list, repeats: int = 3, designs: list | None = None, names: list | None = None) -> dict:
+    """The default case served by clusters of ``sizes`` identical instances (or the given
+    ``designs``: lists of InstanceSpec) behind the least-loaded router: compile time, and the
+    fastest of ``repeats`` compiled runs."""
     workload, model = _default_case()
     out = {}
-    for n in sizes:
-        p = simulator.prepare_cluster(workload, model, [InstanceSpec()] * n, Router("least_loaded"),
+    for k, n in enumerate(sizes):
+        specs = designs[k] if designs else [InstanceSpec()] * n
+        p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"),
                                       profiles_dir=ROOT / "profiles", record_token_times=False)
         compiled, compile_s, final = _compile(p)
         walls = _timed(compiled, p, repeats)
         result = simulator.to_result(p, final)
         sim_s = float(result.finish_ns.max() - result.arrival_ns.min()) / 1e9
-        out[f"instances{n}"] = dict(compile_s=round(compile_s, 2), wall_s=round(min(walls), 4), steps=int(final.steps),
+        out[names[k] if names else f"instances{n}"] = dict(compile_s=round(compile_s, 2), wall_s=round(min(walls), 4), steps=int(final.steps),
                                     sim_s=round(sim_s, 2), realtime_factor=round(sim_s / min(walls), 1),
                                     requests_per_instance=result.stats.get("requests_per_instance",
                                                                            [workload.num_requests]))
