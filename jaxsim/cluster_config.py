@@ -110,7 +110,7 @@ _JSON_SCHEDULER = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "ma
                    "enable_prefix_caching": "enable_prefix_caching", "reserve_full_isl": "reserve_full_isl"}
 # Fields whose behaviour the engine does not model yet: present and not at their neutral value,
 # they are refused rather than ignored.
-_JSON_UNSUPPORTED = {"pp_size": (1,), "placement": (None, {}),
+_JSON_UNSUPPORTED = {"placement": (None, {}),
                      "enable_local_offloading": (False,), "enable_attn_offloading": (False,),
                      "enable_sub_batch_interleaving": (False,), "enable_block_copy": (False,),
                      "kv_loc": ("npu",), "kv_cache_dtype": ("auto",),
@@ -242,15 +242,19 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                     raise JaxsimInputError(f"{where}.{key}", f"{inst[key]!r} is not modelled yet",
                                            f"only {json.dumps(neutral[0])} is supported today")
             mem = need(inst, "npu_mem", f"nodes[{n}].instances[{i}]")
-            tp = inst.get("tp_size", inst.get("num_npus", 1))
-            if inst.get("num_npus", tp) != tp:
-                raise JaxsimInputError(f"{where}.num_npus", f"{inst['num_npus']} NPUs for tp_size {tp}",
-                                       "num_npus = tp_size (pipeline parallelism is not modelled yet)")
+            pp = inst.get("pp_size", 1)
+            if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
+                raise JaxsimInputError(f"{where}.pp_size", f"must be an integer >= 1, got {pp!r}")
+            npus = inst.get("num_npus")
+            tp = inst.get("tp_size", npus // pp if isinstance(npus, int) and not isinstance(npus, bool) else 1)
+            if inst.get("num_npus", tp * pp) != tp * pp:
+                raise JaxsimInputError(f"{where}.num_npus", f"{inst['num_npus']} NPUs for tp_size {tp} x pp_size {pp}",
+                                       "num_npus = tp_size * pp_size")
             hw = dataclasses.replace(
                 base_hw, name=need(inst, "hardware", f"nodes[{n}].instances[{i}]"),
                 mem_size_gb=float(need(mem, "mem_size", "npu_mem")), mem_bw_gbps=float(need(mem, "mem_bw", "npu_mem")),
                 mem_latency_ns=float(mem.get("mem_latency", 0)), mem_util=float(mem.get("mem_util", base_hw.mem_util)),
-                tp=int(tp), ep=int(inst.get("ep_size", 0)), link_bw_gbps=float(link_bw), link_latency_ns=float(link_lat),
+                tp=int(tp), pp=int(pp), ep=int(inst.get("ep_size", 0)), link_bw_gbps=float(link_bw), link_latency_ns=float(link_lat),
                 cpu_mem_bw_gbps=float(cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps)),
                 cpu_mem_latency_ns=float(cpu.get("mem_latency", base_hw.cpu_mem_latency_ns)))
             sched = dataclasses.replace(base_sched, **{ours: inst[k] for k, ours in _JSON_SCHEDULER.items() if k in inst})

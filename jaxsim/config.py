@@ -280,6 +280,7 @@ def _hardware(d: dict, profiles: Path, p: str = "hardware") -> HardwareConfig:
         cpu_mem_latency_ns=_check_float(d.get("cpu_mem_latency_ns"), f"{p}.cpu_mem_latency_ns",
                                         0),
         ep=_check_int(d.get("ep", 0), f"{p}.ep", 0),
+        pp=_check_int(d.get("pp", 1), f"{p}.pp", 1),  # pipeline stages (num_npus = tp * pp)
     )
     if hw.ep > hw.tp:
         raise JaxsimInputError(f"{p}.ep", f"{hw.ep} exceeds tp = {hw.tp}: without DP groups the expert-parallel "

@@ -89,6 +89,8 @@ class LatencyTables(eqx.Module):
     lin_by_seq: jax.Array  # bool [R] keyed by S (per_sequence) instead of T (dense)
     lin_mult: jax.Array  # i64 [R] occurrences per iteration (L per block use, layernorm 2L; dense MLP
     #                      layers L_dense; prologue and head once)
+    lin_prologue: jax.Array  # i64 [R] occurrences in the prologue (pipeline stage 0)
+    lin_head: jax.Array  # i64 [R] occurrences in the head (the last pipeline stage)
     # attention, P pc values x D nd values
     att_kp: jax.Array  # f64 [P, D, W2] kp keys of each slice
     att_kp_last: jax.Array  # i32 [P, D]
@@ -122,6 +124,7 @@ class LatencyTables(eqx.Module):
     hidden: jax.Array  # i64 [] H
     weight_bytes: jax.Array  # i64 [] fp
     tp: jax.Array  # i64 []
+    pp: jax.Array  # i64 [] pipeline stages (REFERENCE.md §1.8; :func:`stage_times`)
     ar_count: jax.Array  # i64 [] TP AllReduces per iteration (L after o_proj, L_dense after down_proj)
     link_bw: jax.Array  # f64 [] bytes/ns
     link_lat: jax.Array  # f64 [] ns per ring step
@@ -272,6 +275,8 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
     mult = [L * sum(seq[g].count(n) for g in attn_groups) + L_dense * seq["mlp_dense"].count(n)
             + L_moe * seq["mlp_moe"].count(n) + sum(seq[g].count(n) for g in once_groups) for n in names]
     by_seq = [cat[n] == "per_sequence" for n in names]
+    pro_mult = [seq["prologue"].count(n) for n in names]
+    head_mult = [seq["head"].count(n) for n in names]
     tabs = [(bundle.per_sequence if s else bundle.dense)[n] for n, s in zip(names, by_seq)]
 
     # --- attention, fallback slices copied into the missing corners
@@ -310,7 +315,7 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     return LatencyTables(
         l1_keys=f(l1_keys), l1_last=i32(l1_last), lin_vals=f(lin_vals), lin_by_seq=jnp.asarray(by_seq, bool),
-        lin_mult=i(mult),
+        lin_mult=i(mult), lin_prologue=i(pro_mult), lin_head=i(head_mult),
         att_kp=f(att_kp), att_kp_last=i32(n_kp - 1), att_kvd=f(att_kvd), att_kvd_last=i32(np.maximum(n_kvd - 1, 0)),
         att_vals=f(att_vals), att_per_block=i(n_att),
         skew_slot=i32(slot), skew_alpha=f(alpha), skew_n_hi=f(_hi_edges(sk.n_bins)),
@@ -320,7 +325,7 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
         moe_k=i(model.experts_per_token), moe_experts=i(model.num_experts), ep=i(ep),
         moe_skewed=jnp.asarray(skewed, bool), moe_pop=f(pop), moe_rank_experts=i(rank_experts),
         num_layers=i(L), hidden=i(model.hidden_size), weight_bytes=i(weight_bytes),
-        tp=i(hw.tp), ar_count=i(ar_count), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
+        tp=i(hw.tp), pp=i(getattr(hw, "pp", 1)), ar_count=i(ar_count), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
         link_step_overhead=f(link_step_overhead_ns), cpu_bw=f(hw.cpu_mem_bw_gbps), cpu_lat=f(hw.cpu_mem_latency_ns),
         compute_scale=f(compute_scale), memory_scale=f(memory_scale), link_scale=f(link_scale),
     )
@@ -420,6 +425,52 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
       ``(time_ns, extrapolated)``: an int64 scalar, and int32 [4] flags (dense, per_sequence,
       attention, moe) set when a lookup of that category went above its grid.
     """
+    total, extrapolated, _ = _iteration(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, parts=False)
+    return total, extrapolated
+
+
+def pp_layers(num_layers, pp, max_pp: int):
+    """Transformer blocks per pipeline stage, vLLM's ``get_pp_indices`` (REFERENCE.md §1.8): each
+    stage gets ``L // pp``, and the remainder ``r`` adds one block to each of the r stages just
+    before the last. Returns int64 [max_pp] (0 for stages >= pp)."""
+    L, pp = jnp.asarray(num_layers, _I), jnp.asarray(pp, _I)
+    s = jnp.arange(max_pp, dtype=_I)
+    r = L % pp
+    extra = ((s >= pp - 1 - r) & (s < pp - 1)).astype(_I)
+    return jnp.where(s < pp, L // pp + extra, 0)
+
+
+def stage_times(tb: LatencyTables, max_pp: int, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max):
+    """Per-stage latencies of one batch under pipeline parallelism (``tb.pp`` stages, REFERENCE.md §1.8).
+
+    Stage s takes ``[s = 0: in-host-op + prologue] + L_s x block + [s = pp-1: head + out-host-op]``
+    with ``L_s`` from :func:`pp_layers`. The blocks' total (everything of :func:`iteration_time`
+    but the host ops, prologue and head) is split in proportion to ``L_s`` (floored), and the last
+    stage takes what is left, so the stages always sum to :func:`iteration_time` exactly (with
+    pp = 1 the one stage *is* it). For a model whose L blocks are identical (not a hybrid MoE with
+    dense-MLP layers) and unit ``compute_scale``, ``L_s x block`` is exact.
+
+    Returns ``(times, extrapolated, p2p)``: int64 [max_pp] stage times (0 for stages >= pp), the
+    flags of :func:`iteration_time`, and the int64 cost of sending the hidden state (``T*H*fp``
+    bytes) from one stage to the next: ``floor((link_latency + step_overhead + bytes/link_bw) *
+    link_scale)`` on the instance's TP link (one step of :func:`_ring`).
+    """
+    total, extrapolated, (t_pro, t_head) = _iteration(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, parts=True)
+    L, pp = tb.num_layers, tb.pp
+    layers = pp_layers(L, pp, max_pp)
+    blocks = total - t_pro - t_head
+    s = jnp.arange(max_pp, dtype=_I)
+    st = blocks * layers // L + jnp.where(s == 0, t_pro, 0)
+    last = total - jnp.sum(jnp.where(s < pp - 1, st, 0))
+    st = jnp.where(s == pp - 1, last, jnp.where(s < pp, st, 0))
+    T = jnp.asarray(T).astype(_I)
+    p2p = _ring(jnp.asarray(1, _I), tb, (T * tb.hidden * tb.weight_bytes).astype(_F))
+    return st, extrapolated, p2p
+
+
+def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, parts: bool):
+    """:func:`iteration_time`; with ``parts``, also ``(stage-0 part, last-stage part)``: the host
+    op in + the prologue layers, and the head layers + the host op out."""
     T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max = (
         jnp.asarray(x).astype(_I) for x in (T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max))
     L, H, E, fp = tb.num_layers, tb.hidden, tb.moe_experts, tb.weight_bytes
@@ -513,4 +564,8 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
 
     total = t_in + t_out + t_lin + L * tb.att_per_block * t_att + tb.moe_blocks * t_moe_block + tb.ar_count * ar
     extrapolated = jnp.stack([ext_dense, ext_seq, ext_att, ext_moe]).astype(jnp.int32)
-    return total, extrapolated
+    if not parts:
+        return total, extrapolated, None
+    t_pro = t_in + _scaled(jnp.sum(tb.lin_prologue * v), tb.compute_scale)
+    t_head = t_out + _scaled(jnp.sum(tb.lin_head * v), tb.compute_scale)
+    return total, extrapolated, (t_pro, t_head)

@@ -52,9 +52,9 @@ def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig
         return int(hw.num_gpu_blocks)
     w, kv = weight_and_kv_bytes(model, rt)
     # Experts are split over the ranks either way: by expert (EP, ep ranks) or TP-sharded (tp ranks).
-    weights = model.weight_bytes_per_rank(w, tp=hw.tp, ep=(hw.ep or hw.tp) if model.is_moe else 1)
+    weights = model.weight_bytes_per_rank(w, tp=hw.tp, pp=hw.pp, ep=(hw.ep or hw.tp) if model.is_moe else 1)
     usable = math.floor(hw.mem_size_gb * GIB * hw.mem_util) - weights - int(hw.activation_reserve_gb * GIB)
-    per_block = sched.block_size * model.kv_bytes_per_token_per_rank(kv, tp=hw.tp)
+    per_block = sched.block_size * model.kv_bytes_per_token_per_rank(kv, tp=hw.tp, pp=hw.pp)
     blocks = usable // per_block
     if blocks <= 0:
         raise JaxsimInputError(
@@ -75,6 +75,7 @@ class Dims:
     max_iters: int  # rows of the per-iteration record buffer
     num_tokens: int  # token-time buffer (0 = token times not recorded)
     num_requests: int
+    max_pp: int = 1  # largest pipeline degree of an instance (static: pp = 1 compiles no pipeline)
 
     @staticmethod
     def merge(dims: "list[Dims]") -> "Dims":
@@ -90,8 +91,8 @@ class Dims:
         (a guard against a run that never ends) covers every instance's iterations (``max_iters``
         each) and a stop at every arrival and release."""
         return dict(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
-                    max_steps=4 * num_instances * self.max_iters + 4 * self.num_requests + 16,
-                    record_iterations=record_iterations, releases=releases)
+                    max_steps=(3 + self.max_pp) * num_instances * self.max_iters + 4 * self.num_requests + 16,
+                    record_iterations=record_iterations, releases=releases, max_pp=self.max_pp)
 
 
 @dataclasses.dataclass
@@ -231,6 +232,8 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
             "sim.max_slots", f"must exceed scheduler.max_num_seqs ({sched.max_num_seqs}); got {max_slots}",
             "raise sim.max_slots or set it to 0 (auto): each slot holds one running or waiting request")
     check_workload_fits(workload, model)
+    if not 1 <= hw.pp <= model.num_layers:
+        raise JaxsimInputError("hardware.pp", f"must be in [1, {model.num_layers}] ({model.name}'s layers), got {hw.pp}")
     ctx = model.max_position_embeddings
 
     w_bytes, kv_bytes = weight_and_kv_bytes(model, rt)
@@ -266,7 +269,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
               num_blocks=np.int32(num_blocks))
     dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
                 num_blocks_cap=num_blocks, max_iters=max_iters,
-                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n)
+                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n, max_pp=hw.pp)
     return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound,
                 model.kv_bytes_per_token_per_rank(kv_bytes))
 
@@ -308,6 +311,9 @@ def place_instances(plans: "list[Plan]", instances: "list[InstanceSpec]", links:
         if (a.role, a.hw.tp, a.hw.ep) != (spec.role, spec.hw.tp, spec.hw.ep):
             raise JaxsimInputError(f"{key}[{i}].dp_group", f"DP group {spec.dp_group!r} mixes roles or tp/ep degrees",
                                    "members of a DP group have equal role, tp and ep")
+        if spec.hw.pp != 1:
+            raise JaxsimInputError(f"{key}[{i}].dp_group", "wave-synchronised DP groups with pipeline parallelism "
+                                   f"(pp = {spec.hw.pp}) are not modelled", "use pp 1, or dp_sync never")
         groups.append(lead)
     return [dataclasses.replace(pl, role=spec.role, node=spec.node, links=links, dp_group=g)
             for pl, spec, g in zip(plans, instances, groups)]
@@ -423,7 +429,8 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
 def _init_cluster(num_blocks, *, dims: Dims, releases: bool = False):
     """A fresh state with one instance per entry of ``num_blocks`` (its KV capacity)."""
     inst = jax.vmap(lambda nb: inst_lib.init_instance(dims.num_slots, dims.max_blocks, dims.num_blocks_cap,
-                                                      dims.ring_cap, dims.num_hashes, POP_WINDOW, nb))(num_blocks)
+                                                      dims.ring_cap, dims.num_hashes, POP_WINDOW, nb,
+                                                      max_pp=dims.max_pp))(num_blocks)
     return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters, releases)
 
 

@@ -44,6 +44,7 @@ class HardwareConfig:
     cpu_mem_bw_gbps: float = 256.0  # host memory: token ids in / sampled ids out
     cpu_mem_latency_ns: float = 0.0
     ep: int = 0  # expert-parallel degree of a MoE model; 0 = tp (REFERENCE.md §1.8)
+    pp: int = 1  # pipeline stages per instance (num_npus = tp * pp; REFERENCE.md §1.8)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -437,14 +437,15 @@ def case_to_cluster(case: Case) -> tuple[list, ModelRuntimeConfig, LinkConfig]:
 def _instance_spec(case: Case, ni: int, ii: int, inst: dict, *, dp: int, expert_parallel: bool) -> InstanceSpec:
     ip = f"{case.cluster_path}: nodes[{ni}].instances[{ii}]"
     ek = case.engine_kwargs
-    if inst["pp_size"] != 1:
-        raise JaxsimInputError(f"{ip}.pp_size", "pipeline parallelism is not supported yet",
-                               "use pp_size 1")
-    tp = inst["tp_size"]
+    tp, pp = inst["tp_size"], inst["pp_size"]
     ek_tp = ek.get("tensor_parallel_size")
     if ek_tp is not None and int(ek_tp) != tp:
         raise JaxsimInputError(f"{ip}.tp_size", f"is {tp} but {case.meta_path} ran "
                                f"tensor_parallel_size {ek_tp}", "make them equal")
+    ek_pp = ek.get("pipeline_parallel_size")
+    if ek_pp is not None and int(ek_pp) != pp:
+        raise JaxsimInputError(f"{ip}.pp_size", f"is {pp} but {case.meta_path} ran "
+                               f"pipeline_parallel_size {ek_pp}", "make them equal")
 
     def pick(ek_key, inst_key, default_key):
         if ek.get(ek_key) is not None:
@@ -472,6 +473,7 @@ def _instance_spec(case: Case, ni: int, ii: int, inst: dict, *, dp: int, expert_
         mem_util=float(util),
         num_gpu_blocks=case.num_gpu_blocks,
         tp=int(tp),
+        pp=int(pp),
         ep=int(tp) * dp if expert_parallel else int(inst.get("ep_size") or 0),
         link_bw_gbps=float(first(case.cluster["link_bw"])),
         link_latency_ns=float(first(case.cluster["link_latency"])),

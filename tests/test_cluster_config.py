@@ -71,12 +71,16 @@ def test_reference_json_dp_group_across_nodes():
         check_dp_groups([dataclasses.replace(specs[0], dp_group=None)], "x")  # ep 4 > tp 2 without the group
 
 
-def test_reference_json_refuses_what_is_not_modelled(tmp_path):
+def test_reference_json_pipeline_and_refusals(tmp_path):
     d = json.loads((CLUSTERS / "single_node_multi_instance.json").read_text())
-    d["nodes"][0]["instances"][0]["pp_size"] = 2
+    d["nodes"][0]["instances"][0].update(pp_size=2, num_npus=2)
     pp = tmp_path / "pp.json"
     pp.write_text(json.dumps(d))
-    with pytest.raises(JaxsimInputError, match=r"instances\[0\].pp_size: 2 is not modelled yet"):
+    specs, _ = load_cluster_json(pp, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
+    assert [(x.hw.tp, x.hw.pp) for x in specs] == [(1, 2), (1, 1)]
+    d["nodes"][0]["instances"][0].update(num_npus=3)
+    pp.write_text(json.dumps(d))
+    with pytest.raises(JaxsimInputError, match=r"instances\[0\].num_npus"):
         load_cluster_json(pp, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
     with pytest.raises(JaxsimInputError, match="one model per cluster"):
         load_cluster_json(CLUSTERS / "single_node_multi_instance.json", HardwareConfig(), SchedulerConfig(),

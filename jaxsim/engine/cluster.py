@@ -202,6 +202,93 @@ def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, wind
                pick(padded["T"], inst.batch_tokens), pick(padded["S"], inst.batch_seqs), extrapolated))
 
 
+def _pipe_ending(inst: inst_lib.InstanceState, now, active):
+    """Pipeline parallelism: the batch of this instance that completes ``now`` (at most one: the
+    last stage finishes its batches one after another), as a view of the instance in which that
+    batch is the one in flight (its slots' ``sched_n``, its start, tokens and sequences), so that
+    the end of an iteration is processed as with pp = 1. Returns ``(view, ending, in_batch)``."""
+    pe = inst.pipe
+    hit = pe.end == now
+    ending = active & jnp.any(hit)
+    b = jnp.argmax(hit).astype(I32)
+    in_b = ending & (pe.slot_batch == b)
+    s = inst.slots
+    view = eqx.tree_at(lambda i: (i.slots.sched_n, i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs),
+                       inst, (jnp.where(in_b, s.sched_n, 0), inst.busy | ending, pe.start[b],
+                              jnp.where(ending, now, inst.batch_end), pe.tokens[b], pe.seqs[b]))
+    return view, ending, in_b
+
+
+def _pipe_after_end(inst: inst_lib.InstanceState, before: inst_lib.InstanceState, ending, in_b):
+    """Undo the view of :func:`_pipe_ending` after the batch end: the other batches in flight
+    keep their slots' ``sched_n``; the completed batch's entry is freed."""
+    pe = inst.pipe
+    hit = ending & (pe.end == inst.batch_end)
+    return eqx.tree_at(
+        lambda i: (i.slots.sched_n, i.pipe.end, i.pipe.slot_batch), inst,
+        (jnp.where(in_b, 0, before.slots.sched_n), jnp.where(hit, NEVER, pe.end),
+         jnp.where(in_b, -1, pe.slot_batch)))
+
+
+def _start_batches_pp(inst, prm: EngineParams, wl, now, active, ending, *, block_size, window, ring_cap,
+                      max_pp: int):
+    """Pipeline parallelism (REFERENCE.md §1.8): on every instance whose stage 0 is free and that
+    has fewer than pp batches in flight, form a batch of the requests not in flight and compute
+    when each of its stages finishes: stage 0 starts now (the iteration overhead is paid there),
+    stage s at ``max(stage s-1 done + p2p, stage s free)``; the batch completes when its last
+    stage is done. ``busy``/``batch_end`` become the instance's next event: a completion, or the
+    time stage 0 frees up while the pipeline has room.
+
+    An instance with batches in flight decides only at those events (``ending``: a batch of it
+    completed now), as vLLM's engine with a batch queue blocks on its oldest batch when it has
+    nothing to schedule: an arrival at another time waits, as it does for a lone instance."""
+
+    def one(inst, prm, ending):
+        pe = inst.pipe
+        pp = prm.tables.pp
+        n_fl = jnp.sum((pe.end < NEVER).astype(I32), dtype=I32)
+        decides = (n_fl == 0) | ending | (pe.try_at <= now)
+        can = active & decides & (pe.stage_free[0] <= now) & (n_fl < pp)
+        in_flight = pe.slot_batch >= 0
+        old = (inst.slots.sched_n, inst.slots.sched_c, inst.slots.sched_pos)
+        new = inst_lib.schedule(eqx.tree_at(lambda i: i.busy, inst, jnp.asarray(False)), prm.sched, wl, now, can,
+                                block_size=block_size, window=window, ring_cap=ring_cap, skip=in_flight)
+        shape = inst_lib.batch_shape(new.slots)
+        mine = new.slots.sched_n > 0
+        keep = ~can | (in_flight & ~mine)  # requests of the batches in flight keep their fields
+        sched = tuple(jnp.where(keep, o, n) for o, n in
+                      zip(old, (new.slots.sched_n, new.slots.sched_c, new.slots.sched_pos)))
+        start = can & (shape["S"] > 0)
+        times, extrap, p2p = latency.stage_times(prm.tables, max_pp, *(shape[k] for k in _SHAPE_ARGS))
+        done = now + times[0] + prm.iteration_overhead_ns
+        free = [done]
+        for st in range(1, max_pp):
+            fs = jnp.maximum(done + p2p, pe.stage_free[st]) + times[st]
+            on = st < pp
+            done = jnp.where(on, fs, done)
+            free.append(jnp.where(on, fs, pe.stage_free[st]))
+        b = jnp.argmax(pe.end == NEVER).astype(I32)
+        stage_free = jnp.where(start, jnp.stack(free), pe.stage_free)
+        put = lambda a, v: jnp.where(start, a.at[b].set(v), a)  # noqa: E731
+        n_after = n_fl + start.astype(I32)
+        # the next time stage 0 frees up with room in the pipeline; none after a failed try (the
+        # next completion retries); unchanged when the instance did not decide now
+        try_at = jnp.where(active & decides, jnp.where((n_after < pp) & ~(can & ~start), stage_free[0], NEVER),
+                           pe.try_at)
+        end = put(pe.end, done)
+        pipe = inst_lib.Pipe(stage_free=stage_free, start=put(pe.start, now), end=end,
+                             tokens=put(pe.tokens, shape["T"]), seqs=put(pe.seqs, shape["S"]),
+                             slot_batch=jnp.where(start & mine, b, pe.slot_batch), try_at=try_at)
+        extrapolated = new.counters.extrapolated + jnp.where(start, (extrap > 0).astype(I32), 0)
+        busy = (n_after > 0) | (try_at < NEVER)
+        return eqx.tree_at(
+            lambda i: (i.slots.sched_n, i.slots.sched_c, i.slots.sched_pos, i.pipe, i.busy, i.batch_end,
+                       i.counters.extrapolated),
+            new, (*sched, pipe, busy, jnp.minimum(jnp.min(end), try_at), extrapolated))
+
+    return per_instance(one)(inst, prm, ending)
+
+
 def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, queued):
     """Append one row per instance whose iteration ended now (gauges after routing; ``queued``:
     per instance, requests routed to it that wait outside its slots)."""
@@ -280,11 +367,19 @@ def _kv_transfer(st: ClusterState, prm: EngineParams, ending, now):
 
 
 def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, block_size, window, ring_cap,
-          router: routing.Router, releases: bool, dp_sync: bool):
-    """One engine iteration of the cluster. A no-op when not ``active`` (see ``run``)."""
+          router: routing.Router, releases: bool, dp_sync: bool, max_pp: int = 1):
+    """One engine iteration of the cluster. A no-op when not ``active`` (see ``run``).
+
+    With ``max_pp > 1`` (pipeline parallelism), "iteration" is a batch's completion or the moment
+    an instance's stage 0 frees up (:func:`_start_batches_pp`)."""
     now = st.now
     inst = st.inst
-    ending = active & inst.busy & (inst.batch_end == now)
+    if max_pp > 1:
+        before = inst
+        inst, ending, in_b = per_instance(_pipe_ending, in_axes=(0, None, None))(inst, now, active)
+        st = eqx.tree_at(lambda s: s.inst, st, inst)
+    else:
+        ending = active & inst.busy & (inst.batch_end == now)
     n_req = st.finish.shape[0]
     n_inst = inst.busy.shape[0]
     if releases:
@@ -293,6 +388,8 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
     inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap),
                                         in_axes=(0, 0, 0, 0, None))(inst, prm.sched.async_scheduling,
                                                                     prm.role == PREFILL, ending, now)
+    if max_pp > 1:
+        inst = per_instance(_pipe_after_end)(inst, before, ending, in_b)
     # Per-request outputs from the emissions of every instance (flattened over instance, slot).
     ev = jax.tree.map(lambda x: x.reshape(-1), ev)
     req = jnp.maximum(ev.req, 0)
@@ -355,8 +452,12 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
                 carried_recomputed=st.recomputed)
         inst, rs, queued = routing.fill_slots(inst, rs, wl, reentries)
     records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, queued)
-    inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap,
-                          dp_sync=dp_sync)
+    if max_pp > 1:
+        inst = _start_batches_pp(inst, prm, wl, now, active, ending, block_size=block_size, window=window,
+                                 ring_cap=ring_cap, max_pp=max_pp)
+    else:
+        inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap,
+                              dp_sync=dp_sync)
     inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap),
                                in_axes=(0, None))(inst, active)
 
@@ -399,7 +500,7 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
 def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int,
                         window: int, ring_cap: int, max_steps: int, record_iterations: bool = True,
                         router: routing.Router = routing.Router(), releases: bool = False,
-                        dp_sync: bool = False) -> ClusterState:
+                        dp_sync: bool = False, max_pp: int = 1) -> ClusterState:
     """Advance until every request has finished (or the run stalls, or a buffer would overflow).
 
     Unjitted; :func:`run` (one configuration) and :func:`run_batch` (a ``vmap`` over
@@ -407,8 +508,12 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
     (its writes past the end are dropped), for sweeps that only need per-request results.
     ``releases``: requests enter queues during the run (P/D hand-offs, agentic sessions); the
     state must come from ``init_state(..., releases=True)``. ``dp_sync``: some instances form
-    wave-synchronised DP groups (``EngineParams.dp_group``).
+    wave-synchronised DP groups (``EngineParams.dp_group``). ``max_pp``: the largest pipeline
+    degree of an instance (``LatencyTables.pp``); with 1 no pipeline is compiled, and the state
+    must come from instances initialised with the same ``max_pp``.
     """
+    if max_pp > 1 and dp_sync:
+        raise NotImplementedError("wave-synchronised DP groups with pipeline parallelism")
     max_iters = st.records.start.shape[-1]
     n_req = wl.prompt.shape[0]
 
@@ -419,7 +524,7 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
     def body(consts, st):
         prm, wl = consts
         return _step(st, prm, wl, cond(consts, st), block_size=block_size, window=window, ring_cap=ring_cap,
-                     router=router, releases=releases, dp_sync=dp_sync)
+                     router=router, releases=releases, dp_sync=dp_sync, max_pp=max_pp)
 
     if st.inst.busy.shape[0] != 1:
         return masked_while_loop(cond, body, st, (prm, wl))
@@ -438,7 +543,8 @@ def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
     return eqx.tree_at(lambda s: (s.inst, s.records), st, (jax.tree.map(fn, st.inst), jax.tree.map(fn, st.records)))
 
 
-_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations", "router", "releases", "dp_sync")
+_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations", "router", "releases", "dp_sync",
+           "max_pp")
 run = functools.partial(jax.jit, static_argnames=_STATIC)(simulate_until_done)
 
 

@@ -82,6 +82,19 @@ class Records(eqx.Module):
     kv_used: Int[Array, " it"]
 
 
+class Pipe(eqx.Module):
+    """Pipeline-parallel batches in flight (REFERENCE.md §1.8), present when the compiled run's
+    ``max_pp > 1``. Entry b of the [P] arrays is a batch in flight (``end < NEVER``) or free."""
+
+    stage_free: Int[Array, " P"]  # when each stage is next free, ns
+    start: Int[Array, " P"]  # formation time of each batch in flight
+    end: Int[Array, " P"]  # its completion (last stage done), NEVER for a free entry
+    tokens: Int[Array, " P"]
+    seqs: Int[Array, " P"]
+    slot_batch: Int[Array, " slot"]  # the entry whose batch holds the slot's request, -1 none
+    try_at: Int[Array, ""]  # next time (not a completion) to try to form a batch, NEVER none
+
+
 class InstanceState(eqx.Module):
     slots: Slots
     pool: kvpool.KVPool
@@ -94,6 +107,7 @@ class InstanceState(eqx.Module):
     preempt_counter: Int[Array, ""]
     n_iters: Int[Array, ""]
     counters: Counters
+    pipe: "Pipe | None" = None  # pipeline parallelism (None when the run's max_pp = 1)
 
 
 class SchedulerParams(eqx.Module):
@@ -115,8 +129,15 @@ def init_records(max_iters: int) -> Records:
     return Records(zt, zt, zi, zi, zi, zi, zi, zi, zi)
 
 
+def init_pipe(num_slots: int, max_pp: int) -> Pipe:
+    never = jnp.full(max_pp, NEVER, I64)
+    zi = jnp.zeros(max_pp, I32)
+    return Pipe(stage_free=jnp.zeros(max_pp, I64), start=jnp.zeros(max_pp, I64), end=never, tokens=zi, seqs=zi,
+                slot_batch=jnp.full(num_slots, -1, I32), try_at=jnp.asarray(NEVER, I64))
+
+
 def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_hashes, window,
-                  num_blocks) -> InstanceState:
+                  num_blocks, max_pp: int = 1) -> InstanceState:
     z = jnp.zeros(num_slots, I32)
     slots = Slots(
         req=jnp.full(num_slots, -1, I32), status=z, prompt=z, target=z, reached=z, computed=z,
@@ -131,6 +152,7 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
         batch_tokens=zero, batch_seqs=zero, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
         counters=Counters(zero, zero, zero, zero, jnp.zeros(4, I32), jnp.asarray(False)),
+        pipe=init_pipe(num_slots, max_pp) if max_pp > 1 else None,
     )
 
 
@@ -241,12 +263,16 @@ def _put(field, index, value):
 
 
 def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *, block_size: int,
-             window: int, ring_cap: int) -> InstanceState:
+             window: int, ring_cap: int, skip=None) -> InstanceState:
     """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``.
 
     A busy instance (a batch in flight), or one not ``allowed`` to schedule, is left unchanged.
     That is done by giving it no token budget rather than with ``lax.cond``, which may copy the
     whole state on every step.
+
+    ``skip`` (pipeline parallelism, [slot] bool): requests already in a batch in flight; the
+    running phase schedules nothing for them (vLLM's virtual engines), a chunked prefill included.
+    Their ``sched_*`` fields are the caller's to keep (they are returned as for a new batch).
     """
     bs = block_size
     idle = ~inst.busy & allowed
@@ -279,6 +305,8 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     order_w = jnp.where(in_list, order, num_slots)  # scatter index: out of range past the list
     want = s.reached - s.computed
     want = jnp.where((thr > 0) & (thr < want), thr, want)
+    if skip is not None:
+        want = jnp.where(skip, 0, want)
     want_o = jnp.where(in_list, want[order], 0)
     used_before = prefix_sum(want_o) - want_o
     n_o = jnp.clip(budget0 - used_before, 0, want_o)
