@@ -1,0 +1,122 @@
+"""Every notebook in notebooks/ runs, without a Jupyter kernel, and shows what it claims.
+
+The code cells of each ``.ipynb`` are executed in order in one namespace, from the repository root,
+with matplotlib on the Agg backend (notebooks find the repository root from the working
+directory, so they run from the root or from notebooks/). IPython magics (lines starting with
+``%`` or ``!``) are skipped. Notebooks are committed executed: every code cell has run, in order.
+Per-notebook checks then assert real values from the namespace.
+
+Compile budget: colocated_vs_disaggregated compiles twice (the co-located and the P/D cluster
+loop, ~15-18 s each on a 2-core CPU); every other run reuses them.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _code_cells(path: Path) -> list:
+    nb = json.loads(path.read_text())
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def run_notebook(path: Path) -> dict:
+    """Execute the code cells of ``path`` in one namespace; returns the namespace."""
+    ns = {"__name__": "__main__", "__file__": str(path)}
+    for i, cell in enumerate(_code_cells(path)):
+        src = "".join(cell["source"])
+        src = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!")))
+        exec(compile(src, f"{path.name}[code cell {i}]", "exec"), ns)  # noqa: S102
+    return ns
+
+
+@pytest.fixture
+def notebook_env(monkeypatch):
+    import matplotlib.pyplot as plt
+    matplotlib.use("Agg", force=True)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # a notebook may add the repository root
+    yield
+    plt.close("all")
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks in notebooks/"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_stored_executed(path):
+    counts = [c.get("execution_count") for c in _code_cells(path)]
+    assert all(isinstance(n, int) for n in counts), f"{path.name}: not every code cell has run"
+    assert counts == sorted(counts), f"{path.name}: cells were run out of order"
+
+
+def _check_colocated_vs_disaggregated(ns: dict):
+    from matplotlib.figure import Figure
+
+    n = ns["N_REQUESTS"]
+    results, summaries, designs = ns["results"], ns["summaries"], ns["DESIGNS"]
+    pd_designs = ns["PD_DESIGNS"]
+    assert len(pd_designs) >= 1 and len(results) == len(designs) * len(ns["LOADS"])
+    kv_token_bytes = 2 * ns["MODEL"].kv_dim * ns["MODEL"].num_layers * 2  # K+V, bf16
+    assert kv_token_bytes == ns["KV_TOKEN_BYTES"] == 131_072
+
+    for (name, s), res in results.items():
+        # every request finished, in every design and load
+        assert summaries[name, s]["requests"] == n and summaries[name, s]["unfinished_requests"] == 0, (name, s)
+        assert np.all(res.finish_ns > res.first_token_ns) and np.all(res.first_token_ns > res.arrival_ns)
+        roles = [spec.role for spec in designs[name]]
+        if name not in pd_designs:
+            assert res.prefill_instance is None and set(roles) == {"colocated"}
+            continue
+        # every request prefilled on the prefill instance, finished on a decode instance
+        prefill = roles.index("prefill")
+        assert res.stats["prefills_per_instance"] == [n if i == prefill else 0 for i in range(len(roles))], (name, s)
+        assert all(roles[i] == "decode" for i in set(res.instance.tolist())), (name, s)
+        # KV conserved through the hand-off: the whole prompt, for every request never preempted
+        ok = res.num_preemptions == 0
+        np.testing.assert_array_equal(res.kv_transfer_bytes[ok], res.input_toks[ok].astype(np.int64) * kv_token_bytes)
+        assert np.all(res.kv_transfer_bytes >= res.input_toks.astype(np.int64) * kv_token_bytes)
+        assert np.all(res.kv_ready_ns > res.prefill_end_ns)
+
+    pd_main, pd_after = ns["pd_main"], ns["pd_after"]
+    if pd_main.stats["preemptions"] == 0:
+        assert pd_main.stats["kv_transfer_bytes"] == int(pd_main.input_toks.sum()) * kv_token_bytes
+    # the table's numbers are the per-request ones
+    table = ns["tables"][pd_designs[0], ns["BASE_LOAD"]]
+    assert summaries[pd_designs[0], ns["BASE_LOAD"]]["ttft_ms_p99"] == pytest.approx(
+        np.percentile(table["ttft_ns"] / 1e6, 99))
+    # layer-wise streaming overlaps the transfer with the prefill: it waits less than sending after it
+    assert 0 < pd_main.stats["kv_transfer_wait_ms"]["mean"] < pd_after.stats["kv_transfer_wait_ms"]["mean"]
+    assert np.all(ns["first_itl"] > 0)
+
+    # plots: a TTFT CDF and a TPOT CDF per design, the KV-wait histograms, latency against load
+    for fig in (ns["fig_cdf"], ns["fig_load"]):
+        assert isinstance(fig, Figure) and len(fig.axes) == 3
+    ttft_ax, tpot_ax, kv_ax = ns["fig_cdf"].axes
+    assert len(ttft_ax.lines) == len(tpot_ax.lines) == len(designs)
+    assert len(kv_ax.patches) > 0
+    assert all(len(ax.lines) >= len(designs) for ax in ns["fig_load"].axes)
+    # the conclusions are computed, and name a design for each metric
+    lines = ns["conclusions"]
+    assert any("TTFT p99" in line and any(d in line for d in designs) for line in lines)
+    assert any("TPOT p99" in line and any(d in line for d in designs) for line in lines)
+
+
+CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path, notebook_env):
+    ns = run_notebook(path)
+    check = CHECKS.get(path.name)
+    if check is not None:
+        check(ns)
