@@ -16,6 +16,7 @@ Hydra (``conf/cluster/*.yaml``)::
           role: decode
           node: 1
           dp_group: null             # instances naming one group form a DP group (REFERENCE.md §1.8)
+          model: null                # another model than the run's (org/name)
       dp_sync: moe                   # DP groups run wave-synchronised rounds: moe (MoE models) | always | never
       links:                         # KV hand-off links per level (spec.LinkConfig)
         intra_node_bw_gbps: 16
@@ -24,8 +25,8 @@ Hydra (``conf/cluster/*.yaml``)::
         inter_node_latency_ns: 20000
         kv_transfer: layerwise       # or after_prefill
 
-Each instance entry overrides the run's ``hardware`` and ``scheduler`` sections (same keys); all
-instances serve the run's model. The JSON importer maps each instance's fields onto the same
+Each instance entry overrides the run's ``hardware`` and ``scheduler`` sections (same keys) and
+may name its own ``model`` (org/name under profiles/models; default: the run's model). The JSON importer maps each instance's fields onto the same
 dataclasses (``pd_type`` to the role, the node's position to ``node``, a per-dimension
 ``link_bw``/``link_latency`` list to the two link levels) and rejects what the engine does not
 model yet (pipeline or data parallelism, placement, offloading, power): a cluster is never
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from jaxsim.engine.routing import POLICIES, Router
 from jaxsim.errors import JaxsimInputError
+from jaxsim.model import load_model_config
 from jaxsim.spec import KV_TRANSFERS, ROLES, Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig
 
 
@@ -139,7 +141,8 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
     if section.get("json"):
         base_hw = parse_hardware(hardware, "hardware")
         base_sched = parse_scheduler(scheduler, "scheduler")
-        instances, links = load_cluster_json(section["json"], base_hw, base_sched, calib, model_name)
+        instances, links = load_cluster_json(section["json"], base_hw, base_sched, calib, model_name,
+                                             models_dir=Path(profiles) / "models")
         for k, spec in enumerate(instances):  # the JSON's values pass the same checks as the YAML's
             parse_hardware({**dataclasses.asdict(spec.hw), "ep": 0}, f"{section['json']}: instance {k}")
             parse_scheduler(dataclasses.asdict(spec.sched), f"{section['json']}: instance {k}")
@@ -157,10 +160,10 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
         key = f"cluster.instances[{i}]"
         if not isinstance(e, dict):
             raise JaxsimInputError(key, f"must be a mapping, got {e!r}")
-        unknown = set(e) - {"count", "hardware", "scheduler", "role", "node", "dp_group"}
+        unknown = set(e) - {"count", "hardware", "scheduler", "role", "node", "dp_group", "model"}
         if unknown:
             raise JaxsimInputError(f"{key}.{sorted(unknown)[0]}", "unknown field",
-                                   "use count, hardware, scheduler, role, node, dp_group")
+                                   "use count, hardware, scheduler, role, node, dp_group, model")
         count = e.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise JaxsimInputError(f"{key}.count", f"must be an integer >= 1, got {count!r}")
@@ -177,7 +180,12 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
             raise JaxsimInputError(f"{key}.hardware.ep", f"must be an integer >= 0, got {ep!r}")
         hw = dataclasses.replace(hw, ep=ep)
         sched = parse_scheduler({**scheduler, **(e.get("scheduler") or {})}, f"{key}.scheduler")
-        instances += [InstanceSpec(hw, sched, calib, **_placement(e, key))] * count
+        model = None
+        if e.get("model") not in (None, model_name):
+            if not isinstance(e["model"], str):
+                raise JaxsimInputError(f"{key}.model", f"must be a model name (org/name), got {e['model']!r}")
+            model = load_model_config(Path(profiles) / "models", e["model"])
+        instances += [InstanceSpec(hw, sched, calib, model=model, **_placement(e, key))] * count
     check_dp_groups(instances, "cluster.instances")
     dp_sync = section.get("dp_sync", "moe")
     if dp_sync not in ("moe", "always", "never"):
@@ -186,13 +194,15 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
 
 
 def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig, calib: Calibration,
-                      model_name: str) -> tuple:
+                      model_name: str, models_dir=None) -> tuple:
     """The instances of a reference cluster JSON and its links: ``(list[InstanceSpec], LinkConfig)``.
 
     Fields it does not give keep the values of ``base_hw`` / ``base_sched``. The top-level
     ``link_bw``/``link_latency`` is a scalar (every link) or a per-dimension list: its first entry
     is the link within a node (TP collectives, KV hand-offs inside the node), its last the link
-    between nodes. ``pd_type`` gives the role; the node's position in ``nodes`` gives ``node``."""
+    between nodes. ``pd_type`` gives the role; the node's position in ``nodes`` gives ``node``.
+    An instance serving another model than ``model_name`` gets that model's config from
+    ``models_dir`` (without it, such an instance is refused)."""
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -234,9 +244,12 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
         for i, inst in enumerate(insts):
             where = f"{path}: nodes[{n}].instances[{i}]"
             model = need(inst, "model_name", f"nodes[{n}].instances[{i}]")
+            other = None
             if model != model_name:
-                raise JaxsimInputError(f"{where}.model_name", f"{model!r}, but the run's model is {model_name!r}",
-                                       "one model per cluster: set model.name to it")
+                if models_dir is None:
+                    raise JaxsimInputError(f"{where}.model_name", f"{model!r}, but the run's model is {model_name!r}",
+                                           "set model.name to it, or give the models folder")
+                other = load_model_config(models_dir, model)
             for key, neutral in _JSON_UNSUPPORTED.items():
                 if key in inst and inst[key] not in neutral:
                     raise JaxsimInputError(f"{where}.{key}", f"{inst[key]!r} is not modelled yet",
@@ -263,7 +276,7 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                 raise JaxsimInputError(f"{where}.pd_type", f"unknown role {pd!r}", 'use null, "prefill" or "decode"')
             group = inst.get("dp_group")
             out.append(InstanceSpec(hw, sched, calib, role=pd or "colocated", node=n,
-                                    dp_group=None if group is None else str(group)))
+                                    dp_group=None if group is None else str(group), model=other))
     if not out:
         raise JaxsimInputError(str(path), "the cluster has no instances")
     return out, links

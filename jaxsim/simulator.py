@@ -287,8 +287,10 @@ def place_instances(plans: "list[Plan]", instances: "list[InstanceSpec]", links:
                     dp_sync: str = "moe", key: str = "cluster.instances") -> "list[Plan]":
     """The plans with their instances' roles, nodes, DP groups and the cluster's links.
 
-    Checks that a disaggregated cluster has both prefill and decode instances, and that the
-    members of a DP group share a role and a hardware. ``dp_sync`` says which DP groups run
+    Checks that a disaggregated cluster has both prefill and decode instances of one model (the
+    KV they hand over), and that the members of a DP group share a role, a model and tp/ep
+    degrees (``model``: the cluster's model, for instances that do not name one). ``dp_sync``
+    says which DP groups run
     wave-synchronised rounds: ``moe`` (MoE models only: vLLM lock-steps DP ranks for the expert
     collectives, while dense DP members are independent engines behind the load balancer),
     ``always`` or ``never``."""
@@ -299,18 +301,25 @@ def place_instances(plans: "list[Plan]", instances: "list[InstanceSpec]", links:
         have = "prefill" if "prefill" in roles else "decode"
         raise JaxsimInputError(f"{key}[*].role", f"a disaggregated cluster needs prefill and decode instances; "
                                f"it has {have} instances only", "add the other role, or make them colocated")
-    sync = dp_sync == "always" or (dp_sync == "moe" and model.is_moe)
+    models = [spec.model or model for spec in instances]
+    pd_models = {m.name for m, r in zip(models, roles) if r != "colocated"}
+    if len(pd_models) > 1:
+        raise JaxsimInputError(f"{key}[*].model", f"prefill and decode instances serve different models "
+                               f"{sorted(pd_models)}", "the KV handed over must be the same model's")
     first = {}
     groups = []
     for i, spec in enumerate(instances):
-        if spec.dp_group is None or not sync:
+        if spec.dp_group is None or dp_sync == "never":
+            groups.append(-1)
+            continue
+        if not (dp_sync == "always" or models[i].is_moe):
             groups.append(-1)
             continue
         lead = first.setdefault(spec.dp_group, i)
         a = instances[lead]
-        if (a.role, a.hw.tp, a.hw.ep) != (spec.role, spec.hw.tp, spec.hw.ep):
-            raise JaxsimInputError(f"{key}[{i}].dp_group", f"DP group {spec.dp_group!r} mixes roles or tp/ep degrees",
-                                   "members of a DP group have equal role, tp and ep")
+        if (a.role, a.hw.tp, a.hw.ep, models[lead].name) != (spec.role, spec.hw.tp, spec.hw.ep, models[i].name):
+            raise JaxsimInputError(f"{key}[{i}].dp_group", f"DP group {spec.dp_group!r} mixes roles, models or tp/ep "
+                                   "degrees", "members of a DP group have equal role, model, tp and ep")
         if spec.hw.pp != 1:
             raise JaxsimInputError(f"{key}[{i}].dp_group", "wave-synchronised DP groups with pipeline parallelism "
                                    f"(pp = {spec.hw.pp}) are not modelled", "use pp 1, or dp_sync never")
@@ -411,7 +420,7 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     from prefill to decode instances over ``links``."""
     if not instances:
         raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
-    plans = [plan(workload, model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
+    plans = [plan(workload, spec.model or model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
     plans = place_instances(plans, instances, links, model, dp_sync)
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     dims = Dims.merge([pl.dims for pl in plans])

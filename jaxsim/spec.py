@@ -95,6 +95,9 @@ class InstanceSpec:
     # Instances with the same dp_group form a DP group (REFERENCE.md §1.8): wave-synchronised
     # rounds padded to the group's largest batch (for MoE models by default). None: no group.
     dp_group: str | None = None
+    # The model this instance serves (a jaxsim.model.ModelConfig); None: the cluster's model.
+    # Every request may go to any instance; P/D pairs and DP groups share one model.
+    model: object = None
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -223,7 +223,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         insts = []  # this point's plan of each instance
         specs = _instances(base, p)
         for spec in specs:
-            kw = {**shared, **_instance_inputs(base, p, spec)}
+            kw = {**shared, **_instance_inputs(base, p, spec), "model": spec.model or base.model}
             sched = kw["sched"]
             max_blocks = simulator.block_table_width(w, sched.block_size)
             key = (id(w), sched.block_size, max_blocks)

@@ -82,7 +82,7 @@ def test_reference_json_pipeline_and_refusals(tmp_path):
     pp.write_text(json.dumps(d))
     with pytest.raises(JaxsimInputError, match=r"instances\[0\].num_npus"):
         load_cluster_json(pp, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
-    with pytest.raises(JaxsimInputError, match="one model per cluster"):
+    with pytest.raises(JaxsimInputError, match="but the run's model is"):
         load_cluster_json(CLUSTERS / "single_node_multi_instance.json", HardwareConfig(), SchedulerConfig(),
                           Calibration(), "Qwen/Qwen3-32B")
     d = json.loads((CLUSTERS / "single_node_multi_instance.json").read_text())
@@ -96,6 +96,30 @@ def test_reference_json_pipeline_and_refusals(tmp_path):
     bad.write_text(json.dumps(d))
     with pytest.raises(JaxsimInputError, match="power"):
         load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
+
+
+def test_instances_of_another_model():
+    """An instance may serve its own model: the JSON importer loads its config; the engine gets
+    that model's tables and KV size per instance; P/D pairs must share a model."""
+    from jaxsim import simulator
+    from jaxsim.model import load_model_config
+    from jaxsim.spec import InstanceSpec
+    from jaxsim.workload import load_workload
+
+    models = ROOT / "profiles" / "models"
+    specs, _ = load_cluster_json(CLUSTERS / "single_node_multi_instance.json", HardwareConfig(), SchedulerConfig(),
+                                 Calibration(), "Qwen/Qwen3-32B", models_dir=models)
+    assert [s.model.name for s in specs] == ["meta-llama/Llama-3.1-8B"] * 2
+    llama, qwen = load_model_config(models, LLAMA), load_model_config(models, "Qwen/Qwen3-32B")
+    w = load_workload(ROOT / "profiles" / "workloads" / "example_trace.jsonl")
+    hw = HardwareConfig(num_gpu_blocks=300)
+    p = simulator.prepare_cluster(w, llama, [InstanceSpec(hw), InstanceSpec(hw, model=qwen)],
+                                  profiles_dir=ROOT / "profiles")
+    assert p.params.tables.num_layers.tolist() == [32, 64]
+    assert p.params.kv_token_bytes.tolist() == [2 * 1024 * 32 * 2, 2 * 1024 * 64 * 2]
+    with pytest.raises(JaxsimInputError, match="prefill and decode instances serve different models"):
+        simulator.prepare_cluster(w, llama, [InstanceSpec(hw, role="prefill"), InstanceSpec(hw, model=qwen, role="decode")],
+                                  profiles_dir=ROOT / "profiles")
 
 
 def test_hydra_cluster_groups():
