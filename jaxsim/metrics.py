@@ -22,6 +22,9 @@ REQUEST_COLUMNS = (
     "itl_mean_ns", "itl_median_ns", "itl_p99_ns", "itl_max_ns", "prefix_hit_tokens",
     "num_preemptions", "recomputed_tokens", "itl_ns",
 )
+# P/D runs add, per request: the prefill instance, the KV bytes handed over, and the wait between
+# the end of the prefill and the arrival of the last KV layer at the decode instance.
+PD_COLUMNS = ("prefill_instance_id", "kv_transfer_bytes", "kv_wait_ns")
 TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting",
                       "kv_cache_pct")
 # the reference simulator's per-request CSV header (REFERENCE.md §5)
@@ -72,7 +75,7 @@ def request_table(result: SimResult) -> dict:
 
     Returns:
       ``{column: np.ndarray}`` for every name in :data:`REQUEST_COLUMNS` except ``itl_ns``, which is
-      a list of arrays.
+      a list of arrays; and :data:`PD_COLUMNS` for a P/D run (-1 / 0 for requests not handed off).
     """
     done = np.nonzero(_finished(result))[0]
     inst = _i64(result.instance)[done]
@@ -96,7 +99,14 @@ def request_table(result: SimResult) -> dict:
         if gaps.size:
             itl_stats[row] = (gaps.mean(), np.median(gaps), np.percentile(gaps, 99), gaps.max())
 
+    pd = {}
+    if result.prefill_instance is not None:
+        handed = _i64(result.prefill_instance)[ids] >= 0
+        pd = {"prefill_instance_id": _i64(result.prefill_instance)[ids],
+              "kv_transfer_bytes": _i64(result.kv_transfer_bytes)[ids],
+              "kv_wait_ns": np.where(handed, _i64(result.kv_ready_ns)[ids] - _i64(result.prefill_end_ns)[ids], 0)}
     return {
+        **pd,
         "request_id": ids.astype(np.int64),
         "instance_id": _i64(result.instance)[ids],
         "input": _i64(result.input_toks)[ids],
@@ -277,14 +287,16 @@ def _cell(v):
 
 
 def write_request_csv(table: dict, path: str | Path) -> None:
-    """``requests.csv`` with :data:`REQUEST_COLUMNS` (``itl_ns`` a JSON list, NaN as empty)."""
+    """``requests.csv`` with :data:`REQUEST_COLUMNS` (``itl_ns`` a JSON list, NaN as empty), then
+    :data:`PD_COLUMNS` when the table has them."""
+    extra = [c for c in PD_COLUMNS if c in table]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(REQUEST_COLUMNS)
+        w.writerow(REQUEST_COLUMNS + tuple(extra))
         for r in range(table["request_id"].shape[0]):
             row = [_cell(table[c][r]) for c in REQUEST_COLUMNS[:-1]]
             row.append(json.dumps(table["itl_ns"][r].tolist()))
-            w.writerow(row)
+            w.writerow(row + [_cell(table[c][r]) for c in extra])
 
 
 def write_reference_csv(table: dict, path: str | Path, model_name: str) -> None:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsim import latency, simulator, sweep
+from jaxsim import latency, metrics, simulator, sweep
 from jaxsim.engine import routing
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import load_model_config
@@ -86,6 +86,11 @@ def test_kv_transfer_times_by_hand(decode_node, mode):
         tok = res.token_times_ns[res.token_offsets[i]:res.token_offsets[i + 1]]
         assert tok[1] == ready + _iteration_ns(1, 1, 0, 0, 1, p) + CALIB.token_output_delay_ns
         assert res.prefill_instance[i] == 0 and res.instance[i] == 1
+    # the per-request table (requests.csv) reports the hand-off
+    table = metrics.request_table(res)
+    np.testing.assert_array_equal(table["kv_wait_ns"], res.kv_ready_ns - res.prefill_end_ns)
+    np.testing.assert_array_equal(table["kv_transfer_bytes"], _separated().input_toks.astype(np.int64) * KV_TOKEN_BYTES)
+    np.testing.assert_array_equal(table["prefill_instance_id"], 0)
     if decode_node == 1 and mode == "layerwise":  # 1 GB/s: the link, not the compute, sets the pace
         # 1000 tokens: 32 layers x 4.1 ms on the link against a 43 ms iteration
         assert res.kv_ready_ns[1] - res.prefill_end_ns[1] > 80_000_000
