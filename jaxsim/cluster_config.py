@@ -26,11 +26,11 @@ Hydra (``conf/cluster/*.yaml``)::
         kv_transfer: layerwise       # or after_prefill
 
 Each instance entry overrides the run's ``hardware`` and ``scheduler`` sections (same keys) and
-may name its own ``model`` (org/name under profiles/models; default: the run's model). The JSON importer maps each instance's fields onto the same
-dataclasses (``pd_type`` to the role, the node's position to ``node``, a per-dimension
+may name its own ``model`` (org/name under profiles/models; default: the run's model). The JSON
+importer maps each instance's fields onto the same dataclasses (``pd_type`` to the role, the
+node's position to ``node``, ``tp_size``/``pp_size``/``ep_size``/``dp_group``, a per-dimension
 ``link_bw``/``link_latency`` list to the two link levels) and rejects what the engine does not
-model yet (pipeline or data parallelism, placement, offloading, power): a cluster is never
-simulated with a field ignored.
+model yet (placement, offloading, CXL, power): a cluster is never simulated with a field ignored.
 """
 
 import dataclasses
@@ -267,10 +267,12 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                 base_hw, name=need(inst, "hardware", f"nodes[{n}].instances[{i}]"),
                 mem_size_gb=float(need(mem, "mem_size", "npu_mem")), mem_bw_gbps=float(need(mem, "mem_bw", "npu_mem")),
                 mem_latency_ns=float(mem.get("mem_latency", 0)), mem_util=float(mem.get("mem_util", base_hw.mem_util)),
-                tp=int(tp), pp=int(pp), ep=int(inst.get("ep_size", 0)), link_bw_gbps=float(link_bw), link_latency_ns=float(link_lat),
+                tp=int(tp), pp=int(pp), ep=int(inst.get("ep_size", 0)), link_bw_gbps=float(link_bw),
+                link_latency_ns=float(link_lat),
                 cpu_mem_bw_gbps=float(cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps)),
                 cpu_mem_latency_ns=float(cpu.get("mem_latency", base_hw.cpu_mem_latency_ns)))
-            sched = dataclasses.replace(base_sched, **{ours: inst[k] for k, ours in _JSON_SCHEDULER.items() if k in inst})
+            sched = dataclasses.replace(base_sched,
+                                        **{ours: inst[k] for k, ours in _JSON_SCHEDULER.items() if k in inst})
             pd = inst.get("pd_type")
             if pd not in (None, "prefill", "decode"):
                 raise JaxsimInputError(f"{where}.pd_type", f"unknown role {pd!r}", 'use null, "prefill" or "decode"')

@@ -325,7 +325,7 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
         moe_k=i(model.experts_per_token), moe_experts=i(model.num_experts), ep=i(ep),
         moe_skewed=jnp.asarray(skewed, bool), moe_pop=f(pop), moe_rank_experts=i(rank_experts),
         num_layers=i(L), hidden=i(model.hidden_size), weight_bytes=i(weight_bytes),
-        tp=i(hw.tp), pp=i(getattr(hw, "pp", 1)), ar_count=i(ar_count), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
+        tp=i(hw.tp), pp=i(hw.pp), ar_count=i(ar_count), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
         link_step_overhead=f(link_step_overhead_ns), cpu_bw=f(hw.cpu_mem_bw_gbps), cpu_lat=f(hw.cpu_mem_latency_ns),
         compute_scale=f(compute_scale), memory_scale=f(memory_scale), link_scale=f(link_scale),
     )

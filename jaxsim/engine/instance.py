@@ -14,7 +14,6 @@ preemptions or admissions, so a steady decode step costs O(slots).
 """
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
