@@ -193,6 +193,27 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
     return ClusterSpec(tuple(instances), router, _links(section.get("links"), "cluster.links"), dp_sync)
 
 
+def json_links(link_bw: list, link_latency: list) -> LinkConfig:
+    """The two link levels of a reference cluster JSON's per-dimension ``link_bw``/``link_latency``
+    lists (a scalar is a one-entry list): the first entry within a node, the last between nodes."""
+    return LinkConfig(intra_node_bw_gbps=float(link_bw[0]), intra_node_latency_ns=float(link_latency[0]),
+                      inter_node_bw_gbps=float(link_bw[-1]), inter_node_latency_ns=float(link_latency[-1]))
+
+
+def json_hardware(inst: dict, cpu: dict, links: LinkConfig, base_hw: HardwareConfig, *, tp, pp, ep) -> HardwareConfig:
+    """The hardware of a reference cluster JSON instance: its ``hardware`` and ``npu_mem``, its
+    node's ``cpu_mem`` and the link within the node (TP collectives); fields the JSON does not give
+    keep ``base_hw``'s values."""
+    mem = inst["npu_mem"]
+    return dataclasses.replace(
+        base_hw, name=inst["hardware"], mem_size_gb=float(mem["mem_size"]), mem_bw_gbps=float(mem["mem_bw"]),
+        mem_latency_ns=float(mem.get("mem_latency", 0)), mem_util=float(mem.get("mem_util", base_hw.mem_util)),
+        tp=int(tp), pp=int(pp), ep=int(ep), link_bw_gbps=links.intra_node_bw_gbps,
+        link_latency_ns=links.intra_node_latency_ns,
+        cpu_mem_bw_gbps=float(cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps)),
+        cpu_mem_latency_ns=float(cpu.get("mem_latency", base_hw.cpu_mem_latency_ns)))
+
+
 def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig, calib: Calibration,
                       model_name: str, models_dir=None) -> tuple:
     """The instances of a reference cluster JSON and its links: ``(list[InstanceSpec], LinkConfig)``.
@@ -227,9 +248,7 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
         if not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v) \
                 or (name == "link_bw" and min(v) <= 0):
             raise JaxsimInputError(f"{path}: {name}", f"must be a positive number or a list of them, got {v!r}")
-    link_bw, link_lat = bws[0], lats[0]
-    links = LinkConfig(intra_node_bw_gbps=float(bws[0]), intra_node_latency_ns=float(lats[0]),
-                       inter_node_bw_gbps=float(bws[-1]), inter_node_latency_ns=float(lats[-1]))
+    links = json_links(bws, lats)
     out = []
     for n, node in enumerate(nodes):
         for key in _JSON_NODE_UNSUPPORTED:
@@ -263,14 +282,9 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
             if inst.get("num_npus", tp * pp) != tp * pp:
                 raise JaxsimInputError(f"{where}.num_npus", f"{inst['num_npus']} NPUs for tp_size {tp} x pp_size {pp}",
                                        "num_npus = tp_size * pp_size")
-            hw = dataclasses.replace(
-                base_hw, name=need(inst, "hardware", f"nodes[{n}].instances[{i}]"),
-                mem_size_gb=float(need(mem, "mem_size", "npu_mem")), mem_bw_gbps=float(need(mem, "mem_bw", "npu_mem")),
-                mem_latency_ns=float(mem.get("mem_latency", 0)), mem_util=float(mem.get("mem_util", base_hw.mem_util)),
-                tp=int(tp), pp=int(pp), ep=int(inst.get("ep_size", 0)), link_bw_gbps=float(link_bw),
-                link_latency_ns=float(link_lat),
-                cpu_mem_bw_gbps=float(cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps)),
-                cpu_mem_latency_ns=float(cpu.get("mem_latency", base_hw.cpu_mem_latency_ns)))
+            need(inst, "hardware", f"nodes[{n}].instances[{i}]")
+            need(mem, "mem_size", "npu_mem"), need(mem, "mem_bw", "npu_mem")
+            hw = json_hardware(inst, cpu, links, base_hw, tp=tp, pp=pp, ep=inst.get("ep_size", 0))
             sched = dataclasses.replace(base_sched,
                                         **{ours: inst[k] for k, ours in _JSON_SCHEDULER.items() if k in inst})
             pd = inst.get("pd_type")

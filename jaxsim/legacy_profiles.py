@@ -135,7 +135,8 @@ import numpy as np
 
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.profiles import AttentionTable, MoETable, ProfileBundle, SkewFit, SKEW_PC_GRID, Table1D, load_architecture
+from jaxsim.profiles import (AttentionTable, MoETable, ProfileBundle, SkewFit, SKEW_PC_GRID, Table1D, known_hardware,
+                             load_architecture, tp_folder)
 
 LEGACY_DIR = "legacy"
 PREFIX = LEGACY_DIR + "/"
@@ -629,7 +630,6 @@ def load_legacy_bundle(profiles_dir, hardware: str, model: ModelConfig, variant:
     name = str(hardware)[len(PREFIX):] if is_legacy(hardware) else ""
     hw_dir = root / LEGACY_DIR / name
     if not name or "/" in name or name.startswith(".") or not hw_dir.is_dir():
-        from jaxsim.profiles import known_hardware
         raise JaxsimInputError(str(hw_dir), f"unknown hardware {hardware!r}", f"known hardware: {known_hardware(root)}")
     model_dir = hw_dir / model.name
     if not model_dir.is_dir():
@@ -639,11 +639,7 @@ def load_legacy_bundle(profiles_dir, hardware: str, model: ModelConfig, variant:
         raise JaxsimInputError(str(model_dir), f"no variant {variant!r} of {model.name} on {hardware}",
                                f"legacy profiles record no dtype and are served as {VARIANT!r} only")
     tp = int(tp)
-    tpdir = model_dir / f"tp{tp}"
-    if not tpdir.is_dir():
-        known = sorted(int(p.name[2:]) for p in model_dir.glob("tp*") if p.is_dir() and p.name[2:].isdigit())
-        raise JaxsimInputError(str(tpdir), f"TP degree {tp} was not profiled for {model.name} on {hardware}",
-                               f"TP is never extrapolated; profiled degrees: {known}")
+    tpdir = tp_folder(model_dir, tp, model.name, hardware)
     layers_path = _find(tpdir, "layers.csv")
     if layers_path is None:
         raise JaxsimInputError(str(tpdir / "layers.csv"), "missing profile table",

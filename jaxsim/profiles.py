@@ -388,6 +388,17 @@ def load_architecture(profiles_dir, model_type: str):
     return sequence, category, tp_stable
 
 
+def tp_folder(base: Path, tp: int, model_name: str, hardware: str) -> Path:
+    """``base/tp<N>``; an error listing the profiled degrees when it is missing (TP is never
+    extrapolated)."""
+    tpdir = Path(base) / f"tp{tp}"
+    if not tpdir.is_dir():
+        known = sorted(int(p.name[2:]) for p in Path(base).glob("tp*") if p.is_dir() and p.name[2:].isdigit())
+        raise JaxsimInputError(str(tpdir), f"TP degree {tp} was not profiled for {model_name} on {hardware}",
+                               f"TP is never extrapolated; profiled degrees: {known}")
+    return tpdir
+
+
 def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: str = "bf16",
                         tp: int = 1) -> ProfileBundle:
     """Read one profile bundle (REFERENCE.md §2.2) for ``model`` at TP degree ``tp``.
@@ -418,11 +429,7 @@ def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant
         raise JaxsimInputError(str(base), f"no variant {variant!r} of {model.name} on {hardware}",
                                f"profiled variants: {known}")
     tp = int(tp)
-    tpdir = base / f"tp{tp}"
-    if not tpdir.is_dir():
-        known = sorted(int(p.name[2:]) for p in base.glob("tp*") if p.is_dir() and p.name[2:].isdigit())
-        raise JaxsimInputError(str(tpdir), f"TP degree {tp} was not profiled for {model.name} on {hardware}",
-                               f"TP is never extrapolated; profiled degrees: {known}")
+    tpdir = tp_folder(base, tp, model.name, hardware)
     meta_path = base / "meta.yaml"
     meta = _load_yaml(meta_path, "meta.yaml")
     sequence, category, tp_stable = load_architecture(root, model.model_type)

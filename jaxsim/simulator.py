@@ -407,9 +407,8 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     """Everything :func:`cluster.run` needs for one configuration (``plan`` + ``build``)."""
     pl = plan(workload, model, hw, sched, rt, calib, **kwargs)
     state, params, wl, _ = build([pl], pl.dims, batched=False)
-    return Prepared(state, params, wl, pl.dims.static(pl.block_size, releases=needs_releases([pl])), pl.num_blocks,
-                    pl.block_size, workload,
-                    pl.max_iters_bound)
+    static = pl.dims.static(pl.block_size, releases=needs_releases([pl]))
+    return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound)
 
 
 def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",

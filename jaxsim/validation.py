@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsim.cluster_config import json_hardware, json_links
 from jaxsim.errors import JaxsimInputError
 from jaxsim.metrics import STAT_NAMES, distribution_stats
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
@@ -428,10 +429,12 @@ def case_to_cluster(case: Case) -> tuple[list, ModelRuntimeConfig, LinkConfig]:
         kv_cache_dtype=str(ek.get("kv_cache_dtype") or insts[0][2].get("kv_cache_dtype") or "auto"),
         max_model_len=int(case.max_model_len),
     )
+    return specs, rt, _links(case)
+
+
+def _links(case: Case) -> LinkConfig:
     bws, lats = case.cluster["link_bw"], case.cluster["link_latency"]
-    bws, lats = (bws if isinstance(bws, list) else [bws]), (lats if isinstance(lats, list) else [lats])
-    links = LinkConfig(float(bws[0]), float(lats[0]), float(bws[-1]), float(lats[-1]))
-    return specs, rt, links
+    return json_links(bws if isinstance(bws, list) else [bws], lats if isinstance(lats, list) else [lats])
 
 
 def _instance_spec(case: Case, ni: int, ii: int, inst: dict, *, dp: int, expert_parallel: bool) -> InstanceSpec:
@@ -454,32 +457,12 @@ def _instance_spec(case: Case, ni: int, ii: int, inst: dict, *, dp: int, expert_
             return inst[inst_key]
         return VLLM_DEFAULTS[default_key]
 
-    mem = inst["npu_mem"]
     util = ek.get("gpu_memory_utilization")
-    if util is None:
-        util = mem.get("mem_util")
-    if util is None:
-        util = VLLM_DEFAULTS["gpu_memory_utilization"]
-    node = case.cluster["nodes"][ni]
-
-    def first(v):
-        return v[0] if isinstance(v, list) else v
-
-    hw = HardwareConfig(
-        name=inst["hardware"],
-        mem_size_gb=float(mem["mem_size"]),
-        mem_bw_gbps=float(mem["mem_bw"]),
-        mem_latency_ns=float(mem["mem_latency"]),
-        mem_util=float(util),
-        num_gpu_blocks=case.num_gpu_blocks,
-        tp=int(tp),
-        pp=int(pp),
-        ep=int(tp) * dp if expert_parallel else int(inst.get("ep_size") or 0),
-        link_bw_gbps=float(first(case.cluster["link_bw"])),
-        link_latency_ns=float(first(case.cluster["link_latency"])),
-        cpu_mem_bw_gbps=float(node["cpu_mem"]["mem_bw"]),
-        cpu_mem_latency_ns=float(node["cpu_mem"]["mem_latency"]),
-    )
+    base = HardwareConfig(mem_util=VLLM_DEFAULTS["gpu_memory_utilization"], num_gpu_blocks=case.num_gpu_blocks)
+    hw = json_hardware(inst, case.cluster["nodes"][ni]["cpu_mem"], _links(case), base, tp=tp, pp=pp,
+                       ep=int(tp) * dp if expert_parallel else int(inst.get("ep_size") or 0))
+    if util is not None:  # what vLLM ran beats the config's npu_mem.mem_util
+        hw = dataclasses.replace(hw, mem_util=float(util))
     sched = SchedulerConfig(
         max_num_seqs=int(ek["max_num_seqs"]),
         max_num_batched_tokens=int(ek["max_num_batched_tokens"]),

@@ -422,8 +422,9 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
         # the tool time.
         nxt = wl.next_in_session[req]
         child = jnp.where(ev.finish & (nxt >= 0), nxt, n_req)
+        child_at = now + delay + wl.tool_ns[jnp.maximum(nxt, 0)]
         release_at = rel.release_at.at[hand].set(ready, mode="drop")
-        release_at = release_at.at[child].set(now + delay + wl.tool_ns[jnp.maximum(nxt, 0)], mode="drop")
+        release_at = release_at.at[child].set(child_at, mode="drop")
         rel = eqx.tree_at(lambda r: (r.release_at, r.kv_in), rel,
                           (release_at, rel.kv_in.at[hand].set(wl.prompt[req], mode="drop")))
         st = eqx.tree_at(
@@ -431,7 +432,7 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
             st, (st.prefill_instance.at[hand].set(inst_id, mode="drop"), st.prefill_end.at[hand].set(now, mode="drop"),
                  st.kv_ready.at[hand].set(ready, mode="drop"),
                  st.kv_bytes.at[jnp.where(ev.req >= 0, req, n_req)].add(kv_sent.reshape(-1), mode="drop"),
-                 st.arrival.at[child].set(now + delay + wl.tool_ns[jnp.maximum(nxt, 0)], mode="drop")))
+                 st.arrival.at[child].set(child_at, mode="drop")))
 
     if n_inst == 1 and not releases:  # arrivals wait in arrival order outside the slots: no queue needed
         inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now, active)
