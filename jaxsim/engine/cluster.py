@@ -78,6 +78,7 @@ class ClusterState(eqx.Module):
     router: routing.RouterState  # per-instance queues of routed requests (unused with one instance)
     releases: routing.Releases  # requests entering queues during the run (P/D hand-offs, sessions)
     link_free: Int[Array, " inst"]  # when each instance's outgoing KV link is next free, ns
+    retry_at: Int[Array, " inst"]  # an idle instance schedules again at this time (NEVER: no retry)
     finished: Int[Array, ""]
     stalled: Bool[Array, ""]  # nothing runs, nothing arrives, work is left: a request never fits
     steps: Int[Array, ""]
@@ -162,12 +163,12 @@ def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, wind
     is done.
     """
 
-    def plan(inst, prm):
+    def plan(inst, prm, now, active):
         inst = inst_lib.schedule(inst, prm.sched, wl, now, active, block_size=block_size, window=window,
                                  ring_cap=ring_cap)  # a no-op on a busy instance
         return inst, inst_lib.batch_shape(inst.slots)
 
-    inst, shape = per_instance(plan)(inst, prm)
+    inst, shape = per_instance(plan)(inst, prm, now, active)
     idle = ~inst.busy & active
     start = idle & (shape["S"] > 0)
     pad = jnp.zeros_like(shape["T"])
@@ -243,7 +244,7 @@ def _start_batches_pp(inst, prm: EngineParams, wl, now, active, ending, *, block
     completed now), as vLLM's engine with a batch queue blocks on its oldest batch when it has
     nothing to schedule: an arrival at another time waits, as it does for a lone instance."""
 
-    def one(inst, prm, ending):
+    def one(inst, prm, ending, now, active):
         pe = inst.pipe
         pp = prm.tables.pp
         n_fl = jnp.sum((pe.end < NEVER).astype(I32), dtype=I32)
@@ -286,14 +287,14 @@ def _start_batches_pp(inst, prm: EngineParams, wl, now, active, ending, *, block
                        i.counters.extrapolated),
             new, (*sched, pipe, busy, jnp.minimum(jnp.min(end), try_at), extrapolated))
 
-    return per_instance(one)(inst, prm, ending)
+    return per_instance(one)(inst, prm, ending, now, active)
 
 
 def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, queued):
     """Append one row per instance whose iteration ended now (gauges after routing; ``queued``:
     per instance, requests routed to it that wait outside its slots)."""
 
-    def one(records, inst, ending, num_blocks, ptok, gtok, queued):
+    def one(records, inst, ending, num_blocks, ptok, gtok, queued, now):
         s = inst.slots
         row = dict(start=inst.batch_start, end=now, prompt_tokens=ptok, gen_tokens=gtok,
                    num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs,
@@ -304,7 +305,7 @@ def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, queued):
         records = inst_lib.Records(**{k: getattr(records, k).at[idx].set(v, mode="drop") for k, v in row.items()})
         return records, eqx.tree_at(lambda i: i.n_iters, inst, inst.n_iters + ending.astype(I32))
 
-    return per_instance(one)(records, inst, ending, prm.sched.num_blocks, ptok, gtok, queued)
+    return per_instance(one)(records, inst, ending, prm.sched.num_blocks, ptok, gtok, queued, now)
 
 
 def _drain_if_stuck(inst, active, *, ring_cap):
@@ -366,28 +367,86 @@ def _kv_transfer(st: ClusterState, prm: EngineParams, ending, now):
     return ready, sent.astype(I64) * prm.kv_token_bytes[:, None], link_free
 
 
+class Clock(eqx.Module):
+    """Who acts in a step, and at what time (see :func:`_clock`)."""
+
+    now: Int[Array, " inst"]  # each instance's time in this step, ns
+    acts: Bool[Array, " inst"]  # the instance processes its event (or, in a global step, the moment)
+    is_global: Bool[Array, ""]  # arrivals and releases up to ``horizon`` are routed in this step
+    horizon: Int[Array, ""]  # the next moment at which instances interact, ns
+
+
+def _group_min(x, prm: EngineParams):
+    """Per instance, the minimum of ``x`` over its DP group (itself when it has none)."""
+    n_inst = x.shape[0]
+    member = prm.dp_group >= 0
+    gid = jnp.where(member, prm.dp_group, n_inst)
+    return jnp.where(member, jax.ops.segment_min(x, gid, num_segments=n_inst + 1)[gid], x)
+
+
+def _clock(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, releases: bool,
+           dp_sync: bool) -> Clock:
+    """Per-instance clocks of a cluster step (several instances, or requests released in the run).
+
+    Instances interact only when a request is routed (an arrival, a release) and, under P/D and
+    agentic sessions, when an instance releases a request at the end of one of its iterations.
+    The *horizon* is the next such moment: the next arrival or release, and the next event of an
+    instance that may release a request (a prefill instance, an instance holding a request with
+    an agentic successor). Before it, every instance is on its own: each instance whose next
+    event (a batch end, or a retry) comes before the horizon processes it at its own time, all
+    in the same step (a *lane* step, no routing). When no instance has an event before the
+    horizon, the step is *global*: at the horizon, batches that end then finish, arrivals and
+    releases are routed, and idle instances start, exactly as a step of one shared clock would.
+    So a step costs one iteration of each instance that has one, and a run takes about as many
+    steps as its busiest instance has iterations (plus one per arrival), not one per event of
+    every instance. Members of a wave-synchronised DP group share their next event.
+    """
+    inst = st.inst
+    n_req = wl.arrival_sorted.shape[0]
+    event = jnp.where(inst.busy, inst.batch_end, st.retry_at)
+    if dp_sync:
+        event = _group_min(event, prm)
+    next_arrival = jnp.where(st.next_pending < n_req,
+                             wl.arrival_sorted[jnp.minimum(st.next_pending, n_req - 1)], NEVER)
+    horizon = jnp.maximum(next_arrival, st.now)
+    if releases:
+        producer = (prm.role == PREFILL) | (st.releases.holders > 0)
+        horizon = jnp.minimum(horizon, jnp.minimum(jnp.min(st.releases.release_at),
+                                                   jnp.min(jnp.where(producer, event, NEVER))))
+    due = event < horizon
+    is_global = ~jnp.any(due)
+    acts = active & jnp.where(is_global, horizon < NEVER, due)
+    return Clock(now=jnp.where(is_global, horizon, event), acts=acts, is_global=active & is_global, horizon=horizon)
+
+
 def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, block_size, window, ring_cap,
           router: routing.Router, releases: bool, dp_sync: bool, max_pp: int = 1):
-    """One engine iteration of the cluster. A no-op when not ``active`` (see ``run``).
+    """One step of the cluster (see :func:`_clock`). A no-op when not ``active`` (see ``run``).
 
-    With ``max_pp > 1`` (pipeline parallelism), "iteration" is a batch's completion or the moment
-    an instance's stage 0 frees up (:func:`_start_batches_pp`)."""
-    now = st.now
+    A lone instance (no releases) keeps one clock: it sees arrivals at its batch ends, its only
+    decision points. With ``max_pp > 1`` (pipeline parallelism), an instance's event is a batch's
+    completion or the moment its stage 0 frees up (:func:`_start_batches_pp`)."""
     inst = st.inst
-    if max_pp > 1:
-        before = inst
-        inst, ending, in_b = per_instance(_pipe_ending, in_axes=(0, None, None))(inst, now, active)
-        st = eqx.tree_at(lambda s: s.inst, st, inst)
-    else:
-        ending = active & inst.busy & (inst.batch_end == now)
     n_req = st.finish.shape[0]
     n_inst = inst.busy.shape[0]
+    lone = n_inst == 1 and not releases
+    if lone:
+        now = jnp.broadcast_to(st.now, (1,))
+        acts = jnp.broadcast_to(active, (1,))
+    else:
+        clk = _clock(st, prm, wl, active, releases=releases, dp_sync=dp_sync)
+        now, acts = clk.now, clk.acts
+    if max_pp > 1:
+        before = inst
+        inst, ending, in_b = per_instance(_pipe_ending)(inst, now, acts)
+        st = eqx.tree_at(lambda s: s.inst, st, inst)
+    else:
+        ending = acts & inst.busy & (inst.batch_end == now)
     if releases:
         kv_ready, kv_sent, link_free = _kv_transfer(st, prm, ending, now)
         st = eqx.tree_at(lambda s: s.link_free, st, link_free)
-    inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap),
-                                        in_axes=(0, 0, 0, 0, None))(inst, prm.sched.async_scheduling,
-                                                                    prm.role == PREFILL, ending, now)
+    inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap))(
+        inst, prm.sched.async_scheduling, prm.role == PREFILL, ending, now)
     if max_pp > 1:
         inst = per_instance(_pipe_after_end)(inst, before, ending, in_b)
     # Per-request outputs from the emissions of every instance (flattened over instance, slot).
@@ -396,8 +455,9 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
     per_slot = ev.req.shape[0] // n_inst
     inst_id = jnp.repeat(jnp.arange(n_inst, dtype=I32), per_slot)
     delay = jnp.where(ev.first_emit, prm.first_token_delay_ns[inst_id], prm.token_output_delay_ns[inst_id])
+    stamp = now[inst_id] + delay  # when the client has the token
     tok_pos = jnp.where(ev.emit, wl.token_offset[req] + ev.token_index, st.token_times.shape[0])
-    token_times = st.token_times.at[tok_pos].set(now + delay, mode="drop")
+    token_times = st.token_times.at[tok_pos].set(stamp, mode="drop")
     first_pos = jnp.where(ev.first_emit, req, n_req)
     fin = jnp.where(ev.finish, req, n_req)
     # A hand-off carries the request's outputs so far to its decode instance, like a finish.
@@ -405,8 +465,8 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
     st = eqx.tree_at(
         lambda s: (s.token_times, s.first_token, s.finish, s.first_scheduled, s.prefix_hit,
                    s.num_preemptions, s.recomputed, s.instance, s.finished),
-        st, (token_times, st.first_token.at[first_pos].set(now + delay, mode="drop"),
-             st.finish.at[fin].set(now + delay, mode="drop"),
+        st, (token_times, st.first_token.at[first_pos].set(stamp, mode="drop"),
+             st.finish.at[fin].set(stamp, mode="drop"),
              st.first_scheduled.at[out].set(ev.first_scheduled, mode="drop"),
              st.prefix_hit.at[out].set(ev.prefix_hit, mode="drop"),
              st.num_preemptions.at[out].set(ev.num_preemptions, mode="drop"),
@@ -422,31 +482,35 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
         # the tool time.
         nxt = wl.next_in_session[req]
         child = jnp.where(ev.finish & (nxt >= 0), nxt, n_req)
-        child_at = now + delay + wl.tool_ns[jnp.maximum(nxt, 0)]
+        child_at = stamp + wl.tool_ns[jnp.maximum(nxt, 0)]
         release_at = rel.release_at.at[hand].set(ready, mode="drop")
         release_at = release_at.at[child].set(child_at, mode="drop")
-        rel = eqx.tree_at(lambda r: (r.release_at, r.kv_in), rel,
-                          (release_at, rel.kv_in.at[hand].set(wl.prompt[req], mode="drop")))
+        let_go = (ev.finish | ev.handoff) & (ev.req >= 0) & (nxt >= 0)  # no longer held here
+        rel = eqx.tree_at(lambda r: (r.release_at, r.kv_in, r.holders), rel,
+                          (release_at, rel.kv_in.at[hand].set(wl.prompt[req], mode="drop"),
+                           rel.holders.at[jnp.where(let_go, inst_id, n_inst)].add(-1, mode="drop")))
         st = eqx.tree_at(
             lambda s: (s.prefill_instance, s.prefill_end, s.kv_ready, s.kv_bytes, s.arrival),
-            st, (st.prefill_instance.at[hand].set(inst_id, mode="drop"), st.prefill_end.at[hand].set(now, mode="drop"),
+            st, (st.prefill_instance.at[hand].set(inst_id, mode="drop"),
+                 st.prefill_end.at[hand].set(now[inst_id], mode="drop"),
                  st.kv_ready.at[hand].set(ready, mode="drop"),
                  st.kv_bytes.at[jnp.where(ev.req >= 0, req, n_req)].add(kv_sent.reshape(-1), mode="drop"),
                  st.arrival.at[child].set(child_at, mode="drop")))
 
-    if n_inst == 1 and not releases:  # arrivals wait in arrival order outside the slots: no queue needed
-        inst, next_pending, unrouted = _route(inst, wl, st.next_pending, now, active)
+    if lone:  # arrivals wait in arrival order outside the slots: no queue needed
+        inst, next_pending, unrouted = _route(inst, wl, st.next_pending, st.now, active)
         queued = unrouted[None]
-    else:
-        arrived = jnp.searchsorted(wl.arrival_sorted, now, side="right", method="scan_unrolled").astype(I32)
-        next_pending = jnp.where(active, arrived, st.next_pending)
+    else:  # routed only in a global step, at the horizon
+        arrived = jnp.searchsorted(wl.arrival_sorted, clk.horizon, side="right", method="scan_unrolled").astype(I32)
+        next_pending = jnp.where(clk.is_global, arrived, st.next_pending)
         pd = releases  # P/D routing picks decode instances only when some instance hands off
         rs, rel = routing.route_arrivals(inst, rs, rel, prm.sched, prm.routable, prm.role, wl, st.next_pending,
                                          next_pending, router=router, block_size=block_size, pd=pd)
         reentries = None
         if releases:
             rs, rel = routing.release_due(inst, rs, rel, prm.sched, prm.routable, prm.role, wl,
-                                          jnp.where(active, now, -1), router=router, block_size=block_size, pd=pd)
+                                          jnp.where(clk.is_global, clk.horizon, -1), router=router,
+                                          block_size=block_size, pd=pd)
             reentries = inst_lib.Reentries(
                 req=rel.entry_req, kv_in=rel.kv_in, carried_first_scheduled=st.first_scheduled,
                 carried_prefix_hit=st.prefix_hit, carried_num_preemptions=st.num_preemptions,
@@ -454,28 +518,32 @@ def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, bl
         inst, rs, queued = routing.fill_slots(inst, rs, wl, reentries)
     records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, queued)
     if max_pp > 1:
-        inst = _start_batches_pp(inst, prm, wl, now, active, ending, block_size=block_size, window=window,
+        inst = _start_batches_pp(inst, prm, wl, now, acts, ending, block_size=block_size, window=window,
                                  ring_cap=ring_cap, max_pp=max_pp)
     else:
-        inst = _start_batches(inst, prm, wl, now, active, block_size=block_size, window=window, ring_cap=ring_cap,
+        inst = _start_batches(inst, prm, wl, now, acts, block_size=block_size, window=window, ring_cap=ring_cap,
                               dp_sync=dp_sync)
-    inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap),
-                               in_axes=(0, None))(inst, active)
+    inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap))(inst, acts)
 
-    any_busy = jnp.any(inst.busy) | jnp.any(retry)
     next_arrival = jnp.where(next_pending < n_req,
                              wl.arrival_sorted[jnp.minimum(next_pending, n_req - 1)], NEVER)
     if releases:
         next_arrival = jnp.minimum(next_arrival, jnp.min(rel.release_at))
-    next_end = jnp.min(jnp.where(inst.busy, inst.batch_end, jnp.where(retry, now, NEVER)))
-    if n_inst == 1 and not releases:  # a lone instance sees arrivals at its next batch end (its only decision point)
-        next_now = jnp.where(any_busy, next_end, jnp.maximum(next_arrival, now))
-    else:  # requests are routed when they arrive, and an idle instance starts on them at once
-        next_now = jnp.minimum(next_end, jnp.maximum(next_arrival, now))
+    if lone:
+        any_busy = jnp.any(inst.busy) | jnp.any(retry)
+        next_end = jnp.min(jnp.where(inst.busy, inst.batch_end, jnp.where(retry, st.now, NEVER)))
+        # a lone instance sees arrivals at its next batch end (its only decision point)
+        next_now = jnp.where(any_busy, next_end, jnp.maximum(next_arrival, st.now))
+        retry_at = st.retry_at
+    else:
+        retry_at = jnp.where(acts, jnp.where(retry, now, NEVER), st.retry_at)
+        any_busy = jnp.any(inst.busy) | jnp.any(retry_at < NEVER)
+        next_now = jnp.where(clk.is_global, clk.horizon, st.now)  # the last global moment
     stalled = (~any_busy) & (next_arrival == NEVER) & (st.finished < n_req)
-    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.router, s.releases, s.stalled, s.steps, s.records),
-                       st, (jnp.where(active, next_now, now), next_pending, inst, rs, rel,
-                            jnp.where(active, stalled, st.stalled), st.steps + active.astype(I32), records))
+    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.router, s.releases, s.stalled, s.steps, s.records,
+                                  s.retry_at),
+                       st, (jnp.where(active, next_now, st.now), next_pending, inst, rs, rel,
+                            jnp.where(active, stalled, st.stalled), st.steps + active.astype(I32), records, retry_at))
 
 
 def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iters: int,
@@ -489,7 +557,8 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
     router = routing.init_router(n_inst, n_req if n_inst > 1 or releases else 1)
     return ClusterState(
         now=jnp.asarray(0, I64), next_pending=zero, inst=inst, router=router,
-        releases=routing.init_releases(n_inst, n_req), link_free=jnp.zeros(n_inst, I64), finished=zero,
+        releases=routing.init_releases(n_inst, n_req), link_free=jnp.zeros(n_inst, I64),
+        retry_at=jnp.full(n_inst, NEVER, I64), finished=zero,
         stalled=jnp.asarray(False), steps=zero, first_token=z64, finish=z64, first_scheduled=z64,
         prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32, arrival=z64,
         prefill_instance=jnp.full(n_req, -1, I32), prefill_end=z64, kv_ready=z64, kv_bytes=jnp.zeros(n_req, I64),

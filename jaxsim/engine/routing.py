@@ -6,7 +6,8 @@ free request slot of that instance as soon as there is one; queued and slotted-b
 requests together form the instance's waiting queue (FCFS by arrival position, so the scheduler
 sees exactly what a lone instance would see of the same requests).
 
-Policies (``Router.policy``; static: a policy is a code path, so it splits sweep groups):
+Policies (``Router.policy``; static: a policy is a code path, so it splits sweep groups) are
+registered by name in ``engine/routers/`` (one file each, behind ``AbstractRoutingPolicy``):
 
 ``round_robin``  ``idx = counter % n; counter = idx + 1``
 ``random``       uniform over instances, from ``Router.seed`` and the request's arrival position
@@ -20,6 +21,8 @@ Policies (``Router.policy``; static: a policy is a code path, so it splits sweep
                  order); ``features`` is a dict of per-instance arrays: ``waiting``, ``running``,
                  ``free_blocks``, ``num_blocks``, ``max_num_seqs`` (0 = unlimited),
                  ``cached_blocks`` (of this request's prefix) and ``prompt`` (a scalar)
+``power_of_two`` two distinct routable instances drawn uniformly (seeded as ``random``), the less
+                 loaded by the ``least_loaded`` score wins (the first drawn on ties)
 
 Prefill/decode disaggregation (REFERENCE.md §1.7): arrivals go to prefill (or colocated)
 instances only. The decode instance is picked by the same policy, among the decode instances,
@@ -44,28 +47,37 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
 from jaxsim.engine import instance as inst_lib
-from jaxsim.engine import kvpool
+from jaxsim.engine import kvpool, routers
 from jaxsim.engine.instance import I32, NEVER, RUNNING, WAITING
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import prefix_sum
 
-POLICIES = ("round_robin", "random", "least_loaded", "kv_aware", "prefix_affinity", "custom")
+# The policy names registered when jaxsim is imported (engine/routers/__init__.py), in order;
+# routers.names() also lists any registered later.
+POLICIES = routers.names()
 COLOCATED, PREFILL, DECODE = 0, 1, 2  # instance roles (EngineParams.role)
 
 
 @dataclasses.dataclass(frozen=True)
 class Router:
-    """How arrivals pick an instance. Hashable: it is a static argument of the compiled run."""
+    """How arrivals pick an instance. Hashable: it is a static argument of the compiled run.
+
+    ``policy`` names a registered policy (``routers.names()``); the policy's parameters are taken
+    from the fields of the same name here (``routers.build``)."""
 
     policy: str = "least_loaded"
-    seed: int = 42
+    seed: int = 42  # for the seeded policies (random, power_of_two)
     score_fn: Callable | None = None  # for policy "custom"
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"routing policy {self.policy!r}: expected one of {POLICIES}")
-        if (self.policy == "custom") != (self.score_fn is not None):
-            raise ValueError("routing policy 'custom' needs score_fn, and score_fn needs policy 'custom'")
+        if self.policy not in routers.names():
+            raise ValueError(f"routing policy {self.policy!r}: expected one of {routers.names()}")
+        # score_fn is the one optional field: it must be given exactly to a policy that takes it.
+        takes = [p for p in routers.names() if "score_fn" in routers.params(p)]
+        if self.policy in takes and self.score_fn is None:
+            raise ValueError(f"routing policy {self.policy!r} needs score_fn")
+        if self.policy not in takes and self.score_fn is not None:
+            raise ValueError(f"score_fn needs routing policy {' or '.join(map(repr, takes))}, not {self.policy!r}")
 
 
 class RouterState(eqx.Module):
@@ -88,6 +100,10 @@ class Releases(eqx.Module):
     entry_req: Int[Array, " reentry"]
     n_entries: Int[Array, ""]
     inbound: Int[Array, " inst"]  # assigned to the decode instance, not yet in its queue
+    # Requests with an agentic successor routed to each instance and not yet finished or handed
+    # off there: such an instance may release a request when one of its iterations ends, so the
+    # other instances may not run ahead of it (engine/cluster.py, the lane horizon).
+    holders: Int[Array, " inst"]
 
 
 def init_router(num_instances: int, capacity: int) -> RouterState:
@@ -100,7 +116,7 @@ def init_router(num_instances: int, capacity: int) -> RouterState:
 def init_releases(num_instances: int, n_req: int) -> Releases:
     return Releases(release_at=jnp.full(n_req, NEVER), dest=jnp.full(n_req, -1, I32), kv_in=jnp.zeros(n_req, I32),
                     entry_req=jnp.zeros(2 * n_req, I32), n_entries=jnp.asarray(0, I32),
-                    inbound=jnp.zeros(num_instances, I32))
+                    inbound=jnp.zeros(num_instances, I32), holders=jnp.zeros(num_instances, I32))
 
 
 def _features(inst: inst_lib.InstanceState, rs: RouterState, sched: inst_lib.SchedulerParams) -> dict:
@@ -110,41 +126,16 @@ def _features(inst: inst_lib.InstanceState, rs: RouterState, sched: inst_lib.Sch
                 free_blocks=inst.pool.num_free, num_blocks=sched.num_blocks, max_num_seqs=sched.max_num_seqs)
 
 
-def _first_best(scores, counter):
-    """Index of the lowest score, scanning from ``counter`` (wrapping); first on ties."""
-    n = scores.shape[0]
-    scan = (counter + jnp.arange(n, dtype=I32)) % n
-    k = jnp.argmin(scores[scan])  # argmin returns the first minimum
-    return scan[k].astype(I32)
-
-
 def choose(router: Router, f: dict, counter, pos, cached_blocks, prompt, routable=None):
-    """The instance for the request at arrival position ``pos``; and the new counter. Instances
-    that are not ``routable`` (padding of a smaller cluster design) are never chosen."""
+    """The instance for the request at arrival position ``pos``; and the new counter (both int32
+    scalars). ``f``: ``_features`` (``int32[inst]`` each); ``cached_blocks``: ``int32[inst]``;
+    ``prompt``: tokens. Instances that are not ``routable`` (padding of a smaller cluster design,
+    the other P/D role) are never chosen. The rule is the policy's (``routers``,
+    ``AbstractRoutingPolicy.pick``)."""
     n = f["waiting"].shape[0]
     routable = jnp.ones(n, bool) if routable is None else routable
-    load = (4 * f["waiting"] + f["running"]).astype(jnp.float64)
-    load = jnp.where(f["max_num_seqs"] > 0, load / jnp.maximum(f["max_num_seqs"], 1), load)
-
-    def best_of(scores):
-        return _first_best(jnp.where(routable, jnp.asarray(scores, jnp.float64), jnp.inf), counter)
-
-    if router.policy == "round_robin":
-        best = best_of(jnp.zeros(n))  # the first routable instance from the counter on
-    elif router.policy == "random":
-        key = jax.random.fold_in(jax.random.PRNGKey(router.seed), pos)
-        k = jax.random.randint(key, (), 0, jnp.sum(routable.astype(I32)), dtype=I32)
-        return jnp.argmax(prefix_sum(routable.astype(I32)) > k).astype(I32), counter  # the k-th routable
-    elif router.policy == "least_loaded":
-        best = best_of(load)
-    elif router.policy == "kv_aware":
-        best = best_of(-f["free_blocks"].astype(jnp.float64))
-    elif router.policy == "prefix_affinity":
-        # Lexicographic (most cached blocks, then least load): load < 2**40 for any real state.
-        best = best_of(-cached_blocks.astype(jnp.float64) * 2.0**40 + load)
-    else:
-        best = best_of(router.score_fn({**f, "cached_blocks": cached_blocks, "prompt": prompt}))
-    return best.astype(I32), (best + 1).astype(I32)
+    best, counter = routers.build(router).pick(f, counter, pos, cached_blocks, prompt, routable)
+    return jnp.asarray(best).astype(I32), jnp.asarray(counter).astype(I32)
 
 
 def _enqueue(rs: RouterState, target, entry, act) -> RouterState:
@@ -157,12 +148,19 @@ def _enqueue(rs: RouterState, target, entry, act) -> RouterState:
                         rs.tail.at[row].add(1, mode="drop"), rs.overflow | (act & full)))
 
 
+def _hold(rel: Releases, wl, target, req, act) -> Releases:
+    """Count ``req`` as held by ``target`` when it has an agentic successor (see ``holders``)."""
+    held = act & (wl.next_in_session[req] >= 0)
+    return eqx.tree_at(lambda r: r.holders, rel,
+                       rel.holders.at[jnp.where(held, target, rel.holders.shape[0])].add(1, mode="drop"))
+
+
 def _route_one(router: Router, rs: RouterState, rel: Releases, inst, sched, routable, role, wl, req, key_pos,
                act, *, block_size: int, pd: bool):
     """Route request ``req`` (when ``act``): its serving instance, and with ``pd`` its decode
     instance (recorded in ``rel``). Returns ``(instance, rs, rel)``."""
     f = _features(inst, rs, sched)
-    if router.policy in ("prefix_affinity", "custom"):
+    if routers.get(router.policy).needs_prefix_lookup:
         # The blocks its admission would find cached: vLLM looks up (prompt - 1) // block_size.
         limit = jnp.minimum((wl.prompt[req] - 1) // block_size, wl.n_hashes[req])
         cached = jax.vmap(lambda pool: kvpool.lookup_prefix(pool, wl.hashes[req], limit)[0])(inst.pool)
@@ -199,7 +197,7 @@ def route_arrivals(inst, rs: RouterState, rel: Releases, sched, routable, role, 
         req = wl.order[jnp.minimum(pos, wl.order.shape[0] - 1)]
         best, rs, rel = _route_one(router, rs, rel, inst, sched, routable, role, wl, req, pos, act,
                                    block_size=block_size, pd=pd)
-        return _enqueue(rs, best, pos, act), rel, pos + act.astype(I32)
+        return _enqueue(rs, best, pos, act), _hold(rel, wl, best, req, act), pos + act.astype(I32)
 
     rs, rel, _ = masked_while_loop(cond, body, (rs, rel, next_pending), (arrived, inst, sched, routable, role, wl))
     return rs, rel
@@ -227,6 +225,7 @@ def release_due(inst, rs: RouterState, rel: Releases, sched, routable, role, wl,
         inbound = rel.inbound.at[jnp.where(act & handed, target, rel.inbound.shape[0])].add(-1, mode="drop")
         entry = n_req + rel.n_entries
         rs = _enqueue(rs, target, entry, act)
+        rel = _hold(rel, wl, target, req, act)
         w = jnp.where(act, req, n_req)
         rel = eqx.tree_at(lambda r: (r.release_at, r.entry_req, r.n_entries, r.inbound), rel,
                           (rel.release_at.at[w].set(NEVER, mode="drop"),
