@@ -4,14 +4,14 @@ and the reference simulator's cluster JSON (REFERENCE.md §3.1).
 Hydra (``conf/cluster/*.yaml``)::
 
     cluster:
-      routing: least_loaded          # engine/routing.py POLICIES
-      routing_seed: 42               # for routing: random
+      routing: least_loaded          # a registered policy (engine/routers/), but custom
+      routing_seed: 42               # for the seeded policies: random, power_of_two
       json: null                     # a reference cluster JSON; replaces `instances`
       instances:                     # empty: one instance from `hardware` + `scheduler`
         - count: 2                   # two instances as the run's hardware/scheduler sections
           role: prefill              # colocated (default) | prefill | decode (P/D, REFERENCE.md §1.7)
           node: 0                    # the node it sits on (default 0)
-        - hardware: {name: RTX4090, mem_size_gb: 24, mem_bw_gbps: 1008}
+        - hardware: {name: RTX4090, mem_size_gb: 24}
           scheduler: {max_num_seqs: 32}
           role: decode
           node: 1
@@ -25,54 +25,59 @@ Hydra (``conf/cluster/*.yaml``)::
         inter_node_latency_ns: 20000
         kv_transfer: layerwise       # or after_prefill
 
-Each instance entry overrides the run's ``hardware`` and ``scheduler`` sections (same keys) and
-may name its own ``model`` (org/name under profiles/models; default: the run's model). The JSON
-importer maps each instance's fields onto the same dataclasses (``pd_type`` to the role, the
-node's position to ``node``, ``tp_size``/``pp_size``/``ep_size``/``dp_group``, a per-dimension
+Each instance entry overrides the run's ``hardware`` and ``scheduler`` (same keys) and may name
+its own ``model`` (org/name under profiles/models; default: the run's model). The JSON importer
+maps each instance's fields onto the same dataclasses (``pd_type`` to the role, the node's
+position to ``node``, ``tp_size``/``pp_size``/``ep_size``/``dp_group``, a per-dimension
 ``link_bw``/``link_latency`` list to the two link levels) and rejects what the engine does not
 model yet (placement, offloading, CXL, power): a cluster is never simulated with a field ignored.
+(``npu_mem.mem_bw``/``mem_latency`` are required by the format but have no effect: the profiles
+hold the measured kernel times.)
+
+Both paths build every spec with :func:`jaxsim.spec.build`, so a value passes the same checks
+(the dataclasses' own) whether it comes from YAML, the command line or a JSON file; errors name
+the YAML key or the JSON path it came from.
 """
 
 import dataclasses
 import json
 from pathlib import Path
+from typing import ClassVar
 
-from jaxsim.engine.routing import POLICIES, Router
+from jaxsim.engine import routers
+from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import load_model_config
-from jaxsim.spec import KV_TRANSFERS, ROLES, Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig
+from jaxsim.spec import (DP_SYNC, Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig, build,
+                         check_expert_parallel, check_field, check_fields, checked)
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
+    KEY: ClassVar[str] = "cluster"
+
     instances: tuple  # of InstanceSpec
     router: Router
     links: LinkConfig = LinkConfig()
-    dp_sync: str = "moe"  # which DP groups run wave-synchronised (simulator.place_instances)
+    # which DP groups run wave-synchronised (simulator.place_instances)
+    dp_sync: str = checked("moe", choices=DP_SYNC, fix="one of moe, always, never")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def check_profiled(name: str, profiles: Path, where: str) -> None:
+    """Hardware ``name`` has profiles (a bundle folder or legacy/<HW>, REFERENCE.md §2.8)."""
+    if not (Path(profiles) / name).is_dir():
+        from jaxsim.profiles import known_hardware
+
+        raise JaxsimInputError(where, f"no profiles for hardware {name!r} in {profiles}",
+                               f"known hardware: {known_hardware(Path(profiles))}")
 
 
 def _links(d, key: str) -> LinkConfig:
     """The ``cluster.links`` section (missing keys keep LinkConfig's defaults)."""
-    if d is None:
-        return LinkConfig()
-    if not isinstance(d, dict):
-        raise JaxsimInputError(key, f"must be a mapping, got {d!r}")
-    fields = {f.name: f for f in dataclasses.fields(LinkConfig)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise JaxsimInputError(f"{key}.{sorted(unknown)[0]}", "unknown field", f"fields: {sorted(fields)}")
-    vals = {}
-    for name, v in d.items():
-        if name == "kv_transfer":
-            if v not in KV_TRANSFERS:
-                raise JaxsimInputError(f"{key}.kv_transfer", f"unknown mode {v!r}", f"one of {list(KV_TRANSFERS)}")
-            vals[name] = v
-            continue
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if "bw" in name else v >= 0)
-        if not ok:
-            raise JaxsimInputError(f"{key}.{name}", f"must be a number {'> 0' if 'bw' in name else '>= 0'}, got {v!r}")
-        vals[name] = float(v)
-    return LinkConfig(**vals)
+    return LinkConfig() if d is None else build(LinkConfig, d, key)
 
 
 def check_dp_groups(instances, key: str) -> None:
@@ -83,33 +88,12 @@ def check_dp_groups(instances, key: str) -> None:
         groups.setdefault(spec.dp_group, []).append(i)
     for g, members in groups.items():
         for i in members:
-            hw = instances[i].hw
-            dp = len(members) if g is not None else 1
-            ep = hw.ep or hw.tp
-            if ep > hw.tp * dp or ep % dp:
-                raise JaxsimInputError(f"{key}[{i}].ep", f"ep {ep} with tp {hw.tp} and {dp} DP rank(s)",
-                                       "ep must be a multiple of the DP size and ep / dp <= tp")
+            check_expert_parallel(instances[i].hw, len(members) if g is not None else 1, f"{key}[{i}].ep")
 
 
-def _placement(e: dict, key: str) -> dict:
-    """``role``, ``node`` and ``dp_group`` of a cluster instance entry."""
-    role = e.get("role", "colocated")
-    if role not in ROLES:
-        raise JaxsimInputError(f"{key}.role", f"unknown role {role!r}", f"one of {list(ROLES)}")
-    node = e.get("node", 0)
-    if not isinstance(node, int) or isinstance(node, bool) or node < 0:
-        raise JaxsimInputError(f"{key}.node", f"must be an integer >= 0, got {node!r}")
-    group = e.get("dp_group")
-    if group is not None and not isinstance(group, (str, int)):
-        raise JaxsimInputError(f"{key}.dp_group", f"must be a name, got {group!r}")
-    return dict(role=role, node=node, dp_group=None if group is None else str(group))
-
-
-# JSON instance field -> (section, our key). Runtime overrides of REFERENCE.md §3.1.
-_JSON_SCHEDULER = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
-                   "long_prefill_token_threshold": "long_prefill_token_threshold", "block_size": "block_size",
-                   "enable_chunked_prefill": "enable_chunked_prefill",
-                   "enable_prefix_caching": "enable_prefix_caching", "reserve_full_isl": "reserve_full_isl"}
+# The runtime overrides of a JSON instance (REFERENCE.md §3.1) that are SchedulerConfig fields (same names).
+_JSON_SCHEDULER = ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "block_size",
+                   "enable_chunked_prefill", "enable_prefix_caching", "reserve_full_isl")
 # Fields whose behaviour the engine does not model yet: present and not at their neutral value,
 # they are refused rather than ignored.
 _JSON_UNSUPPORTED = {"placement": (None, {}),
@@ -122,34 +106,33 @@ _JSON_TOP_UNSUPPORTED = ("cxl_mem",)
 _JSON_NODE_UNSUPPORTED = ("power",)
 
 
-def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: Calibration, profiles: Path,
-                 model_name: str, parse_hardware, parse_scheduler) -> ClusterSpec | None:
-    """The ``cluster`` section (None or no instances and no JSON: a single instance -> None).
-
-    ``parse_hardware(dict, key) -> HardwareConfig`` and ``parse_scheduler(dict, key)`` are the
-    run config's validators (jaxsim.config), so a cluster entry is checked like the top level."""
+def cluster_spec(section: dict | None, hardware: HardwareConfig, scheduler: SchedulerConfig, calib: Calibration,
+                 profiles: Path, model_name: str) -> ClusterSpec | None:
+    """The ``cluster`` section (None or no instances and no JSON: a single instance -> None) on top
+    of the run's ``hardware`` and ``scheduler``; every instance's hardware must have profiles."""
     if not section:
         return None
     routing = section.get("routing", "least_loaded")
-    if routing not in POLICIES or routing == "custom":
+    # Every registered policy, but those taking a Python callable (custom's score_fn).
+    python_only = [p for p in routers.names() if "score_fn" in routers.params(p)]
+    if routing not in routers.names() or routing in python_only:
         raise JaxsimInputError("cluster.routing", f"unknown policy {routing!r}",
-                               f"one of {[p for p in POLICIES if p != 'custom']} (custom: from Python)")
+                               f"one of {[p for p in routers.names() if p not in python_only]} "
+                               f"({', '.join(python_only)}: from Python)")
     seed = section.get("routing_seed", 42)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise JaxsimInputError("cluster.routing_seed", f"must be an integer, got {seed!r}")
     router = Router(routing, seed)
+    dp_sync = section.get("dp_sync", "moe")
     if section.get("json"):
-        base_hw = parse_hardware(hardware, "hardware")
-        base_sched = parse_scheduler(scheduler, "scheduler")
-        instances, links = load_cluster_json(section["json"], base_hw, base_sched, calib, model_name,
+        instances, links = load_cluster_json(section["json"], hardware, scheduler, calib, model_name,
                                              models_dir=Path(profiles) / "models")
-        for k, spec in enumerate(instances):  # the JSON's values pass the same checks as the YAML's
-            parse_hardware({**dataclasses.asdict(spec.hw), "ep": 0}, f"{section['json']}: instance {k}")
-            parse_scheduler(dataclasses.asdict(spec.sched), f"{section['json']}: instance {k}")
-        if section.get("links"):  # the YAML's links override the JSON's
-            links = dataclasses.replace(links, **dataclasses.asdict(_links(section["links"], "cluster.links")))
+        for k, spec in enumerate(instances):
+            check_profiled(spec.hw.name, profiles, f"{section['json']}: instances[{k}].hardware")
+        if section.get("links"):  # the YAML's links replace the JSON's
+            links = _links(section["links"], "cluster.links")
         check_dp_groups(instances, f"{section['json']}: instances")
-        return ClusterSpec(tuple(instances), router, links, section.get("dp_sync", "moe"))
+        return build(ClusterSpec, dict(instances=tuple(instances), router=router, links=links, dp_sync=dp_sync))
     entries = section.get("instances") or []
     if not isinstance(entries, list):
         raise JaxsimInputError("cluster.instances", f"must be a list, got {type(entries).__name__}")
@@ -167,51 +150,57 @@ def cluster_spec(section: dict | None, hardware: dict, scheduler: dict, calib: C
         count = e.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise JaxsimInputError(f"{key}.count", f"must be an integer >= 1, got {count!r}")
-        for sec, base in (("hardware", hardware), ("scheduler", scheduler)):
-            extra = set(e.get(sec) or {}) - set(base)
-            if extra:
-                raise JaxsimInputError(f"{key}.{sec}.{sorted(extra)[0]}", "unknown field",
-                                       f"fields of the {sec} section: {sorted(base)}")
-        merged = {**hardware, **(e.get("hardware") or {})}
-        # ep is checked with the DP groups (it may span the group's ranks)
-        hw = parse_hardware({**merged, "ep": 0}, f"{key}.hardware")
-        ep = merged.get("ep", 0)
-        if not isinstance(ep, int) or isinstance(ep, bool) or ep < 0:
-            raise JaxsimInputError(f"{key}.hardware.ep", f"must be an integer >= 0, got {ep!r}")
-        hw = dataclasses.replace(hw, ep=ep)
-        sched = parse_scheduler({**scheduler, **(e.get("scheduler") or {})}, f"{key}.scheduler")
+        over = {}
+        for sec in ("hardware", "scheduler"):
+            over[sec] = e.get(sec) or {}
+            if not isinstance(over[sec], dict):
+                raise JaxsimInputError(f"{key}.{sec}", f"must be a mapping, got {over[sec]!r}")
+        # ep may span a DP group's ranks: checked with the groups below
+        hw = build(HardwareConfig, {**dataclasses.asdict(hardware), **over["hardware"]}, f"{key}.hardware")
+        check_profiled(hw.name, profiles, f"{key}.hardware.name")
+        sched = build(SchedulerConfig, {**dataclasses.asdict(scheduler), **over["scheduler"]}, f"{key}.scheduler")
         model = None
         if e.get("model") not in (None, model_name):
             if not isinstance(e["model"], str):
                 raise JaxsimInputError(f"{key}.model", f"must be a model name (org/name), got {e['model']!r}")
             model = load_model_config(Path(profiles) / "models", e["model"])
-        instances += [InstanceSpec(hw, sched, calib, model=model, **_placement(e, key))] * count
+        placement = {k: e[k] for k in ("role", "node", "dp_group") if k in e}
+        instances += [build(InstanceSpec, dict(hw=hw, sched=sched, calib=calib, model=model, **placement), key)] * count
     check_dp_groups(instances, "cluster.instances")
-    dp_sync = section.get("dp_sync", "moe")
-    if dp_sync not in ("moe", "always", "never"):
-        raise JaxsimInputError("cluster.dp_sync", f"unknown value {dp_sync!r}", "one of moe, always, never")
-    return ClusterSpec(tuple(instances), router, _links(section.get("links"), "cluster.links"), dp_sync)
+    return build(ClusterSpec, dict(instances=tuple(instances), router=router,
+                                   links=_links(section.get("links"), "cluster.links"), dp_sync=dp_sync))
 
 
 def json_links(link_bw: list, link_latency: list) -> LinkConfig:
     """The two link levels of a reference cluster JSON's per-dimension ``link_bw``/``link_latency``
     lists (a scalar is a one-entry list): the first entry within a node, the last between nodes."""
-    return LinkConfig(intra_node_bw_gbps=float(link_bw[0]), intra_node_latency_ns=float(link_latency[0]),
-                      inter_node_bw_gbps=float(link_bw[-1]), inter_node_latency_ns=float(link_latency[-1]))
+    return LinkConfig(intra_node_bw_gbps=link_bw[0], intra_node_latency_ns=link_latency[0],
+                      inter_node_bw_gbps=link_bw[-1], inter_node_latency_ns=link_latency[-1])
 
 
-def json_hardware(inst: dict, cpu: dict, links: LinkConfig, base_hw: HardwareConfig, *, tp, pp, ep) -> HardwareConfig:
+# HardwareConfig field -> the key of a JSON instance (or of its node) it comes from, for errors.
+_JSON_HARDWARE = {"name": "hardware", "mem_size_gb": "npu_mem.mem_size", "mem_util": "npu_mem.mem_util",
+                  "tp": "tp_size", "pp": "pp_size", "ep": "ep_size"}
+_JSON_NODE_HARDWARE = {"cpu_mem_bw_gbps": "cpu_mem.mem_bw", "cpu_mem_latency_ns": "cpu_mem.mem_latency"}
+
+
+def json_hardware(inst: dict, cpu: dict, links: LinkConfig, base_hw: HardwareConfig, *, tp, pp, ep,
+                  where: tuple[str, str] | None = None) -> HardwareConfig:
     """The hardware of a reference cluster JSON instance: its ``hardware`` and ``npu_mem``, its
     node's ``cpu_mem`` and the link within the node (TP collectives); fields the JSON does not give
-    keep ``base_hw``'s values."""
+    keep ``base_hw``'s values. ``where``, the JSON paths of the instance and of its node, names the
+    JSON key of a bad value (default: the ``hardware.*`` field)."""
     mem = inst["npu_mem"]
-    return dataclasses.replace(
-        base_hw, name=inst["hardware"], mem_size_gb=float(mem["mem_size"]), mem_bw_gbps=float(mem["mem_bw"]),
-        mem_latency_ns=float(mem.get("mem_latency", 0)), mem_util=float(mem.get("mem_util", base_hw.mem_util)),
-        tp=int(tp), pp=int(pp), ep=int(ep), link_bw_gbps=links.intra_node_bw_gbps,
-        link_latency_ns=links.intra_node_latency_ns,
-        cpu_mem_bw_gbps=float(cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps)),
-        cpu_mem_latency_ns=float(cpu.get("mem_latency", base_hw.cpu_mem_latency_ns)))
+    values = dict(dataclasses.asdict(base_hw), name=inst["hardware"], mem_size_gb=mem["mem_size"],
+                  mem_util=mem.get("mem_util", base_hw.mem_util), tp=tp, pp=pp, ep=ep,
+                  link_bw_gbps=links.intra_node_bw_gbps, link_latency_ns=links.intra_node_latency_ns,
+                  cpu_mem_bw_gbps=cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps),
+                  cpu_mem_latency_ns=cpu.get("mem_latency", base_hw.cpu_mem_latency_ns))
+    keys = None
+    if where is not None:
+        keys = {**{f: f"{where[0]}.{k}" for f, k in _JSON_HARDWARE.items()},
+                **{f: f"{where[1]}.{k}" for f, k in _JSON_NODE_HARDWARE.items()}}
+    return build(HardwareConfig, values, keys)
 
 
 def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig, calib: Calibration,
@@ -274,25 +263,24 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                     raise JaxsimInputError(f"{where}.{key}", f"{inst[key]!r} is not modelled yet",
                                            f"only {json.dumps(neutral[0])} is supported today")
             mem = need(inst, "npu_mem", f"nodes[{n}].instances[{i}]")
-            pp = inst.get("pp_size", 1)
-            if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
-                raise JaxsimInputError(f"{where}.pp_size", f"must be an integer >= 1, got {pp!r}")
+            pp = check_field(HardwareConfig, "pp", inst.get("pp_size", 1), f"{where}.pp_size")
             npus = inst.get("num_npus")
-            tp = inst.get("tp_size", npus // pp if isinstance(npus, int) and not isinstance(npus, bool) else 1)
+            tp = check_field(HardwareConfig, "tp", inst.get(
+                "tp_size", npus // pp if isinstance(npus, int) and not isinstance(npus, bool) else 1), f"{where}.tp_size")
             if inst.get("num_npus", tp * pp) != tp * pp:
                 raise JaxsimInputError(f"{where}.num_npus", f"{inst['num_npus']} NPUs for tp_size {tp} x pp_size {pp}",
                                        "num_npus = tp_size * pp_size")
             need(inst, "hardware", f"nodes[{n}].instances[{i}]")
             need(mem, "mem_size", "npu_mem"), need(mem, "mem_bw", "npu_mem")
-            hw = json_hardware(inst, cpu, links, base_hw, tp=tp, pp=pp, ep=inst.get("ep_size", 0))
-            sched = dataclasses.replace(base_sched,
-                                        **{ours: inst[k] for k, ours in _JSON_SCHEDULER.items() if k in inst})
+            hw = json_hardware(inst, cpu, links, base_hw, tp=tp, pp=pp, ep=inst.get("ep_size", 0),
+                               where=(where, f"{path}: nodes[{n}]"))
+            sched = build(SchedulerConfig, {**dataclasses.asdict(base_sched),
+                                            **{k: inst[k] for k in _JSON_SCHEDULER if k in inst}}, where)
             pd = inst.get("pd_type")
             if pd not in (None, "prefill", "decode"):
                 raise JaxsimInputError(f"{where}.pd_type", f"unknown role {pd!r}", 'use null, "prefill" or "decode"')
-            group = inst.get("dp_group")
-            out.append(InstanceSpec(hw, sched, calib, role=pd or "colocated", node=n,
-                                    dp_group=None if group is None else str(group), model=other))
+            out.append(build(InstanceSpec, dict(hw=hw, sched=sched, calib=calib, role=pd or "colocated", node=n,
+                                                dp_group=inst.get("dp_group"), model=other), where))
     if not out:
         raise JaxsimInputError(str(path), "the cluster has no instances")
     return out, links

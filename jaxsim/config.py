@@ -6,6 +6,15 @@
 every field, loads or generates the workload and returns a :class:`RunSpec`; no ``DictConfig``
 goes further than this module.
 
+The sections ``hardware``, ``model``, ``scheduler``, ``calibration`` and ``sim`` are the
+dataclasses :class:`~jaxsim.spec.HardwareConfig`, :class:`~jaxsim.spec.ModelRuntimeConfig`,
+:class:`~jaxsim.spec.SchedulerConfig`, :class:`~jaxsim.spec.Calibration` and :class:`SimOptions`:
+their schemas are generated from the dataclass fields (:func:`spec_schema`) and
+:func:`from_hydra` builds them with :func:`jaxsim.spec.build`, so their checks are the
+dataclasses' own (``__post_init__``), shared with the cluster JSON importer and the Python API.
+This module adds only the checks that need more than the section: profiles for the hardware, the
+model's config (context length, experts), the workload.
+
 The ``sweep`` group (``scripts/sweep.py``) adds the axes of a batched sweep: :func:`sweep_options`
 validates that section and :func:`sweep_base` builds the :class:`jaxsim.sweep.SweepBase` every
 point starts from (both import JAX lazily; the rest of this module does not need it).
@@ -15,19 +24,19 @@ and ``paths.profiles`` / ``paths.models`` / ``paths.workloads`` derive from it (
 """
 
 import dataclasses
-import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from jaxsim.cluster_config import ClusterSpec, cluster_spec
+from jaxsim.cluster_config import ClusterSpec, check_profiled, cluster_spec
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
-from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
-from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig,
-                         Workload)
+from jaxsim.model import ModelConfig, load_model_config
+from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, Rule, SchedulerConfig,
+                         Workload, build, check_expert_parallel, check_field, check_fields, check_value, checked,
+                         scalar_type)
 from jaxsim.workload import check_context, load_workload, shift_workload, synthetic_workload
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -35,50 +44,69 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 
 # ------------------------------------------------------------------------------------------------
-# Structured schema (types only; the values live in conf/*.yaml)
+# Run options that only the Hydra path has (the other sections are the jaxsim.spec dataclasses)
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class HardwareSchema:
-    name: str = MISSING
-    mem_size_gb: float = MISSING
-    mem_bw_gbps: float = MISSING
-    mem_latency_ns: float = 0.0
-    mem_util: float = 0.9
-    num_gpu_blocks: Optional[int] = None
-    activation_reserve_gb: float = 0.0
-    tp: int = 1
-    link_bw_gbps: float = 16.0
-    link_latency_ns: float = 20000.0
-    cpu_mem_bw_gbps: float = 256.0
-    cpu_mem_latency_ns: float = 0.0
-    ep: int = 0  # expert-parallel degree of a MoE model; 0 = tp
+@dataclasses.dataclass(frozen=True)
+class SimOptions:
+    KEY: ClassVar[str] = "sim"
+
+    max_slots: int = checked(0, lo=0)  # request slots of the engine state (a shape); 0 = auto
+    record_token_times: bool = True  # keep every token's emission time (ITL)
+    max_iterations: int = checked(0, lo=0)  # engine iteration cap; 0 = derived from the workload
+
+    def __post_init__(self):
+        check_fields(self)
 
 
-@dataclasses.dataclass
-class ModelSchema:
-    name: str = MISSING
-    dtype: str = "auto"
-    kv_cache_dtype: str = "auto"
-    max_model_len: int = 0
-    expert_routing: str = "balanced"  # MoE expert popularity: "balanced" | "zipf"
-    expert_zipf_s: float = 1.0  # Zipf exponent (expert_routing: zipf); 0 = uniform
-    expert_seed: int = 0  # permutation of the Zipf ranks over experts; -1 = hottest experts on EP rank 0
+# ------------------------------------------------------------------------------------------------
+# Structured schema (types and defaults; the values live in conf/*.yaml)
+# ------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class SchedulerSchema:
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
-    long_prefill_token_threshold: int = 0
-    reserve_full_isl: bool = True
-    enable_prefix_caching: bool = True
-    block_size: int = 16
-    async_scheduling: bool = True
+def _schema_type(typ):
+    """The annotation OmegaConf gets for a spec field: scalars as they are, ``X | None`` as
+    ``Optional[X]``, anything else ``Any``."""
+    base, optional = scalar_type(typ)
+    if base is None:
+        return Any
+    return Optional[base] if optional else base
 
 
+def spec_schema(cls, required: tuple = ()) -> type:
+    """The Hydra structured config of spec dataclass ``cls``: one field per init field of ``cls``,
+    same name, type and default (``required`` ones are MISSING: a config option must set them).
+    Not frozen (command-line overrides write to it); the values are checked when
+    :func:`from_hydra` builds ``cls`` from them."""
+    fields = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in required:
+            default = MISSING
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no default; list it in required")
+        fields.append((f.name, _schema_type(f.type), dataclasses.field(default=default)))
+    schema = dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
+    schema.__module__ = __name__
+    return schema
+
+
+# The sections that are spec dataclasses: every field is overridable from the command line
+# (hardware.pp=2) and nothing else is; a config option must name its hardware and model.
+HardwareSchema = spec_schema(HardwareConfig, required=("name", "mem_size_gb"))
+ModelSchema = spec_schema(ModelRuntimeConfig, required=("name",))
+SchedulerSchema = spec_schema(SchedulerConfig)
+CalibrationSchema = spec_schema(Calibration)
+SimSchema = spec_schema(SimOptions)
+
+
+# Sections without a spec dataclass of their own: the workload's generator arguments, and the
+# sweep / cluster / paths sections, which from_hydra resolves into other objects (SweepOptions,
+# ClusterSpec, Paths).
 @dataclasses.dataclass
 class WorkloadSchema:
     kind: str = "file"  # "file" | "synthetic"
@@ -98,20 +126,6 @@ class WorkloadSchema:
     num_prefixes: int = 1
     # both kinds: added to every arrival
     shift_ns: int = 0
-
-
-@dataclasses.dataclass
-class CalibrationSchema:
-    iteration_overhead_ns: int = Calibration.iteration_overhead_ns
-    first_token_delay_ns: int = Calibration.first_token_delay_ns
-    token_output_delay_ns: int = Calibration.token_output_delay_ns
-
-
-@dataclasses.dataclass
-class SimSchema:
-    max_slots: int = 0
-    record_token_times: bool = True
-    max_iterations: int = 0  # 0 = auto
 
 
 @dataclasses.dataclass
@@ -178,13 +192,6 @@ register_configs()
 
 
 @dataclasses.dataclass(frozen=True)
-class SimOptions:
-    max_slots: int = 0  # request slots of the engine state (a shape); 0 = auto
-    record_token_times: bool = True  # keep every token's emission time (ITL)
-    max_iterations: int = 0  # engine iteration cap; 0 = derived from the workload
-
-
-@dataclasses.dataclass(frozen=True)
 class Paths:
     root: Path
     profiles: Path
@@ -210,40 +217,23 @@ class RunSpec:
     cluster: ClusterSpec | None = None  # several instances (None: the one of hardware + scheduler)
 
 
+# Value checks of the sections without a spec dataclass (workload, paths, sweep): the same
+# jaxsim.spec.check_value that checks every spec field.
 def _check_int(v, key: str, lo: int | None = None, allow_none: bool = False):
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise JaxsimInputError(key, f"must be an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise JaxsimInputError(key, f"must be >= {lo}, got {v}")
-    return int(v)
+    return check_value(v, int | None if allow_none else int, key, Rule(lo=lo))
 
 
 def _check_float(v, key: str, lo: float | None = None, lo_open: bool = False,
                  hi: float | None = None):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        raise JaxsimInputError(key, f"must be a number, got {v!r}")
-    v = float(v)
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise JaxsimInputError(key, f"must be {'>' if lo_open else '>='} {lo:g}, got {v:g}")
-    if hi is not None and v > hi:
-        raise JaxsimInputError(key, f"must be <= {hi:g}, got {v:g}")
-    if not math.isfinite(v):
-        raise JaxsimInputError(key, f"must be finite, got {v}")
-    return v
+    return check_value(v, float, key, Rule(lo=lo, lo_open=lo_open, hi=hi))
 
 
 def _check_bool(v, key: str) -> bool:
-    if not isinstance(v, bool):
-        raise JaxsimInputError(key, f"must be true or false, got {v!r}")
-    return v
+    return check_value(v, bool, key)
 
 
 def _check_str(v, key: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise JaxsimInputError(key, f"must be a non-empty string, got {v!r}")
-    return v
+    return check_value(v, str, key)
 
 
 def _section(cfg: dict, name: str) -> dict:
@@ -255,104 +245,35 @@ def _section(cfg: dict, name: str) -> dict:
 
 
 def _hardware(d: dict, profiles: Path, p: str = "hardware") -> HardwareConfig:
-    name = _check_str(d.get("name"), f"{p}.name")
-    if not (profiles / name).is_dir():
-        from jaxsim.profiles import known_hardware  # bundle folders and legacy/<HW> (REFERENCE.md §2.8)
-
-        known = known_hardware(profiles)
-        raise JaxsimInputError(f"{p}.name", f"no profiles for hardware {name!r} in {profiles}",
-                               f"known hardware: {known}")
-    hw = HardwareConfig(
-        name=name,
-        mem_size_gb=_check_float(d.get("mem_size_gb"), f"{p}.mem_size_gb", 0, lo_open=True),
-        mem_bw_gbps=_check_float(d.get("mem_bw_gbps"), f"{p}.mem_bw_gbps", 0, lo_open=True),
-        mem_latency_ns=_check_float(d.get("mem_latency_ns"), f"{p}.mem_latency_ns", 0),
-        mem_util=_check_float(d.get("mem_util"), f"{p}.mem_util", 0, lo_open=True, hi=1),
-        num_gpu_blocks=_check_int(d.get("num_gpu_blocks"), f"{p}.num_gpu_blocks", 1,
-                                  allow_none=True),
-        activation_reserve_gb=_check_float(d.get("activation_reserve_gb"),
-                                           f"{p}.activation_reserve_gb", 0),
-        tp=_check_int(d.get("tp"), f"{p}.tp", 1),
-        link_bw_gbps=_check_float(d.get("link_bw_gbps"), f"{p}.link_bw_gbps", 0, lo_open=True),
-        link_latency_ns=_check_float(d.get("link_latency_ns"), f"{p}.link_latency_ns", 0),
-        cpu_mem_bw_gbps=_check_float(d.get("cpu_mem_bw_gbps"), f"{p}.cpu_mem_bw_gbps", 0,
-                                     lo_open=True),
-        cpu_mem_latency_ns=_check_float(d.get("cpu_mem_latency_ns"), f"{p}.cpu_mem_latency_ns",
-                                        0),
-        ep=_check_int(d.get("ep", 0), f"{p}.ep", 0),
-        pp=_check_int(d.get("pp", 1), f"{p}.pp", 1),  # pipeline stages (num_npus = tp * pp)
-    )
-    if hw.ep > hw.tp:
-        raise JaxsimInputError(f"{p}.ep", f"{hw.ep} exceeds tp = {hw.tp}: without DP groups the expert-parallel "
-                               "group is the instance's TP ranks", "use 0 (= tp) or a value <= tp")
-    if hw.activation_reserve_gb >= hw.mem_size_gb * hw.mem_util:
-        raise JaxsimInputError(f"{p}.activation_reserve_gb",
-                               f"{hw.activation_reserve_gb:g} GiB leaves no memory of "
-                               f"mem_size_gb·mem_util = {hw.mem_size_gb * hw.mem_util:g} GiB",
-                               "lower it")
+    """The hardware of one instance (no DP group): the spec's checks, profiles for its name, and
+    ``ep <= tp``."""
+    hw = build(HardwareConfig, d, p)
+    check_profiled(hw.name, profiles, f"{p}.name")
+    check_expert_parallel(hw, 1, f"{p}.ep")
     return hw
 
 
 def _scheduler(d: dict, p: str = "scheduler") -> SchedulerConfig:
-    return SchedulerConfig(
-        max_num_seqs=_check_int(d.get("max_num_seqs"), f"{p}.max_num_seqs", 0),
-        max_num_batched_tokens=_check_int(d.get("max_num_batched_tokens"),
-                                          f"{p}.max_num_batched_tokens", 0),
-        enable_chunked_prefill=_check_bool(d.get("enable_chunked_prefill"),
-                                           f"{p}.enable_chunked_prefill"),
-        long_prefill_token_threshold=_check_int(d.get("long_prefill_token_threshold"),
-                                                f"{p}.long_prefill_token_threshold", 0),
-        reserve_full_isl=_check_bool(d.get("reserve_full_isl"), f"{p}.reserve_full_isl"),
-        enable_prefix_caching=_check_bool(d.get("enable_prefix_caching"),
-                                          f"{p}.enable_prefix_caching"),
-        block_size=_check_int(d.get("block_size"), f"{p}.block_size", 1),
-        async_scheduling=_check_bool(d.get("async_scheduling", True), f"{p}.async_scheduling"),
-    )
+    return build(SchedulerConfig, d, p)
 
 
 def _model(d: dict, models: Path) -> tuple[ModelRuntimeConfig, ModelConfig]:
+    """The ``model`` section and the HF config of its model (the checks that need that config:
+    the context length and MoE-only expert routing)."""
     p = "model"
-    name = _check_str(d.get("name"), f"{p}.name")
+    rt = build(ModelRuntimeConfig, d, p)
     try:
-        mc = load_model_config(models, name)
+        mc = load_model_config(models, rt.name)
     except JaxsimInputError as e:
         raise JaxsimInputError(f"{p}.name", e.problem, e.fix) from None
-    for key in ("dtype", "kv_cache_dtype"):
-        v = _check_str(d.get(key), f"{p}.{key}")
-        if v != "auto":
-            dtype_bytes(v, f"{p}.{key}")
-    mml = _check_int(d.get("max_model_len"), f"{p}.max_model_len", 0)
-    if mml > mc.max_position_embeddings:
+    if rt.max_model_len > mc.max_position_embeddings:
         raise JaxsimInputError(f"{p}.max_model_len",
-                               f"{mml} exceeds {name}'s max_position_embeddings "
+                               f"{rt.max_model_len} exceeds {rt.name}'s max_position_embeddings "
                                f"{mc.max_position_embeddings}", "use 0 for the model's context")
-    routing = _check_str(d.get("expert_routing", "balanced"), f"{p}.expert_routing")
-    if routing not in ("balanced", "zipf"):
-        raise JaxsimInputError(f"{p}.expert_routing", f"unknown expert routing {routing!r}",
-                               "use 'balanced' or 'zipf'")
-    if routing != "balanced" and not mc.is_moe:
-        raise JaxsimInputError(f"{p}.expert_routing", f"{routing!r} needs a MoE model; {name} has no experts",
-                               "use 'balanced'")
-    zipf_s = _check_float(d.get("expert_zipf_s", 1.0), f"{p}.expert_zipf_s", 0)
-    seed = _check_int(d.get("expert_seed", 0), f"{p}.expert_seed", -1)
-    return ModelRuntimeConfig(name=name, dtype=d["dtype"], kv_cache_dtype=d["kv_cache_dtype"],
-                              max_model_len=mml, expert_routing=routing, expert_zipf_s=zipf_s,
-                              expert_seed=seed), mc
-
-
-def _calibration(d: dict) -> Calibration:
-    p = "calibration"
-    return Calibration(**{f.name: _check_int(d.get(f.name), f"{p}.{f.name}", 0)
-                          for f in dataclasses.fields(Calibration)})
-
-
-def _sim(d: dict) -> SimOptions:
-    p = "sim"
-    return SimOptions(
-        max_slots=_check_int(d.get("max_slots"), f"{p}.max_slots", 0),
-        record_token_times=_check_bool(d.get("record_token_times"), f"{p}.record_token_times"),
-        max_iterations=_check_int(d.get("max_iterations"), f"{p}.max_iterations", 0),
-    )
+    if rt.expert_routing != "balanced" and not mc.is_moe:
+        raise JaxsimInputError(f"{p}.expert_routing", f"{rt.expert_routing!r} needs a MoE model; {rt.name} has no "
+                               "experts", "use 'balanced'")
+    return rt, mc
 
 
 def _synthetic_kwargs(d: dict, workloads: Path) -> dict:
@@ -466,8 +387,8 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     hardware = _hardware(_section(d, "hardware"), paths.profiles)
     scheduler = _scheduler(_section(d, "scheduler"))
     model, model_config = _model(_section(d, "model"), paths.models)
-    calibration = _calibration(_section(d, "calibration"))
-    sim = _sim(_section(d, "sim"))
+    calibration = build(Calibration, _section(d, "calibration"))
+    sim = build(SimOptions, _section(d, "sim"))
     workload = _workload(_section(d, "workload"), paths.workloads)
 
     bundle = paths.profiles / hardware.name / model.name
@@ -485,8 +406,7 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
                                    f"longest prompt ({longest} tokens) while "
                                    "scheduler.enable_chunked_prefill is false",
                                    "raise it (0 = unlimited) or enable chunked prefill")
-    cluster = cluster_spec(d.get("cluster"), _section(d, "hardware"), _section(d, "scheduler"), calibration,
-                           paths.profiles, model.name, lambda h, k: _hardware(h, paths.profiles, k), _scheduler)
+    cluster = cluster_spec(d.get("cluster"), hardware, scheduler, calibration, paths.profiles, model.name)
     return RunSpec(
         hardware=hardware, scheduler=scheduler, model=model, model_config=model_config,
         calibration=calibration, workload=workload, sim=sim, paths=paths,
@@ -498,15 +418,13 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
 # Sweeps (scripts/sweep.py): the ``sweep`` section -> jaxsim.sweep.SweepBase + points
 # ------------------------------------------------------------------------------------------------
 
-# Value checks of the knobs of jaxsim.sweep.KNOBS (the keys must match it; tests check).
-_INT_KNOBS = {"tp": 1, "num_gpu_blocks": 1, "block_size": 1, "max_num_seqs": 0,
-              "max_num_batched_tokens": 0, "long_prefill_token_threshold": 0,
-              "seed": 0}  # knob -> lowest value
-_BOOL_KNOBS = ("enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
-_FLOAT_KNOBS = {"mem_util": (0.0, True, 1.0), "link_bw_gbps": (0.0, True, None),
-                "link_latency_ns": (0.0, False, None), "compute_scale": (0.0, True, None),
-                "memory_scale": (0.0, True, None), "link_scale": (0.0, True, None),
-                "arrival_rate_scale": (0.0, True, None)}  # knob -> (lo, lo_open, hi)
+# Value checks of the knobs of jaxsim.sweep.KNOBS: a knob that is a field of one of _KNOB_SPECS
+# has that field's rule (jaxsim.spec); the others are listed here (a test checks every knob is covered).
+_KNOB_SPECS = (HardwareConfig, SchedulerConfig)
+_POSITIVE = Rule(lo=0, lo_open=True)
+_OTHER_KNOBS = {"hardware": (str, Rule()), "cluster": (str, Rule()), "seed": (int, Rule(lo=0)),
+                "compute_scale": (float, _POSITIVE), "memory_scale": (float, _POSITIVE),
+                "link_scale": (float, _POSITIVE), "arrival_rate_scale": (float, _POSITIVE)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -536,16 +454,13 @@ class SweepOptions:
 
 
 def _check_knob_value(name: str, v, key: str):
-    if name in ("hardware", "cluster"):
-        return _check_str(v, key)
-    if name in _BOOL_KNOBS:
-        return _check_bool(v, key)
-    if name in _INT_KNOBS:
-        return _check_int(v, key, _INT_KNOBS[name], allow_none=name == "num_gpu_blocks")
-    if name in _FLOAT_KNOBS:
-        lo, lo_open, hi = _FLOAT_KNOBS[name]
-        return _check_float(v, key, lo, lo_open=lo_open, hi=hi)
-    return v  # a knob added to jaxsim.sweep.KNOBS after this table: jaxsim.sweep checks it
+    if name in _OTHER_KNOBS:
+        typ, rule = _OTHER_KNOBS[name]
+        return check_value(v, typ, key, rule)
+    for cls in _KNOB_SPECS:
+        if any(f.name == name for f in dataclasses.fields(cls)):
+            return check_field(cls, name, v, key)
+    return v  # a knob added to jaxsim.sweep.KNOBS without a rule here: jaxsim.sweep checks it
 
 
 def sweep_options(d: dict | None) -> SweepOptions:
@@ -631,9 +546,7 @@ def cluster_option(name: str, spec: RunSpec, key: str = "cluster") -> tuple:
     """The instances of option ``name`` of the ``cluster`` group (``conf/cluster/<name>.yaml``
     as it is on disk), on top of the run's hardware and scheduler sections."""
     d = _group_option("cluster", name, ClusterSchema, key, paths=spec.config["paths"])
-    c = cluster_spec(d, _section(spec.config, "hardware"), _section(spec.config, "scheduler"), spec.calibration,
-                     spec.paths.profiles, spec.model.name, lambda h, k: _hardware(h, spec.paths.profiles, k),
-                     _scheduler)
+    c = cluster_spec(d, spec.hardware, spec.scheduler, spec.calibration, spec.paths.profiles, spec.model.name)
     return c.instances if c else (InstanceSpec(spec.hardware, spec.scheduler, spec.calibration),)
 
 

@@ -19,6 +19,8 @@ from jaxsim import latency, profiles
 from jaxsim.engine import cluster
 from jaxsim.engine import instance as inst_lib
 from jaxsim.engine import routing
+from jaxsim.engine.static import Static
+from jaxsim.engine.status import Status
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes
 from jaxsim.prefix import hash_ids
@@ -86,13 +88,14 @@ class Dims:
         return 2 * self.num_blocks_cap + POP_WINDOW
 
     def static(self, block_size: int, record_iterations: bool = True, num_instances: int = 1,
-               releases: bool = False) -> dict:
-        """Keyword arguments of :func:`cluster.run` / :func:`cluster.run_batch`. The step limit
+               releases: bool = False, router: routing.Router = routing.Router(), dp_sync: bool = False) -> Static:
+        """The static part of :func:`cluster.run` / :func:`cluster.run_batch`. The step limit
         (a guard against a run that never ends) covers every instance's iterations (``max_iters``
         each) and a stop at every arrival and release."""
-        return dict(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
-                    max_steps=(3 + self.max_pp) * num_instances * self.max_iters + 4 * self.num_requests + 16,
-                    record_iterations=record_iterations, releases=releases, max_pp=self.max_pp)
+        return Static(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
+                      max_steps=(3 + self.max_pp) * num_instances * self.max_iters + 4 * self.num_requests + 16,
+                      num_instances=num_instances, record_iterations=record_iterations, router=router,
+                      releases=releases, dp_sync=dp_sync, max_pp=self.max_pp)
 
 
 @dataclasses.dataclass
@@ -109,6 +112,10 @@ class Plan:
     dims: Dims
     max_iters_bound: int  # the iteration buffer never needs more rows than this
     kv_token_bytes: int  # K+V bytes of one token (all layers and ranks): what a P/D hand-off sends
+    # The parallel layout the engine loop needs (EngineParams.pp / tp / num_layers).
+    pp: int = 1
+    tp: int = 1
+    num_layers: int = 1
     # Its place in a cluster (set by prepare_cluster / the sweep; a lone instance keeps these).
     role: str = "colocated"
     node: int = 0
@@ -121,7 +128,7 @@ class Prepared:
     state: cluster.ClusterState
     params: cluster.EngineParams
     workload: cluster.WorkloadArrays
-    static: dict  # keyword arguments of cluster.run (shapes and loop bounds)
+    static: Static  # the static argument of cluster.run (shapes, loop bounds, features)
     num_blocks: int
     block_size: int
     workload_host: Workload
@@ -271,7 +278,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 num_blocks_cap=num_blocks, max_iters=max_iters,
                 num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n, max_pp=hw.pp)
     return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound,
-                model.kv_bytes_per_token_per_rank(kv_bytes))
+                model.kv_bytes_per_token_per_rank(kv_bytes), pp=hw.pp, tp=hw.tp, num_layers=model.num_layers)
 
 
 def needs_dp_sync(plans: "list[Plan]") -> bool:
@@ -381,7 +388,9 @@ def _stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
              for k in ("iteration_overhead_ns", "first_token_delay_ns", "token_output_delay_ns")}
     links = [p.links for p in plans]
     return cluster.EngineParams(
-        sched=inst_lib.SchedulerParams(**sched), tables=latency.stack_tables([p.tables for p in plans]),
+        sched=inst_lib.SchedulerParams(**sched), latency=latency.stack_tables([p.tables for p in plans]),
+        pp=jnp.asarray([p.pp for p in plans], jnp.int64), tp=jnp.asarray([p.tp for p in plans], jnp.int64),
+        num_layers=jnp.asarray([p.num_layers for p in plans], jnp.int64),
         routable=jnp.ones(len(plans), bool), role=jnp.asarray([ROLES.index(p.role) for p in plans], jnp.int32),
         node=jnp.asarray([p.node for p in plans], jnp.int32),
         kv_token_bytes=jnp.asarray([p.kv_token_bytes for p in plans], jnp.int64),
@@ -427,8 +436,8 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     wl, _ = _workload_for(plans, dims, False, False)
     releases = needs_releases(plans)
     state = _init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims=dims, releases=releases)
-    static = dict(dims.static(plans[0].block_size, num_instances=len(plans), releases=releases), router=router,
-                  dp_sync=needs_dp_sync(plans))
+    static = dims.static(plans[0].block_size, num_instances=len(plans), releases=releases, router=router,
+                         dp_sync=needs_dp_sync(plans))
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans))
 
@@ -453,7 +462,7 @@ def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[In
 
 
 def run_prepared(p: Prepared) -> cluster.ClusterState:
-    return cluster.run(p.state, p.params, p.workload, **p.static)
+    return cluster.run(p.state, p.params, p.workload, p.static)
 
 
 def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = None) -> SimResult:
@@ -463,22 +472,20 @@ def to_result(p: Prepared, final: cluster.ClusterState, wall_s: float | None = N
     n = w.num_requests
     n_inst = f.inst.busy.shape[0]
     counts = [int(x) for x in f.inst.n_iters]
-    if bool(np.any(f.inst.counters.slot_overflow)):
-        raise CapacityOverflowError("request slots overflowed: raise sim.max_slots")
-    if bool(f.router.overflow):
-        raise CapacityOverflowError("a routing queue overflowed")
-    if max(counts) >= f.records.start.shape[-1] and int(f.finished) < n:
+    status = Status(int(f.status))
+    if status == Status.ITERATION_BUFFER_FULL:
         raise IterationBufferFull(f"the iteration buffer ({f.records.start.shape[-1]} rows) filled up before the run "
                                   "ended: raise sim.max_iterations (0 = automatic)")
-    if bool(f.stalled):
+    if status == Status.STALLED:
         left = np.nonzero(f.finish < 0)[0]
         raise JaxsimInputError(
             f"{w.source}: request {int(left[0])}", "can never be scheduled: its KV blocks exceed the cache "
             f"({p.num_blocks} blocks of {p.block_size} tokens)", "raise KV capacity or shorten the request")
+    if status != Status.OK:
+        raise CapacityOverflowError(status.message + (f" ({n - int(f.finished)} requests unfinished)"
+                                                      if status == Status.STEP_LIMIT else ""))
     if int(np.sum(f.finish >= 0)) != int(f.finished):
         raise AssertionError(f"internal: {int(f.finished)} finishes counted, {int(np.sum(f.finish >= 0))} recorded")
-    if int(f.finished) < n:
-        raise CapacityOverflowError(f"the step limit was reached with {n - int(f.finished)} requests unfinished")
     out = w.output_toks.astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(out)])
     ctr = jax.tree.map(lambda x: np.asarray(x).sum(axis=0), f.inst.counters)  # summed over instances

@@ -3,59 +3,249 @@ build, and what the engine consumes. No JAX here: these are host-side inputs and
 
 Units: times in integer ns, sizes in GiB where the name ends in ``_gb`` (REFERENCE.md §0 reads the
 nominal "GB" of configs as GiB), bandwidths in GB/s where 1 GB/s = 1 byte/ns.
+
+Each configuration dataclass is the single declaration of its concept: its fields, types and
+defaults are the Hydra schema of its config group (``jaxsim.config`` generates the structured
+config from them), and the value rule of each field (range, allowed values) is declared with the
+field (:func:`checked`) and enforced by ``__post_init__``, whichever path builds it (Hydra, the
+cluster JSON importer, the validation tool, Python). A bad value raises
+:class:`~jaxsim.errors.JaxsimInputError` naming the field under the class's config key, e.g.
+``hardware.pp: must be >= 1, got 0``; :func:`build` re-keys it to where the values came from
+(``cluster.instances[1].hardware.pp``, a JSON path, ...).
 """
 
 import dataclasses
+import functools
+import math
+import numbers
+import types
+import typing
+from typing import ClassVar
 
 import numpy as np
+
+from jaxsim.errors import JaxsimInputError
+from jaxsim.model import dtype_bytes
+
+# ------------------------------------------------------------------------------------------------
+# Field rules: declared with the field, checked in __post_init__
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """The value rule of a field beyond its type: ``lo`` (``>``, with ``lo_open``) / ``hi``
+    bounds, ``finite`` (floats; bandwidths allow ``inf`` = free), ``choices`` (strings; an
+    unknown one reads "unknown <noun> 'x'")."""
+
+    lo: float | None = None
+    lo_open: bool = False
+    hi: float | None = None
+    finite: bool = True
+    choices: tuple | None = None
+    noun: str = "value"
+    fix: str = ""
+
+
+def checked(default, **rule) -> dataclasses.Field:
+    """A dataclass field with a default and a :class:`Rule` (``lo=1``, ``choices=(...)``, ...)."""
+    return dataclasses.field(default=default, metadata={"rule": Rule(**rule)})
+
+
+def scalar_type(typ):
+    """``(base, optional)`` of an annotation: ``int | None`` -> ``(int, True)``; non-scalar -> None."""
+    optional = False
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(typ))
+        typ = args[0] if len(args) == 1 else None
+    return (typ if typ in (bool, int, float, str) else None), optional
+
+
+def check_value(v, typ, where: str, rule: Rule = Rule()):
+    """``v`` checked against type ``typ`` (bool, int, float, str, optionally ``| None``) and
+    ``rule``, normalised (numpy scalars -> Python, int -> float for floats); raises
+    :class:`JaxsimInputError` at ``where``."""
+    base, optional = scalar_type(typ)
+    if v is None and optional:
+        return None
+    if base is bool:
+        if not isinstance(v, (bool, np.bool_)):
+            raise JaxsimInputError(where, f"must be true or false, got {v!r}")
+        return bool(v)
+    if base is int:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise JaxsimInputError(where, f"must be an integer, got {v!r}")
+        v = int(v)
+        if rule.lo is not None and (v <= rule.lo if rule.lo_open else v < rule.lo):
+            raise JaxsimInputError(where, f"must be {'>' if rule.lo_open else '>='} {rule.lo}, got {v}")
+        if rule.hi is not None and v > rule.hi:
+            raise JaxsimInputError(where, f"must be <= {rule.hi}, got {v}")
+        return v
+    if base is float:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or math.isnan(v):
+            raise JaxsimInputError(where, f"must be a number, got {v!r}")
+        v = float(v)
+        if rule.lo is not None and (v <= rule.lo if rule.lo_open else v < rule.lo):
+            raise JaxsimInputError(where, f"must be {'>' if rule.lo_open else '>='} {rule.lo:g}, got {v:g}")
+        if rule.hi is not None and v > rule.hi:
+            raise JaxsimInputError(where, f"must be <= {rule.hi:g}, got {v:g}")
+        if rule.finite and not math.isfinite(v):
+            raise JaxsimInputError(where, f"must be finite, got {v}")
+        return v
+    if base is str:
+        if not isinstance(v, str) or not v:
+            raise JaxsimInputError(where, f"must be a non-empty string, got {v!r}")
+        if rule.choices is not None and v not in rule.choices:
+            raise JaxsimInputError(where, f"unknown {rule.noun} {v!r}", rule.fix or f"one of {list(rule.choices)}")
+        return v
+    return v  # not a scalar field (a nested spec, a model config): its own class checks it
+
+
+@functools.cache
+def _rules(cls) -> tuple:
+    """``(name, type, Rule)`` of every scalar init field of ``cls``."""
+    return tuple((f.name, f.type, f.metadata.get("rule", Rule())) for f in dataclasses.fields(cls)
+                 if f.init and scalar_type(f.type)[0] is not None)
+
+
+def check_fields(obj) -> None:
+    """Check (and normalise, see :func:`check_value`) every scalar field of a config dataclass,
+    errors at ``<obj.KEY>.<field>``; ``__post_init__`` of the config dataclasses calls it."""
+    for name, typ, rule in _rules(type(obj)):
+        object.__setattr__(obj, name, check_value(getattr(obj, name), typ, f"{obj.KEY}.{name}", rule))
+
+
+def check_field(cls, name: str, v, where: str):
+    """``v`` checked as a value of field ``name`` of ``cls`` (e.g. a sweep knob), errors at ``where``."""
+    for n, typ, rule in _rules(cls):
+        if n == name:
+            return check_value(v, typ, where, rule)
+    raise KeyError(f"{cls.__name__} has no scalar field {name!r}")
+
+
+def build(cls, values: dict, where: "str | dict | None" = None):
+    """``cls(**values)`` with errors naming where the values came from: ``where`` is the key of the
+    section (a field ``f`` is then ``<where>.f``; default ``cls.KEY``) or a dict field -> key (e.g.
+    the JSON path of each field). Unknown keys are errors too; missing ones keep the defaults."""
+    key = cls.KEY
+    where = key if where is None else where
+
+    def at(field: str) -> str:
+        return where.get(field, f"{key}.{field}") if isinstance(where, dict) else f"{where}.{field}"
+
+    if not isinstance(values, dict):
+        raise JaxsimInputError(where if isinstance(where, str) else key, f"must be a mapping, got {values!r}")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names), key=str)
+    if unknown:
+        raise JaxsimInputError(at(str(unknown[0])), "unknown field", f"fields: {names}")
+    try:
+        return cls(**values)
+    except JaxsimInputError as e:
+        if not e.where.startswith(key + "."):
+            raise
+        raise JaxsimInputError(at(e.where[len(key) + 1:]), e.problem, e.fix) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """vLLM V1 scheduler knobs (REFERENCE.md §1.2). 0 means unlimited where noted."""
 
-    max_num_seqs: int = 128  # 0 = unlimited
-    max_num_batched_tokens: int = 2048  # 0 = unlimited (clamped to the model context)
+    KEY: ClassVar[str] = "scheduler"
+
+    max_num_seqs: int = checked(128, lo=0)  # 0 = unlimited
+    max_num_batched_tokens: int = checked(2048, lo=0)  # 0 = unlimited (clamped to the model context)
     enable_chunked_prefill: bool = True
-    long_prefill_token_threshold: int = 0  # 0 = off
+    long_prefill_token_threshold: int = checked(0, lo=0)  # 0 = off
     reserve_full_isl: bool = True
     enable_prefix_caching: bool = True
-    block_size: int = 16
+    block_size: int = checked(16, lo=1)
     # vLLM V1 async scheduling (on by default in v0.19): the next batch is built before the
     # previous one's outputs are processed, so finished requests free their seat and KV blocks
     # one batch late. Off reproduces the reference simulator (LLMServingSim) exactly.
     async_scheduling: bool = True
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class HardwareConfig:
-    """One serving instance's hardware (REFERENCE.md §3.1 ``npu_mem``, node ``cpu_mem``, links)."""
+    """One serving instance's hardware (REFERENCE.md §3.1 ``npu_mem``, node ``cpu_mem``, links).
+
+    The accelerator's own memory bandwidth and latency (the JSON's ``npu_mem.mem_bw`` /
+    ``mem_latency``) are not fields: the profiles hold the measured kernel times, and nothing
+    reads them. Bandwidths may be ``inf`` (a free link / host copy)."""
+
+    KEY: ClassVar[str] = "hardware"
 
     name: str = "RTXPRO6000"  # a folder under profiles/
-    mem_size_gb: float = 96.0  # per accelerator, read as GiB
-    mem_bw_gbps: float = 1597.0
-    mem_latency_ns: float = 0.0
-    mem_util: float = 0.9  # vLLM gpu_memory_utilization
-    num_gpu_blocks: int | None = None  # explicit KV block count; overrides the memory model
-    activation_reserve_gb: float = 0.0  # activation peak + CUDA graphs + non-torch memory, GiB per rank
-    tp: int = 1
-    link_bw_gbps: float = 16.0  # TP collectives (within node)
-    link_latency_ns: float = 20000.0
-    cpu_mem_bw_gbps: float = 256.0  # host memory: token ids in / sampled ids out
-    cpu_mem_latency_ns: float = 0.0
-    ep: int = 0  # expert-parallel degree of a MoE model; 0 = tp (REFERENCE.md §1.8)
-    pp: int = 1  # pipeline stages per instance (num_npus = tp * pp; REFERENCE.md §1.8)
+    mem_size_gb: float = checked(96.0, lo=0, lo_open=True)  # per accelerator, read as GiB
+    mem_util: float = checked(0.9, lo=0, lo_open=True, hi=1)  # vLLM gpu_memory_utilization
+    # explicit KV block count; overrides the memory model
+    num_gpu_blocks: int | None = checked(None, lo=1)
+    # activation peak + CUDA graphs + non-torch memory, GiB per rank
+    activation_reserve_gb: float = checked(0.0, lo=0)
+    tp: int = checked(1, lo=1)
+    link_bw_gbps: float = checked(16.0, lo=0, lo_open=True, finite=False)  # TP collectives (within node)
+    link_latency_ns: float = checked(20000.0, lo=0)
+    # host memory: token ids in / sampled ids out
+    cpu_mem_bw_gbps: float = checked(256.0, lo=0, lo_open=True, finite=False)
+    cpu_mem_latency_ns: float = checked(0.0, lo=0)
+    # expert-parallel degree of a MoE model; 0 = tp (REFERENCE.md §1.8). It may exceed tp only
+    # across a DP group's ranks: check_expert_parallel.
+    ep: int = checked(0, lo=0)
+    pp: int = checked(1, lo=1)  # pipeline stages per instance (num_npus = tp * pp; REFERENCE.md §1.8)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.activation_reserve_gb >= self.mem_size_gb * self.mem_util:
+            raise JaxsimInputError(f"{self.KEY}.activation_reserve_gb",
+                                   f"{self.activation_reserve_gb:g} GiB leaves no memory of "
+                                   f"mem_size_gb·mem_util = {self.mem_size_gb * self.mem_util:g} GiB",
+                                   "lower it")
+
+
+def check_expert_parallel(hw: HardwareConfig, dp: int, where: str) -> None:
+    """The EP group of an instance with ``dp`` DP ranks (1: no DP group): ``ep`` (0 = tp) must be
+    a multiple of ``dp`` with ``ep / dp <= tp`` (REFERENCE.md §1.8)."""
+    ep = hw.ep or hw.tp
+    if dp == 1 and ep > hw.tp:
+        raise JaxsimInputError(where, f"{ep} exceeds tp = {hw.tp}: without DP groups the expert-parallel "
+                               "group is the instance's TP ranks", "use 0 (= tp) or a value <= tp")
+    if ep > hw.tp * dp or ep % dp:
+        raise JaxsimInputError(where, f"ep {ep} with tp {hw.tp} and {dp} DP rank(s)",
+                               "ep must be a multiple of the DP size and ep / dp <= tp")
+
+
+EXPERT_ROUTINGS = ("balanced", "zipf")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelRuntimeConfig:
+    KEY: ClassVar[str] = "model"
+
     name: str = "meta-llama/Llama-3.1-8B"  # org/name under profiles/models and the profile bundle
     dtype: str = "auto"  # weight dtype; auto = the model's torch_dtype
     kv_cache_dtype: str = "auto"  # auto = the activation dtype
-    max_model_len: int = 0  # vLLM max_model_len; 0 = the model's max_position_embeddings
-    expert_routing: str = "balanced"  # MoE expert popularity: "balanced" (§1.9 closed form) | "zipf"
-    expert_zipf_s: float = 1.0  # Zipf exponent of expert popularity (routing "zipf"; 0 = uniform)
-    expert_seed: int = 0  # permutation of the Zipf ranks over experts (-1 = hottest experts on rank 0)
+    max_model_len: int = checked(0, lo=0)  # vLLM max_model_len; 0 = the model's max_position_embeddings
+    # MoE expert popularity: "balanced" (§1.9 closed form) | "zipf"
+    expert_routing: str = checked("balanced", choices=EXPERT_ROUTINGS, noun="expert routing",
+                                  fix="use 'balanced' or 'zipf'")
+    expert_zipf_s: float = checked(1.0, lo=0)  # Zipf exponent of expert popularity (routing "zipf"; 0 = uniform)
+    expert_seed: int = checked(0, lo=-1)  # permutation of the Zipf ranks over experts (-1 = hottest experts on rank 0)
+
+    def __post_init__(self):
+        check_fields(self)
+        for key in ("dtype", "kv_cache_dtype"):
+            if getattr(self, key) != "auto":
+                dtype_bytes(getattr(self, key), f"{self.KEY}.{key}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +256,15 @@ class Calibration:
     fitted once on the development validation case and are the same for every case.
     """
 
+    KEY: ClassVar[str] = "calibration"
+
     # Fitted on profiles/validation/RTXPRO6000-Llama-3.1-8B (grid search, README "Calibration").
-    iteration_overhead_ns: int = 700_000  # CPU time per engine step not hidden behind the GPU
-    first_token_delay_ns: int = 10_000_000  # engine core -> detokenizer -> frontend, first token
-    token_output_delay_ns: int = 10_000_000  # the same path for every later token
+    iteration_overhead_ns: int = checked(700_000, lo=0)  # CPU time per engine step not hidden behind the GPU
+    first_token_delay_ns: int = checked(10_000_000, lo=0)  # engine core -> detokenizer -> frontend, first token
+    token_output_delay_ns: int = checked(10_000_000, lo=0)  # the same path for every later token
+
+    def __post_init__(self):
+        check_fields(self)
 
     @classmethod
     def none(cls) -> "Calibration":
@@ -79,6 +274,7 @@ class Calibration:
 
 ROLES = ("colocated", "prefill", "decode")  # REFERENCE.md §1.7 pd_type: null | prefill | decode
 KV_TRANSFERS = ("layerwise", "after_prefill")
+DP_SYNC = ("moe", "always", "never")  # which DP groups run wave-synchronised rounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,23 +283,28 @@ class InstanceSpec:
     its role (``colocated`` serves requests whole; under P/D, ``prefill`` instances compute the
     prompt and the first token and hand the request to a ``decode`` instance), and its node."""
 
+    KEY: ClassVar[str] = "instance"
+
     hw: HardwareConfig = HardwareConfig()
     sched: SchedulerConfig = SchedulerConfig()
     calib: Calibration = Calibration()
-    role: str = "colocated"
-    node: int = 0
+    role: str = checked("colocated", choices=ROLES, noun="role")
+    node: int = checked(0, lo=0)
     # Instances with the same dp_group form a DP group (REFERENCE.md §1.8): wave-synchronised
     # rounds padded to the group's largest batch (for MoE models by default). None: no group.
+    # An integer names the group too (it is kept as a string).
     dp_group: str | None = None
     # The model this instance serves (a jaxsim.model.ModelConfig); None: the cluster's model.
     # Every request may go to any instance; P/D pairs and DP groups share one model.
     model: object = None
 
     def __post_init__(self):
-        if self.role not in ROLES:
-            raise ValueError(f"instance role {self.role!r}: expected one of {ROLES}")
-        if self.node < 0:
-            raise ValueError(f"instance node must be >= 0, got {self.node}")
+        g = self.dp_group
+        if isinstance(g, numbers.Integral) and not isinstance(g, (bool, np.bool_)):
+            object.__setattr__(self, "dp_group", str(g))
+        elif g is not None and not isinstance(g, str):
+            raise JaxsimInputError(f"{self.KEY}.dp_group", f"must be a name, got {g!r}")
+        check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,20 +312,18 @@ class LinkConfig:
     """The links that carry KV between instances (P/D hand-offs), per level: within a node and
     between nodes. Defaults: the reference's cluster default (16 GB/s, 20 µs) on both levels."""
 
-    intra_node_bw_gbps: float = 16.0
-    intra_node_latency_ns: float = 20000.0
-    inter_node_bw_gbps: float = 16.0
-    inter_node_latency_ns: float = 20000.0
+    KEY: ClassVar[str] = "cluster.links"
+
+    intra_node_bw_gbps: float = checked(16.0, lo=0, lo_open=True, finite=False)
+    intra_node_latency_ns: float = checked(20000.0, lo=0)
+    inter_node_bw_gbps: float = checked(16.0, lo=0, lo_open=True, finite=False)
+    inter_node_latency_ns: float = checked(20000.0, lo=0)
     # "layerwise": each prefill iteration streams its KV layer by layer while it computes (as the
     # reference does); "after_prefill": a request's whole KV is sent when its prefill is done.
-    kv_transfer: str = "layerwise"
+    kv_transfer: str = checked("layerwise", choices=KV_TRANSFERS, noun="mode")
 
     def __post_init__(self):
-        if self.kv_transfer not in KV_TRANSFERS:
-            raise ValueError(f"kv_transfer {self.kv_transfer!r}: expected one of {KV_TRANSFERS}")
-        for f in ("intra_node_bw_gbps", "inter_node_bw_gbps"):
-            if not getattr(self, f) > 0:
-                raise ValueError(f"links.{f} must be > 0, got {getattr(self, f)}")
+        check_fields(self)
 
 
 @dataclasses.dataclass

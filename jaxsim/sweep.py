@@ -37,6 +37,8 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxsim import simulator
 from jaxsim.engine import cluster
 from jaxsim.engine.routing import Router
+from jaxsim.engine.static import Static
+from jaxsim.engine.status import Status
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
 from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig,
@@ -255,10 +257,8 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]])
         n_inst = max(len(plans[i]) for i in members)
         static = dims.static(block_size, record_iterations=False, num_instances=n_inst,  # limit follows max_iters
-                             releases=releases)
-        static["dp_sync"] = dp_sync
-        if _is_cluster(base):
-            static["router"] = base.router
+                             releases=releases, dp_sync=dp_sync,
+                             **({"router": base.router} if _is_cluster(base) else {}))
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
         dims = dataclasses.replace(dims, max_iters=1)
         # Every chunk of a group has the same shapes (hence one compile), the workload axis included.
@@ -275,12 +275,11 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             final = _run_chunk(state, params, wl, wl_batched, static, tuple(devices))
             host = jax.device_get(dict(
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,
-                stalled=final.stalled, n_iters=final.inst.n_iters.sum(axis=1),
-                preemptions=final.inst.counters.preemptions.sum(axis=1),
-                slot_overflow=final.inst.counters.slot_overflow.any(axis=1)))
+                status=final.status, n_iters=final.inst.n_iters.sum(axis=1),
+                preemptions=final.inst.counters.preemptions.sum(axis=1)))
             for k, i in enumerate(idx):
                 one = {f: v[k] for f, v in host.items()}
-                row, sim = config_metrics(plans[i][0].workload, one, base.slo_ttft_ms, base.slo_tpot_ms, static["max_steps"])
+                row, sim = config_metrics(plans[i][0].workload, one, base.slo_ttft_ms, base.slo_tpot_ms)
                 rows[i] = {"config": i, **points[i], **row}
                 sim_s += sim
                 if keep_requests:
@@ -299,20 +298,19 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, unit="config", desc="sweep")
 
 
-def _run_chunk(state, params, wl, wl_batched: bool, static: dict, devices: tuple):
+def _run_chunk(state, params, wl, wl_batched: bool, static: Static, devices: tuple):
     if len(devices) == 1:
-        return cluster.run_batch(state, params, wl, workload_batched=wl_batched, **static)
-    return _sharded_runner(devices, wl_batched, tuple(sorted(static.items())))(state, params, wl)
+        return cluster.run_batch(state, params, wl, static, workload_batched=wl_batched)
+    return _sharded_runner(devices, wl_batched, static)(state, params, wl)
 
 
 @functools.lru_cache(maxsize=16)
-def _sharded_runner(devices: tuple, wl_batched: bool, static_items: tuple):
+def _sharded_runner(devices: tuple, wl_batched: bool, static: Static):
     """``run_batch`` split over ``devices`` along the configuration axis. Each device loops over
     its own configurations (no cross-device synchronisation per step)."""
-    static = dict(static_items)
     mesh = Mesh(np.array(devices), ("config",))
     cfg, rep = PartitionSpec("config"), PartitionSpec()
-    fn = functools.partial(cluster.simulate_until_done, **static)
+    fn = functools.partial(cluster.simulate_until_done, static=static)
 
     def local(st, prm, wl):
         return jax.vmap(fn, in_axes=(0, 0, 0 if wl_batched else None))(st, prm, wl)
@@ -322,13 +320,14 @@ def _sharded_runner(devices: tuple, wl_batched: bool, static_items: tuple):
     return jax.jit(sharded)
 
 
-def config_metrics(workload: Workload, out: dict, slo_ttft_ms, slo_tpot_ms, max_steps: int):
+def config_metrics(workload: Workload, out: dict, slo_ttft_ms, slo_tpot_ms):
     """One row of metrics from a configuration's per-request times (definitions as in
     :func:`jaxsim.metrics.request_table`: TPOT = (e2e - ttft) // (output - 1), 0 for one token).
 
-    Returns ``(row, simulated seconds)``. ``status`` is ``ok`` unless the run did not complete:
-    ``stalled`` (a request never fits the KV cache), ``slot_overflow`` (raise max_slots) or
-    ``step_limit``; the metrics then cover the finished requests only.
+    Returns ``(row, simulated seconds)``. ``status`` is the run's
+    :class:`jaxsim.engine.status.Status` label: ``ok`` unless the run did not complete (for
+    example ``stalled``: a request never fits the KV cache; ``slot_overflow``: raise max_slots;
+    ``step_limit``); the metrics then cover the finished requests only.
     """
     finish = np.asarray(out["finish"], np.int64)
     done = finish >= 0
@@ -341,9 +340,7 @@ def config_metrics(workload: Workload, out: dict, slo_ttft_ms, slo_tpot_ms, max_
     tpot = np.where(out_done > 1, (e2e - ttft) // np.maximum(out_done - 1, 1), 0)
     makespan = float(finish[done].max() - arrival.min()) / 1e9 if done.any() else math.nan
     span = float(arrival.max() - arrival.min()) / 1e9
-    status = ("slot_overflow" if out["slot_overflow"] else "stalled" if out["stalled"]
-              else "ok" if done.all() else "step_limit")
-    row = {"status": status, "finished": int(done.sum())}
+    row = {"status": Status(int(out["status"])).label, "finished": int(done.sum())}
     for name, v in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         ms = v / 1e6
         row[f"{name}_mean_ms"] = float(ms.mean()) if ms.size else math.nan

@@ -4,7 +4,7 @@ vLLM defaults): one compiled run, a batched sweep, and the per-step cost against
     python scripts/bench.py --json OUT                 # one run
     python scripts/bench.py --sweep 1000 --json OUT    # 1,000 configurations in one sweep
     python scripts/bench.py --steps --json OUT         # per-step cost: 300 vs 100,000 requests
-    python scripts/bench.py --instances 1,2,4          # clusters of 1, 2, 4 instances
+    python scripts/bench.py --instances 1,4,16,64 --json OUT   # strong and weak scaling over clusters
     python scripts/bench.py --pd                       # 3 colocated instances vs 1 prefill + 2 decode
 
 ``--sweep N``: N configurations of the default case (compute and memory scale in [0.8, 1.2],
@@ -14,6 +14,15 @@ arrival rate x [0.8, 1.2]; their step counts stay close to the default's), run w
 Reports ``compile_s`` (a first sweep of one chunk, minus that chunk's steady run time),
 ``wall_s`` (the timed sweep, compiled), ``aggregate_realtime_factor`` (sum of simulated seconds /
 wall_s), ``per_config_s`` against ``single_run_s`` and ``peak_mem_gib`` (peak RSS of the process).
+
+``--instances N1,N2,...``: clusters of N identical instances behind the least-loaded router, in
+two series (``{"strong": {"<N>": {...}}, "weak": {"<N>": {...}}}``): *strong* scaling serves the
+default trace with N instances; *weak* scaling serves the trace replicated N times at N times its
+arrival rate (copy k shifted by k/N of the mean inter-arrival gap, its token ids offset so copies
+never share prefix-cache blocks), so every instance sees the default load. Each entry has
+``wall_s`` (fastest of --repeats compiled runs; one run when a run takes over 20 s), ``compile_s``,
+``steps`` (loop trips), ``iterations`` (simulated engine iterations, all instances), ``sim_s``,
+``wall_per_iteration_us`` and ``realtime_factor``.
 
 ``--steps``: the cost of one engine step on a 100,000-request trace against the same trace cut
 to 300 requests (see :func:`bench_steps`).
@@ -63,7 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", type=int, default=0, metavar="N", help="run N configurations as one sweep")
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--steps", action="store_true", help="per-step cost: 300 vs 100,000 requests")
-    ap.add_argument("--instances", help="comma-separated cluster sizes, e.g. 1,2,4 (least-loaded routing)")
+    ap.add_argument("--instances", help="comma-separated cluster sizes, e.g. 1,4,16,64: strong and weak scaling")
+    ap.add_argument("--series", default="strong,weak", help="with --instances: strong, weak or both")
     ap.add_argument("--pd", action="store_true", help="3 colocated instances vs 1 prefill + 2 decode instances")
     args = ap.parse_args(argv)
     if args.pd:
@@ -75,7 +85,8 @@ def main(argv=None) -> int:
     if args.steps:
         return _emit(bench_steps(), args.json)
     if args.instances:
-        return _emit(bench_clusters([int(x) for x in args.instances.split(",")]), args.json)
+        sizes = [int(x) for x in args.instances.split(",")]
+        return _emit(bench_scaling(sizes, args.series.split(","), repeats=min(args.repeats, 3)), args.json)
 
     workload, model = _default_case()
     p = simulator.prepare(workload, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles")
@@ -111,7 +122,7 @@ def _compile(p, **static) -> tuple:
     """``cluster.run`` compiled for ``p`` (``static`` overrides ``p.static``): (compiled, compile
     seconds, the final state of one untimed warm-up run, which also first-touches the buffers)."""
     t0 = time.perf_counter()
-    compiled = cluster.run.lower(p.state, p.params, p.workload, **{**p.static, **static}).compile()
+    compiled = cluster.run.lower(p.state, p.params, p.workload, p.static.replace(**static)).compile()
     compile_s = time.perf_counter() - t0
     return compiled, compile_s, jax.block_until_ready(compiled(p.state, p.params, p.workload))
 
@@ -199,6 +210,51 @@ def bench_steps(long_requests: int = 100_000, short_requests: int = 300, steps: 
     out["per_step_ratio_long_over_short"] = round(long_s / short_s, 3)
     out["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return out
+
+
+def replicate(workload, n: int):
+    """``workload`` replicated ``n`` times at ``n`` times its arrival rate: copy k arrives
+    ``k / n`` of the mean inter-arrival gap after the original, with token ids offset so that
+    copies never share prefix-cache blocks."""
+    if n == 1:
+        return workload
+    arr = workload.arrival_ns.astype(np.int64)
+    gap = int((arr.max() - arr.min()) // max(len(arr) - 1, 1))
+    span = 1 + max(int(np.max(t)) for t in workload.token_ids if t is not None and len(t))
+    ids = [[None if t is None else np.asarray(t) + k * span for t in workload.token_ids] for k in range(n)]
+    return dataclasses.replace(
+        workload, arrival_ns=np.concatenate([arr + k * gap // n for k in range(n)]),
+        input_toks=np.tile(workload.input_toks, n), output_toks=np.tile(workload.output_toks, n),
+        token_ids=sum(ids, []), line_numbers=None, source=f"{workload.source} x{n}")
+
+
+def bench_scaling(sizes: list, series: list, repeats: int = 3) -> dict:
+    """Strong and weak scaling of clusters of ``sizes`` identical instances (see the module
+    docstring)."""
+    workload, model = _default_case()
+    out = {}
+    for kind in series:
+        out[kind] = {}
+        for n in sizes:
+            w = workload if kind == "strong" else replicate(workload, n)
+            out[kind][str(n)] = _bench_cluster(w, model, [InstanceSpec()] * n, repeats)
+            print(kind, n, out[kind][str(n)], flush=True)
+    return out
+
+
+def _bench_cluster(workload, model, specs, repeats: int) -> dict:
+    p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"), profiles_dir=ROOT / "profiles",
+                                  record_token_times=False)
+    compiled, compile_s, final = _compile(p)
+    result = simulator.to_result(p, final)
+    walls = _timed(compiled, p, 1)
+    if walls[0] < 20:
+        walls += _timed(compiled, p, repeats - 1)
+    sim_s = float(result.finish_ns.max() - result.arrival_ns.min()) / 1e9
+    iters = int(result.stats["iterations"])
+    return dict(wall_s=round(min(walls), 4), compile_s=round(compile_s, 2), steps=int(final.steps), iterations=iters,
+                sim_s=round(sim_s, 2), wall_per_iteration_us=round(min(walls) / iters * 1e6, 2),
+                realtime_factor=round(sim_s / min(walls), 1))
 
 
 def bench_clusters(sizes: list, repeats: int = 3, designs: list | None = None, names: list | None = None) -> dict:

@@ -7,8 +7,6 @@ runs on the two halves (one shape).
 """
 
 import dataclasses
-import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +16,14 @@ import pytest
 from jaxsim import simulator
 from jaxsim.engine import cluster, routing
 from jaxsim.errors import JaxsimInputError
-from jaxsim.model import load_model_config
 from jaxsim.spec import HardwareConfig, InstanceSpec, SchedulerConfig, Workload
-from jaxsim.workload import load_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-PROFILES = ROOT / "profiles"
-TRACE = PROFILES / "workloads" / "sharegpt-llama-3.1-8b-300-sps10.jsonl"
-MODEL = load_model_config(PROFILES / "models", "meta-llama/Llama-3.1-8B")
+from _shared import PROFILES, load_model, load_trace
+
+MODEL = load_model()
 SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024)
 PRO = InstanceSpec(HardwareConfig(num_gpu_blocks=600), SCHED)
-RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, mem_bw_gbps=1008, link_latency_ns=1000,
+RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, link_latency_ns=1000,
                          cpu_mem_bw_gbps=50, num_gpu_blocks=400)
 
 
@@ -76,15 +71,10 @@ def _split(w: Workload, idx) -> Workload:
                                line_numbers=None if w.line_numbers is None else w.line_numbers[idx])
 
 
-@functools.lru_cache(maxsize=None)
-def _trace(n=16):
-    return load_workload(TRACE, n)
-
-
-def test_round_robin_pair_equals_two_lone_instances():
+def test_round_robin_pair_equals_two_lone_instances(sharegpt16):
     """Round robin sends arrivals alternately to two identical instances; each then serves
     exactly the requests a lone instance would serve on that half of the trace."""
-    w = _trace()
+    w = sharegpt16
     res = simulator.simulate_cluster(w, MODEL, [PRO, PRO], routing.Router("round_robin"), profiles_dir=PROFILES,
                                      max_slots=12, record_token_times=False)
     order = np.lexsort((np.arange(w.num_requests), w.arrival_ns))
@@ -106,8 +96,8 @@ def _three_instances():
     return [PRO, small, PRO]
 
 
-def test_least_loaded_heterogeneous_cluster_invariants():
-    w = _trace()
+def test_least_loaded_heterogeneous_cluster_invariants(sharegpt16):
+    w = sharegpt16
     specs = _three_instances()
     p = simulator.prepare_cluster(w, MODEL, specs, routing.Router("least_loaded"), profiles_dir=PROFILES,
                                   max_slots=12, record_token_times=False)
@@ -169,7 +159,7 @@ def test_prefix_affinity_follows_the_cache():
 
 
 def test_cluster_input_errors():
-    w = _trace(4)
+    w = load_trace(4)
     with pytest.raises(JaxsimInputError, match="at least one instance"):
         simulator.prepare_cluster(w, MODEL, [], profiles_dir=PROFILES)
     other = InstanceSpec(PRO.hw, dataclasses.replace(SCHED, block_size=32))
@@ -193,22 +183,22 @@ def _check_sweep_equals_runs(base, points, result):
         assert result.rows[i]["iterations"] == single.stats["iterations"]
 
 
-def test_cluster_sweep_equals_cluster_runs():
+def test_cluster_sweep_equals_cluster_runs(sharegpt16):
     """A sweep over a 2-instance cluster: each point equals its own simulate_cluster."""
     from jaxsim import sweep
-    base = sweep.SweepBase(_trace(), MODEL, profiles_dir=PROFILES, max_slots=12, instances=MIXED_PAIR,
+    base = sweep.SweepBase(sharegpt16, MODEL, profiles_dir=PROFILES, max_slots=12, instances=MIXED_PAIR,
                            router=routing.Router("least_loaded"))
     points = [{}, {"max_num_seqs": 2}, {"arrival_rate_scale": 3.0, "compute_scale": 0.8}]
     _check_sweep_equals_runs(base, points, sweep.sweep(base, points, chunk_size=3, progress=False, keep_requests=True))
     assert sweep.point_instances(base, points[1])[1].sched.max_num_seqs == 2  # knobs apply to every instance
 
 
-def test_cluster_designs_of_different_sizes_share_a_sweep():
+def test_cluster_designs_of_different_sizes_share_a_sweep(sharegpt16):
     """Designs of 1 and 2 instances in one compiled chunk: the 1-instance design is padded with an
     instance nothing is routed to, and still equals its own (lone-instance) run."""
     from jaxsim import sweep
-    base = sweep.SweepBase(_trace(), MODEL, profiles_dir=PROFILES, max_slots=12, router=routing.Router("least_loaded"),
-                           cluster_options={"one": (PRO,), "mixed": MIXED_PAIR})
+    base = sweep.SweepBase(sharegpt16, MODEL, profiles_dir=PROFILES, max_slots=12,
+                           router=routing.Router("least_loaded"), cluster_options={"one": (PRO,), "mixed": MIXED_PAIR})
     points = [{"cluster": "one"}, {"cluster": "mixed"}, {"cluster": "one", "max_num_seqs": 2}]
     result = sweep.sweep(base, points, chunk_size=3, progress=False, keep_requests=True)
     assert result.num_groups == 1

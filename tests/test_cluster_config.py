@@ -3,7 +3,6 @@ cluster JSON importer, with their errors (no JAX compile)."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,11 +11,8 @@ from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import Calibration, HardwareConfig, LinkConfig, SchedulerConfig
 
+from _shared import CLUSTERS, LLAMA, MODELS, PROFILES, WORKLOADS
 from test_config import spec  # Hydra compose + from_hydra
-
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTERS = ROOT / "profiles" / "clusters"
-LLAMA = "meta-llama/Llama-3.1-8B"
 
 
 def _load(name, **kw):
@@ -26,7 +22,7 @@ def _load(name, **kw):
 def test_reference_json_instances():
     a, b = _load("single_node_multi_instance.json")
     assert a == b
-    assert a.hw == dataclasses.replace(HardwareConfig(), mem_size_gb=96.0, mem_bw_gbps=1597.0, link_bw_gbps=16.0,
+    assert a.hw == dataclasses.replace(HardwareConfig(), mem_size_gb=96.0, link_bw_gbps=16.0,
                                        link_latency_ns=20000.0, cpu_mem_bw_gbps=256.0)
     assert a.sched == SchedulerConfig()
     r = _load("rtx4090_multi_instance.json")
@@ -98,7 +94,7 @@ def test_reference_json_pipeline_and_refusals(tmp_path):
         load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
 
 
-def test_instances_of_another_model():
+def test_instances_of_another_model(llama):
     """An instance may serve its own model: the JSON importer loads its config; the engine gets
     that model's tables and KV size per instance; P/D pairs must share a model."""
     from jaxsim import simulator
@@ -106,20 +102,19 @@ def test_instances_of_another_model():
     from jaxsim.spec import InstanceSpec
     from jaxsim.workload import load_workload
 
-    models = ROOT / "profiles" / "models"
     specs, _ = load_cluster_json(CLUSTERS / "single_node_multi_instance.json", HardwareConfig(), SchedulerConfig(),
-                                 Calibration(), "Qwen/Qwen3-32B", models_dir=models)
+                                 Calibration(), "Qwen/Qwen3-32B", models_dir=MODELS)
     assert [s.model.name for s in specs] == ["meta-llama/Llama-3.1-8B"] * 2
-    llama, qwen = load_model_config(models, LLAMA), load_model_config(models, "Qwen/Qwen3-32B")
-    w = load_workload(ROOT / "profiles" / "workloads" / "example_trace.jsonl")
+    qwen = load_model_config(MODELS, "Qwen/Qwen3-32B")
+    w = load_workload(WORKLOADS / "example_trace.jsonl")
     hw = HardwareConfig(num_gpu_blocks=300)
     p = simulator.prepare_cluster(w, llama, [InstanceSpec(hw), InstanceSpec(hw, model=qwen)],
-                                  profiles_dir=ROOT / "profiles")
-    assert p.params.tables.num_layers.tolist() == [32, 64]
+                                  profiles_dir=PROFILES)
+    assert p.params.num_layers.tolist() == [32, 64]
     assert p.params.kv_token_bytes.tolist() == [2 * 1024 * 32 * 2, 2 * 1024 * 64 * 2]
     with pytest.raises(JaxsimInputError, match="prefill and decode instances serve different models"):
         simulator.prepare_cluster(w, llama, [InstanceSpec(hw, role="prefill"), InstanceSpec(hw, model=qwen, role="decode")],
-                                  profiles_dir=ROOT / "profiles")
+                                  profiles_dir=PROFILES)
 
 
 def test_hydra_cluster_groups():
@@ -160,3 +155,31 @@ def test_sweep_base_carries_the_cluster_and_cluster_designs():
     with pytest.raises(JaxsimInputError) as e:
         jconfig.sweep_base(spec(["++sweep.axes.cluster=[nowhere]"]))
     assert str(e.value).startswith("sweep.axes.cluster[0]")
+
+
+def test_json_and_hydra_build_the_same_specs_through_the_same_checks(tmp_path):
+    """The JSON importer and the Hydra `cluster` group build InstanceSpecs with the same
+    constructors: equal values give equal specs, and a bad value fails with the dataclass's own
+    check, named after the key it came from (YAML key, command line, JSON path)."""
+    ref = spec(["cluster=reference_json"]).cluster.instances  # profiles/clusters/single_node_multi_instance.json
+    pair = spec(["cluster=pair"]).cluster.instances
+    assert ref == pair
+    problem = "must be <= 1, got 1.5"
+    d = json.loads((CLUSTERS / "single_node_multi_instance.json").read_text())
+    d["nodes"][0]["instances"][1]["npu_mem"]["mem_util"] = 1.5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    for overrides, where in ((["hardware.mem_util=1.5"], "hardware.mem_util"),
+                             (["cluster=mixed", "cluster.instances.1.hardware.mem_util=1.5"],
+                              "cluster.instances[1].hardware.mem_util"),
+                             (["cluster=reference_json", f"cluster.json={bad}"],
+                              f"{bad}: nodes[0].instances[1].npu_mem.mem_util")):
+        with pytest.raises(JaxsimInputError) as e:
+            spec(overrides)
+        assert (e.value.where, e.value.problem) == (where, problem)
+    with pytest.raises(JaxsimInputError) as e:
+        load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
+    assert (e.value.where, e.value.problem) == (f"{bad}: nodes[0].instances[1].npu_mem.mem_util", problem)
+    with pytest.raises(JaxsimInputError) as e:
+        dataclasses.replace(HardwareConfig(), mem_util=1.5)  # the Python API: the same check
+    assert (e.value.where, e.value.problem) == ("hardware.mem_util", problem)

@@ -1,5 +1,6 @@
 """Hydra composition of every option of every group, and bad-value errors (no JAX)."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_every_option_composes(group, option):
 def test_option_values():
     assert spec(["hardware=rtxpro6000_tp2"]).hardware.tp == 2
     hw = spec(["hardware=rtx4090"]).hardware
-    assert (hw.name, hw.mem_size_gb, hw.mem_bw_gbps) == ("RTX4090", 24, 1008)
+    assert (hw.name, hw.mem_size_gb, hw.cpu_mem_bw_gbps) == ("RTX4090", 24, 50)
     assert spec(["model=qwen3_32b"]).model.name == "Qwen/Qwen3-32B"
     assert not spec(["scheduler=no_prefix_cache"]).scheduler.enable_prefix_caching
     assert spec(["workload=example"]).workload.num_requests == 10
@@ -173,3 +174,55 @@ def test_schema_type_errors_at_compose():
         make(["scheduler.max_num_seqs=abc"])
     with pytest.raises(ConfigCompositionException, match="max_num_seq"):
         make(["scheduler.max_num_seq=3"])
+
+
+# Config group -> the dataclass it is: its Hydra schema must have exactly the dataclass's fields
+# (every field overridable without "+", nothing else accepted). Documented exceptions, sections
+# without a dataclass of their own: `workload` (a trace file or synthetic_workload's arguments),
+# `sweep` (-> SweepOptions, a flat slo), `cluster` (-> ClusterSpec: instance entries, routing),
+# `paths` (-> Paths, with interpolations) and `output_dir`.
+SPEC_GROUPS = {"hardware": HardwareConfig, "model": ModelRuntimeConfig, "scheduler": SchedulerConfig,
+               "calibration": Calibration, "sim": jconfig.SimOptions}
+OTHER_SECTIONS = {"workload", "sweep", "cluster", "paths", "output_dir"}
+# A valid value for every field, other than the default where the rest of the config allows it.
+OVERRIDES = {
+    "hardware": dict(name="RTX4090", mem_size_gb=24.0, mem_util=0.8, num_gpu_blocks=1000, activation_reserve_gb=1.5,
+                     tp=2, link_bw_gbps=64.0, link_latency_ns=500.0, cpu_mem_bw_gbps=50.0, cpu_mem_latency_ns=10.0,
+                     ep=2, pp=2),
+    "model": dict(name="meta-llama/Llama-3.1-8B", dtype="bfloat16", kv_cache_dtype="fp8", max_model_len=100000,
+                  expert_routing="balanced", expert_zipf_s=0.5, expert_seed=3),
+    "scheduler": dict(max_num_seqs=64, max_num_batched_tokens=4096, enable_chunked_prefill=False,
+                      long_prefill_token_threshold=512, reserve_full_isl=False, enable_prefix_caching=False,
+                      block_size=32, async_scheduling=False),
+    "calibration": dict(iteration_overhead_ns=1, first_token_delay_ns=2, token_output_delay_ns=3),
+    "sim": dict(max_slots=64, record_token_times=False, max_iterations=1000),
+}
+
+
+def test_schema_fields_are_the_spec_fields():
+    """The drift test: Hydra's schema of each group is its dataclass, field for field."""
+    cfg = make()
+    assert set(cfg) == set(SPEC_GROUPS) | OTHER_SECTIONS
+    for group, cls in SPEC_GROUPS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(cfg[group]) == fields, group
+        assert set(OVERRIDES[group]) == fields, group
+
+
+def test_every_spec_field_overrides_from_the_command_line():
+    """Each field of each group, set without "+", reaches the built dataclass."""
+    overrides = ["workload=example"] + [f"{g}.{k}={'null' if v is None else v}"
+                                        for g, values in OVERRIDES.items() for k, v in values.items()]
+    r = spec(overrides)
+    got = {"hardware": r.hardware, "model": r.model, "scheduler": r.scheduler, "calibration": r.calibration,
+           "sim": r.sim}
+    for group, cls in SPEC_GROUPS.items():
+        assert got[group] == cls(**OVERRIDES[group]), group
+
+
+def test_hardware_pp_on_the_command_line():
+    assert spec(["hardware.pp=2"]).hardware == HardwareConfig(pp=2)
+    with pytest.raises(JaxsimInputError, match=r"^hardware\.pp: must be >= 1, got 0"):
+        spec(["hardware.pp=0"])
+    with pytest.raises(ConfigCompositionException):  # removed: nothing read it
+        make(["hardware.mem_bw_gbps=1597"])

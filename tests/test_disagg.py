@@ -1,7 +1,7 @@
 """Prefill/decode disaggregation and agentic sessions (requests that enter queues during a run).
 
 * KV transfer times worked out by hand from REFERENCE.md §1.7 and the link model of
-  ``cluster._kv_transfer``: compute-bound and link-bound layer-wise streaming, the send after
+  ``disagg.kv_transfer``: compute-bound and link-bound layer-wise streaming, the send after
   prefill, within a node and across nodes.
 * Invariants of a mixed-hardware P/D cluster: every request prefilled on a prefill instance and
   finished once on a decode instance, KV bytes conserved through the hand-off, every block
@@ -17,7 +17,6 @@ batched sweep group (~15 s each on CPU).
 import dataclasses
 import functools
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -26,16 +25,14 @@ import pytest
 from jaxsim import latency, metrics, simulator, sweep
 from jaxsim.engine import routing
 from jaxsim.errors import JaxsimInputError
-from jaxsim.model import load_model_config
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig, Workload
-from jaxsim.workload import load_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-PROFILES = ROOT / "profiles"
-MODEL = load_model_config(PROFILES / "models", "meta-llama/Llama-3.1-8B")
+from _shared import PROFILES, load_model, load_trace
+
+MODEL = load_model()
 SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024)
 HW = HardwareConfig(num_gpu_blocks=600)
-RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, mem_bw_gbps=1008, link_latency_ns=1000,
+RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, link_latency_ns=1000,
                          cpu_mem_bw_gbps=50, num_gpu_blocks=400)
 CALIB = Calibration()
 KV_TOKEN_BYTES = 2 * MODEL.kv_dim * MODEL.num_layers * 2  # K+V, 32 layers, bf16: 131,072 bytes
@@ -96,14 +93,10 @@ def test_kv_transfer_times_by_hand(decode_node, mode):
         assert res.kv_ready_ns[1] - res.prefill_end_ns[1] > 80_000_000
 
 
-def _trace(n=16):
-    return load_workload(PROFILES / "workloads" / "sharegpt-llama-3.1-8b-300-sps10.jsonl", n)
-
-
-def test_mixed_hardware_pd_cluster_invariants():
+def test_mixed_hardware_pd_cluster_invariants(sharegpt16):
     small = InstanceSpec(RTX4090, dataclasses.replace(SCHED, max_num_seqs=2), role="decode", node=1)
     specs = [InstanceSpec(HW, SCHED, role="prefill"), InstanceSpec(HW, SCHED, role="decode", node=1), small]
-    w = _trace()
+    w = sharegpt16
     p = simulator.prepare_cluster(w, MODEL, specs, routing.Router("least_loaded"), profiles_dir=PROFILES, max_slots=8)
     final = jax.device_get(simulator.run_prepared(p))
     res = simulator.to_result(p, final)
@@ -137,8 +130,8 @@ def test_mixed_hardware_pd_cluster_invariants():
 
 def test_pd_cluster_needs_both_roles():
     with pytest.raises(JaxsimInputError, match="needs prefill and decode instances"):
-        simulator.prepare_cluster(_trace(4), MODEL, [InstanceSpec(HW, SCHED, role="prefill"), InstanceSpec(HW, SCHED)],
-                                  profiles_dir=PROFILES)
+        simulator.prepare_cluster(load_trace(4), MODEL, [InstanceSpec(HW, SCHED, role="prefill"),
+                                                          InstanceSpec(HW, SCHED)], profiles_dir=PROFILES)
     with pytest.raises(ValueError, match="role"):
         InstanceSpec(HW, SCHED, role="both")
 

@@ -12,8 +12,6 @@ the compiled loop. Results are cached per (workload, hardware, scheduler, calibr
 import dataclasses
 import functools
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,22 +22,14 @@ import jaxsim  # noqa: F401  (enables x64)
 from jaxsim import simulator
 from jaxsim.engine import cluster
 from jaxsim.errors import JaxsimInputError
-from jaxsim.model import load_model_config
 from jaxsim.prefix import hash_ids
 from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig, Workload
 from jaxsim.workload import load_workload, shift_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(ROOT / "scripts"))
-import reference_latency as ref_lat  # noqa: E402
-import reference_sim  # noqa: E402
+import reference_latency as ref_lat
+import reference_sim
+from _shared import CASE, MODELS, PROFILES, load_model, load_trace
 
-PROFILES = ROOT / "profiles"
-MODELS = PROFILES / "models"
-TRACE = PROFILES / "workloads" / "sharegpt-llama-3.1-8b-300-sps10.jsonl"
-CASE = PROFILES / "validation" / "RTXPRO6000-Llama-3.1-8B"
-LLAMA = "meta-llama/Llama-3.1-8B"
 MS = 1_000_000
 NONE = Calibration.none()
 SLOTS = 160  # pinned slot count for the small workloads (auto would follow max_num_seqs)
@@ -47,9 +37,8 @@ SMALL_BLOCKS = 56  # KV blocks of the hand-built parity workload: forces preempt
 
 
 # ------------------------------------------------------------------------------------ fixtures
-@functools.cache
-def model():
-    return load_model_config(MODELS, LLAMA)
+model = load_model  # Llama-3.1-8B, loaded once per process (tests/_shared.py)
+trace300 = load_trace  # the default 300-request ShareGPT trace
 
 
 @functools.cache
@@ -60,11 +49,6 @@ def ref_bundle():
 def ref_iter_time(T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max):
     """Reference iteration latency, default RTXPRO6000 host link (256 GB/s, 0 ns)."""
     return ref_lat.iteration_time(ref_bundle(), T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max)[0]
-
-
-@functools.cache
-def trace300() -> Workload:
-    return load_workload(TRACE)
 
 
 def _build(rows, source, seed=7):
@@ -437,7 +421,7 @@ def test_vmap_over_configs_equals_loop():
     shapes = [jax.tree.map(lambda x: (x.shape, x.dtype), (p.state, p.params, p.workload)) for p in ps]
     assert all(p.static == p0.static for p in ps) and all(s == shapes[0] for s in shapes)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[p.params for p in ps])  # [config, instance, ...]
-    run_all = jax.jit(jax.vmap(functools.partial(cluster.run, **p0.static), in_axes=(None, 0, None)))
+    run_all = jax.jit(jax.vmap(functools.partial(cluster.run, static=p0.static), in_axes=(None, 0, None)))
     finals = run_all(p0.state, stacked, p0.workload)
     singles = [sim("small12", hw, s, c, max_slots=SLOTS) for s, c in configs]  # a Python loop
     finishes = set()

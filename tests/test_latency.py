@@ -4,8 +4,6 @@ AllReduce, stacking/vmap over configurations, and clear errors for bad profile b
 import dataclasses
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +17,9 @@ from jaxsim.model import load_model_config
 from jaxsim.profiles import load_profile_bundle
 from jaxsim.spec import HardwareConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-import reference_latency as ref  # noqa: E402
+import reference_latency as ref
+from _shared import LLAMA, MODELS, PROFILES, load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-PROFILES = ROOT / "profiles"
-MODELS = PROFILES / "models"
-LLAMA = "meta-llama/Llama-3.1-8B"
 QWEN_MOE = "Qwen/Qwen3-30B-A3B-Instruct-2507"
 
 # compiled once per module (one compile per distinct table shape)
@@ -40,7 +34,7 @@ def _setup(hardware="RTXPRO6000", model=LLAMA, tp=1, **hw_kw):
     """(model config, bundle, hardware, tables, oracle bundle), loaded once per key."""
     key = (hardware, model, tp)
     if key not in _BUNDLES:
-        m = load_model_config(MODELS, model)
+        m = load_model(model)
         _BUNDLES[key] = (m, load_profile_bundle(PROFILES, hardware, m, tp=tp), ref.RefBundle(PROFILES, hardware, m, tp))
     m, b, rb = _BUNDLES[key]
     hw = HardwareConfig(name=hardware, tp=tp, **hw_kw)
@@ -251,50 +245,50 @@ def _copy_bundle(tmp_path, model=LLAMA):
     return root, dst
 
 
-def test_unknown_hardware():
-    m = load_model_config(MODELS, LLAMA)
+def test_unknown_hardware(llama):
+    m = llama
     with pytest.raises(JaxsimInputError) as e:
         load_profile_bundle(PROFILES, "H100", m)
     assert "H100" in str(e.value) and "RTXPRO6000" in str(e.value) and "RTX4090" in str(e.value)
 
 
-def test_missing_model_and_tp_folder():
+def test_missing_model_and_tp_folder(llama):
     m = load_model_config(MODELS, "meta-llama/Llama-3.1-70B")
     with pytest.raises(JaxsimInputError, match="Llama-3.1-70B"):
         load_profile_bundle(PROFILES, "RTXPRO6000", m)
-    m = load_model_config(MODELS, LLAMA)
+    m = llama
     with pytest.raises(JaxsimInputError) as e:
         load_profile_bundle(PROFILES, "RTX4090", m, tp=2)
     msg = str(e.value)
     assert "tp2" in msg and "never extrapolated" in msg and "[1]" in msg
 
 
-def test_malformed_csv_line_names_file_and_line(tmp_path):
+def test_malformed_csv_line_names_file_and_line(tmp_path, llama):
     root, dst = _copy_bundle(tmp_path)
     path = dst / "tp1" / "dense.csv"
     lines = path.read_text().splitlines()
     lines[5] = "act_fn,6,not-a-number"
     path.write_text("\n".join(lines) + "\n")
-    m = load_model_config(MODELS, LLAMA)
+    m = llama
     with pytest.raises(JaxsimInputError) as e:
         load_profile_bundle(root, "RTXPRO6000", m)
     assert f"{path}:6" in str(e.value) and "time_us" in str(e.value)
 
 
-def test_attention_csv_wrong_field_count(tmp_path):
+def test_attention_csv_wrong_field_count(tmp_path, llama):
     root, dst = _copy_bundle(tmp_path)
     path = dst / "tp1" / "attention.csv"
     with open(path, "a") as f:
         f.write("16,0,1\n")
     n = len(path.read_text().splitlines())
     with pytest.raises(JaxsimInputError) as e:
-        load_profile_bundle(root, "RTXPRO6000", load_model_config(MODELS, LLAMA))
+        load_profile_bundle(root, "RTXPRO6000", llama)
     assert f"{path}:{n}" in str(e.value)
 
 
-def test_missing_column_and_missing_csv(tmp_path):
+def test_missing_column_and_missing_csv(tmp_path, llama):
     root, dst = _copy_bundle(tmp_path)
-    m = load_model_config(MODELS, LLAMA)
+    m = llama
     path = dst / "tp1" / "per_sequence.csv"
     text = path.read_text()
     path.write_text(text.replace("layer,sequences,time_us", "layer,seqs,time_us", 1))
@@ -307,20 +301,20 @@ def test_missing_column_and_missing_csv(tmp_path):
         load_profile_bundle(root, "RTXPRO6000", m)
 
 
-def test_bad_skew_label(tmp_path):
+def test_bad_skew_label(tmp_path, llama):
     root, dst = _copy_bundle(tmp_path)
     path = dst / "tp1" / "skew_fit.csv"
     lines = path.read_text().splitlines()
     lines[3] = lines[3].replace("n<=", "nn<=", 1)
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(JaxsimInputError) as e:
-        load_profile_bundle(root, "RTXPRO6000", load_model_config(MODELS, LLAMA))
+        load_profile_bundle(root, "RTXPRO6000", llama)
     assert f"{path}:4" in str(e.value)
 
 
-def test_missing_layer_warns_or_raises(tmp_path):
+def test_missing_layer_warns_or_raises(tmp_path, llama):
     root, dst = _copy_bundle(tmp_path)
-    m = load_model_config(MODELS, LLAMA)
+    m = llama
     path = dst / "tp1" / "dense.csv"
     text = path.read_text()
     path.write_text("\n".join(x for x in text.splitlines() if not x.startswith("rotary_emb,")) + "\n")
@@ -573,7 +567,7 @@ def test_simulator_tables_plumbing():
 def test_config_validates_ep_and_expert_routing():
     from jaxsim import config as config_lib
 
-    hw = dict(name="RTXPRO6000", mem_size_gb=96, mem_bw_gbps=1597, mem_latency_ns=0, mem_util=0.9,
+    hw = dict(name="RTXPRO6000", mem_size_gb=96, mem_util=0.9,
               num_gpu_blocks=None, activation_reserve_gb=0.0, tp=2, link_bw_gbps=16, link_latency_ns=20000,
               cpu_mem_bw_gbps=256, cpu_mem_latency_ns=0)
     assert config_lib._hardware(hw, PROFILES).ep == 0

@@ -22,11 +22,9 @@ from jaxsim.model import load_model_config
 from jaxsim.profiles import known_hardware, load_profile_bundle
 from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig, Workload
 
-ROOT = Path(__file__).resolve().parents[1]
-PROFILES = ROOT / "profiles"
-LEGACY = PROFILES / "legacy"
-MODELS = PROFILES / "models"
-LLAMA, LLAMA70, MIXTRAL = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B", "mistralai/Mixtral-8x7B-v0.1"
+from _shared import LEGACY, LLAMA, MODELS, PROFILES, load_model
+
+LLAMA70, MIXTRAL = "meta-llama/Llama-3.1-70B", "mistralai/Mixtral-8x7B-v0.1"
 A6000 = LEGACY / "A6000" / LLAMA / "tp1"
 
 _ONE = jax.jit(iteration_time)
@@ -36,7 +34,7 @@ _CACHE = {}
 def _bundle(hardware, model, tp=1):
     key = (hardware, model, tp)
     if key not in _CACHE:
-        m = load_model_config(MODELS, model)
+        m = load_model(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _CACHE[key] = (m, load_profile_bundle(PROFILES, hardware, m, tp=tp))
@@ -157,8 +155,8 @@ def test_iteration_time_is_the_hand_composed_sum():
     assert int(t) == once(514, 3) + 32 * (block(514) + _ns(pre[(512, 1024)]) + _ns(dec[(2, 32)]))
 
 
-def test_attn_rows_fallback_without_attention_csv():
-    m = load_model_config(MODELS, LLAMA)
+def test_attn_rows_fallback_without_attention_csv(llama):
+    m = llama
     with pytest.warns(UserWarning, match="no attention.csv.*'attn' rows"):
         b = load_legacy_bundle(PROFILES, "legacy/H100", m, tp=2)
     raw = _layers(LEGACY / "H100" / LLAMA / "tp2")
@@ -184,8 +182,8 @@ def test_mixtral_moe_table_is_per_expert_load():
 
 
 # -------------------------------------------------------------------------------------- errors
-def test_tpu_missing_kv_projections_raise_naming_the_file():
-    m = load_model_config(MODELS, LLAMA)
+def test_tpu_missing_kv_projections_raise_naming_the_file(llama):
+    m = llama
     with pytest.raises(JaxsimInputError, match=r"TPU-v6e-1/.*/tp1/layers\.csv: no rows for layer\(s\) 'k_proj', "
                                                r"'v_proj'.*qkv_proj") as e:
         load_profile_bundle(PROFILES, "legacy/TPU-v6e-1", m)
@@ -198,8 +196,8 @@ def test_folder_without_attention_raises():
         load_profile_bundle(PROFILES, "legacy/H100", m, tp=1)
 
 
-def test_unknown_hardware_tp_and_variant():
-    m = load_model_config(MODELS, LLAMA)
+def test_unknown_hardware_tp_and_variant(llama):
+    m = llama
     with pytest.raises(JaxsimInputError, match=r"unknown hardware 'legacy/B200'.*legacy/H100"):
         load_profile_bundle(PROFILES, "legacy/B200", m)
     with pytest.raises(JaxsimInputError, match=r"A6000/meta-llama/Llama-3.1-8B/tp2: TP degree 2.*\[1\]"):
@@ -219,9 +217,9 @@ def legacy_copy(tmp_path):
     return tmp_path, dst
 
 
-def test_bad_files_are_named(legacy_copy):
+def test_bad_files_are_named(legacy_copy, llama):
     root, folder = legacy_copy
-    m = load_model_config(MODELS, LLAMA)
+    m = llama
     layers = folder / "layers.csv"
     text = layers.read_text().splitlines()
     layers.write_text("\n".join(text[:5] + ["q_proj,abc,0,1,100"] + text[6:]) + "\n")
@@ -251,7 +249,7 @@ def test_bad_files_are_named(legacy_copy):
 def test_simulation_runs_on_legacy_hardware():
     """One request end to end on legacy/A6000: the first iteration is the whole prompt."""
     m, b = _bundle("legacy/A6000", LLAMA)
-    hw = HardwareConfig(name="legacy/A6000", mem_size_gb=48.0, mem_bw_gbps=768.0, tp=1)
+    hw = HardwareConfig(name="legacy/A6000", mem_size_gb=48.0, tp=1)
     w = Workload(arrival_ns=np.array([0], np.int64), input_toks=np.array([100], np.int32),
                  output_toks=np.array([3], np.int32), token_ids=[None])
     res = simulator.simulate(w, m, hw, SchedulerConfig(max_num_seqs=4), calib=Calibration(0, 0, 0),

@@ -18,7 +18,8 @@ import matplotlib
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _shared import ROOT
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 

@@ -3,7 +3,6 @@
 synchronise. Compile budget: one 2-instance MoE loop (~15 s)."""
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,12 +11,12 @@ import pytest
 from jaxsim import latency, simulator
 from jaxsim.engine import routing
 from jaxsim.errors import JaxsimInputError
-from jaxsim.model import load_model_config
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig, Workload
 
-PROFILES = Path(__file__).resolve().parents[1] / "profiles"
-MOE = load_model_config(PROFILES / "models", "Qwen/Qwen3-30B-A3B-Instruct-2507")
-DENSE = load_model_config(PROFILES / "models", "meta-llama/Llama-3.1-8B")
+from _shared import PROFILES, load_model
+
+MOE = load_model("Qwen/Qwen3-30B-A3B-Instruct-2507")
+DENSE = load_model()  # Llama-3.1-8B
 HW = HardwareConfig(ep=2, num_gpu_blocks=500)  # EP over the 2 DP ranks (tp = 1 each)
 SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024)
 OVERHEAD = Calibration().iteration_overhead_ns

@@ -7,7 +7,6 @@ Compile budget: two pp = 2 loops (the hand-made 2-request trace and the 16-reque
 
 import dataclasses
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +15,11 @@ import pytest
 
 from jaxsim import latency, simulator
 from jaxsim.engine import instance as inst_lib
-from jaxsim.model import load_model_config
 from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
-from jaxsim.workload import load_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-PROFILES = ROOT / "profiles"
-TRACE = PROFILES / "workloads" / "sharegpt-llama-3.1-8b-300-sps10.jsonl"
-MODEL = load_model_config(PROFILES / "models", "meta-llama/Llama-3.1-8B")
+from _shared import PROFILES, load_model
+
+MODEL = load_model()
 SHAPE_ARGS = ("T", "S", "pc", "kp", "nd", "kvd_sum", "kvd_min", "kvd_max")
 
 
@@ -139,11 +135,11 @@ def test_two_stage_run_by_hand(o):
     assert (t3 == g0) == (o > 1000)  # with the large overhead A is back before stage 0 is free
 
 
-def test_pp2_invariants_on_a_trace():
-    w = load_workload(TRACE, 16)
+def test_pp2_invariants_on_a_trace(sharegpt16):
+    w = sharegpt16
     sched = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512)
     p = simulator.prepare(w, MODEL, HardwareConfig(pp=2, num_gpu_blocks=800), sched, profiles_dir=PROFILES)
-    assert p.static["max_pp"] == 2
+    assert p.static.max_pp == 2
     final = jax.block_until_ready(simulator.run_prepared(p))
     r = simulator.to_result(p, final)
     n = w.num_requests
@@ -175,14 +171,14 @@ def test_pp2_invariants_on_a_trace():
         assert int(np.sum(r.iter_prompt_tokens)) == int(w.input_toks.sum())
 
 
-def test_mixed_pp_cluster_equals_lone_instances():
+def test_mixed_pp_cluster_equals_lone_instances(sharegpt16):
     """A cluster may mix pp degrees (one compiled max_pp): round robin over a pp = 1 and a pp = 2
     instance; the pp = 2 one serves its half of the trace exactly as a lone pp = 2 instance would
     (pp = 1 instances are the rest of the suite's engine)."""
     from jaxsim.engine import routing
     from jaxsim.spec import InstanceSpec
 
-    w = load_workload(TRACE, 16)
+    w = sharegpt16
     sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512)
     hws = [HardwareConfig(num_gpu_blocks=600), HardwareConfig(pp=2, num_gpu_blocks=600)]
     kw = dict(profiles_dir=PROFILES, max_slots=12, record_token_times=False)

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,21 +19,16 @@ import jaxsim
 from jaxsim import report, sweep
 from jaxsim.engine import cluster
 from jaxsim.errors import JaxsimInputError
-from jaxsim.model import load_model_config
 from jaxsim.spec import HardwareConfig, SchedulerConfig
-from jaxsim.workload import load_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-PROFILES = ROOT / "profiles"
-TRACE = PROFILES / "workloads" / "sharegpt-llama-3.1-8b-300-sps10.jsonl"
-RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, mem_bw_gbps=1008, link_latency_ns=1000,
+from _shared import PROFILES, ROOT, TESTS, load_model, load_trace
+
+RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, link_latency_ns=1000,
                          cpu_mem_bw_gbps=50, num_gpu_blocks=900)
 
 
 def _base(**kw):
-    w = load_workload(TRACE, 16)
-    model = load_model_config(PROFILES / "models", "meta-llama/Llama-3.1-8B")
-    return sweep.SweepBase(w, model, hardware=HardwareConfig(num_gpu_blocks=900),
+    return sweep.SweepBase(load_trace(16), load_model(), hardware=HardwareConfig(num_gpu_blocks=900),
                            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024),
                            profiles_dir=PROFILES, max_slots=24, slo_ttft_ms=400, slo_tpot_ms=30,
                            hardware_options={"pro6000": HardwareConfig(num_gpu_blocks=900), "rtx4090": RTX4090}, **kw)
@@ -137,7 +131,7 @@ def test_results_table_round_trip(swept, tmp_path):
 
 _SHARDED = r"""
 import json, sys
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {tests!r}]  # jaxsim, and tests/_shared.py for tests.test_sweep
 import jax
 from tests.test_sweep import BASE, POINTS
 from jaxsim import sweep
@@ -150,7 +144,7 @@ print(json.dumps(r.rows))
 def test_sharded_over_two_cpu_devices_gives_the_same_rows(swept):
     result, _ = swept
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", _SHARDED.format(root=str(ROOT))], env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", _SHARDED.format(root=str(ROOT), tests=str(TESTS))], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,6 @@
 """Workload loading, context checks and the synthetic generator (no JAX)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +8,9 @@ import pytest
 from jaxsim.errors import JaxsimInputError
 from jaxsim.workload import check_context, load_workload, shift_workload, synthetic_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = ROOT / "profiles" / "workloads"
+from _shared import TRACE as SHAREGPT, WORKLOADS
+
 EXAMPLE = WORKLOADS / "example_trace.jsonl"
-SHAREGPT = WORKLOADS / "sharegpt-llama-3.1-8b-300-sps10.jsonl"
 
 
 def _write(tmp_path, lines, name="w.jsonl"):

@@ -1,23 +1,30 @@
 """The simulation loop: a cluster of instances advanced one engine iteration at a time.
 
-One step of the loop moves the clock to the next iteration end (or, when every instance is
-idle, to the next arrival), finishes the batches that end then, routes the arrivals, records the
-iteration, and starts the next batch on every idle instance. The whole run is one loop inside one
-``jit``: a run is one compiled call (:func:`run`), and a batch of configurations is the same loop
-under ``vmap`` (:func:`run_batch`). Every loop is a ``masked_while_loop`` (engine/loops.py): each
-step is a no-op for a configuration that is done, so batching never copies the state per trip.
+The whole run is one loop inside one ``jit`` (:func:`run`); a batch of configurations is the same
+loop under ``vmap`` (:func:`run_batch`). Every loop is a ``masked_while_loop`` (engine/loops.py):
+each step is a no-op for a configuration that is done, so batching never copies the state per trip.
 
-The state has an instance axis from the start (``InstanceState`` leaves are ``[instance, ...]``,
-and per-instance work is ``vmap``-ed). With several instances, arrivals are routed by a
-``routing.Router`` policy into per-instance queues (engine/routing.py).
+One step (:func:`step`) is a straight line of phases, each a small function of
+``(static, params, workload, state)``:
 
-Requests can also enter a queue during the run (the static ``releases`` flag turns that on):
-prefill/decode disaggregation (REFERENCE.md §1.7) hands a request from its prefill instance to
-its decode instance once its KV has arrived over the link (:func:`_kv_transfer`), and an agentic
-sub-request (§1.15) is released when its predecessor has finished plus its tool time. The clock
-then also stops at every release.
+1. :func:`_clock`: which instances act in this step, and at what time. Instances interact only
+   when requests are routed, so between those moments each instance advances on its own clock
+   (a *lane* step: every instance whose next event comes first processes it); a *global* step
+   routes the arrivals and releases of one moment.
+2. :func:`end_batches`: the batches that end now finish (tokens emitted, finished requests
+   released; pipelines, P/D KV transfers).
+3. :func:`write_request_outputs`: per-request outputs (token times, TTFT, finish, ...).
+4. :func:`schedule_releases`: P/D hand-offs and agentic sub-requests get their release times.
+5. :func:`admit_arrivals`: route arrivals and releases (global steps) and fill request slots.
+6. :func:`record_iterations`: the meters see the iterations that ended.
+7. :func:`start_batches`: each idle acting instance schedules a batch (vLLM's scheduler) and the
+   latency model times it.
+8. :func:`advance_clock`: retries, stall detection, the global clock.
 
-Time is int64 nanoseconds (x64 is enabled by ``jaxsim``): exact however long the run.
+The state has an instance axis throughout (``InstanceState`` leaves are ``[instance, ...]``,
+per-instance work is ``vmap``-ed). The static feature set (:class:`jaxsim.engine.static.Static`)
+says which variants compile. Time is int64 nanoseconds (x64 is enabled by ``jaxsim``): exact
+however long the run. A run ends with one :class:`jaxsim.engine.status.Status`.
 """
 
 import functools
@@ -27,13 +34,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxsim import latency
+from jaxsim.engine import disagg, meters, pipeline
 from jaxsim.engine import instance as inst_lib
 from jaxsim.engine import routing
 from jaxsim.engine.instance import I32, I64, NEVER, RUNNING, WAITING
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import prefix_sum
 from jaxsim.engine.routing import PREFILL
+from jaxsim.engine.static import Static
+from jaxsim.engine.status import run_status
+from jaxsim.engine.vmap import per_instance
+from jaxsim.latency.base import AbstractLatencyModel, BatchShape
 
 
 class WorkloadArrays(eqx.Module):
@@ -55,7 +66,11 @@ class EngineParams(eqx.Module):
     """Per-instance numeric parameters (leaves have a leading instance axis)."""
 
     sched: inst_lib.SchedulerParams
-    tables: latency.LatencyTables
+    latency: AbstractLatencyModel  # times an iteration from its batch shape (jaxsim/latency)
+    # The parallel layout the loop itself needs (never read from the latency model):
+    pp: Int[Array, ""]  # pipeline stages (REFERENCE.md §1.8)
+    num_layers: Int[Array, ""]  # transformer blocks (a KV transfer streams layer by layer)
+    tp: Int[Array, ""]  # TP ranks (each sends its shard of a KV transfer)
     iteration_overhead_ns: Int[Array, ""]
     first_token_delay_ns: Int[Array, ""]
     token_output_delay_ns: Int[Array, ""]
@@ -82,6 +97,7 @@ class ClusterState(eqx.Module):
     finished: Int[Array, ""]
     stalled: Bool[Array, ""]  # nothing runs, nothing arrives, work is left: a request never fits
     steps: Int[Array, ""]
+    status: Int[Array, ""]  # engine/status.py Status, set when the loop ends
     # Per-request outputs, written at emission and at finish.
     first_token: Int[Array, " req"]
     finish: Int[Array, " req"]
@@ -98,24 +114,7 @@ class ClusterState(eqx.Module):
     token_times: Int[Array, " tok"]
     # Per-iteration rows [instance, iteration]. Kept out of InstanceState so that the large
     # buffers never pass through the scheduler's conditionals (which may copy their operands).
-    records: inst_lib.Records
-
-
-def per_instance(fn, in_axes=0):
-    """``jax.vmap(fn)`` over the instance axis; called directly when there is one instance.
-
-    Under ``vmap`` a ``while_loop`` with a batched predicate selects over its whole carry on every
-    trip, so the common single-instance case skips the batching to keep the scheduler's loops cheap.
-    """
-    def call(*args):
-        axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
-        leaves = [a for a, ax in zip(args, axes) if ax == 0]
-        n = jax.tree.leaves(leaves)[0].shape[0]
-        if n != 1:
-            return jax.vmap(fn, in_axes=axes)(*args)
-        squeezed = [jax.tree.map(lambda x: x[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
-        return jax.tree.map(lambda x: jnp.asarray(x)[None], fn(*squeezed))
-    return call
+    records: meters.Records  # the IterationRecords meter
 
 
 def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, active):
@@ -148,10 +147,8 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
     return inst, next_pending + n_route, unrouted
 
 
-_SHAPE_ARGS = ("T", "S", "pc", "kp", "nd", "kvd_sum", "kvd_min", "kvd_max")  # iteration_time's order
-
-
-def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, window, ring_cap, dp_sync: bool):
+def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_size, window, ring_cap,
+                             dp_sync: bool):
     """On every idle instance, schedule a batch and compute when it ends.
 
     With ``dp_sync``, the members of a DP group (``EngineParams.dp_group``) run wave-synchronous
@@ -170,8 +167,8 @@ def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, wind
 
     inst, shape = per_instance(plan)(inst, prm, now, active)
     idle = ~inst.busy & active
-    start = idle & (shape["S"] > 0)
-    pad = jnp.zeros_like(shape["T"])
+    start = idle & (shape.seqs > 0)
+    pad = jnp.zeros_like(shape.tokens)
     if dp_sync:
         n_inst = inst.busy.shape[0]
         member = prm.dp_group >= 0
@@ -182,13 +179,11 @@ def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, wind
 
         runs = member & idle & (group_max((start & member).astype(I32)) > 0)
         dummy = runs & ~start
-        one = jnp.ones_like(shape["T"])
-        shape = {k: jnp.where(dummy, one if k in ("T", "S", "nd", "kvd_sum", "kvd_min", "kvd_max") else 0, v)
-                 for k, v in shape.items()}
-        pad = jnp.where(runs, group_max(jnp.where(runs, shape["T"], 0)) - shape["T"], 0)
+        shape = BatchShape.where(dummy, BatchShape.dummy_like(shape), shape)
+        pad = jnp.where(runs, group_max(jnp.where(runs, shape.tokens, 0)) - shape.tokens, 0)
         start = start | runs
-    padded = dict(shape, T=shape["T"] + pad, S=shape["S"] + pad)
-    dt, extrap = per_instance(latency.iteration_time)(prm.tables, *(padded[k] for k in _SHAPE_ARGS))
+    padded = shape.padded(pad)
+    dt, extrap = per_instance(lambda model, shape: model.iteration_time(shape))(prm.latency, padded)
     end = now + dt.astype(I64) + prm.iteration_overhead_ns
     if dp_sync:
         end = jnp.where(runs, jax.ops.segment_max(jnp.where(runs, end, 0), gid, num_segments=n_inst + 1)[gid], end)
@@ -200,112 +195,7 @@ def _start_batches(inst, prm: EngineParams, wl, now, active, *, block_size, wind
     return eqx.tree_at(
         lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters.extrapolated),
         inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
-               pick(padded["T"], inst.batch_tokens), pick(padded["S"], inst.batch_seqs), extrapolated))
-
-
-def _pipe_ending(inst: inst_lib.InstanceState, now, active):
-    """Pipeline parallelism: the batch of this instance that completes ``now`` (at most one: the
-    last stage finishes its batches one after another), as a view of the instance in which that
-    batch is the one in flight (its slots' ``sched_n``, its start, tokens and sequences), so that
-    the end of an iteration is processed as with pp = 1. Returns ``(view, ending, in_batch)``."""
-    pe = inst.pipe
-    hit = pe.end == now
-    ending = active & jnp.any(hit)
-    b = jnp.argmax(hit).astype(I32)
-    in_b = ending & (pe.slot_batch == b)
-    s = inst.slots
-    view = eqx.tree_at(lambda i: (i.slots.sched_n, i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs),
-                       inst, (jnp.where(in_b, s.sched_n, 0), inst.busy | ending, pe.start[b],
-                              jnp.where(ending, now, inst.batch_end), pe.tokens[b], pe.seqs[b]))
-    return view, ending, in_b
-
-
-def _pipe_after_end(inst: inst_lib.InstanceState, before: inst_lib.InstanceState, ending, in_b):
-    """Undo the view of :func:`_pipe_ending` after the batch end: the other batches in flight
-    keep their slots' ``sched_n``; the completed batch's entry is freed."""
-    pe = inst.pipe
-    hit = ending & (pe.end == inst.batch_end)
-    return eqx.tree_at(
-        lambda i: (i.slots.sched_n, i.pipe.end, i.pipe.slot_batch), inst,
-        (jnp.where(in_b, 0, before.slots.sched_n), jnp.where(hit, NEVER, pe.end),
-         jnp.where(in_b, -1, pe.slot_batch)))
-
-
-def _start_batches_pp(inst, prm: EngineParams, wl, now, active, ending, *, block_size, window, ring_cap,
-                      max_pp: int):
-    """Pipeline parallelism (REFERENCE.md §1.8): on every instance whose stage 0 is free and that
-    has fewer than pp batches in flight, form a batch of the requests not in flight and compute
-    when each of its stages finishes: stage 0 starts now (the iteration overhead is paid there),
-    stage s at ``max(stage s-1 done + p2p, stage s free)``; the batch completes when its last
-    stage is done. ``busy``/``batch_end`` become the instance's next event: a completion, or the
-    time stage 0 frees up while the pipeline has room.
-
-    An instance with batches in flight decides only at those events (``ending``: a batch of it
-    completed now), as vLLM's engine with a batch queue blocks on its oldest batch when it has
-    nothing to schedule: an arrival at another time waits, as it does for a lone instance."""
-
-    def one(inst, prm, ending, now, active):
-        pe = inst.pipe
-        pp = prm.tables.pp
-        n_fl = jnp.sum((pe.end < NEVER).astype(I32), dtype=I32)
-        decides = (n_fl == 0) | ending | (pe.try_at <= now)
-        can = active & decides & (pe.stage_free[0] <= now) & (n_fl < pp)
-        in_flight = pe.slot_batch >= 0
-        old = (inst.slots.sched_n, inst.slots.sched_c, inst.slots.sched_pos)
-        new = inst_lib.schedule(eqx.tree_at(lambda i: i.busy, inst, jnp.asarray(False)), prm.sched, wl, now, can,
-                                block_size=block_size, window=window, ring_cap=ring_cap, skip=in_flight)
-        shape = inst_lib.batch_shape(new.slots)
-        mine = new.slots.sched_n > 0
-        keep = ~can | (in_flight & ~mine)  # requests of the batches in flight keep their fields
-        sched = tuple(jnp.where(keep, o, n) for o, n in
-                      zip(old, (new.slots.sched_n, new.slots.sched_c, new.slots.sched_pos)))
-        start = can & (shape["S"] > 0)
-        times, extrap, p2p = latency.stage_times(prm.tables, max_pp, *(shape[k] for k in _SHAPE_ARGS))
-        done = now + times[0] + prm.iteration_overhead_ns
-        free = [done]
-        for st in range(1, max_pp):
-            fs = jnp.maximum(done + p2p, pe.stage_free[st]) + times[st]
-            on = st < pp
-            done = jnp.where(on, fs, done)
-            free.append(jnp.where(on, fs, pe.stage_free[st]))
-        b = jnp.argmax(pe.end == NEVER).astype(I32)
-        stage_free = jnp.where(start, jnp.stack(free), pe.stage_free)
-        put = lambda a, v: jnp.where(start, a.at[b].set(v), a)  # noqa: E731
-        n_after = n_fl + start.astype(I32)
-        # the next time stage 0 frees up with room in the pipeline; none after a failed try (the
-        # next completion retries); unchanged when the instance did not decide now
-        try_at = jnp.where(active & decides, jnp.where((n_after < pp) & ~(can & ~start), stage_free[0], NEVER),
-                           pe.try_at)
-        end = put(pe.end, done)
-        pipe = inst_lib.Pipe(stage_free=stage_free, start=put(pe.start, now), end=end,
-                             tokens=put(pe.tokens, shape["T"]), seqs=put(pe.seqs, shape["S"]),
-                             slot_batch=jnp.where(start & mine, b, pe.slot_batch), try_at=try_at)
-        extrapolated = new.counters.extrapolated + jnp.where(start, (extrap > 0).astype(I32), 0)
-        busy = (n_after > 0) | (try_at < NEVER)
-        return eqx.tree_at(
-            lambda i: (i.slots.sched_n, i.slots.sched_c, i.slots.sched_pos, i.pipe, i.busy, i.batch_end,
-                       i.counters.extrapolated),
-            new, (*sched, pipe, busy, jnp.minimum(jnp.min(end), try_at), extrapolated))
-
-    return per_instance(one)(inst, prm, ending, now, active)
-
-
-def _record(records, inst, ending, prm: EngineParams, ptok, gtok, now, queued):
-    """Append one row per instance whose iteration ended now (gauges after routing; ``queued``:
-    per instance, requests routed to it that wait outside its slots)."""
-
-    def one(records, inst, ending, num_blocks, ptok, gtok, queued, now):
-        s = inst.slots
-        row = dict(start=inst.batch_start, end=now, prompt_tokens=ptok, gen_tokens=gtok,
-                   num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs,
-                   running=jnp.sum((s.status == RUNNING).astype(I32), dtype=I32),
-                   waiting=jnp.sum((s.status == WAITING).astype(I32), dtype=I32) + queued,
-                   kv_used=num_blocks - inst.pool.num_free)
-        idx = jnp.where(ending, inst.n_iters, records.start.shape[0])  # out of range = not written
-        records = inst_lib.Records(**{k: getattr(records, k).at[idx].set(v, mode="drop") for k, v in row.items()})
-        return records, eqx.tree_at(lambda i: i.n_iters, inst, inst.n_iters + ending.astype(I32))
-
-    return per_instance(one)(records, inst, ending, prm.sched.num_blocks, ptok, gtok, queued, now)
+               pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs), extrapolated))
 
 
 def _drain_if_stuck(inst, active, *, ring_cap):
@@ -317,54 +207,6 @@ def _drain_if_stuck(inst, active, *, ring_cap):
     retry = active & (~inst.busy) & work & jnp.any(s.status == inst_lib.FINISHING)
     inst = inst_lib.release_parked(inst, retry, ring_cap)
     return inst, retry
-
-
-def _kv_transfer(st: ClusterState, prm: EngineParams, ending, now):
-    """KV sent by the prefill instances whose iteration ends ``now`` (REFERENCE.md §1.7).
-
-    Every request that will be handed off sends the KV of the tokens computed for it in the
-    iteration (plus, on its first chunk, its prefix-hit tokens: the decode side needs them too):
-    per layer and TP rank, ``kv_token_bytes / (L * tp)`` bytes per token (ranks send their shards in
-    parallel). One layer's messages leave back to back on the instance's link, so a layer takes
-    ``s = latency + Σ bytes / bw``, each request on the link level (within the node, or between
-    nodes) of its decode instance, with the largest latency among them.
-
-    Layer-wise streaming (``kv_layerwise``) overlaps the compute: layer i's KV leaves when layer i
-    is done (the iteration split evenly over its L layers, period p) and the link is free, so the
-    last layer arrives at ``max(end + s, start + p + L*s, link_free + L*s)``: compute-bound,
-    link-bound, or still busy with earlier KV. Otherwise a request's whole prompt KV leaves when its
-    prefill ends: ``max(end, link_free) + latency + L * Σ bytes / bw`` for the requests done now.
-
-    Returns ``(ready, sent_bytes, link_free)``: per slot ``[inst, slot]`` the arrival time of the
-    last KV layer of a request whose prefill completed now (NEVER elsewhere), and the bytes sent
-    (all layers and ranks); and each instance's new link-free time.
-    """
-    s = st.inst.slots
-    req = jnp.maximum(s.req, 0)
-    leaving = ((prm.role == PREFILL) & ending)[:, None] & (s.sched_n > 0) & s.first & (s.target - s.prompt > 1)
-    completes = leaving & (s.computed >= s.prompt)
-    first_chunk = s.sched_c == jnp.maximum(s.prefix_hit, 0)
-    streamed = s.sched_n + jnp.where(first_chunk, s.sched_c, 0)
-    sent = jnp.where(prm.kv_layerwise[:, None], jnp.where(leaving, streamed, 0), jnp.where(completes, s.prompt, 0))
-    dest = st.releases.dest[req]
-    level = (prm.node[jnp.maximum(dest, 0)] != prm.node[:, None]).astype(I32)  # 0 within the node, 1 across
-    bw = jnp.take_along_axis(prm.kv_link_bw, level, axis=1)
-    lat = jnp.where(sent > 0, jnp.take_along_axis(prm.kv_link_latency, level, axis=1), 0.0)
-    layers = prm.tables.num_layers.astype(jnp.float64)
-    per_rank_layer = prm.kv_token_bytes.astype(jnp.float64) / (layers * prm.tables.tp.astype(jnp.float64))
-    wire = jnp.sum(sent.astype(jnp.float64) * per_rank_layer[:, None] / bw, axis=1)  # one layer, ns
-    latency = jnp.max(lat, axis=1)
-    s_layer = latency + wire
-    # Offsets from now (exact int64 differences; the float parts are < one run's span)
-    since_start = (now - st.inst.batch_start).astype(jnp.float64)
-    backlog = (st.link_free - now).astype(jnp.float64)  # > 0: the link is still sending
-    streamed_end = jnp.maximum(jnp.maximum(s_layer, since_start / layers - since_start + layers * s_layer),
-                               backlog + layers * s_layer)
-    whole_end = jnp.maximum(backlog, 0.0) + latency + layers * wire
-    done = now + jnp.ceil(jnp.where(prm.kv_layerwise, streamed_end, whole_end)).astype(I64)
-    link_free = jnp.where(jnp.any(sent > 0, axis=1), done, st.link_free)
-    ready = jnp.where(completes, done[:, None], NEVER)
-    return ready, sent.astype(I64) * prm.kv_token_bytes[:, None], link_free
 
 
 class Clock(eqx.Module):
@@ -384,8 +226,7 @@ def _group_min(x, prm: EngineParams):
     return jnp.where(member, jax.ops.segment_min(x, gid, num_segments=n_inst + 1)[gid], x)
 
 
-def _clock(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, releases: bool,
-           dp_sync: bool) -> Clock:
+def _clock(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, active) -> Clock:
     """Per-instance clocks of a cluster step (several instances, or requests released in the run).
 
     Instances interact only when a request is routed (an arrival, a release) and, under P/D and
@@ -400,16 +241,22 @@ def _clock(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, r
     So a step costs one iteration of each instance that has one, and a run takes about as many
     steps as its busiest instance has iterations (plus one per arrival), not one per event of
     every instance. Members of a wave-synchronised DP group share their next event.
+
+    A lone instance (:attr:`Static.lone`) keeps one clock: it sees arrivals at its batch ends,
+    its only decision points, and every step is global.
     """
+    if static.lone:
+        return Clock(now=jnp.broadcast_to(st.now, (1,)), acts=jnp.broadcast_to(active, (1,)), is_global=active,
+                     horizon=st.now)
     inst = st.inst
     n_req = wl.arrival_sorted.shape[0]
     event = jnp.where(inst.busy, inst.batch_end, st.retry_at)
-    if dp_sync:
+    if static.dp_sync:
         event = _group_min(event, prm)
     next_arrival = jnp.where(st.next_pending < n_req,
                              wl.arrival_sorted[jnp.minimum(st.next_pending, n_req - 1)], NEVER)
     horizon = jnp.maximum(next_arrival, st.now)
-    if releases:
+    if static.releases:
         producer = (prm.role == PREFILL) | (st.releases.holders > 0)
         horizon = jnp.minimum(horizon, jnp.minimum(jnp.min(st.releases.release_at),
                                                    jnp.min(jnp.where(producer, event, NEVER))))
@@ -419,131 +266,192 @@ def _clock(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, r
     return Clock(now=jnp.where(is_global, horizon, event), acts=acts, is_global=active & is_global, horizon=horizon)
 
 
-def _step(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, active, *, block_size, window, ring_cap,
-          router: routing.Router, releases: bool, dp_sync: bool, max_pp: int = 1):
-    """One step of the cluster (see :func:`_clock`). A no-op when not ``active`` (see ``run``).
+class Ended(eqx.Module):
+    """What the batch ends of one step produced (see :func:`end_batches`)."""
 
-    A lone instance (no releases) keeps one clock: it sees arrivals at its batch ends, its only
-    decision points. With ``max_pp > 1`` (pipeline parallelism), an instance's event is a batch's
-    completion or the moment its stage 0 frees up (:func:`_start_batches_pp`)."""
-    inst = st.inst
-    n_req = st.finish.shape[0]
-    n_inst = inst.busy.shape[0]
-    lone = n_inst == 1 and not releases
-    if lone:
-        now = jnp.broadcast_to(st.now, (1,))
-        acts = jnp.broadcast_to(active, (1,))
-    else:
-        clk = _clock(st, prm, wl, active, releases=releases, dp_sync=dp_sync)
-        now, acts = clk.now, clk.acts
-    if max_pp > 1:
+    ending: Bool[Array, " inst"]  # an iteration of the instance ended in this step
+    emissions: inst_lib.Emissions  # per (instance, slot), flattened
+    inst_id: Int[Array, " inst_slot"]  # the instance of each emission
+    stamp: Int[Array, " inst_slot"]  # when the client has the token (end + output delay), ns
+    prompt_tokens: Int[Array, " inst"]
+    gen_tokens: Int[Array, " inst"]
+    kv_ready: Int[Array, "inst slot"]  # P/D: arrival of a completed prefill's last KV layer (NEVER)
+    kv_sent: Int[Array, "inst slot"]  # P/D: KV bytes sent in this iteration
+
+
+def end_batches(static: Static, prm: EngineParams, st: ClusterState, clk: Clock) -> "tuple[ClusterState, Ended]":
+    """Finish the batches that end at each acting instance's time (REFERENCE.md §1.1): emit
+    tokens, release finished requests; under P/D, send the KV of prefills (:mod:`disagg`)."""
+    inst, now = st.inst, clk.now
+    if static.pipelined:
         before = inst
-        inst, ending, in_b = per_instance(_pipe_ending)(inst, now, acts)
+        inst, ending, in_b = per_instance(pipeline.ending_view)(inst, now, clk.acts)
         st = eqx.tree_at(lambda s: s.inst, st, inst)
     else:
-        ending = acts & inst.busy & (inst.batch_end == now)
-    if releases:
-        kv_ready, kv_sent, link_free = _kv_transfer(st, prm, ending, now)
+        ending = clk.acts & inst.busy & (inst.batch_end == now)
+    if static.releases:
+        kv_ready, kv_sent, link_free = disagg.kv_transfer(st, prm, ending, now)
         st = eqx.tree_at(lambda s: s.link_free, st, link_free)
-    inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=ring_cap))(
+    else:
+        kv_ready = kv_sent = jnp.zeros_like(inst.slots.req)
+    inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=static.ring_cap))(
         inst, prm.sched.async_scheduling, prm.role == PREFILL, ending, now)
-    if max_pp > 1:
-        inst = per_instance(_pipe_after_end)(inst, before, ending, in_b)
-    # Per-request outputs from the emissions of every instance (flattened over instance, slot).
-    ev = jax.tree.map(lambda x: x.reshape(-1), ev)
-    req = jnp.maximum(ev.req, 0)
-    per_slot = ev.req.shape[0] // n_inst
-    inst_id = jnp.repeat(jnp.arange(n_inst, dtype=I32), per_slot)
+    if static.pipelined:
+        inst = per_instance(pipeline.after_end)(inst, before, ending, in_b)
+    n_inst = inst.busy.shape[0]
+    ev = jax.tree.map(lambda x: x.reshape(-1), ev)  # flattened over (instance, slot)
+    inst_id = jnp.repeat(jnp.arange(n_inst, dtype=I32), ev.req.shape[0] // n_inst)
     delay = jnp.where(ev.first_emit, prm.first_token_delay_ns[inst_id], prm.token_output_delay_ns[inst_id])
-    stamp = now[inst_id] + delay  # when the client has the token
+    ended = Ended(ending=ending, emissions=ev, inst_id=inst_id, stamp=now[inst_id] + delay, prompt_tokens=ptok,
+                  gen_tokens=gtok, kv_ready=kv_ready, kv_sent=kv_sent)
+    return eqx.tree_at(lambda s: s.inst, st, inst), ended
+
+
+def write_request_outputs(wl: WorkloadArrays, st: ClusterState, out: Ended) -> ClusterState:
+    """Per-request outputs from the emissions of every instance: token times, first token,
+    finish; at a finish or a hand-off, what the request carries (first scheduling, prefix hits,
+    preemptions, recomputed tokens)."""
+    ev, n_req = out.emissions, st.finish.shape[0]
+    req = jnp.maximum(ev.req, 0)
     tok_pos = jnp.where(ev.emit, wl.token_offset[req] + ev.token_index, st.token_times.shape[0])
-    token_times = st.token_times.at[tok_pos].set(stamp, mode="drop")
     first_pos = jnp.where(ev.first_emit, req, n_req)
     fin = jnp.where(ev.finish, req, n_req)
     # A hand-off carries the request's outputs so far to its decode instance, like a finish.
-    out = jnp.where(ev.finish | ev.handoff, req, n_req)
-    st = eqx.tree_at(
+    carry = jnp.where(ev.finish | ev.handoff, req, n_req)
+    return eqx.tree_at(
         lambda s: (s.token_times, s.first_token, s.finish, s.first_scheduled, s.prefix_hit,
                    s.num_preemptions, s.recomputed, s.instance, s.finished),
-        st, (token_times, st.first_token.at[first_pos].set(stamp, mode="drop"),
-             st.finish.at[fin].set(stamp, mode="drop"),
-             st.first_scheduled.at[out].set(ev.first_scheduled, mode="drop"),
-             st.prefix_hit.at[out].set(ev.prefix_hit, mode="drop"),
-             st.num_preemptions.at[out].set(ev.num_preemptions, mode="drop"),
-             st.recomputed.at[out].set(ev.recomputed, mode="drop"),
-             st.instance.at[fin].set(inst_id, mode="drop"),
+        st, (st.token_times.at[tok_pos].set(out.stamp, mode="drop"),
+             st.first_token.at[first_pos].set(out.stamp, mode="drop"),
+             st.finish.at[fin].set(out.stamp, mode="drop"),
+             st.first_scheduled.at[carry].set(ev.first_scheduled, mode="drop"),
+             st.prefix_hit.at[carry].set(ev.prefix_hit, mode="drop"),
+             st.num_preemptions.at[carry].set(ev.num_preemptions, mode="drop"),
+             st.recomputed.at[carry].set(ev.recomputed, mode="drop"),
+             st.instance.at[fin].set(out.inst_id, mode="drop"),
              st.finished + jnp.sum(ev.finish.astype(I32), dtype=I32)))
 
-    rs, rel = st.router, st.releases
-    if releases:
-        hand = jnp.where(ev.handoff, req, n_req)
-        ready = kv_ready.reshape(-1)
-        # The next agentic sub-request: released when the client has this one's last token, plus
-        # the tool time.
-        nxt = wl.next_in_session[req]
-        child = jnp.where(ev.finish & (nxt >= 0), nxt, n_req)
-        child_at = stamp + wl.tool_ns[jnp.maximum(nxt, 0)]
-        release_at = rel.release_at.at[hand].set(ready, mode="drop")
-        release_at = release_at.at[child].set(child_at, mode="drop")
-        let_go = (ev.finish | ev.handoff) & (ev.req >= 0) & (nxt >= 0)  # no longer held here
-        rel = eqx.tree_at(lambda r: (r.release_at, r.kv_in, r.holders), rel,
-                          (release_at, rel.kv_in.at[hand].set(wl.prompt[req], mode="drop"),
-                           rel.holders.at[jnp.where(let_go, inst_id, n_inst)].add(-1, mode="drop")))
-        st = eqx.tree_at(
-            lambda s: (s.prefill_instance, s.prefill_end, s.kv_ready, s.kv_bytes, s.arrival),
-            st, (st.prefill_instance.at[hand].set(inst_id, mode="drop"),
-                 st.prefill_end.at[hand].set(now[inst_id], mode="drop"),
-                 st.kv_ready.at[hand].set(ready, mode="drop"),
-                 st.kv_bytes.at[jnp.where(ev.req >= 0, req, n_req)].add(kv_sent.reshape(-1), mode="drop"),
-                 st.arrival.at[child].set(child_at, mode="drop")))
 
-    if lone:  # arrivals wait in arrival order outside the slots: no queue needed
+def schedule_releases(prm: EngineParams, wl: WorkloadArrays, st: ClusterState, out: Ended,
+                      clk: Clock) -> ClusterState:
+    """Requests that will enter a queue later (``Static.releases``): a hand-off when its last KV
+    layer reaches its decode instance; an agentic sub-request when the client has its
+    predecessor's last token plus the tool time (REFERENCE.md §1.7, §1.15)."""
+    ev, rel = out.emissions, st.releases
+    n_req, n_inst = st.finish.shape[0], st.inst.busy.shape[0]
+    req = jnp.maximum(ev.req, 0)
+    hand = jnp.where(ev.handoff, req, n_req)
+    ready = out.kv_ready.reshape(-1)
+    nxt = wl.next_in_session[req]
+    child = jnp.where(ev.finish & (nxt >= 0), nxt, n_req)
+    child_at = out.stamp + wl.tool_ns[jnp.maximum(nxt, 0)]
+    release_at = rel.release_at.at[hand].set(ready, mode="drop").at[child].set(child_at, mode="drop")
+    let_go = (ev.finish | ev.handoff) & (ev.req >= 0) & (nxt >= 0)  # no longer held by its instance
+    rel = eqx.tree_at(lambda r: (r.release_at, r.kv_in, r.holders), rel,
+                      (release_at, rel.kv_in.at[hand].set(wl.prompt[req], mode="drop"),
+                       rel.holders.at[jnp.where(let_go, out.inst_id, n_inst)].add(-1, mode="drop")))
+    return eqx.tree_at(
+        lambda s: (s.releases, s.prefill_instance, s.prefill_end, s.kv_ready, s.kv_bytes, s.arrival),
+        st, (rel, st.prefill_instance.at[hand].set(out.inst_id, mode="drop"),
+             st.prefill_end.at[hand].set(clk.now[out.inst_id], mode="drop"),
+             st.kv_ready.at[hand].set(ready, mode="drop"),
+             st.kv_bytes.at[jnp.where(ev.req >= 0, req, n_req)].add(out.kv_sent.reshape(-1), mode="drop"),
+             st.arrival.at[child].set(child_at, mode="drop")))
+
+
+def admit_arrivals(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, clk: Clock,
+                   active) -> "tuple[ClusterState, Int[Array, ' inst']]":
+    """Route the arrivals (and releases) up to the horizon in a global step, then move queued
+    requests into free slots. Returns the state and, per instance, the requests routed to it
+    that wait outside its slots."""
+    inst, rs, rel = st.inst, st.router, st.releases
+    if static.lone:  # arrivals wait in arrival order outside the slots: no queue needed
         inst, next_pending, unrouted = _route(inst, wl, st.next_pending, st.now, active)
-        queued = unrouted[None]
-    else:  # routed only in a global step, at the horizon
-        arrived = jnp.searchsorted(wl.arrival_sorted, clk.horizon, side="right", method="scan_unrolled").astype(I32)
-        next_pending = jnp.where(clk.is_global, arrived, st.next_pending)
-        pd = releases  # P/D routing picks decode instances only when some instance hands off
-        rs, rel = routing.route_arrivals(inst, rs, rel, prm.sched, prm.routable, prm.role, wl, st.next_pending,
-                                         next_pending, router=router, block_size=block_size, pd=pd)
-        reentries = None
-        if releases:
-            rs, rel = routing.release_due(inst, rs, rel, prm.sched, prm.routable, prm.role, wl,
-                                          jnp.where(clk.is_global, clk.horizon, -1), router=router,
-                                          block_size=block_size, pd=pd)
-            reentries = inst_lib.Reentries(
-                req=rel.entry_req, kv_in=rel.kv_in, carried_first_scheduled=st.first_scheduled,
-                carried_prefix_hit=st.prefix_hit, carried_num_preemptions=st.num_preemptions,
-                carried_recomputed=st.recomputed)
-        inst, rs, queued = routing.fill_slots(inst, rs, wl, reentries)
-    records, inst = _record(st.records, inst, ending, prm, ptok, gtok, now, queued)
-    if max_pp > 1:
-        inst = _start_batches_pp(inst, prm, wl, now, acts, ending, block_size=block_size, window=window,
-                                 ring_cap=ring_cap, max_pp=max_pp)
-    else:
-        inst = _start_batches(inst, prm, wl, now, acts, block_size=block_size, window=window, ring_cap=ring_cap,
-                              dp_sync=dp_sync)
-    inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=ring_cap))(inst, acts)
+        return eqx.tree_at(lambda s: (s.inst, s.next_pending), st, (inst, next_pending)), unrouted[None]
+    arrived = jnp.searchsorted(wl.arrival_sorted, clk.horizon, side="right", method="scan_unrolled").astype(I32)
+    next_pending = jnp.where(clk.is_global, arrived, st.next_pending)
+    pd = static.releases  # P/D routing picks decode instances only when some instance hands off
+    rs, rel = routing.route_arrivals(inst, rs, rel, prm.sched, prm.routable, prm.role, wl, st.next_pending,
+                                     next_pending, router=static.router, block_size=static.block_size, pd=pd)
+    reentries = None
+    if static.releases:
+        rs, rel = routing.release_due(inst, rs, rel, prm.sched, prm.routable, prm.role, wl,
+                                      jnp.where(clk.is_global, clk.horizon, -1), router=static.router,
+                                      block_size=static.block_size, pd=pd)
+        reentries = inst_lib.Reentries(
+            req=rel.entry_req, kv_in=rel.kv_in, carried_first_scheduled=st.first_scheduled,
+            carried_prefix_hit=st.prefix_hit, carried_num_preemptions=st.num_preemptions,
+            carried_recomputed=st.recomputed)
+    inst, rs, queued = routing.fill_slots(inst, rs, wl, reentries)
+    return eqx.tree_at(lambda s: (s.inst, s.router, s.releases, s.next_pending), st,
+                       (inst, rs, rel, next_pending)), queued
 
-    next_arrival = jnp.where(next_pending < n_req,
-                             wl.arrival_sorted[jnp.minimum(next_pending, n_req - 1)], NEVER)
-    if releases:
-        next_arrival = jnp.minimum(next_arrival, jnp.min(rel.release_at))
-    if lone:
-        any_busy = jnp.any(inst.busy) | jnp.any(retry)
-        next_end = jnp.min(jnp.where(inst.busy, inst.batch_end, jnp.where(retry, st.now, NEVER)))
+
+def record_iterations(prm: EngineParams, st: ClusterState, out: Ended, clk: Clock, queued) -> ClusterState:
+    """Show the iterations that ended to the meters (gauges after routing; ``queued``: per
+    instance, requests routed to it that wait outside its slots) and count them."""
+    inst = st.inst
+    status = inst.slots.status
+    it = meters.IterationEnd(
+        ending=out.ending, index=inst.n_iters, start=inst.batch_start, end=clk.now, prompt_tokens=out.prompt_tokens,
+        gen_tokens=out.gen_tokens, num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs,
+        running=jnp.sum((status == RUNNING).astype(I32), axis=-1, dtype=I32),
+        waiting=jnp.sum((status == WAITING).astype(I32), axis=-1, dtype=I32) + queued,
+        kv_used=prm.sched.num_blocks - inst.pool.num_free)
+    return eqx.tree_at(lambda s: (s.records, s.inst.n_iters), st,
+                       (meters.IterationRecords().update(st.records, it), inst.n_iters + out.ending.astype(I32)))
+
+
+def start_batches(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, clk: Clock,
+                  out: Ended) -> "tuple[ClusterState, Bool[Array, ' inst']]":
+    """Each idle acting instance forms its next batch and the latency model times it; then an
+    instance whose batch came out empty only because finished requests still hold their blocks
+    (async scheduling) releases them and retries at once. Returns the state and the retries."""
+    kw = dict(block_size=static.block_size, window=static.window, ring_cap=static.ring_cap)
+    if static.pipelined:
+        inst = pipeline.start_batches(st.inst, prm, wl, clk.now, clk.acts, out.ending, max_pp=static.max_pp, **kw)
+    else:
+        inst = _start_batches_one_stage(st.inst, prm, wl, clk.now, clk.acts, dp_sync=static.dp_sync, **kw)
+    inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=static.ring_cap))(inst, clk.acts)
+    return eqx.tree_at(lambda s: s.inst, st, inst), retry
+
+
+def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clock, retry, active) -> ClusterState:
+    """Set the next decision time (a lone instance) or the retries and the global clock (a
+    cluster), detect a stall (nothing runs, nothing arrives, requests are left), count the step."""
+    n_req = wl.arrival_sorted.shape[0]
+    next_arrival = jnp.where(st.next_pending < n_req,
+                             wl.arrival_sorted[jnp.minimum(st.next_pending, n_req - 1)], NEVER)
+    if static.releases:
+        next_arrival = jnp.minimum(next_arrival, jnp.min(st.releases.release_at))
+    busy = st.inst.busy
+    if static.lone:
+        any_busy = jnp.any(busy) | jnp.any(retry)
+        next_end = jnp.min(jnp.where(busy, st.inst.batch_end, jnp.where(retry, st.now, NEVER)))
         # a lone instance sees arrivals at its next batch end (its only decision point)
         next_now = jnp.where(any_busy, next_end, jnp.maximum(next_arrival, st.now))
         retry_at = st.retry_at
     else:
-        retry_at = jnp.where(acts, jnp.where(retry, now, NEVER), st.retry_at)
-        any_busy = jnp.any(inst.busy) | jnp.any(retry_at < NEVER)
+        retry_at = jnp.where(clk.acts, jnp.where(retry, clk.now, NEVER), st.retry_at)
+        any_busy = jnp.any(busy) | jnp.any(retry_at < NEVER)
         next_now = jnp.where(clk.is_global, clk.horizon, st.now)  # the last global moment
     stalled = (~any_busy) & (next_arrival == NEVER) & (st.finished < n_req)
-    return eqx.tree_at(lambda s: (s.now, s.next_pending, s.inst, s.router, s.releases, s.stalled, s.steps, s.records,
-                                  s.retry_at),
-                       st, (jnp.where(active, next_now, st.now), next_pending, inst, rs, rel,
-                            jnp.where(active, stalled, st.stalled), st.steps + active.astype(I32), records, retry_at))
+    return eqx.tree_at(lambda s: (s.now, s.retry_at, s.stalled, s.steps), st,
+                       (jnp.where(active, next_now, st.now), retry_at, jnp.where(active, stalled, st.stalled),
+                        st.steps + active.astype(I32)))
+
+
+def step(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, active) -> ClusterState:
+    """One step of the loop (see the module docstring). A no-op when not ``active``."""
+    clk = _clock(static, prm, wl, st, active)
+    st, out = end_batches(static, prm, st, clk)
+    st = write_request_outputs(wl, st, out)
+    if static.releases:
+        st = schedule_releases(prm, wl, st, out, clk)
+    st, queued = admit_arrivals(static, prm, wl, st, clk, active)
+    st = record_iterations(prm, st, out, clk, queued)
+    st, retry = start_batches(static, prm, wl, st, clk, out)
+    return advance_clock(static, wl, st, clk, retry, active)
 
 
 def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iters: int,
@@ -559,53 +467,48 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
         now=jnp.asarray(0, I64), next_pending=zero, inst=inst, router=router,
         releases=routing.init_releases(n_inst, n_req), link_free=jnp.zeros(n_inst, I64),
         retry_at=jnp.full(n_inst, NEVER, I64), finished=zero,
-        stalled=jnp.asarray(False), steps=zero, first_token=z64, finish=z64, first_scheduled=z64,
+        stalled=jnp.asarray(False), steps=zero, status=zero, first_token=z64, finish=z64, first_scheduled=z64,
         prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32, arrival=z64,
         prefill_instance=jnp.full(n_req, -1, I32), prefill_end=z64, kv_ready=z64, kv_bytes=jnp.zeros(n_req, I64),
         token_times=jnp.full(max(n_tokens, 1), -1, I64),
-        records=jax.tree.map(lambda x: jnp.broadcast_to(x, (inst.busy.shape[0],) + x.shape),
-                             inst_lib.init_records(max_iters)))
+        records=meters.IterationRecords().init(n_inst, max_iters))
 
 
-def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, block_size: int,
-                        window: int, ring_cap: int, max_steps: int, record_iterations: bool = True,
-                        router: routing.Router = routing.Router(), releases: bool = False,
-                        dp_sync: bool = False, max_pp: int = 1) -> ClusterState:
-    """Advance until every request has finished (or the run stalls, or a buffer would overflow).
+def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, static: Static) -> ClusterState:
+    """Advance until every request has finished (or the run stalls, or a limit is reached); the
+    returned state's ``status`` says which (:class:`jaxsim.engine.status.Status`).
 
     Unjitted; :func:`run` (one configuration) and :func:`run_batch` (a ``vmap`` over
-    configurations) compile it. ``record_iterations=False`` ignores the iteration buffer's size
-    (its writes past the end are dropped), for sweeps that only need per-request results.
-    ``releases``: requests enter queues during the run (P/D hand-offs, agentic sessions); the
-    state must come from ``init_state(..., releases=True)``. ``dp_sync``: some instances form
-    wave-synchronised DP groups (``EngineParams.dp_group``). ``max_pp``: the largest pipeline
-    degree of an instance (``LatencyTables.pp``); with 1 no pipeline is compiled, and the state
-    must come from instances initialised with the same ``max_pp``.
+    configurations) compile it. The state must come from :func:`init_state` with the same
+    ``static`` features (``releases``; instances initialised with ``max_pp``).
     """
-    if max_pp > 1 and dp_sync:
-        raise NotImplementedError("wave-synchronised DP groups with pipeline parallelism")
     max_iters = st.records.start.shape[-1]
     n_req = wl.prompt.shape[0]
 
+    def buffer_full(st):
+        return jnp.any(st.inst.n_iters >= max_iters) if static.record_iterations else jnp.asarray(False)
+
     def cond(consts, st):
-        ok = (st.finished < n_req) & (~st.stalled) & (st.steps < max_steps)
-        return ok & jnp.all(st.inst.n_iters < max_iters) if record_iterations else ok
+        return (st.finished < n_req) & (~st.stalled) & (st.steps < static.max_steps) & ~buffer_full(st)
 
     def body(consts, st):
         prm, wl = consts
-        return _step(st, prm, wl, cond(consts, st), block_size=block_size, window=window, ring_cap=ring_cap,
-                     router=router, releases=releases, dp_sync=dp_sync, max_pp=max_pp)
+        return step(static, prm, wl, st, cond(consts, st))
 
     if st.inst.busy.shape[0] != 1:
-        return masked_while_loop(cond, body, st, (prm, wl))
-    # One instance: the loop carries the state without its instance axis. Under a vmap over
-    # configurations, XLA otherwise lays out [config, 1, ...] carries differently from the
-    # body's results and copies the whole state (records included) on every step.
-    squeeze = functools.partial(_map_instance_parts, lambda x: x[0])
-    expand = functools.partial(_map_instance_parts, lambda x: x[None])
-    out = masked_while_loop(lambda c, s: cond(c, expand(s)), lambda c, s: squeeze(body(c, expand(s))),
-                            squeeze(st), (prm, wl))
-    return expand(out)
+        out = masked_while_loop(cond, body, st, (prm, wl))
+    else:
+        # One instance: the loop carries the state without its instance axis. Under a vmap over
+        # configurations, XLA otherwise lays out [config, 1, ...] carries differently from the
+        # body's results and copies the whole state (records included) on every step.
+        squeeze = functools.partial(_map_instance_parts, lambda x: x[0])
+        expand = functools.partial(_map_instance_parts, lambda x: x[None])
+        out = expand(masked_while_loop(lambda c, s: cond(c, expand(s)), lambda c, s: squeeze(body(c, expand(s))),
+                                       squeeze(st), (prm, wl)))
+    status = run_status(finished=out.finished, num_requests=n_req,
+                        slot_overflow=jnp.any(out.inst.counters.slot_overflow), queue_overflow=out.router.overflow,
+                        buffer_full=buffer_full(out) & (out.finished < n_req), stalled=out.stalled)
+    return eqx.tree_at(lambda s: s.status, out, status)
 
 
 def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
@@ -613,16 +516,14 @@ def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
     return eqx.tree_at(lambda s: (s.inst, s.records), st, (jax.tree.map(fn, st.inst), jax.tree.map(fn, st.records)))
 
 
-_STATIC = ("block_size", "window", "ring_cap", "max_steps", "record_iterations", "router", "releases", "dp_sync",
-           "max_pp")
-run = functools.partial(jax.jit, static_argnames=_STATIC)(simulate_until_done)
+run = jax.jit(simulate_until_done, static_argnames="static")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("workload_batched",))
-def run_batch(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, *, workload_batched: bool = False,
-              **static) -> ClusterState:
+@functools.partial(jax.jit, static_argnames=("static", "workload_batched"))
+def run_batch(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, static: Static, *,
+              workload_batched: bool = False) -> ClusterState:
     """:func:`simulate_until_done` for a leading configuration axis on ``st`` and ``prm`` (and on
     ``wl`` when ``workload_batched``). The loop runs until the last configuration is done; the
     others stand still meanwhile (every step is masked by its own predicate)."""
-    fn = functools.partial(simulate_until_done, **static)
+    fn = functools.partial(simulate_until_done, static=static)
     return jax.vmap(fn, in_axes=(0, 0, 0 if workload_batched else None))(st, prm, wl)

@@ -20,6 +20,7 @@ from jaxtyping import Array, Bool, Int
 from jaxsim.engine import kvpool
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import expand_ranges, prefix_sum
+from jaxsim.latency.base import BatchShape
 
 I32 = jnp.int32
 I64 = jnp.int64
@@ -67,20 +68,6 @@ class Counters(eqx.Module):
     slot_overflow: Bool[Array, ""]  # a request could not be admitted for lack of slots
 
 
-class Records(eqx.Module):
-    """One row per engine iteration (a fixed-size buffer; rows past ``n`` are unused)."""
-
-    start: Int[Array, " it"]
-    end: Int[Array, " it"]
-    prompt_tokens: Int[Array, " it"]
-    gen_tokens: Int[Array, " it"]
-    num_tokens: Int[Array, " it"]
-    num_seqs: Int[Array, " it"]
-    running: Int[Array, " it"]
-    waiting: Int[Array, " it"]
-    kv_used: Int[Array, " it"]
-
-
 class Pipe(eqx.Module):
     """Pipeline-parallel batches in flight (REFERENCE.md §1.8), present when the compiled run's
     ``max_pp > 1``. Entry b of the [P] arrays is a batch in flight (``end < NEVER``) or free."""
@@ -120,12 +107,6 @@ class SchedulerParams(eqx.Module):
     prefix_caching: Bool[Array, ""]
     async_scheduling: Bool[Array, ""]  # finished requests release their seat one batch later
     num_blocks: Int[Array, ""]
-
-
-def init_records(max_iters: int) -> Records:
-    zi = jnp.zeros(max_iters, I32)
-    zt = jnp.zeros(max_iters, I64)
-    return Records(zt, zt, zi, zi, zi, zi, zi, zi, zi)
 
 
 def init_pipe(num_slots: int, max_pp: int) -> Pipe:
@@ -479,19 +460,20 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     return eqx.tree_at(lambda i: (i.slots.sched_n, i.slots.sched_c, i.slots.sched_pos), inst, kept)
 
 
-def batch_shape(s: Slots):
-    """The lookup arguments of REFERENCE.md §2.1 for the scheduled batch."""
+def batch_shape(s: Slots) -> BatchShape:
+    """The scheduled batch's :class:`jaxsim.latency.base.BatchShape` (REFERENCE.md §2.1)."""
     n, c = s.sched_n, s.sched_c
     sched = n > 0
     prefill = n > 1
     decode = n == 1
     big = jnp.iinfo(I32).max
-    return dict(
-        T=jnp.sum(n, dtype=I32), S=jnp.sum(sched.astype(I32), dtype=I32),
-        pc=jnp.sum(jnp.where(prefill, n, 0), dtype=I32), kp=jnp.sum(jnp.where(prefill, c, 0), dtype=I32),
-        nd=jnp.sum(decode.astype(I32), dtype=I32), kvd_sum=jnp.sum(jnp.where(decode, c, 0), dtype=I32),
-        kvd_min=jnp.where(jnp.any(decode), jnp.min(jnp.where(decode, c, big)), 0),
-        kvd_max=jnp.max(jnp.where(decode, c, 0)),
+    return BatchShape(
+        tokens=jnp.sum(n, dtype=I32), seqs=jnp.sum(sched.astype(I32), dtype=I32),
+        prefill_tokens=jnp.sum(jnp.where(prefill, n, 0), dtype=I32),
+        prefill_history=jnp.sum(jnp.where(prefill, c, 0), dtype=I32),
+        decodes=jnp.sum(decode.astype(I32), dtype=I32), decode_kv_sum=jnp.sum(jnp.where(decode, c, 0), dtype=I32),
+        decode_kv_min=jnp.where(jnp.any(decode), jnp.min(jnp.where(decode, c, big)), 0),
+        decode_kv_max=jnp.max(jnp.where(decode, c, 0)),
     )
 
 
