@@ -62,6 +62,15 @@ def scalar_type(typ):
     return (typ if typ in (bool, int, float, str) else None), optional
 
 
+def _in_range(v, rule: Rule, where: str, fmt: str):
+    """``v`` within the bounds of ``rule`` (numbers printed with format ``fmt``)."""
+    if rule.lo is not None and (v <= rule.lo if rule.lo_open else v < rule.lo):
+        raise JaxsimInputError(where, f"must be {'>' if rule.lo_open else '>='} {rule.lo:{fmt}}, got {v:{fmt}}")
+    if rule.hi is not None and v > rule.hi:
+        raise JaxsimInputError(where, f"must be <= {rule.hi:{fmt}}, got {v:{fmt}}")
+    return v
+
+
 def check_value(v, typ, where: str, rule: Rule = Rule()):
     """``v`` checked against type ``typ`` (bool, int, float, str, optionally ``| None``) and
     ``rule``, normalised (numpy scalars -> Python, int -> float for floats); raises
@@ -76,20 +85,11 @@ def check_value(v, typ, where: str, rule: Rule = Rule()):
     if base is int:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
             raise JaxsimInputError(where, f"must be an integer, got {v!r}")
-        v = int(v)
-        if rule.lo is not None and (v <= rule.lo if rule.lo_open else v < rule.lo):
-            raise JaxsimInputError(where, f"must be {'>' if rule.lo_open else '>='} {rule.lo}, got {v}")
-        if rule.hi is not None and v > rule.hi:
-            raise JaxsimInputError(where, f"must be <= {rule.hi}, got {v}")
-        return v
+        return _in_range(int(v), rule, where, "")
     if base is float:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise JaxsimInputError(where, f"must be a number, got {v!r}")
-        v = float(v)
-        if rule.lo is not None and (v <= rule.lo if rule.lo_open else v < rule.lo):
-            raise JaxsimInputError(where, f"must be {'>' if rule.lo_open else '>='} {rule.lo:g}, got {v:g}")
-        if rule.hi is not None and v > rule.hi:
-            raise JaxsimInputError(where, f"must be <= {rule.hi:g}, got {v:g}")
+        v = _in_range(float(v), rule, where, "g")
         if rule.finite and not math.isfinite(v):
             raise JaxsimInputError(where, f"must be finite, got {v}")
         return v
