@@ -432,6 +432,12 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     plans = place_instances(plans, instances, links, model, dp_sync)
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     dims = Dims.merge([pl.dims for pl in plans])
+    if not kwargs.get("max_iterations") and len(plans) > 1:
+        # Each instance records only its own iterations, so an automatic buffer starts from twice
+        # an even share of the trace's guess (a buffer of the whole guess per instance grows with
+        # instances x trace: 64 instances of a 19,200-request trace did not fit in 24 GiB). A run
+        # that fills it is rerun with twice the rows (simulate_cluster), never silently cut.
+        dims = dataclasses.replace(dims, max_iters=min(dims.max_iters, -(-2 * dims.max_iters // len(plans)) + 1024))
     params = _stacked_params(plans)  # the plans' axis is the instance axis
     wl, _ = _workload_for(plans, dims, False, False)
     releases = needs_releases(plans)

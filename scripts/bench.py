@@ -243,10 +243,16 @@ def bench_scaling(sizes: list, series: list, repeats: int = 3) -> dict:
 
 
 def _bench_cluster(workload, model, specs, repeats: int) -> dict:
-    p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"), profiles_dir=ROOT / "profiles",
-                                  record_token_times=False)
-    compiled, compile_s, final = _compile(p)
-    result = simulator.to_result(p, final)
+    rows = 0  # automatic iteration buffer; doubled (a recompile) when a run fills it, as simulate_cluster does
+    while True:
+        p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"), profiles_dir=ROOT / "profiles",
+                                      record_token_times=False, max_iterations=rows)
+        compiled, compile_s, final = _compile(p)
+        try:
+            result = simulator.to_result(p, final)
+            break
+        except simulator.IterationBufferFull:
+            rows = min(2 * p.state.records.start.shape[-1], p.max_iters_bound)
     walls = _timed(compiled, p, 1)
     if walls[0] < 20:
         walls += _timed(compiled, p, repeats - 1)
