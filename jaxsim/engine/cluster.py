@@ -148,7 +148,7 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
 
 
 def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_size, window, ring_cap,
-                             dp_sync: bool):
+                             dp_sync: bool, kv_tier):
     """On every idle instance, schedule a batch and compute when it ends.
 
     With ``dp_sync``, the members of a DP group (``EngineParams.dp_group``) run wave-synchronous
@@ -162,7 +162,7 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
 
     def plan(inst, prm, now, active):
         inst = inst_lib.schedule(inst, prm.sched, wl, now, active, block_size=block_size, window=window,
-                                 ring_cap=ring_cap)  # a no-op on a busy instance
+                                 ring_cap=ring_cap, kv_tier=kv_tier)  # a no-op on a busy instance
         return inst, inst_lib.batch_shape(inst.slots)
 
     inst, shape = per_instance(plan)(inst, prm, now, active)
@@ -184,7 +184,8 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
         start = start | runs
     padded = shape.padded(pad)
     dt, extrap = per_instance(lambda model, shape: model.iteration_time(shape))(prm.latency, padded)
-    end = now + dt.astype(I64) + prm.iteration_overhead_ns
+    recall = per_instance(kv_tier.recall_ns)(inst.pool.lower, inst.recall_blocks)  # before layer 0
+    end = now + dt.astype(I64) + recall + prm.iteration_overhead_ns
     if dp_sync:
         end = jnp.where(runs, jax.ops.segment_max(jnp.where(runs, end, 0), gid, num_segments=n_inst + 1)[gid], end)
     extrapolated = inst.counters.extrapolated + jnp.where(start[:, None], (extrap > 0).astype(I32), 0)
@@ -407,7 +408,7 @@ def start_batches(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clu
     """Each idle acting instance forms its next batch and the latency model times it; then an
     instance whose batch came out empty only because finished requests still hold their blocks
     (async scheduling) releases them and retries at once. Returns the state and the retries."""
-    kw = dict(block_size=static.block_size, window=static.window, ring_cap=static.ring_cap)
+    kw = dict(block_size=static.block_size, window=static.window, ring_cap=static.ring_cap, kv_tier=static.kv_tier)
     if static.pipelined:
         inst = pipeline.start_batches(st.inst, prm, wl, clk.now, clk.acts, out.ending, max_pp=static.max_pp, **kw)
     else:

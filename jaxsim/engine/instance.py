@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
 from jaxsim.engine import kvpool
+from jaxsim.engine.kvtier import AbstractKVTier, NoLowerTier
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import expand_ranges, prefix_sum
 from jaxsim.latency.base import BatchShape
@@ -93,6 +94,7 @@ class InstanceState(eqx.Module):
     preempt_counter: Int[Array, ""]
     n_iters: Int[Array, ""]
     counters: Counters
+    recall_blocks: Int[Array, ""]  # blocks of the batch being formed recalled from the KV tier below
     pipe: "Pipe | None" = None  # pipeline parallelism (None when the run's max_pp = 1)
 
 
@@ -117,7 +119,7 @@ def init_pipe(num_slots: int, max_pp: int) -> Pipe:
 
 
 def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_hashes, window,
-                  num_blocks, max_pp: int = 1) -> InstanceState:
+                  num_blocks, max_pp: int = 1, kv_tier: AbstractKVTier = NoLowerTier()) -> InstanceState:
     z = jnp.zeros(num_slots, I32)
     slots = Slots(
         req=jnp.full(num_slots, -1, I32), status=z, prompt=z, target=z, reached=z, computed=z,
@@ -128,10 +130,10 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
     zero = jnp.asarray(0, I32)
     return InstanceState(
         slots=slots,
-        pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks),
+        pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks, kv_tier),
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
         batch_tokens=zero, batch_seqs=zero, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
-        counters=Counters(zero, zero, zero, zero, jnp.zeros(4, I32), jnp.asarray(False)),
+        counters=Counters(zero, zero, zero, zero, jnp.zeros(4, I32), jnp.asarray(False)), recall_blocks=zero,
         pipe=init_pipe(num_slots, max_pp) if max_pp > 1 else None,
     )
 
@@ -243,7 +245,7 @@ def _put(field, index, value):
 
 
 def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *, block_size: int,
-             window: int, ring_cap: int, skip=None) -> InstanceState:
+             window: int, ring_cap: int, skip=None, kv_tier: AbstractKVTier = NoLowerTier()) -> InstanceState:
     """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``.
 
     A busy instance (a batch in flight), or one not ``allowed`` to schedule, is left unchanged.
@@ -253,6 +255,10 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     ``skip`` (pipeline parallelism, [slot] bool): requests already in a batch in flight; the
     running phase schedules nothing for them (vLLM's virtual engines), a chunked prefill included.
     Their ``sched_*`` fields are the caller's to keep (they are returned as for a new batch).
+
+    ``kv_tier`` (engine/kvtier.py): the KV tier below the GPU pool. It sees the pool's evictions,
+    and at admission the prompt blocks it holds after the GPU hits count as prefix hits (they get
+    fresh GPU blocks); ``recall_blocks`` counts them for the batch's recall time.
     """
     bs = block_size
     idle = ~inst.busy & allowed
@@ -265,7 +271,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     in_flight = (s.sched_n, s.sched_c, s.sched_pos)
     s = eqx.tree_at(lambda x: (x.sched_n, x.sched_c, x.sched_pos), s,
                     (jnp.zeros_like(s.sched_n), jnp.zeros_like(s.sched_c), jnp.zeros_like(s.sched_pos)))
-    inst = eqx.tree_at(lambda i: i.slots, inst, s)
+    inst = eqx.tree_at(lambda i: (i.slots, i.recall_blocks), inst, (s, jnp.where(idle, 0, inst.recall_blocks)))
 
     # With nothing running, the engine processes the last outputs before it idles: requests
     # parked as FINISHING give their seats and blocks back now.
@@ -337,7 +343,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         return blocks.at[jnp.where(valid, slot, num_slots), col].set(ids, mode="drop")
 
     pool, blocks = kvpool.pop_blocks(inst.pool, need_ends[-1], window, sink_a, inst.slots.blocks,
-                                     (need_ends, order, inst.slots.nblk))
+                                     (need_ends, order, inst.slots.nblk), kv_tier=kv_tier)
     sl = inst.slots
     n_slot = jnp.zeros(num_slots, I32).at[order_w].set(n_o, mode="drop")
     need_slot = jnp.zeros(num_slots, I32).at[order_w].set(need_o, mode="drop")
@@ -395,8 +401,9 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         limit = jnp.where(prm.prefix_caching, jnp.minimum((reached - 1) // bs, n_hashes_all[req]), 0)
         matched, hit_blocks = kvpool.lookup_prefix(pool, hashes, limit)
         hit_mask = jnp.arange(hashes.shape[0]) < matched
+        recalled = kv_tier.lookup(pool.lower, hashes, matched, limit)  # held by the tier below
         kv_in = sl.kv_in[r]  # prompt KV handed over by a prefill instance: already computed
-        c0 = jnp.maximum(matched * bs, kv_in)
+        c0 = jnp.maximum((matched + recalled) * bs, kv_in)
         n = reached - c0
         n = jnp.where((thr > 0) & (thr < n), thr, n)
         no_chunk_stop = (~prm.chunked_prefill) & (n > budget)
@@ -418,7 +425,8 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
             col = matched + first_k + jnp.arange(window, dtype=I32)
             return row.at[jnp.where(jnp.arange(window) < count, col, mb)].set(ids, mode="drop")
 
-        pool, row = kvpool.pop_blocks(pool, jnp.where(ok, new_blocks, 0), window, sink_b, row, matched)
+        pool, row = kvpool.pop_blocks(pool, jnp.where(ok, new_blocks, 0), window, sink_b, row, matched,
+                                      kv_tier=kv_tier)
         computed = c0 + n
         n_full = jnp.minimum(jnp.minimum(computed, reached) // bs,
                              jnp.where(prm.prefix_caching, n_hashes_all[req], 0))
@@ -447,7 +455,8 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
                            ctr.prefix_hits + jnp.where(first_ok, c0, 0),
                            ctr.recomputed + jnp.where(ok & ~first_admission & (kv_in == 0), reached - c0, 0)))
         run_list = _put(inst.run_list, jnp.where(ok, run_len, num_slots), r)  # appended to the running list
-        inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_list, i.counters), inst, (sl, pool, run_list, ctr))
+        inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_list, i.counters, i.recall_blocks), inst,
+                           (sl, pool, run_list, ctr, inst.recall_blocks + jnp.where(ok, recalled, 0)))
         return inst, budget - jnp.where(ok, n, 0), n_sched + ok.astype(I32), ~ok, run_len + ok.astype(I32)
 
     # The running list after preemption; admissions append to it.

@@ -11,11 +11,15 @@ request), never O(pool size), except compaction.
 Hashes are dense integer ids (see ``jaxsim.prefix``), so the prefix index is a plain array.
 """
 
+import dataclasses
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
+from jaxsim.engine.kvtier import AbstractKVTier, NoLowerTier
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import leading_true, prefix_sum
 
@@ -37,9 +41,11 @@ class KVPool(eqx.Module):
     # hash is registered twice in the same step (the reference keeps the newest).
     hash_index: Int[Array, " hash"]
     num_registered: Int[Array, ""]  # registration stamp counter (int64)
+    lower: Any = ()  # the state of the KV tier below this pool (engine/kvtier.py); () for none
 
 
-def init_pool(num_blocks_cap: int, ring_cap: int, num_hashes: int, window: int, num_blocks) -> KVPool:
+def init_pool(num_blocks_cap: int, ring_cap: int, num_hashes: int, window: int, num_blocks,
+              kv_tier: AbstractKVTier = NoLowerTier()) -> KVPool:
     """A pool of ``num_blocks`` (traced, <= num_blocks_cap) free blocks in id order."""
     ids = jnp.arange(num_blocks_cap, dtype=I32)
     ring = jnp.full(ring_cap + window, -1, I32)  # + window: dynamic_slice never clamps
@@ -54,6 +60,7 @@ def init_pool(num_blocks_cap: int, ring_cap: int, num_hashes: int, window: int, 
         num_free=jnp.asarray(num_blocks, I32),
         hash_index=jnp.full(max(num_hashes, 1), -1, jnp.int64),
         num_registered=jnp.asarray(0, jnp.int64),
+        lower=kv_tier.init(num_hashes),
     )
 
 
@@ -62,7 +69,8 @@ def indexed_block(entry):
     return (entry & jnp.asarray(0xFFFFFFFF, jnp.int64)).astype(I32)
 
 
-def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=()):
+def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(),
+               kv_tier: AbstractKVTier = NoLowerTier()):
     """Pop ``count`` blocks from the head of the free list (the least recently freed first).
 
     Popping a block that still carries a hash evicts it from the prefix index unless the index
@@ -72,6 +80,7 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(
     sink must then change nothing) and ``first_k`` is the rank of ids[0] among all popped blocks.
     The caller checks ``count <= pool.num_free``; the count is clipped all the same so that the
     loop terminates on any input (under ``vmap`` it also runs for configurations that pop nothing).
+    ``kv_tier`` sees every eviction (:meth:`jaxsim.engine.kvtier.AbstractKVTier.on_evict`).
     """
     n_blocks = pool.ref.shape[0]
     n_hash = pool.hash_index.shape[0]
@@ -99,6 +108,7 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(
         still_indexed = valid & (h >= 0) & (entry >= 0) & (indexed_block(entry) == packed)
         hash_index = pool.hash_index.at[jnp.where(still_indexed, h, n_hash)].set(-1, mode="drop")
         ref = pool.ref.at[safe].set(1, mode="drop")
+        lower = kv_tier.on_evict(pool.lower, h, still_indexed)
         # New head: just past the last taken entry (or past the whole window if more are needed).
         last = jnp.max(jnp.where(take, jnp.arange(window, dtype=I32), -1))
         need_more = n_take < count - done
@@ -106,6 +116,7 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(
         pool = eqx.tree_at(
             lambda p: (p.ref, p.hash_index, p.head, p.num_free),
             pool, (ref, hash_index, head, pool.num_free - n_take))
+        pool = dataclasses.replace(pool, lower=lower)  # (tree_at cannot replace an empty subtree)
         sink_state = sink(sink_consts, sink_state, packed, done, n_take)
         return pool, sink_state, done + n_take
 

@@ -45,7 +45,7 @@ def after_end(inst: inst_lib.InstanceState, before: inst_lib.InstanceState, endi
          jnp.where(in_b, -1, pe.slot_batch)))
 
 
-def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, ring_cap, max_pp: int):
+def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, ring_cap, max_pp: int, kv_tier):
     """Pipeline parallelism (REFERENCE.md §1.8): on every instance whose stage 0 is free and that
     has fewer than pp batches in flight, form a batch of the requests not in flight and compute
     when each of its stages finishes: stage 0 starts now (the iteration overhead is paid there),
@@ -66,7 +66,7 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
         in_flight = pe.slot_batch >= 0
         old = (inst.slots.sched_n, inst.slots.sched_c, inst.slots.sched_pos)
         new = inst_lib.schedule(eqx.tree_at(lambda i: i.busy, inst, jnp.asarray(False)), prm.sched, wl, now, can,
-                                block_size=block_size, window=window, ring_cap=ring_cap, skip=in_flight)
+                                block_size=block_size, window=window, ring_cap=ring_cap, skip=in_flight, kv_tier=kv_tier)
         shape = inst_lib.batch_shape(new.slots)
         mine = new.slots.sched_n > 0
         keep = ~can | (in_flight & ~mine)  # requests of the batches in flight keep their fields
@@ -74,7 +74,7 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
                       zip(old, (new.slots.sched_n, new.slots.sched_c, new.slots.sched_pos)))
         start = can & (shape.seqs > 0)
         times, extrap, p2p = prm.latency.stage_times(shape, max_pp)
-        done = now + times[0] + prm.iteration_overhead_ns
+        done = now + times[0] + kv_tier.recall_ns(new.pool.lower, new.recall_blocks) + prm.iteration_overhead_ns
         free = [done]
         for st in range(1, max_pp):
             fs = jnp.maximum(done + p2p, pe.stage_free[st]) + times[st]

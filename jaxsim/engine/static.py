@@ -4,11 +4,12 @@ Everything here is a Python value fixed at trace time (a change recompiles); eve
 vary between configurations of one compiled call is an array in ``EngineParams`` instead. A reader
 sees from one ``Static`` which code a configuration compiles: ``lone`` (one instance, one clock),
 ``releases`` (P/D hand-offs, agentic sessions), ``dp_sync`` (wave-synchronised DP groups),
-``max_pp > 1`` (pipelines) and the routing policy.
+``max_pp > 1`` (pipelines), the routing policy and the KV tier below the GPU pool.
 """
 
 import dataclasses
 
+from jaxsim.engine.kvtier import AbstractKVTier, NoLowerTier
 from jaxsim.engine.routing import Router
 
 
@@ -26,6 +27,7 @@ class Static:
     releases: bool = False  # requests enter queues during the run (P/D hand-offs, agentic sessions)
     dp_sync: bool = False  # some instances form wave-synchronised DP groups
     max_pp: int = 1  # largest pipeline degree; 1 compiles no pipeline
+    kv_tier: AbstractKVTier = NoLowerTier()  # the KV tier below each GPU pool (engine/kvtier.py)
 
     def __post_init__(self):
         if self.max_pp > 1 and self.dp_sync:
