@@ -555,13 +555,13 @@ def test_simulator_tables_plumbing():
 
     m, _, hw, _ = _moe_setup(tp=2)
     rt = ModelRuntimeConfig(name=QWEN_MOE)
-    tb = simulator._tables(str(PROFILES), hw, m, "bf16", 2, rt)
+    tb = simulator.latency_tables(str(PROFILES), hw, m, "bf16", 2, rt)
     assert int(tb.ep) == 2 and not bool(tb.moe_skewed)
-    tb = simulator._tables(str(PROFILES), dataclasses.replace(hw, ep=1), m, "bf16", 2,
+    tb = simulator.latency_tables(str(PROFILES), dataclasses.replace(hw, ep=1), m, "bf16", 2,
                            dataclasses.replace(rt, expert_routing="zipf", expert_zipf_s=1.0, expert_seed=0))
     assert int(tb.ep) == 1 and bool(tb.moe_skewed) and tb.moe_pop.shape == (1, 128)
     with pytest.raises(JaxsimInputError, match="model.expert_routing"):
-        simulator._tables(str(PROFILES), hw, m, "bf16", 2, dataclasses.replace(rt, expert_routing="rr"))
+        simulator.latency_tables(str(PROFILES), hw, m, "bf16", 2, dataclasses.replace(rt, expert_routing="rr"))
 
 
 def test_config_validates_ep_and_expert_routing():

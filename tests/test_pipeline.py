@@ -54,7 +54,7 @@ def test_stage_boundaries_are_vllm_get_pp_indices():
 
 def _tables(pp, tp=1, **scales):
     hw = HardwareConfig(pp=pp, tp=tp)
-    tb = simulator._tables(str(PROFILES), hw, MODEL, "bf16", 2)
+    tb = simulator.latency_tables(str(PROFILES), hw, MODEL, "bf16", 2)
     return dataclasses.replace(tb, **{k: jnp.asarray(v, jnp.float64) for k, v in scales.items()})
 
 

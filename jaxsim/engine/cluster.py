@@ -19,7 +19,9 @@ One step (:func:`step`) is a straight line of phases, each a small function of
 6. :func:`record_iterations`: the meters see the iterations that ended.
 7. :func:`start_batches`: each idle acting instance schedules a batch (vLLM's scheduler) and the
    latency model times it.
-8. :func:`advance_clock`: retries, stall detection, the global clock.
+8. :func:`leap_decodes`: an instance that started a steady decode batch runs the ends of its
+   next batches now, up to the next moment a request may reach it (engine/leap.py).
+9. :func:`advance_clock`: retries, stall detection, the global clock.
 
 The state has an instance axis throughout (``InstanceState`` leaves are ``[instance, ...]``,
 per-instance work is ``vmap``-ed). The static feature set (:class:`jaxsim.engine.static.Static`)
@@ -27,6 +29,7 @@ says which variants compile. Time is int64 nanoseconds (x64 is enabled by ``jaxs
 however long the run. A run ends with one :class:`jaxsim.engine.status.Status`.
 """
 
+import dataclasses
 import functools
 
 import equinox as eqx
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxsim.engine import disagg, meters, pipeline
+from jaxsim.engine import disagg, leap, meters, pipeline
 from jaxsim.engine import instance as inst_lib
 from jaxsim.engine import routing
 from jaxsim.engine.instance import I32, I64, NEVER, RUNNING, WAITING
@@ -115,6 +118,9 @@ class ClusterState(eqx.Module):
     # Per-iteration rows [instance, iteration]. Kept out of InstanceState so that the large
     # buffers never pass through the scheduler's conditionals (which may copy their operands).
     records: meters.Records  # the IterationRecords meter
+    # What the batch ends run early by decode leaps emitted, written by the next step (None
+    # when the run compiles no leaps, Static.leaps; engine/leap.py).
+    pending: "leap.Pending | None" = None
 
 
 def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, active):
@@ -315,6 +321,10 @@ def write_request_outputs(wl: WorkloadArrays, st: ClusterState, out: Ended) -> C
     ev, n_req = out.emissions, st.finish.shape[0]
     req = jnp.maximum(ev.req, 0)
     tok_pos = jnp.where(ev.emit, wl.token_offset[req] + ev.token_index, st.token_times.shape[0])
+    stamp = out.stamp
+    if st.pending is not None:  # the previous step's early ends, in the same write
+        pos, at = st.pending.token_writes(st.token_times.shape[0])
+        tok_pos, stamp = jnp.concatenate([tok_pos, pos]), jnp.concatenate([stamp, at])
     first_pos = jnp.where(ev.first_emit, req, n_req)
     fin = jnp.where(ev.finish, req, n_req)
     # A hand-off carries the request's outputs so far to its decode instance, like a finish.
@@ -322,7 +332,7 @@ def write_request_outputs(wl: WorkloadArrays, st: ClusterState, out: Ended) -> C
     return eqx.tree_at(
         lambda s: (s.token_times, s.first_token, s.finish, s.first_scheduled, s.prefix_hit,
                    s.num_preemptions, s.recomputed, s.instance, s.finished),
-        st, (st.token_times.at[tok_pos].set(out.stamp, mode="drop"),
+        st, (st.token_times.at[tok_pos].set(stamp, mode="drop"),
              st.first_token.at[first_pos].set(out.stamp, mode="drop"),
              st.finish.at[fin].set(out.stamp, mode="drop"),
              st.first_scheduled.at[carry].set(ev.first_scheduled, mode="drop"),
@@ -399,6 +409,9 @@ def record_iterations(prm: EngineParams, st: ClusterState, out: Ended, clk: Cloc
         running=jnp.sum((status == RUNNING).astype(I32), axis=-1, dtype=I32),
         waiting=jnp.sum((status == WAITING).astype(I32), axis=-1, dtype=I32) + queued,
         kv_used=prm.sched.num_blocks - inst.pool.num_free)
+    if st.pending is not None:  # the previous step's early ends, in the same write
+        it = jax.tree.map(lambda a, b: jnp.concatenate([a[:, None], b], axis=1), it, st.pending.rows)
+        st = eqx.tree_at(lambda s: s.pending.rows.ending, st, jnp.zeros_like(st.pending.rows.ending))
     return eqx.tree_at(lambda s: (s.records, s.inst.n_iters), st,
                        (meters.IterationRecords().update(st.records, it), inst.n_iters + out.ending.astype(I32)))
 
@@ -415,6 +428,22 @@ def start_batches(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clu
         inst = _start_batches_one_stage(st.inst, prm, wl, clk.now, clk.acts, dp_sync=static.dp_sync, **kw)
     inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=static.ring_cap))(inst, clk.acts)
     return eqx.tree_at(lambda s: s.inst, st, inst), retry
+
+
+def leap_decodes(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, clk: Clock, started,
+                 queued, retry) -> ClusterState:
+    """Instances that started a steady decode batch run its end, and those of the batches after
+    it, now, up to the next moment a request may be routed to them (:mod:`jaxsim.engine.leap`)."""
+    inst = st.inst
+    rel = st.releases if static.releases else None
+    retry_at = jnp.where(clk.acts, jnp.where(retry, clk.now, NEVER), st.retry_at)
+    limit = leap.next_routing(wl, st.next_pending, None if rel is None else rel.release_at,
+                              (prm.role == PREFILL) | (rel is not None and rel.holders > 0), inst.busy,
+                              inst.batch_end, retry_at)
+    max_iters = st.records.start.shape[-1] if static.record_iterations else jnp.iinfo(I32).max
+    inst, pending = leap.leap(inst, prm, wl, started, queued, limit, max_trips=static.leap - 1, max_iters=max_iters,
+                              block_size=static.block_size, window=static.window, kv_tier=static.kv_tier)
+    return eqx.tree_at(lambda s: (s.inst, s.pending), st, (inst, pending))
 
 
 def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clock, retry, active) -> ClusterState:
@@ -451,7 +480,10 @@ def step(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState
         st = schedule_releases(prm, wl, st, out, clk)
     st, queued = admit_arrivals(static, prm, wl, st, clk, active)
     st = record_iterations(prm, st, out, clk, queued)
+    busy_before = st.inst.busy
     st, retry = start_batches(static, prm, wl, st, clk, out)
+    if static.leaps:
+        st = leap_decodes(static, prm, wl, st, clk, st.inst.busy & ~busy_before, queued, retry)
     return advance_clock(static, wl, st, clk, retry, active)
 
 
@@ -485,6 +517,8 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
     """
     max_iters = st.records.start.shape[-1]
     n_req = wl.prompt.shape[0]
+    n_inst, n_slots = st.inst.slots.req.shape
+    st = dataclasses.replace(st, pending=leap.init_pending(n_inst, n_slots, static.leap - 1) if static.leaps else None)
 
     def buffer_full(st):
         return jnp.any(st.inst.n_iters >= max_iters) if static.record_iterations else jnp.asarray(False)
@@ -506,6 +540,12 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
         expand = functools.partial(_map_instance_parts, lambda x: x[None])
         out = expand(masked_while_loop(lambda c, s: cond(c, expand(s)), lambda c, s: squeeze(body(c, expand(s))),
                                        squeeze(st), (prm, wl)))
+    if out.pending is not None:  # early ends not yet written (a run that stopped at a limit)
+        pos, at = out.pending.token_writes(out.token_times.shape[0])
+        out = eqx.tree_at(lambda s: (s.token_times, s.records), out, (
+            out.token_times.at[pos].set(at, mode="drop"),
+            meters.IterationRecords().update(out.records, out.pending.rows)))
+        out = dataclasses.replace(out, pending=None)
     status = run_status(finished=out.finished, num_requests=n_req,
                         slot_overflow=jnp.any(out.inst.counters.slot_overflow), queue_overflow=out.router.overflow,
                         buffer_full=buffer_full(out) & (out.finished < n_req), stalled=out.stalled)
@@ -513,8 +553,10 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
 
 
 def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
-    """Apply ``fn`` to every leaf with an instance axis (the instances and their records)."""
-    return eqx.tree_at(lambda s: (s.inst, s.records), st, (jax.tree.map(fn, st.inst), jax.tree.map(fn, st.records)))
+    """Apply ``fn`` to every leaf with an instance axis (the instances, their records and the
+    pending early ends)."""
+    return dataclasses.replace(st, inst=jax.tree.map(fn, st.inst), records=jax.tree.map(fn, st.records),
+                               pending=jax.tree.map(fn, st.pending))
 
 
 run = jax.jit(simulate_until_done, static_argnames="static")

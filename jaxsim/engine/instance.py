@@ -244,6 +244,25 @@ def _put(field, index, value):
     return field.at[index].set(value, mode="drop")
 
 
+def allocate_in_order(pool: kvpool.KVPool, blocks, nblk, order, need_o, *, window: int,
+                      kv_tier: AbstractKVTier = NoLowerTier()):
+    """Pop ``need_o[p]`` new blocks for slot ``order[p]``, p = 0, 1, ... in turn (the running
+    list's order, which fixes which free blocks each request gets), appended after the slot's
+    ``nblk`` blocks in the block table. Returns ``(pool, blocks)``."""
+    num_slots = blocks.shape[0]
+    need_ends = prefix_sum(need_o)
+
+    def sink(consts, blocks, ids, first_k, count):
+        need_ends, order, nblk = consts
+        owner, offset, _ = expand_ranges(need_ends, first_k, window)
+        valid = jnp.arange(window) < count
+        slot = order[owner]
+        col = nblk[slot] + offset
+        return blocks.at[jnp.where(valid, slot, num_slots), col].set(ids, mode="drop")
+
+    return kvpool.pop_blocks(pool, need_ends[-1], window, sink, blocks, (need_ends, order, nblk), kv_tier=kv_tier)
+
+
 def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *, block_size: int,
              window: int, ring_cap: int, skip=None, kv_tier: AbstractKVTier = NoLowerTier()) -> InstanceState:
     """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``.
@@ -332,18 +351,8 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     need_o = jnp.where(n_o > 0, need_o, 0)
 
     # Allocate the new blocks of every scheduled running request from the free-list head.
-    need_ends = prefix_sum(need_o)
-
-    def sink_a(consts, blocks, ids, first_k, count):
-        need_ends, order, nblk = consts
-        owner, offset, _ = expand_ranges(need_ends, first_k, window)
-        valid = jnp.arange(window) < count
-        slot = order[owner]
-        col = nblk[slot] + offset
-        return blocks.at[jnp.where(valid, slot, num_slots), col].set(ids, mode="drop")
-
-    pool, blocks = kvpool.pop_blocks(inst.pool, need_ends[-1], window, sink_a, inst.slots.blocks,
-                                     (need_ends, order, inst.slots.nblk), kv_tier=kv_tier)
+    pool, blocks = allocate_in_order(inst.pool, inst.slots.blocks, inst.slots.nblk, order, need_o,
+                                     window=window, kv_tier=kv_tier)
     sl = inst.slots
     n_slot = jnp.zeros(num_slots, I32).at[order_w].set(n_o, mode="drop")
     need_slot = jnp.zeros(num_slots, I32).at[order_w].set(need_o, mode="drop")

@@ -19,7 +19,8 @@ I64 = jnp.int64
 
 
 class IterationEnd(eqx.Module):
-    """The iterations that ended in one step, per instance ([inst] arrays)."""
+    """The iterations that ended in one step, per instance ([inst] arrays; [inst, k] for up to k
+    iterations of each instance, as a decode leap ends, engine/leap.py)."""
 
     ending: Bool[Array, " inst"]  # an iteration of the instance ended in this step
     index: Int[Array, " inst"]  # its number on its instance (0, 1, ...)
@@ -75,7 +76,7 @@ class IterationRecords(AbstractMeter):
 
     def update(self, acc: Records, it: IterationEnd) -> Records:
         n_inst, max_iters = acc.start.shape
-        inst = jnp.arange(n_inst)
+        inst = jnp.arange(n_inst).reshape((n_inst,) + (1,) * (it.index.ndim - 1))  # rows [inst] or [inst, k]
         row = jnp.where(it.ending, it.index, max_iters)  # out of range: not written
         return Records(**{f: getattr(acc, f).at[inst, row].set(getattr(it, f).astype(getattr(acc, f).dtype),
                                                                mode="drop") for f in ROW_FIELDS})

@@ -28,6 +28,9 @@ class Static:
     dp_sync: bool = False  # some instances form wave-synchronised DP groups
     max_pp: int = 1  # largest pipeline degree; 1 compiles no pipeline
     kv_tier: AbstractKVTier = NoLowerTier()  # the KV tier below each GPU pool (engine/kvtier.py)
+    # Most batch ends an instance runs within one loop step when its batch is steady decode
+    # (engine/leap.py); 1 runs every batch end in a step of its own. Results are identical.
+    leap: int = 1
 
     def __post_init__(self):
         if self.max_pp > 1 and self.dp_sync:
@@ -42,6 +45,11 @@ class Static:
     @property
     def pipelined(self) -> bool:
         return self.max_pp > 1
+
+    @property
+    def leaps(self) -> bool:
+        """Decode leaps compile (not for pipelines or wave-synchronised DP groups)."""
+        return self.leap > 1 and not self.pipelined and not self.dp_sync
 
     def replace(self, **changes) -> "Static":
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,327 @@
+"""Planning: one configuration checked and computed on the host, before any device array.
+
+:func:`plan` validates a configuration (scheduler knobs, the trace against the model, the
+parallel layout), sizes the KV cache (REFERENCE.md §1.3), loads the profile tables and hashes
+the trace's blocks for the prefix cache, and returns a :class:`Plan` with the static sizes of its
+compiled run (:class:`Dims`). :func:`place_instances` puts plans into a cluster (roles, nodes,
+DP groups, links). Nothing here touches the engine's state: :mod:`jaxsim.building` turns plans
+into device arrays, :mod:`jaxsim.simulator` runs them and :mod:`jaxsim.results` reads the result.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsim import latency, profiles
+from jaxsim.engine import routing
+from jaxsim.engine.static import Static
+from jaxsim.errors import JaxsimInputError
+from jaxsim.model import ModelConfig, dtype_bytes
+from jaxsim.prefix import hash_ids
+from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+
+GIB = 2**30
+POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
+SLOT_HEADROOM = 32  # waiting-request slots beyond max_num_seqs when sim.max_slots is auto
+CLUSTER_LEAP = 9  # Static.leap of a cluster: 1 + the most batch ends an instance runs early per step
+
+
+def weight_and_kv_bytes(model: ModelConfig, rt: ModelRuntimeConfig) -> tuple[int, int]:
+    """Bytes per weight and per KV element (REFERENCE.md §1.14: KV follows the activation dtype)."""
+    w = dtype_bytes(model.torch_dtype if rt.dtype == "auto" else rt.dtype, "model.dtype")
+    act = dtype_bytes(model.torch_dtype, "model.torch_dtype")
+    kv = act if rt.kv_cache_dtype == "auto" else dtype_bytes(rt.kv_cache_dtype, "model.kv_cache_dtype")
+    return w, kv
+
+
+def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
+                  rt: ModelRuntimeConfig) -> int:
+    """KV blocks per instance: an explicit count, or the memory model of REFERENCE.md §1.3
+    (``util * device bytes - weights - activation reserve``, per rank, over bytes per block)."""
+    if hw.num_gpu_blocks is not None:
+        if hw.num_gpu_blocks <= 0:
+            raise JaxsimInputError("hardware.num_gpu_blocks", f"must be > 0, got {hw.num_gpu_blocks}")
+        return int(hw.num_gpu_blocks)
+    w, kv = weight_and_kv_bytes(model, rt)
+    # Experts are split over the ranks either way: by expert (EP, ep ranks) or TP-sharded (tp ranks).
+    weights = model.weight_bytes_per_rank(w, tp=hw.tp, pp=hw.pp, ep=(hw.ep or hw.tp) if model.is_moe else 1)
+    usable = math.floor(hw.mem_size_gb * GIB * hw.mem_util) - weights - int(hw.activation_reserve_gb * GIB)
+    per_block = sched.block_size * model.kv_bytes_per_token_per_rank(kv, tp=hw.tp, pp=hw.pp)
+    blocks = usable // per_block
+    if blocks <= 0:
+        raise JaxsimInputError(
+            "hardware.mem_size_gb", f"{hw.mem_size_gb} GiB x util {hw.mem_util} leaves no room for KV "
+            f"after {weights / GIB:.2f} GiB of weights per rank", "use more memory, a higher TP, or num_gpu_blocks")
+    return int(blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The static sizes of one compiled run. Configurations batched together share one ``Dims``
+    (the elementwise max of theirs, :meth:`merge`); larger sizes never change a result."""
+
+    num_slots: int  # request slots (running + head of the waiting queue)
+    max_blocks: int  # block-table width: blocks of the longest request, + 1
+    num_hashes: int  # prefix-index entries (distinct full-block hashes of the trace)
+    num_blocks_cap: int  # KV-pool capacity in blocks (each configuration uses num_blocks of it)
+    max_iters: int  # rows of the per-iteration record buffer
+    num_tokens: int  # token-time buffer (0 = token times not recorded)
+    num_requests: int
+    max_pp: int = 1  # largest pipeline degree of an instance (static: pp = 1 compiles no pipeline)
+
+    @staticmethod
+    def merge(dims: "list[Dims]") -> "Dims":
+        return Dims(**{f.name: max(getattr(d, f.name) for d in dims) for f in dataclasses.fields(Dims)})
+
+    @property
+    def ring_cap(self) -> int:
+        return 2 * self.num_blocks_cap + POP_WINDOW
+
+    def static(self, block_size: int, record_iterations: bool = True, num_instances: int = 1,
+               releases: bool = False, router: routing.Router = routing.Router(), dp_sync: bool = False) -> Static:
+        """The static part of :func:`cluster.run` / :func:`cluster.run_batch`. The step limit
+        (a guard against a run that never ends) covers every instance's iterations (``max_iters``
+        each) and a stop at every arrival and release. Clusters run decode leaps
+        (:mod:`jaxsim.engine.leap`, up to ``CLUSTER_LEAP - 1`` early batch ends per step): a cluster
+        step is costly and leaps save a third to two thirds of them, while one instance's steps
+        are cheap and the leap loop would mostly add compile time."""
+        return Static(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
+                      max_steps=(3 + self.max_pp) * num_instances * self.max_iters + 4 * self.num_requests + 16,
+                      num_instances=num_instances, record_iterations=record_iterations, router=router,
+                      releases=releases, dp_sync=dp_sync, max_pp=self.max_pp,
+                      leap=CLUSTER_LEAP if num_instances > 1 else 1)
+
+
+@dataclasses.dataclass
+class Plan:
+    """One configuration on the host, before any device array: what ``prepare`` builds from."""
+
+    workload: Workload
+    workload_arrays: dict  # numpy fields of cluster.WorkloadArrays
+    tables: latency.LatencyTables
+    sched: dict  # numpy fields of inst_lib.SchedulerParams (num_blocks included)
+    calibration: Calibration
+    num_blocks: int
+    block_size: int
+    dims: Dims
+    max_iters_bound: int  # the iteration buffer never needs more rows than this
+    kv_token_bytes: int  # K+V bytes of one token (all layers and ranks): what a P/D hand-off sends
+    # The parallel layout the engine loop needs (EngineParams.pp / tp / num_layers).
+    pp: int = 1
+    tp: int = 1
+    num_layers: int = 1
+    # Its place in a cluster (set by prepare_cluster / the sweep; a lone instance keeps these).
+    role: str = "colocated"
+    node: int = 0
+    links: LinkConfig = LinkConfig()
+    dp_group: int = -1  # wave-synchronised DP group: the index of its first instance; -1 none
+
+
+def check_scheduler(sched: SchedulerConfig) -> None:
+    if sched.block_size <= 0:
+        raise JaxsimInputError("scheduler.block_size", f"must be > 0, got {sched.block_size}")
+    for field in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold"):
+        if getattr(sched, field) < 0:
+            raise JaxsimInputError(f"scheduler.{field}", f"must be >= 0 (0 = unlimited/off), got {getattr(sched, field)}")
+
+
+def check_workload_fits(workload: Workload, model: ModelConfig) -> None:
+    target = workload.input_toks.astype(np.int64) + workload.output_toks
+    ctx = model.max_position_embeddings
+    too_long = np.nonzero(target > ctx)[0]
+    if len(too_long):
+        i = int(too_long[0])
+        line = int(workload.line_numbers[i]) if workload.line_numbers is not None else i + 1
+        raise JaxsimInputError(
+            f"{workload.source}:{line}",
+            f"request {i} (line {line}): input {int(workload.input_toks[i])} + output {int(workload.output_toks[i])} tokens exceed the "
+            f"context of {model.name} ({ctx})", "drop or truncate the request")
+
+
+def block_table_width(workload: Workload, block_size: int) -> int:
+    """Blocks of the longest request (prompt + output), + 1: the block table's width."""
+    target = workload.input_toks.astype(np.int64) + workload.output_toks
+    return int(-(-target.max() // block_size)) + 1
+
+
+def workload_hashes(workload: Workload, block_size: int, prefix_caching: bool, max_blocks: int) -> dict:
+    """The prefix-cache keys of the trace: dense hash ids of each request's full blocks, padded to
+    the block table (``hashes``, ``n_hashes``), and the id count. They depend only on the token
+    ids, so traces that differ in arrival times only (a sweep's rate scaling) share them."""
+    n = workload.num_requests
+    hashes = np.full((n, max_blocks), -1, np.int32)
+    n_hashes = np.zeros(n, np.int32)
+    num_hashes = 1
+    if prefix_caching:
+        ids, num_hashes = hash_ids(workload.token_ids, block_size)
+        for i, h in enumerate(ids):
+            h = h[:max_blocks]
+            hashes[i, : len(h)] = h
+            n_hashes[i] = len(h)
+    return dict(hashes=hashes, n_hashes=n_hashes, num_hashes=num_hashes)
+
+
+def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, max_blocks: int,
+                    hashes: dict | None = None) -> dict:
+    """The trace as the engine's numpy arrays (``cluster.WorkloadArrays`` fields) + hash count
+    (``hashes``: :func:`workload_hashes` of the same token ids, when already computed)."""
+    if hashes is None:
+        hashes = workload_hashes(workload, block_size, prefix_caching, max_blocks)
+    n = workload.num_requests
+    # Agentic sub-requests after the first arrive when their predecessor finishes: they sort last,
+    # at a time that never comes (the engine releases them).
+    arrival = np.where(workload.released, np.iinfo(np.int64).max, np.asarray(workload.arrival_ns, np.int64))
+    order = np.lexsort((np.arange(n), arrival)).astype(np.int32)
+    out = workload.output_toks.astype(np.int64)
+    token_offset = np.concatenate([[0], np.cumsum(out)[:-1]]).astype(np.int32)
+    nxt = workload.next_in_session if workload.next_in_session is not None else np.full(n, -1)
+    tool = workload.tool_ns if workload.tool_ns is not None else np.zeros(n)
+    return dict(arrival_sorted=arrival[order], order=order,
+                prompt=np.asarray(workload.input_toks, np.int32), output=np.asarray(workload.output_toks, np.int32),
+                token_offset=token_offset, next_in_session=np.asarray(nxt, np.int32),
+                tool_ns=np.asarray(tool, np.int64), **hashes)
+
+
+@functools.lru_cache(maxsize=64)
+def _bundle(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp: int):
+    return profiles.load_profile_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
+
+
+@functools.lru_cache(maxsize=64)
+def latency_tables(profiles_dir: str, hw: HardwareConfig, model: ModelConfig, variant: str, w_bytes: int,
+            rt: ModelRuntimeConfig = ModelRuntimeConfig()):
+    bundle = _bundle(profiles_dir, hw.name, model, variant, hw.tp)
+    if rt.expert_routing not in ("balanced", "zipf"):
+        raise JaxsimInputError("model.expert_routing", f"unknown routing {rt.expert_routing!r}",
+                               "use 'balanced' or 'zipf'")
+    pop = None  # BALANCED expert routing (REFERENCE.md §1.9)
+    if model.is_moe and rt.expert_routing == "zipf":
+        pop = latency.zipf_popularity(model.num_experts, rt.expert_zipf_s, seed=rt.expert_seed)
+    return latency.latency_tables(bundle, model, hw, weight_bytes=w_bytes, ep=hw.ep or None, expert_popularity=pop)
+
+
+def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
+         rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), *,
+         profiles_dir="profiles", max_slots: int = 0, record_token_times: bool = True,
+         max_iterations: int = 0, variant: str | None = None, scales: dict | None = None,
+         arrays: dict | None = None) -> Plan:
+    """Check one configuration and compute everything host-side (``arrays``: precomputed
+    :func:`workload_arrays` of this workload, reused across a sweep)."""
+    bs = sched.block_size
+    n = workload.num_requests
+    if n == 0:
+        raise JaxsimInputError(workload.source, "the workload has no requests")
+    check_scheduler(sched)
+    # Slots hold the running requests and the head of the waiting queue; with one instance, the
+    # rest of the queue waits in arrival order outside the state, which schedules identically.
+    if max_slots == 0:
+        max_slots = sched.max_num_seqs + SLOT_HEADROOM if sched.max_num_seqs else n + 1
+    elif sched.max_num_seqs and max_slots <= sched.max_num_seqs:
+        raise JaxsimInputError(
+            "sim.max_slots", f"must exceed scheduler.max_num_seqs ({sched.max_num_seqs}); got {max_slots}",
+            "raise sim.max_slots or set it to 0 (auto): each slot holds one running or waiting request")
+    check_workload_fits(workload, model)
+    if not 1 <= hw.pp <= model.num_layers:
+        raise JaxsimInputError("hardware.pp", f"must be in [1, {model.num_layers}] ({model.name}'s layers), got {hw.pp}")
+    ctx = model.max_position_embeddings
+
+    w_bytes, kv_bytes = weight_and_kv_bytes(model, rt)
+    variant = variant or {1: "fp8", 2: "bf16", 4: "fp32"}.get(w_bytes, "bf16")
+    bundle = _bundle(str(profiles_dir), hw.name, model, variant, hw.tp)
+    tables = latency_tables(str(profiles_dir), hw, model, variant, w_bytes, rt)
+    if scales:
+        f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
+        tables = dataclasses.replace(tables, **{k: f64(v) for k, v in scales.items()})
+    profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
+    num_blocks = num_kv_blocks(model, hw, sched, rt)
+
+    # Prefix-cache keys: dense hash ids of each request's full blocks, padded to the block table.
+    if arrays is None:
+        arrays = workload_arrays(workload, bs, sched.enable_prefix_caching, block_table_width(workload, bs))
+    out = workload.output_toks.astype(np.int64)
+
+    mnbt = sched.max_num_batched_tokens or ctx
+    mnbt = min(mnbt, ctx)  # vLLM clamps the budget to the context length
+    # Iteration buffer. Every iteration emits a token or advances prefill chunks that fill the
+    # token budget (a chunk smaller than the budget and the threshold completes its prefill and
+    # emits), which bounds the count (doubled as headroom for recomputation after preemptions).
+    # That bound is large and mostly unused, so the buffer starts from a guess for a batched
+    # engine; ``simulate`` doubles it and reruns when it fills (overflow is detected, never silent).
+    chunk = min(mnbt, sched.long_prefill_token_threshold or mnbt)
+    chunks = -(-int(workload.input_toks.sum()) // chunk)
+    bound = int(2 * (out.sum() + chunks) + 64)
+    max_iters = max_iterations or min(bound, int(out.sum()) // 4 + 4 * chunks + 8 * n + 1024)
+    sp = dict(max_num_seqs=np.int32(sched.max_num_seqs), max_num_batched_tokens=np.int32(mnbt),
+              long_prefill_threshold=np.int32(sched.long_prefill_token_threshold),
+              chunked_prefill=np.bool_(sched.enable_chunked_prefill), reserve_full_isl=np.bool_(sched.reserve_full_isl),
+              prefix_caching=np.bool_(sched.enable_prefix_caching), async_scheduling=np.bool_(sched.async_scheduling),
+              num_blocks=np.int32(num_blocks))
+    dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
+                num_blocks_cap=num_blocks, max_iters=max_iters,
+                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n, max_pp=hw.pp)
+    return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound,
+                model.kv_bytes_per_token_per_rank(kv_bytes), pp=hw.pp, tp=hw.tp, num_layers=model.num_layers)
+
+
+def needs_dp_sync(plans: "list[Plan]") -> bool:
+    return any(p.dp_group >= 0 for p in plans)
+
+
+def needs_releases(plans: "list[Plan]") -> bool:
+    """Whether requests enter queues during the run: P/D hand-offs or agentic sessions."""
+    return any(p.role != "colocated" or p.workload.has_sessions for p in plans)
+
+
+def place_instances(plans: "list[Plan]", instances: "list[InstanceSpec]", links: LinkConfig, model: ModelConfig,
+                    dp_sync: str = "moe", key: str = "cluster.instances") -> "list[Plan]":
+    """The plans with their instances' roles, nodes, DP groups and the cluster's links.
+
+    Checks that a disaggregated cluster has both prefill and decode instances of one model (the
+    KV they hand over), and that the members of a DP group share a role, a model and tp/ep
+    degrees (``model``: the cluster's model, for instances that do not name one). ``dp_sync``
+    says which DP groups run
+    wave-synchronised rounds: ``moe`` (MoE models only: vLLM lock-steps DP ranks for the expert
+    collectives, while dense DP members are independent engines behind the load balancer),
+    ``always`` or ``never``."""
+    if dp_sync not in ("moe", "always", "never"):
+        raise JaxsimInputError("cluster.dp_sync", f"unknown value {dp_sync!r}", "one of moe, always, never")
+    roles = [spec.role for spec in instances]
+    if ("prefill" in roles) != ("decode" in roles):
+        have = "prefill" if "prefill" in roles else "decode"
+        raise JaxsimInputError(f"{key}[*].role", f"a disaggregated cluster needs prefill and decode instances; "
+                               f"it has {have} instances only", "add the other role, or make them colocated")
+    models = [spec.model or model for spec in instances]
+    pd_models = {m.name for m, r in zip(models, roles) if r != "colocated"}
+    if len(pd_models) > 1:
+        raise JaxsimInputError(f"{key}[*].model", f"prefill and decode instances serve different models "
+                               f"{sorted(pd_models)}", "the KV handed over must be the same model's")
+    first = {}
+    groups = []
+    for i, spec in enumerate(instances):
+        if spec.dp_group is None or dp_sync == "never":
+            groups.append(-1)
+            continue
+        if not (dp_sync == "always" or models[i].is_moe):
+            groups.append(-1)
+            continue
+        lead = first.setdefault(spec.dp_group, i)
+        a = instances[lead]
+        if (a.role, a.hw.tp, a.hw.ep, models[lead].name) != (spec.role, spec.hw.tp, spec.hw.ep, models[i].name):
+            raise JaxsimInputError(f"{key}[{i}].dp_group", f"DP group {spec.dp_group!r} mixes roles, models or tp/ep "
+                                   "degrees", "members of a DP group have equal role, model, tp and ep")
+        if spec.hw.pp != 1:
+            raise JaxsimInputError(f"{key}[{i}].dp_group", "wave-synchronised DP groups with pipeline parallelism "
+                                   f"(pp = {spec.hw.pp}) are not modelled", "use pp 1, or dp_sync never")
+        groups.append(lead)
+    return [dataclasses.replace(pl, role=spec.role, node=spec.node, links=links, dp_group=g)
+            for pl, spec, g in zip(plans, instances, groups)]
+
+
+def check_block_sizes(plans: "list[Plan]", key: str) -> None:
+    """The instances of one cluster share a block size (a compiled shape)."""
+    sizes = {pl.block_size for pl in plans}
+    if len(sizes) > 1:
+        raise JaxsimInputError(key, f"instances of one cluster share a block size, got {sorted(sizes)}")

@@ -1,0 +1,92 @@
+"""Results: a finished run's state checked (its :class:`jaxsim.engine.status.Status`) and
+converted to numpy (:class:`jaxsim.spec.SimResult`): per-request times, token times, iteration
+rows of every instance in end order, counters, P/D transfer figures."""
+
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from jaxsim.engine import cluster
+from jaxsim.engine.status import Status
+from jaxsim.errors import CapacityOverflowError, JaxsimInputError
+from jaxsim.spec import SimResult
+
+if TYPE_CHECKING:
+    from jaxsim import simulator
+
+
+class IterationBufferFull(CapacityOverflowError):
+    """The per-iteration record buffer filled up before every request finished."""
+
+
+def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: float | None = None) -> SimResult:
+    """Check the run's flags and convert its state to numpy."""
+    f = jax.device_get(final)
+    w = p.workload_host
+    n = w.num_requests
+    n_inst = f.inst.busy.shape[0]
+    counts = [int(x) for x in f.inst.n_iters]
+    status = Status(int(f.status))
+    if status == Status.ITERATION_BUFFER_FULL:
+        raise IterationBufferFull(f"the iteration buffer ({f.records.start.shape[-1]} rows) filled up before the run "
+                                  "ended: raise sim.max_iterations (0 = automatic)")
+    if status == Status.STALLED:
+        left = np.nonzero(f.finish < 0)[0]
+        raise JaxsimInputError(
+            f"{w.source}: request {int(left[0])}", "can never be scheduled: its KV blocks exceed the cache "
+            f"({p.num_blocks} blocks of {p.block_size} tokens)", "raise KV capacity or shorten the request")
+    if status != Status.OK:
+        raise CapacityOverflowError(status.message + (f" ({n - int(f.finished)} requests unfinished)"
+                                                      if status == Status.STEP_LIMIT else ""))
+    if int(np.sum(f.finish >= 0)) != int(f.finished):
+        raise AssertionError(f"internal: {int(f.finished)} finishes counted, {int(np.sum(f.finish >= 0))} recorded")
+    out = w.output_toks.astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(out)])
+    ctr = jax.tree.map(lambda x: np.asarray(x).sum(axis=0), f.inst.counters)  # summed over instances
+    # Iteration rows of every instance, in order of end time (then instance).
+    rows = {name: np.concatenate([getattr(f.records, name)[i, :counts[i]] for i in range(n_inst)])
+            for name in ("start", "end", "prompt_tokens", "gen_tokens", "num_tokens", "num_seqs", "running",
+                         "waiting", "kv_used")}
+    row_inst = np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(counts)])
+    by_end = np.lexsort((row_inst, rows["end"]))
+    rows = {k: v[by_end] for k, v in rows.items()}
+    stats = dict(
+        iterations=sum(counts), steps=int(f.steps), preemptions=int(ctr.preemptions),
+        prefix_requested_tokens=int(ctr.prefix_requested), prefix_hit_tokens=int(ctr.prefix_hits),
+        recomputed_tokens=int(ctr.recomputed),
+        extrapolated_iterations=dict(zip(("dense", "per_sequence", "attention", "moe"),
+                                         (int(x) for x in ctr.extrapolated))))
+    if n_inst > 1:
+        stats["iterations_per_instance"] = counts
+        stats["requests_per_instance"] = np.bincount(np.asarray(f.instance), minlength=n_inst).tolist()
+    handed = np.asarray(f.prefill_instance) >= 0
+    pd = bool(np.any(np.asarray(p.params.role) != 0))
+    if pd:
+        stats["prefills_per_instance"] = np.bincount(np.asarray(f.prefill_instance)[handed], minlength=n_inst).tolist()
+        stats["kv_transfer_bytes"] = int(np.sum(f.kv_bytes))
+        wait = (np.asarray(f.kv_ready) - np.asarray(f.prefill_end))[handed]
+        stats["kv_transfer_wait_ms"] = ({"mean": float(wait.mean()) / 1e6, "p50": float(np.percentile(wait, 50)) / 1e6,
+                                         "p99": float(np.percentile(wait, 99)) / 1e6, "max": float(wait.max()) / 1e6}
+                                        if wait.size else {})
+    released = w.released
+    arrival = np.where(released, np.asarray(f.arrival), np.asarray(w.arrival_ns, np.int64))
+    if wall_s is not None:
+        stats["wall_s_with_compile"] = wall_s
+    return SimResult(
+        arrival_ns=arrival, first_scheduled_ns=np.asarray(f.first_scheduled),
+        first_token_ns=np.asarray(f.first_token), finish_ns=np.asarray(f.finish),
+        input_toks=np.asarray(w.input_toks), output_toks=np.asarray(w.output_toks),
+        prefix_hit_tokens=np.asarray(f.prefix_hit), num_preemptions=np.asarray(f.num_preemptions),
+        recomputed_tokens=np.asarray(f.recomputed), instance=np.asarray(f.instance),
+        token_times_ns=np.asarray(f.token_times) if f.token_times.shape[0] == offsets[-1] else np.zeros(0, np.int64),
+        token_offsets=offsets,
+        iter_start_ns=rows["start"], iter_end_ns=rows["end"], iter_prompt_tokens=rows["prompt_tokens"],
+        iter_gen_tokens=rows["gen_tokens"], iter_num_tokens=rows["num_tokens"], iter_num_seqs=rows["num_seqs"],
+        iter_running=rows["running"], iter_waiting=rows["waiting"], iter_kv_blocks_used=rows["kv_used"],
+        num_blocks=p.num_blocks, block_size=p.block_size, stats=stats,
+        iter_instance=row_inst[by_end] if n_inst > 1 else None,
+        prefill_instance=np.asarray(f.prefill_instance) if pd else None,
+        prefill_end_ns=np.asarray(f.prefill_end) if pd else None,
+        kv_ready_ns=np.asarray(f.kv_ready) if pd else None,
+        kv_transfer_bytes=np.asarray(f.kv_bytes) if pd else None)
