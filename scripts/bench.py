@@ -5,6 +5,7 @@ vLLM defaults): one compiled run, a batched sweep, and the per-step cost against
     python scripts/bench.py --sweep 1000 --json OUT    # 1,000 configurations in one sweep
     python scripts/bench.py --steps --json OUT         # per-step cost: 300 vs 100,000 requests
     python scripts/bench.py --instances 1,4,16,64 --json OUT   # strong and weak scaling over clusters
+    python scripts/bench.py --instances 4,16 --leap 1          # the same without decode leaps
     python scripts/bench.py --pd                       # 3 colocated instances vs 1 prefill + 2 decode
 
 ``--sweep N``: N configurations of the default case (compute and memory scale in [0.8, 1.2],
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", action="store_true", help="per-step cost: 300 vs 100,000 requests")
     ap.add_argument("--instances", help="comma-separated cluster sizes, e.g. 1,4,16,64: strong and weak scaling")
     ap.add_argument("--series", default="strong,weak", help="with --instances: strong, weak or both")
+    ap.add_argument("--leap", type=int, default=0,
+                    help="with --instances: Static.leap for every size (1: no decode leaps; 0: the default)")
     ap.add_argument("--pd", action="store_true", help="3 colocated instances vs 1 prefill + 2 decode instances")
     args = ap.parse_args(argv)
     if args.pd:
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
         return _emit(bench_steps(), args.json)
     if args.instances:
         sizes = [int(x) for x in args.instances.split(",")]
-        return _emit(bench_scaling(sizes, args.series.split(","), repeats=min(args.repeats, 3)), args.json)
+        return _emit(bench_scaling(sizes, args.series.split(","), repeats=min(args.repeats, 3), leap=args.leap),
+                     args.json)
 
     workload, model = _default_case()
     p = simulator.prepare(workload, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles")
@@ -228,25 +232,27 @@ def replicate(workload, n: int):
         token_ids=sum(ids, []), line_numbers=None, source=f"{workload.source} x{n}")
 
 
-def bench_scaling(sizes: list, series: list, repeats: int = 3) -> dict:
+def bench_scaling(sizes: list, series: list, repeats: int = 3, leap: int = 0) -> dict:
     """Strong and weak scaling of clusters of ``sizes`` identical instances (see the module
-    docstring)."""
+    docstring); ``leap`` > 0 overrides ``Static.leap`` (decode leaps, engine/leap.py)."""
     workload, model = _default_case()
     out = {}
     for kind in series:
         out[kind] = {}
         for n in sizes:
             w = workload if kind == "strong" else replicate(workload, n)
-            out[kind][str(n)] = _bench_cluster(w, model, [InstanceSpec()] * n, repeats)
+            out[kind][str(n)] = _bench_cluster(w, model, [InstanceSpec()] * n, repeats, leap)
             print(kind, n, out[kind][str(n)], flush=True)
     return out
 
 
-def _bench_cluster(workload, model, specs, repeats: int) -> dict:
+def _bench_cluster(workload, model, specs, repeats: int, leap: int = 0) -> dict:
     rows = 0  # automatic iteration buffer; doubled (a recompile) when a run fills it, as simulate_cluster does
     while True:
         p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"), profiles_dir=ROOT / "profiles",
                                       record_token_times=False, max_iterations=rows)
+        if leap:
+            p = dataclasses.replace(p, static=p.static.replace(leap=leap))
         compiled, compile_s, final = _compile(p)
         try:
             result = simulator.to_result(p, final)

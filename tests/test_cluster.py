@@ -183,25 +183,18 @@ def _check_sweep_equals_runs(base, points, result):
         assert result.rows[i]["iterations"] == single.stats["iterations"]
 
 
-def test_cluster_sweep_equals_cluster_runs(sharegpt16):
-    """A sweep over a 2-instance cluster: each point equals its own simulate_cluster."""
-    from jaxsim import sweep
-    base = sweep.SweepBase(sharegpt16, MODEL, profiles_dir=PROFILES, max_slots=12, instances=MIXED_PAIR,
-                           router=routing.Router("least_loaded"))
-    points = [{}, {"max_num_seqs": 2}, {"arrival_rate_scale": 3.0, "compute_scale": 0.8}]
-    _check_sweep_equals_runs(base, points, sweep.sweep(base, points, chunk_size=3, progress=False, keep_requests=True))
-    assert sweep.point_instances(base, points[1])[1].sched.max_num_seqs == 2  # knobs apply to every instance
-
-
 def test_cluster_designs_of_different_sizes_share_a_sweep(sharegpt16):
-    """Designs of 1 and 2 instances in one compiled chunk: the 1-instance design is padded with an
-    instance nothing is routed to, and still equals its own (lone-instance) run."""
+    """A sweep over cluster designs: each point equals its own simulate_cluster. Designs of 1 and 2
+    instances share one compiled chunk: the 1-instance design is padded with an instance nothing
+    is routed to, and still equals its own (lone-instance) run; knobs apply to every instance."""
     from jaxsim import sweep
     base = sweep.SweepBase(sharegpt16, MODEL, profiles_dir=PROFILES, max_slots=12,
                            router=routing.Router("least_loaded"), cluster_options={"one": (PRO,), "mixed": MIXED_PAIR})
-    points = [{"cluster": "one"}, {"cluster": "mixed"}, {"cluster": "one", "max_num_seqs": 2}]
-    result = sweep.sweep(base, points, chunk_size=3, progress=False, keep_requests=True)
+    points = [{"cluster": "one"}, {"cluster": "mixed"}, {"cluster": "one", "max_num_seqs": 2},
+              {"cluster": "mixed", "max_num_seqs": 2}, {"cluster": "mixed", "arrival_rate_scale": 3.0, "compute_scale": 0.8}]
+    result = sweep.sweep(base, points, chunk_size=5, progress=False, keep_requests=True)
     assert result.num_groups == 1
     _check_sweep_equals_runs(base, points, result)
+    assert sweep.point_instances(base, points[3])[1].sched.max_num_seqs == 2
     with pytest.raises(JaxsimInputError, match="unknown cluster design"):
         sweep.sweep(base, [{"cluster": "three"}], progress=False)

@@ -43,9 +43,9 @@ def _assert_same_state(a: cluster.ClusterState, b: cluster.ClusterState):
 
 @pytest.fixture(scope="module")
 def batch():
-    workload, model = load_trace(48), load_model()
+    workload, model = load_trace(32), load_model()
     plans = [simulator.plan(workload, model, hw, sched, profiles_dir=PROFILES, max_slots=24,
-                             max_iterations=16_000) for hw, sched in CONFIGS]
+                             max_iterations=12_000) for hw, sched in CONFIGS]
     dims = simulator.Dims.merge([pl.dims for pl in plans])
     state, params, wl, wl_batched = simulator.build(plans, dims, batched=True)
     static = dims.static(plans[0].block_size).replace(leap=9)  # one instance: off by default
@@ -57,7 +57,7 @@ def test_single_instance_leaps_change_nothing(batch):
     assert static.leaps
     leapt = cluster.run_batch(state, params, wl, static, workload_batched=wl_batched)
     stepped = cluster.run_batch(state, params, wl, static.replace(leap=1), workload_batched=wl_batched)
-    assert (np.asarray(leapt.status) == 0).all() and (np.asarray(leapt.finished) == 48).all()
+    assert (np.asarray(leapt.status) == 0).all() and (np.asarray(leapt.finished) == 32).all()
     _assert_same_state(leapt, stepped)
     assert (np.asarray(stepped.records.start) >= 0).all()
     # Leaps happened where decode is steady; the KV-bound run preempted (its leaps stop there).
