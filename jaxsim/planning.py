@@ -26,7 +26,11 @@ from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, M
 GIB = 2**30
 POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
 SLOT_HEADROOM = 32  # waiting-request slots beyond max_num_seqs when sim.max_slots is auto
-CLUSTER_LEAP = 9  # Static.leap of a cluster: 1 + the most batch ends an instance runs early per step
+CLUSTER_LEAP = 9  # Static.leap of a large cluster: 1 + the most batch ends an instance runs early per step
+# Decode leaps cost ~6 s more compile (a second latency lookup and block allocation in the loop)
+# and save per run: 0.07 s at 4 instances, ~0.9 s at 16, ~3 s at 64 (the default trace, README
+# "Speed"), so they are compiled from this many instances on.
+LEAP_MIN_INSTANCES = 16
 
 
 def weight_and_kv_bytes(model: ModelConfig, rt: ModelRuntimeConfig) -> tuple[int, int]:
@@ -84,15 +88,15 @@ class Dims:
                releases: bool = False, router: routing.Router = routing.Router(), dp_sync: bool = False) -> Static:
         """The static part of :func:`cluster.run` / :func:`cluster.run_batch`. The step limit
         (a guard against a run that never ends) covers every instance's iterations (``max_iters``
-        each) and a stop at every arrival and release. Clusters run decode leaps
-        (:mod:`jaxsim.engine.leap`, up to ``CLUSTER_LEAP - 1`` early batch ends per step): a cluster
-        step is costly and leaps save a third to two thirds of them, while one instance's steps
-        are cheap and the leap loop would mostly add compile time."""
+        each) and a stop at every arrival and release. Clusters of ``LEAP_MIN_INSTANCES`` or more
+        run decode leaps (:mod:`jaxsim.engine.leap`, up to ``CLUSTER_LEAP - 1`` early batch ends
+        per step): there a step is costly and leaps save a third to two thirds of them; below
+        that the leap loop's compile time exceeds what it saves."""
         return Static(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
                       max_steps=(3 + self.max_pp) * num_instances * self.max_iters + 4 * self.num_requests + 16,
                       num_instances=num_instances, record_iterations=record_iterations, router=router,
                       releases=releases, dp_sync=dp_sync, max_pp=self.max_pp,
-                      leap=CLUSTER_LEAP if num_instances > 1 else 1)
+                      leap=CLUSTER_LEAP if num_instances >= LEAP_MIN_INSTANCES else 1)
 
 
 @dataclasses.dataclass

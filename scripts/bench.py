@@ -5,7 +5,7 @@ vLLM defaults): one compiled run, a batched sweep, and the per-step cost against
     python scripts/bench.py --sweep 1000 --json OUT    # 1,000 configurations in one sweep
     python scripts/bench.py --steps --json OUT         # per-step cost: 300 vs 100,000 requests
     python scripts/bench.py --instances 1,4,16,64 --json OUT   # strong and weak scaling over clusters
-    python scripts/bench.py --instances 4,16 --leap 1          # the same without decode leaps
+    python scripts/bench.py --instances 4,16 --leap 1          # the same without decode leaps (9: with)
     python scripts/bench.py --pd                       # 3 colocated instances vs 1 prefill + 2 decode
 
 ``--sweep N``: N configurations of the default case (compute and memory scale in [0.8, 1.2],

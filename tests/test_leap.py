@@ -1,7 +1,7 @@
 """Decode leaps (engine/leap.py) change how many loop steps a run takes, never its results.
 
-Every cluster test runs with leaps on (their default, ``planning.CLUSTER_LEAP``), so parity with
-the plain-Python oracle, P/D, sessions and sweep == single already hold with them. Here a run with leaps is compared, leaf by leaf, with the same run where
+Leaps are compiled by default only for clusters of ``planning.LEAP_MIN_INSTANCES`` or more, so
+the runs here turn them on explicitly (``Static.leap = 9``). Here a run with leaps is compared, leaf by leaf, with the same run where
 every batch end takes a step of its own (``Static.leap = 1``): the whole final state (per-request
 outputs, token times, iteration rows, KV pools and prefix index, counters) is equal, and the
 leaps did happen (fewer steps).
@@ -48,7 +48,7 @@ def batch():
                              max_iterations=12_000) for hw, sched in CONFIGS]
     dims = simulator.Dims.merge([pl.dims for pl in plans])
     state, params, wl, wl_batched = simulator.build(plans, dims, batched=True)
-    static = dims.static(plans[0].block_size).replace(leap=9)  # one instance: off by default
+    static = dims.static(plans[0].block_size).replace(leap=9)  # off by default for small runs
     return state, params, wl, wl_batched, static
 
 
@@ -74,9 +74,9 @@ def test_pd_cluster_leaps_change_nothing():
     specs = [InstanceSpec(hw=hw, sched=sched, role="prefill")] + [InstanceSpec(hw=hw, sched=sched, role="decode")] * 2
     p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"), links=LinkConfig(),
                                   profiles_dir=PROFILES, max_slots=24)
-    assert p.static.leaps and p.static.releases
-    leapt = cluster.run(p.state, p.params, p.workload, p.static)
-    stepped = cluster.run(p.state, p.params, p.workload, p.static.replace(leap=1))
+    assert p.static.releases and not p.static.leaps  # 3 instances: off by default
+    leapt = cluster.run(p.state, p.params, p.workload, p.static.replace(leap=9))
+    stepped = cluster.run(p.state, p.params, p.workload, p.static)
     assert int(leapt.status) == 0 and int(leapt.finished) == 24
     _assert_same_state(leapt, stepped)
     assert int(leapt.steps) < int(stepped.steps)
