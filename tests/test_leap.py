@@ -43,9 +43,9 @@ def _assert_same_state(a: cluster.ClusterState, b: cluster.ClusterState):
 
 @pytest.fixture(scope="module")
 def batch():
-    workload, model = load_trace(32), load_model()
+    workload, model = load_trace(20), load_model()
     plans = [simulator.plan(workload, model, hw, sched, profiles_dir=PROFILES, max_slots=24,
-                             max_iterations=12_000) for hw, sched in CONFIGS]
+                             max_iterations=8_000) for hw, sched in CONFIGS]
     dims = simulator.Dims.merge([pl.dims for pl in plans])
     state, params, wl, wl_batched = simulator.build(plans, dims, batched=True)
     static = dims.static(plans[0].block_size).replace(leap=9)  # off by default for small runs
@@ -57,19 +57,19 @@ def test_single_instance_leaps_change_nothing(batch):
     assert static.leaps
     leapt = cluster.run_batch(state, params, wl, static, workload_batched=wl_batched)
     stepped = cluster.run_batch(state, params, wl, static.replace(leap=1), workload_batched=wl_batched)
-    assert (np.asarray(leapt.status) == 0).all() and (np.asarray(leapt.finished) == 32).all()
+    assert (np.asarray(leapt.status) == 0).all() and (np.asarray(leapt.finished) == 20).all()
     _assert_same_state(leapt, stepped)
     assert (np.asarray(stepped.records.start) >= 0).all()
     # Leaps happened where decode is steady; the KV-bound run preempted (its leaps stop there).
     assert (np.asarray(leapt.steps) < np.asarray(stepped.steps)).all(), (leapt.steps, stepped.steps)
     assert int(np.asarray(leapt.inst.counters.preemptions)[1].sum()) > 0
-    assert int(np.asarray(leapt.steps)[0]) < 0.7 * int(np.asarray(stepped.steps)[0])  # 1,454 vs 2,406 steps
+    assert int(np.asarray(leapt.steps)[0]) < 0.7 * int(np.asarray(stepped.steps)[0])  # leaps skip over 30% of the steps
 
 
 def test_pd_cluster_leaps_change_nothing():
     """1 prefill + 2 decode instances, least-loaded routing: leaps stop before every arrival,
     release and prefill-instance event (the decode instances' next chance of a new request)."""
-    workload, model = load_trace(24), load_model()
+    workload, model = load_trace(16), load_model()
     hw, sched = HardwareConfig(num_gpu_blocks=600), SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)
     specs = [InstanceSpec(hw=hw, sched=sched, role="prefill")] + [InstanceSpec(hw=hw, sched=sched, role="decode")] * 2
     p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"), links=LinkConfig(),
@@ -77,6 +77,6 @@ def test_pd_cluster_leaps_change_nothing():
     assert p.static.releases and not p.static.leaps  # 3 instances: off by default
     leapt = cluster.run(p.state, p.params, p.workload, p.static.replace(leap=9))
     stepped = cluster.run(p.state, p.params, p.workload, p.static)
-    assert int(leapt.status) == 0 and int(leapt.finished) == 24
+    assert int(leapt.status) == 0 and int(leapt.finished) == 16
     _assert_same_state(leapt, stepped)
     assert int(leapt.steps) < int(stepped.steps)

@@ -437,8 +437,8 @@ def leap_decodes(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clus
     inst = st.inst
     rel = st.releases if static.releases else None
     retry_at = jnp.where(clk.acts, jnp.where(retry, clk.now, NEVER), st.retry_at)
-    limit = leap.next_routing(wl, st.next_pending, None if rel is None else rel.release_at,
-                              (prm.role == PREFILL) | (rel is not None and rel.holders > 0), inst.busy,
+    producer = prm.role == PREFILL if rel is None else (prm.role == PREFILL) | (rel.holders > 0)
+    limit = leap.next_routing(wl, st.next_pending, None if rel is None else rel.release_at, producer, inst.busy,
                               inst.batch_end, retry_at)
     max_iters = st.records.start.shape[-1] if static.record_iterations else jnp.iinfo(I32).max
     inst, pending = leap.leap(inst, prm, wl, started, queued, limit, max_trips=static.leap - 1, max_iters=max_iters,
