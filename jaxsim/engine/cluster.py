@@ -233,6 +233,12 @@ def _group_min(x, prm: EngineParams):
     return jnp.where(member, jax.ops.segment_min(x, gid, num_segments=n_inst + 1)[gid], x)
 
 
+def _next_arrival(wl: WorkloadArrays, next_pending):
+    """The arrival time of the first request not yet routed (NEVER when all are), ns."""
+    n_req = wl.arrival_sorted.shape[0]
+    return jnp.where(next_pending < n_req, wl.arrival_sorted[jnp.minimum(next_pending, n_req - 1)], NEVER)
+
+
 def _clock(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, active) -> Clock:
     """Per-instance clocks of a cluster step (several instances, or requests released in the run).
 
@@ -256,12 +262,10 @@ def _clock(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterSta
         return Clock(now=jnp.broadcast_to(st.now, (1,)), acts=jnp.broadcast_to(active, (1,)), is_global=active,
                      horizon=st.now)
     inst = st.inst
-    n_req = wl.arrival_sorted.shape[0]
     event = jnp.where(inst.busy, inst.batch_end, st.retry_at)
     if static.dp_sync:
         event = _group_min(event, prm)
-    next_arrival = jnp.where(st.next_pending < n_req,
-                             wl.arrival_sorted[jnp.minimum(st.next_pending, n_req - 1)], NEVER)
+    next_arrival = _next_arrival(wl, st.next_pending)
     horizon = jnp.maximum(next_arrival, st.now)
     if static.releases:
         producer = (prm.role == PREFILL) | (st.releases.holders > 0)
@@ -438,8 +442,8 @@ def leap_decodes(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clus
     rel = st.releases if static.releases else None
     retry_at = jnp.where(clk.acts, jnp.where(retry, clk.now, NEVER), st.retry_at)
     producer = prm.role == PREFILL if rel is None else (prm.role == PREFILL) | (rel.holders > 0)
-    limit = leap.next_routing(wl, st.next_pending, None if rel is None else rel.release_at, producer, inst.busy,
-                              inst.batch_end, retry_at)
+    limit = leap.next_routing(_next_arrival(wl, st.next_pending), None if rel is None else rel.release_at, producer,
+                              inst.busy, inst.batch_end, retry_at)
     max_iters = st.records.start.shape[-1] if static.record_iterations else jnp.iinfo(I32).max
     inst, pending = leap.leap(inst, prm, wl, started, queued, limit, max_trips=static.leap - 1, max_iters=max_iters,
                               block_size=static.block_size, window=static.window, kv_tier=static.kv_tier)
@@ -450,8 +454,7 @@ def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clo
     """Set the next decision time (a lone instance) or the retries and the global clock (a
     cluster), detect a stall (nothing runs, nothing arrives, requests are left), count the step."""
     n_req = wl.arrival_sorted.shape[0]
-    next_arrival = jnp.where(st.next_pending < n_req,
-                             wl.arrival_sorted[jnp.minimum(st.next_pending, n_req - 1)], NEVER)
+    next_arrival = _next_arrival(wl, st.next_pending)
     if static.releases:
         next_arrival = jnp.minimum(next_arrival, jnp.min(st.releases.release_at))
     busy = st.inst.busy

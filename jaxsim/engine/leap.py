@@ -35,16 +35,16 @@ from jaxsim.engine.ops import prefix_sum
 from jaxsim.engine.vmap import per_instance
 
 
-def steady(inst: inst_lib.InstanceState, max_num_seqs) -> Bool[Array, ""]:
+def steady(inst: inst_lib.InstanceState, max_num_seqs, queued) -> Bool[Array, ""]:
     """One instance (no instance axis): its batch in flight is steady decode, and no request can
-    be admitted at its end (none waits, or every seat is taken). Requests routed to the instance
-    that wait outside its slots are the caller's to check."""
+    be admitted at its end (none waits, in its slots or its router queue: ``queued``, or every
+    seat is taken)."""
     s = inst.slots
     run = s.status == RUNNING
     decode = (s.sched_n == 1) & ~s.first & (s.computed == s.reached)
     seats_full = (max_num_seqs > 0) & (jnp.sum(run.astype(I32), dtype=I32) >= max_num_seqs)
     return (inst.busy & jnp.any(run) & jnp.all(~run | decode) & ~jnp.any(s.status == inst_lib.FINISHING)
-            & (seats_full | ~jnp.any(s.status == WAITING)))
+            & (seats_full | (~jnp.any(s.status == WAITING) & (queued == 0))))
 
 
 def _next_blocks(s: inst_lib.Slots, block_size: int):
@@ -178,8 +178,7 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
     may be routed to it, ns. Returns the instances and what the early ends emitted."""
     s0 = inst0.slots
     n_running = jnp.sum((s0.status == RUNNING).astype(I32), axis=-1, dtype=I32)
-    seats_full = (prm.sched.max_num_seqs > 0) & (n_running >= prm.sched.max_num_seqs)
-    eligible = started & (seats_full | (queued == 0)) & per_instance(steady)(inst0, prm.sched.max_num_seqs)
+    eligible = started & per_instance(steady)(inst0, prm.sched.max_num_seqs, queued)
     n_inst = started.shape[0]
 
     def one(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blocks):
@@ -202,16 +201,14 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
                          stamp=log.end + prm.token_output_delay_ns[:, None])
 
 
-def next_routing(wl, next_pending, release_at, producer, busy, batch_end, retry) -> Int[Array, " inst"]:
+def next_routing(next_arrival, release_at, producer, busy, batch_end, retry) -> Int[Array, " inst"]:
     """Per instance, a lower bound of the next moment a request may be routed to it: the next
-    arrival not yet routed, the next release, and the next event of every other instance that
+    arrival not yet routed (``next_arrival``, ns), the next release, and the next event of every other instance that
     may release a request (``producer``: a prefill instance or one holding an agentic parent;
     its event is its batch end, or now when it retries; ``retry``: [inst] retry time or NEVER).
     ``release_at`` is None without releases."""
-    n_req = wl.arrival_sorted.shape[0]
-    lim = jnp.where(next_pending < n_req, wl.arrival_sorted[jnp.minimum(next_pending, n_req - 1)], NEVER)
     n_inst = busy.shape[0]
-    lim = jnp.broadcast_to(lim, (n_inst,))
+    lim = jnp.broadcast_to(next_arrival, (n_inst,))
     if release_at is None:
         return lim
     event = jnp.where(producer, jnp.where(busy, batch_end, retry), NEVER)
