@@ -27,21 +27,25 @@ def _pad_workload(arrays: dict, dims: Dims) -> dict:
     return a
 
 
-def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: bool | None = None):
+def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: bool | None = None,
+          max_steps: int | None = None):
     """Device arrays for ``plans`` at the shared ``dims``: (state, params, workload, workload_batched).
 
     With ``batched``, every leaf gets a leading configuration axis (the workload only when the
     plans' traces differ, e.g. scaled arrivals or other seeds, or when ``workload_batched``);
-    otherwise ``plans`` has one entry.
+    otherwise ``plans`` has one entry. ``max_steps``: the step limit (default
+    :meth:`Dims.max_steps`).
     """
     state, params, wl, wl_batched = build_clusters([[p] for p in plans], dims,  # one instance each
-                                                   workload_batched=workload_batched if batched else False)
+                                                   workload_batched=workload_batched if batched else False,
+                                                   max_steps=max_steps)
     if not batched:
         state, params = jax.tree.map(lambda x: x[0], (state, params))
     return state, params, wl, wl_batched
 
 
-def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched: bool | None = None):
+def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched: bool | None = None,
+                   max_steps: int | None = None):
     """:func:`build` for a batch of cluster designs (``clusters[c][i]``: the plan of instance i of
     configuration c; the instances of a configuration share its trace). Designs with fewer
     instances than the largest are padded with copies of their last instance that are never
@@ -53,7 +57,8 @@ def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched
     params = jax.tree.map(lambda x: x.reshape((len(clusters), n) + x.shape[1:]), stacked_params(flat))
     params = eqx.tree_at(lambda p: p.routable, params, jnp.asarray(routable))
     num_blocks = jnp.asarray([[pl.num_blocks for pl in c] for c in clusters], jnp.int32)
-    state = jax.vmap(functools.partial(init_cluster, dims=dims, releases=needs_releases(flat)))(num_blocks)
+    steps = jnp.full(len(clusters), dims.max_steps(n) if max_steps is None else max_steps, jnp.int32)
+    state = jax.vmap(functools.partial(init_cluster, dims=dims, releases=needs_releases(flat)))(num_blocks, steps)
     wl, wl_batched = workload_for([c[0] for c in clusters], dims, True, workload_batched)
     return state, params, wl, wl_batched
 
@@ -89,9 +94,10 @@ def workload_for(plans: "list[Plan]", dims: Dims, batched: bool, workload_batche
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "releases"))
-def init_cluster(num_blocks, *, dims: Dims, releases: bool = False):
-    """A fresh state with one instance per entry of ``num_blocks`` (its KV capacity)."""
+def init_cluster(num_blocks, max_steps, *, dims: Dims, releases: bool = False):
+    """A fresh state with one instance per entry of ``num_blocks`` (its KV capacity) and the step
+    limit ``max_steps`` (a value: runs with different limits share a compile)."""
     inst = jax.vmap(lambda nb: inst_lib.init_instance(dims.num_slots, dims.max_blocks, dims.num_blocks_cap,
                                                       dims.ring_cap, dims.num_hashes, POP_WINDOW, nb,
                                                       max_pp=dims.max_pp))(num_blocks)
-    return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters, releases)
+    return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters, releases, max_steps)

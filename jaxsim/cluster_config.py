@@ -46,7 +46,7 @@ from typing import ClassVar
 
 from jaxsim.engine import routers
 from jaxsim.engine.routing import Router
-from jaxsim.errors import JaxsimInputError
+from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.model import load_model_config
 from jaxsim.spec import (DP_SYNC, Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig, build,
                          check_expert_parallel, check_field, check_fields, checked)
@@ -103,6 +103,26 @@ _JSON_UNSUPPORTED = {"placement": (None, {}),
                      # the shipped profiles are bf16 (the shipped models' torch_dtype)
                      "dtype": ("auto", "bfloat16", "bf16")}
 _JSON_TOP_UNSUPPORTED = ("cxl_mem",)
+# Every key the reference format has (REFERENCE.md §3.1, the shipped cluster examples), per
+# object: anything else is a typo and an error, never silently a default.
+_JSON_KEYS = {
+    "top level": {"num_nodes", "link_bw", "link_latency", "nodes", "cxl_mem"},
+    "node": {"num_instances", "instances", "cpu_mem", "power"},
+    "cpu_mem": {"mem_size", "mem_bw", "mem_latency", "pim_config"},
+    "npu_mem": {"mem_size", "mem_bw", "mem_latency", "mem_util"},
+    "instance": {"model_name", "hardware", "npu_mem", "num_npus", "npu_num", "npu_group", "tp_size", "pp_size",
+                 "ep_size", "dp_group", "pd_type", *_JSON_SCHEDULER, *_JSON_UNSUPPORTED},
+}
+
+
+def _check_keys(obj, kind: str, where: str) -> None:
+    """``obj`` (a JSON object of ``kind``) has only keys of the reference format."""
+    if not isinstance(obj, dict):
+        raise JaxsimInputError(where, f"must be a JSON object, got {obj!r}")
+    for key in obj:
+        if key not in _JSON_KEYS[kind]:
+            raise JaxsimInputError(f"{where}: {key}" if kind == "top level" else f"{where}.{key}", f"unknown {kind} field",
+                                   unknown_key_fix(key, _JSON_KEYS[kind]))
 _JSON_NODE_UNSUPPORTED = ("power",)
 
 
@@ -224,6 +244,7 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
             raise JaxsimInputError(f"{path}: {where}", f"missing required field {key!r}")
         return obj[key]
 
+    _check_keys(d, "top level", str(path))
     for key in _JSON_TOP_UNSUPPORTED:
         if d.get(key):
             raise JaxsimInputError(f"{path}: {key}", "CXL memory pools are not modelled yet", "remove it")
@@ -240,6 +261,9 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
     links = json_links(bws, lats)
     out = []
     for n, node in enumerate(nodes):
+        _check_keys(node, "node", f"{path}: nodes[{n}]")
+        if node.get("cpu_mem") is not None:
+            _check_keys(node["cpu_mem"], "cpu_mem", f"{path}: nodes[{n}].cpu_mem")
         for key in _JSON_NODE_UNSUPPORTED:
             if node.get(key):
                 raise JaxsimInputError(f"{path}: nodes[{n}].{key}", "power modelling is not implemented yet",
@@ -251,6 +275,9 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
         cpu = node.get("cpu_mem") or {}
         for i, inst in enumerate(insts):
             where = f"{path}: nodes[{n}].instances[{i}]"
+            _check_keys(inst, "instance", where)
+            if isinstance(inst.get("npu_mem"), dict):
+                _check_keys(inst["npu_mem"], "npu_mem", f"{where}.npu_mem")
             model = need(inst, "model_name", f"nodes[{n}].instances[{i}]")
             other = None
             if model != model_name:

@@ -18,5 +18,16 @@ class JaxsimInputError(ValueError):
         super().__init__(message)
 
 
+def unknown_key_fix(name: str, known) -> str:
+    """The fix for an unknown key ``name``: the nearest known names (a typo's likely intent), then
+    the full list."""
+    import difflib
+
+    known = sorted(str(k) for k in known)
+    close = difflib.get_close_matches(str(name), known, n=2, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}known: {', '.join(known)}"
+
+
 class CapacityOverflowError(RuntimeError):
     """A fixed-capacity array of the simulator would have overflowed; results would be wrong."""

@@ -62,6 +62,17 @@ def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig
     return int(blocks)
 
 
+def bucket(n: int) -> int:
+    """``n`` rounded up to a size class: a power of two up to 4,096, then a multiple of an
+    eighth of the power of two below (at most 25% more). Shapes are static, so every distinct
+    size is a compile; size classes let similar runs share one."""
+    n = max(int(n), 16)
+    if n <= 4096:
+        return 1 << (n - 1).bit_length()
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
 @dataclasses.dataclass(frozen=True)
 class Dims:
     """The static sizes of one compiled run. Configurations batched together share one ``Dims``
@@ -84,17 +95,30 @@ class Dims:
     def ring_cap(self) -> int:
         return 2 * self.num_blocks_cap + POP_WINDOW
 
+    def max_steps(self, num_instances: int) -> int:
+        """The step limit (a guard against a run that never ends, ``ClusterState.max_steps``):
+        it covers every instance's iterations (``max_iters`` each) and a stop at every arrival and
+        release."""
+        steps = (3 + self.max_pp) * num_instances * self.max_iters + 4 * self.num_requests + 16
+        return min(steps, np.iinfo(np.int32).max)
+
+    def bucketed(self, exact_iters: bool = False) -> "Dims":
+        """These sizes rounded up to a few per octave (:func:`bucket`), so that runs of similar
+        traces and caches share one compiled loop (larger sizes never change a result). The
+        request and slot counts stay exact (they are the trace's and the user's); so does
+        ``max_iters`` when ``exact_iters`` (set by the user: the buffer full status must come at
+        that row)."""
+        return dataclasses.replace(self, max_blocks=bucket(self.max_blocks), num_hashes=bucket(self.num_hashes),
+                                   num_blocks_cap=bucket(self.num_blocks_cap),
+                                   max_iters=self.max_iters if exact_iters else bucket(self.max_iters))
+
     def static(self, block_size: int, record_iterations: bool = True, num_instances: int = 1,
                releases: bool = False, router: routing.Router = routing.Router(), dp_sync: bool = False) -> Static:
-        """The static part of :func:`cluster.run` / :func:`cluster.run_batch`. The step limit
-        (a guard against a run that never ends) covers every instance's iterations (``max_iters``
-        each) and a stop at every arrival and release. Clusters of ``LEAP_MIN_INSTANCES`` or more
+        """The static part of :func:`cluster.run` / :func:`cluster.run_batch`. Clusters of ``LEAP_MIN_INSTANCES`` or more
         run decode leaps (:mod:`jaxsim.engine.leap`, up to ``CLUSTER_LEAP - 1`` early batch ends
         per step): there a step is costly and leaps save a third to two thirds of them; below
         that the leap loop's compile time exceeds what it saves."""
-        return Static(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap,
-                      max_steps=(3 + self.max_pp) * num_instances * self.max_iters + 4 * self.num_requests + 16,
-                      num_instances=num_instances, record_iterations=record_iterations, router=router,
+        return Static(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap, num_instances=num_instances, record_iterations=record_iterations, router=router,
                       releases=releases, dp_sync=dp_sync, max_pp=self.max_pp,
                       leap=CLUSTER_LEAP if num_instances >= LEAP_MIN_INSTANCES else 1)
 
@@ -143,6 +167,70 @@ def check_workload_fits(workload: Workload, model: ModelConfig) -> None:
             f"{workload.source}:{line}",
             f"request {i} (line {line}): input {int(workload.input_toks[i])} + output {int(workload.output_toks[i])} tokens exceed the "
             f"context of {model.name} ({ctx})", "drop or truncate the request")
+
+
+def _line(workload: Workload, i: int) -> int:
+    return int(workload.line_numbers[i]) if workload.line_numbers is not None else i + 1
+
+
+def check_requests_fit(plans: "list[Plan]", key: str = "") -> None:
+    """Refuse a run in which a request can never be scheduled, before it starts.
+
+    A request must at some point hold the KV of its prompt and all but its last output token
+    (``input + output - 1`` tokens) on the instance that decodes it, and its prompt on the one
+    that prefills it; with chunked prefill off its prompt must also fit the instance's token budget
+    (``max_num_batched_tokens``; vLLM refuses longer prompts). A run where no instance that may
+    serve a request can do so would only stall (or preempt itself forever); this names the
+    request (trace line), what it needs and the largest capacity on offer. Where some instance
+    could serve it, the router decides, and the loop's stall check reports a request that lands on
+    one that cannot (``results.stall_error``). ``plans``: the instances of one run (their roles set
+    by :func:`place_instances`); ``key``: where they come from, for the message.
+
+    Raises:
+        JaxsimInputError: naming the request's trace line, its tokens and the capacity.
+    """
+    w = plans[0].workload
+    if w.num_requests == 0:
+        return
+    prompt = w.input_toks.astype(np.int64)
+    held = np.maximum(prompt + w.output_toks.astype(np.int64) - 1, prompt)  # tokens held at the last decode
+    bs = plans[0].block_size
+    blocks = np.array([p.num_blocks for p in plans], np.int64)
+    budget = np.array([int(p.sched["max_num_batched_tokens"]) for p in plans], np.int64)
+    chunked = np.array([bool(p.sched["chunked_prefill"]) for p in plans])
+    roles = np.array([p.role for p in plans])
+    fits = (held[:, None] <= (blocks * bs)[None, :])  # [req, inst]: holds the KV of its last decode
+    budget_ok = chunked[None, :] | (prompt[:, None] <= budget[None, :])
+    colocated = roles == "colocated"
+    if colocated.any():  # one instance prefills and decodes (the router may keep any request on one)
+        ok = (fits & budget_ok & colocated[None, :]).any(axis=1)
+        decodes = colocated
+    else:  # P/D: a prefill instance holds the prompt, a decode instance receives it and decodes
+        prefill_ok = (prompt[:, None] <= (blocks * bs)[None, :]) & budget_ok & (roles == "prefill")[None, :]
+        decodes = roles == "decode"
+        hands_off = w.output_toks > 1  # a request whose first token is its last ends on its prefill instance
+        ok = prefill_ok.any(axis=1) & (~hands_off | (fits & decodes[None, :]).any(axis=1))
+    bad = np.nonzero(~ok)[0]
+    if not len(bad):
+        return
+    i = int(bad[0])
+    line = _line(w, i)
+    where = f"{w.source}:{line}"
+    tokens = f"input {int(prompt[i])} + output {int(w.output_toks[i])} tokens"
+    many = len(plans) > 1
+    if not budget_ok[i].any():
+        raise JaxsimInputError(
+            where, f"request {i} (line {line}) can never be scheduled: its prompt of {int(prompt[i])} tokens exceeds "
+            f"max_num_batched_tokens ({int(budget.max())}{' at most' if many else ''}) and chunked prefill is off "
+            f"(vLLM rejects such prompts){f' [{key}]' if key else ''}",
+            "enable chunked prefill, raise max_num_batched_tokens, or shorten the request")
+    need = -(-int(held[i]) // bs)
+    offer = int(blocks[decodes].max())
+    raise JaxsimInputError(
+        where, f"request {i} (line {line}) can never be scheduled: its KV needs {need} blocks of {bs} tokens "
+        f"({tokens}) and {'the largest instance that may serve it has' if many else 'the KV cache holds'} "
+        f"{offer} blocks{f' [{key}]' if key else ''}",
+        "raise the KV capacity (hardware.mem_size_gb, hardware.num_gpu_blocks) or shorten the request")
 
 
 def block_table_width(workload: Workload, block_size: int) -> int:
@@ -265,7 +353,8 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
               num_blocks=np.int32(num_blocks))
     dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
                 num_blocks_cap=num_blocks, max_iters=max_iters,
-                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n, max_pp=hw.pp)
+                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n,
+                max_pp=hw.pp).bucketed(exact_iters=bool(max_iterations))
     return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound,
                 model.kv_bytes_per_token_per_rank(kv_bytes), pp=hw.pp, tp=hw.tp, num_layers=model.num_layers)
 

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from jaxsim.engine import cluster
+from jaxsim.engine.instance import WAITING
 from jaxsim.engine.status import Status
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError
 from jaxsim.spec import SimResult
@@ -18,6 +19,39 @@ if TYPE_CHECKING:
 
 class IterationBufferFull(CapacityOverflowError):
     """The per-iteration record buffer filled up before every request finished."""
+
+
+def stall_error(p: "simulator.Prepared", f: cluster.ClusterState) -> JaxsimInputError:
+    """The diagnosis of a stalled run (``f``: its final state, on the host): nothing runs, nothing
+    arrives, requests are left. Names the request at the head of the stuck waiting queue (vLLM's
+    order: preempted first, then arrival), its instance and that instance's own capacity, and why
+    it cannot be scheduled there."""
+    w = p.workload_host
+    s = f.inst.slots
+    status, key = np.asarray(s.status), np.asarray(s.wait_key)
+    n_inst = status.shape[0]
+    stuck = [i for i in range(n_inst) if not bool(f.inst.busy[i]) and (status[i] == WAITING).any()]
+    if not stuck:  # (not expected: a stall leaves a waiting request on an idle instance)
+        left = np.nonzero(np.asarray(f.finish) < 0)[0]
+        return JaxsimInputError(f"{w.source}: request {int(left[0])}", "can never be scheduled (the run stalled)",
+                                "raise the KV capacity or shorten the request")
+    i = stuck[0]
+    head = int(np.argmin(np.where(status[i] == WAITING, key[i], np.iinfo(key.dtype).max)))
+    req = int(np.asarray(s.req)[i, head])
+    sched = jax.tree.map(lambda x: np.asarray(x).reshape(-1)[i] if np.ndim(x) else x, p.params.sched)
+    prompt, out = int(w.input_toks[req]), int(w.output_toks[req])
+    line = int(w.line_numbers[req]) if w.line_numbers is not None else req + 1
+    where = f"{w.source}:{line}"
+    inst = f"instance {i}" if n_inst > 1 else "the instance"
+    if not bool(sched.chunked_prefill) and prompt > int(sched.max_num_batched_tokens):
+        return JaxsimInputError(
+            where, f"request {req} (line {line}) can never be scheduled on {inst}: its prompt of {prompt} tokens exceeds "
+            f"that instance's max_num_batched_tokens ({int(sched.max_num_batched_tokens)}) and chunked prefill is off",
+            "enable chunked prefill, raise max_num_batched_tokens, or route such requests elsewhere")
+    return JaxsimInputError(
+        where, f"request {req} (line {line}) can never be scheduled on {inst}: with input {prompt} + output {out} "
+        f"tokens its KV never fits that instance's cache of {int(sched.num_blocks)} blocks of {p.block_size} tokens",
+        "raise that instance's KV capacity (hardware.mem_size_gb, num_gpu_blocks) or shorten the request")
 
 
 def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: float | None = None) -> SimResult:
@@ -32,10 +66,7 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
         raise IterationBufferFull(f"the iteration buffer ({f.records.start.shape[-1]} rows) filled up before the run "
                                   "ended: raise sim.max_iterations (0 = automatic)")
     if status == Status.STALLED:
-        left = np.nonzero(f.finish < 0)[0]
-        raise JaxsimInputError(
-            f"{w.source}: request {int(left[0])}", "can never be scheduled: its KV blocks exceed the cache "
-            f"({p.num_blocks} blocks of {p.block_size} tokens)", "raise KV capacity or shorten the request")
+        raise stall_error(p, f)
     if status != Status.OK:
         raise CapacityOverflowError(status.message + (f" ({n - int(f.finished)} requests unfinished)"
                                                       if status == Status.STEP_LIMIT else ""))

@@ -19,8 +19,8 @@ from jaxsim.engine import cluster, routing
 from jaxsim.engine.static import Static
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.planning import (Dims, Plan, block_table_width, check_block_sizes, latency_tables, needs_dp_sync,
-                             needs_releases, num_kv_blocks, place_instances, plan, workload_arrays, workload_hashes)
+from jaxsim.planning import (Dims, Plan, bucket, block_table_width, check_block_sizes, check_requests_fit,
+                             latency_tables, needs_dp_sync, needs_releases, num_kv_blocks, place_instances, plan, workload_arrays, workload_hashes)
 from jaxsim.results import IterationBufferFull, to_result
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
 
@@ -41,6 +41,7 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
             rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), **kwargs) -> Prepared:
     """Everything :func:`cluster.run` needs for one configuration (``plan`` + ``build``)."""
     pl = plan(workload, model, hw, sched, rt, calib, **kwargs)
+    check_requests_fit([pl])
     state, params, wl, _ = build([pl], pl.dims, batched=False)
     static = pl.dims.static(pl.block_size, releases=needs_releases([pl]))
     return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound)
@@ -57,17 +58,19 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     plans = [plan(workload, spec.model or model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
     plans = place_instances(plans, instances, links, model, dp_sync)
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
+    check_requests_fit(plans, "cluster.instances")
     dims = Dims.merge([pl.dims for pl in plans])
     if not kwargs.get("max_iterations") and len(plans) > 1:
         # Each instance records only its own iterations, so an automatic buffer starts from twice
         # an even share of the trace's guess (a buffer of the whole guess per instance grows with
         # instances x trace: 64 instances of a 19,200-request trace did not fit in 24 GiB). A run
         # that fills it is rerun with twice the rows (simulate_cluster), never silently cut.
-        dims = dataclasses.replace(dims, max_iters=min(dims.max_iters, -(-2 * dims.max_iters // len(plans)) + 1024))
+        dims = dataclasses.replace(dims, max_iters=bucket(min(dims.max_iters, -(-2 * dims.max_iters // len(plans)) + 1024)))
     params = stacked_params(plans)  # the plans' axis is the instance axis
     wl, _ = workload_for(plans, dims, False, False)
     releases = needs_releases(plans)
-    state = init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims=dims, releases=releases)
+    state = init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims.max_steps(len(plans)), dims=dims,
+                         releases=releases)
     static = dims.static(plans[0].block_size, num_instances=len(plans), releases=releases, router=router,
                          dp_sync=needs_dp_sync(plans))
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
@@ -118,6 +121,6 @@ def _run_growing_buffer(prepare_fn, kwargs: dict) -> SimResult:
 __all__ = [  # this module's entry points, then the job modules' names most callers use
     "Prepared", "prepare", "prepare_cluster", "run_prepared", "simulate", "simulate_cluster",
     "Dims", "Plan", "plan", "place_instances", "needs_dp_sync", "needs_releases", "num_kv_blocks", "latency_tables",
-    "block_table_width", "check_block_sizes", "workload_arrays", "workload_hashes",
+    "block_table_width", "check_block_sizes", "check_requests_fit", "workload_arrays", "workload_hashes",
     "build", "build_clusters", "IterationBufferFull", "to_result",
 ]

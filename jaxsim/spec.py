@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from jaxsim.errors import JaxsimInputError
+from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.model import dtype_bytes
 
 # ------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def build(cls, values: dict, where: "str | dict | None" = None):
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(values) - set(names), key=str)
     if unknown:
-        raise JaxsimInputError(at(str(unknown[0])), "unknown field", f"fields: {names}")
+        raise JaxsimInputError(at(str(unknown[0])), "unknown field", unknown_key_fix(unknown[0], names))
     try:
         return cls(**values)
     except JaxsimInputError as e:
@@ -171,8 +171,21 @@ class SchedulerConfig:
     # one batch late. Off reproduces the reference simulator (LLMServingSim) exactly.
     async_scheduling: bool = True
 
+    # vLLM's CacheConfig BlockSize (vllm/config/cache.py): the sizes its attention kernels take.
+    VLLM_BLOCK_SIZES: ClassVar[tuple] = (1, 8, 16, 32, 64, 128, 256)
+
     def __post_init__(self):
         check_fields(self)
+        # What vLLM refuses at start-up, refused here with its reason (vllm/config/scheduler.py,
+        # cache.py), so that a simulated configuration is one vLLM would run.
+        if self.max_num_seqs and self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
+            raise JaxsimInputError(
+                "scheduler.max_num_batched_tokens", f"{self.max_num_batched_tokens} is smaller than max_num_seqs "
+                f"({self.max_num_seqs}): vLLM refuses this at start-up (max_num_batched_tokens must be >= max_num_seqs)",
+                "raise max_num_batched_tokens or lower max_num_seqs")
+        if self.block_size not in self.VLLM_BLOCK_SIZES:
+            raise JaxsimInputError("scheduler.block_size", f"{self.block_size} is not a block size vLLM accepts",
+                                   f"one of {', '.join(map(str, self.VLLM_BLOCK_SIZES))}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -238,6 +238,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         insts = simulator.place_instances(insts, specs, base.links, base.model, base.dp_sync,
                                           key=f"sweep point {len(plans)}: instances")
         simulator.check_block_sizes(insts, f"sweep point {len(plans)}")
+        simulator.check_requests_fit(insts, f"sweep point {len(plans)}")
         plans.append(insts)
 
     groups: dict = {}
@@ -256,9 +257,9 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         members = sorted(members, key=lambda i: -_arrival_span(plans[i][0].workload))
         dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]])
         n_inst = max(len(plans[i]) for i in members)
-        static = dims.static(block_size, record_iterations=False, num_instances=n_inst,  # limit follows max_iters
-                             releases=releases, dp_sync=dp_sync,
-                             **({"router": base.router} if _is_cluster(base) else {}))
+        static = dims.static(block_size, record_iterations=False, num_instances=n_inst, releases=releases,
+                             dp_sync=dp_sync, **({"router": base.router} if _is_cluster(base) else {}))
+        max_steps = dims.max_steps(n_inst)  # the step limit follows the iterations a run may take
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
         dims = dataclasses.replace(dims, max_iters=1)
         # Every chunk of a group has the same shapes (hence one compile), the workload axis included.
@@ -268,10 +269,11 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             padded = idx + [idx[-1]] * (chunk_size - len(idx))  # one shape per group: one compile
             if not _is_cluster(base):
                 state, params, wl, wl_batched = simulator.build([plans[i][0] for i in padded], dims, batched=True,
-                                                                workload_batched=wl_axis)
+                                                                workload_batched=wl_axis, max_steps=max_steps)
             else:
                 state, params, wl, wl_batched = simulator.build_clusters([plans[i] for i in padded], dims,
-                                                                         workload_batched=wl_axis)
+                                                                         workload_batched=wl_axis,
+                                                                         max_steps=max_steps)
             final = _run_chunk(state, params, wl, wl_batched, static, tuple(devices))
             host = jax.device_get(dict(
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,

@@ -54,6 +54,7 @@ if any(a.startswith("--sweep") for a in sys.argv[1:]) and "host_platform_device_
                                f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxsim import sweep as jsweep  # noqa: E402
@@ -193,7 +194,8 @@ def bench_steps(long_requests: int = 100_000, short_requests: int = 300, steps: 
         p = simulator.prepare(w, model, HardwareConfig(), SchedulerConfig(), profiles_dir=ROOT / "profiles",
                               record_token_times=False, max_iterations=1)
         for n in (steps // 3, steps):
-            compiled, _, final = _compile(p, record_iterations=False, max_steps=n)  # no iteration records
+            p = dataclasses.replace(p, state=dataclasses.replace(p.state, max_steps=jnp.asarray(n, jnp.int32)))
+            compiled, _, final = _compile(p, record_iterations=False)  # no iteration records
             if int(final.finished) == w.num_requests or int(final.steps) != n:
                 raise RuntimeError(f"{name} ran dry before {n} steps: lower --steps")
             runs[name, n] = (p, compiled, int(final.finished), [])

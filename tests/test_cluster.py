@@ -198,3 +198,22 @@ def test_cluster_designs_of_different_sizes_share_a_sweep(sharegpt16):
     assert sweep.point_instances(base, points[3])[1].sched.max_num_seqs == 2
     with pytest.raises(JaxsimInputError, match="unknown cluster design"):
         sweep.sweep(base, [{"cluster": "three"}], progress=False)
+
+
+def test_a_request_routed_to_an_instance_too_small_for_it_is_diagnosed_there():
+    """Round robin sends r1 (3000 + 2 tokens: 188 blocks) to instance 1, which has 50 blocks; the
+    600-block instance 0 could serve it, so the run is not refused up front. The run stalls once
+    instance 0 is done, and the error names r1, instance 1 and its own 50 blocks (not the
+    cluster's 650)."""
+    w = Workload(np.arange(4, dtype=np.int64) * 1_000_000, np.array([100, 3000, 100, 100], np.int32),
+                 np.full(4, 2, np.int32), [None] * 4, "mixed-sizes")
+    tiny = InstanceSpec(HardwareConfig(num_gpu_blocks=50), SCHED)
+    with pytest.raises(JaxsimInputError, match=r"mixed-sizes:2: request 1 \(line 2\) can never be scheduled on instance 1: "
+                                               r".*cache of 50 blocks of 16 tokens"):
+        simulator.simulate_cluster(w, MODEL, [PRO, tiny], routing.Router("round_robin"), profiles_dir=PROFILES,
+                                   max_slots=8, record_token_times=False)
+    # No instance can hold it: refused before the run, with the largest capacity on offer.
+    with pytest.raises(JaxsimInputError, match=r"mixed-sizes:2: request 1 .*needs 188 blocks.*the largest instance that "
+                                               r"may serve it has 50 blocks \[cluster.instances\]"):
+        simulator.prepare_cluster(w, MODEL, [tiny, tiny], routing.Router("round_robin"), profiles_dir=PROFILES,
+                                  max_slots=8)

@@ -94,6 +94,32 @@ def test_reference_json_pipeline_and_refusals(tmp_path):
         load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
 
 
+@pytest.mark.parametrize("edit, where, hint", [
+    (lambda d: d["nodes"][0]["instances"][0].update(tp_szie=2), "nodes[0].instances[0].tp_szie", "'tp_size'"),
+    (lambda d: d["nodes"][0]["instances"][1].update(max_num_seq=8), "nodes[0].instances[1].max_num_seq",
+     "'max_num_seqs'"),
+    (lambda d: d["nodes"][0]["instances"][0]["npu_mem"].update(mem_utl=0.5), "nodes[0].instances[0].npu_mem.mem_utl",
+     "'mem_util'"),
+    (lambda d: d["nodes"][0].update(num_instance=2), "nodes[0].num_instance", "'num_instances'"),
+    (lambda d: d.update(linkbw=3), "linkbw", "'link_bw'"),
+])
+def test_reference_json_typos_are_errors_with_the_nearest_name(tmp_path, edit, where, hint):
+    """A misspelt key used to be ignored (the instance kept the baseline's value): now it names
+    the key's JSON path and suggests the field it was meant to be."""
+    d = json.loads((CLUSTERS / "single_node_multi_instance.json").read_text())
+    edit(d)
+    bad = tmp_path / "typo.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(JaxsimInputError) as e:
+        load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
+    assert str(e.value).startswith(f"{bad}: {where}: unknown") and f"did you mean {hint}" in str(e.value), str(e.value)
+
+
+def test_hydra_typo_suggests_the_field():
+    with pytest.raises(JaxsimInputError, match=r"^scheduler.max_num_seq: unknown field \(did you mean 'max_num_seqs'\?"):
+        spec(["+scheduler.max_num_seq=8"])
+
+
 def test_instances_of_another_model(llama):
     """An instance may serve its own model: the JSON importer loads its config; the engine gets
     that model's tables and KV size per instance; P/D pairs must share a model."""

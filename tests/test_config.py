@@ -108,6 +108,9 @@ def test_paths_override(tmp_path):
     ("scheduler.max_num_seqs=-3", "scheduler.max_num_seqs: must be >= 0, got -3"),
     ("scheduler.max_num_batched_tokens=-1", "scheduler.max_num_batched_tokens: must be >= 0"),
     ("scheduler.block_size=0", "scheduler.block_size: must be >= 1, got 0"),
+    ("scheduler.block_size=100000", "scheduler.block_size: 100000 is not a block size vLLM accepts (one of 1, 8,"),
+    ("scheduler.max_num_batched_tokens=1", "scheduler.max_num_batched_tokens: 1 is smaller than max_num_seqs (128): "
+                                           "vLLM refuses this at start-up"),
     ("scheduler.long_prefill_token_threshold=-2", "scheduler.long_prefill_token_threshold:"),
     ("hardware.mem_util=1.5", "hardware.mem_util: must be <= 1, got 1.5"),
     ("hardware.mem_util=0", "hardware.mem_util: must be > 0"),

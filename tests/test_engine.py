@@ -21,6 +21,7 @@ import pytest
 import jaxsim  # noqa: F401  (enables x64)
 from jaxsim import simulator
 from jaxsim.engine import cluster
+from jaxsim.engine.status import Status
 from jaxsim.errors import JaxsimInputError
 from jaxsim.prefix import hash_ids
 from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig, Workload
@@ -307,11 +308,48 @@ def test_long_prefill_threshold_by_hand():
 
 @pytest.mark.parametrize("reserve_full_isl", [True, False])
 def test_request_that_never_fits_raises(reserve_full_isl):
-    """r0 needs ceil(3003/16) = 188 blocks of 150: the queue (FCFS) can never move."""
+    """r0 (3000 + 3 tokens) holds 3002 tokens at its last decode: ceil(3002/16) = 188 blocks of
+    150. Refused before the run (no compile), naming the trace line and both figures."""
     sched = SchedulerConfig(reserve_full_isl=reserve_full_isl)
-    with pytest.raises(JaxsimInputError, match=r"two-requests: request 0.*never be scheduled.*150 blocks"):
+    with pytest.raises(JaxsimInputError, match=r"two-requests:1: request 0 \(line 1\) can never be scheduled: its KV "
+                                               r"needs 188 blocks of 16 tokens \(input 3000 \+ output 3 tokens\) and "
+                                               r"the KV cache holds 150 blocks"):
         simulator.simulate(two_requests(), model(), HardwareConfig(num_gpu_blocks=150), sched, calib=NONE,
                            profiles_dir=PROFILES, max_slots=SLOTS)
+    # 188 blocks fit: the run is not refused (it ends: r0 runs alone)
+    simulator.check_requests_fit([simulator.plan(two_requests(), model(), HardwareConfig(num_gpu_blocks=188), sched,
+                                                 calib=NONE, profiles_dir=PROFILES, max_slots=SLOTS)])
+
+
+def test_prompt_over_the_budget_without_chunking_is_refused():
+    """vLLM rejects a prompt longer than max_num_batched_tokens when chunked prefill is off: the
+    3000-token prompt with a 2048-token budget; with chunking it runs in two chunks."""
+    sched = SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=2048)
+    with pytest.raises(JaxsimInputError, match=r"two-requests:1: request 0 .*prompt of 3000 tokens exceeds "
+                                               r"max_num_batched_tokens \(2048\) and chunked prefill is off"):
+        simulator.prepare(two_requests(), model(), HardwareConfig(), sched, calib=NONE, profiles_dir=PROFILES,
+                          max_slots=SLOTS)
+    simulator.prepare(two_requests(), model(), HardwareConfig(), dataclasses.replace(sched, enable_chunked_prefill=True),
+                      calib=NONE, profiles_dir=PROFILES, max_slots=SLOTS)
+
+
+def test_stall_with_a_queue_longer_than_the_slots_is_found_at_once(monkeypatch):
+    """The loop's own stall check, with the pre-run check switched off: 12 requests, 4 slots,
+    10 blocks of 16 tokens; the first (3000 tokens) can never be admitted, the other 11 queue
+    behind it, 8 of them outside the slots. The run stops at the first moment nothing can
+    happen (a handful of steps, not the step limit) and names the head of the waiting queue,
+    its instance's own capacity and the fix."""
+    w = Workload(np.zeros(12, np.int64), np.array([3000] + [20] * 11, np.int32), np.full(12, 2, np.int32),
+                 [None] * 12, "queue")
+    monkeypatch.setattr(simulator, "check_requests_fit", lambda *a, **k: None)
+    p = simulator.prepare(w, model(), HardwareConfig(num_gpu_blocks=10), SchedulerConfig(max_num_seqs=2), calib=NONE,
+                          profiles_dir=PROFILES, max_slots=4)
+    final = jax.device_get(simulator.run_prepared(p))
+    assert int(final.status) == int(Status.STALLED) and int(final.steps) <= 3 and int(final.finished) == 0
+    with pytest.raises(JaxsimInputError, match=r"queue:1: request 0 \(line 1\) can never be scheduled on the instance: "
+                                               r"with input 3000 \+ output 2 tokens its KV never fits that instance's "
+                                               r"cache of 10 blocks of 16 tokens"):
+        simulator.to_result(p, final)
 
 
 def test_async_zombie_blocks_do_not_cause_a_false_stall():

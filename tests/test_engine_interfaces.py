@@ -79,7 +79,7 @@ def test_iteration_records_meter_writes_only_ending_rows():
 
 
 def test_static_features():
-    base = Static(block_size=16, window=64, ring_cap=256, max_steps=100)
+    base = Static(block_size=16, window=64, ring_cap=256)
     assert base.lone and not base.pipelined and hash(base) == hash(base.replace())
     assert not base.replace(num_instances=2).lone and not base.replace(releases=True).lone
     with pytest.raises(NotImplementedError):

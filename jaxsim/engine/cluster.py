@@ -100,6 +100,7 @@ class ClusterState(eqx.Module):
     finished: Int[Array, ""]
     stalled: Bool[Array, ""]  # nothing runs, nothing arrives, work is left: a request never fits
     steps: Int[Array, ""]
+    max_steps: Int[Array, ""]  # the run stops after this many steps (Status.STEP_LIMIT): a guard
     status: Int[Array, ""]  # engine/status.py Status, set when the loop ends
     # Per-request outputs, written at emission and at finish.
     first_token: Int[Array, " req"]
@@ -452,7 +453,7 @@ def leap_decodes(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clus
 
 def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clock, retry, active) -> ClusterState:
     """Set the next decision time (a lone instance) or the retries and the global clock (a
-    cluster), detect a stall (nothing runs, nothing arrives, requests are left), count the step."""
+    cluster), detect a stall (nothing runs, nothing will arrive, requests are left), count the step."""
     n_req = wl.arrival_sorted.shape[0]
     next_arrival = _next_arrival(wl, st.next_pending)
     if static.releases:
@@ -468,7 +469,13 @@ def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clo
         retry_at = jnp.where(clk.acts, jnp.where(retry, clk.now, NEVER), st.retry_at)
         any_busy = jnp.any(busy) | jnp.any(retry_at < NEVER)
         next_now = jnp.where(clk.is_global, clk.horizon, st.now)  # the last global moment
-    stalled = (~any_busy) & (next_arrival == NEVER) & (st.finished < n_req)
+    # Nothing will happen: nothing runs and no request will arrive. For a lone instance that
+    # includes arrivals already due that found no free slot (they wait outside the slots): the
+    # instance just failed to schedule, so it would retry the same moment forever.
+    nothing_arrives = next_arrival == NEVER
+    if static.lone:
+        nothing_arrives = nothing_arrives | (next_arrival <= st.now)
+    stalled = (~any_busy) & nothing_arrives & (st.finished < n_req)
     return eqx.tree_at(lambda s: (s.now, s.retry_at, s.stalled, s.steps), st,
                        (jnp.where(active, next_now, st.now), retry_at, jnp.where(active, stalled, st.stalled),
                         st.steps + active.astype(I32)))
@@ -491,7 +498,7 @@ def step(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState
 
 
 def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iters: int,
-               releases: bool = False) -> ClusterState:
+               releases: bool = False, max_steps=1 << 30) -> ClusterState:
     z64 = jnp.full(n_req, -1, I64)
     z32 = jnp.zeros(n_req, I32)
     zero = jnp.asarray(0, I32)
@@ -503,7 +510,7 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
         now=jnp.asarray(0, I64), next_pending=zero, inst=inst, router=router,
         releases=routing.init_releases(n_inst, n_req), link_free=jnp.zeros(n_inst, I64),
         retry_at=jnp.full(n_inst, NEVER, I64), finished=zero,
-        stalled=jnp.asarray(False), steps=zero, status=zero, first_token=z64, finish=z64, first_scheduled=z64,
+        stalled=jnp.asarray(False), steps=zero, max_steps=jnp.asarray(max_steps, I32), status=zero, first_token=z64, finish=z64, first_scheduled=z64,
         prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32, arrival=z64,
         prefill_instance=jnp.full(n_req, -1, I32), prefill_end=z64, kv_ready=z64, kv_bytes=jnp.zeros(n_req, I64),
         token_times=jnp.full(max(n_tokens, 1), -1, I64),
@@ -527,7 +534,7 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
         return jnp.any(st.inst.n_iters >= max_iters) if static.record_iterations else jnp.asarray(False)
 
     def cond(consts, st):
-        return (st.finished < n_req) & (~st.stalled) & (st.steps < static.max_steps) & ~buffer_full(st)
+        return (st.finished < n_req) & (~st.stalled) & (st.steps < st.max_steps) & ~buffer_full(st)
 
     def body(consts, st):
         prm, wl = consts

@@ -20,7 +20,8 @@ class Static:
     block_size: int  # tokens per KV block
     window: int  # free-list entries (and registrations) handled per loop trip; any value is correct
     ring_cap: int  # free-list buffer length of a KV pool
-    max_steps: int  # a run that has not finished after this many loop steps stops (Status.STEP_LIMIT)
+    # (The step limit, a guard against a run that never ends, is ClusterState.max_steps: a value,
+    # so that runs of different lengths share one compiled loop.)
     num_instances: int = 1
     record_iterations: bool = True  # False: the iteration buffer's size is ignored (sweeps)
     router: Router = Router()
