@@ -37,6 +37,7 @@ from jaxsim.model import ModelConfig, load_model_config
 from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, Rule, SchedulerConfig,
                          Workload, build, check_expert_parallel, check_field, check_fields, check_value, checked,
                          scalar_type)
+from jaxsim.traces import TraceOptions, load_trace
 from jaxsim.workload import check_context, load_workload, shift_workload, synthetic_workload
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +113,17 @@ class WorkloadSchema:
     kind: str = "file"  # "file" | "synthetic"
     # kind: file
     path: Optional[str] = None  # absolute, relative to the cwd, or a name in paths.workloads
+    # jsonl (jaxsim's own) or a public trace: azure | splitwise | burstgpt | mooncake | vidur
+    # (jaxsim.traces; the options below apply to the public formats)
+    format: str = "jsonl"
+    start: float = 0.0  # s after the trace's first row: the window's start
+    duration: float = 0.0  # s; 0 = to the end
+    sample: float = 1.0  # keep each row with this probability (seeded by seed)
+    rate_scale: float = 1.0  # arrivals this many times faster
+    zero_tokens: str = "drop"  # rows with 0 input or output tokens: drop | clip (to 1)
+    max_tokens: int = 0  # rows with more input + output tokens (0 = no limit) ...
+    over_long: str = "drop"  # ... are dropped or clipped
+    block_tokens: int = 512  # tokens per Mooncake hash_ids block
     # both kinds: 0 = every line of the file; synthetic needs >= 1
     num_requests: int = 0
     # kind: synthetic (jaxsim.workload.synthetic_workload)
@@ -318,7 +330,15 @@ def _workload(d: dict, workloads: Path) -> Workload:
             known = sorted(x.name for x in workloads.glob("*.jsonl")) if workloads.is_dir() else []
             raise JaxsimInputError(f"{p}.path", f"workload file {str(raw)!r} not found (also "
                                    f"looked in {workloads})", f"available: {known}")
-        w = load_workload(path, n)
+        fmt = _check_str(d.get("format", "jsonl"), f"{p}.format")
+        if fmt == "jsonl":
+            w = load_workload(path, n)
+        else:
+            opts = TraceOptions(start=d.get("start", 0.0), duration=d.get("duration", 0.0), num_requests=n,
+                                sample=d.get("sample", 1.0), seed=d.get("seed", 0), rate_scale=d.get("rate_scale", 1.0),
+                                zero_tokens=d.get("zero_tokens", "drop"), max_tokens=d.get("max_tokens", 0),
+                                over_long=d.get("over_long", "drop"), block_tokens=d.get("block_tokens", 512))
+            w = load_trace(path, fmt, opts)
     elif kind == "synthetic":
         w = synthetic_workload(**_synthetic_kwargs(d, workloads), where=p)
     else:

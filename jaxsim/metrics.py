@@ -328,11 +328,12 @@ def write_timeseries_csv(series: dict, path: str | Path) -> None:
 
 
 def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | None = None,
-                  model_name: str | None = None, interval_s: float = 1.0) -> dict:
+                  model_name: str | None = None, interval_s: float = 1.0, extra: dict | None = None) -> dict:
     """Write ``requests.csv``, ``summary.json``, ``timeseries.csv`` into ``out_dir``.
 
     Also ``config.yaml`` when ``config_dict`` (a plain, resolved dict) is given and
     ``requests_reference.csv`` (the reference simulator's header) when ``model_name`` is given.
+    ``extra``: entries added to the summary (e.g. a public trace's ``workload_import`` counts).
 
     Returns:
       The summary dict (as written to ``summary.json``).
@@ -340,7 +341,7 @@ def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = request_table(result)
-    summary = summarize(result, table)
+    summary = {**summarize(result, table), **(extra or {})}
     write_request_csv(table, out / "requests.csv")
     if model_name is not None:
         write_reference_csv(table, out / "requests_reference.csv", model_name)

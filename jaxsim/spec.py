@@ -355,6 +355,9 @@ class Workload:
     # in the result). None: no sessions.
     next_in_session: np.ndarray | None = None
     tool_ns: np.ndarray | None = None
+    # A public trace's import (jaxsim.traces.load_trace): rows in the window, kept, dropped or
+    # clipped by the row policies, sampled out. None for other workloads.
+    import_stats: dict | None = None
 
     @property
     def has_sessions(self) -> bool:

@@ -43,7 +43,9 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     out = spec.output_dir or "outputs/run"
-    summary = metrics.write_outputs(result, out, config_dict=spec.config, model_name=spec.model.name)
+    imported = spec.workload.import_stats
+    summary = metrics.write_outputs(result, out, config_dict=spec.config, model_name=spec.model.name,
+                                    extra={"workload_import": imported} if imported else None)
     print(metrics.format_summary(summary))
     print(f"\noutputs written to {Path(out).resolve()}")
 

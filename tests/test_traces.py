@@ -1,0 +1,114 @@
+"""Public trace importers (jaxsim/traces.py) on excerpts of each format (tests/data/traces): the
+values read, the shared options (window, cap, sampling, rate, row policies) with their counts, the
+errors, the Hydra path, and Mooncake's block ids reaching the prefix cache."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsim import simulator
+from jaxsim.errors import JaxsimInputError
+from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig
+from jaxsim.traces import TraceOptions, block_token_ids, load_trace
+
+from _shared import PROFILES, load_model
+from test_config import spec  # Hydra compose + from_hydra
+
+DATA = Path(__file__).parent / "data" / "traces"
+
+
+def test_azure_datetimes_to_exact_ns_and_the_zero_output_row():
+    w = load_trace(DATA / "azure_2023_code.csv", "azure")
+    # 18:15:46.6805900 is t = 0; 50.9951690 - 46.6805900 = 4.314579 s; the 0-output row (line 4)
+    # is dropped; 18:16:02.5000001 is 15.8194101 s after the first row.
+    assert w.arrival_ns.tolist() == [0, 4_314_579_000, 15_819_410_100]
+    assert w.input_toks.tolist() == [374, 396, 91] and w.output_toks.tolist() == [44, 109, 23]
+    assert w.line_numbers.tolist() == [2, 3, 5] and w.token_ids == [None] * 3
+    assert w.import_stats == dict(rows=4, kept=3, zero_dropped=1, zero_clipped=0, long_dropped=0, long_clipped=0,
+                                  sampled_out=0)
+    clipped = load_trace(DATA / "azure_2023_code.csv", "splitwise", TraceOptions(zero_tokens="clip"))
+    assert clipped.output_toks.tolist() == [44, 109, 1, 23] and clipped.import_stats["zero_clipped"] == 1
+
+
+def test_burstgpt_window_cap_rate_and_row_policies():
+    path = DATA / "burstgpt.csv"
+    w = load_trace(path, "burstgpt")  # t = 5, 45 (0 output), 118, 119.5 (0 input), 140
+    assert w.arrival_ns.tolist() == [0, 113_000_000_000, 135_000_000_000]
+    assert w.import_stats["zero_dropped"] == 2
+    # window [100, 130) s after the first row: the rows at 113 and 114.5 s; arrivals from its start
+    win = load_trace(path, "burstgpt", TraceOptions(start=100, duration=30, zero_tokens="clip", rate_scale=2))
+    assert win.arrival_ns.tolist() == [6_500_000_000, 7_250_000_000]  # (113 - 100) / 2, (114.5 - 100) / 2
+    assert win.input_toks.tolist() == [417, 1] and win.import_stats["rows"] == 2
+    capped = load_trace(path, "burstgpt", TraceOptions(num_requests=2))
+    assert capped.input_toks.tolist() == [472, 417]
+    long = load_trace(path, "burstgpt", TraceOptions(max_tokens=1000))
+    assert long.input_toks.tolist() == [472, 417] and long.import_stats["long_dropped"] == 1
+    # clipping cuts the output first (417 + 217 -> 417 + 183), then the prompt (1500 + 700 -> 599 + 1)
+    clip = load_trace(path, "burstgpt", TraceOptions(max_tokens=600, over_long="clip"))
+    assert list(zip(clip.input_toks.tolist(), clip.output_toks.tolist())) == [(472, 18), (417, 183), (599, 1)]
+    assert clip.import_stats["long_clipped"] == 2
+    sampled = load_trace(path, "burstgpt", TraceOptions(sample=0.5, seed=3, zero_tokens="clip"))
+    assert sampled.num_requests + sampled.import_stats["sampled_out"] == 5
+    assert sampled.line_numbers.tolist() == load_trace(path, "burstgpt", TraceOptions(
+        sample=0.5, seed=3, zero_tokens="clip")).line_numbers.tolist()  # seeded
+
+
+def test_vidur_float_noise_and_float_counts():
+    w = load_trace(DATA / "vidur.csv", "vidur")
+    assert w.arrival_ns.tolist() == [0, 100_000_000, 300_000_000]
+    assert w.input_toks.tolist() == [512, 1024, 256] and w.output_toks.tolist() == [128, 64, 256]
+
+
+def test_mooncake_block_ids_become_shared_token_prefixes():
+    w = load_trace(DATA / "mooncake.jsonl", "mooncake", TraceOptions(block_tokens=32))
+    assert w.arrival_ns.tolist() == [0, 1_000_000_000, 2_500_000_000]
+    a, b, c = w.token_ids
+    assert len(a) == 100 and np.array_equal(a[:64], b[:64]) and not np.array_equal(a[64:96], b[64:96])
+    assert (a < 32_000).all() and (a >= 0).all() and not np.array_equal(a[:32], c[:32])
+    # a position past the listed blocks gets an id of its own
+    assert len(block_token_ids([5], 40, 32)) == 40
+
+
+def test_mooncake_prefix_sharing_reaches_the_prefix_cache():
+    """B shares A's first two 32-token blocks (64 tokens = 4 cache blocks of 16): B's admission
+    hits them; C shares nothing."""
+    w = load_trace(DATA / "mooncake.jsonl", "mooncake", TraceOptions(block_tokens=32))
+    r = simulator.simulate(w, load_model(), HardwareConfig(num_gpu_blocks=600), SchedulerConfig(max_num_seqs=4),
+                           calib=Calibration.none(), profiles_dir=PROFILES, max_slots=8, record_token_times=False)
+    assert r.prefix_hit_tokens.tolist() == [0, 64, 0]
+
+
+@pytest.mark.parametrize("fmt, text, message", [
+    ("azure", "TIMESTAMP,Context,GeneratedTokens\n2023-11-16 18:15:46.1,3,4\n",
+     r":1: missing column 'ContextTokens' \(did you mean"),
+    ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,3,x\n",
+     r":2: GeneratedTokens is not a number: 'x'"),
+    ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n16/11/2023,3,4\n", r":2: TIMESTAMP '16/11/2023' is not"),
+    ("burstgpt", "Timestamp,Model,Request tokens,Response tokens\n1,m,2.5,3\n", r":2: Request tokens must be a whole"),
+    ("vidur", "arrived_at,num_prefill_tokens,num_decode_tokens\nnan,1,1\n", r":2: arrived_at is not finite"),
+    ("mooncake", '{"timestamp": 0, "input_length": 5}\n', r":1: missing 'output_length'"),
+    ("mooncake", '{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [-1]}\n', r":1: hash_ids must"),
+])
+def test_bad_rows_name_the_file_line(tmp_path, fmt, text, message):
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    with pytest.raises(JaxsimInputError, match=message):
+        load_trace(path, fmt)
+
+
+def test_bad_options_and_formats():
+    with pytest.raises(JaxsimInputError, match=r"workload.format: unknown trace format 'burstgtp' \(did you mean 'burstgpt'"):
+        load_trace(DATA / "burstgpt.csv", "burstgtp")
+    with pytest.raises(JaxsimInputError, match="workload.zero_tokens: unknown policy 'keep'"):
+        TraceOptions(zero_tokens="keep")
+    with pytest.raises(JaxsimInputError, match=r"no request in the window"):
+        load_trace(DATA / "burstgpt.csv", "burstgpt", TraceOptions(start=1000))
+
+
+def test_hydra_reads_a_public_trace():
+    r = spec(["workload.format=burstgpt", f"workload.path={DATA / 'burstgpt.csv'}", "workload.zero_tokens=clip",
+              "workload.num_requests=3"])
+    assert r.workload.input_toks.tolist() == [472, 1087, 417] and r.workload.output_toks.tolist() == [18, 1, 217]
+    with pytest.raises(JaxsimInputError, match="workload.sample: must be in"):
+        spec(["workload.format=vidur", f"workload.path={DATA / 'vidur.csv'}", "workload.sample=0"])
