@@ -32,7 +32,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from jaxsim.cluster_config import ClusterSpec, check_profiled, cluster_spec
 from jaxsim.engine.routing import Router
-from jaxsim.errors import JaxsimInputError
+from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.model import ModelConfig, load_model_config
 from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, Rule, SchedulerConfig,
                          Workload, build, check_expert_parallel, check_field, check_fields, check_value, checked,
@@ -332,6 +332,15 @@ def _workload(d: dict, workloads: Path) -> Workload:
                                    f"looked in {workloads})", f"available: {known}")
         fmt = _check_str(d.get("format", "jsonl"), f"{p}.format")
         if fmt == "jsonl":
+            if path.suffix.lower() == ".csv":
+                raise JaxsimInputError(f"{p}.format", f"{path.name} is a CSV, read as jaxsim JSONL",
+                                       "set workload.format to its trace format: azure, splitwise, burstgpt or vidur")
+            defaults = TraceOptions()
+            for key in ("start", "duration", "sample", "rate_scale", "zero_tokens", "max_tokens", "over_long",
+                        "block_tokens"):
+                if key in d and d[key] != getattr(defaults, key):
+                    raise JaxsimInputError(f"{p}.{key}", "applies to the public trace formats only",
+                                           "set workload.format (azure, splitwise, burstgpt, mooncake, vidur)")
             w = load_workload(path, n)
         else:
             opts = TraceOptions(start=d.get("start", 0.0), duration=d.get("duration", 0.0), num_requests=n,
@@ -391,6 +400,14 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     ``scheduler.max_num_seqs: must be >= 0, got -3``.
     """
     d = to_container(cfg)
+    # Sections without a spec dataclass: a key added with `+` that the schema does not have is a
+    # typo (the spec sections are checked by spec.build).
+    for name, schema in (("workload", WorkloadSchema), ("paths", PathsSchema), ("sweep", SweepSchema),
+                         ("cluster", ClusterSchema)):
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in (d.get(name) or {}):
+            if key not in known:
+                raise JaxsimInputError(f"{name}.{key}", "unknown field", unknown_key_fix(key, known))
     paths_d = _section(d, "paths")
     root = Path(_check_str(paths_d.get("root"), "paths.root")).expanduser()
     paths = Paths(

@@ -199,37 +199,40 @@ def check_requests_fit(plans: "list[Plan]", key: str = "") -> None:
     budget = np.array([int(p.sched["max_num_batched_tokens"]) for p in plans], np.int64)
     chunked = np.array([bool(p.sched["chunked_prefill"]) for p in plans])
     roles = np.array([p.role for p in plans])
-    fits = (held[:, None] <= (blocks * bs)[None, :])  # [req, inst]: holds the KV of its last decode
-    budget_ok = chunked[None, :] | (prompt[:, None] <= budget[None, :])
-    colocated = roles == "colocated"
-    if colocated.any():  # one instance prefills and decodes (the router may keep any request on one)
-        ok = (fits & budget_ok & colocated[None, :]).any(axis=1)
-        decodes = colocated
-    else:  # P/D: a prefill instance holds the prompt, a decode instance receives it and decodes
-        prefill_ok = (prompt[:, None] <= (blocks * bs)[None, :]) & budget_ok & (roles == "prefill")[None, :]
-        decodes = roles == "decode"
-        hands_off = w.output_toks > 1  # a request whose first token is its last ends on its prefill instance
-        ok = prefill_ok.any(axis=1) & (~hands_off | (fits & decodes[None, :]).any(axis=1))
-    bad = np.nonzero(~ok)[0]
+    cap = blocks * bs  # tokens each instance's cache holds
+    budget_ok = chunked[None, :] | (prompt[:, None] <= budget[None, :])  # [req, inst]
+    holds_prompt = (prompt[:, None] <= cap[None, :]) & budget_ok  # can prefill it
+    holds_all = held[:, None] <= cap[None, :]  # can hold it at its last decode
+    colocated, prefill, decode = roles == "colocated", roles == "prefill", roles == "decode"
+    # A colocated instance prefills and decodes; under P/D a prefill instance holds the prompt and a
+    # decode instance the rest (a request whose first token is its last never moves). The router
+    # may send a request to any of these, so it is refused only when no path can serve it.
+    colo_ok = (holds_prompt & holds_all & colocated[None, :]).any(axis=1)
+    pd_ok = (holds_prompt & prefill[None, :]).any(axis=1) & (
+        (w.output_toks <= 1) | (holds_all & decode[None, :]).any(axis=1)) if decode.any() else False
+    bad = np.nonzero(~(colo_ok | pd_ok))[0]
     if not len(bad):
         return
     i = int(bad[0])
     line = _line(w, i)
     where = f"{w.source}:{line}"
-    tokens = f"input {int(prompt[i])} + output {int(w.output_toks[i])} tokens"
-    many = len(plans) > 1
-    if not budget_ok[i].any():
+    suffix = f" [{key}]" if key else ""
+    first = colocated | prefill  # the instances that may prefill it
+    if not budget_ok[i][first].any():
         raise JaxsimInputError(
             where, f"request {i} (line {line}) can never be scheduled: its prompt of {int(prompt[i])} tokens exceeds "
-            f"max_num_batched_tokens ({int(budget.max())}{' at most' if many else ''}) and chunked prefill is off "
-            f"(vLLM rejects such prompts){f' [{key}]' if key else ''}",
+            f"max_num_batched_tokens ({int(budget[first].max())}{' at most' if first.sum() > 1 else ''}) with chunked "
+            f"prefill off (vLLM rejects such prompts){suffix}",
             "enable chunked prefill, raise max_num_batched_tokens, or shorten the request")
-    need = -(-int(held[i]) // bs)
-    offer = int(blocks[decodes].max())
+    needs_all = not colocated.any() and not (holds_prompt[i] & prefill).any()
+    tokens, kind = (int(prompt[i]), "prompt") if needs_all else (int(held[i]), "KV at its last decode")
+    offer_on = (prefill if needs_all else (colocated | decode)) if len(plans) > 1 else np.ones(len(plans), bool)
+    offer = int(blocks[offer_on].max())
+    many = len(plans) > 1
     raise JaxsimInputError(
-        where, f"request {i} (line {line}) can never be scheduled: its KV needs {need} blocks of {bs} tokens "
-        f"({tokens}) and {'the largest instance that may serve it has' if many else 'the KV cache holds'} "
-        f"{offer} blocks{f' [{key}]' if key else ''}",
+        where, f"request {i} (line {line}) can never be scheduled: its {kind} needs {-(-tokens // bs)} blocks of {bs} "
+        f"tokens (input {int(prompt[i])} + output {int(w.output_toks[i])} tokens) and "
+        f"{'the largest instance that may hold it has' if many else 'the KV cache holds'} {offer} blocks{suffix}",
         "raise the KV capacity (hardware.mem_size_gb, hardware.num_gpu_blocks) or shorten the request")
 
 

@@ -50,7 +50,8 @@ class TraceOptions:
     each row with this probability (seeded by ``seed``). rate_scale: arrivals come ``rate_scale``
     times faster (gaps divided by it). zero_tokens: a row with 0 input or 0 output tokens is
     ``drop``-ped or ``clip``-ped to 1 token. max_tokens: a row with more input + output tokens
-    (0: no limit) is dropped or has its output (then its input) clipped, by ``over_long``.
+    (0: no limit) is dropped or has its output (then its input) clipped, by ``over_long`` (a
+    limit under 2 tokens holds no request: every row over it is dropped).
     block_tokens: tokens per Mooncake ``hash_ids`` block.
     """
 
@@ -58,7 +59,7 @@ class TraceOptions:
     duration: float = 0.0
     num_requests: int = 0
     sample: float = 1.0
-    seed: int = 0
+    seed: int = 0  # >= 0
     rate_scale: float = 1.0
     zero_tokens: str = "drop"
     max_tokens: int = 0
@@ -66,17 +67,23 @@ class TraceOptions:
     block_tokens: int = 512
 
     def __post_init__(self):
-        for name, lo in (("start", 0.0), ("duration", 0.0)):
-            if not float(getattr(self, name)) >= lo:
-                raise JaxsimInputError(f"workload.{name}", f"must be >= {lo}, got {getattr(self, name)}")
-        for name in ("num_requests", "max_tokens"):
+        for name in ("start", "duration", "sample", "rate_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(v) or abs(v) > 1e9:
+                raise JaxsimInputError(f"workload.{name}", f"must be a finite number (at most 1e9), got {v!r}")
+        for name in ("start", "duration"):
+            if getattr(self, name) < 0:
+                raise JaxsimInputError(f"workload.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for name in ("num_requests", "max_tokens", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise JaxsimInputError(f"workload.{name}", f"must be an integer >= 0, got {v!r}", "0 = no limit")
+                raise JaxsimInputError(f"workload.{name}", f"must be an integer >= 0, got {v!r}",
+                                       "a seed >= 0" if name == "seed" else "0 = no limit")
         if not 0.0 < float(self.sample) <= 1.0:
             raise JaxsimInputError("workload.sample", f"must be in (0, 1], got {self.sample}")
-        if not float(self.rate_scale) > 0.0:
-            raise JaxsimInputError("workload.rate_scale", f"must be > 0, got {self.rate_scale}")
+        if not 1e-6 <= float(self.rate_scale):
+            raise JaxsimInputError("workload.rate_scale", f"must be >= 1e-6, got {self.rate_scale}")
         for name in ("zero_tokens", "over_long"):
             if getattr(self, name) not in ("drop", "clip"):
                 raise JaxsimInputError(f"workload.{name}", f"unknown policy {getattr(self, name)!r}", "drop or clip")
@@ -108,7 +115,7 @@ def _number(text, where: str, column: str, integer: bool):
 def _csv_rows(path: Path, columns: dict):
     """``(line, {name: text})`` per data row of a CSV whose header has ``columns`` (name -> the
     header to read it from, or a tuple of accepted headers)."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # (a byte-order mark is not part of the header)
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]
@@ -139,7 +146,18 @@ def _ns(seconds: float, scale: float = 1e9) -> int:
 def _parse_datetime(text: str, where: str) -> int:
     """ns since the epoch of an Azure ``TIMESTAMP`` (``2023-11-16 18:15:46.6805900``: up to 7
     fractional digits, which ``datetime`` does not take), exactly."""
-    base, _, frac = text.strip().partition(".")
+    text = text.strip()
+    offset_s = 0
+    if text.endswith("Z"):
+        text = text[:-1]
+    elif len(text) > 6 and text[-6] in "+-" and text[-3] == ":":  # "+00:00": a UTC offset
+        sign = 1 if text[-6] == "+" else -1
+        try:
+            offset_s = sign * (int(text[-5:-3]) * 3600 + int(text[-2:]) * 60)
+        except ValueError:
+            raise JaxsimInputError(where, f"TIMESTAMP {text!r} has a bad UTC offset") from None
+        text = text[:-6]
+    base, _, frac = text.partition(".")
     try:
         t = datetime.datetime.strptime(base, "%Y-%m-%d %H:%M:%S").replace(tzinfo=datetime.timezone.utc)
     except ValueError:
@@ -147,7 +165,7 @@ def _parse_datetime(text: str, where: str) -> int:
     if frac and not frac.isdigit():
         raise JaxsimInputError(where, f"TIMESTAMP {text!r} has a bad fraction")
     frac_ns = int((frac + "000000000")[:9]) if frac else 0  # digits past the 9th are below 1 ns
-    return int(t.timestamp()) * 1_000_000_000 + frac_ns
+    return (int(t.timestamp()) - offset_s) * 1_000_000_000 + frac_ns
 
 
 def _azure(path: Path):
@@ -180,8 +198,9 @@ def _mooncake(path: Path):
             if key not in obj:
                 raise JaxsimInputError(where, f"missing {key!r}")
         ids = obj.get("hash_ids", [])
-        if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids):
-            raise JaxsimInputError(where, "hash_ids must be a list of integers >= 0")
+        if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
+                                                for x in ids):
+            raise JaxsimInputError(where, "hash_ids must be a list of integers in [0, 2^63)")
         yield (line, _ns(_number(obj["timestamp"], where, "timestamp", False), 1e6),
                _number(obj["input_length"], where, "input_length", True),
                _number(obj["output_length"], where, "output_length", True), ids)
@@ -199,18 +218,19 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def block_token_ids(block_ids: list, input_tokens: int, block_tokens: int) -> np.ndarray:
+def block_token_ids(block_ids: list, input_tokens: int, block_tokens: int, request: int) -> np.ndarray:
     """The prompt's token ids from its blocks' ids: token k of block j is a hash of (id j, k), so
     equal leading block ids give equal leading tokens. Blocks past the prompt are ignored; prompt
-    tokens past the listed blocks get ids of their own (a hash of the position with no block),
-    never shared."""
+    tokens past the listed blocks hash (``request``, their position) instead, so they are the
+    request's own and never shared."""
     n = int(input_tokens)
-    pos = np.arange(n, dtype=np.int64)
-    blk = pos // block_tokens
-    ids = np.asarray(block_ids, np.int64)
-    known = blk < len(ids)
-    key = np.where(known, ids[np.minimum(blk, max(len(ids) - 1, 0))] if len(ids) else 0, -1 - blk)
-    h = _mix(_mix(key.astype(np.uint64)) ^ (pos % block_tokens).astype(np.uint64))
+    pos = np.arange(n, dtype=np.uint64)
+    blk = pos // np.uint64(block_tokens)
+    ids = np.asarray(block_ids, np.uint64)
+    known = blk < np.uint64(len(ids))
+    own = _mix(np.uint64(request) << np.uint64(32) | pos) | np.uint64(1 << 63)  # (listed ids are < 2^63)
+    key = np.where(known, ids[np.minimum(blk, max(len(ids) - 1, 0))] if len(ids) else own, own)
+    h = _mix(_mix(key) ^ (pos % np.uint64(block_tokens)))
     return (h % np.uint64(_TOKEN_ID_RANGE)).astype(np.int32)
 
 
@@ -241,19 +261,20 @@ def load_trace(path, fmt: str, opts: TraceOptions = TraceOptions()) -> Workload:
     stats = dict(rows=0, kept=0, zero_dropped=0, zero_clipped=0, long_dropped=0, long_clipped=0, sampled_out=0)
     arrival, inp, out, ids, lines = [], [], [], [], []
     t_first = None
-    last = None
     start, end = _ns(opts.start), _ns(opts.start + opts.duration) if opts.duration else None
+    prev = None
     for line, t, n_in, n_out, blocks in _READERS[fmt](path):
         if t_first is None:
             t_first = t
+        if prev is not None and t < prev[0]:  # a window and arrivals relative to the first row need order
+            raise JaxsimInputError(f"{path}:{line}", f"rows are not in time order: this row's time is before "
+                                   f"line {prev[1]}'s", "sort the trace by its timestamp column")
+        prev = (t, line)
         rel = t - t_first
         if rel < start:
             continue
         if end is not None and rel >= end:
-            if last is None or t >= last:  # sorted so far: nothing later can fall in the window
-                break
-            continue
-        last = t if last is None else max(last, t)
+            break  # (rows are in time order: nothing later falls in the window)
         stats["rows"] += 1
         if opts.sample < 1.0 and rng.random() >= opts.sample:
             stats["sampled_out"] += 1
@@ -277,7 +298,7 @@ def load_trace(path, fmt: str, opts: TraceOptions = TraceOptions()) -> Workload:
         arrival.append(rel - start if opts.rate_scale == 1 else int(round((rel - start) / opts.rate_scale)))
         inp.append(n_in)
         out.append(n_out)
-        ids.append(None if blocks is None else block_token_ids(blocks, n_in, opts.block_tokens))
+        ids.append(None if blocks is None else block_token_ids(blocks, n_in, opts.block_tokens, line))
         lines.append(line)
         if opts.num_requests and len(arrival) >= opts.num_requests:
             break
@@ -285,10 +306,11 @@ def load_trace(path, fmt: str, opts: TraceOptions = TraceOptions()) -> Workload:
     if not arrival:
         raise JaxsimInputError(str(path), f"no request in the window (start {opts.start} s, duration "
                                f"{opts.duration or 'to the end'} s) after the row policies ({stats})",
-                               "widen the window or change workload.zero_tokens / max_tokens")
-    if min(arrival) < 0 or max(arrival) >= 2**62:
-        raise JaxsimInputError(str(path), "arrival times out of range (rows before the first, or past 2^62 ns)",
-                               "check the timestamp column: rows must be in time order")
+                               "widen the window, raise workload.sample, or change workload.zero_tokens / "
+                               "max_tokens")
+    if max(arrival) >= 2**62:
+        raise JaxsimInputError(str(path), f"the last arrival, {max(arrival) / 1e9:.3g} s, is past the 2^62 ns "
+                               "horizon", "raise workload.rate_scale or shorten the window")
     return Workload(arrival_ns=np.asarray(arrival, np.int64),
                     input_toks=np.asarray(inp, np.int32), output_toks=np.asarray(out, np.int32), token_ids=ids,
                     source=str(path), line_numbers=np.asarray(lines, np.int64), import_stats=stats)

@@ -61,7 +61,7 @@ def _token_ids(obj: dict, where: str, field: str) -> np.ndarray | None:
 def iter_jsonl(path: Path):
     """Yield ``(line number, "file:line", object)`` for each non-blank line of a JSONL file,
     with a clear error for a line that is not one JSON object."""
-    with Path(path).open() as f:
+    with Path(path).open(encoding="utf-8-sig") as f:  # (a byte-order mark is not part of line 1)
         for lineno, text in enumerate(f, start=1):
             if not text.strip():
                 continue

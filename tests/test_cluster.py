@@ -214,6 +214,27 @@ def test_a_request_routed_to_an_instance_too_small_for_it_is_diagnosed_there():
                                    max_slots=8, record_token_times=False)
     # No instance can hold it: refused before the run, with the largest capacity on offer.
     with pytest.raises(JaxsimInputError, match=r"mixed-sizes:2: request 1 .*needs 188 blocks.*the largest instance that "
-                                               r"may serve it has 50 blocks \[cluster.instances\]"):
+                                               r"may hold it has 50 blocks \[cluster.instances\]"):
         simulator.prepare_cluster(w, MODEL, [tiny, tiny], routing.Router("round_robin"), profiles_dir=PROFILES,
                                   max_slots=8)
+
+
+def test_requests_fit_check_follows_every_path_a_request_may_take():
+    """Host-side (no compile). A cluster of a small colocated instance and a P/D pair: a request the
+    colocated one cannot hold may still go the P/D way, so it is not refused; under P/D alone a
+    prompt over the prefill instance's budget (chunking off) is named as such."""
+    w = Workload(np.zeros(1, np.int64), np.array([300], np.int32), np.array([5], np.int32), [None], "one")
+
+    def plans(specs):
+        pl = [simulator.plan(w, MODEL, s.hw, s.sched, profiles_dir=PROFILES, max_slots=8) for s in specs]
+        return simulator.place_instances(pl, specs, simulator.LinkConfig(), MODEL)
+
+    big = HardwareConfig(num_gpu_blocks=1000)
+    small = InstanceSpec(HardwareConfig(num_gpu_blocks=10), SCHED)
+    pre, dec = InstanceSpec(big, SCHED, role="prefill"), InstanceSpec(big, SCHED, role="decode")
+    simulator.check_requests_fit(plans([small, pre, dec]))
+    with pytest.raises(JaxsimInputError, match=r"KV at its last decode needs 19 blocks"):
+        simulator.check_requests_fit(plans([small, small]))
+    no_chunk = dataclasses.replace(SCHED, enable_chunked_prefill=False, max_num_batched_tokens=256)
+    with pytest.raises(JaxsimInputError, match=r"prompt of 300 tokens exceeds max_num_batched_tokens \(256\)"):
+        simulator.check_requests_fit(plans([InstanceSpec(big, no_chunk, role="prefill"), dec]))

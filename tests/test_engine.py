@@ -311,8 +311,8 @@ def test_request_that_never_fits_raises(reserve_full_isl):
     """r0 (3000 + 3 tokens) holds 3002 tokens at its last decode: ceil(3002/16) = 188 blocks of
     150. Refused before the run (no compile), naming the trace line and both figures."""
     sched = SchedulerConfig(reserve_full_isl=reserve_full_isl)
-    with pytest.raises(JaxsimInputError, match=r"two-requests:1: request 0 \(line 1\) can never be scheduled: its KV "
-                                               r"needs 188 blocks of 16 tokens \(input 3000 \+ output 3 tokens\) and "
+    with pytest.raises(JaxsimInputError, match=r"two-requests:1: request 0 \(line 1\) can never be scheduled: its KV at "
+                                               r"its last decode needs 188 blocks of 16 tokens \(input 3000 \+ output 3 tokens\) and "
                                                r"the KV cache holds 150 blocks"):
         simulator.simulate(two_requests(), model(), HardwareConfig(num_gpu_blocks=150), sched, calib=NONE,
                            profiles_dir=PROFILES, max_slots=SLOTS)

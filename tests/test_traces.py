@@ -66,8 +66,20 @@ def test_mooncake_block_ids_become_shared_token_prefixes():
     a, b, c = w.token_ids
     assert len(a) == 100 and np.array_equal(a[:64], b[:64]) and not np.array_equal(a[64:96], b[64:96])
     assert (a < 32_000).all() and (a >= 0).all() and not np.array_equal(a[:32], c[:32])
-    # a position past the listed blocks gets an id of its own
-    assert len(block_token_ids([5], 40, 32)) == 40
+    # positions past the listed blocks (or with no hash_ids at all) are the request's own
+    assert np.array_equal(block_token_ids([5], 40, 32, 1)[:32], block_token_ids([5], 40, 32, 2)[:32])
+    assert not np.array_equal(block_token_ids([5], 40, 32, 1)[32:], block_token_ids([5], 40, 32, 2)[32:])
+    assert not np.array_equal(block_token_ids([], 40, 32, 1), block_token_ids([], 40, 32, 2))
+
+
+def test_time_order_bom_and_utc_offsets(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("Timestamp,Model,Request tokens,Response tokens\n10,m,5,5\n5,m,5,5\n")
+    with pytest.raises(JaxsimInputError, match=r"t.csv:3: rows are not in time order"):
+        load_trace(path, "burstgpt")
+    path.write_bytes("\ufeffTIMESTAMP,ContextTokens,GeneratedTokens\r\n2024-05-10 00:00:00.009930+00:00,3,4\r\n"
+                     "2024-05-10 02:00:01.5+02:00,3,4\r\n".encode())
+    assert load_trace(path, "azure").arrival_ns.tolist() == [0, 1_490_070_000]  # 00:00:01.5 UTC
 
 
 def test_mooncake_prefix_sharing_reaches_the_prefix_cache():
@@ -104,6 +116,9 @@ def test_bad_options_and_formats():
         TraceOptions(zero_tokens="keep")
     with pytest.raises(JaxsimInputError, match=r"no request in the window"):
         load_trace(DATA / "burstgpt.csv", "burstgpt", TraceOptions(start=1000))
+    for bad in (dict(duration=float("inf")), dict(seed=-1), dict(sample="0.5"), dict(rate_scale=1e-9)):
+        with pytest.raises(JaxsimInputError, match=f"workload.{next(iter(bad))}"):
+            TraceOptions(**bad)
 
 
 def test_hydra_reads_a_public_trace():
@@ -112,3 +127,9 @@ def test_hydra_reads_a_public_trace():
     assert r.workload.input_toks.tolist() == [472, 1087, 417] and r.workload.output_toks.tolist() == [18, 1, 217]
     with pytest.raises(JaxsimInputError, match="workload.sample: must be in"):
         spec(["workload.format=vidur", f"workload.path={DATA / 'vidur.csv'}", "workload.sample=0"])
+    with pytest.raises(JaxsimInputError, match=r"workload.sample: applies to the public trace formats only"):
+        spec(["workload.sample=0.5"])  # the default format, jaxsim JSONL
+    with pytest.raises(JaxsimInputError, match=r"workload.format: vidur.csv is a CSV, read as jaxsim JSONL"):
+        spec([f"workload.path={DATA / 'vidur.csv'}"])
+    with pytest.raises(JaxsimInputError, match=r"workload.sampel: unknown field \(did you mean 'sample'"):
+        spec(["+workload.sampel=0.5"])
