@@ -121,8 +121,8 @@ def _check_keys(obj, kind: str, where: str) -> None:
         raise JaxsimInputError(where, f"must be a JSON object, got {obj!r}")
     for key in obj:
         if key not in _JSON_KEYS[kind]:
-            raise JaxsimInputError(f"{where}: {key}" if kind == "top level" else f"{where}.{key}", f"unknown {kind} field",
-                                   unknown_key_fix(key, _JSON_KEYS[kind]))
+            name = f"{where}: {key}" if kind == "top level" else f"{where}.{key}"
+            raise JaxsimInputError(name, f"unknown {kind} field", unknown_key_fix(key, _JSON_KEYS[kind]))
 _JSON_NODE_UNSUPPORTED = ("power",)
 
 

@@ -118,8 +118,9 @@ class Dims:
         run decode leaps (:mod:`jaxsim.engine.leap`, up to ``CLUSTER_LEAP - 1`` early batch ends
         per step): there a step is costly and leaps save a third to two thirds of them; below
         that the leap loop's compile time exceeds what it saves."""
-        return Static(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap, num_instances=num_instances, record_iterations=record_iterations, router=router,
-                      releases=releases, dp_sync=dp_sync, max_pp=self.max_pp,
+        return Static(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap, num_instances=num_instances,
+                      record_iterations=record_iterations, router=router, releases=releases, dp_sync=dp_sync,
+                      max_pp=self.max_pp,
                       leap=CLUSTER_LEAP if num_instances >= LEAP_MIN_INSTANCES else 1)
 
 

@@ -45,8 +45,8 @@ def stall_error(p: "simulator.Prepared", f: cluster.ClusterState) -> JaxsimInput
     inst = f"instance {i}" if n_inst > 1 else "the instance"
     if not bool(sched.chunked_prefill) and prompt > int(sched.max_num_batched_tokens):
         return JaxsimInputError(
-            where, f"request {req} (line {line}) can never be scheduled on {inst}: its prompt of {prompt} tokens exceeds "
-            f"that instance's max_num_batched_tokens ({int(sched.max_num_batched_tokens)}) and chunked prefill is off",
+            where, f"request {req} (line {line}) can never be scheduled on {inst}: its prompt of {prompt} tokens "
+            f"exceeds that instance's max_num_batched_tokens ({int(sched.max_num_batched_tokens)}) and chunked prefill is off",
             "enable chunked prefill, raise max_num_batched_tokens, or route such requests elsewhere")
     return JaxsimInputError(
         where, f"request {req} (line {line}) can never be scheduled on {inst}: with input {prompt} + output {out} "

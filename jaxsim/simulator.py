@@ -19,8 +19,9 @@ from jaxsim.engine import cluster, routing
 from jaxsim.engine.static import Static
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.planning import (Dims, Plan, bucket, block_table_width, check_block_sizes, check_requests_fit,
-                             latency_tables, needs_dp_sync, needs_releases, num_kv_blocks, place_instances, plan, workload_arrays, workload_hashes)
+from jaxsim.planning import (Dims, Plan, block_table_width, bucket, check_block_sizes, check_requests_fit,
+                             latency_tables, needs_dp_sync, needs_releases, num_kv_blocks, place_instances, plan,
+                             workload_arrays, workload_hashes)
 from jaxsim.results import IterationBufferFull, to_result
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
 
@@ -65,7 +66,8 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
         # an even share of the trace's guess (a buffer of the whole guess per instance grows with
         # instances x trace: 64 instances of a 19,200-request trace did not fit in 24 GiB). A run
         # that fills it is rerun with twice the rows (simulate_cluster), never silently cut.
-        dims = dataclasses.replace(dims, max_iters=bucket(min(dims.max_iters, -(-2 * dims.max_iters // len(plans)) + 1024)))
+        share = min(dims.max_iters, -(-2 * dims.max_iters // len(plans)) + 1024)
+        dims = dataclasses.replace(dims, max_iters=bucket(share))
     params = stacked_params(plans)  # the plans' axis is the instance axis
     wl, _ = workload_for(plans, dims, False, False)
     releases = needs_releases(plans)

@@ -326,7 +326,7 @@ def test_prompt_over_the_budget_without_chunking_is_refused():
     3000-token prompt with a 2048-token budget; with chunking it runs in two chunks."""
     sched = SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=2048)
     with pytest.raises(JaxsimInputError, match=r"two-requests:1: request 0 .*prompt of 3000 tokens exceeds "
-                                               r"max_num_batched_tokens \(2048\) and chunked prefill is off"):
+                                               r"max_num_batched_tokens \(2048\) with chunked prefill off"):
         simulator.prepare(two_requests(), model(), HardwareConfig(), sched, calib=NONE, profiles_dir=PROFILES,
                           max_slots=SLOTS)
     simulator.prepare(two_requests(), model(), HardwareConfig(), dataclasses.replace(sched, enable_chunked_prefill=True),
