@@ -99,8 +99,37 @@ _REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_he
              "max_position_embeddings")
 
 
+def _count(raw: dict, field: str, path, default=None) -> int:
+    """``raw[field]`` as a whole number >= 1 (``default`` when absent or null; required when the
+    default is None)."""
+    v = raw.get(field)
+    if v is None:
+        if default is None:
+            raise JaxsimInputError(f"{path}: {field}", "missing", "a Hugging Face config.json must define it")
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
+        raise JaxsimInputError(f"{path}: {field}", f"must be a whole number >= 1, got {v!r}")
+    return int(v)
+
+
+def _experts_per_token(raw: dict, experts: int, path) -> int:
+    if not experts:
+        return 0
+    k = _count(raw, "num_experts_per_tok", path)
+    if k > experts:
+        raise JaxsimInputError(f"{path}: num_experts_per_tok", f"{k} exceeds the {experts} experts")
+    return k
+
+
 def load_model_config(models_dir: str | Path, name: str) -> ModelConfig:
-    """Read ``<models_dir>/<org>/<name>.json`` (a raw HF config)."""
+    """Read ``<models_dir>/<org>/<name>.json`` (a raw HF config), checking every field the
+    simulator reads: head counts and dimensions are whole numbers >= 1, the KV heads divide the
+    attention heads (grouped-query attention), a dense MLP has its ``intermediate_size`` and a MoE
+    model its experts per token.
+
+    Raises:
+        JaxsimInputError: naming the file and field.
+    """
     path = Path(models_dir) / f"{name}.json"
     if not path.is_file():
         known = sorted(str(p.relative_to(models_dir))[:-5] for p in Path(models_dir).glob("*/*.json"))
@@ -113,11 +142,20 @@ def load_model_config(models_dir: str | Path, name: str) -> ModelConfig:
         if field not in raw:
             raise JaxsimInputError(str(path), f"missing required field {field!r}",
                                    "a Hugging Face config.json must define it")
-    heads = int(raw["num_attention_heads"])
-    hidden = int(raw["hidden_size"])
-    experts = int(raw.get("num_local_experts", raw.get("num_experts", 0)) or 0)
-    intermediate = int(raw.get("intermediate_size", 0) or 0)
-    layers = int(raw["num_hidden_layers"])
+    heads = _count(raw, "num_attention_heads", path)
+    hidden = _count(raw, "hidden_size", path)
+    expert_key = "num_local_experts" if "num_local_experts" in raw else "num_experts"
+    experts = _count(raw, expert_key, path, default=0) if raw.get(expert_key) not in (None, 0) else 0
+    layers = _count(raw, "num_hidden_layers", path)
+    kv_heads = _count(raw, "num_key_value_heads", path, default=heads)
+    if heads % kv_heads:
+        raise JaxsimInputError(f"{path}: num_key_value_heads", f"{kv_heads} does not divide num_attention_heads "
+                               f"({heads})", "grouped-query attention shares each KV head among whole groups")
+    # A dense MLP needs its width; a MoE model's experts may have their own (moe_intermediate_size).
+    intermediate = _count(raw, "intermediate_size", path, default=None if not experts else 0)
+    if experts and not (intermediate or raw.get("moe_intermediate_size")):
+        raise JaxsimInputError(f"{path}: moe_intermediate_size", "missing (and no intermediate_size)",
+                               "a MoE config must give its experts' width")
     only = (raw.get("mlp_only_layers") or []) if experts else []  # hybrid MoE (§1.9); dense models ignore it
     if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers
                                          for i in only):
@@ -133,15 +171,15 @@ def load_model_config(models_dir: str | Path, name: str) -> ModelConfig:
         num_layers=layers,
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads),
+        num_kv_heads=kv_heads,
+        head_dim=_count(raw, "head_dim", path, default=hidden // heads),
         intermediate_size=intermediate,
-        vocab_size=int(raw["vocab_size"]),
-        max_position_embeddings=int(raw["max_position_embeddings"]),
+        vocab_size=_count(raw, "vocab_size", path),
+        max_position_embeddings=_count(raw, "max_position_embeddings", path),
         torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
         num_experts=experts,
-        experts_per_token=int(raw.get("num_experts_per_tok", 0) or 0),
-        moe_intermediate_size=int(raw.get("moe_intermediate_size") or intermediate) if experts else 0,
+        experts_per_token=_experts_per_token(raw, experts, path),
+        moe_intermediate_size=_count(raw, "moe_intermediate_size", path, default=intermediate) if experts else 0,
         mlp_only_layers=tuple(sorted(set(only))),
         decoder_sparse_step=step,
     )

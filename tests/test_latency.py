@@ -492,6 +492,26 @@ def test_bad_ep_and_popularity():
     assert int(latency_tables(bl, ml, hwl, ep=8, expert_popularity=np.ones(3)).ep) == 1
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"num_key_value_heads": 0}, r"num_key_value_heads: must be a whole number >= 1, got 0"),
+    ({"num_key_value_heads": 3}, r"num_key_value_heads: 3 does not divide num_attention_heads \(32\)"),
+    ({"intermediate_size": None}, r"intermediate_size: missing"),
+    ({"hidden_size": "abc"}, r"hidden_size: must be a whole number >= 1, got 'abc'"),
+    ({"num_hidden_layers": 2.5}, r"num_hidden_layers: must be a whole number >= 1, got 2.5"),
+    ({"vocab_size": -1}, r"vocab_size: must be a whole number >= 1"),
+])
+def test_bad_model_configs_name_the_field(tmp_path, edit, message):
+    """Fields that used to be read loosely (0 KV heads as multi-head attention, a missing MLP width
+    as 0, a string as a traceback) are errors naming the file and field."""
+    import json
+
+    raw = {**json.loads((MODELS / f"{LLAMA}.json").read_text()), **edit}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "m.json").write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
+    with pytest.raises(JaxsimInputError, match=message):
+        load_model_config(tmp_path, "x/m")
+
+
 def test_hybrid_moe_layers(tmp_path):
     """mlp_only_layers / decoder_sparse_step (§1.9): the shipped MoE models have none; a hybrid
     model needs dense MLP tables (clear error otherwise) and composes L_moe*MoE + L_dense*dense MLP."""
