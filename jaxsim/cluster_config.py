@@ -239,17 +239,23 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
     except (OSError, json.JSONDecodeError) as e:
         raise JaxsimInputError(str(path), f"cannot read the cluster JSON: {e}") from None
 
-    def need(obj, key, where):
+    def need(obj, key, where, kind=None):
+        """``obj[key]``, present and, with ``kind`` (dict, list, int), of that JSON type."""
         if key not in obj:
             raise JaxsimInputError(f"{path}: {where}", f"missing required field {key!r}")
-        return obj[key]
+        v = obj[key]
+        if kind is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            name = {dict: "an object", list: "a list", int: "an integer"}[kind]
+            raise JaxsimInputError(f"{path}: {where}.{key}" if where != "top level" else f"{path}: {key}",
+                                   f"must be {name}, got {v!r}")
+        return v
 
     _check_keys(d, "top level", str(path))
     for key in _JSON_TOP_UNSUPPORTED:
         if d.get(key):
             raise JaxsimInputError(f"{path}: {key}", "CXL memory pools are not modelled yet", "remove it")
-    nodes = need(d, "nodes", "top level")
-    if need(d, "num_nodes", "top level") != len(nodes):
+    nodes = need(d, "nodes", "top level", list)
+    if need(d, "num_nodes", "top level", int) != len(nodes):
         raise JaxsimInputError(f"{path}: num_nodes", f"{d['num_nodes']} but {len(nodes)} nodes are listed")
     link_bw, link_lat = need(d, "link_bw", "top level"), need(d, "link_latency", "top level")
     bws = link_bw if isinstance(link_bw, list) else [link_bw]
@@ -268,16 +274,16 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
             if node.get(key):
                 raise JaxsimInputError(f"{path}: nodes[{n}].{key}", "power modelling is not implemented yet",
                                        "remove the section")
-        insts = need(node, "instances", f"nodes[{n}]")
-        if need(node, "num_instances", f"nodes[{n}]") != len(insts):
+        insts = need(node, "instances", f"nodes[{n}]", list)
+        if need(node, "num_instances", f"nodes[{n}]", int) != len(insts):
             raise JaxsimInputError(f"{path}: nodes[{n}].num_instances",
                                    f"{node['num_instances']} but {len(insts)} instances are listed")
         cpu = node.get("cpu_mem") or {}
         for i, inst in enumerate(insts):
             where = f"{path}: nodes[{n}].instances[{i}]"
             _check_keys(inst, "instance", where)
-            if isinstance(inst.get("npu_mem"), dict):
-                _check_keys(inst["npu_mem"], "npu_mem", f"{where}.npu_mem")
+            need(inst, "npu_mem", f"nodes[{n}].instances[{i}]", dict)
+            _check_keys(inst["npu_mem"], "npu_mem", f"{where}.npu_mem")
             model = need(inst, "model_name", f"nodes[{n}].instances[{i}]")
             other = None
             if model != model_name:
@@ -289,9 +295,9 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                 if key in inst and inst[key] not in neutral:
                     raise JaxsimInputError(f"{where}.{key}", f"{inst[key]!r} is not modelled yet",
                                            f"only {json.dumps(neutral[0])} is supported today")
-            mem = need(inst, "npu_mem", f"nodes[{n}].instances[{i}]")
+            mem = need(inst, "npu_mem", f"nodes[{n}].instances[{i}]", dict)
             pp = check_field(HardwareConfig, "pp", inst.get("pp_size", 1), f"{where}.pp_size")
-            npus = inst.get("num_npus")
+            npus = need(inst, "num_npus", f"nodes[{n}].instances[{i}]", int) if "num_npus" in inst else None
             tp = check_field(HardwareConfig, "tp", inst.get(
                 "tp_size", npus // pp if isinstance(npus, int) and not isinstance(npus, bool) else 1), f"{where}.tp_size")
             if inst.get("num_npus", tp * pp) != tp * pp:

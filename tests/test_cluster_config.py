@@ -115,6 +115,22 @@ def test_reference_json_typos_are_errors_with_the_nearest_name(tmp_path, edit, w
     assert str(e.value).startswith(f"{bad}: {where}: unknown") and f"did you mean {hint}" in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(nodes=None), r"nodes: must be a list, got None"),
+    (lambda d: d.update(num_nodes="1"), r"num_nodes: must be an integer, got '1'"),
+    (lambda d: d["nodes"][0]["instances"][0].update(npu_mem=96), r"instances\[0\].npu_mem: must be an object, got 96"),
+    (lambda d: d["nodes"][0]["instances"][0].update(num_npus="2"), r"instances\[0\].num_npus: must be an integer"),
+    (lambda d: d["nodes"][0].update(instances={}), r"nodes\[0\].instances: must be a list"),
+])
+def test_reference_json_wrong_types_name_the_key(tmp_path, edit, message):
+    d = json.loads((CLUSTERS / "single_node_multi_instance.json").read_text())
+    edit(d)
+    bad = tmp_path / "types.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(JaxsimInputError, match=message):
+        load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA)
+
+
 def test_hydra_typo_suggests_the_field():
     with pytest.raises(JaxsimInputError, match=r"^scheduler.max_num_seq: unknown field \(did you mean 'max_num_seqs'\?"):
         spec(["+scheduler.max_num_seq=8"])
