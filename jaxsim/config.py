@@ -314,6 +314,11 @@ def _synthetic_kwargs(d: dict, workloads: Path) -> dict:
         prefix_fraction=d.get("prefix_fraction"), num_prefixes=d.get("num_prefixes"))
 
 
+# The workload fields that only the public trace formats read (jaxsim.traces.TraceOptions; the
+# request cap and the seed are shared with the other kinds).
+_TRACE_OPTIONS = tuple(f.name for f in dataclasses.fields(TraceOptions) if f.name not in ("num_requests", "seed"))
+
+
 def _workload(d: dict, workloads: Path) -> Workload:
     p = "workload"
     kind = d.get("kind")
@@ -336,18 +341,14 @@ def _workload(d: dict, workloads: Path) -> Workload:
                 raise JaxsimInputError(f"{p}.format", f"{path.name} is a CSV, read as jaxsim JSONL",
                                        "set workload.format to its trace format: azure, splitwise, burstgpt or vidur")
             defaults = TraceOptions()
-            for key in ("start", "duration", "sample", "rate_scale", "zero_tokens", "max_tokens", "over_long",
-                        "block_tokens"):
+            for key in _TRACE_OPTIONS:
                 if key in d and d[key] != getattr(defaults, key):
                     raise JaxsimInputError(f"{p}.{key}", "applies to the public trace formats only",
                                            "set workload.format (azure, splitwise, burstgpt, mooncake, vidur)")
             w = load_workload(path, n)
         else:
-            opts = TraceOptions(start=d.get("start", 0.0), duration=d.get("duration", 0.0), num_requests=n,
-                                sample=d.get("sample", 1.0), seed=d.get("seed", 0), rate_scale=d.get("rate_scale", 1.0),
-                                zero_tokens=d.get("zero_tokens", "drop"), max_tokens=d.get("max_tokens", 0),
-                                over_long=d.get("over_long", "drop"), block_tokens=d.get("block_tokens", 512))
-            w = load_trace(path, fmt, opts)
+            opts = {k: d[k] for k in (*_TRACE_OPTIONS, "seed") if k in d}
+            w = load_trace(path, fmt, TraceOptions(**opts, num_requests=n))
     elif kind == "synthetic":
         w = synthetic_workload(**_synthetic_kwargs(d, workloads), where=p)
     else:

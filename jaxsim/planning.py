@@ -357,8 +357,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
               num_blocks=np.int32(num_blocks))
     dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
                 num_blocks_cap=num_blocks, max_iters=max_iters,
-                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n,
-                max_pp=hw.pp).bucketed(exact_iters=bool(max_iterations))
+                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n, max_pp=hw.pp)
     return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound,
                 model.kv_bytes_per_token_per_rank(kv_bytes), pp=hw.pp, tp=hw.tp, num_layers=model.num_layers)
 

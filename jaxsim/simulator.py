@@ -43,8 +43,11 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     """Everything :func:`cluster.run` needs for one configuration (``plan`` + ``build``)."""
     pl = plan(workload, model, hw, sched, rt, calib, **kwargs)
     check_requests_fit([pl])
-    state, params, wl, _ = build([pl], pl.dims, batched=False)
-    static = pl.dims.static(pl.block_size, releases=needs_releases([pl]))
+    # Size classes let separate runs of similar traces share a compile (a sweep compiles once per
+    # group anyway, so it keeps exact sizes and the memory they save).
+    dims = pl.dims.bucketed(exact_iters=bool(kwargs.get("max_iterations")))
+    state, params, wl, _ = build([pl], dims, batched=False)
+    static = dims.static(pl.block_size, releases=needs_releases([pl]))
     return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound)
 
 
@@ -60,7 +63,7 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     plans = place_instances(plans, instances, links, model, dp_sync)
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     check_requests_fit(plans, "cluster.instances")
-    dims = Dims.merge([pl.dims for pl in plans])
+    dims = Dims.merge([pl.dims for pl in plans]).bucketed(exact_iters=bool(kwargs.get("max_iterations")))
     if not kwargs.get("max_iterations") and len(plans) > 1:
         # Each instance records only its own iterations, so an automatic buffer starts from twice
         # an even share of the trace's guess (a buffer of the whole guess per instance grows with

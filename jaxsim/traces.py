@@ -27,11 +27,12 @@ import csv
 import dataclasses
 import datetime
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
-from jaxsim.spec import Workload
+from jaxsim.spec import Workload, check_fields, checked
 from jaxsim.workload import iter_jsonl, load_workload
 
 FORMATS = ("jsonl", "azure", "splitwise", "burstgpt", "mooncake", "vidur")
@@ -55,41 +56,21 @@ class TraceOptions:
     block_tokens: tokens per Mooncake ``hash_ids`` block.
     """
 
-    start: float = 0.0
-    duration: float = 0.0
-    num_requests: int = 0
-    sample: float = 1.0
-    seed: int = 0  # >= 0
-    rate_scale: float = 1.0
-    zero_tokens: str = "drop"
-    max_tokens: int = 0
-    over_long: str = "drop"
-    block_tokens: int = 512
+    KEY: ClassVar[str] = "workload"  # its fields are the workload section's (errors at workload.<field>)
+
+    start: float = checked(0.0, lo=0, hi=1e9)
+    duration: float = checked(0.0, lo=0, hi=1e9)
+    num_requests: int = checked(0, lo=0)
+    sample: float = checked(1.0, lo=0, lo_open=True, hi=1)
+    seed: int = checked(0, lo=0)
+    rate_scale: float = checked(1.0, lo=1e-6, hi=1e9)
+    zero_tokens: str = checked("drop", choices=("drop", "clip"), noun="policy", fix="drop or clip")
+    max_tokens: int = checked(0, lo=0)
+    over_long: str = checked("drop", choices=("drop", "clip"), noun="policy", fix="drop or clip")
+    block_tokens: int = checked(512, lo=1)
 
     def __post_init__(self):
-        for name in ("start", "duration", "sample", "rate_scale"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                    or not np.isfinite(v) or abs(v) > 1e9:
-                raise JaxsimInputError(f"workload.{name}", f"must be a finite number (at most 1e9), got {v!r}")
-        for name in ("start", "duration"):
-            if getattr(self, name) < 0:
-                raise JaxsimInputError(f"workload.{name}", f"must be >= 0, got {getattr(self, name)}")
-        for name in ("num_requests", "max_tokens", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise JaxsimInputError(f"workload.{name}", f"must be an integer >= 0, got {v!r}",
-                                       "a seed >= 0" if name == "seed" else "0 = no limit")
-        if not 0.0 < float(self.sample) <= 1.0:
-            raise JaxsimInputError("workload.sample", f"must be in (0, 1], got {self.sample}")
-        if not 1e-6 <= float(self.rate_scale):
-            raise JaxsimInputError("workload.rate_scale", f"must be >= 1e-6, got {self.rate_scale}")
-        for name in ("zero_tokens", "over_long"):
-            if getattr(self, name) not in ("drop", "clip"):
-                raise JaxsimInputError(f"workload.{name}", f"unknown policy {getattr(self, name)!r}", "drop or clip")
-        if isinstance(self.block_tokens, bool) or not isinstance(self.block_tokens, (int, np.integer)) \
-                or self.block_tokens < 1:
-            raise JaxsimInputError("workload.block_tokens", f"must be an integer >= 1, got {self.block_tokens!r}")
+        check_fields(self)
 
 
 # ------------------------------------------------------------------------------------------------

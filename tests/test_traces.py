@@ -125,7 +125,7 @@ def test_hydra_reads_a_public_trace():
     r = spec(["workload.format=burstgpt", f"workload.path={DATA / 'burstgpt.csv'}", "workload.zero_tokens=clip",
               "workload.num_requests=3"])
     assert r.workload.input_toks.tolist() == [472, 1087, 417] and r.workload.output_toks.tolist() == [18, 1, 217]
-    with pytest.raises(JaxsimInputError, match="workload.sample: must be in"):
+    with pytest.raises(JaxsimInputError, match=r"workload.sample: must be > 0, got 0"):
         spec(["workload.format=vidur", f"workload.path={DATA / 'vidur.csv'}", "workload.sample=0"])
     with pytest.raises(JaxsimInputError, match=r"workload.sample: applies to the public trace formats only"):
         spec(["workload.sample=0.5"])  # the default format, jaxsim JSONL

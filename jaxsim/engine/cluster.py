@@ -435,13 +435,19 @@ def start_batches(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clu
     return eqx.tree_at(lambda s: s.inst, st, inst), retry
 
 
+def _retry_at(st: ClusterState, clk: Clock, retry) -> Int[Array, " inst"]:
+    """Each instance's next retry after this step: now for an acting instance that retries, none
+    for the others that acted, unchanged for the rest."""
+    return jnp.where(clk.acts, jnp.where(retry, clk.now, NEVER), st.retry_at)
+
+
 def leap_decodes(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, clk: Clock, started,
                  queued, retry) -> ClusterState:
     """Instances that started a steady decode batch run its end, and those of the batches after
     it, now, up to the next moment a request may be routed to them (:mod:`jaxsim.engine.leap`)."""
     inst = st.inst
     rel = st.releases if static.releases else None
-    retry_at = jnp.where(clk.acts, jnp.where(retry, clk.now, NEVER), st.retry_at)
+    retry_at = _retry_at(st, clk, retry)
     producer = prm.role == PREFILL if rel is None else (prm.role == PREFILL) | (rel.holders > 0)
     limit = leap.next_routing(_next_arrival(wl, st.next_pending), None if rel is None else rel.release_at, producer,
                               inst.busy, inst.batch_end, retry_at)
@@ -466,7 +472,7 @@ def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clo
         next_now = jnp.where(any_busy, next_end, jnp.maximum(next_arrival, st.now))
         retry_at = st.retry_at
     else:
-        retry_at = jnp.where(clk.acts, jnp.where(retry, clk.now, NEVER), st.retry_at)
+        retry_at = _retry_at(st, clk, retry)
         any_busy = jnp.any(busy) | jnp.any(retry_at < NEVER)
         next_now = jnp.where(clk.is_global, clk.horizon, st.now)  # the last global moment
     # Nothing will happen: nothing runs and no request will arrive. For a lone instance that
