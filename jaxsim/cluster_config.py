@@ -75,9 +75,14 @@ def check_profiled(name: str, profiles: Path, where: str) -> None:
                                f"known hardware: {known_hardware(Path(profiles))}")
 
 
-def _links(d, key: str) -> LinkConfig:
-    """The ``cluster.links`` section (missing keys keep LinkConfig's defaults)."""
-    return LinkConfig() if d is None else build(LinkConfig, d, key)
+def _links(d, key: str, base: LinkConfig = LinkConfig()) -> LinkConfig:
+    """The ``cluster.links`` section on top of ``base``: a key missing or None keeps ``base``'s
+    value (LinkConfig's default, or a cluster JSON's links)."""
+    given = {k: v for k, v in (d or {}).items() if v is not None}
+    if not given:
+        return base
+    build(LinkConfig, given, key)  # unknown keys and ranges, named
+    return dataclasses.replace(base, **given)
 
 
 def check_dp_groups(instances, key: str) -> None:
@@ -149,8 +154,7 @@ def cluster_spec(section: dict | None, hardware: HardwareConfig, scheduler: Sche
                                              models_dir=Path(profiles) / "models")
         for k, spec in enumerate(instances):
             check_profiled(spec.hw.name, profiles, f"{section['json']}: instances[{k}].hardware")
-        if section.get("links"):  # the YAML's links replace the JSON's
-            links = _links(section["links"], "cluster.links")
+        links = _links(section.get("links"), "cluster.links", links)  # the fields set replace the JSON's
         check_dp_groups(instances, f"{section['json']}: instances")
         return build(ClusterSpec, dict(instances=tuple(instances), router=router, links=links, dp_sync=dp_sync))
     entries = section.get("instances") or []

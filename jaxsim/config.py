@@ -6,9 +6,10 @@
 every field, loads or generates the workload and returns a :class:`RunSpec`; no ``DictConfig``
 goes further than this module.
 
-The sections ``hardware``, ``model``, ``scheduler``, ``calibration`` and ``sim`` are the
+The sections ``hardware``, ``model``, ``scheduler``, ``calibration``, ``sim`` and ``output`` are the
 dataclasses :class:`~jaxsim.spec.HardwareConfig`, :class:`~jaxsim.spec.ModelRuntimeConfig`,
-:class:`~jaxsim.spec.SchedulerConfig`, :class:`~jaxsim.spec.Calibration` and :class:`SimOptions`:
+:class:`~jaxsim.spec.SchedulerConfig`, :class:`~jaxsim.spec.Calibration`, :class:`SimOptions` and
+:class:`jaxsim.metrics.OutputOptions`:
 their schemas are generated from the dataclass fields (:func:`spec_schema`) and
 :func:`from_hydra` builds them with :func:`jaxsim.spec.build`, so their checks are the
 dataclasses' own (``__post_init__``), shared with the cluster JSON importer and the Python API.
@@ -33,12 +34,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from jaxsim.cluster_config import ClusterSpec, check_profiled, cluster_spec
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
+from jaxsim.metrics import OutputOptions
 from jaxsim.model import ModelConfig, load_model_config
 from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, Rule, SchedulerConfig,
                          Workload, build, check_expert_parallel, check_field, check_fields, check_value, checked,
                          scalar_type)
 from jaxsim.traces import TraceOptions, load_trace
-from jaxsim.workload import check_context, load_workload, shift_workload, synthetic_workload
+from jaxsim.workload import (check_context, closed_loop_workload, length_spec, load_workload, shared_prefix_workload,
+                             shift_workload, synthetic_workload)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -56,6 +59,11 @@ class SimOptions:
     max_slots: int = checked(0, lo=0)  # request slots of the engine state (a shape); 0 = auto
     record_token_times: bool = True  # keep every token's emission time (ITL)
     max_iterations: int = checked(0, lo=0)  # engine iteration cap; 0 = derived from the workload
+    progress: bool = True  # a progress bar (simulated time, finished requests) on runs over ~2 s
+    # JAX's persistent compilation cache (jaxsim.compile_cache): a second run with the same shapes
+    # skips the compile. compile_cache_dir None = $JAXSIM_CACHE_DIR or the user cache folder.
+    compile_cache: bool = True
+    compile_cache_dir: str | None = None
 
     def __post_init__(self):
         check_fields(self)
@@ -75,14 +83,17 @@ def _schema_type(typ):
     return Optional[base] if optional else base
 
 
-def spec_schema(cls, required: tuple = ()) -> type:
+def spec_schema(cls, required: tuple = (), unset: bool = False) -> type:
     """The Hydra structured config of spec dataclass ``cls``: one field per init field of ``cls``,
-    same name, type and default (``required`` ones are MISSING: a config option must set them).
-    Not frozen (command-line overrides write to it); the values are checked when
+    same name, type and default (``required`` ones are MISSING: a config option must set them;
+    with ``unset``, every field is Optional and None, "not set here"). Not frozen (command-line overrides write to it); the values are checked when
     :func:`from_hydra` builds ``cls`` from them."""
     fields = []
     for f in dataclasses.fields(cls):
         if not f.init:
+            continue
+        if unset:
+            fields.append((f.name, Optional[_schema_type(f.type)], dataclasses.field(default=None)))
             continue
         if f.name in required:
             default = MISSING
@@ -103,6 +114,8 @@ ModelSchema = spec_schema(ModelRuntimeConfig, required=("name",))
 SchedulerSchema = spec_schema(SchedulerConfig)
 CalibrationSchema = spec_schema(Calibration)
 SimSchema = spec_schema(SimOptions)
+LinksSchema = spec_schema(LinkConfig, unset=True)
+OutputSchema = spec_schema(OutputOptions)
 
 
 # Sections without a spec dataclass of their own: the workload's generator arguments, and the
@@ -110,7 +123,7 @@ SimSchema = spec_schema(SimOptions)
 # ClusterSpec, Paths).
 @dataclasses.dataclass
 class WorkloadSchema:
-    kind: str = "file"  # "file" | "synthetic"
+    kind: str = "file"  # "file" | "synthetic" | "closed_loop" | "shared_prefix"
     # kind: file
     path: Optional[str] = None  # absolute, relative to the cwd, or a name in paths.workloads
     # jsonl (jaxsim's own) or a public trace: azure | splitwise | burstgpt | mooncake | vidur
@@ -124,19 +137,35 @@ class WorkloadSchema:
     max_tokens: int = 0  # rows with more input + output tokens (0 = no limit) ...
     over_long: str = "drop"  # ... are dropped or clipped
     block_tokens: int = 512  # tokens per Mooncake hash_ids block
-    # both kinds: 0 = every line of the file; synthetic needs >= 1
+    # every kind: a cap on the requests, 0 = all (of the file, the stages, the conversations);
+    # synthetic with rate_rps and closed_loop need >= 1
     num_requests: int = 0
-    # kind: synthetic (jaxsim.workload.synthetic_workload)
-    rate_rps: float = 10.0
-    arrival: str = "poisson"  # "poisson" | "gamma"
+    # kind: synthetic (jaxsim.workload.synthetic_workload); rate_rps or stages also time the
+    # conversation starts of shared_prefix
+    rate_rps: Optional[float] = None  # requests/s
+    # [{rate: requests/s, duration: s}, ...] back to back, instead of rate_rps (Any: checked by
+    # jaxsim.workload.check_stages, with errors naming workload.stages[i].<key>)
+    stages: Any = None
+    arrival: str = "poisson"  # "poisson" | "gamma" | "constant"
     cv: float = 1.0
-    input_len: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    output_len: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # length specs: a whole number (a fixed length) or {kind: fixed|uniform|lognormal|trace, ...}
+    # (Any so that workload.input_len=1024 is accepted; checked by jaxsim.workload.length_spec)
+    input_len: Any = None
+    output_len: Any = None  # also closed_loop and shared_prefix
     seed: int = 0
     prefix_len: int = 0
     prefix_fraction: float = 0.0
     num_prefixes: int = 1
-    # both kinds: added to every arrival
+    # kind: closed_loop (jaxsim.workload.closed_loop_workload; input_len, output_len, seed too)
+    concurrency: int = 1  # clients, each sending its next request when the previous finishes
+    think_time_ns: int = 0  # between a finish and the next request (closed_loop, shared_prefix)
+    # kind: shared_prefix (jaxsim.workload.shared_prefix_workload)
+    num_groups: int = 1  # groups, each with its own system prompt
+    num_users_per_group: int = 1  # users (conversations) per group
+    num_turns: int = 1  # turns per conversation
+    system_prompt_len: int = 0  # tokens of each group's system prompt
+    question_len: Any = None  # length spec of each turn's new question
+    # every kind: added to every arrival (closed_loop: when the clients start)
     shift_ns: int = 0
 
 
@@ -164,7 +193,8 @@ class ClusterSchema:
     json: Optional[str] = None  # a reference cluster JSON (REFERENCE.md §3.1); replaces `instances`
     routing: str = "least_loaded"
     routing_seed: int = 42
-    links: Optional[Dict[str, Any]] = None  # KV hand-off links per level (spec.LinkConfig fields)
+    # KV hand-off links per level: LinkConfig's fields, each None = its default (or a cluster JSON's)
+    links: LinksSchema = dataclasses.field(default_factory=LinksSchema)
     dp_sync: str = "moe"  # which DP groups run wave-synchronised rounds: moe | always | never
 
 
@@ -184,6 +214,7 @@ class RootSchema:
     workload: WorkloadSchema = MISSING
     calibration: CalibrationSchema = MISSING
     sim: SimSchema = dataclasses.field(default_factory=SimSchema)
+    output: OutputSchema = dataclasses.field(default_factory=OutputSchema)
     sweep: SweepSchema = dataclasses.field(default_factory=SweepSchema)
     cluster: ClusterSchema = dataclasses.field(default_factory=ClusterSchema)
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
@@ -227,6 +258,7 @@ class RunSpec:
     config: dict  # the resolved config as a plain dict (written as config.yaml)
     choices: dict  # group -> chosen option, e.g. {"hardware": "rtxpro6000", ...} when known
     cluster: ClusterSpec | None = None  # several instances (None: the one of hardware + scheduler)
+    output: OutputOptions = OutputOptions()  # what scripts/run.py writes besides the summary
 
 
 # Value checks of the sections without a spec dataclass (workload, paths, sweep): the same
@@ -288,30 +320,57 @@ def _model(d: dict, models: Path) -> tuple[ModelRuntimeConfig, ModelConfig]:
     return rt, mc
 
 
+def _length_arg(d: dict, key: str, workloads: Path) -> dict:
+    """The checked length spec ``workload.<key>`` (a whole number is a fixed length), a trace
+    path resolved against ``paths.workloads``."""
+    v = d.get(key)
+    if v is None or v == {}:
+        raise JaxsimInputError(f"workload.{key}", "missing length distribution",
+                               f"e.g. workload.{key}=1024 or {{kind: lognormal, mean: 512, "
+                               "sigma: 0.7}")
+    spec = length_spec(v, f"workload.{key}")
+    if spec["kind"] == "trace" and spec.get("path"):
+        tp = Path(str(spec["path"])).expanduser()
+        if not tp.is_absolute() and not tp.is_file():
+            spec["path"] = str(workloads / tp)
+    return spec
+
+
 def _synthetic_kwargs(d: dict, workloads: Path) -> dict:
     """The keyword arguments of :func:`jaxsim.workload.synthetic_workload` for a synthetic
     ``workload`` section (trace length paths resolved against ``paths.workloads``)."""
     p = "workload"
     n = _check_int(d.get("num_requests"), f"{p}.num_requests", 0)
-    if n < 1:
-        raise JaxsimInputError(f"{p}.num_requests", f"must be >= 1 for a synthetic workload, "
-                               f"got {n}")
-    lens = {}
-    for key in ("input_len", "output_len"):
-        v = d.get(key)
-        if not v:
-            raise JaxsimInputError(f"{p}.{key}", "missing length distribution",
-                                   "e.g. {kind: lognormal, mean: 512, sigma: 0.7}")
-        lens[key] = dict(v)
-        if lens[key].get("kind") == "trace" and lens[key].get("path"):
-            tp = Path(str(lens[key]["path"])).expanduser()
-            if not tp.is_absolute() and not tp.is_file():
-                lens[key]["path"] = str(workloads / tp)
+    if n < 1 and d.get("stages") is None:
+        raise JaxsimInputError(f"{p}.num_requests", f"must be >= 1 for a synthetic workload "
+                               f"with a rate_rps, got {n}", "0 = all arrivals needs stages")
     return dict(
-        num_requests=n, rate_rps=d.get("rate_rps"), arrival=d.get("arrival"),
-        cv=d.get("cv"), input_len=lens["input_len"], output_len=lens["output_len"],
-        seed=d.get("seed"), prefix_len=d.get("prefix_len"),
-        prefix_fraction=d.get("prefix_fraction"), num_prefixes=d.get("num_prefixes"))
+        num_requests=n, rate_rps=d.get("rate_rps"), stages=d.get("stages"),
+        arrival=d.get("arrival"), cv=d.get("cv"), input_len=_length_arg(d, "input_len", workloads),
+        output_len=_length_arg(d, "output_len", workloads), seed=d.get("seed"),
+        prefix_len=d.get("prefix_len"), prefix_fraction=d.get("prefix_fraction"),
+        num_prefixes=d.get("num_prefixes"))
+
+
+def _closed_loop_kwargs(d: dict, workloads: Path) -> dict:
+    """The keyword arguments of :func:`jaxsim.workload.closed_loop_workload`."""
+    return dict(
+        num_requests=d.get("num_requests"), concurrency=d.get("concurrency"),
+        input_len=_length_arg(d, "input_len", workloads),
+        output_len=_length_arg(d, "output_len", workloads), seed=d.get("seed"),
+        think_time_ns=d.get("think_time_ns"))
+
+
+def _shared_prefix_kwargs(d: dict, workloads: Path) -> dict:
+    """The keyword arguments of :func:`jaxsim.workload.shared_prefix_workload`."""
+    return dict(
+        num_groups=d.get("num_groups"), num_users_per_group=d.get("num_users_per_group"),
+        num_turns=d.get("num_turns"), system_prompt_len=d.get("system_prompt_len"),
+        question_len=_length_arg(d, "question_len", workloads),
+        output_len=_length_arg(d, "output_len", workloads), rate_rps=d.get("rate_rps"),
+        stages=d.get("stages"), arrival=d.get("arrival"), cv=d.get("cv"),
+        think_time_ns=d.get("think_time_ns"), num_requests=d.get("num_requests"),
+        seed=d.get("seed"))
 
 
 # The workload fields that only the public trace formats read (jaxsim.traces.TraceOptions; the
@@ -351,9 +410,13 @@ def _workload(d: dict, workloads: Path) -> Workload:
             w = load_trace(path, fmt, TraceOptions(**opts, num_requests=n))
     elif kind == "synthetic":
         w = synthetic_workload(**_synthetic_kwargs(d, workloads), where=p)
+    elif kind == "closed_loop":
+        w = closed_loop_workload(**_closed_loop_kwargs(d, workloads), where=p)
+    elif kind == "shared_prefix":
+        w = shared_prefix_workload(**_shared_prefix_kwargs(d, workloads), where=p)
     else:
         raise JaxsimInputError(f"{p}.kind", f"unknown workload kind {kind!r}",
-                               "use 'file' or 'synthetic'")
+                               "use 'file', 'synthetic', 'closed_loop' or 'shared_prefix'")
     return shift_workload(w, shift) if shift else w
 
 
@@ -373,6 +436,47 @@ def _choices(cfg: DictConfig) -> dict:
                 if not k.startswith("hydra")}
     except Exception:
         return {}
+
+
+def check_cli_overrides(args: list) -> None:
+    """Refuse a command-line override of a key the schema does not have, before Hydra does.
+
+    Hydra's own message for ``scheduler.max_num_seq=8`` is "Could not override ... To append to
+    your config use +scheduler.max_num_seq=8", which sends the user to a second error. This names
+    the key and the nearest valid one instead: ``scheduler.max_num_seq: unknown field (did you mean
+    'max_num_seqs'?)``. Keys below a free-form mapping (``workload.input_len.*``, ``sweep.axes.*``,
+    ``cluster.instances``), ``+``/``~`` overrides (checked by :func:`from_hydra`), Hydra's own
+    keys and options (``hydra.*``, ``-m``) are left to Hydra.
+
+    Raises:
+      JaxsimInputError: naming the full key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in args:
+        try:  # Hydra's flags and their values (-m, --cfg job) are not overrides: Hydra reads them
+            (o,) = parser.parse_overrides([arg]) if not arg.startswith("-") else ()
+        except Exception:
+            continue
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.is_delete() or key.startswith("hydra") or "/" in key:
+            continue
+        node = RootSchema
+        parts = key.split(".")
+        for depth, name in enumerate(parts):
+            if not dataclasses.is_dataclass(node):
+                break  # a free-form value (a mapping or Any): its keys are checked where it is read
+            fields = {f.name: f.type for f in dataclasses.fields(node)}
+            if name not in fields:
+                raise JaxsimInputError(".".join(parts[:depth + 1]), "unknown field", unknown_key_fix(name, list(fields)))
+            node = fields[name]
+        value = o.value()
+        if dataclasses.is_dataclass(node) and isinstance(value, dict):  # cluster.links={...}
+            fields = [f.name for f in dataclasses.fields(node)]
+            for name in value:
+                if name not in fields:
+                    raise JaxsimInputError(f"{key}.{name}", "unknown field", unknown_key_fix(str(name), fields))
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -427,6 +531,7 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     model, model_config = _model(_section(d, "model"), paths.models)
     calibration = build(Calibration, _section(d, "calibration"))
     sim = build(SimOptions, _section(d, "sim"))
+    output = build(OutputOptions, _section(d, "output"))
     workload = _workload(_section(d, "workload"), paths.workloads)
 
     bundle = paths.profiles / hardware.name / model.name
@@ -448,7 +553,7 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     return RunSpec(
         hardware=hardware, scheduler=scheduler, model=model, model_config=model_config,
         calibration=calibration, workload=workload, sim=sim, paths=paths,
-        output_dir=_output_dir(cfg), config=d, choices=_choices(cfg), cluster=cluster,
+        output_dir=_output_dir(cfg), config=d, choices=_choices(cfg), cluster=cluster, output=output,
     )
 
 
@@ -559,7 +664,12 @@ def _group_option(group: str, name: str, schema, key: str, paths: dict | None = 
         raise JaxsimInputError(key, f"unknown {group} option {name!r}",
                                f"options of conf/{group}: {sorted(x.stem for x in folder.glob('*.yaml'))}")
     try:
-        node = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+        raw = OmegaConf.load(path)
+        if path.read_text().startswith("# @package _global_"):
+            # an option that also sets another group's field (e.g. model.max_model_len): only its
+            # own section is a value of the knob; the rest must be set on the base run
+            raw = raw.get(group, OmegaConf.create({}))
+        node = OmegaConf.merge(OmegaConf.structured(schema), raw)
         root = OmegaConf.merge(OmegaConf.create({"paths": paths or {}}), {group: node})
         return OmegaConf.to_container(root, resolve=True)[group]
     except Exception as e:  # type errors, unknown keys, bad YAML

@@ -27,8 +27,9 @@ lm_head            lm_head, a ``per_sequence`` table: the legacy key is the numb
 sampler            not in the legacy format: skipped with a warning (§2.1)
 =================  =================================================================================
 
-Checks (each failure is a :class:`JaxsimInputError` naming the file, and the line or layer): the
-``tp_size`` column must equal the folder's N, ``kv_cache`` must be 0, a layer taken as is must have
+Checks (each failure is a :class:`JaxsimInputError` naming the file, and the line or layer): a
+``(layer, input)`` point appears once (naming both lines), the ``tp_size`` column must equal the
+folder's N, ``kv_cache`` must be 0, a layer taken as is must have
 rows for every token count of the file's fullest layer, every part of a sum for every token count of
 the first part, and every layer of the architecture sequence must be derivable. Two partial-coverage
 patterns are accepted only after they are verified in the data (with a warning): ``up_proj`` rows
@@ -120,6 +121,18 @@ as the TP degree (the simulator's default, and what the tp-invariant expert rows
 token counts (1..2048). The AllGather/ReduceScatter and the single o_proj AllReduce are added by
 :mod:`jaxsim.latency` as for any MoE bundle.
 
+Outliers: the raw rows are checked along their axes (layers.csv rows of the layers the bundle uses
+along ``input``; attention prefill rows along the history at each chunk, decode rows along the KV at
+each batch size) with :func:`jaxsim.profiles.grid_outliers`; flagged points are used as measured,
+listed in ``ProfileBundle.outliers`` and counted in one warning. The shipped rows have one:
+TPU-v6e-1's ``o_proj`` at 1 token (22,919 ns against 5,296 and 5,217 ns at 2 and 3 tokens), in a
+folder that is refused anyway (no k_proj / v_proj rows); the folders that load have none.
+
+Repeated attention measurements: the shipped attention.csv files time about 300 points twice each
+(A6000 302, H100 70B 390, Mixtral 437, TPU 293), within 1.25% of each other. Such a repeat is
+accepted when the two times are within :data:`REPEAT_TOL` of each other (the later row is used, as
+before); a repeat that disagrees more is an error naming both lines.
+
 Skew correction (§2.6) is disabled (``SkewFit.enabled = False``): the legacy format has no skew fit.
 ``engine_effective`` is ``max_num_batched_tokens: 2048, max_num_seqs: 256`` (the profiled ranges).
 """
@@ -135,8 +148,9 @@ import numpy as np
 
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.profiles import (AttentionTable, MoETable, ProfileBundle, SkewFit, SKEW_PC_GRID, Table1D, known_hardware,
-                             load_architecture, tp_folder)
+from jaxsim.profiles import (AttentionTable, MoETable, ProfileBundle, SkewFit, SKEW_PC_GRID, Table1D, axis_outliers,
+                             duplicate_point, known_hardware, load_architecture, ordered_outliers, tp_folder,
+                             warn_outliers)
 
 LEGACY_DIR = "legacy"
 PREFIX = LEGACY_DIR + "/"
@@ -147,6 +161,7 @@ KVD_CAP = 32  # kvd keys kept per decode batch
 KP_CAP = 8  # kp keys kept per prefill chunk
 THIN_TOL = 0.005  # stop thinning a row once every dropped point is within 0.5%
 FALLBACK_MAX_ND = 256  # nd axis of the layers.csv attn fallback: 0..256
+REPEAT_TOL = 0.10  # repeated attention measurements of one point must agree within 10%
 
 _LAYER_COLS = ("layer_name", "input", "kv_cache", "tp_size", "latency(ns)")
 _VIDUR_COLS = ("time_stats.attn_prefill.mean", "time_stats.attn_decode.mean", "n_embd", "n_q_head", "n_kv_head",
@@ -240,10 +255,11 @@ def _ns(v) -> int:
     return max(1, int(round(v)))
 
 
-def _read_layers(path: Path, tp: int) -> dict:
-    """layer -> {tokens: int ns} (last row wins)."""
+def _read_layers(path: Path, tp: int) -> tuple:
+    """``(layer -> {tokens: int ns}, layer -> {tokens: file line})``; a point repeated is an error."""
     index, rows = _read(path, _LAYER_COLS)
     out: dict = {}
+    lines: dict = {}
     for line, fields in rows:
         name = _field(path, line, fields, index, "layer_name", str)
         tokens = _field(path, line, fields, index, "input", int)
@@ -258,10 +274,14 @@ def _read_layers(path: Path, tp: int) -> dict:
                                    "KV-dependent dense rows are not supported; keep attention in attention.csv")
         if tokens < 1:
             raise JaxsimInputError(f"{path}:{line}", "input must be >= 1 token", "fix or delete this line")
+        seen = lines.setdefault(name, {})
+        if tokens in seen:
+            raise duplicate_point(path, line, seen[tokens], f"layer {name!r} at input = {tokens}")
+        seen[tokens] = line
         out.setdefault(name, {})[tokens] = _ns(ns)
     if not out:
         raise JaxsimInputError(str(path), "no rows", "restore the file from the source data")
-    return out
+    return out, lines
 
 
 # -------------------------------------------------------------------------------- 1-D helpers
@@ -424,8 +444,20 @@ class _Dense:
 
 
 # --------------------------------------------------------------------------------- attention
+def _repeat(table: dict, lines: dict, a: int, b: int, ns: int, path, line: int, what: str) -> None:
+    """``table[a][b] = ns`` (``lines`` likewise); a repeated point must agree with the first within
+    :data:`REPEAT_TOL` (module docstring), the later row being used."""
+    row, at = table.setdefault(a, {}), lines.setdefault(a, {})
+    if b in row and abs(ns - row[b]) > REPEAT_TOL * min(ns, row[b]):
+        raise JaxsimInputError(f"{path}:{line}", f"{what} is measured twice, {row[b]} ns at line {at[b]} and {ns} ns "
+                               f"here: repeated measurements of a point must agree within {REPEAT_TOL:.0%}",
+                               "delete the wrong line")
+    row[b], at[b] = ns, line
+
+
 def _attention_rows(path: Path, model: ModelConfig, tp: int):
-    """``(prefill {chunk: {kp: ns}}, decode {batch: {kvd: ns}}, info)`` of a GPU or TPU attention.csv."""
+    """``(prefill {chunk: {kp: ns}}, decode {batch: {kvd: ns}}, info, outliers)`` of a GPU or TPU
+    attention.csv (outliers as :func:`jaxsim.profiles.axis_outliers` gives them)."""
     index, rows = _read(path, ("prefill_chunk_size", "kv_cache_size", "batch_size", "is_prefill"),
                         optional=_VIDUR_COLS + _TPU_COLS)
     vidur = all(c in index for c in _VIDUR_COLS)
@@ -435,6 +467,8 @@ def _attention_rows(path: Path, model: ModelConfig, tp: int):
                                f"GPU columns: {list(_VIDUR_COLS)}; TPU: {list(_TPU_COLS)}")
     pre: dict = {}
     dec: dict = {}
+    pre_lines: dict = {}
+    dec_lines: dict = {}
     dropped = 0
     for line, fields in rows:
         get = lambda col, kind: _field(path, line, fields, index, col, kind)  # noqa: E731
@@ -458,7 +492,8 @@ def _attention_rows(path: Path, model: ModelConfig, tp: int):
             if vidur and kv < c:
                 raise JaxsimInputError(f"{path}:{line}", f"kv_cache_size {kv} < prefill_chunk_size {c}: the GPU "
                                        "format counts the chunk in kv_cache_size", "fix or delete this line")
-            pre.setdefault(c, {})[kv - c if vidur else kv] = ns
+            kp = kv - c if vidur else kv
+            _repeat(pre, pre_lines, c, kp, ns, path, line, f"the prefill of chunk {c} over {kp} history tokens")
         else:
             if c != 0 or b < 1:
                 raise JaxsimInputError(f"{path}:{line}", f"a decode row needs prefill_chunk_size 0 and batch >= 1 "
@@ -466,11 +501,19 @@ def _attention_rows(path: Path, model: ModelConfig, tp: int):
             if vidur and kv < b:
                 dropped += 1  # a no-op measurement (module docstring)
                 continue
-            dec.setdefault(b, {})[kv] = ns
+            _repeat(dec, dec_lines, b, kv, ns, path, line, f"the decode of batch {b} at KV {kv}")
     if not pre or not dec:
         raise JaxsimInputError(str(path), f"no {'prefill' if not pre else 'decode'} rows",
                                "the legacy attention table needs both")
-    return pre, dec, {"format": "vidur-gpu-ms" if vidur else "tpu-ns", "dropped_decode_rows_kv_lt_batch": dropped}
+    outliers = []
+    for c, row in pre.items():
+        outliers += axis_outliers(path, {k: (v, pre_lines[c][k]) for k, v in row.items()},
+                                  lambda k, c=c: f"attention prefill chunk={c} kp={k}", "ns")
+    for b, row in dec.items():
+        outliers += axis_outliers(path, {k: (v, dec_lines[b][k]) for k, v in row.items()},
+                                  lambda k, b=b: f"attention decode batch={b} kvd={k}", "ns")
+    info = {"format": "vidur-gpu-ms" if vidur else "tpu-ns", "dropped_decode_rows_kv_lt_batch": dropped}
+    return pre, dec, info, outliers
 
 
 def _grid_from_rows(pre: dict, dec: dict):
@@ -645,7 +688,7 @@ def load_legacy_bundle(profiles_dir, hardware: str, model: ModelConfig, variant:
         raise JaxsimInputError(str(tpdir / "layers.csv"), "missing profile table",
                                "a legacy folder needs layers.csv (or layers.csv.gz)")
     sequence, category, tp_stable = load_architecture(root, model.model_type)
-    raw = _read_layers(layers_path, tp)
+    raw, raw_lines = _read_layers(layers_path, tp)
     is_tpu = "TPU" in name
     notes = []
 
@@ -653,13 +696,13 @@ def load_legacy_bundle(profiles_dir, hardware: str, model: ModelConfig, variant:
     att_path = _find(tpdir, "attention.csv")
     conversion: dict = {}
     if att_path is not None:
-        pre, dec, info = _attention_rows(att_path, model, tp)
+        pre, dec, info, outliers = _attention_rows(att_path, model, tp)
         kp_rows, kv_rows, derived = _grid_from_rows(pre, dec)
         attention = _sum_attention(kp_rows, kv_rows)
         conversion.update(info, attention_source=att_path.name, derived_kp_rows=derived,
                           kvd_cap=KVD_CAP, kp_cap=KP_CAP, thin_tol=THIN_TOL)
     elif "attn" in raw:
-        attention = _attn_rows_attention(raw["attn"])
+        attention, outliers = _attn_rows_attention(raw["attn"]), []
         conversion.update(attention_source="layers.csv attn")
         notes.append(f"{tpdir}: no attention.csv; attention is taken from the layers.csv 'attn' rows (attention "
                      "without KV cache, keyed by tokens) as attn(pc + nd): the KV-cache lengths (kp, kvd) have "
@@ -707,6 +750,16 @@ def load_legacy_bundle(profiles_dir, hardware: str, model: ModelConfig, variant:
     notes += [f"{layers_path}: {n}" for n in builder.notes]
     for msg in notes:
         warnings.warn(msg, stacklevel=3)
+    # Outliers of the raw layers.csv rows the bundle is built from (module docstring).
+    used = {src for names in kept.values() for t in names if category[t] in ("dense", "per_sequence")
+            for src in _SUMS.get(t) or _MEAN.get(t) or (_DIRECT.get(t, t),)}
+    used |= set(_MOE_PARTS) if moe is not None else set()
+    used |= {"attn"} if att_path is None else set()
+    for layer in sorted(used & set(raw)):
+        outliers += axis_outliers(layers_path, {k: (v, raw_lines[layer][k]) for k, v in raw[layer].items()},
+                                  lambda k, layer=layer: f"{layer} input={k}", "latency(ns)")
+    outliers = ordered_outliers(outliers)
+    warn_outliers(tpdir, outliers)
 
     meta = {
         "format": "legacy (REFERENCE.md §2.8)",
@@ -720,4 +773,5 @@ def load_legacy_bundle(profiles_dir, hardware: str, model: ModelConfig, variant:
         hardware=hardware, model_name=model.name, model_type=model.model_type, variant=variant, tp=tp,
         path=str(model_dir), meta=meta, engine_effective=dict(ENGINE_EFFECTIVE), sequence=kept, category=category,
         tp_stable=tp_stable, dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=_disabled_skew(),
+        outliers=outliers,
     )

@@ -3,18 +3,22 @@
 * :func:`request_table` — one row per finished request (columns :data:`REQUEST_COLUMNS`).
 * :func:`summarize` — the run summary dict.
 * :func:`time_series` — 1-s bins with the columns of vLLM's ``timeseries.csv``.
-* :func:`write_outputs` — ``requests.csv``, ``summary.json``, ``timeseries.csv``, ``config.yaml``.
+* :func:`write_outputs` — ``requests.parquet`` (or ``.csv``), ``summary.json``, ``timeseries.csv``,
+  ``config.yaml``; what else is written is an :class:`OutputOptions`.
 """
 
 import csv
+import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tabulate import tabulate
 
-from jaxsim.spec import SimResult
+from jaxsim.spec import SimResult, check_fields, checked
 
 REQUEST_COLUMNS = (
     "request_id", "instance_id", "input", "output", "arrival_ns", "first_scheduled_ns",
@@ -32,6 +36,44 @@ REFERENCE_COLUMNS = ("instance id", "request id", "model", "input", "output", "a
                      "end_time", "latency", "queuing_delay", "TTFT", "TPOT", "ITL")
 STAT_NAMES = ("mean", "median", "p90", "p95", "p99")
 NS_PER_S = 1_000_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    """What :func:`write_outputs` writes besides ``summary.json``, ``timeseries.csv`` and ``config.yaml``.
+
+    requests_format: the per-request table as ``parquet`` (needs pyarrow), ``csv``, or ``auto``
+      (Parquet when pyarrow is installed: a 200,000-request run wrote 1.3 GB of CSV, most of it
+      digits that Parquet stores as int64 columns).
+    itl_lists: add the ``itl_ns`` column (each request's list of inter-token gaps, ns), the
+      largest part of the table; the ITL statistics columns are always written.
+    reference_csv: also write ``requests_reference.csv`` in the reference simulator's format
+      (REFERENCE.md §5), for tools that read its output.
+    """
+
+    KEY: ClassVar[str] = "output"
+
+    requests_format: str = checked("auto", choices=("auto", "parquet", "csv"), noun="format",
+                                   fix="auto, parquet or csv")
+    itl_lists: bool = False
+    reference_csv: bool = False
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.requests_format == "parquet" and not _have_pyarrow():
+            from jaxsim.errors import JaxsimInputError
+
+            raise JaxsimInputError("output.requests_format", "parquet needs the pyarrow package, which is not installed",
+                                   "run `pip install pyarrow`, or use auto or csv")
+
+    def requests_file(self) -> str:
+        """``requests.parquet`` or ``requests.csv``."""
+        parquet = self.requests_format == "parquet" or (self.requests_format == "auto" and _have_pyarrow())
+        return "requests.parquet" if parquet else "requests.csv"
+
+
+def _have_pyarrow() -> bool:
+    return importlib.util.find_spec("pyarrow") is not None
 
 
 def _i64(x) -> np.ndarray:
@@ -231,6 +273,23 @@ def cluster_gauge(result: SimResult, values) -> np.ndarray:
     return total
 
 
+# A longer run is binned coarser by write_outputs (summary: timeseries_interval_s): 10^6 1-s bins
+# are 11.6 days of simulated time; an arrival far in the future (a trace's outlier) would
+# otherwise ask for one row per second up to it (2^62 ns: 146 years, ~34 GiB of bins).
+MAX_TIMESERIES_BINS = 1_000_000
+
+
+def timeseries_interval(result: SimResult, interval_s: float = 1.0) -> float:
+    """``interval_s``, or the smallest whole multiple of it that keeps the run's time series within
+    :data:`MAX_TIMESERIES_BINS` bins."""
+    end, arrival = _i64(result.iter_end_ns), _i64(result.arrival_ns)
+    if end.size == 0 or arrival.size == 0:
+        return interval_s
+    span_ns = max(int(end.max()) - int(arrival.min()), 0)
+    bins = span_ns // int(round(interval_s * NS_PER_S)) + 1  # as time_series counts them
+    return interval_s * max(1, -(-bins // MAX_TIMESERIES_BINS))
+
+
 def time_series(result: SimResult, interval_s: float = 1.0) -> dict:
     """Per-interval series with the columns of vLLM's ``timeseries.csv``.
 
@@ -286,17 +345,32 @@ def _cell(v):
     return v
 
 
-def write_request_csv(table: dict, path: str | Path) -> None:
-    """``requests.csv`` with :data:`REQUEST_COLUMNS` (``itl_ns`` a JSON list, NaN as empty), then
-    :data:`PD_COLUMNS` when the table has them."""
-    extra = [c for c in PD_COLUMNS if c in table]
+def _request_columns(table: dict, itl_lists: bool) -> list:
+    cols = list(REQUEST_COLUMNS[:-1]) + (["itl_ns"] if itl_lists else [])
+    return cols + [c for c in PD_COLUMNS if c in table]
+
+
+def write_request_csv(table: dict, path: str | Path, itl_lists: bool = True) -> None:
+    """``requests.csv`` with :data:`REQUEST_COLUMNS` (``itl_ns``, a JSON list, only with
+    ``itl_lists``; NaN as empty), then :data:`PD_COLUMNS` when the table has them."""
+    cols = _request_columns(table, itl_lists)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(REQUEST_COLUMNS + tuple(extra))
+        w.writerow(cols)
         for r in range(table["request_id"].shape[0]):
-            row = [_cell(table[c][r]) for c in REQUEST_COLUMNS[:-1]]
-            row.append(json.dumps(table["itl_ns"][r].tolist()))
-            w.writerow(row + [_cell(table[c][r]) for c in extra])
+            w.writerow([json.dumps(table[c][r].tolist()) if c == "itl_ns" else _cell(table[c][r]) for c in cols])
+
+
+def write_request_parquet(table: dict, path: str | Path, itl_lists: bool = True) -> None:
+    """The columns of :func:`write_request_csv` as a Parquet file (int64 / float64 columns, NaN
+    kept; ``itl_ns`` a list<int64> column). Needs pyarrow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = _request_columns(table, itl_lists)
+    data = {c: (pa.array([x.tolist() for x in table[c]], type=pa.list_(pa.int64())) if c == "itl_ns"
+                else pa.array(np.asarray(table[c]))) for c in cols}
+    pq.write_table(pa.table(data), path)
 
 
 def write_reference_csv(table: dict, path: str | Path, model_name: str) -> None:
@@ -328,22 +402,35 @@ def write_timeseries_csv(series: dict, path: str | Path) -> None:
 
 
 def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | None = None,
-                  model_name: str | None = None, interval_s: float = 1.0, extra: dict | None = None) -> dict:
-    """Write ``requests.csv``, ``summary.json``, ``timeseries.csv`` into ``out_dir``.
+                  model_name: str | None = None, interval_s: float = 1.0, extra: dict | None = None,
+                  options: OutputOptions = OutputOptions()) -> dict:
+    """Write the per-request table (``options.requests_file()``: ``requests.parquet`` or
+    ``requests.csv``), ``summary.json`` and ``timeseries.csv`` into ``out_dir``.
 
-    Also ``config.yaml`` when ``config_dict`` (a plain, resolved dict) is given and
-    ``requests_reference.csv`` (the reference simulator's header) when ``model_name`` is given.
-    ``extra``: entries added to the summary (e.g. a public trace's ``workload_import`` counts).
+    Also ``config.yaml`` when ``config_dict`` (a plain, resolved dict) is given, and
+    ``requests_reference.csv`` (the reference simulator's header and model column, ``model_name``)
+    when ``options.reference_csv``. ``extra``: entries added to the summary (e.g. a public trace's
+    ``workload_import`` counts). The time series has ``interval_s`` bins, or coarser ones when the
+    run spans more than :data:`MAX_TIMESERIES_BINS` of them (``timeseries_interval_s`` in the summary).
 
     Returns:
-      The summary dict (as written to ``summary.json``).
+      The summary dict (as written to ``summary.json``); its ``outputs`` entry lists the files written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = request_table(result)
-    summary = {**summarize(result, table), **(extra or {})}
-    write_request_csv(table, out / "requests.csv")
-    if model_name is not None:
+    files = [options.requests_file(), "summary.json", "timeseries.csv"]
+    if options.reference_csv:
+        files.append("requests_reference.csv")
+    if config_dict is not None:
+        files.append("config.yaml")
+    interval_s = timeseries_interval(result, interval_s)
+    summary = {**summarize(result, table), **(extra or {}), "timeseries_interval_s": interval_s, "outputs": files}
+    writer = write_request_parquet if files[0].endswith(".parquet") else write_request_csv
+    writer(table, out / files[0], itl_lists=options.itl_lists)
+    if options.reference_csv:
+        if model_name is None:
+            raise ValueError("write_outputs: options.reference_csv needs model_name (the reference's model column)")
         write_reference_csv(table, out / "requests_reference.csv", model_name)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_timeseries_csv(time_series(result, interval_s), out / "timeseries.csv")

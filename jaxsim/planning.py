@@ -21,7 +21,9 @@ from jaxsim.engine.static import Static
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes
 from jaxsim.prefix import hash_ids
-from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.spec import (ARRIVAL_HORIZON_NS, Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig,
+                         SchedulerConfig, Workload)
+from jaxsim.workload import describe_request
 
 GIB = 2**30
 POP_WINDOW = 64  # free-list entries (and registrations) handled per loop trip; any value is correct
@@ -147,6 +149,12 @@ class Plan:
     node: int = 0
     links: LinkConfig = LinkConfig()
     dp_group: int = -1  # wave-synchronised DP group: the index of its first instance; -1 none
+    # vLLM's max_model_len (ModelRuntimeConfig.max_model_len, 0 -> max_position_embeddings) and the
+    # K+V bytes of one token on one rank: what check_kv_holds_context compares with the cache.
+    max_model_len: int = 0
+    kv_rank_token_bytes: int = 0
+    kv_from_memory: bool = True  # num_blocks from the memory model (False: hardware.num_gpu_blocks)
+    profile_outliers: tuple = ()  # the profile bundle's outliers (profiles.ProfileBundle.outliers)
 
 
 def check_scheduler(sched: SchedulerConfig) -> None:
@@ -172,6 +180,84 @@ def check_workload_fits(workload: Workload, model: ModelConfig) -> None:
 
 def _line(workload: Workload, i: int) -> int:
     return int(workload.line_numbers[i]) if workload.line_numbers is not None else i + 1
+
+
+def check_arrivals(workload: Workload) -> None:
+    """Arrival times within ``[0, ARRIVAL_HORIZON_NS)`` (2^62 ns, about 146 years; see
+    :data:`jaxsim.spec.ARRIVAL_HORIZON_NS`). The loaders check this per line; this covers every
+    other way a trace is made (Python, rate scaling, shifting) before int64 sums can overflow."""
+    a = np.asarray(workload.arrival_ns, np.int64)
+    bad = np.nonzero((a < 0) | (a >= ARRIVAL_HORIZON_NS))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise JaxsimInputError(describe_request(workload, i), f"request {i} arrives at {int(a[i])} ns, outside "
+                               f"[0, 2^62) ns (about 146 years): the engine adds durations to arrival times in "
+                               f"int64 ns", "arrival times are ns from 0 on the simulator clock")
+
+
+def check_token_ids(workload: Workload, model: ModelConfig, key: str = "") -> None:
+    """Refuse token ids outside the model's vocabulary ``[0, vocab_size)``, before the run.
+
+    Ids only drive prefix-cache hashing, so an id out of range would simulate without a sign; but
+    it means the trace was tokenised for another model (Qwen3's 151,936 ids fed to Llama-3's
+    128,256, say), whose prompt lengths are not this model's either. The check covers every id of
+    a request (input and output): those from a trace file, and those jaxsim makes up (synthetic
+    workloads and Mooncake hash_ids draw them below :data:`jaxsim.spec.GENERATED_TOKEN_IDS`,
+    valid for every shipped model). ``key``: where the model comes from, for the message (a
+    sweep point, a cluster instance).
+
+    Raises:
+        JaxsimInputError: naming the request's trace line, the id and the model's vocab_size.
+    """
+    vocab = int(model.vocab_size)
+    for i, ids in enumerate(workload.token_ids):
+        if ids is None or not len(ids):
+            continue
+        ids = np.asarray(ids)
+        if int(ids.min()) >= 0 and int(ids.max()) < vocab:
+            continue
+        pos = int(np.nonzero((ids < 0) | (ids >= vocab))[0][0])
+        n_in = int(workload.input_toks[i])
+        part = f"input_tok_ids[{pos}]" if pos < n_in else f"output_tok_ids[{pos - n_in}]"
+        suffix = f" [{key}]" if key else ""
+        raise JaxsimInputError(
+            describe_request(workload, i), f"request {i}: token id {int(ids[pos])} ({part}) is outside the "
+            f"vocabulary of {model.name} (vocab_size {vocab}: ids 0 to {vocab - 1}){suffix}",
+            "tokenize the trace with this model's tokenizer, or drop its token ids (then no request hits the "
+            "prefix cache)")
+
+
+def check_kv_holds_context(plans: "list[Plan]", where: "list[str]") -> None:
+    """Refuse an instance whose KV cache cannot hold one request of ``max_model_len`` tokens, with
+    vLLM's reason: vLLM refuses it at start-up (``check_enough_kv_cache_memory``), so a run of it
+    would predict a deployment that cannot exist.
+
+    The capacity is the plan's: ``num_blocks`` blocks of ``block_size`` tokens per instance (under
+    TP/PP each rank holds its shard of every block: the GiB figures are per rank, as vLLM's are
+    per worker), from the memory model. vLLM compares the free memory it profiled, before a
+    ``num_gpu_blocks_override`` applies, so an explicit ``hardware.num_gpu_blocks`` (vLLM's
+    override, or the count a measured run recorded) is not checked here, as vLLM does not; a
+    request that such a cache can never hold is refused by :func:`check_requests_fit`.
+    ``where``: per plan, the setting that names it (``model.max_model_len`` for a lone instance,
+    ``cluster.instances[i]``, a sweep point).
+
+    Raises:
+        JaxsimInputError: vLLM's message (the KV GiB needed and available) and the largest
+        ``max_model_len`` the cache holds.
+    """
+    for p, name in zip(plans, where):
+        need = -(-p.max_model_len // p.block_size)  # blocks of one max_model_len request
+        if p.num_blocks >= need or not p.kv_from_memory:
+            continue
+        block_gib = p.block_size * p.kv_rank_token_bytes / GIB
+        cap = p.num_blocks * p.block_size
+        raise JaxsimInputError(
+            name, f"vLLM refuses this at start-up: to serve at least one request with the model's max seq len "
+            f"({p.max_model_len}), {need * block_gib:.2f} GiB KV cache is needed, which is larger than the available "
+            f"KV cache memory ({p.num_blocks * block_gib:.2f} GiB: {p.num_blocks} blocks of {p.block_size} tokens); "
+            f"based on the available memory, the estimated maximum model length is {cap}",
+            f"try increasing `gpu_memory_utilization` (hardware.mem_util), or decreasing `max_model_len` "
+            f"(model.max_model_len, at most {cap})")
 
 
 def check_requests_fit(plans: "list[Plan]", key: str = "") -> None:
@@ -311,6 +397,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     if n == 0:
         raise JaxsimInputError(workload.source, "the workload has no requests")
     check_scheduler(sched)
+    check_arrivals(workload)
     # Slots hold the running requests and the head of the waiting queue; with one instance, the
     # rest of the queue waits in arrival order outside the state, which schedules identically.
     if max_slots == 0:
@@ -323,6 +410,10 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     if not 1 <= hw.pp <= model.num_layers:
         raise JaxsimInputError("hardware.pp", f"must be in [1, {model.num_layers}] ({model.name}'s layers), got {hw.pp}")
     ctx = model.max_position_embeddings
+    if rt.max_model_len > ctx:  # (vLLM's own check at start-up; config.py gives it the Hydra key first)
+        raise JaxsimInputError("model.max_model_len", f"{rt.max_model_len} is greater than the derived max_model_len "
+                               f"of {model.name} ({ctx}, its max_position_embeddings): vLLM refuses this at start-up",
+                               f"use 0 (the model's context) or at most {ctx}")
 
     w_bytes, kv_bytes = weight_and_kv_bytes(model, rt)
     variant = variant or {1: "fp8", 2: "bf16", 4: "fp32"}.get(w_bytes, "bf16")
@@ -359,7 +450,11 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 num_blocks_cap=num_blocks, max_iters=max_iters,
                 num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n, max_pp=hw.pp)
     return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound,
-                model.kv_bytes_per_token_per_rank(kv_bytes), pp=hw.pp, tp=hw.tp, num_layers=model.num_layers)
+                model.kv_bytes_per_token_per_rank(kv_bytes), pp=hw.pp, tp=hw.tp, num_layers=model.num_layers,
+                max_model_len=int(rt.max_model_len or ctx),
+                kv_rank_token_bytes=model.kv_bytes_per_token_per_rank(kv_bytes, tp=hw.tp, pp=hw.pp),
+                kv_from_memory=hw.num_gpu_blocks is None,
+                profile_outliers=tuple(bundle.outliers))
 
 
 def needs_dp_sync(plans: "list[Plan]") -> bool:

@@ -6,8 +6,19 @@ A bundle is ``<profiles_dir>/<hardware>/<org>/<name>/<variant>/`` with ``meta.ya
 JAX arrays. Every profiled time is converted from µs to integer ns with ``max(1, round(us*1000))``
 *before* any interpolation (REFERENCE.md §0).
 
+Checks on load (each failure is a :class:`JaxsimInputError` naming the file and line, or the
+file and layer): every field parses (whole numbers >= 0 for keys, finite times >= 0); a grid point
+appears once (a repeated ``(layer, tokens)``, ``(pc, kp, nd, kvd)``, ``(tokens, activated_experts)``
+or skew bucket is an error naming both lines: one of the two values would be silently dropped);
+every layer of the architecture sequence has rows (only ``rotary_emb`` on TPU hardware is skipped,
+REFERENCE.md §2.1). Rows may come in any order: the format does not require sorted files, and the
+loader sorts every axis (so axes are strictly increasing). Points far off their grid neighbours
+(:func:`grid_outliers`) are not errors: they are used as measured, listed in
+``ProfileBundle.outliers``, counted in one warning per bundle and in the run summary
+(``profile_outliers``).
+
 Conventions (also followed by the test oracle ``tests/reference_latency.py``):
-  * keys are sorted and deduplicated per table; when a key repeats, the last row wins;
+  * keys are sorted per table (and unique, see above);
   * the attention table keeps the raw structure of §2.5: a global ``pc`` axis and ``nd`` axis, a
     slice per ``(pc, nd)`` pair with its own sorted ``kp`` keys, and per ``kp`` row its own sorted
     ``kvd`` keys; a missing ``(pc, nd)`` corner falls back to the existing slice nearest in squared
@@ -32,6 +43,8 @@ from jaxsim.model import ModelConfig
 SEQUENCE_GROUPS = ("prologue", "pre_attn", "post_attn", "mlp_dense", "mlp_moe", "head")
 CATEGORIES = ("dense", "per_sequence", "attention", "moe")
 SKEW_PC_GRID = np.arange(0, 2049, 16, dtype=np.int64)  # §2.6: pc must be exactly one of these
+OUTLIER_FACTOR = 4.0  # grid_outliers: a point this many times above (or below) both references
+OUTLIERS_SHOWN = 5  # outliers quoted in the warning and the run summary (all are on the bundle)
 _NOT_HARDWARE = {"architectures", "models", "validation", "workloads", "clusters", "legacy"}
 
 
@@ -106,6 +119,9 @@ class ProfileBundle:
     attention: AttentionTable
     moe: "MoETable | None"
     skew: SkewFit
+    # Points far off their grid neighbours (grid_outliers), used as measured: one text per point,
+    # "<file>:<line> <layer> <key>=<k> <column>=<value> (neighbours <a>, <b>)", in file-line order.
+    outliers: list = dataclasses.field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ CSVs
@@ -184,28 +200,130 @@ def _check_time(path, rows, col=-2):
             raise JaxsimInputError(f"{path}:{r[-1]}", f"negative time_us {r[col]}", "fix or delete this line")
 
 
-def _tables_1d(path: Path, key_col: str) -> dict:
+def duplicate_point(path, line: int, first: int, what: str) -> JaxsimInputError:
+    """The error for a grid point profiled twice (at ``first`` and again at ``line``)."""
+    return JaxsimInputError(f"{path}:{line}", f"{what} is profiled twice (lines {first} and {line}): one of "
+                            "the two values would be silently dropped", "delete the wrong line")
+
+
+def grid_outliers(keys, values, factor: float = OUTLIER_FACTOR) -> list:
+    """Points of one profiled axis that are far off their neighbours, as ``[(index, references)]``.
+
+    ``keys``: the axis, strictly increasing; ``values``: the times there (any one unit). A point is
+    an outlier when it is more than ``factor`` times above both of its references, or more than
+    ``factor`` times below both. The references of an interior point are its two neighbours; those
+    of the first or last point are its one neighbour and the linear extrapolation of the two points
+    next to it (the neighbour alone when the axis has two points; an end is not judged when its
+    neighbour is itself an outlier, which would skew the extrapolation). The rule is robust: a time that
+    grows with the key (linearly, or quadratically as prefill attention over a doubling grid) lies
+    between its neighbours, or near the extrapolation at an end, so a smooth grid never trips it,
+    while one bad measurement does (a warm-up, a unit slip, a stray line such as
+    ``qkv_proj,64,100000`` among 25-µs neighbours). On the shipped bundles nothing is flagged: over
+    the axes checked (dense and per_sequence layers; attention kvd and kp; MoE tokens and experts)
+    the most any point rises above (or falls below) both of its references is a factor of 2.5
+    (an end point of a dense layer), so 4 leaves a margin. Of the legacy rows only TPU-v6e-1's ``o_proj`` at 1 token is
+    (22,919 ns against 5,296 and 5,217 ns at 2 and 3 tokens, a warm-up; that folder is refused
+    anyway, for its missing k_proj / v_proj).
+    """
+    k = np.asarray(keys, np.float64)
+    v = np.asarray(values, np.float64)
+    n = len(v)
+    if n < 2:
+        return []
+
+    def off(i, refs):
+        return v[i] > factor * max(refs) or factor * v[i] < min(refs)
+
+    out = {i: (v[i - 1], v[i + 1]) for i in range(1, n - 1) if off(i, (v[i - 1], v[i + 1]))}
+    for i, j, m in ((0, 1, 2), (n - 1, n - 2, n - 3)):
+        if n == 2:
+            refs = (v[j],)
+        elif j in out:
+            continue  # its neighbour is the outlier (and would skew the extrapolation)
+        else:
+            refs = (v[j], v[j] + (v[j] - v[m]) / (k[j] - k[m]) * (k[i] - k[j]))
+        if off(i, refs):
+            out[i] = refs
+    return [(i, tuple(float(r) for r in out[i])) for i in sorted(out)]
+
+
+def outlier_text(path, line: int, what: str, column: str, value: float, refs: tuple) -> str:
+    """``<file>:<line> <what> <column>=<value> (neighbours a, b)``: one entry of ``ProfileBundle.outliers``."""
+    return f"{path}:{line} {what} {column}={value:.6g} (neighbours {', '.join(f'{r:.6g}' for r in refs)})"
+
+
+def axis_outliers(path, points: dict, what, column: str = "time_us") -> list:
+    """``[(file, line, text)]`` of :func:`grid_outliers` along one axis (sortable into file-line
+    order). ``points``: key -> (value, line); ``what(key)``: the point's layer and coordinates."""
+    keys = sorted(points)
+    vals = [points[k][0] for k in keys]
+    return [(str(path), points[keys[i]][1],
+             outlier_text(path, points[keys[i]][1], what(keys[i]), column, vals[i], refs))
+            for i, refs in grid_outliers(keys, vals)]
+
+
+def ordered_outliers(outliers: list) -> list:
+    """The texts of :func:`axis_outliers` entries in file-line order, one per line (a point off on
+    two axes, or a layer used twice in the sequence, is listed once)."""
+    first: dict = {}
+    for path, line, text in sorted(outliers):
+        first.setdefault((path, line), text)
+    return list(first.values())
+
+
+def warn_outliers(where, outliers: list) -> None:
+    """One warning line for a bundle's outliers (none: no warning)."""
+    if outliers:
+        shown = "; ".join(outliers[:OUTLIERS_SHOWN]) + ("; ..." if len(outliers) > OUTLIERS_SHOWN else "")
+        warnings.warn(f"{where}: {len(outliers)} profile point(s) more than {OUTLIER_FACTOR:g}x above or below "
+                      f"their grid neighbours, used as measured: {shown}", stacklevel=3)
+
+
+def _tables_1d(path: Path, key_col: str) -> tuple:
+    """``({layer: Table1D}, {layer: outliers})`` of a ``layer,<key_col>,time_us`` CSV (outliers as
+    :func:`axis_outliers` gives them)."""
     rows = _read_csv(path, (("layer", str), (key_col, int), ("time_us", float)))
     _check_time(path, rows)
     per_layer: dict = {}
-    for layer, key, us, _line in rows:
-        per_layer.setdefault(layer, {})[key] = us  # last row wins
-    out = {}
+    for layer, key, us, line in rows:
+        points = per_layer.setdefault(layer, {})
+        if key in points:
+            raise duplicate_point(path, line, points[key][1], f"layer {layer!r} at {key_col} = {key}")
+        points[key] = (us, line)
+    out, outliers = {}, {}
     for layer, d in per_layer.items():
         keys = np.array(sorted(d), dtype=np.int64)
-        out[layer] = Table1D(keys, us_to_ns([d[k] for k in keys]))
-    return out
+        out[layer] = Table1D(keys, us_to_ns([d[k][0] for k in keys]))
+        outliers[layer] = axis_outliers(path, d, lambda k, layer=layer: f"{layer} {key_col}={k}")
+    return out, outliers
 
 
-def _attention_table(path: Path) -> AttentionTable:
+def _attention_table(path: Path) -> tuple:
+    """``(AttentionTable, outliers)`` (:func:`axis_outliers`): outliers along each kp row's kvd axis and
+    along the kp axis at each kvd (the pc axis is not checked: ``pc = 0``, decodes only, is another
+    kernel than a batch with a prefill chunk, so its neighbour may well be 4x slower)."""
     rows = _read_csv(path, (("prefill_chunk", int), ("kv_prefill", int), ("n_decode", int),
                             ("kv_decode", int), ("time_us", float)))
     _check_time(path, rows)
     if not rows:
         raise JaxsimInputError(str(path), "no attention rows", "re-run the profiler for this bundle")
     d: dict = {}
-    for pc, kp, nd, kvd, us, _line in rows:
-        d.setdefault((pc, nd), {}).setdefault(kp, {})[kvd] = us  # last row wins
+    by_kvd: dict = {}  # (pc, nd, kvd) -> {kp: (us, line)}: the kp axis
+    for pc, kp, nd, kvd, us, line in rows:
+        row = d.setdefault((pc, nd), {}).setdefault(kp, {})
+        if kvd in row:
+            raise duplicate_point(path, line, row[kvd][1], f"the attention point (prefill_chunk {pc}, kv_prefill "
+                                  f"{kp}, n_decode {nd}, kv_decode {kvd})")
+        row[kvd] = (us, line)
+        by_kvd.setdefault((pc, nd, kvd), {})[kp] = (us, line)
+    outliers = []
+    for (pc, nd), sl in d.items():
+        for kp, row in sl.items():
+            outliers += axis_outliers(path, row,
+                                      lambda k, pc=pc, nd=nd, kp=kp: f"attention pc={pc} kp={kp} nd={nd} kvd={k}")
+    for (pc, nd, kvd), col in by_kvd.items():
+        outliers += axis_outliers(path, col,
+                                  lambda k, pc=pc, nd=nd, kvd=kvd: f"attention pc={pc} kp={k} nd={nd} kvd={kvd}")
     pc_axis = np.array(sorted({k[0] for k in d}), dtype=np.int64)
     nd_axis = np.array(sorted({k[1] for k in d}), dtype=np.int64)
     P, D = len(pc_axis), len(nd_axis)
@@ -229,7 +347,7 @@ def _attention_table(path: Path) -> AttentionTable:
             kvds = sorted(sl[kp])
             n_kvd[i, j, r] = len(kvds)
             kvd_keys[i, j, r, : len(kvds)] = kvds
-            values[i, j, r, : len(kvds)] = us_to_ns([sl[kp][k] for k in kvds])
+            values[i, j, r, : len(kvds)] = us_to_ns([sl[kp][k][0] for k in kvds])
     # Nearest existing slice for every corner (squared raw distance, ties -> smallest (pc, nd)).
     present = np.argwhere(has)  # lexicographic (pc index, nd index) order = (pc, nd) order
     ppc = pc_axis[present[:, 0]].astype(np.float64)
@@ -239,17 +357,29 @@ def _attention_table(path: Path) -> AttentionTable:
         for j in range(D):
             dist = (ppc - pc_axis[i]) ** 2 + (pnd - nd_axis[j]) ** 2
             fallback[i, j] = present[int(np.argmin(dist))]  # argmin returns the first minimum
-    return AttentionTable(pc_axis, nd_axis, has, fallback, n_kp, kp_keys, n_kvd, kvd_keys, values)
+    return AttentionTable(pc_axis, nd_axis, has, fallback, n_kp, kp_keys, n_kvd, kvd_keys, values), outliers
 
 
-def _moe_table(path: Path) -> MoETable:
+def _moe_table(path: Path) -> tuple:
+    """``(MoETable, outliers)`` (:func:`axis_outliers`): outliers along each row's tokens axis and along the
+    activated-experts axis at each token count."""
     rows = _read_csv(path, (("tokens", int), ("activated_experts", int), ("time_us", float)))
     _check_time(path, rows)
     if not rows:
         raise JaxsimInputError(str(path), "no MoE rows", "re-run the profiler's MoE stage for this bundle")
     d: dict = {}
-    for tok, ae, us, _line in rows:
-        d.setdefault(ae, {})[tok] = us
+    by_tok: dict = {}
+    for tok, ae, us, line in rows:
+        row = d.setdefault(ae, {})
+        if tok in row:
+            raise duplicate_point(path, line, row[tok][1], f"the MoE point (tokens {tok}, activated_experts {ae})")
+        row[tok] = (us, line)
+        by_tok.setdefault(tok, {})[ae] = (us, line)
+    outliers = []
+    for ae, row in d.items():
+        outliers += axis_outliers(path, row, lambda k, ae=ae: f"moe tokens={k} activated_experts={ae}")
+    for tok, col in by_tok.items():
+        outliers += axis_outliers(path, col, lambda k, tok=tok: f"moe tokens={tok} activated_experts={k}")
     ae_axis = np.array(sorted(d), dtype=np.int64)
     K = max(len(r) for r in d.values())
     n_tok = np.zeros(len(ae_axis), np.int32)
@@ -259,8 +389,8 @@ def _moe_table(path: Path) -> MoETable:
         toks = sorted(d[int(ae)])
         n_tok[a] = len(toks)
         keys[a, : len(toks)] = toks
-        vals[a, : len(toks)] = us_to_ns([d[int(ae)][t] for t in toks])
-    return MoETable(ae_axis, n_tok, keys, vals)
+        vals[a, : len(toks)] = us_to_ns([d[int(ae)][t][0] for t in toks])
+    return MoETable(ae_axis, n_tok, keys, vals), outliers
 
 
 # ------------------------------------------------------------------------------------ skew fit
@@ -312,7 +442,12 @@ def _skew_fit(meta: dict, meta_path: Path, tpdir: Path, tp: int) -> SkewFit:
     has = np.zeros(shape, bool)
     lookups = [(n_labels, "n_label"), (sr_labels, "skew_rate_label"), (kvb_labels, "kv_big_label"),
                (kp_labels, "kp_label")]
+    seen: dict = {}
     for pc, nl, sl, kl, pl, a, line in rows:
+        bucket = (pc, nl, sl, kl, pl)
+        if bucket in seen:
+            raise duplicate_point(path, line, seen[bucket], f"the skew bucket pc={pc}|{nl}|{sl}|{kl}|{pl}")
+        seen[bucket] = line
         idx = []
         for (labels, col), text in zip(lookups, (nl, sl, kl, pl)):
             if text not in labels:
@@ -404,9 +539,12 @@ def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant
     """Read one profile bundle (REFERENCE.md §2.2) for ``model`` at TP degree ``tp``.
 
     Raises :class:`JaxsimInputError` naming the file (and line) for unknown hardware, a missing
-    model/variant/``tp<N>`` folder (TP is never extrapolated), a missing CSV or column and an
-    unparsable line. A layer that the architecture sequence lists but no table has is skipped
-    with a warning, except attention, ``lm_head`` or an empty dense table, which raise.
+    model/variant/``tp<N>`` folder (TP is never extrapolated), a missing CSV or column, an
+    unparsable line, a negative or non-finite time, a grid point profiled twice, and a layer of the
+    architecture sequence with no rows (naming the CSV and the layer; before, such a layer was
+    skipped with a warning, and deleting a layer's rows silently cut TPOT 13%). Only
+    ``rotary_emb`` is skipped on hardware whose name contains "TPU" (REFERENCE.md §2.1). Points far
+    off their grid neighbours are kept, listed in ``outliers`` and reported in one warning.
     """
     if str(hardware).startswith("legacy/"):  # the legacy format (REFERENCE.md §2.8)
         from jaxsim.legacy_profiles import load_legacy_bundle
@@ -434,24 +572,28 @@ def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant
     meta = _load_yaml(meta_path, "meta.yaml")
     sequence, category, tp_stable = load_architecture(root, model.model_type)
 
-    dense = _tables_1d(tpdir / "dense.csv", "tokens")
-    per_seq = _tables_1d(tpdir / "per_sequence.csv", "sequences")
+    dense, dense_out = _tables_1d(tpdir / "dense.csv", "tokens")
+    per_seq, per_seq_out = _tables_1d(tpdir / "per_sequence.csv", "sequences")
     if not dense:
         raise JaxsimInputError(str(tpdir / "dense.csv"), "the dense table has no rows",
                                "re-run the profiler for this bundle")
     if tp != 1:
         # tp_stable layers are profiled at TP1 and copied; fall back to tp1 where a copy is missing.
-        for name, fname, tables in (("dense", "dense.csv", dense), ("per_sequence", "per_sequence.csv", per_seq)):
+        for name, fname, tables, found in (("dense", "dense.csv", dense, dense_out),
+                                           ("per_sequence", "per_sequence.csv", per_seq, per_seq_out)):
             need = [n for n in tp_stable if category.get(n) == name and n not in tables
                     and any(n in g for g in sequence.values())]
             if need and (base / "tp1" / fname).is_file():
-                tp1 = _tables_1d(base / "tp1" / fname, "tokens" if name == "dense" else "sequences")
+                tp1, tp1_out = _tables_1d(base / "tp1" / fname, "tokens" if name == "dense" else "sequences")
                 for n in need:
                     if n in tp1:
-                        tables[n] = tp1[n]
-    attention = _attention_table(tpdir / "attention.csv")
+                        tables[n], found[n] = tp1[n], tp1_out[n]
+    attention, outliers = _attention_table(tpdir / "attention.csv")
     needs_moe = any(category[n] == "moe" for g in sequence.values() for n in g)
-    moe = _moe_table(base / "tp1" / "moe.csv") if needs_moe else None
+    moe = None
+    if needs_moe:
+        moe, moe_out = _moe_table(base / "tp1" / "moe.csv")
+        outliers += moe_out
 
     is_tpu = "TPU" in hardware
     kept = {}
@@ -461,29 +603,28 @@ def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant
             cat = category[name]
             if name == "rotary_emb" and is_tpu:
                 continue  # §2.1: skipped on TPU hardware
-            if cat == "dense" and name not in dense:
-                where = tpdir / "dense.csv"
-            elif cat == "per_sequence" and name not in per_seq:
-                where = tpdir / "per_sequence.csv"
-            else:
-                kept[group].append(name)
-                continue
-            if name == "lm_head":
-                raise JaxsimInputError(str(where), "no rows for layer 'lm_head'",
-                                       "re-run the profiler for this bundle")
-            warnings.warn(f"{where}: no rows for layer {name!r} of sequence.{group}; the layer is skipped",
-                          stacklevel=2)
+            tables, found, fname = {"dense": (dense, dense_out, "dense.csv"),
+                                    "per_sequence": (per_seq, per_seq_out, "per_sequence.csv")}.get(cat, (None,) * 3)
+            if tables is not None and name not in tables:
+                # A layer without rows would add nothing to every iteration: an error, not a warning.
+                raise JaxsimInputError(str(tpdir / fname), f"no rows for layer {name!r} (sequence.{group} of "
+                                       f"architectures/{model.model_type}.yaml)",
+                                       "restore the layer's rows or re-run the profiler for this bundle")
+            if tables is not None:
+                outliers += found[name]  # (a layer used twice is listed once: ordered_outliers)
+            kept[group].append(name)
     if not any(category[n] == "attention" for g in kept.values() for n in g):
         raise JaxsimInputError(str(root / "architectures" / f"{model.model_type}.yaml"),
                                "the sequence has no attention layer", "add 'attention' to sequence.pre_attn")
-
     skew = _skew_fit(meta, meta_path, tpdir, tp)
+    outliers = ordered_outliers(outliers)
+    warn_outliers(f"{base} (tp{tp})", outliers)
     engine = meta.get("engine_effective") or {}
     return ProfileBundle(
         hardware=hardware, model_name=model.name, model_type=model.model_type, variant=variant, tp=tp,
         path=str(base), meta=meta, engine_effective=dict(engine) if isinstance(engine, dict) else {},
         sequence=kept, category=category, tp_stable=tp_stable, dense=dense, per_sequence=per_seq,
-        attention=attention, moe=moe, skew=skew,
+        attention=attention, moe=moe, skew=skew, outliers=outliers,
     )
 
 

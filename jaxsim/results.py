@@ -11,6 +11,7 @@ from jaxsim.engine import cluster
 from jaxsim.engine.instance import WAITING
 from jaxsim.engine.status import Status
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError
+from jaxsim.profiles import OUTLIERS_SHOWN
 from jaxsim.spec import SimResult
 
 if TYPE_CHECKING:
@@ -102,6 +103,11 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
                                         if wait.size else {})
     released = w.released
     arrival = np.where(released, np.asarray(f.arrival), np.asarray(w.arrival_ns, np.int64))
+    # Profile points far off their grid neighbours, used as measured (profiles.grid_outliers): the
+    # count and the first few ("file:line layer key=value ..."), so a suspicious table shows in the
+    # run summary; 0 when none.
+    outliers = list(p.profile_outliers)
+    stats["profile_outliers"] = {"count": len(outliers), "first": outliers[:OUTLIERS_SHOWN]}
     if wall_s is not None:
         stats["wall_s_with_compile"] = wall_s
     return SimResult(

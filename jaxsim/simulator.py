@@ -15,13 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxsim.building import build, build_clusters, init_cluster, stacked_params, workload_for
+from jaxsim import progress
 from jaxsim.engine import cluster, routing
 from jaxsim.engine.static import Static
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.planning import (Dims, Plan, block_table_width, bucket, check_block_sizes, check_requests_fit,
-                             latency_tables, needs_dp_sync, needs_releases, num_kv_blocks, place_instances, plan,
-                             workload_arrays, workload_hashes)
+from jaxsim.planning import (Dims, Plan, block_table_width, bucket, check_block_sizes, check_kv_holds_context,
+                             check_requests_fit, check_token_ids, latency_tables, needs_dp_sync, needs_releases,
+                             num_kv_blocks, place_instances, plan, workload_arrays, workload_hashes)
 from jaxsim.results import IterationBufferFull, to_result
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
 
@@ -36,19 +37,53 @@ class Prepared:
     block_size: int
     workload_host: Workload
     max_iters_bound: int  # the iteration buffer never needs more rows than this
+    profile_outliers: tuple = ()  # of the profile bundles used (profiles.ProfileBundle.outliers)
+
+
+def plan_run(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
+             rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), **kwargs) -> Plan:
+    """The host-side plan of one instance after every check a run makes before it compiles (the
+    profiles, the configurations vLLM refuses at start-up, token ids, requests that can never
+    fit). No JAX array is built: cheap, for validating a configuration without running it.
+
+    Raises:
+      JaxsimInputError: the first problem, naming the setting or trace line.
+    """
+    pl = plan(workload, model, hw, sched, rt, calib, **kwargs)
+    check_kv_holds_context([pl], ["model.max_model_len"])
+    check_token_ids(workload, model)
+    check_requests_fit([pl])
+    return pl
+
+
+def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
+                 rt: ModelRuntimeConfig = ModelRuntimeConfig(), links: LinkConfig = LinkConfig(), dp_sync: str = "moe",
+                 **kwargs) -> "list[Plan]":
+    """:func:`plan_run` for a cluster: one checked plan per instance, placed (roles, nodes, DP
+    groups, links), each instance checked as vLLM checks its own engine."""
+    if not instances:
+        raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
+    plans = [plan(workload, spec.model or model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
+    plans = place_instances(plans, instances, links, model, dp_sync)
+    check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
+    check_kv_holds_context(plans, [f"cluster.instances[{i}]" for i in range(len(plans))])
+    for m in {id(spec.model or model): spec.model or model for spec in instances}.values():
+        check_token_ids(workload, m, "" if m is model else f"the model of an instance, {m.name}")
+    check_requests_fit(plans, "cluster.instances")
+    return plans
 
 
 def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
             rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), **kwargs) -> Prepared:
-    """Everything :func:`cluster.run` needs for one configuration (``plan`` + ``build``)."""
-    pl = plan(workload, model, hw, sched, rt, calib, **kwargs)
-    check_requests_fit([pl])
+    """Everything :func:`cluster.run` needs for one configuration (:func:`plan_run` + ``build``)."""
+    pl = plan_run(workload, model, hw, sched, rt, calib, **kwargs)
     # Size classes let separate runs of similar traces share a compile (a sweep compiles once per
     # group anyway, so it keeps exact sizes and the memory they save).
     dims = pl.dims.bucketed(exact_iters=bool(kwargs.get("max_iterations")))
     state, params, wl, _ = build([pl], dims, batched=False)
     static = dims.static(pl.block_size, releases=needs_releases([pl]))
-    return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound)
+    return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound,
+                    pl.profile_outliers)
 
 
 def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -57,12 +92,7 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     """A cluster of instances of one model (hardware, scheduler knobs, engine costs and roles may
     differ per instance) serving ``workload``, with arrivals routed by ``router`` and KV handed
     from prefill to decode instances over ``links``."""
-    if not instances:
-        raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
-    plans = [plan(workload, spec.model or model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
-    plans = place_instances(plans, instances, links, model, dp_sync)
-    check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
-    check_requests_fit(plans, "cluster.instances")
+    plans = plan_cluster(workload, model, instances, rt, links, dp_sync, **kwargs)
     dims = Dims.merge([pl.dims for pl in plans]).bucketed(exact_iters=bool(kwargs.get("max_iterations")))
     if not kwargs.get("max_iterations") and len(plans) > 1:
         # Each instance records only its own iterations, so an automatic buffer starts from twice
@@ -79,7 +109,8 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     static = dims.static(plans[0].block_size, num_instances=len(plans), releases=releases, router=router,
                          dp_sync=needs_dp_sync(plans))
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
-                    max(pl.max_iters_bound for pl in plans))
+                    max(pl.max_iters_bound for pl in plans),
+                    tuple(dict.fromkeys(o for pl in plans for o in pl.profile_outliers)))
 
 
 def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -92,8 +123,13 @@ def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[In
         lambda **kw: prepare_cluster(workload, model, instances, router, rt, links, dp_sync, **kw), kwargs)
 
 
-def run_prepared(p: Prepared) -> cluster.ClusterState:
-    return cluster.run(p.state, p.params, p.workload, p.static)
+def run_prepared(p: Prepared, bar: "progress.Bar | None" = None) -> cluster.ClusterState:
+    """Run the compiled loop to the end. With a ``bar``, the loop runs in stretches of steps
+    (:func:`jaxsim.progress.run_in_stretches`) and the bar shows simulated time and finished
+    requests between them; the result is the same."""
+    if bar is None:
+        return cluster.run(p.state, p.params, p.workload, p.static)
+    return progress.run_in_stretches(lambda st: cluster.run(st, p.params, p.workload, p.static), p.state, bar)
 
 
 def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
@@ -102,7 +138,9 @@ def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: 
     """Simulate one instance serving ``workload``; returns per-request and per-iteration results.
 
     With an automatic iteration buffer (``max_iterations=0``), a run that fills it is rerun with
-    twice the rows (a recompile), up to the proven bound.
+    twice the rows (a recompile), up to the proven bound. ``progress=True`` shows a bar (simulated
+    time, finished requests) once the run has taken 2 s (:mod:`jaxsim.progress`); the
+    other keyword arguments are :func:`jaxsim.planning.plan`'s.
     """
     return _run_growing_buffer(lambda **kw: prepare(workload, model, hw, sched, rt, calib, **kw), kwargs)
 
@@ -111,21 +149,25 @@ def _run_growing_buffer(prepare_fn, kwargs: dict) -> SimResult:
     """Run ``prepare_fn(**kwargs)``; with an automatic iteration buffer (``max_iterations=0``),
     a run that fills it is rerun with twice the rows (a recompile), up to the proven bound."""
     t0 = time.perf_counter()
+    kwargs = dict(kwargs)
+    show = kwargs.pop("progress", False)
     p = prepare_fn(**kwargs)
-    while True:
-        final = jax.block_until_ready(run_prepared(p))
-        try:
-            return to_result(p, final, wall_s=time.perf_counter() - t0)
-        except IterationBufferFull:
-            rows = p.state.records.start.shape[-1]
-            if kwargs.get("max_iterations") or rows >= p.max_iters_bound:
-                raise
-            p = prepare_fn(**{**kwargs, "max_iterations": min(2 * rows, p.max_iters_bound)})
+    with progress.Bar(p.workload_host.num_requests, enabled=show) as bar:
+        while True:
+            final = jax.block_until_ready(run_prepared(p, bar if show else None))
+            try:
+                return to_result(p, final, wall_s=time.perf_counter() - t0)
+            except IterationBufferFull:
+                rows = p.state.records.start.shape[-1]
+                if kwargs.get("max_iterations") or rows >= p.max_iters_bound:
+                    raise
+                p = prepare_fn(**{**kwargs, "max_iterations": min(2 * rows, p.max_iters_bound)})
 
 
 __all__ = [  # this module's entry points, then the job modules' names most callers use
-    "Prepared", "prepare", "prepare_cluster", "run_prepared", "simulate", "simulate_cluster",
+    "Prepared", "plan_run", "plan_cluster", "prepare", "prepare_cluster", "run_prepared", "simulate", "simulate_cluster",
     "Dims", "Plan", "plan", "place_instances", "needs_dp_sync", "needs_releases", "num_kv_blocks", "latency_tables",
-    "block_table_width", "check_block_sizes", "check_requests_fit", "workload_arrays", "workload_hashes",
+    "block_table_width", "check_block_sizes", "check_kv_holds_context", "check_requests_fit", "check_token_ids",
+    "workload_arrays", "workload_hashes",
     "build", "build_clusters", "IterationBufferFull", "to_result",
 ]

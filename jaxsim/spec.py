@@ -339,14 +339,29 @@ class LinkConfig:
         check_fields(self)
 
 
+# Arrivals must be earlier than this many ns after 0 (2^62 ns, about 146 years). The engine adds
+# iteration and tool durations to arrival times in int64 ns, and int64's largest value stands for
+# "arrives when released" (jaxsim.planning.workload_arrays): with arrivals below 2^62 no sum
+# overflows unless the run itself lasts another 146 simulated years.
+ARRIVAL_HORIZON_NS = 2**62
+# Token ids that jaxsim makes up (synthetic workloads, Mooncake hash_ids) are drawn in [0, this):
+# Llama-2 / Mistral / Mixtral's 32,000 is the smallest vocabulary of the common model families
+# (Llama-3 128,256; Qwen3 151,936), so they are valid ids of every shipped model and pass the
+# vocabulary check (jaxsim.planning.check_token_ids). Random prompts still never share a block by
+# chance: two random 16-token blocks are equal with probability 32,000^-16.
+GENERATED_TOKEN_IDS = 32_000
+
+
 @dataclasses.dataclass
 class Workload:
     """A request trace, numbered in file-line order. Arrays have length N."""
 
-    arrival_ns: np.ndarray  # int64, on the simulator clock
+    arrival_ns: np.ndarray  # int64, on the simulator clock, in [0, ARRIVAL_HORIZON_NS)
     input_toks: np.ndarray  # int32
     output_toks: np.ndarray  # int32, >= 1
-    token_ids: list  # per request: int array of input ids + output ids (None = no ids: never hits)
+    # per request: int array of input ids + output ids (None = no ids: never hits); each id in
+    # [0, vocab_size) of the model that serves it (checked before a run)
+    token_ids: list
     source: str = "<memory>"  # file path or generator description, for messages
     line_numbers: np.ndarray | None = None  # int64 1-based file line per request; None if generated
     # Agentic sessions (REFERENCE.md §1.15): the sub-request released when request i finishes

@@ -217,6 +217,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     # Host side: one plan per point; traces hashed once per distinct trace.
     arrays_cache: dict = {}
     hashes_cache: dict = {}  # rate-scaled traces share their token ids, hence their hashes
+    vocab_checked: set = set()  # (token ids, vocab_size) pairs checked: once per trace and model
     plans = []
     for p in points:
         shared = _shared_inputs(base, p)
@@ -237,8 +238,19 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
         insts = simulator.place_instances(insts, specs, base.links, base.model, base.dp_sync,
                                           key=f"sweep point {len(plans)}: instances")
-        simulator.check_block_sizes(insts, f"sweep point {len(plans)}")
-        simulator.check_requests_fit(insts, f"sweep point {len(plans)}")
+        k = len(plans)
+        simulator.check_block_sizes(insts, f"sweep point {k}")
+        # A point whose KV cache cannot hold one max_model_len request (the num_gpu_blocks and
+        # mem_util knobs vary it) is refused with vLLM's reason, naming the point and its knobs.
+        named = f"sweep point {k} ({', '.join(f'{n}={v}' for n, v in p.items()) or 'the base'})"
+        simulator.check_kv_holds_context(insts, [named if len(insts) == 1 else f"{named}: instance {i}"
+                                                 for i in range(len(insts))])
+        for spec in specs:
+            m = spec.model or base.model
+            if (id(w.token_ids), m.vocab_size) not in vocab_checked:  # (the traces live as long as the sweep)
+                simulator.check_token_ids(w, m, named)
+                vocab_checked.add((id(w.token_ids), m.vocab_size))
+        simulator.check_requests_fit(insts, f"sweep point {k}")
         plans.append(insts)
 
     groups: dict = {}

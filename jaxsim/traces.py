@@ -32,14 +32,11 @@ from typing import ClassVar
 import numpy as np
 
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
-from jaxsim.spec import Workload, check_fields, checked
+from jaxsim.spec import ARRIVAL_HORIZON_NS, GENERATED_TOKEN_IDS, Workload, check_fields, checked
 from jaxsim.workload import iter_jsonl, load_workload
 
 FORMATS = ("jsonl", "azure", "splitwise", "burstgpt", "mooncake", "vidur")
 _INT32_MAX = 2**31 - 1
-# Token ids generated from Mooncake block ids stay below the smallest vocabulary of the shipped
-# models (Llama 3: 128,256), so they are valid ids for any of them.
-_TOKEN_ID_RANGE = 32_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +200,9 @@ def block_token_ids(block_ids: list, input_tokens: int, block_tokens: int, reque
     """The prompt's token ids from its blocks' ids: token k of block j is a hash of (id j, k), so
     equal leading block ids give equal leading tokens. Blocks past the prompt are ignored; prompt
     tokens past the listed blocks hash (``request``, their position) instead, so they are the
-    request's own and never shared."""
+    request's own and never shared. Ids are below :data:`jaxsim.spec.GENERATED_TOKEN_IDS` (32,000),
+    like the synthetic workloads', so they pass the vocabulary check of every shipped model
+    (``jaxsim.planning.check_token_ids`` checks them as any other ids)."""
     n = int(input_tokens)
     pos = np.arange(n, dtype=np.uint64)
     blk = pos // np.uint64(block_tokens)
@@ -212,7 +211,7 @@ def block_token_ids(block_ids: list, input_tokens: int, block_tokens: int, reque
     own = _mix(np.uint64(request) << np.uint64(32) | pos) | np.uint64(1 << 63)  # (listed ids are < 2^63)
     key = np.where(known, ids[np.minimum(blk, max(len(ids) - 1, 0))] if len(ids) else own, own)
     h = _mix(_mix(key) ^ (pos % np.uint64(block_tokens)))
-    return (h % np.uint64(_TOKEN_ID_RANGE)).astype(np.int32)
+    return (h % np.uint64(GENERATED_TOKEN_IDS)).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +275,12 @@ def load_trace(path, fmt: str, opts: TraceOptions = TraceOptions()) -> Workload:
         if max(n_in, n_out) > _INT32_MAX:
             raise JaxsimInputError(f"{path}:{line}", f"{max(n_in, n_out)} tokens is too large",
                                    f"at most {_INT32_MAX}, or set workload.max_tokens")
-        arrival.append(rel - start if opts.rate_scale == 1 else int(round((rel - start) / opts.rate_scale)))
+        at = rel - start if opts.rate_scale == 1 else int(round((rel - start) / opts.rate_scale))
+        if at >= ARRIVAL_HORIZON_NS:  # (jaxsim.spec.ARRIVAL_HORIZON_NS: int64 sums must not overflow)
+            raise JaxsimInputError(f"{path}:{line}", f"this row arrives {at / 1e9:.4g} s after the window's start, "
+                                   "past the 2^62 ns (about 146 years) horizon of the simulator clock",
+                                   "raise workload.rate_scale, shorten the window, or fix the timestamp")
+        arrival.append(at)
         inp.append(n_in)
         out.append(n_out)
         ids.append(None if blocks is None else block_token_ids(blocks, n_in, opts.block_tokens, line))
@@ -289,9 +293,6 @@ def load_trace(path, fmt: str, opts: TraceOptions = TraceOptions()) -> Workload:
                                f"{opts.duration or 'to the end'} s) after the row policies ({stats})",
                                "widen the window, raise workload.sample, or change workload.zero_tokens / "
                                "max_tokens")
-    if max(arrival) >= 2**62:
-        raise JaxsimInputError(str(path), f"the last arrival, {max(arrival) / 1e9:.3g} s, is past the 2^62 ns "
-                               "horizon", "raise workload.rate_scale or shorten the window")
     return Workload(arrival_ns=np.asarray(arrival, np.int64),
                     input_toks=np.asarray(inp, np.int32), output_toks=np.asarray(out, np.int32), token_ids=ids,
                     source=str(path), line_numbers=np.asarray(lines, np.int64), import_stats=stats)

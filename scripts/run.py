@@ -7,8 +7,9 @@
     python scripts/run.py cluster=reference_json cluster.json=my_cluster.json
     python scripts/run.py cluster=pd                                  # prefill/decode disaggregation
 
-Writes requests.csv, summary.json, timeseries.csv and config.yaml to the run's output folder
-(Hydra's outputs/<date>/<time>/ unless output_dir=... is given).
+Writes requests.parquet (requests.csv without pyarrow), summary.json, timeseries.csv and config.yaml
+to the run's output folder (Hydra's outputs/<date>/<time>/ unless output_dir=... is given); see the
+`output` section of conf/config.yaml for the ITL lists and the reference simulator's CSV.
 """
 
 import logging
@@ -21,8 +22,27 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxsim import config as config_lib  # noqa: E402  (registers the schema)
-from jaxsim import metrics, simulator  # noqa: E402
+from jaxsim import compile_cache, metrics, simulator  # noqa: E402
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError  # noqa: E402
+
+
+def simulate_spec(spec: config_lib.RunSpec, check_only: bool = False):
+    """Simulate the run a validated config describes; with ``check_only``, stop after every check
+    a run makes before it compiles (:func:`jaxsim.simulator.plan_run` / ``plan_cluster``) and
+    return the plans (``tests/test_readme.py`` checks the README's commands this way)."""
+    options = dict(profiles_dir=spec.paths.profiles, max_slots=spec.sim.max_slots,
+                   record_token_times=spec.sim.record_token_times, max_iterations=spec.sim.max_iterations)
+    if spec.cluster is None:
+        args = (spec.workload, spec.model_config, spec.hardware, spec.scheduler, spec.model, spec.calibration)
+        if check_only:
+            return [simulator.plan_run(*args, **options)]
+        return simulator.simulate(*args, **options, progress=spec.sim.progress)
+    c = spec.cluster
+    if check_only:
+        return simulator.plan_cluster(spec.workload, spec.model_config, list(c.instances), spec.model, c.links,
+                                      c.dp_sync, **options)
+    return simulator.simulate_cluster(spec.workload, spec.model_config, list(c.instances), c.router, spec.model,
+                                      c.links, c.dp_sync, **options, progress=spec.sim.progress)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -30,25 +50,24 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
     try:
         spec = config_lib.from_hydra(cfg)
-        options = dict(profiles_dir=spec.paths.profiles, max_slots=spec.sim.max_slots,
-                       record_token_times=spec.sim.record_token_times, max_iterations=spec.sim.max_iterations)
-        if spec.cluster is None:
-            result = simulator.simulate(spec.workload, spec.model_config, spec.hardware, spec.scheduler, spec.model,
-                                        spec.calibration, **options)
-        else:
-            result = simulator.simulate_cluster(spec.workload, spec.model_config, list(spec.cluster.instances),
-                                                spec.cluster.router, spec.model, spec.cluster.links,
-                                                spec.cluster.dp_sync, **options)
+        if spec.sim.compile_cache:
+            compile_cache.enable(spec.sim.compile_cache_dir or None)
+        result = simulate_spec(spec)
     except (JaxsimInputError, CapacityOverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     out = spec.output_dir or "outputs/run"
     imported = spec.workload.import_stats
     summary = metrics.write_outputs(result, out, config_dict=spec.config, model_name=spec.model.name,
-                                    extra={"workload_import": imported} if imported else None)
+                                    extra={"workload_import": imported} if imported else None, options=spec.output)
     print(metrics.format_summary(summary))
     print(f"\noutputs written to {Path(out).resolve()}")
 
 
 if __name__ == "__main__":
+    try:
+        config_lib.check_cli_overrides(sys.argv[1:])  # a typo named before Hydra's "use +" advice
+    except JaxsimInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

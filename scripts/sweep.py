@@ -55,7 +55,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxsim import config as config_lib  # noqa: E402  (registers the schema)
-from jaxsim import report  # noqa: E402
+from jaxsim import compile_cache, report  # noqa: E402
 from jaxsim import sweep as sweep_lib  # noqa: E402
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError  # noqa: E402
 
@@ -68,6 +68,8 @@ def run_sweep(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = T
     Raises :class:`JaxsimInputError` for bad config values, naming the key.
     """
     spec = config_lib.from_hydra(cfg)
+    if spec.sim.compile_cache:
+        compile_cache.enable(spec.sim.compile_cache_dir or None)
     opts = config_lib.sweep_options(spec.config.get("sweep"))
     base = config_lib.sweep_base(spec, opts)
     points = opts.points()
@@ -128,4 +130,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        config_lib.check_cli_overrides(sys.argv[1:])  # a typo named before Hydra's "use +" advice
+    except JaxsimInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxsim import metrics, simulator, validation  # noqa: E402
+from jaxsim import compile_cache, metrics, simulator, validation  # noqa: E402
 from jaxsim.engine.routing import Router  # noqa: E402
 from jaxsim.errors import JaxsimInputError  # noqa: E402
 from jaxsim.spec import Calibration  # noqa: E402
@@ -50,7 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=str(ROOT / "profiles" / "models"))
     ap.add_argument("--workloads", default=str(ROOT / "profiles" / "workloads"))
     ap.add_argument("--json", help="write the comparison here")
+    ap.add_argument("--no-compile-cache", action="store_true",
+                    help="do not use JAX's persistent compilation cache (jaxsim/compile_cache.py)")
     args = ap.parse_args(argv)
+    if not args.no_compile_cache:
+        compile_cache.enable()
     try:
         comparison = run_case(args.case_dir, args.profiles, args.models, args.workloads)
     except JaxsimInputError as e:

@@ -41,3 +41,13 @@ def load_trace(num_requests: int = 0):
     from jaxsim.workload import load_workload
 
     return load_workload(TRACE, num_requests)
+
+
+def runtime_for(num_blocks: int, block_size: int = 16, **kw):
+    """A ``ModelRuntimeConfig`` whose ``max_model_len`` a KV cache of ``num_blocks`` blocks holds
+    (``num_blocks * block_size`` tokens). vLLM refuses a cache smaller than one ``max_model_len``
+    request at start-up, and so does jaxsim (``planning.check_kv_holds_context``): the tests' small
+    caches (built to force preemption, eviction or a stall) keep their meaning with this context."""
+    from jaxsim.spec import ModelRuntimeConfig
+
+    return ModelRuntimeConfig(max_model_len=num_blocks * block_size, **kw)

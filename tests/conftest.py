@@ -16,6 +16,10 @@ import sys
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# The CLIs turn JAX's persistent compilation cache on (jaxsim/compile_cache.py); tests that drive
+# them must not write into the user's cache folder (nor time their compiles against it).
+os.environ.setdefault("JAXSIM_COMPILE_CACHE", "0")
+
 import pytest  # noqa: E402
 
 from _shared import SCRIPTS, load_model, load_trace  # noqa: E402

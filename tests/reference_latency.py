@@ -5,7 +5,8 @@ shares no code with ``jaxsim.profiles`` / ``jaxsim.latency`` on purpose, so that
 can be checked against it for exact integer equality.
 
 Conventions chosen here (and mirrored by jaxsim, see ``jaxsim/latency.py``):
-  * duplicate keys in a table: the last row wins;
+  * duplicate keys in a table: the last row wins (jaxsim refuses them at load, so the shipped
+    tables it is compared on have none);
   * a bracket on a key uses that key's value exactly; a table with a single key is constant;
   * the nearest-slice fallback breaks ties by the smallest (pc, nd);
   * TP AllReduce: ring, ``2(N-1)`` steps of ``link_latency + (T*H*fp/N)/link_bw``, floored to ns;

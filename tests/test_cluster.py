@@ -18,13 +18,14 @@ from jaxsim.engine import cluster, routing
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import HardwareConfig, InstanceSpec, SchedulerConfig, Workload
 
-from _shared import PROFILES, load_model, load_trace
+from _shared import PROFILES, load_model, load_trace, runtime_for
 
 MODEL = load_model()
 SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024)
 PRO = InstanceSpec(HardwareConfig(num_gpu_blocks=600), SCHED)
 RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, link_latency_ns=1000,
                          cpu_mem_bw_gbps=50, num_gpu_blocks=400)
+RT = runtime_for(400)  # a max_model_len every instance's cache holds (vLLM refuses a smaller cache)
 
 
 def _features(**kw):
@@ -75,13 +76,13 @@ def test_round_robin_pair_equals_two_lone_instances(sharegpt16):
     """Round robin sends arrivals alternately to two identical instances; each then serves
     exactly the requests a lone instance would serve on that half of the trace."""
     w = sharegpt16
-    res = simulator.simulate_cluster(w, MODEL, [PRO, PRO], routing.Router("round_robin"), profiles_dir=PROFILES,
+    res = simulator.simulate_cluster(w, MODEL, [PRO, PRO], routing.Router("round_robin"), RT, profiles_dir=PROFILES,
                                      max_slots=12, record_token_times=False)
     order = np.lexsort((np.arange(w.num_requests), w.arrival_ns))
     np.testing.assert_array_equal(res.instance[order], np.arange(w.num_requests) % 2)
     for k in range(2):
         idx = np.sort(order[k::2])
-        lone = simulator.simulate(_split(w, idx), MODEL, PRO.hw, PRO.sched, profiles_dir=PROFILES, max_slots=12,
+        lone = simulator.simulate(_split(w, idx), MODEL, PRO.hw, PRO.sched, RT, profiles_dir=PROFILES, max_slots=12,
                                   record_token_times=False)
         for name in ("first_scheduled_ns", "first_token_ns", "finish_ns", "prefix_hit_tokens", "num_preemptions"):
             np.testing.assert_array_equal(getattr(res, name)[idx], getattr(lone, name), err_msg=name)
@@ -99,7 +100,7 @@ def _three_instances():
 def test_least_loaded_heterogeneous_cluster_invariants(sharegpt16):
     w = sharegpt16
     specs = _three_instances()
-    p = simulator.prepare_cluster(w, MODEL, specs, routing.Router("least_loaded"), profiles_dir=PROFILES,
+    p = simulator.prepare_cluster(w, MODEL, specs, routing.Router("least_loaded"), RT, profiles_dir=PROFILES,
                                   max_slots=12, record_token_times=False)
     final = jax.device_get(simulator.run_prepared(p))
     res = simulator.to_result(p, final)
@@ -149,8 +150,8 @@ def test_prefix_affinity_follows_the_cache():
         arrival.append(i * 2_000_000_000)  # 2 s apart: each request is done before the next
     w = Workload(arrival_ns=np.array(arrival, np.int64), input_toks=np.array([len(x) - 8 for x in ids], np.int32),
                  output_toks=np.full(8, 8, np.int32), token_ids=ids, source="<families>")
-    res = simulator.simulate_cluster(w, MODEL, [PRO, PRO], routing.Router("prefix_affinity"), profiles_dir=PROFILES,
-                                     max_slots=12, record_token_times=False)
+    res = simulator.simulate_cluster(w, MODEL, [PRO, PRO], routing.Router("prefix_affinity"), RT,
+                                     profiles_dir=PROFILES, max_slots=12, record_token_times=False)
     first = {0: res.instance[0], 1: res.instance[1]}
     assert first[0] != first[1]  # the idle cluster spreads the first two (scan order)
     for i in range(2, 8):
@@ -175,7 +176,7 @@ def _check_sweep_equals_runs(base, points, result):
     for i, point in enumerate(points):
         kw = sweep.point_inputs(base, point)
         single = simulator.simulate_cluster(kw["workload"], MODEL, sweep.point_instances(base, point), base.router,
-                                            profiles_dir=PROFILES, max_slots=12, record_token_times=False,
+                                            kw["rt"], profiles_dir=PROFILES, max_slots=12, record_token_times=False,
                                             scales=kw["scales"])
         np.testing.assert_array_equal(result.requests[i]["first_token"], single.first_token_ns)
         np.testing.assert_array_equal(result.requests[i]["finish"], single.finish_ns)
@@ -188,7 +189,7 @@ def test_cluster_designs_of_different_sizes_share_a_sweep(sharegpt16):
     instances share one compiled chunk: the 1-instance design is padded with an instance nothing
     is routed to, and still equals its own (lone-instance) run; knobs apply to every instance."""
     from jaxsim import sweep
-    base = sweep.SweepBase(sharegpt16, MODEL, profiles_dir=PROFILES, max_slots=12,
+    base = sweep.SweepBase(sharegpt16, MODEL, runtime=RT, profiles_dir=PROFILES, max_slots=12,
                            router=routing.Router("least_loaded"), cluster_options={"one": (PRO,), "mixed": MIXED_PAIR})
     points = [{"cluster": "one"}, {"cluster": "mixed"}, {"cluster": "one", "max_num_seqs": 2},
               {"cluster": "mixed", "max_num_seqs": 2}, {"cluster": "mixed", "arrival_rate_scale": 3.0, "compute_scale": 0.8}]
@@ -204,19 +205,21 @@ def test_a_request_routed_to_an_instance_too_small_for_it_is_diagnosed_there():
     """Round robin sends r1 (3000 + 2 tokens: 188 blocks) to instance 1, which has 50 blocks; the
     600-block instance 0 could serve it, so the run is not refused up front. The run stalls once
     instance 0 is done, and the error names r1, instance 1 and its own 50 blocks (not the
-    cluster's 650)."""
+    cluster's 650). (max_model_len 800, what the 50 blocks hold: vLLM would reject r1 as longer
+    than that, but the Python API leaves request lengths to the caller, so the stall path is
+    still reachable.)"""
     w = Workload(np.arange(4, dtype=np.int64) * 1_000_000, np.array([100, 3000, 100, 100], np.int32),
                  np.full(4, 2, np.int32), [None] * 4, "mixed-sizes")
     tiny = InstanceSpec(HardwareConfig(num_gpu_blocks=50), SCHED)
     with pytest.raises(JaxsimInputError, match=r"mixed-sizes:2: request 1 \(line 2\) can never be scheduled on instance 1: "
                                                r".*cache of 50 blocks of 16 tokens"):
-        simulator.simulate_cluster(w, MODEL, [PRO, tiny], routing.Router("round_robin"), profiles_dir=PROFILES,
-                                   max_slots=8, record_token_times=False)
+        simulator.simulate_cluster(w, MODEL, [PRO, tiny], routing.Router("round_robin"), runtime_for(50),
+                                   profiles_dir=PROFILES, max_slots=8, record_token_times=False)
     # No instance can hold it: refused before the run, with the largest capacity on offer.
     with pytest.raises(JaxsimInputError, match=r"mixed-sizes:2: request 1 .*needs 188 blocks.*the largest instance that "
                                                r"may hold it has 50 blocks \[cluster.instances\]"):
-        simulator.prepare_cluster(w, MODEL, [tiny, tiny], routing.Router("round_robin"), profiles_dir=PROFILES,
-                                  max_slots=8)
+        simulator.prepare_cluster(w, MODEL, [tiny, tiny], routing.Router("round_robin"), runtime_for(50),
+                                  profiles_dir=PROFILES, max_slots=8)
 
 
 def test_requests_fit_check_follows_every_path_a_request_may_take():

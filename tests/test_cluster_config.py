@@ -141,7 +141,7 @@ def test_instances_of_another_model(llama):
     that model's tables and KV size per instance; P/D pairs must share a model."""
     from jaxsim import simulator
     from jaxsim.model import load_model_config
-    from jaxsim.spec import InstanceSpec
+    from jaxsim.spec import InstanceSpec, ModelRuntimeConfig
     from jaxsim.workload import load_workload
 
     specs, _ = load_cluster_json(CLUSTERS / "single_node_multi_instance.json", HardwareConfig(), SchedulerConfig(),
@@ -150,7 +150,8 @@ def test_instances_of_another_model(llama):
     qwen = load_model_config(MODELS, "Qwen/Qwen3-32B")
     w = load_workload(WORKLOADS / "example_trace.jsonl")
     hw = HardwareConfig(num_gpu_blocks=300)
-    p = simulator.prepare_cluster(w, llama, [InstanceSpec(hw), InstanceSpec(hw, model=qwen)],
+    rt = ModelRuntimeConfig(max_model_len=300 * 16)  # what the 300 blocks hold (vLLM refuses less)
+    p = simulator.prepare_cluster(w, llama, [InstanceSpec(hw), InstanceSpec(hw, model=qwen)], rt=rt,
                                   profiles_dir=PROFILES)
     assert p.params.num_layers.tolist() == [32, 64]
     assert p.params.kv_token_bytes.tolist() == [2 * 1024 * 32 * 2, 2 * 1024 * 64 * 2]

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 
 from jaxsim import config as jconfig
 from jaxsim.errors import JaxsimInputError
-from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.metrics import OutputOptions
+from jaxsim.spec import Calibration, HardwareConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -39,7 +40,9 @@ def test_defaults():
     assert r.scheduler == SchedulerConfig()
     assert r.model == ModelRuntimeConfig(name="meta-llama/Llama-3.1-8B")
     assert r.calibration == Calibration()
-    assert r.sim == jconfig.SimOptions(max_slots=0, record_token_times=True, max_iterations=0)
+    assert r.sim == jconfig.SimOptions(max_slots=0, record_token_times=True, max_iterations=0, progress=True,
+                                       compile_cache=True, compile_cache_dir=None)
+    assert r.output == OutputOptions(requests_format="auto", itl_lists=False, reference_csv=False)
     assert r.paths.root == ROOT
     assert r.paths.profiles == ROOT / "profiles"
     assert r.paths.models == ROOT / "profiles" / "models"
@@ -185,7 +188,7 @@ def test_schema_type_errors_at_compose():
 # `sweep` (-> SweepOptions, a flat slo), `cluster` (-> ClusterSpec: instance entries, routing),
 # `paths` (-> Paths, with interpolations) and `output_dir`.
 SPEC_GROUPS = {"hardware": HardwareConfig, "model": ModelRuntimeConfig, "scheduler": SchedulerConfig,
-               "calibration": Calibration, "sim": jconfig.SimOptions}
+               "calibration": Calibration, "sim": jconfig.SimOptions, "output": OutputOptions}
 OTHER_SECTIONS = {"workload", "sweep", "cluster", "paths", "output_dir"}
 # A valid value for every field, other than the default where the rest of the config allows it.
 OVERRIDES = {
@@ -198,7 +201,9 @@ OVERRIDES = {
                       long_prefill_token_threshold=512, reserve_full_isl=False, enable_prefix_caching=False,
                       block_size=32, async_scheduling=False),
     "calibration": dict(iteration_overhead_ns=1, first_token_delay_ns=2, token_output_delay_ns=3),
-    "sim": dict(max_slots=64, record_token_times=False, max_iterations=1000),
+    "sim": dict(max_slots=64, record_token_times=False, max_iterations=1000, progress=False, compile_cache=False,
+                compile_cache_dir="/tmp/jaxsim-cache"),
+    "output": dict(requests_format="csv", itl_lists=True, reference_csv=True),
 }
 
 
@@ -218,7 +223,7 @@ def test_every_spec_field_overrides_from_the_command_line():
                                         for g, values in OVERRIDES.items() for k, v in values.items()]
     r = spec(overrides)
     got = {"hardware": r.hardware, "model": r.model, "scheduler": r.scheduler, "calibration": r.calibration,
-           "sim": r.sim}
+           "sim": r.sim, "output": r.output}
     for group, cls in SPEC_GROUPS.items():
         assert got[group] == cls(**OVERRIDES[group]), group
 
@@ -229,3 +234,32 @@ def test_hardware_pp_on_the_command_line():
         spec(["hardware.pp=0"])
     with pytest.raises(ConfigCompositionException):  # removed: nothing read it
         make(["hardware.mem_bw_gbps=1597"])
+
+
+def test_command_line_typos_are_named_before_hydra():
+    """scripts/run.py and sweep.py check override keys first: Hydra's own message would advise `+`."""
+    with pytest.raises(JaxsimInputError, match=r"^scheduler\.max_num_seq: unknown field \(did you mean 'max_num_seqs'"):
+        jconfig.check_cli_overrides(["hardware=rtx4090", "scheduler.max_num_seq=8"])
+    with pytest.raises(JaxsimInputError, match=r"^sweep\.axis: unknown field \(did you mean 'axes'"):
+        jconfig.check_cli_overrides(["-m", "sweep.axis.x=[1,2]"])
+    with pytest.raises(JaxsimInputError, match=r"^output\.itl_list: unknown field \(did you mean 'itl_lists'"):
+        jconfig.check_cli_overrides(["output.itl_list=true"])
+    # valid keys, free-form mappings, + and ~, Hydra's keys and flags pass (Hydra reads them)
+    jconfig.check_cli_overrides(["scheduler.max_num_seqs=8", "workload.input_len.kind=fixed", "+x.y=1", "~sim",
+                                 "hydra.run.dir=/tmp", "hydra/launcher=basic", "--cfg", "job", "sweep.axes.tp=[1,2]"])
+
+
+def test_cluster_links_from_the_command_line():
+    """cluster.links has LinkConfig's fields (None: the default, or a cluster JSON's value), so one
+    link setting overrides without `+`, and a cluster JSON's links are replaced field by field."""
+    assert spec(["cluster=pair", "cluster.links.intra_node_bw_gbps=3"]).cluster.links == LinkConfig(
+        intra_node_bw_gbps=3.0)
+    assert spec(["cluster=pair", "cluster.links={inter_node_latency_ns:5}"]).cluster.links == LinkConfig(
+        inter_node_latency_ns=5.0)
+    # single_node_pd_instance.json: the reference's default links; one field replaced, the rest kept
+    c = spec(["cluster=reference_json", "cluster.json=${paths.profiles}/clusters/single_node_pd_instance.json",
+              "cluster.links.kv_transfer=after_prefill"]).cluster
+    assert c.links == LinkConfig(16.0, 20000.0, 16.0, 20000.0, kv_transfer="after_prefill")
+    with pytest.raises(JaxsimInputError, match=r"^cluster\.links\.intra_bw: unknown field \(did you mean "
+                                               r"'intra_node_bw_gbps'"):
+        jconfig.check_cli_overrides(["cluster.links={intra_bw:3}"])

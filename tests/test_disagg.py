@@ -27,13 +27,14 @@ from jaxsim.engine import routing
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig, Workload
 
-from _shared import PROFILES, load_model, load_trace
+from _shared import PROFILES, load_model, load_trace, runtime_for
 
 MODEL = load_model()
 SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024)
 HW = HardwareConfig(num_gpu_blocks=600)
 RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, link_latency_ns=1000,
                          cpu_mem_bw_gbps=50, num_gpu_blocks=400)
+RT = runtime_for(400)  # a max_model_len every instance's cache holds (vLLM refuses a smaller cache)
 CALIB = Calibration()
 KV_TOKEN_BYTES = 2 * MODEL.kv_dim * MODEL.num_layers * 2  # K+V, 32 layers, bf16: 131,072 bytes
 
@@ -60,7 +61,7 @@ LINKS = LinkConfig(intra_node_bw_gbps=100.0, intra_node_latency_ns=1000.0,
 def test_kv_transfer_times_by_hand(decode_node, mode):
     links = dataclasses.replace(LINKS, kv_transfer=mode)
     specs = [InstanceSpec(HW, SCHED, role="prefill", node=0), InstanceSpec(HW, SCHED, role="decode", node=decode_node)]
-    res = simulator.simulate_cluster(_separated(), MODEL, specs, links=links, profiles_dir=PROFILES, max_slots=8)
+    res = simulator.simulate_cluster(_separated(), MODEL, specs, rt=RT, links=links, profiles_dir=PROFILES, max_slots=8)
     bw, lat = ((LINKS.intra_node_bw_gbps, LINKS.intra_node_latency_ns) if decode_node == 0
                else (LINKS.inter_node_bw_gbps, LINKS.inter_node_latency_ns))
     L = MODEL.num_layers
@@ -97,7 +98,8 @@ def test_mixed_hardware_pd_cluster_invariants(sharegpt16):
     small = InstanceSpec(RTX4090, dataclasses.replace(SCHED, max_num_seqs=2), role="decode", node=1)
     specs = [InstanceSpec(HW, SCHED, role="prefill"), InstanceSpec(HW, SCHED, role="decode", node=1), small]
     w = sharegpt16
-    p = simulator.prepare_cluster(w, MODEL, specs, routing.Router("least_loaded"), profiles_dir=PROFILES, max_slots=8)
+    p = simulator.prepare_cluster(w, MODEL, specs, routing.Router("least_loaded"), RT, profiles_dir=PROFILES,
+                                  max_slots=8)
     final = jax.device_get(simulator.run_prepared(p))
     res = simulator.to_result(p, final)
     n = w.num_requests
@@ -174,7 +176,7 @@ def _check_session_release(w, res):
 
 def test_sessions_release_on_finish_and_hit_their_context():
     w = _sessions()
-    res = simulator.simulate(w, MODEL, HW, SCHED, profiles_dir=PROFILES, max_slots=8)
+    res = simulator.simulate(w, MODEL, HW, SCHED, RT, profiles_dir=PROFILES, max_slots=8)
     _check_session_release(w, res)
     np.testing.assert_array_equal(res.arrival_ns[~w.released], w.arrival_ns[~w.released])
     # A sub-request finds its predecessor's prompt and output (all but the last token, whose KV is
@@ -190,13 +192,13 @@ def test_sweep_over_colocated_and_disaggregated_designs_equals_runs():
     w = _sessions()
     designs = {"colocated": (InstanceSpec(HW, SCHED), InstanceSpec(HW, SCHED)),
                "pd": (InstanceSpec(HW, SCHED, role="prefill"), InstanceSpec(HW, SCHED, role="decode", node=1))}
-    base = sweep.SweepBase(w, MODEL, profiles_dir=PROFILES, max_slots=8, cluster_options=designs,
+    base = sweep.SweepBase(w, MODEL, runtime=RT, profiles_dir=PROFILES, max_slots=8, cluster_options=designs,
                            router=routing.Router("least_loaded"), links=LINKS)
     points = [{"cluster": "colocated"}, {"cluster": "pd"}]
     result = sweep.sweep(base, points, progress=False, keep_requests=True)
     assert result.num_groups == 1
     for i, point in enumerate(points):
-        single = simulator.simulate_cluster(w, MODEL, sweep.point_instances(base, point), base.router,
+        single = simulator.simulate_cluster(w, MODEL, sweep.point_instances(base, point), base.router, RT,
                                             links=base.links, profiles_dir=PROFILES, max_slots=8,
                                             record_token_times=False)
         _check_session_release(w, single)

@@ -29,7 +29,7 @@ from jaxsim.workload import load_workload, shift_workload
 
 import reference_latency as ref_lat
 import reference_sim
-from _shared import CASE, MODELS, PROFILES, load_model, load_trace
+from _shared import CASE, MODELS, PROFILES, load_model, load_trace, runtime_for
 
 MS = 1_000_000
 NONE = Calibration.none()
@@ -101,9 +101,12 @@ _RESULTS = {}
 
 
 def sim(wname, hw=HardwareConfig(), sched=SchedulerConfig(), calib=NONE, **kw):
-    """simulate() on a named workload, cached per configuration."""
+    """simulate() on a named workload, cached per configuration (a small ``num_gpu_blocks`` runs
+    with the max_model_len it holds: ``runtime_for``)."""
     key = (wname, hw, sched, calib, tuple(sorted(kw.items())))
     if key not in _RESULTS:
+        if hw.num_gpu_blocks is not None:
+            kw = {"rt": runtime_for(hw.num_gpu_blocks, sched.block_size), **kw}
         _RESULTS[key] = simulator.simulate(WORKLOADS[wname](), model(), hw, sched, calib=calib,
                                            profiles_dir=PROFILES, **kw)
     return _RESULTS[key]
@@ -314,11 +317,12 @@ def test_request_that_never_fits_raises(reserve_full_isl):
     with pytest.raises(JaxsimInputError, match=r"two-requests:1: request 0 \(line 1\) can never be scheduled: its KV at "
                                                r"its last decode needs 188 blocks of 16 tokens \(input 3000 \+ output 3 tokens\) and "
                                                r"the KV cache holds 150 blocks"):
-        simulator.simulate(two_requests(), model(), HardwareConfig(num_gpu_blocks=150), sched, calib=NONE,
-                           profiles_dir=PROFILES, max_slots=SLOTS)
+        simulator.simulate(two_requests(), model(), HardwareConfig(num_gpu_blocks=150), sched, runtime_for(150),
+                           calib=NONE, profiles_dir=PROFILES, max_slots=SLOTS)
     # 188 blocks fit: the run is not refused (it ends: r0 runs alone)
     simulator.check_requests_fit([simulator.plan(two_requests(), model(), HardwareConfig(num_gpu_blocks=188), sched,
-                                                 calib=NONE, profiles_dir=PROFILES, max_slots=SLOTS)])
+                                                 runtime_for(188), calib=NONE, profiles_dir=PROFILES,
+                                                 max_slots=SLOTS)])
 
 
 def test_prompt_over_the_budget_without_chunking_is_refused():
@@ -342,8 +346,8 @@ def test_stall_with_a_queue_longer_than_the_slots_is_found_at_once(monkeypatch):
     w = Workload(np.zeros(12, np.int64), np.array([3000] + [20] * 11, np.int32), np.full(12, 2, np.int32),
                  [None] * 12, "queue")
     monkeypatch.setattr(simulator, "check_requests_fit", lambda *a, **k: None)
-    p = simulator.prepare(w, model(), HardwareConfig(num_gpu_blocks=10), SchedulerConfig(max_num_seqs=2), calib=NONE,
-                          profiles_dir=PROFILES, max_slots=4)
+    p = simulator.prepare(w, model(), HardwareConfig(num_gpu_blocks=10), SchedulerConfig(max_num_seqs=2),
+                          runtime_for(10), calib=NONE, profiles_dir=PROFILES, max_slots=4)
     final = jax.device_get(simulator.run_prepared(p))
     assert int(final.status) == int(Status.STALLED) and int(final.steps) <= 3 and int(final.finished) == 0
     with pytest.raises(JaxsimInputError, match=r"queue:1: request 0 \(line 1\) can never be scheduled on the instance: "
@@ -359,8 +363,8 @@ def test_async_zombie_blocks_do_not_cause_a_false_stall():
     fits (it does with sync scheduling): the engine processes Z's output, then schedules again."""
     w = Workload(np.array([0, 0], np.int64), np.array([20, 111], np.int32), np.array([2, 33], np.int32),
                  [None, None], "zombie")
-    r = simulator.simulate(w, model(), HardwareConfig(num_gpu_blocks=9), SchedulerConfig(), calib=NONE,
-                           profiles_dir=PROFILES, max_slots=SLOTS)
+    r = simulator.simulate(w, model(), HardwareConfig(num_gpu_blocks=9), SchedulerConfig(), runtime_for(9),
+                           calib=NONE, profiles_dir=PROFILES, max_slots=SLOTS)
     assert (r.finish_ns > 0).all()
 
 
@@ -453,8 +457,8 @@ def test_vmap_over_configs_equals_loop():
         (dataclasses.replace(BASE12, max_num_batched_tokens=1077, async_scheduling=False),
          Calibration(2_000_000, 3_000_000, 1_000_000)),
     ]
-    ps = [simulator.prepare(w, model(), hw, s, calib=c, profiles_dir=PROFILES, max_slots=SLOTS)
-          for s, c in configs]
+    ps = [simulator.prepare(w, model(), hw, s, runtime_for(SMALL_BLOCKS), calib=c, profiles_dir=PROFILES,
+                            max_slots=SLOTS) for s, c in configs]
     p0 = ps[0]
     shapes = [jax.tree.map(lambda x: (x.shape, x.dtype), (p.state, p.params, p.workload)) for p in ps]
     assert all(p.static == p0.static for p in ps) and all(s == shapes[0] for s in shapes)

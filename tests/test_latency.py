@@ -312,29 +312,113 @@ def test_bad_skew_label(tmp_path, llama):
     assert f"{path}:4" in str(e.value)
 
 
-def test_missing_layer_warns_or_raises(tmp_path, llama):
+def test_missing_layer_is_an_error_naming_file_and_layer(tmp_path, llama):
+    """A layer of the sequence without rows used to be skipped with one stderr line (deleting a
+    layer's rows cut TPOT 13%): it is an error naming the CSV and the layer, like lm_head and an
+    empty dense table."""
     root, dst = _copy_bundle(tmp_path)
     m = llama
     path = dst / "tp1" / "dense.csv"
     text = path.read_text()
     path.write_text("\n".join(x for x in text.splitlines() if not x.startswith("rotary_emb,")) + "\n")
-    with pytest.warns(UserWarning, match="rotary_emb"):
-        b = load_profile_bundle(root, "RTXPRO6000", m)
-    assert "rotary_emb" not in b.sequence["pre_attn"]
-    # the skipped layer simply contributes nothing
-    full_m, full_b, hw, rb = _setup()
-    t_full = _time(latency_tables(full_b, m, hw), 64, 1, 64, 0, 0, 0, 0, 0)[0]
-    t_skip = _time(latency_tables(b, m, hw), 64, 1, 64, 0, 0, 0, 0, 0)[0]
-    rot = ref.trunc(ref.lookup_1d(rb.dense["rotary_emb"], 64)[0])
-    assert t_full - t_skip == m.num_layers * rot
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(root, "RTXPRO6000", m)
+    assert e.value.where == str(path)
+    assert e.value.problem == "no rows for layer 'rotary_emb' (sequence.pre_attn of architectures/llama.yaml)"
     path.write_text(text)
     ps = dst / "tp1" / "per_sequence.csv"
     ps.write_text("\n".join(x for x in ps.read_text().splitlines() if not x.startswith("lm_head,")) + "\n")
-    with pytest.raises(JaxsimInputError, match="lm_head"):
+    with pytest.raises(JaxsimInputError, match=r"per_sequence.csv: no rows for layer 'lm_head'"):
         load_profile_bundle(root, "RTXPRO6000", m)
     path.write_text("layer,tokens,time_us\n")
     with pytest.raises(JaxsimInputError, match="dense"):
         load_profile_bundle(root, "RTXPRO6000", m)
+
+
+def test_grid_point_profiled_twice_names_both_lines(tmp_path, llama):
+    """One appended line `qkv_proj,1,100000` used to replace the profiled 35.8 µs (the last row won:
+    the makespan went from 66 s to 605 s without a warning). A repeated point of any table is an
+    error naming both lines."""
+    root, dst = _copy_bundle(tmp_path)
+    for name, extra, what in (("dense.csv", "qkv_proj,1,100000", "layer 'qkv_proj' at tokens = 1"),
+                              ("attention.csv", "0,0,1,32,9.0", "the attention point (prefill_chunk 0, kv_prefill 0, "
+                                                                "n_decode 1, kv_decode 32)"),
+                              ("skew_fit.csv", None, "the skew bucket")):
+        path = dst / "tp1" / name
+        text = path.read_text()
+        lines = text.splitlines()
+        extra = extra or lines[1]  # the first data row again
+        first = next(i for i, x in enumerate(lines, start=1) if x.rsplit(",", 1)[0] == extra.rsplit(",", 1)[0])
+        n = len(lines) + 1
+        path.write_text(text + extra + "\n")
+        with pytest.raises(JaxsimInputError) as e:
+            load_profile_bundle(root, "RTXPRO6000", llama)
+        assert e.value.where == f"{path}:{n}", name
+        assert e.value.problem.startswith(what) and f"profiled twice (lines {first} and {n})" in e.value.problem
+        path.write_text(text)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_non_finite_or_negative_time_names_the_line(tmp_path, llama, value):
+    root, dst = _copy_bundle(tmp_path)
+    path = dst / "tp1" / "dense.csv"
+    lines = path.read_text().splitlines()
+    lines[1092] = f"qkv_proj,64,{value}"  # line 1093
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JaxsimInputError, match="negative time_us" if value == "-1" else "is not a finite number") as e:
+        load_profile_bundle(root, "RTXPRO6000", llama)
+    assert e.value.where == f"{path}:1093"
+
+
+def test_rows_in_any_order_give_the_same_tables(tmp_path, llama):
+    """The format does not require sorted rows: the loader sorts every axis."""
+    root, dst = _copy_bundle(tmp_path)
+    path = dst / "tp1" / "dense.csv"
+    header, *rows = path.read_text().splitlines()
+    path.write_text("\n".join([header] + rows[::-1]) + "\n")
+    _, want, _, _ = _setup()
+    got = load_profile_bundle(root, "RTXPRO6000", llama)
+    for layer, tab in want.dense.items():
+        np.testing.assert_array_equal(got.dense[layer].keys, tab.keys)
+        np.testing.assert_array_equal(got.dense[layer].values_ns, tab.values_ns)
+
+
+def test_outliers_are_counted_listed_and_reach_the_summary(tmp_path, llama):
+    """A point far off its neighbours (grid_outliers: > 4x above or below both) is used as measured,
+    listed on the bundle, warned about once, and counted in the run summary. The shipped bundles
+    have none. Host-side: the summary comes from the prepared (not run) state."""
+    from jaxsim import metrics, simulator
+    from jaxsim.profiles import grid_outliers
+    from jaxsim.spec import SchedulerConfig, Workload
+
+    assert grid_outliers([1, 2, 3, 4], [10, 11, 100, 13]) == [(2, (11.0, 13.0))]
+    assert grid_outliers([1, 2, 3, 4], [10, 11, 2, 13]) == [(2, (11.0, 13.0))]
+    assert grid_outliers([1, 2, 4, 8], [1, 4, 16, 64]) == []  # steep but smooth (quadratic over a doubling grid)
+    assert grid_outliers([1, 2, 3], [50, 11, 12]) == [(0, (11.0, 10.0))]  # an end: its neighbour, the extrapolation
+    _, shipped, _, _ = _setup()
+    assert shipped.outliers == []
+    root, dst = _copy_bundle(tmp_path)
+    path = dst / "tp1" / "dense.csv"
+    lines = path.read_text().splitlines()
+    lines[1092] = "qkv_proj,64,100000"  # line 1093; neighbours 35.808 (60 tokens) and 42.7097 (80)
+    path.write_text("\n".join(lines) + "\n")
+    att = dst / "tp1" / "attention.csv"  # an attention point 10x its kvd (and kp) neighbours: listed once
+    lines = att.read_text().splitlines()
+    assert lines[9234] == "128,512,4,1024,45.216"
+    lines[9234] = "128,512,4,1024,452.16"
+    att.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"2 profile point\(s\) more than 4x above or below their grid neighbours"):
+        b = load_profile_bundle(root, "RTXPRO6000", llama)
+    assert b.outliers == [f"{att}:9235 attention pc=128 kp=512 nd=4 kvd=1024 time_us=452.16 (neighbours 32.6613, "
+                          "66.4103)", f"{path}:1093 qkv_proj tokens=64 time_us=100000 (neighbours 35.808, 42.7097)"]
+    assert int(b.dense["qkv_proj"].values_ns[list(b.dense["qkv_proj"].keys).index(64)]) == 100_000_000  # as measured
+    w = Workload(np.zeros(1, np.int64), np.array([100], np.int32), np.array([2], np.int32), [None], "one")
+    with pytest.warns(UserWarning):
+        p = simulator.prepare(w, llama, HardwareConfig(), SchedulerConfig(max_num_seqs=4), profiles_dir=root,
+                              max_slots=8)
+    assert p.profile_outliers == tuple(b.outliers)
+    summary = metrics.summarize(simulator.to_result(p, p.state))  # the initial state: nothing ran
+    assert summary["profile_outliers"] == {"count": 2, "first": b.outliers}
 
 
 # ------------------------------------------------------------ MoE: EP collectives, expert skew, hybrid

@@ -4,7 +4,7 @@ Leaps are compiled by default only for clusters of ``planning.LEAP_MIN_INSTANCES
 the runs here turn them on explicitly (``Static.leap = 9``). Here a run with leaps is compared, leaf by leaf, with the same run where
 every batch end takes a step of its own (``Static.leap = 1``): the whole final state (per-request
 outputs, token times, iteration rows, KV pools and prefix index, counters) is equal, and the
-leaps did happen (fewer steps).
+leaps did happen (fewer steps). The P/D run is also run in the progress bar's stretches.
 
 Compile budget: one batch of four single-instance configurations and one 3-instance P/D cluster,
 each compiled with and without leaps (~10 s each).
@@ -16,12 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsim import simulator
+from jaxsim import progress, simulator
 from jaxsim.engine import cluster
 from jaxsim.engine.routing import Router
 from jaxsim.spec import HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig
 
-from _shared import PROFILES, load_model, load_trace
+from _shared import PROFILES, load_model, load_trace, runtime_for
 
 # Four single-instance regimes: plenty of KV; KV-bound (preemptions, waiting requests); every seat
 # taken with requests waiting (leaps with a waiting queue); no async scheduling, no prefix cache.
@@ -72,7 +72,7 @@ def test_pd_cluster_leaps_change_nothing():
     workload, model = load_trace(16), load_model()
     hw, sched = HardwareConfig(num_gpu_blocks=600), SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)
     specs = [InstanceSpec(hw=hw, sched=sched, role="prefill")] + [InstanceSpec(hw=hw, sched=sched, role="decode")] * 2
-    p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"), links=LinkConfig(),
+    p = simulator.prepare_cluster(workload, model, specs, Router("least_loaded"), runtime_for(600), links=LinkConfig(),
                                   profiles_dir=PROFILES, max_slots=24)
     assert p.static.releases and not p.static.leaps  # 3 instances: off by default
     leapt = cluster.run(p.state, p.params, p.workload, p.static.replace(leap=9))
@@ -80,3 +80,15 @@ def test_pd_cluster_leaps_change_nothing():
     assert int(leapt.status) == 0 and int(leapt.finished) == 16
     _assert_same_state(leapt, stepped)
     assert int(leapt.steps) < int(stepped.steps)
+    # The progress bar's stretches (jaxsim/progress.py) stop this loop every few steps and call it
+    # again on the returned state (early ends of leaps flushed at each stop): the same final state.
+    shown = []
+
+    class Recorder:
+        def show(self, now_ns, finished):
+            shown.append((now_ns, finished))
+
+    parts = progress.run_in_stretches(lambda st: cluster.run(st, p.params, p.workload, p.static.replace(leap=9)),
+                                      p.state, Recorder(), first=5)
+    assert len(shown) >= 3 and shown[-1] == (int(leapt.now), 16)  # stretches of 5, 40, 320, ... steps
+    _assert_same_state(leapt, parts)

@@ -245,6 +245,44 @@ def test_bad_files_are_named(legacy_copy, llama):
         load_profile_bundle(root, "legacy/A6000", m)
 
 
+def test_repeated_points_and_outliers(legacy_copy, llama):
+    """A layers.csv point given twice is an error naming both lines. The shipped attention files
+    time ~300 points twice each (within 1.25%): repeats within 10% are accepted, a repeat that
+    disagrees more is an error naming both lines. A point 4x off its neighbours is kept, listed
+    and warned about once."""
+    root, folder = legacy_copy
+    layers = folder / "layers.csv"
+    text = layers.read_text()
+    layers.write_text(text + "o_proj,5,0,1,999999\n")
+    n = len(text.splitlines()) + 1
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(root, "legacy/A6000", llama)
+    assert e.value.where == f"{layers}:{n}"
+    assert e.value.problem.startswith(f"layer 'o_proj' at input = 5 is profiled twice (lines 69 and {n})")
+    lines = text.splitlines()
+    lines[68] = "o_proj,5,0,1,999999"  # 50,197 ns between 50,489 and 50,623
+    layers.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"tp1: 1 profile point\(s\) more than 4x above or below"):
+        b = load_profile_bundle(root, "legacy/A6000", llama)
+    assert b.outliers == [f"{layers}:69 o_proj input=5 latency(ns)=999999 (neighbours 50489, 50623)"]
+    layers.write_text(text)
+    att = folder / "attention.csv.gz"
+    with gzip.open(att, "rt") as f:
+        rows = f.read().splitlines()
+    # line 131 repeats line 116 (chunk 128 over no history, 9.866 us): make it 20% slower
+    assert rows[130].split(",")[10:] == rows[115].split(",")[10:]
+    fields = rows[130].split(",")
+    fields[2] = "0.0118"
+    rows[130] = ",".join(fields)
+    with gzip.open(att, "wt") as f:
+        f.write("\n".join(rows) + "\n")
+    with pytest.raises(JaxsimInputError) as e:
+        load_profile_bundle(root, "legacy/A6000", llama)
+    assert e.value.where == f"{att}:131"
+    assert e.value.problem == ("the prefill of chunk 128 over 0 history tokens is measured twice, 9866 ns at line "
+                               "116 and 11800 ns here: repeated measurements of a point must agree within 10%")
+
+
 # ------------------------------------------------------------------------------ one simulation
 def test_simulation_runs_on_legacy_hardware():
     """One request end to end on legacy/A6000: the first iteration is the whole prompt."""

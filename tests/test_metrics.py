@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from jaxsim.metrics import (
-    REQUEST_COLUMNS, TIMESERIES_COLUMNS, format_summary, request_table, summarize, time_series,
+    REQUEST_COLUMNS, TIMESERIES_COLUMNS, OutputOptions, format_summary, request_table, summarize, time_series,
     write_outputs,
 )
 from jaxsim.spec import SimResult
@@ -152,7 +152,11 @@ def test_no_token_times():
 def test_write_outputs(tmp_path):
     out = tmp_path / "run"
     summary = write_outputs(tiny_result(), out, config_dict={"a": {"b": 1}, "p": np.int64(3)},
-                            model_name="meta-llama/Llama-3.1-8B")
+                            model_name="meta-llama/Llama-3.1-8B",
+                            options=OutputOptions(requests_format="csv", itl_lists=True, reference_csv=True))
+    assert summary["outputs"] == ["requests.csv", "summary.json", "timeseries.csv", "requests_reference.csv",
+                                  "config.yaml"]
+    assert sorted(x.name for x in out.iterdir()) == sorted(summary["outputs"])
     with open(out / "requests.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(REQUEST_COLUMNS)

@@ -13,7 +13,7 @@ from jaxsim.engine import routing
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig, Workload
 
-from _shared import PROFILES, load_model
+from _shared import PROFILES, load_model, runtime_for
 
 MOE = load_model("Qwen/Qwen3-30B-A3B-Instruct-2507")
 DENSE = load_model()  # Llama-3.1-8B
@@ -30,7 +30,8 @@ def _two_requests():
 def test_dp_group_runs_padded_wave_synchronous_rounds():
     w = _two_requests()
     specs = [InstanceSpec(HW, SCHED, dp_group="A"), InstanceSpec(HW, SCHED, dp_group="A")]
-    res = simulator.simulate_cluster(w, MOE, specs, routing.Router("round_robin"), profiles_dir=PROFILES, max_slots=8)
+    res = simulator.simulate_cluster(w, MOE, specs, routing.Router("round_robin"), runtime_for(500),
+                                     profiles_dir=PROFILES, max_slots=8)
     assert res.instance.tolist() == [0, 1]
     tables = simulator.plan(w, MOE, HW, SCHED, profiles_dir=PROFILES).tables
     t = jax.jit(latency.iteration_time)

@@ -17,7 +17,7 @@ from jaxsim import latency, simulator
 from jaxsim.engine import instance as inst_lib
 from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig, Workload
 
-from _shared import PROFILES, load_model
+from _shared import PROFILES, load_model, runtime_for
 
 MODEL = load_model()
 SHAPE_ARGS = ("T", "S", "pc", "kp", "nd", "kvd_sum", "kvd_min", "kvd_max")
@@ -107,7 +107,7 @@ def test_two_stage_run_by_hand(o):
     w = Workload(np.zeros(2, np.int64), np.array([100, 100], np.int32), np.array([2, 2], np.int32), [None, None])
     sched = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100)
     hw = HardwareConfig(pp=2, num_gpu_blocks=64)
-    r = simulator.simulate(w, MODEL, hw, sched, calib=Calibration(o, 0, 0), profiles_dir=PROFILES)
+    r = simulator.simulate(w, MODEL, hw, sched, runtime_for(64), calib=Calibration(o, 0, 0), profiles_dir=PROFILES)
     tb = _tables(2)
 
     def stages(shape):
@@ -138,7 +138,8 @@ def test_two_stage_run_by_hand(o):
 def test_pp2_invariants_on_a_trace(sharegpt16):
     w = sharegpt16
     sched = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512)
-    p = simulator.prepare(w, MODEL, HardwareConfig(pp=2, num_gpu_blocks=800), sched, profiles_dir=PROFILES)
+    p = simulator.prepare(w, MODEL, HardwareConfig(pp=2, num_gpu_blocks=800), sched, runtime_for(800),
+                          profiles_dir=PROFILES)
     assert p.static.max_pp == 2
     final = jax.block_until_ready(simulator.run_prepared(p))
     r = simulator.to_result(p, final)
@@ -181,7 +182,7 @@ def test_mixed_pp_cluster_equals_lone_instances(sharegpt16):
     w = sharegpt16
     sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512)
     hws = [HardwareConfig(num_gpu_blocks=600), HardwareConfig(pp=2, num_gpu_blocks=600)]
-    kw = dict(profiles_dir=PROFILES, max_slots=12, record_token_times=False)
+    kw = dict(rt=runtime_for(600), profiles_dir=PROFILES, max_slots=12, record_token_times=False)
     res = simulator.simulate_cluster(w, MODEL, [InstanceSpec(h, sched) for h in hws], routing.Router("round_robin"),
                                      **kw)
     order = np.lexsort((np.arange(w.num_requests), w.arrival_ns))

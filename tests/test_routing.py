@@ -19,7 +19,7 @@ from jaxsim.engine.routers import base
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import HardwareConfig, InstanceSpec, SchedulerConfig
 
-from _shared import PROFILES
+from _shared import PROFILES, runtime_for
 from test_config import spec  # Hydra compose + from_hydra
 
 N_INST = 5
@@ -207,8 +207,8 @@ def test_power_of_two_cluster_run(sharegpt16, llama):
     the host (the loads at an arrival rebuilt from the per-request times, as in test_cluster)."""
     w = sharegpt16
     router = routing.Router("power_of_two", 5)
-    res = simulator.simulate_cluster(w, llama, [PRO, PRO], router, profiles_dir=PROFILES, max_slots=12,
-                                     record_token_times=False)
+    res = simulator.simulate_cluster(w, llama, [PRO, PRO], router, runtime_for(2000), profiles_dir=PROFILES,
+                                     max_slots=12, record_token_times=False)
     n = w.num_requests
     assert np.all(res.finish_ns > res.first_token_ns) and np.all(res.first_token_ns >= res.arrival_ns)
     assert sum(res.stats["requests_per_instance"]) == n and min(res.stats["requests_per_instance"]) > 0

@@ -21,13 +21,16 @@ from jaxsim.engine import cluster
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import HardwareConfig, SchedulerConfig
 
-from _shared import PROFILES, ROOT, TESTS, load_model, load_trace
+from _shared import PROFILES, ROOT, TESTS, load_model, load_trace, runtime_for
 
 RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, link_latency_ns=1000,
                          cpu_mem_bw_gbps=50, num_gpu_blocks=900)
 
 
 def _base(**kw):
+    # max_model_len 4800: what the smallest cache of the points (300 blocks) holds; vLLM refuses a
+    # cache smaller than one max_model_len request, and so does the sweep (test below).
+    kw = {"runtime": runtime_for(300), **kw}
     return sweep.SweepBase(load_trace(16), load_model(), hardware=HardwareConfig(num_gpu_blocks=900),
                            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024),
                            profiles_dir=PROFILES, max_slots=24, slo_ttft_ms=400, slo_tpot_ms=30,
@@ -116,6 +119,18 @@ def test_expand_grid_and_bad_knobs():
         sweep.sweep(BASE, [{"seed": 1}], progress=False)
     with pytest.raises(JaxsimInputError, match="arrival_rate_scale.*> 0"):
         sweep.scale_arrivals(BASE.workload, 0.0)
+
+
+def test_a_point_whose_cache_cannot_hold_max_model_len_is_refused():
+    """Host-side (refused while planning, before any compile): a point whose memory model gives
+    fewer than max_model_len tokens of KV is refused with vLLM's reason, naming the point (an
+    explicit num_gpu_blocks is vLLM's override, applied after its check: not refused)."""
+    # mem_util varies the memory model's capacity: an RTX 4090 at 0.9 holds 3,400 blocks (54,400 tokens)
+    base = sweep.SweepBase(load_trace(16), load_model(), dataclasses.replace(RTX4090, num_gpu_blocks=None),
+                           runtime=runtime_for(3401), profiles_dir=PROFILES)
+    with pytest.raises(JaxsimInputError, match=r"sweep point 0 \(mem_util=0.9\): vLLM refuses this.*estimated maximum "
+                                               r"model length is 54400"):
+        sweep.sweep(base, [{"mem_util": 0.9}, {"mem_util": 0.95}], progress=False)
 
 
 def test_results_table_round_trip(swept, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from jaxsim import simulator
 from jaxsim.errors import JaxsimInputError
-from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig
+from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig
 from jaxsim.traces import TraceOptions, block_token_ids, load_trace
 
 from _shared import PROFILES, load_model
@@ -87,7 +87,8 @@ def test_mooncake_prefix_sharing_reaches_the_prefix_cache():
     hits them; C shares nothing."""
     w = load_trace(DATA / "mooncake.jsonl", "mooncake", TraceOptions(block_tokens=32))
     r = simulator.simulate(w, load_model(), HardwareConfig(num_gpu_blocks=600), SchedulerConfig(max_num_seqs=4),
-                           calib=Calibration.none(), profiles_dir=PROFILES, max_slots=8, record_token_times=False)
+                           ModelRuntimeConfig(max_model_len=9600), calib=Calibration.none(), profiles_dir=PROFILES,
+                           max_slots=8, record_token_times=False)
     assert r.prefix_hit_tokens.tolist() == [0, 64, 0]
 
 

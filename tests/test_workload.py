@@ -1,4 +1,5 @@
-"""Workload loading, context checks and the synthetic generator (no JAX)."""
+"""Workload loading, context checks and the generators (synthetic, closed-loop, shared-prefix,
+rate stages); no JAX but one small closed-loop simulation (one compile)."""
 
 import json
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxsim.errors import JaxsimInputError
-from jaxsim.workload import check_context, load_workload, shift_workload, synthetic_workload
+from jaxsim.workload import (check_context, closed_loop_workload, length_spec, load_workload, shared_prefix_workload,
+                             shift_workload, synthetic_workload)
 
 from _shared import TRACE as SHAREGPT, WORKLOADS
 
@@ -295,3 +297,220 @@ def test_synthetic_errors(kwargs, where):
     with pytest.raises(JaxsimInputError) as e:
         synthetic_workload(**args)
     assert str(e.value).startswith(where)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark generators: closed-loop clients, length shorthand, rate stages, shared prefixes
+# ---------------------------------------------------------------------------------------------
+
+
+def _hydra(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from _shared import CONF
+    from jaxsim.config import from_hydra
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return from_hydra(compose("config", overrides=list(overrides))).workload
+
+
+def _first_block_distinct(w, start=0):
+    """No two requests share their first 16 ids from ``start`` on (so no prefix-cache hit)."""
+    heads = {tuple(ids[start:start + 16].tolist()) for ids in w.token_ids}
+    return len(heads) == w.num_requests
+
+
+def test_closed_loop_chains():
+    w = closed_loop_workload(7, 3, input_len=5, output_len=2, think_time_ns=100, start_ns=50,
+                             seed=4)
+    # client c sends c, c+3, c+6: each request releases the one 3 later, after the think time
+    assert w.next_in_session.tolist() == [3, 4, 5, 6, -1, -1, -1]
+    assert w.tool_ns.tolist() == [0, 0, 0, 100, 100, 100, 100]
+    assert w.released.tolist() == [False] * 3 + [True] * 4
+    assert w.arrival_ns.tolist() == [50] * 7  # every client starts at start_ns
+    assert w.input_toks.tolist() == [5] * 7 and w.output_toks.tolist() == [2] * 7
+    assert all(ids.shape == (7,) and ids.dtype == np.int32 for ids in w.token_ids)
+    assert _first_block_distinct(w)  # random ids: no hits, not even within a client
+    again = closed_loop_workload(7, 3, input_len=5, output_len=2, think_time_ns=100, start_ns=50,
+                                 seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(w.token_ids, again.token_ids))
+    # as many clients as requests (or more): all sent at once, no chains
+    wide = closed_loop_workload(3, 5, input_len=5, output_len=2)
+    assert wide.next_in_session is None and wide.arrival_ns.tolist() == [0, 0, 0]
+    lens = closed_loop_workload(50, 4, input_len={"kind": "uniform", "min": 3, "max": 9},
+                                output_len=2, seed=1)
+    assert lens.input_toks.min() == 3 and lens.input_toks.max() == 9
+
+
+def test_length_shorthand():
+    assert length_spec(1024, "w") == {"kind": "fixed", "value": 1024}
+    assert length_spec(8.0, "w") == {"kind": "fixed", "value": 8}
+    assert synthetic_workload(3, 1.0, input_len=7, output_len=2).input_toks.tolist() == [7, 7, 7]
+    # the issue's command line: a scalar replaces the option's length mapping
+    w = _hydra(["workload=closed_loop", "workload.concurrency=8", "workload.input_len=1024",
+                "workload.output_len=128", "workload.num_requests=200"])
+    assert w.num_requests == 200 and set(w.input_toks.tolist()) == {1024}
+    assert set(w.output_toks.tolist()) == {128}
+    assert w.next_in_session[:3].tolist() == [8, 9, 10] and w.next_in_session[192] == -1
+    s = _hydra(["workload=synthetic_poisson", "workload.input_len=33", "workload.output_len=5"])
+    assert set(s.input_toks.tolist()) == {33} and set(s.output_toks.tolist()) == {5}
+    # and a mapping still replaces a scalar
+    u = _hydra(["workload=closed_loop", "workload.input_len={kind:uniform,min:2,max:4}"])
+    assert set(u.input_toks.tolist()) == {2, 3, 4}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("workload.input_len=abc", "workload.input_len: must be a length (a whole number) or a "
+                               "mapping with a 'kind', got 'abc'"),
+    ("workload.input_len=0", "workload.input_len: a fixed length must be a whole number >= 1"),
+    ("workload.output_len=2.5", "workload.output_len: a fixed length must be a whole number"),
+    ("workload.input_len={kind:fixed,valu:3}", "workload.input_len: unknown keys ['valu']"),
+    ("workload.input_len={kind:zipf}", "workload.input_len.kind: unknown length distribution"),
+    ("workload.input_len=null", "workload.input_len: missing length distribution"),
+    ("workload.concurrency=0", "workload.concurrency: must be >= 1"),
+    ("workload.num_requests=0", "workload.num_requests: must be >= 1"),
+    ("workload.think_time_ns=-1", "workload.think_time_ns: must be >= 0"),
+])
+def test_closed_loop_config_errors(override, message):
+    with pytest.raises(JaxsimInputError) as e:
+        _hydra(["workload=closed_loop", override])
+    assert str(e.value).startswith(message)
+
+
+def test_constant_stages_exact_times():
+    stages = [{"rate": 10, "duration": 0.3}, {"rate": 2, "duration": 1}]
+    w = synthetic_workload(0, stages=stages, arrival="constant", input_len=4, output_len=1,
+                           start_ns=1000)
+    # floor(rate·duration) arrivals at 1/rate, 2/rate, ... into each stage (10 x 0.3 s is 3
+    # despite rounding); stage 2 starts at 0.3 s
+    assert w.arrival_ns.tolist() == [1000 + 100_000_000, 1000 + 200_000_000, 1000 + 300_000_000,
+                                     1000 + 800_000_000, 1000 + 1_300_000_000]
+    assert "stages=10rps*0.3s+2rps*1s" in w.source
+    capped = synthetic_workload(4, stages=stages, arrival="constant", input_len=4, output_len=1)
+    assert capped.arrival_ns.tolist() == [100_000_000, 200_000_000, 300_000_000, 800_000_000]
+    # one constant rate: gaps of exactly 1/rate
+    assert synthetic_workload(3, 4.0, arrival="constant", input_len=4, output_len=1
+                              ).arrival_ns.tolist() == [250_000_000, 500_000_000, 750_000_000]
+
+
+def test_poisson_stages_counts():
+    stages = [{"rate": 100, "duration": 10}, {"rate": 20, "duration": 10}]
+    w = synthetic_workload(0, stages=stages, input_len=4, output_len=1, seed=3)
+    t = w.arrival_ns
+    assert np.all(np.diff(t) >= 0) and t[0] > 0 and t[-1] <= 20 * 10**9
+    first = int((t <= 10 * 10**9).sum())
+    second = w.num_requests - first
+    # Poisson counts of mean 1000 and 200: within 5 standard deviations
+    assert abs(first - 1000) < 5 * 1000 ** 0.5 and abs(second - 200) < 5 * 200 ** 0.5
+    again = synthetic_workload(0, stages=stages, input_len=4, output_len=1, seed=3)
+    np.testing.assert_array_equal(t, again.arrival_ns)  # a fixed seed: the same arrivals
+    capped = synthetic_workload(50, stages=stages, input_len=4, output_len=1, seed=3)
+    np.testing.assert_array_equal(capped.arrival_ns, t[:50])
+    # through Hydra, with the one-rate default cleared
+    h = _hydra(["workload=synthetic_poisson", "workload.rate_rps=null", "workload.num_requests=0",
+                "workload.arrival=constant", "workload.stages=[{rate:10,duration:2},{rate:20,duration:1}]"])
+    assert h.num_requests == 40 and h.arrival_ns[[0, 19, 20, 39]].tolist() == [
+        100_000_000, 2_000_000_000, 2_050_000_000, 3_000_000_000]
+
+
+@pytest.mark.parametrize("stages, where, message", [
+    ([], "x.stages", "must be a non-empty list"),
+    (5, "x.stages", "must be a non-empty list"),
+    ([5], "x.stages[0]", "must be a mapping"),
+    ([{"rate": 1, "duration": 1}, {"rate": 0, "duration": 1}], "x.stages[1].rate", "must be > 0"),
+    ([{"rate": 1, "duration": 1}, {"rate": 1}], "x.stages[1].duration", "missing"),
+    ([{"rate": "fast", "duration": 1}], "x.stages[0].rate", "must be a number"),
+    ([{"rate": float("inf"), "duration": 1}], "x.stages[0].rate", "must be finite"),
+    ([{"rate": 1, "duration": 1, "burst": 2}], "x.stages[0]", "unknown keys ['burst']"),
+    ([{"rate": 0.1, "duration": 1}], "x.stages", "the stages make no arrivals"),
+    ([{"rate": 1e6, "duration": 1e6}], "x.stages", "the stages make about 1e+12 requests"),
+])
+def test_stage_errors(stages, where, message):
+    with pytest.raises(JaxsimInputError) as e:
+        synthetic_workload(0, stages=stages, arrival="constant", input_len=4, output_len=1,
+                           where="x")
+    assert str(e.value).startswith(f"{where}: {message}")
+
+
+def test_rate_errors():
+    with pytest.raises(JaxsimInputError, match=r"^x.rate_rps: set together with x.stages"):
+        synthetic_workload(5, 1.0, stages=[{"rate": 1, "duration": 1}], input_len=4, output_len=1,
+                           where="x")
+    with pytest.raises(JaxsimInputError, match=r"^x.rate_rps: missing"):
+        shared_prefix_workload(1, 1, 4, 4, 4, where="x")
+    with pytest.raises(JaxsimInputError, match=r"^x.arrival: unknown arrival process 'burst'"):
+        synthetic_workload(5, 1.0, arrival="burst", input_len=4, output_len=1, where="x")
+    with pytest.raises(JaxsimInputError) as e:
+        _hydra(["workload=shared_prefix", "workload.stages=[{rate:1,duration:5},{rate:-1,duration:1}]"])
+    assert str(e.value).startswith("workload.stages[1].rate: must be > 0, got -1")
+    with pytest.raises(JaxsimInputError) as e:
+        _hydra(["workload=synthetic_poisson", "workload.stages=[{rate:1,duration:5}]"])
+    assert str(e.value).startswith("workload.rate_rps: set together with workload.stages")
+
+
+SP = dict(num_groups=2, num_users_per_group=3, system_prompt_len=32, question_len=5,
+          output_len=4, num_turns=3, think_time_ns=7, seed=2)
+
+
+def test_shared_prefix_prompts():
+    w = shared_prefix_workload(**SP, stages=[{"rate": 1, "duration": 6}], arrival="constant")
+    assert w.num_requests == 18
+    # conversations in start order, turns consecutive: each turn releases the next after the
+    # think time; every turn carries its conversation's start (1 s, 2 s, ... )
+    assert w.next_in_session.tolist() == sum(([3 * j + 1, 3 * j + 2, -1] for j in range(6)), [])
+    assert w.tool_ns.tolist() == [0, 7, 7] * 6
+    assert w.arrival_ns.tolist() == [(j + 1) * 10**9 for j in range(6) for _ in range(3)]
+    # turn k: system prompt + k earlier (question + answer) + a new question
+    assert w.input_toks.tolist() == [37, 46, 55] * 6 and w.output_toks.tolist() == [4] * 18
+    for i in range(18):
+        assert w.token_ids[i].shape == (int(w.input_toks[i]) + int(w.output_toks[i]),)
+        if i % 3:  # turn k's ids start with turn k-1's prompt and answer
+            prev = w.token_ids[i - 1]
+            np.testing.assert_array_equal(w.token_ids[i][:prev.shape[0]], prev)
+    # two groups of three users: two system prompts, three conversations each, no shared ids
+    systems = {}
+    for j in range(6):
+        systems.setdefault(tuple(w.token_ids[3 * j][:32].tolist()), []).append(j)
+    assert sorted(len(v) for v in systems.values()) == [3, 3]
+    a, b = (set(s) for s in systems)
+    assert not a & b
+    # each user's questions are its own: past the system prompt, conversations share nothing
+    heads = {tuple(w.token_ids[3 * j][32:48].tolist()) for j in range(6)}
+    assert len(heads) == 6
+    assert "2x3 users, 3 turns, system=32" in w.source
+
+
+def test_shared_prefix_caps_and_rates():
+    # a cap cuts the last conversation after its first turns
+    c = shared_prefix_workload(**SP, rate_rps=float("inf"), num_requests=7, start_ns=9)
+    assert c.num_requests == 7 and c.next_in_session.tolist() == [1, 2, -1, 4, 5, -1, -1]
+    assert c.arrival_ns.tolist() == [9] * 7  # rate inf: every conversation starts at once
+    # stages that end early leave users out
+    s = shared_prefix_workload(**SP, stages=[{"rate": 1, "duration": 2}], arrival="constant")
+    assert s.num_requests == 6
+    one = shared_prefix_workload(**{**SP, "num_turns": 1}, rate_rps=2.0, arrival="constant")
+    assert one.next_in_session is None and one.num_requests == 6
+    assert one.arrival_ns.tolist() == [500_000_000 * (j + 1) for j in range(6)]
+    h = _hydra(["workload=shared_prefix", "workload.num_turns=2", "workload.question_len=9"])
+    assert h.num_requests == 64 and h.input_toks[:2].tolist() == [1009, 1009 + 100 + 9]
+
+
+def test_closed_loop_simulation_keeps_concurrency():
+    """A closed loop of 2 clients and 6 requests: each request is sent when its client's previous
+    one finishes (+ think time) and at most 2 are ever in flight."""
+    from jaxsim import simulator
+    from jaxsim.spec import HardwareConfig, SchedulerConfig
+
+    from _shared import PROFILES, load_model
+
+    w = closed_loop_workload(6, 2, input_len=40, output_len=3, think_time_ns=1_000_000)
+    res = simulator.simulate(w, load_model(), HardwareConfig(num_gpu_blocks=600),
+                             SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024),
+                             profiles_dir=PROFILES, max_slots=8)
+    arrival, finish = np.asarray(res.arrival_ns), np.asarray(res.finish_ns)
+    assert arrival[:2].tolist() == [0, 0]
+    for i in range(4):
+        assert arrival[i + 2] == finish[i] + 1_000_000
+    assert np.all(finish > arrival)
+    in_flight = [int(((arrival <= t) & (finish > t)).sum()) for t in arrival]
+    assert max(in_flight) == 2
