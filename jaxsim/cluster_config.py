@@ -85,6 +85,17 @@ def _links(d, key: str, base: LinkConfig = LinkConfig()) -> LinkConfig:
     return dataclasses.replace(base, **given)
 
 
+def _model_named(models_dir: Path, name: str, key: str):
+    """The model config of an instance's model name, with an unknown name reported at ``key`` (the
+    JSON path or YAML key that names it, not the models folder)."""
+    try:
+        return load_model_config(models_dir, name)
+    except JaxsimInputError as e:
+        if "unknown model" not in e.problem:
+            raise
+        raise JaxsimInputError(key, e.problem, e.fix) from None
+
+
 def check_dp_groups(instances, key: str) -> None:
     """Members of a DP group share tp and ep; for EP across the group, ``ep % dp == 0`` and
     ``ep / dp <= tp`` (REFERENCE.md §1.8). Outside a group, ``ep <= tp``."""
@@ -187,7 +198,7 @@ def cluster_spec(section: dict | None, hardware: HardwareConfig, scheduler: Sche
         if e.get("model") not in (None, model_name):
             if not isinstance(e["model"], str):
                 raise JaxsimInputError(f"{key}.model", f"must be a model name (org/name), got {e['model']!r}")
-            model = load_model_config(Path(profiles) / "models", e["model"])
+            model = _model_named(Path(profiles) / "models", e["model"], f"{key}.model")
         placement = {k: e[k] for k in ("role", "node", "dp_group") if k in e}
         instances += [build(InstanceSpec, dict(hw=hw, sched=sched, calib=calib, model=model, **placement), key)] * count
     check_dp_groups(instances, "cluster.instances")
@@ -294,7 +305,7 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                 if models_dir is None:
                     raise JaxsimInputError(f"{where}.model_name", f"{model!r}, but the run's model is {model_name!r}",
                                            "set model.name to it, or give the models folder")
-                other = load_model_config(models_dir, model)
+                other = _model_named(models_dir, model, f"{where}.model_name")
             for key, neutral in _JSON_UNSUPPORTED.items():
                 if key in inst and inst[key] not in neutral:
                     raise JaxsimInputError(f"{where}.{key}", f"{inst[key]!r} is not modelled yet",

@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jaxsim.errors import JaxsimInputError
+from jaxsim.errors import JaxsimInputError, unknown_key_fix
 
 DTYPE_BYTES = {
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
@@ -133,7 +133,8 @@ def load_model_config(models_dir: str | Path, name: str) -> ModelConfig:
     path = Path(models_dir) / f"{name}.json"
     if not path.is_file():
         known = sorted(str(p.relative_to(models_dir))[:-5] for p in Path(models_dir).glob("*/*.json"))
-        raise JaxsimInputError(str(path), f"unknown model {name!r}", f"known models: {known}")
+        raise JaxsimInputError(str(path), f"unknown model {name!r}",
+                               f"{unknown_key_fix(name, known)} (configs in {models_dir})")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:

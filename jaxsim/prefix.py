@@ -43,36 +43,43 @@ def block_hash_chain(token_ids: np.ndarray | None, block_size: int) -> np.ndarra
     return out
 
 
-def hash_ids(token_ids: list, block_size: int) -> tuple[list[np.ndarray], int]:
+def hash_ids(token_ids, block_size: int) -> tuple[list[np.ndarray], int]:
     """Per request, the dense ids (int32) of its full-block chain hashes; and the id count U.
 
     The same chains as :func:`block_hash_chain`, computed for all requests at once: the chain is
     sequential along a request, so the loop runs over block positions, each step for every
     request that has a block there (a Python loop over requests took ~0.2 s per 300-request trace).
+    Memory is ragged, a few words per block of the trace: each request's token ids are read once
+    (``token_ids`` may be a lazy sequence, :class:`jaxsim.traces.BlockTokenIds`) and reduced to one
+    word per block, and the chains are computed in place (a dense requests x longest-request
+    matrix took 17 GB for 200,000 Mooncake rows).
     """
+    n = len(token_ids)
     lengths = np.array([0 if t is None else len(t) // block_size for t in token_ids], np.int64)
-    n_max = int(lengths.max()) if len(lengths) else 0
-    content = np.zeros((len(token_ids), n_max), np.uint64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.zeros(int(offsets[-1]), np.uint64)  # block contents, then (in place) chain hashes
     pos = _mix64(np.arange(1, block_size + 1, dtype=np.uint64))
-    for r, t in enumerate(token_ids):
+    for r in range(n):
         if lengths[r]:
-            blocks = np.asarray(t[: lengths[r] * block_size], np.int64).astype(np.uint64)
+            blocks = np.asarray(token_ids[r][: lengths[r] * block_size], np.int64).astype(np.uint64)
             with np.errstate(over="ignore"):
-                content[r, : lengths[r]] = np.bitwise_xor.reduce(
+                flat[offsets[r]:offsets[r + 1]] = np.bitwise_xor.reduce(
                     _mix64(blocks.reshape(-1, block_size) + pos[None, :]), axis=1)
-    chains = np.zeros_like(content)
-    h = np.full(len(token_ids), _SEED, np.uint64)
+    # Requests by length, longest first: those with a block at position i are the first active[i].
+    order = np.argsort(-lengths, kind="stable")
+    starts = offsets[:-1][order]
+    active = np.searchsorted(-lengths[order], -np.arange(1, int(lengths.max(initial=0)) + 1), side="right")
+    h = np.full(n, _SEED, np.uint64)
     with np.errstate(over="ignore"):
-        for i in range(n_max):
-            h = _mix64(h * np.uint64(31) + content[:, i])
-            chains[:, i] = h
-    valid = np.arange(n_max)[None, :] < lengths[:, None]
-    uniq, first, inverse = np.unique(chains[valid], return_index=True, return_inverse=True)
+        for i, m in enumerate(active):
+            at = starts[:m] + i
+            h[:m] = _mix64(h[:m] * np.uint64(31) + flat[at])
+            flat[at] = h[:m]
+    uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
     # Ids in order of first appearance in the trace (not of hash value): the requests in flight
     # at any time then use nearby ids, so the engine's per-id prefix index is accessed locally
     # (with a 100,000-request trace the index has millions of entries).
     rank = np.empty(len(uniq), np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
-    ids = np.full(chains.shape, -1, np.int64)
-    ids[valid] = rank[inverse]
-    return [ids[r, : lengths[r]].astype(np.int32) for r in range(len(token_ids))], int(len(uniq))
+    ids = rank[inverse.reshape(-1)].astype(np.int32)
+    return [ids[offsets[r]:offsets[r + 1]] for r in range(n)], int(len(uniq))

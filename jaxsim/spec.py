@@ -360,7 +360,8 @@ class Workload:
     input_toks: np.ndarray  # int32
     output_toks: np.ndarray  # int32, >= 1
     # per request: int array of input ids + output ids (None = no ids: never hits); each id in
-    # [0, vocab_size) of the model that serves it (checked before a run)
+    # [0, vocab_size) of the model that serves it (checked before a run). A list, or a sequence
+    # that makes them on access (jaxsim.traces.BlockTokenIds: Mooncake's hash_ids)
     token_ids: list
     source: str = "<memory>"  # file path or generator description, for messages
     line_numbers: np.ndarray | None = None  # int64 1-based file line per request; None if generated

@@ -115,6 +115,17 @@ def test_reference_json_typos_are_errors_with_the_nearest_name(tmp_path, edit, w
     assert str(e.value).startswith(f"{bad}: {where}: unknown") and f"did you mean {hint}" in str(e.value), str(e.value)
 
 
+def test_reference_json_model_name_typo_names_the_json_key(tmp_path):
+    d = json.loads((CLUSTERS / "single_node_multi_instance.json").read_text())
+    d["nodes"][0]["instances"][1]["model_name"] = "meta-llama/Llama-3.1-8b"
+    bad = tmp_path / "typo.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(JaxsimInputError) as e:
+        load_cluster_json(bad, HardwareConfig(), SchedulerConfig(), Calibration(), LLAMA, models_dir=PROFILES / "models")
+    assert str(e.value).startswith(f"{bad}: nodes[0].instances[1].model_name: unknown model 'meta-llama/Llama-3.1-8b' "
+                                   "(did you mean 'meta-llama/Llama-3.1-8B'")
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(nodes=None), r"nodes: must be a list, got None"),
     (lambda d: d.update(num_nodes="1"), r"num_nodes: must be an integer, got '1'"),

@@ -10,7 +10,7 @@ import pytest
 from jaxsim import simulator
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig
-from jaxsim.traces import TraceOptions, block_token_ids, load_trace
+from jaxsim.traces import BlockTokenIds, TraceOptions, block_token_ids, load_trace
 
 from _shared import PROFILES, load_model
 from test_config import spec  # Hydra compose + from_hydra
@@ -65,6 +65,10 @@ def test_mooncake_block_ids_become_shared_token_prefixes():
     assert w.arrival_ns.tolist() == [0, 1_000_000_000, 2_500_000_000]
     a, b, c = w.token_ids
     assert len(a) == 100 and np.array_equal(a[:64], b[:64]) and not np.array_equal(a[64:96], b[64:96])
+    # made on access from the block ids (4 bytes per token would not fit a 200,000-row trace)
+    assert isinstance(w.token_ids, BlockTokenIds) and len(w.token_ids) == 3 and w.token_ids.max_id == 31_999
+    assert np.array_equal(w.token_ids[0], block_token_ids([1, 2, 3, 4], 100, 32, 1))  # file line 1
+    assert [len(x) for x in w.token_ids[1:]] == [100, 40]
     assert (a < 32_000).all() and (a >= 0).all() and not np.array_equal(a[:32], c[:32])
     # positions past the listed blocks (or with no hash_ids at all) are the request's own
     assert np.array_equal(block_token_ids([5], 40, 32, 1)[:32], block_token_ids([5], 40, 32, 2)[:32])
