@@ -308,8 +308,9 @@ def _model(d: dict, models: Path) -> tuple[ModelRuntimeConfig, ModelConfig]:
     rt = build(ModelRuntimeConfig, d, p)
     try:
         mc = load_model_config(models, rt.name)
-    except JaxsimInputError as e:
-        raise JaxsimInputError(f"{p}.name", e.problem, e.fix) from None
+    except JaxsimInputError as e:  # an unknown name is this key's; a bad config file keeps its file and field
+        problem = e.problem if "unknown model" in e.problem else f"{e.where}: {e.problem}"
+        raise JaxsimInputError(f"{p}.name", problem, e.fix) from None
     if rt.max_model_len > mc.max_position_embeddings:
         raise JaxsimInputError(f"{p}.max_model_len",
                                f"{rt.max_model_len} exceeds {rt.name}'s max_position_embeddings "
@@ -417,7 +418,7 @@ def _workload(d: dict, workloads: Path) -> Workload:
     else:
         raise JaxsimInputError(f"{p}.kind", f"unknown workload kind {kind!r}",
                                "use 'file', 'synthetic', 'closed_loop' or 'shared_prefix'")
-    return shift_workload(w, shift) if shift else w
+    return shift_workload(w, shift, f"{p}.shift_ns") if shift else w
 
 
 def _output_dir(cfg: DictConfig) -> Path | None:

@@ -21,7 +21,7 @@ from jaxsim.engine.static import Static
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes
 from jaxsim.prefix import hash_ids
-from jaxsim.spec import (ARRIVAL_HORIZON_NS, Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig,
+from jaxsim.spec import (ARRIVAL_HORIZON_NS, MAX_DURATION_NS, Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig,
                          SchedulerConfig, Workload)
 from jaxsim.workload import describe_request
 
@@ -182,17 +182,78 @@ def _line(workload: Workload, i: int) -> int:
     return int(workload.line_numbers[i]) if workload.line_numbers is not None else i + 1
 
 
-def check_arrivals(workload: Workload) -> None:
-    """Arrival times within ``[0, ARRIVAL_HORIZON_NS)`` (2^62 ns, about 146 years; see
-    :data:`jaxsim.spec.ARRIVAL_HORIZON_NS`). The loaders check this per line; this covers every
-    other way a trace is made (Python, rate scaling, shifting) before int64 sums can overflow."""
-    a = np.asarray(workload.arrival_ns, np.int64)
+def check_workload(workload: Workload) -> None:
+    """The structure of a :class:`Workload`, however it was made (the loaders check their files
+    line by line; this covers Python-built, rate-scaled and shifted traces before the engine sees
+    them): 1-D arrays of one length N >= 1; integer arrival times (NaN or fractions refused) within
+    ``[0, ARRIVAL_HORIZON_NS)`` (2^62 ns, about 146 years; :data:`jaxsim.spec.ARRIVAL_HORIZON_NS`);
+    input and output counts >= 1 and < 2^31; ``token_ids`` of length N; sessions: a request is
+    released only by an *earlier* one (``next_in_session[i] > i``, so chains cannot loop), at most
+    once, after a tool time in ``[0, MAX_DURATION_NS]``, and a session's arrival plus its tool
+    times stays below the horizon (int64 sums cannot overflow).
+
+    Raises:
+        JaxsimInputError: naming the field, or the request (its trace line when it has one).
+    """
+    w = workload
+    n = np.shape(w.arrival_ns)[0] if np.ndim(w.arrival_ns) == 1 else -1
+    for name in ("arrival_ns", "input_toks", "output_toks"):
+        x = np.asarray(getattr(w, name))
+        if x.ndim != 1 or x.shape[0] != n or n < 1:
+            raise JaxsimInputError(f"Workload.{name}", f"must be a 1-D array of one length N >= 1 for every field, "
+                                   f"got shape {x.shape} (arrival_ns: {np.shape(w.arrival_ns)})")
+        if not (np.issubdtype(x.dtype, np.integer) or (np.issubdtype(x.dtype, np.floating) and np.all(np.isfinite(x))
+                                                        and np.all(x == np.round(x)))):
+            bad = int(np.nonzero(~np.isfinite(x) | (x != np.round(x)))[0][0]) if np.issubdtype(x.dtype, np.floating) else 0
+            raise JaxsimInputError(f"Workload.{name}", f"must hold whole numbers, got {x[bad].item()!r} (request {bad})")
+    for name, lo in (("input_toks", 1), ("output_toks", 1)):
+        x = np.asarray(getattr(w, name), np.int64)
+        bad = np.nonzero((x < lo) | (x > 2**31 - 1))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise JaxsimInputError(describe_request(w, i), f"request {i}: {name} {int(x[i])} is outside [{lo}, 2^31-1]")
+    if len(w.token_ids) != n:
+        raise JaxsimInputError("Workload.token_ids", f"has {len(w.token_ids)} entries for {n} requests",
+                               "one array (or None) per request")
+    a = np.asarray(w.arrival_ns, np.int64)
     bad = np.nonzero((a < 0) | (a >= ARRIVAL_HORIZON_NS))[0]
     if len(bad):
         i = int(bad[0])
-        raise JaxsimInputError(describe_request(workload, i), f"request {i} arrives at {int(a[i])} ns, outside "
+        raise JaxsimInputError(describe_request(w, i), f"request {i} arrives at {int(a[i])} ns, outside "
                                f"[0, 2^62) ns (about 146 years): the engine adds durations to arrival times in "
                                f"int64 ns", "arrival times are ns from 0 on the simulator clock")
+    if w.next_in_session is None:
+        return
+    nxt, tool = np.asarray(w.next_in_session, np.int64), np.asarray(w.tool_ns, np.int64)
+    if nxt.shape != (n,) or tool.shape != (n,):
+        raise JaxsimInputError("Workload.next_in_session", f"next_in_session and tool_ns must have shape ({n},), got "
+                               f"{nxt.shape} and {tool.shape}")
+    idx = np.arange(n)
+    bad = np.nonzero((nxt >= 0) & ((nxt <= idx) | (nxt >= n)) | (nxt < -1))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise JaxsimInputError(describe_request(w, i), f"request {i} releases request {int(nxt[i])}: a session's next "
+                               f"request must come later in the trace (index in ({i}, {n}))",
+                               "number sub-requests in session order (-1: none)")
+    released = nxt[nxt >= 0]
+    if len(np.unique(released)) != len(released):
+        raise JaxsimInputError("Workload.next_in_session", "a request is released by two others",
+                               "each sub-request has one predecessor")
+    bad = np.nonzero((tool < 0) | (tool > MAX_DURATION_NS))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise JaxsimInputError(describe_request(w, i), f"request {i}: tool_duration_ns {int(tool[i])} is outside "
+                               f"[0, 2^40] ns (about 18 minutes)", "tool times are ns")
+    # a session's last release: its arrival plus its tool times (chains run forward: one pass)
+    latest = a.copy()
+    for i in np.nonzero(nxt >= 0)[0]:
+        latest[nxt[i]] = latest[i] + tool[nxt[i]]
+    bad = np.nonzero(latest >= ARRIVAL_HORIZON_NS)[0]
+    if len(bad):
+        i = int(bad[0])
+        raise JaxsimInputError(describe_request(w, i), f"request {i} is released at least {int(latest[i])} ns after 0, "
+                               f"past the 2^62 ns horizon (its session's arrival plus tool times)",
+                               "shorten the tool times or the arrival")
 
 
 def check_token_ids(workload: Workload, model: ModelConfig, key: str = "") -> None:
@@ -399,7 +460,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     if n == 0:
         raise JaxsimInputError(workload.source, "the workload has no requests")
     check_scheduler(sched)
-    check_arrivals(workload)
+    check_workload(workload)
     # Slots hold the running requests and the head of the waiting queue; with one instance, the
     # rest of the queue waits in arrival order outside the state, which schedules identically.
     if max_slots == 0:

@@ -21,7 +21,7 @@ from jaxsim.engine.static import Static
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
 from jaxsim.planning import (Dims, Plan, block_table_width, bucket, check_block_sizes, check_kv_holds_context,
-                             check_requests_fit, check_token_ids, latency_tables, needs_dp_sync, needs_releases,
+                             check_requests_fit, check_token_ids, check_workload, latency_tables, needs_dp_sync, needs_releases,
                              num_kv_blocks, place_instances, plan, workload_arrays, workload_hashes)
 from jaxsim.results import IterationBufferFull, to_result
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
@@ -63,7 +63,18 @@ def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[Instan
     groups, links), each instance checked as vLLM checks its own engine."""
     if not instances:
         raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
-    plans = [plan(workload, spec.model or model, spec.hw, spec.sched, rt, spec.calib, **kwargs) for spec in instances]
+    # The trace's arrays (prefix hashes included) once per block size and prefix-caching setting,
+    # not once per instance (100,000 instances took minutes hashing the same trace).
+    arrays: dict = {}
+    plans = []
+    for spec in instances:
+        bs = spec.sched.block_size
+        key = (bs, spec.sched.enable_prefix_caching)
+        if key not in arrays:
+            check_workload(workload)
+            arrays[key] = workload_arrays(workload, bs, spec.sched.enable_prefix_caching, block_table_width(workload, bs))
+        plans.append(plan(workload, spec.model or model, spec.hw, spec.sched, rt, spec.calib, **kwargs,
+                          arrays=arrays[key]))
     plans = place_instances(plans, instances, links, model, dp_sync)
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     check_kv_holds_context(plans, [f"cluster.instances[{i}]" for i in range(len(plans))])

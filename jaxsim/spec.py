@@ -148,6 +148,17 @@ def build(cls, values: dict, where: "str | dict | None" = None):
         raise JaxsimInputError(at(e.where[len(key) + 1:]), e.problem, e.fix) from None
 
 
+# Arrivals must be earlier than this many ns after 0 (2^62 ns, about 146 years). The engine adds
+# iteration and tool durations to arrival times in int64 ns, and int64's largest value stands for
+# "arrives when released" (jaxsim.planning.workload_arrays): with arrivals below 2^62 no sum
+# overflows unless the run itself lasts another 146 simulated years.
+ARRIVAL_HORIZON_NS = 2**62
+# Durations the engine adds to those clocks (engine costs and delays, session tool times) are at
+# most this (2^40 ns, about 18 minutes each; a session's arrival plus its tool times stay below the
+# horizon): larger values overflowed int64 into negative times (jaxsim.workload checks sessions).
+MAX_DURATION_NS = 2**40
+
+
 # ------------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------------
@@ -272,9 +283,10 @@ class Calibration:
     KEY: ClassVar[str] = "calibration"
 
     # Fitted on profiles/validation/RTXPRO6000-Llama-3.1-8B (grid search, README "Calibration").
-    iteration_overhead_ns: int = checked(700_000, lo=0)  # CPU time per engine step not hidden behind the GPU
-    first_token_delay_ns: int = checked(10_000_000, lo=0)  # engine core -> detokenizer -> frontend, first token
-    token_output_delay_ns: int = checked(10_000_000, lo=0)  # the same path for every later token
+    # (each at most 2^40 ns, 18 minutes: the engine adds them to int64 ns clocks, see ARRIVAL_HORIZON_NS)
+    iteration_overhead_ns: int = checked(700_000, lo=0, hi=MAX_DURATION_NS)  # CPU time per engine step not hidden behind the GPU
+    first_token_delay_ns: int = checked(10_000_000, lo=0, hi=MAX_DURATION_NS)  # engine core -> detokenizer -> frontend, first token
+    token_output_delay_ns: int = checked(10_000_000, lo=0, hi=MAX_DURATION_NS)  # the same path for every later token
 
     def __post_init__(self):
         check_fields(self)
@@ -339,11 +351,6 @@ class LinkConfig:
         check_fields(self)
 
 
-# Arrivals must be earlier than this many ns after 0 (2^62 ns, about 146 years). The engine adds
-# iteration and tool durations to arrival times in int64 ns, and int64's largest value stands for
-# "arrives when released" (jaxsim.planning.workload_arrays): with arrivals below 2^62 no sum
-# overflows unless the run itself lasts another 146 simulated years.
-ARRIVAL_HORIZON_NS = 2**62
 # Token ids that jaxsim makes up (synthetic workloads, Mooncake hash_ids) are drawn in [0, this):
 # Llama-2 / Mistral / Mixtral's 32,000 is the smallest vocabulary of the common model families
 # (Llama-3 128,256; Qwen3 151,936), so they are valid ids of every shipped model and pass the

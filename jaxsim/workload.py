@@ -13,11 +13,12 @@ request has no ids (``None``) and can never hit the prefix cache.
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from jaxsim.errors import JaxsimInputError
+from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.spec import ARRIVAL_HORIZON_NS, GENERATED_TOKEN_IDS, Workload
 
 _INT32_MAX = 2**31 - 1
@@ -50,7 +51,10 @@ def _token_ids(obj: dict, where: str, field: str) -> np.ndarray | None:
         raise JaxsimInputError(where, f"field {field!r} must be a list of token ids, got "
                                f"{type(ids).__name__}", "write it as a JSON array of integers")
     try:
-        arr = np.asarray(ids, dtype=np.int64)
+        arr = np.asarray(ids)
+        if arr.size and arr.dtype.kind not in "iu":  # (1.5 would have been cut to 1, true read as 1)
+            raise TypeError
+        arr = arr.astype(np.int64)
     except (TypeError, ValueError, OverflowError):
         raise JaxsimInputError(where, f"field {field!r} must contain only integers",
                                "write it as a JSON array of integers") from None
@@ -81,6 +85,17 @@ def iter_jsonl(path: Path):
 
 _SESSION_FIELDS = ("session_id", "arrival_time_ns", "sub_requests")
 _SUB_FIELDS = ("input_toks", "output_toks")
+_ID_FIELDS = ("input_tok_ids", "output_tok_ids")
+# every field a line may have (REFERENCE.md §3.3, §1.15): anything else is a typo, not ignored
+_KNOWN = {"flat": _FLAT_FIELDS + _ID_FIELDS, "session": _SESSION_FIELDS,
+          "sub_request": _SUB_FIELDS + _ID_FIELDS + ("tool_duration_ns",)}
+
+
+def _check_keys(obj: dict, where: str, kind: str) -> None:
+    unknown = sorted(set(obj) - set(_KNOWN[kind]), key=str)
+    if unknown:
+        raise JaxsimInputError(where, f"unknown field {unknown[0]!r} in a {kind.replace('_', '-')} line",
+                               unknown_key_fix(unknown[0], _KNOWN[kind]))
 
 
 def _check_horizon(arrival_ns: int, where: str) -> None:
@@ -114,6 +129,10 @@ def _request(obj: dict, where: str, fields: tuple) -> dict:
     _check_horizon(vals.get("arrival_time_ns", 0), where)
     in_ids = _token_ids(obj, where, "input_tok_ids")
     out_ids = _token_ids(obj, where, "output_tok_ids")
+    # The reference does not check id lengths against the counts (REFERENCE.md §3.3); neither does
+    # the engine (the counts rule), but a mismatch is counted and reported by load_workload.
+    vals["ids_mismatch"] = (in_ids is not None and len(in_ids) != vals["input_toks"]) or \
+        (out_ids is not None and len(out_ids) != vals["output_toks"])
     vals["ids"] = in_ids if in_ids is None or out_ids is None else np.concatenate([in_ids, out_ids])
     return vals
 
@@ -132,6 +151,7 @@ def _sub_requests(obj: dict, where: str) -> list:
     out = []
     for k, sub in enumerate(subs):
         here = f"{where} sub_requests[{k}]"
+        _check_keys(sub, here, "sub_request")
         vals = _request(sub, here, _SUB_FIELDS)
         vals["tool_ns"] = _as_int(sub.get("tool_duration_ns", 0), here, "tool_duration_ns")
         if vals["tool_ns"] < 0:
@@ -164,6 +184,7 @@ def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
     if not path.is_file():
         raise JaxsimInputError(str(path), "workload file not found", "check the path")
     arrival, inp, out, ids, lines, nxt, tool = [], [], [], [], [], [], []
+    mismatched = []  # lines whose token ids do not have input_toks / output_toks entries
     for lineno, where, obj in iter_jsonl(path):
         if num_requests and len(arrival) >= num_requests:
             break
@@ -172,8 +193,10 @@ def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
             if t0 < 0:
                 raise JaxsimInputError(where, f"arrival_time_ns must be >= 0, got {t0}", "arrivals are ns from 0")
             _check_horizon(t0, where)
+            _check_keys(obj, where, "session")
             reqs = _sub_requests(obj, where)
         else:
+            _check_keys(obj, where, "flat")
             reqs = [_request(obj, where, _FLAT_FIELDS)]
             t0 = reqs[0]["arrival_time_ns"]
         for k, vals in enumerate(reqs):
@@ -188,6 +211,8 @@ def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
             out.append(vals["output_toks"])
             ids.append(vals["ids"])
             lines.append(lineno)
+            if vals["ids_mismatch"]:
+                mismatched.append(lineno)
     if not arrival:
         raise JaxsimInputError(str(path), "the workload has no requests",
                                "add request lines or pick another file")
@@ -200,6 +225,10 @@ def load_workload(path: str | Path, num_requests: int = 0) -> Workload:
         if vals[big] > _INT32_MAX:
             raise JaxsimInputError(f"{path}:{lines[big]}", f"{name} {vals[big]} is too large",
                                    f"use at most {_INT32_MAX}")
+    if mismatched:
+        warnings.warn(f"{path}: {len(mismatched)} request(s) whose input_tok_ids / output_tok_ids do not have "
+                      f"input_toks / output_toks entries (first: line {mismatched[0]}); the counts are simulated, "
+                      "the ids only key the prefix cache (tokens past the ids are the request's own)", stacklevel=2)
     sessions = any(x >= 0 for x in nxt)
     return Workload(
         arrival_ns=np.asarray(arrival, dtype=np.int64),
@@ -237,12 +266,15 @@ def check_context(workload: Workload, max_model_len: int, where: str = "max_mode
             f"raise {where} (up to the model's max_position_embeddings) or drop the request")
 
 
-def shift_workload(w: Workload, delta_ns: int) -> Workload:
-    """The same workload with every arrival moved by ``delta_ns`` (may be negative)."""
-    arrival = w.arrival_ns.astype(np.int64) + np.int64(int(delta_ns))
-    if arrival.size and arrival.min() < 0:
-        raise JaxsimInputError("delta_ns", f"shifting by {delta_ns} ns makes arrivals negative",
-                               f"use delta_ns >= {-int(w.arrival_ns.min())}")
+def shift_workload(w: Workload, delta_ns: int, where: str = "delta_ns") -> Workload:
+    """The same workload with every arrival moved by ``delta_ns`` (may be negative); the arrivals
+    must stay in ``[0, ARRIVAL_HORIZON_NS)``. ``where`` names the setting in errors."""
+    delta = int(delta_ns)
+    lo, hi = int(w.arrival_ns.min()), int(w.arrival_ns.max())
+    if lo + delta < 0 or hi + delta >= ARRIVAL_HORIZON_NS:
+        raise JaxsimInputError(where, f"shifting by {delta} ns moves arrivals outside [0, 2^62) ns (the trace spans "
+                               f"{lo} to {hi} ns)", f"use a value in [{-lo}, {ARRIVAL_HORIZON_NS - 1 - hi}]")
+    arrival = w.arrival_ns.astype(np.int64) + np.int64(delta)
     return dataclasses.replace(w, arrival_ns=arrival, source=f"{w.source} shifted {delta_ns} ns")
 
 

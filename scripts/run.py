@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import jax
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,13 +51,24 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
     try:
         spec = config_lib.from_hydra(cfg)
+        out = Path(spec.output_dir or "outputs/run")
+        try:  # before the run, not after it
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JaxsimInputError("output_dir", f"cannot create {out}: {e.strerror}", "give a writable folder") from None
         if spec.sim.compile_cache:
             compile_cache.enable(spec.sim.compile_cache_dir or None)
         result = simulate_spec(spec)
     except (JaxsimInputError, CapacityOverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    out = spec.output_dir or "outputs/run"
+    except (MemoryError, jax.errors.JaxRuntimeError) as e:
+        if not isinstance(e, MemoryError) and "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}): the run's arrays grow with the trace length, "
+              "sim.max_slots, scheduler.max_num_seqs and max_num_batched_tokens; lower them or use a larger machine",
+              file=sys.stderr)
+        sys.exit(2)
     imported = spec.workload.import_stats
     summary = metrics.write_outputs(result, out, config_dict=spec.config, model_name=spec.model.name,
                                     extra={"workload_import": imported} if imported else None, options=spec.output)

@@ -1,6 +1,7 @@
 """Hydra composition of every option of every group, and bad-value errors (no JAX)."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,15 @@ def test_cluster_links_from_the_command_line():
     with pytest.raises(JaxsimInputError, match=r"^cluster\.links\.intra_bw: unknown field \(did you mean "
                                                r"'intra_node_bw_gbps'"):
         jconfig.check_cli_overrides(["cluster.links={intra_bw:3}"])
+
+
+def test_a_bad_model_config_names_its_file_and_field(tmp_path):
+    """An error in the HF config.json of model.name keeps the file and the field (it used to read
+    "model.name: must be a whole number >= 1, got 0", naming neither)."""
+    d = json.loads((ROOT / "profiles" / "models" / "meta-llama" / "Llama-3.1-8B.json").read_text())
+    d["num_key_value_heads"] = 0
+    (tmp_path / "meta-llama").mkdir()
+    (tmp_path / "meta-llama" / "Llama-3.1-8B.json").write_text(json.dumps(d))
+    with pytest.raises(JaxsimInputError, match=rf"^model\.name: {tmp_path}/meta-llama/Llama-3.1-8B.json: "
+                                               r"num_key_value_heads: must be a whole number >= 1, got 0"):
+        spec([f"paths.models={tmp_path}"])

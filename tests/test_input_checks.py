@@ -187,3 +187,48 @@ def test_a_session_whose_context_outgrows_the_cache_is_refused_before_the_run(tm
                                                r"blocks"):
         simulator.plan_run(w, load_model(), HardwareConfig(num_gpu_blocks=50), SCHED, profiles_dir=PROFILES,
                            max_slots=8)
+
+
+# ------------------------------------------------------------------------------ Workload structure
+def _w(**kw):
+    base = dict(arrival_ns=np.array([0, 10], np.int64), input_toks=np.array([4, 4], np.int32),
+                output_toks=np.array([3, 3], np.int32), token_ids=[None, None], source="api")
+    return Workload(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(next_in_session=np.array([1, 0]), tool_ns=np.array([0, 0])),
+     r"api request 1: request 1 releases request 0: a session's next request must come later"),  # a cycle used to hang
+    (dict(next_in_session=np.array([1, -1]), tool_ns=np.array([0, 2**63 - 1])),
+     r"request 1: tool_duration_ns 9223372036854775807 is outside \[0, 2\^40\]"),  # overflowed to negative TTFT
+    (dict(next_in_session=np.array([1, -1]), tool_ns=np.array([0, -10])), r"tool_duration_ns -10 is outside"),
+    (dict(arrival_ns=np.array([0.0, np.nan])), r"Workload.arrival_ns: must hold whole numbers, got nan \(request 1\)"),
+    (dict(output_toks=np.array([0, 3], np.int32)), r"api request 0: request 0: output_toks 0 is outside \[1, 2\^31-1\]"),
+    (dict(token_ids=[None]), r"Workload.token_ids: has 1 entries for 2 requests"),
+    (dict(arrival_ns=np.array([0, 1, 2])), r"Workload.input_toks: must be a 1-D array of one length N"),
+])
+def test_a_python_built_workload_is_checked_before_the_run(kw, message):
+    with pytest.raises(JaxsimInputError, match=message):
+        simulator.plan_run(_w(**kw), load_model(), HardwareConfig(), SCHED, profiles_dir=PROFILES, max_slots=8)
+
+
+def test_jsonl_unknown_fields_float_ids_and_count_mismatches(tmp_path):
+    ok = {"input_toks": 3, "output_toks": 2, "arrival_time_ns": 0}
+    with pytest.raises(JaxsimInputError, match=r"trace.jsonl:1: unknown field 'arival_time_ns' in a flat line \(did "
+                                               r"you mean 'arrival_time_ns'"):
+        load_workload(_jsonl(tmp_path, [{"input_toks": 3, "output_toks": 2, "arival_time_ns": 0}]))
+    with pytest.raises(JaxsimInputError, match=r"sub_requests\[0\]: unknown field 'tool_ns' in a sub-request line"):
+        load_workload(_jsonl(tmp_path, [{"session_id": 1, "arrival_time_ns": 0,
+                                         "sub_requests": [dict(input_toks=3, output_toks=2, tool_ns=5)]}]))
+    with pytest.raises(JaxsimInputError, match=r"field 'input_tok_ids' must contain only integers"):
+        load_workload(_jsonl(tmp_path, [dict(ok, input_tok_ids=[1.5, 2, 3])]))  # used to be cut to 1
+    with pytest.warns(UserWarning, match=r"1 request\(s\) whose input_tok_ids / output_tok_ids do not have input_toks "
+                                         r"/ output_toks entries \(first: line 2\)"):
+        load_workload(_jsonl(tmp_path, [dict(ok, input_tok_ids=[1, 2, 3]), dict(ok, input_tok_ids=[1, 2])]))
+
+
+def test_engine_delays_are_bounded():
+    """A first-token delay of 2^63-1 ns overflowed every token time (the run reported 0 requests)."""
+    from jaxsim.spec import Calibration
+    with pytest.raises(JaxsimInputError, match=r"^calibration\.first_token_delay_ns: must be <= 1099511627776"):
+        Calibration(first_token_delay_ns=2**63 - 1)
