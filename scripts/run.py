@@ -66,6 +66,7 @@ def main(cfg: DictConfig) -> None:
         if not isinstance(e, MemoryError) and "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
             raise
         print(f"error: out of memory ({str(e).splitlines()[0][:200]}): the run's arrays grow with the trace length, "
+              "the number of instances, "
               "sim.max_slots, scheduler.max_num_seqs and max_num_batched_tokens; lower them or use a larger machine",
               file=sys.stderr)
         sys.exit(2)

@@ -90,7 +90,7 @@ def test_sweep_command_is_valid(args):
 
 def test_documented_outputs_are_written(tmp_path):
     """The README's table of output files and columns is what ``write_outputs`` writes."""
-    section = README[README.index("Each run writes to its output folder"):README.index("From Python:")]
+    section = README[README.index("Each run writes to its output folder"):README.index("From Python (")]
     files = re.findall(r"^\| `([a-z_]+\.[a-z]+)` \|", section, flags=re.M)
     assert files == ["requests.parquet", "summary.json", "timeseries.csv", "config.yaml", "requests_reference.csv"]
     summary = write_outputs(tiny_result(), tmp_path, config_dict={}, model_name="m",

@@ -181,8 +181,12 @@ def test_shift_workload():
     assert s.token_ids is w.token_ids
     back = shift_workload(s, -86_400 * 10**9)
     np.testing.assert_array_equal(back.arrival_ns, w.arrival_ns)
-    with pytest.raises(JaxsimInputError, match="negative"):
-        shift_workload(w, -int(w.arrival_ns.min()) - 1)
+    lo, hi = int(w.arrival_ns.min()), int(w.arrival_ns.max())
+    with pytest.raises(JaxsimInputError, match=rf"^delta_ns: shifting by {-lo - 1} ns moves arrivals outside \[0, "
+                                               rf"2\^62\) ns .*\(use a value in \[{-lo}, {2**62 - 1 - hi}\]\)"):
+        shift_workload(w, -lo - 1)
+    with pytest.raises(JaxsimInputError, match=r"^workload\.shift_ns: shifting by 9223372036854775807 ns"):
+        shift_workload(w, 2**63 - 1, "workload.shift_ns")  # used to say "negative" for an overflow
 
 
 # ---------------------------------------------------------------------------------------------
