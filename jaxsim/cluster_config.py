@@ -142,6 +142,22 @@ def _check_keys(obj, kind: str, where: str) -> None:
 _JSON_NODE_UNSUPPORTED = ("power",)
 
 
+def check_reference_keys(d: dict, path) -> None:
+    """Every key of a reference-format cluster JSON (REFERENCE.md §3.1) at every level is one the
+    format has (:data:`_JSON_KEYS`); a typo is an error naming its JSON path and the nearest key.
+    For readers of the format that check the values themselves (``jaxsim.validation``)."""
+    _check_keys(d, "top level", str(path))
+    for n, node in enumerate(d.get("nodes") or []):
+        _check_keys(node, "node", f"{path}: nodes[{n}]")
+        if isinstance(node.get("cpu_mem"), dict):
+            _check_keys(node["cpu_mem"], "cpu_mem", f"{path}: nodes[{n}].cpu_mem")
+        for i, inst in enumerate(node.get("instances") or []):
+            where = f"{path}: nodes[{n}].instances[{i}]"
+            _check_keys(inst, "instance", where)
+            if isinstance(inst.get("npu_mem"), dict):
+                _check_keys(inst["npu_mem"], "npu_mem", f"{where}.npu_mem")
+
+
 def cluster_spec(section: dict | None, hardware: HardwareConfig, scheduler: SchedulerConfig, calib: Calibration,
                  profiles: Path, model_name: str) -> ClusterSpec | None:
     """The ``cluster`` section (None or no instances and no JSON: a single instance -> None) on top

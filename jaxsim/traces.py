@@ -100,6 +100,10 @@ def _csv_rows(path: Path, columns: dict):
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise JaxsimInputError(str(path), "empty file", "a CSV with a header row") from None
+        if header and header[0].startswith("{"):
+            raise JaxsimInputError(f"{path}:1", "this is JSON lines, not a CSV",
+                                   "set workload.format=mooncake (Mooncake's timestamp / input_length / output_length /"
+                                   " hash_ids) or jsonl (jaxsim's own)")
         index = {}
         for name, accepted in columns.items():
             accepted = accepted if isinstance(accepted, tuple) else (accepted,)

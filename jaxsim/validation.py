@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsim.cluster_config import json_hardware, json_links
+from jaxsim.cluster_config import check_reference_keys, json_hardware, json_links
 from jaxsim.errors import JaxsimInputError
 from jaxsim.metrics import STAT_NAMES, distribution_stats
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
@@ -158,7 +158,9 @@ class _Checker:
 
 
 def check_cluster_config(cluster: dict, path: Path) -> dict:
-    """Check a cluster config (REFERENCE.md §3.1); returns it with num_npus/tp/pp filled in."""
+    """Check a cluster config (REFERENCE.md §3.1); returns it with num_npus/tp/pp filled in. A key
+    the format does not have is an error naming it (``"tp_szie"`` was ignored)."""
+    check_reference_keys(cluster, path)
     c = _Checker(path)
     nodes = c.array(cluster, "nodes", "nodes")
     num_nodes = c.number(cluster, "num_nodes", "num_nodes", integer=True, positive=True)

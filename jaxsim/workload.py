@@ -94,8 +94,10 @@ _KNOWN = {"flat": _FLAT_FIELDS + _ID_FIELDS, "session": _SESSION_FIELDS,
 def _check_keys(obj: dict, where: str, kind: str) -> None:
     unknown = sorted(set(obj) - set(_KNOWN[kind]), key=str)
     if unknown:
-        raise JaxsimInputError(where, f"unknown field {unknown[0]!r} in a {kind.replace('_', '-')} line",
-                               unknown_key_fix(unknown[0], _KNOWN[kind]))
+        fix = unknown_key_fix(unknown[0], _KNOWN[kind])
+        if {"input_length", "hash_ids"} & set(obj):
+            fix = "this looks like a Mooncake trace: set workload.format=mooncake"
+        raise JaxsimInputError(where, f"unknown field {unknown[0]!r} in a {kind.replace('_', '-')} line", fix)
 
 
 def _check_horizon(arrival_ns: int, where: str) -> None:

@@ -11,6 +11,7 @@ from jaxsim import simulator
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import Calibration, HardwareConfig, ModelRuntimeConfig, SchedulerConfig
 from jaxsim.traces import BlockTokenIds, TraceOptions, block_token_ids, load_trace
+from jaxsim.workload import load_workload
 
 from _shared import PROFILES, load_model
 from test_config import spec  # Hydra compose + from_hydra
@@ -106,6 +107,8 @@ def test_mooncake_prefix_sharing_reaches_the_prefix_cache():
     ("vidur", "arrived_at,num_prefill_tokens,num_decode_tokens\nnan,1,1\n", r":2: arrived_at is not finite"),
     ("mooncake", '{"timestamp": 0, "input_length": 5}\n', r":1: missing 'output_length'"),
     ("mooncake", '{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [-1]}\n', r":1: hash_ids must"),
+    ("azure", '{"timestamp": 0, "input_length": 5, "output_length": 1}\n', r":1: this is JSON lines, not a CSV "
+     r"\(set workload.format=mooncake"),
 ])
 def test_bad_rows_name_the_file_line(tmp_path, fmt, text, message):
     path = tmp_path / "t.txt"
@@ -138,3 +141,11 @@ def test_hydra_reads_a_public_trace():
         spec([f"workload.path={DATA / 'vidur.csv'}"])
     with pytest.raises(JaxsimInputError, match=r"workload.sampel: unknown field \(did you mean 'sample'"):
         spec(["+workload.sampel=0.5"])
+
+
+def test_a_mooncake_trace_read_as_jsonl_says_so(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}\n')
+    with pytest.raises(JaxsimInputError, match=r"t.jsonl:1: unknown field 'hash_ids' in a flat line \(this looks like "
+                                               r"a Mooncake trace: set workload.format=mooncake\)"):
+        load_workload(path)

@@ -221,6 +221,9 @@ def _instance(c):
     (lambda c: c.pop("link_bw"), "link_bw"),
     (lambda c: c.update(link_latency=[500, "x"]), "link_latency[1]"),
     (lambda c: c["nodes"][0]["cpu_mem"].pop("mem_bw"), "nodes[0].cpu_mem.mem_bw"),
+    # a misspelt key is an error (it was ignored: the case ran with the baseline's value)
+    (lambda c: _instance(c).update(tp_szie=_instance(c).pop("tp_size", 1)), "nodes[0].instances[0].tp_szie"),
+    (lambda c: _instance(c)["npu_mem"].update(mem_utl=0.9), "nodes[0].instances[0].npu_mem.mem_utl"),
 ])
 def test_bad_config_json_names_json_path(tmp_path, edit, jpath):
     d = copy_case(tmp_path)
