@@ -160,8 +160,12 @@ def _instances(base: SweepBase, point: dict) -> tuple:
 
 def _instance_inputs(base: SweepBase, point: dict, spec: InstanceSpec) -> dict:
     hw = base.hardware_options[point["hardware"]] if "hardware" in point else spec.hw
-    hw = dataclasses.replace(hw, **{k: point[k] for k in _HARDWARE_KNOBS if k in point})
-    sched = dataclasses.replace(spec.sched, **{k: point[k] for k in _SCHEDULER_KNOBS if k in point})
+    try:  # a knob value the dataclass refuses (block_size=24, a token budget under max_num_seqs) names the point
+        hw = dataclasses.replace(hw, **{k: point[k] for k in _HARDWARE_KNOBS if k in point})
+        sched = dataclasses.replace(spec.sched, **{k: point[k] for k in _SCHEDULER_KNOBS if k in point})
+    except JaxsimInputError as e:
+        knobs = ", ".join(f"{k}={v}" for k, v in point.items())
+        raise JaxsimInputError(f"sweep point ({knobs}): {e.where}", e.problem, e.fix) from None
     return dict(hw=hw, sched=sched, calib=spec.calib)
 
 

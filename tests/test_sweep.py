@@ -121,6 +121,14 @@ def test_expand_grid_and_bad_knobs():
         sweep.scale_arrivals(BASE.workload, 0.0)
 
 
+def test_a_knob_value_vllm_refuses_names_the_point():
+    """Host-side: the dataclass's own refusal (vLLM's reason) is prefixed with the point's knobs
+    (it named only scheduler.block_size, not the sweep axis that set it)."""
+    with pytest.raises(JaxsimInputError, match=r"^sweep point \(block_size=24\): scheduler\.block_size: 24 is not a block "
+                                               r"size vLLM accepts"):
+        sweep.sweep(BASE, [{}, {"block_size": 24}], progress=False)
+
+
 def test_a_point_whose_cache_cannot_hold_max_model_len_is_refused():
     """Host-side (refused while planning, before any compile): a point whose memory model gives
     fewer than max_model_len tokens of KV is refused with vLLM's reason, naming the point (an
