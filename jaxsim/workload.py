@@ -265,7 +265,9 @@ def check_context(workload: Workload, max_model_len: int, where: str = "max_mode
             describe_request(workload, i),
             f"request {i} needs {int(total[i])} tokens (input {int(workload.input_toks[i])} + "
             f"output {int(workload.output_toks[i])}) but {where} is {int(max_model_len)}{more}",
-            f"raise {where} (up to the model's max_position_embeddings) or drop the request")
+            f"raise {where} (up to the model's max_position_embeddings) or drop the request"
+            + ("; a public trace drops or clips such rows with workload.max_tokens (and workload.over_long=drop|clip)"
+               if workload.import_stats is not None else ""))
 
 
 def shift_workload(w: Workload, delta_ns: int, where: str = "delta_ns") -> Workload:

@@ -149,3 +149,15 @@ def test_a_mooncake_trace_read_as_jsonl_says_so(tmp_path):
     with pytest.raises(JaxsimInputError, match=r"t.jsonl:1: unknown field 'hash_ids' in a flat line \(this looks like "
                                                r"a Mooncake trace: set workload.format=mooncake\)"):
         load_workload(path)
+
+
+def test_a_trace_row_over_the_context_points_at_max_tokens(tmp_path):
+    """over_long acts only with max_tokens: the context error of a public trace says so."""
+    from jaxsim.workload import check_context
+    path = tmp_path / "t.csv"
+    path.write_text("Timestamp,Model,Request tokens,Response tokens\n1,m,200000,10\n2,m,5,5\n")
+    w = load_trace(path, "burstgpt", TraceOptions(over_long="drop"))
+    with pytest.raises(JaxsimInputError, match=r"t.csv:2: request 0 needs 200010 tokens .* a public trace drops or clips "
+                                               r"such rows with workload.max_tokens"):
+        check_context(w, 131_072, "model.max_model_len")
+    assert load_trace(path, "burstgpt", TraceOptions(over_long="drop", max_tokens=131_072)).num_requests == 1
