@@ -41,6 +41,7 @@ the YAML key or the JSON path it came from.
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -187,7 +188,10 @@ def cluster_spec(section: dict | None, hardware: HardwareConfig, scheduler: Sche
     entries = section.get("instances") or []
     if not isinstance(entries, list):
         raise JaxsimInputError("cluster.instances", f"must be a list, got {type(entries).__name__}")
+    links_set = [k for k, v in (section.get("links") or {}).items() if v is not None]
     if not entries:
+        if links_set:
+            _warn_unused_links(links_set, "the run has one instance")
         return None
     instances = []
     for i, e in enumerate(entries):
@@ -218,8 +222,16 @@ def cluster_spec(section: dict | None, hardware: HardwareConfig, scheduler: Sche
         placement = {k: e[k] for k in ("role", "node", "dp_group") if k in e}
         instances += [build(InstanceSpec, dict(hw=hw, sched=sched, calib=calib, model=model, **placement), key)] * count
     check_dp_groups(instances, "cluster.instances")
+    if links_set and all(spec.role == "colocated" for spec in instances):
+        _warn_unused_links(links_set, "no instance has a prefill or decode role")
     return build(ClusterSpec, dict(instances=tuple(instances), router=router,
                                    links=_links(section.get("links"), "cluster.links"), dp_sync=dp_sync))
+
+
+def _warn_unused_links(keys: list, why: str) -> None:
+    """cluster.links carry P/D KV hand-offs only: set where none happens, they change nothing."""
+    warnings.warn(f"cluster.links ({', '.join(keys)}) set, but {why}: the links only carry prefill -> decode KV "
+                  "hand-offs, so they change nothing in this run", stacklevel=3)
 
 
 def json_links(link_bw: list, link_latency: list) -> LinkConfig:

@@ -276,3 +276,11 @@ def test_a_bad_model_config_names_its_file_and_field(tmp_path):
     with pytest.raises(JaxsimInputError, match=rf"^model\.name: {tmp_path}/meta-llama/Llama-3.1-8B.json: "
                                                r"num_key_value_heads: must be a whole number >= 1, got 0"):
         spec([f"paths.models={tmp_path}"])
+
+
+def test_links_without_pd_hand_offs_are_reported_unused():
+    with pytest.warns(UserWarning, match=r"cluster.links \(intra_node_bw_gbps\) set, but no instance has a prefill or "
+                                         r"decode role: the links only carry prefill -> decode KV hand-offs"):
+        spec(["cluster=pair", "cluster.links.intra_node_bw_gbps=64"])
+    with pytest.warns(UserWarning, match=r"set, but the run has one instance"):
+        spec(["cluster.links.inter_node_latency_ns=5"])
