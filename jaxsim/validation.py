@@ -16,12 +16,13 @@ import csv
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from jaxsim.cluster_config import check_reference_keys, json_hardware, json_links
-from jaxsim.errors import JaxsimInputError
+from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.metrics import STAT_NAMES, distribution_stats
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
 from jaxsim.spec import HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
@@ -303,6 +304,25 @@ def _load_real_timeseries(path: Path) -> dict:
     return {c: np.asarray(v, dtype=np.float64) for c, v in rows.items()}
 
 
+# vLLM engine arguments a case may record: those jaxsim reads, and those it knows change nothing it
+# models (logging, eager mode, seeds, connectors). vLLM has hundreds more, so another key is not an
+# error but a warning with the nearest known name: a typo (max_num_seq) is then not silently ignored.
+ENGINE_KWARGS_READ = ("model", "tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size",
+                      "enable_expert_parallel", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
+                      "enable_chunked_prefill", "enable_prefix_caching", "gpu_memory_utilization", "dtype",
+                      "kv_cache_dtype", "long_prefill_token_threshold", "scheduler_reserve_full_isl")
+ENGINE_KWARGS_IGNORED = ("seed", "enforce_eager", "kv_cache_metrics", "kv_transfer_config", "tokenizer",
+                         "trust_remote_code", "disable_log_stats", "revision", "download_dir", "served_model_name")
+
+
+def _warn_unknown_engine_kwargs(ek: dict, meta_path: Path) -> None:
+    known = ENGINE_KWARGS_READ + ENGINE_KWARGS_IGNORED
+    for key in ek:
+        if key not in known:
+            warnings.warn(f"{meta_path}: engine_kwargs.{key}: not a vLLM engine argument jaxsim reads; ignored "
+                          f"({unknown_key_fix(key, known)})", stacklevel=3)
+
+
 def load_case(case_dir: str | Path, models_dir: str | Path, workloads_dir: str | Path) -> Case:
     """Parse and check a validation case directory.
 
@@ -321,6 +341,7 @@ def load_case(case_dir: str | Path, models_dir: str | Path, workloads_dir: str |
     meta = _read_json(meta_path)
     c = _Checker(meta_path)
     ek = c.mapping(meta, "engine_kwargs", "engine_kwargs")
+    _warn_unknown_engine_kwargs(ek, meta_path)
     for key in ("tensor_parallel_size", "data_parallel_size"):
         c.number(ek, key, f"engine_kwargs.{key}", required=False, integer=True, positive=True)
     for key in ("max_num_seqs", "max_num_batched_tokens"):

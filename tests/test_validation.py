@@ -325,3 +325,13 @@ def test_dp_ep_tp_cases_map_to_clusters(tmp_path):
     edit_json(f / "vllm" / "meta.json", lambda m: m["engine_kwargs"].update(data_parallel_size=2))
     with pytest.raises(JaxsimInputError, match="data_parallel_size"):
         case_to_cluster(load_case(f, MODELS, WORKLOADS))
+
+
+def test_an_engine_kwarg_typo_is_reported(tmp_path):
+    """meta.json's engine_kwargs: a key jaxsim neither reads nor knows to be irrelevant is warned
+    with the nearest known name (vLLM has hundreds of arguments, so not an error)."""
+    d = copy_case(tmp_path)
+    edit_json(d / "vllm" / "meta.json", lambda m: m["engine_kwargs"].update(max_num_seq=8))
+    with pytest.warns(UserWarning, match=r"engine_kwargs.max_num_seq: not a vLLM engine argument jaxsim reads; ignored "
+                                         r"\(did you mean 'max_num_seqs'"):
+        load_case(d, MODELS, WORKLOADS)
