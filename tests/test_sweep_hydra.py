@@ -179,6 +179,7 @@ def test_run_sweep_with_slo_and_plots(script, tmp_path, capsys):
     assert "best by goodput_rps" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a subprocess and its own compile; run_sweep itself is tested in-process above
 def test_multirun_subprocess(tmp_path):
     """One real Hydra multirun: two scheduler options, each job one batched 2-point sweep."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -499,6 +499,8 @@ def test_shared_prefix_caps_and_rates():
     assert h.num_requests == 64 and h.input_toks[:2].tolist() == [1009, 1009 + 100 + 9]
 
 
+@pytest.mark.slow  # a compile of its own; the chains are checked host-side above, their release in the engine by
+# tests/test_disagg.py::test_sessions_release_on_finish_and_hit_their_context
 def test_closed_loop_simulation_keeps_concurrency():
     """A closed loop of 2 clients and 6 requests: each request is sent when its client's previous
     one finishes (+ think time) and at most 2 are ever in flight."""
