@@ -290,17 +290,34 @@ def timeseries_interval(result: SimResult, interval_s: float = 1.0) -> float:
     return interval_s * max(1, -(-bins // MAX_TIMESERIES_BINS))
 
 
-def time_series(result: SimResult, interval_s: float = 1.0) -> dict:
+def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | None = None,
+                origin_ns: int | None = None, num_blocks: int | None = None) -> dict:
     """Per-interval series with the columns of vLLM's ``timeseries.csv``.
 
-    Bin k (``t = k``, 1-based) covers ``[t0 + (k-1)·Δ, t0 + k·Δ)`` with ``t0`` the first arrival.
+    Bin k (``t = k``, 1-based) covers ``[t0 + (k-1)·Δ, t0 + k·Δ)`` with ``t0`` = ``origin_ns``, or
+    the first arrival when None (a validation case's rows are on trace time, ``origin_ns=0``).
     An iteration belongs to the bin in which it ends. Throughputs are that bin's prompt / generated
     tokens per second; ``running``, ``waiting`` and ``kv_cache_pct`` (pinned blocks / num_blocks ×
     100) are the gauges of the last iteration ending in the bin, carried forward through empty bins
     (0 before the first iteration). Bins run up to the one holding the last iteration.
 
+    When the result carries them (``getattr``; engines that do not record them leave them out):
+    ``prefix_hit_pct`` = cumulative prefix-cache hit tokens / queried tokens × 100 at the bin's
+    last iteration (``iter_prefix_hits`` / ``iter_prefix_queried``; for a cluster, from the summed
+    counters; 0 before anything was queried), and ``kv_cache_cached_pct`` = (pinned + cached-but-free
+    blocks, ``iter_kv_blocks_cached``) / num_blocks × 100, what vLLM 0.13's gauge with prefix
+    caching showed.
+
+    Args:
+      instance: only this instance's iteration rows (a cluster run's ``iter_instance``): its own
+        series, binned on the same clock; None = the cluster (gauges summed over instances).
+        ``num_blocks`` is then that instance's KV capacity (the result holds the cluster's total):
+        pass it, or it is taken as an even share of ``result.num_blocks``.
+      num_blocks: the KV capacity the percentages divide by (default ``result.num_blocks``).
+
     Returns:
-      ``{column: np.ndarray}`` for :data:`TIMESERIES_COLUMNS` (``t`` float, counts int64).
+      ``{column: np.ndarray}`` for :data:`TIMESERIES_COLUMNS` (``t`` float, counts int64), plus the
+      optional columns above.
     """
     interval_ns = int(round(interval_s * NS_PER_S))
     end = _i64(result.iter_end_ns)
@@ -308,11 +325,29 @@ def time_series(result: SimResult, interval_s: float = 1.0) -> dict:
     empty = {c: np.zeros(0, dtype=np.float64) for c in TIMESERIES_COLUMNS}
     if end.size == 0 or arrival.size == 0:
         return empty
-    t0 = int(arrival.min())
+    rows = np.arange(end.shape[0])
+    nb = int(result.num_blocks) if num_blocks is None else int(num_blocks)
+    inst = result.iter_instance
+    if instance is not None:
+        if inst is None:
+            if instance != 0:
+                raise ValueError(f"time_series: instance {instance} of a single-instance result")
+        else:
+            n_inst = int(np.max(inst)) + 1 if inst.size else 1
+            if not 0 <= instance < n_inst:
+                raise ValueError(f"time_series: instance {instance} not in 0..{n_inst - 1}")
+            rows = np.nonzero(np.asarray(inst) == instance)[0]
+            if num_blocks is None:
+                nb = int(result.num_blocks) // n_inst
+    if rows.size == 0:
+        return empty
+    single = instance is not None or inst is None
+    end = end[rows]
+    t0 = int(arrival.min()) if origin_ns is None else int(origin_ns)
     k = np.maximum((end - t0) // interval_ns, 0)  # 0-based bin of each iteration
     nbins = int(k.max()) + 1
-    prompt = np.bincount(k, weights=_i64(result.iter_prompt_tokens), minlength=nbins)
-    gen = np.bincount(k, weights=_i64(result.iter_gen_tokens), minlength=nbins)
+    prompt = np.bincount(k, weights=_i64(result.iter_prompt_tokens)[rows], minlength=nbins)
+    gen = np.bincount(k, weights=_i64(result.iter_gen_tokens)[rows], minlength=nbins)
 
     # index of the last iteration ending in or before each bin (iterations are in time order)
     order = np.argsort(end, kind="stable")
@@ -321,20 +356,36 @@ def time_series(result: SimResult, interval_s: float = 1.0) -> dict:
     last_rank = np.maximum.accumulate(last_rank)
     last = np.where(last_rank >= 0, order[np.maximum(last_rank, 0)], -1)
 
+    def per_row(values):
+        """A per-iteration gauge on the selected rows: the instance's own values, or the cluster's."""
+        values = np.asarray(values)
+        return values[rows] if single else cluster_gauge(result, values)
+
     def gauge(x, dtype):
         x = np.asarray(x).astype(dtype)
         return np.where(last >= 0, x[np.maximum(last, 0)], 0).astype(dtype)
 
-    used = gauge(cluster_gauge(result, result.iter_kv_blocks_used), np.float64)
-    nb = int(result.num_blocks)
-    return {
+    def pct(blocks):
+        return blocks / nb * 100 if nb else np.zeros(nbins)
+
+    used = gauge(per_row(result.iter_kv_blocks_used), np.float64)
+    out = {
         "t": np.arange(1, nbins + 1, dtype=np.float64) * interval_s,
         "prompt_throughput": prompt / interval_s,
         "gen_throughput": gen / interval_s,
-        "running": gauge(cluster_gauge(result, result.iter_running), np.int64),
-        "waiting": gauge(cluster_gauge(result, result.iter_waiting), np.int64),
-        "kv_cache_pct": used / nb * 100 if nb else np.zeros(nbins),
+        "running": gauge(per_row(result.iter_running), np.int64),
+        "waiting": gauge(per_row(result.iter_waiting), np.int64),
+        "kv_cache_pct": pct(used),
     }
+    queried, hits = getattr(result, "iter_prefix_queried", None), getattr(result, "iter_prefix_hits", None)
+    if queried is not None and hits is not None:
+        q = gauge(per_row(queried), np.float64)
+        h = gauge(per_row(hits), np.float64)
+        out["prefix_hit_pct"] = np.divide(h * 100, q, out=np.zeros(nbins), where=q > 0)
+    cached = getattr(result, "iter_kv_blocks_cached", None)
+    if cached is not None:
+        out["kv_cache_cached_pct"] = pct(used + gauge(per_row(cached), np.float64))
+    return out
 
 
 def _cell(v):

@@ -117,7 +117,10 @@ def test_measured_arrivals(case):
 
 def test_compare_identical_is_zero(case):
     res = compare(case, real_table(case), case.real_timeseries)
-    assert set(res) == {"stats", "paired", "timeseries"}
+    assert set(res) == {"stats", "paired", "timeseries", "not_simulated", "not_recorded"}
+    # kv_cache_pct is 0 in every row of this case: not recorded (REFERENCE.md §4.3), not scored
+    assert res["not_recorded"] == {"kv_cache_pct": "0 in every row: not recorded by this run"}
+    assert res["not_simulated"] == {}
     assert set(res["stats"]) == {f"{m}_{s}" for m in ("ttft", "tpot", "e2e") for s in STATS}
     for row in res["stats"].values():
         assert set(row) == {"real", "sim", "diff_pct"}
@@ -148,7 +151,7 @@ def test_compare_scaled(case):
     assert res["paired"]["ttft"]["signed_mean_pct"] == pytest.approx(10.0)
     assert res["paired"]["e2e"]["median_abs_pct"] == pytest.approx(5.0)
     assert res["paired"]["e2e"]["signed_mean_pct"] == pytest.approx(-5.0)
-    assert res["timeseries"] == {}
+    assert "timeseries" not in res  # no simulated series given
 
 
 def test_compare_one_request_perturbed(case):
@@ -176,15 +179,19 @@ def test_compare_makespan_and_timeseries(case):
     t["end_ns"][last] += 2 * 10**9  # finishes 2 s later
     ts = {k: v.copy() for k, v in case.real_timeseries.items()}
     ts["running"] = ts["running"] + 1
-    ts["waiting"] = ts["waiting"][:-10]  # shorter series: padded with zeros
+    ts["waiting"] = ts["waiting"][:-10]  # shorter series: a gauge, padded with its last value
     res = compare(case, t, ts)
     mk = res["paired"]["makespan_s"]
     assert mk["sim"] == pytest.approx(mk["real"] + 2, abs=1e-6)
     assert mk["diff_pct"] == pytest.approx(2 / mk["real"] * 100, rel=1e-6)
     assert res["timeseries"]["running"]["mae"] == pytest.approx(1.0)
     assert res["timeseries"]["running"]["corr"] == pytest.approx(1.0)
-    w = case.real_timeseries["waiting"]
-    assert res["timeseries"]["waiting"]["mae"] == pytest.approx(np.abs(w[-10:]).sum() / w.size)
+    r = case.real_timeseries
+    busy = (r["prompt_throughput"] > 0) | (r["gen_throughput"] > 0) | (r["running"] + r["waiting"] > 0)
+    w = r["waiting"]
+    padded = np.concatenate([w[:-10], np.full(10, w[-11])])
+    assert res["timeseries"]["waiting"]["mae"] == pytest.approx(np.abs(padded - w)[busy].mean())
+    assert res["timeseries"]["waiting"]["nmae"] == pytest.approx(np.abs(padded - w)[busy].mean() / w[busy].mean())
 
 
 def test_compare_needs_table_columns(case):
@@ -242,7 +249,12 @@ def test_invalid_json_names_line(tmp_path):
 
 @pytest.mark.parametrize("edit, jpath", [
     (lambda m: m.pop("engine_kwargs"), "engine_kwargs"),
-    (lambda m: m["engine_kwargs"].pop("max_num_seqs"), "engine_kwargs.max_num_seqs"),
+    (lambda m: m["engine_kwargs"].update(max_num_seqs="many"), "engine_kwargs.max_num_seqs"),
+    (lambda m: m.update(vllm_verison="0.19.0"), "vllm_verison"),
+    (lambda m: m.update(vllm_version="latest"), "vllm_version"),
+    (lambda m: m.update(kv_cache={"num_gpu_blok": 10}), "kv_cache.num_gpu_blok"),
+    (lambda m: m.update(dataset_hash="0" * 64), "dataset_hash"),
+    (lambda m: m.update(schema_version=7), "schema_version"),
     (lambda m: m["engine_kwargs"].update(max_num_batched_tokens=-1),
      "engine_kwargs.max_num_batched_tokens"),
     (lambda m: m["engine_kwargs"].update(dtype="float7"), "engine_kwargs.dtype"),
