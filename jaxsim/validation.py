@@ -549,7 +549,9 @@ def _engine_settings(meta: dict, meta_path: Path, cluster: dict, model: ModelCon
         assumed.append(f"max_model_len={model.max_position_embeddings}: not recorded; vLLM default (the model's "
                        "max_position_embeddings)")
     settings["max_model_len"] = int(mml if mml is not None else model.max_position_embeddings)
-    util = ek.get("gpu_memory_utilization", kv.get("gpu_memory_utilization"))
+    util = ek.get("gpu_memory_utilization")
+    if util is None:
+        util = kv.get("gpu_memory_utilization")
     if util is None:
         util = first["npu_mem"].get("mem_util")
     if util is None:
@@ -1032,7 +1034,8 @@ def _missing_reason(column: str, counts_cached: bool) -> str:
     if column in NOT_SIMULATED:
         return NOT_SIMULATED[column]
     if column == "prefix_hit_pct":
-        return "the simulation does not record the prefix-cache counters per iteration (SimResult.iter_prefix_queried / iter_prefix_hits)"
+        return ("the simulation does not record the prefix-cache counters per iteration "
+                "(SimResult.iter_prefix_queried / iter_prefix_hits)")
     if column in ("kv_cache_pct", "gpu_mem_gib") and counts_cached:
         return ("the measured gauge counts cached-but-free blocks (vLLM 0.13 with prefix caching); the simulation "
                 "does not record them per iteration (SimResult.iter_kv_blocks_cached)")

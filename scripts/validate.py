@@ -48,12 +48,13 @@ class Evaluation:
     wall_s: float
 
 
-def _instance_blocks(specs, result) -> list:
+def _instance_blocks(case, specs, rt, links, result, profiles) -> list:
     """Each instance's KV blocks (the result holds the cluster's total): an even share when the
-    instances are alike, else each plan's count."""
+    instances are alike, else each instance's plan."""
     if all(s.hw == specs[0].hw and s.sched == specs[0].sched for s in specs):
         return [int(result.num_blocks) // len(specs)] * len(specs)
-    raise NotImplementedError("per-instance KV capacity of a heterogeneous cluster")  # no such case yet
+    plans = simulator.plan_cluster(case.workload, case.model, specs, rt, links, profiles_dir=profiles)
+    return [int(pl.num_blocks) for pl in plans]
 
 
 def _with_gpu_mem(case, series: dict, specs, rt, num_blocks: int, instances: int) -> dict:
@@ -100,7 +101,7 @@ def evaluate(case_dir, profiles, models, workloads, calibration: Calibration | N
         series = _with_gpu_mem(case, series, specs, rt, int(result.num_blocks), len(specs))
     inst_series = {}
     if len(specs) > 1:
-        blocks = _instance_blocks(specs, result)
+        blocks = _instance_blocks(case, specs, rt, links, result, profiles)
         for k in range(len(specs)):
             s = metrics.time_series(result, case.tick_s, instance=k, origin_ns=0, num_blocks=blocks[k])
             inst_series[k] = _with_gpu_mem(case, s, specs, rt, blocks[k], 1) if measured_mem else s
@@ -140,8 +141,8 @@ def run_all(root, out_dir, profiles, models, workloads, command: str = "") -> in
         print(f"== {d.name}", flush=True)
         try:
             ev = evaluate(d, profiles, models, workloads)
-        except (JaxsimInputError, CapacityOverflowError, NotImplementedError) as e:
-            print(f"   failed: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one failing case must not lose the others' report
+            print(f"   failed: {type(e).__name__}: {e}", file=sys.stderr)
             failures[d.name] = f"{type(e).__name__}: {e}"
             continue
         evaluations.append(ev)
