@@ -154,6 +154,7 @@ class Plan:
     max_model_len: int = 0
     kv_rank_token_bytes: int = 0
     kv_from_memory: bool = True  # num_blocks from the memory model (False: hardware.num_gpu_blocks)
+    null_block: int = 0  # 1 when vLLM's null block is reserved: num_blocks is then vLLM's count - 1
     profile_outliers: tuple = ()  # the profile bundle's outliers (profiles.ProfileBundle.outliers)
 
 
@@ -310,14 +311,15 @@ def check_kv_holds_context(plans: "list[Plan]", where: "list[str]") -> None:
     """
     for p, name in zip(plans, where):
         need = -(-p.max_model_len // p.block_size)  # blocks of one max_model_len request
-        if p.num_blocks >= need or not p.kv_from_memory:
+        num_gpu_blocks = p.num_blocks + p.null_block  # vLLM checks its whole KV memory
+        if num_gpu_blocks >= need or not p.kv_from_memory:
             continue
         block_gib = p.block_size * p.kv_rank_token_bytes / GIB
-        cap = p.num_blocks * p.block_size
+        cap = num_gpu_blocks * p.block_size
         raise JaxsimInputError(
             name, f"vLLM refuses this at start-up: to serve at least one request with the model's max seq len "
             f"({p.max_model_len}), {need * block_gib:.2f} GiB KV cache is needed, which is larger than the available "
-            f"KV cache memory ({p.num_blocks * block_gib:.2f} GiB: {p.num_blocks} blocks of {p.block_size} tokens); "
+            f"KV cache memory ({num_gpu_blocks * block_gib:.2f} GiB: {num_gpu_blocks} blocks of {p.block_size} tokens); "
             f"based on the available memory, the estimated maximum model length is {cap}",
             f"try increasing `gpu_memory_utilization` (hardware.mem_util), or decreasing `max_model_len` "
             f"(model.max_model_len, at most {cap})")
@@ -379,10 +381,12 @@ def check_requests_fit(plans: "list[Plan]", key: str = "") -> None:
     offer_on = (prefill if needs_all else (colocated | decode)) if len(plans) > 1 else np.ones(len(plans), bool)
     offer = int(blocks[offer_on].max())
     many = len(plans) > 1
+    null = any(p.null_block for p in plans)
     raise JaxsimInputError(
         where, f"request {i} (line {line}) can never be scheduled: its {kind} needs {-(-tokens // bs)} blocks of {bs} "
         f"tokens (input {int(prompt[i])} + output {int(w.output_toks[i])} tokens) and "
-        f"{'the largest instance that may hold it has' if many else 'the KV cache holds'} {offer} blocks{suffix}",
+        f"{'the largest instance that may hold it has' if many else 'the KV cache holds'} {offer} blocks"
+        f"{' (after vLLM reserves its null block)' if null else ''}{suffix}",
         "raise the KV capacity (hardware.mem_size_gb, hardware.num_gpu_blocks) or shorten the request")
 
 
@@ -486,7 +490,13 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
         f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
         tables = dataclasses.replace(tables, **{k: f64(v) for k, v in scales.items()})
     profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
-    num_blocks = num_kv_blocks(model, hw, sched, rt)
+    # vLLM's null block (SchedulerConfig.reserve_null_block) is not a request's: num_blocks is what
+    # requests can use, and KV usage is over it (vllm/v1/core/block_pool.py).
+    null_block = int(sched.reserve_null_block)
+    num_blocks = num_kv_blocks(model, hw, sched, rt) - null_block
+    if num_blocks <= 0:
+        raise JaxsimInputError("hardware.num_gpu_blocks", "1 block is vLLM's null block alone: no block is left "
+                               "for requests", "give the KV cache at least 2 blocks")
 
     # Prefix-cache keys: dense hash ids of each request's full blocks, padded to the block table.
     if arrays is None:
@@ -508,6 +518,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
               long_prefill_threshold=np.int32(sched.long_prefill_token_threshold),
               chunked_prefill=np.bool_(sched.enable_chunked_prefill), reserve_full_isl=np.bool_(sched.reserve_full_isl),
               prefix_caching=np.bool_(sched.enable_prefix_caching), async_scheduling=np.bool_(sched.async_scheduling),
+              prefix_stats_every_attempt=np.bool_(sched.prefix_stats_every_attempt),
               num_blocks=np.int32(num_blocks))
     dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
                 num_blocks_cap=num_blocks, max_iters=max_iters,
@@ -516,7 +527,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 model.kv_bytes_per_token_per_rank(kv_bytes), pp=hw.pp, tp=hw.tp, num_layers=model.num_layers,
                 max_model_len=int(rt.max_model_len or ctx),
                 kv_rank_token_bytes=model.kv_bytes_per_token_per_rank(kv_bytes, tp=hw.tp, pp=hw.pp),
-                kv_from_memory=hw.num_gpu_blocks is None,
+                kv_from_memory=hw.num_gpu_blocks is None, null_block=null_block,
                 profile_outliers=tuple(bundle.outliers))
 
 

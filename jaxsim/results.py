@@ -79,7 +79,7 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
     # Iteration rows of every instance, in order of end time (then instance).
     rows = {name: np.concatenate([getattr(f.records, name)[i, :counts[i]] for i in range(n_inst)])
             for name in ("start", "end", "prompt_tokens", "gen_tokens", "num_tokens", "num_seqs", "running",
-                         "waiting", "kv_used")}
+                         "waiting", "kv_used", "kv_cached", "prefix_queried", "prefix_hits")}
     row_inst = np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(counts)])
     by_end = np.lexsort((row_inst, rows["end"]))
     rows = {k: v[by_end] for k, v in rows.items()}
@@ -126,4 +126,6 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
         prefill_instance=np.asarray(f.prefill_instance) if pd else None,
         prefill_end_ns=np.asarray(f.prefill_end) if pd else None,
         kv_ready_ns=np.asarray(f.kv_ready) if pd else None,
-        kv_transfer_bytes=np.asarray(f.kv_bytes) if pd else None)
+        kv_transfer_bytes=np.asarray(f.kv_bytes) if pd else None,
+        iter_prefix_queried=rows["prefix_queried"], iter_prefix_hits=rows["prefix_hits"],
+        iter_kv_blocks_cached=rows["kv_cached"])

@@ -181,6 +181,15 @@ class SchedulerConfig:
     # previous one's outputs are processed, so finished requests free their seat and KV blocks
     # one batch late. Off reproduces the reference simulator (LLMServingSim) exactly.
     async_scheduling: bool = True
+    # vLLM's BlockPool reserves block 0 as the "null block" (vllm/v1/core/block_pool.py), so
+    # num_gpu_blocks N leaves N - 1 blocks for requests and KV usage is over N - 1. The reference
+    # simulator has no null block (REFERENCE.md §1.3): scheduler=reference sets this off.
+    reserve_null_block: bool = True
+    # vLLM <= 0.19 records a prefix-cache lookup's queried / hit tokens on every admission attempt
+    # of a new request, refused ones included (KVCacheManager.get_computed_blocks), and its
+    # exported counters and hit rate reflect that; later vLLM, and the reference, count each
+    # request once, at its first admission (off).
+    prefix_stats_every_attempt: bool = True
 
     # vLLM's CacheConfig BlockSize (vllm/config/cache.py): the sizes its attention kernels take.
     VLLM_BLOCK_SIZES: ClassVar[tuple] = (1, 8, 16, 32, 64, 128, 256)
@@ -412,7 +421,8 @@ class SimResult:
       iter_start_ns, iter_end_ns, iter_prompt_tokens (prompt tokens counted at that iteration's
       end, cached and recomputed ones included, REFERENCE.md §1.1 counters), iter_gen_tokens,
       iter_num_tokens (T), iter_num_seqs (S), iter_running / iter_waiting (gauges after the
-      iteration's end processing), iter_kv_blocks_used (pinned blocks).
+      iteration's end processing), iter_kv_blocks_used (pinned blocks), iter_prefix_queried /
+      iter_prefix_hits / iter_kv_blocks_cached (see the fields).
     Scalars: num_blocks (KV capacity), block_size, counters in ``stats``.
     """
 
@@ -450,3 +460,10 @@ class SimResult:
     prefill_end_ns: np.ndarray | None = None
     kv_ready_ns: np.ndarray | None = None
     kv_transfer_bytes: np.ndarray | None = None
+    # Per iteration row, of the row's instance at the iteration's end: the cumulative prefix-cache
+    # queried and hit tokens (vLLM's prefix_cache_queries / hits counters, int64) and the blocks
+    # free but still holding a cached prefix (int32; pinned + cached is what vLLM 0.13's
+    # KV-usage gauge showed with prefix caching).
+    iter_prefix_queried: np.ndarray | None = None
+    iter_prefix_hits: np.ndarray | None = None
+    iter_kv_blocks_cached: np.ndarray | None = None

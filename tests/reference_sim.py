@@ -77,8 +77,16 @@ class _BlockPool:
 def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter_time_fn, *,
              block_size=16, max_num_seqs=128, max_num_batched_tokens=2048, long_prefill_threshold=0,
              enable_chunked_prefill=True, reserve_full_isl=True, enable_prefix_caching=True,
-             async_scheduling=False, iteration_overhead_ns=0, max_iterations=10**7):
-    """Run to completion. Returns (list of _Req in id order, list of per-iteration dicts)."""
+             async_scheduling=False, prefix_stats_every_attempt=False, iteration_overhead_ns=0,
+             max_iterations=10**7):
+    """Run to completion. Returns (list of _Req in id order, list of per-iteration dicts).
+
+    ``num_blocks`` is the blocks requests can use (vLLM's null block, when reserved, excluded).
+    ``async_scheduling``: finished requests hold seat and blocks one batch longer, and a batch
+    that follows another at once was built when that one started: it sees only the requests that
+    had arrived by then (vLLM keeps two batches in flight). ``prefix_stats_every_attempt``: the
+    prefix-cache counters record every admission attempt of a never-preempted request (vLLM <=
+    0.19), else each request's first admission."""
     bs = block_size
     msq = max_num_seqs or 10**9
     mnbt = max_num_batched_tokens or 10**9
@@ -92,6 +100,8 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
     running, waiting, iters = [], [], []
     finishing = []  # async scheduling: finished in the previous batch, seat and blocks still held
     now, done, pi = 0, 0, 0
+    last_start = None  # start of the batch that ended at `now` (None: the engine was idle)
+    queried = hits = 0  # prefix-cache counters (tokens)
 
     def lookup(r):
         if not enable_prefix_caching:
@@ -132,7 +142,10 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
             drain_finishing()
         if not running and not waiting:
             now = pending[pi].arrival
+            last_start = None
             continue
+        # async scheduling: with requests running, this batch was built when the previous began
+        cutoff = last_start if (async_scheduling and running and last_start is not None) else now
         # ---- schedule (REFERENCE.md §1.2) ----
         budget, scheduled, preempted, i = mnbt, [], False, 0
         while i < len(running) and budget > 0:
@@ -167,8 +180,13 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
         if not preempted:
             while waiting and budget > 0 and len(running) + len(finishing) < msq:
                 r = waiting[0]
+                if r.arrival > cutoff:  # not yet seen by this batch (arrivals are in FCFS order)
+                    break
                 hit_blocks = lookup(r) if r.computed == 0 else []
                 npu_hit = len(hit_blocks) * bs
+                if enable_prefix_caching and prefix_stats_every_attempt and r.num_preemptions == 0:
+                    queried += r.reached
+                    hits += npu_hit
                 c = r.computed + npu_hit
                 n = r.reached - c
                 if 0 < thr < n:
@@ -196,6 +214,9 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
                 running.append(r)
                 if r.prefix_hit < 0:
                     r.prefix_hit = npu_hit
+                    if enable_prefix_caching and not prefix_stats_every_attempt:
+                        queried += r.prompt
+                        hits += npu_hit
                 else:
                     r.recomputed += r.reached - npu_hit
                 if r.first_scheduled < 0:
@@ -252,5 +273,6 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
         arrived = sum(1 for p in pending[pi:] if p.arrival <= now)
         iters.append(dict(start=start, end=now, prompt=prompt_tok, gen=gen_tok, T=T, S=len(scheduled),
                           running=len(running), waiting=len(waiting) + arrived,
-                          kv_used=num_blocks - pool.num_free()))
+                          kv_used=num_blocks - pool.num_free(), prefix_queried=queried, prefix_hits=hits))
+        last_start = start
     return reqs, iters

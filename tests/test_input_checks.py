@@ -174,7 +174,7 @@ def test_max_model_len_above_the_models_context_is_refused():
 # ------------------------------------------------------------------------------ sessions
 def test_a_session_whose_context_outgrows_the_cache_is_refused_before_the_run(tmp_path):
     """Each turn of an agentic session carries the whole context so far; the third turn here needs
-    820 + 4 - 1 tokens of KV, more than the 50 blocks (800 tokens) of the cache: refused before the
+    820 + 4 - 1 tokens of KV, more than the 49 blocks of the cache (50 less vLLM's null block): refused before the
     run (plan_run, no compile), naming the trace line of the session and the blocks on offer."""
     session = {"session_id": "s", "arrival_time_ns": 0, "sub_requests": [
         {"input_toks": 100, "output_toks": 4, "tool_duration_ns": 1000},
@@ -183,8 +183,8 @@ def test_a_session_whose_context_outgrows_the_cache_is_refused_before_the_run(tm
     w = load_workload(_jsonl(tmp_path, [{"input_toks": 10, "output_toks": 2, "arrival_time_ns": 0}, session]))
     assert w.has_sessions and w.num_requests == 4
     with pytest.raises(JaxsimInputError, match=r"trace.jsonl:2: request 3 \(line 2\) can never be scheduled: its KV at "
-                                               r"its last decode needs 52 blocks of 16 tokens .* the KV cache holds 50 "
-                                               r"blocks"):
+                                               r"its last decode needs 52 blocks of 16 tokens .* the KV cache holds 49 "
+                                               r"blocks \(after vLLM reserves its null block\)"):
         simulator.plan_run(w, load_model(), HardwareConfig(num_gpu_blocks=50), SCHED, profiles_dir=PROFILES,
                            max_slots=8)
 

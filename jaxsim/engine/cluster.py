@@ -141,7 +141,7 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
     rank = prefix_sum(free.astype(I32)) - 1
     take = free & (rank < n_route)
     pos = jnp.minimum(next_pending + rank, n_req - 1)
-    s = inst_lib.routed_slot_values(s, take, pos, wl)
+    s = inst_lib.routed_slot_values(s, take, pos, wl, now)
     slots = eqx.tree_at(lambda x: tuple(getattr(x, f) for f in fields), inst.slots,
                         tuple(getattr(inst.slots, f).at[0].set(s[f]) for f in fields))
     unrouted = arrived - next_pending - n_route
@@ -398,7 +398,7 @@ def admit_arrivals(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Cl
             req=rel.entry_req, kv_in=rel.kv_in, carried_first_scheduled=st.first_scheduled,
             carried_prefix_hit=st.prefix_hit, carried_num_preemptions=st.num_preemptions,
             carried_recomputed=st.recomputed)
-    inst, rs, queued = routing.fill_slots(inst, rs, wl, reentries)
+    inst, rs, queued = routing.fill_slots(inst, rs, wl, clk.now, reentries)
     return eqx.tree_at(lambda s: (s.inst, s.router, s.releases, s.next_pending), st,
                        (inst, rs, rel, next_pending)), queued
 
@@ -413,7 +413,8 @@ def record_iterations(prm: EngineParams, st: ClusterState, out: Ended, clk: Cloc
         gen_tokens=out.gen_tokens, num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs,
         running=jnp.sum((status == RUNNING).astype(I32), axis=-1, dtype=I32),
         waiting=jnp.sum((status == WAITING).astype(I32), axis=-1, dtype=I32) + queued,
-        kv_used=prm.sched.num_blocks - inst.pool.num_free)
+        kv_used=prm.sched.num_blocks - inst.pool.num_free, kv_cached=inst.pool.num_cached_free,
+        prefix_queried=inst.counters.prefix_requested, prefix_hits=inst.counters.prefix_hits)
     if st.pending is not None:  # the previous step's early ends, in the same write
         it = jax.tree.map(lambda a, b: jnp.concatenate([a[:, None], b], axis=1), it, st.pending.rows)
         st = eqx.tree_at(lambda s: s.pending.rows.ending, st, jnp.zeros_like(st.pending.rows.ending))

@@ -58,11 +58,17 @@ class Slots(eqx.Module):
     # Prompt tokens whose KV arrived from a prefill instance (P/D hand-off): the next admission
     # starts from them instead of computing them; 0 otherwise (and after that admission).
     kv_in: Int[Array, " slot"]
+    # When the request entered this instance's queue (its arrival, or the moment a released
+    # request was put in the slot), ns: with async scheduling it is first seen one batch later.
+    queued_at: Int[Array, " slot"]
 
 
 class Counters(eqx.Module):
     preemptions: Int[Array, ""]
-    prefix_requested: Int[Array, ""]  # prompt tokens looked up at first admission
+    # Prefix-cache lookups (tokens; int64): at first admission, or at every admission attempt of a
+    # request never preempted (SchedulerParams.prefix_stats_every_attempt, vLLM <= 0.19); none
+    # without prefix caching, as in vLLM.
+    prefix_requested: Int[Array, ""]
     prefix_hits: Int[Array, ""]
     recomputed: Int[Array, ""]
     extrapolated: Int[Array, " 4"]  # iterations whose lookups left the profile grid, per table kind
@@ -108,6 +114,7 @@ class SchedulerParams(eqx.Module):
     reserve_full_isl: Bool[Array, ""]
     prefix_caching: Bool[Array, ""]
     async_scheduling: Bool[Array, ""]  # finished requests release their seat one batch later
+    prefix_stats_every_attempt: Bool[Array, ""]  # SchedulerConfig.prefix_stats_every_attempt
     num_blocks: Int[Array, ""]
 
 
@@ -126,14 +133,16 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         first=jnp.zeros(num_slots, bool), num_preemptions=z, last_emit=jnp.zeros(num_slots, I64),
         first_scheduled=jnp.full(num_slots, -1, I64), prefix_hit=jnp.full(num_slots, -1, I32),
         recomputed=z, nblk=z, nreg=z, blocks=jnp.full((num_slots, max_blocks_per_req), -1, I32),
-        wait_key=jnp.full(num_slots, BIG, I32), sched_n=z, sched_c=z, sched_pos=z, kv_in=z)
+        wait_key=jnp.full(num_slots, BIG, I32), sched_n=z, sched_c=z, sched_pos=z, kv_in=z,
+        queued_at=jnp.zeros(num_slots, I64))
     zero = jnp.asarray(0, I32)
+    zero64 = jnp.asarray(0, I64)
     return InstanceState(
         slots=slots,
         pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks, kv_tier),
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
         batch_tokens=zero, batch_seqs=zero, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
-        counters=Counters(zero, zero, zero, zero, jnp.zeros(4, I32), jnp.asarray(False)), recall_blocks=zero,
+        counters=Counters(zero, zero64, zero64, zero, jnp.zeros(4, I32), jnp.asarray(False)), recall_blocks=zero,
         pipe=init_pipe(num_slots, max_pp) if max_pp > 1 else None,
     )
 
@@ -186,7 +195,8 @@ def _release_slot(inst: InstanceState, slot, ring_cap, active) -> InstanceState:
 
 # The per-request fields a routed request sets in its slot (the block table is not among them).
 ROUTED_FIELDS = ("req", "status", "prompt", "target", "reached", "computed", "first", "num_preemptions",
-                 "last_emit", "first_scheduled", "prefix_hit", "recomputed", "nblk", "nreg", "wait_key", "kv_in")
+                 "last_emit", "first_scheduled", "prefix_hit", "recomputed", "nblk", "nreg", "wait_key", "kv_in",
+                 "queued_at")
 
 
 class Reentries(eqx.Module):
@@ -204,11 +214,13 @@ class Reentries(eqx.Module):
     carried_recomputed: Int[Array, " req"]
 
 
-def routed_slot_values(fields: dict, take, entry, wl, reentries: "Reentries | None" = None) -> dict:
+def routed_slot_values(fields: dict, take, entry, wl, now, reentries: "Reentries | None" = None) -> dict:
     """``fields`` (the ROUTED_FIELDS of one instance's slots) with the slots where ``take`` now
     holding the queue entries ``entry`` (arrival positions, or re-entries, see :class:`Reentries`),
-    waiting (FCFS by entry number: arrival order, then release order)."""
+    waiting (FCFS by entry number: arrival order, then release order). ``now``: the time, ns (a
+    re-entry's ``queued_at``; an arrival's is its arrival time)."""
     n_req = wl.order.shape[0]
+    arrival = wl.arrival_sorted[jnp.minimum(entry, n_req - 1)]
     if reentries is None:
         req = wl.order[jnp.minimum(entry, n_req - 1)]
         kv = jnp.zeros_like(entry)
@@ -227,13 +239,14 @@ def routed_slot_values(fields: dict, take, entry, wl, reentries: "Reentries | No
                reached=prompt + handed.astype(I32), computed=0, first=~handed,
                num_preemptions=carried("num_preemptions", 0), last_emit=0,
                first_scheduled=carried("first_scheduled", -1), prefix_hit=carried("prefix_hit", -1),
-               recomputed=carried("recomputed", 0), nblk=0, nreg=0, wait_key=entry, kv_in=kv)
+               recomputed=carried("recomputed", 0), nblk=0, nreg=0, wait_key=entry, kv_in=kv,
+               queued_at=jnp.where(entry < n_req, arrival, now))
     return {f: jnp.where(take, new[f], fields[f]) for f in ROUTED_FIELDS}
 
 
-def admit_to_slots(inst: InstanceState, take, entry, wl, reentries: "Reentries | None" = None) -> InstanceState:
-    """Place the queue entries ``entry`` in the slots where ``take`` (one instance)."""
-    vals = routed_slot_values({f: getattr(inst.slots, f) for f in ROUTED_FIELDS}, take, entry, wl, reentries)
+def admit_to_slots(inst: InstanceState, take, entry, wl, now, reentries: "Reentries | None" = None) -> InstanceState:
+    """Place the queue entries ``entry`` in the slots where ``take`` (one instance) at ``now``."""
+    vals = routed_slot_values({f: getattr(inst.slots, f) for f in ROUTED_FIELDS}, take, entry, wl, now, reentries)
     slots = eqx.tree_at(lambda x: tuple(getattr(x, f) for f in ROUTED_FIELDS), inst.slots,
                         tuple(vals[f] for f in ROUTED_FIELDS))
     return eqx.tree_at(lambda i: i.slots, inst, slots)
@@ -264,7 +277,8 @@ def allocate_in_order(pool: kvpool.KVPool, blocks, nblk, order, need_o, *, windo
 
 
 def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *, block_size: int,
-             window: int, ring_cap: int, skip=None, kv_tier: AbstractKVTier = NoLowerTier()) -> InstanceState:
+             window: int, ring_cap: int, skip=None, kv_tier: AbstractKVTier = NoLowerTier(),
+             async_lag: bool = True) -> InstanceState:
     """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``.
 
     A busy instance (a batch in flight), or one not ``allowed`` to schedule, is left unchanged.
@@ -278,6 +292,10 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     ``kv_tier`` (engine/kvtier.py): the KV tier below the GPU pool. It sees the pool's evictions,
     and at admission the prompt blocks it holds after the GPU hits count as prefix hits (they get
     fresh GPU blocks); ``recall_blocks`` counts them for the batch's recall time.
+
+    ``async_lag``: with async scheduling, the batch that starts now was built when the previous
+    one started (vLLM keeps two batches in flight), so it sees only the requests queued by then
+    (see below). Pipelines pass False (their batches in flight are tracked by engine/pipeline.py).
     """
     bs = block_size
     idle = ~inst.busy & allowed
@@ -297,6 +315,14 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     nothing_runs = idle & ~jnp.any(s.status == RUNNING)
     inst = release_parked(inst, nothing_runs, ring_cap)
     s = inst.slots
+
+    # Async scheduling: vLLM builds batch k+1 as soon as batch k is launched, so a request that
+    # arrives while batch k runs is first computed in batch k+2. Here batch k+1 is formed at the
+    # end of batch k: it sees the requests queued by the start of batch k. An engine with nothing
+    # running has no batch in flight and starts a new request at once.
+    lag = prm.async_scheduling & jnp.any(s.status == RUNNING) & (inst.batch_end == now)
+    cutoff = jnp.where(lag, inst.batch_start, now) if async_lag else now
+    visible = s.queued_at <= cutoff
 
     # ---- Phase A: the running list, in order. The budget is a prefix sum. ----
     # Requests that finished since the last schedule leave the list (a stable compaction: O(slots),
@@ -395,15 +421,15 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         inst, budget, n_sched, stop, _ = c
         seats = (inst.slots.status == RUNNING) | (inst.slots.status == FINISHING)
         n_running = jnp.sum(seats.astype(I32), dtype=I32)
-        has_waiting = jnp.any(inst.slots.status == WAITING)
+        has_waiting = jnp.any((inst.slots.status == WAITING) & consts[-1])
         return (~preempted) & (~stop) & (budget > 0) & (n_running < max_seqs) & has_waiting
 
     def admit_body(consts, c):  # every write masked by `ok`, which implies admit_cond
         act = admit_cond(consts, c)
-        _, _, thr, now, hashes_all, n_hashes_all, prm = consts
+        _, _, thr, now, hashes_all, n_hashes_all, prm, visible = consts
         inst, budget, n_sched, _, run_len = c
         sl, pool = inst.slots, inst.pool
-        r = jnp.argmin(jnp.where(sl.status == WAITING, sl.wait_key, BIG)).astype(I32)
+        r = jnp.argmin(jnp.where((sl.status == WAITING) & visible, sl.wait_key, BIG)).astype(I32)
         req = sl.req[r]
         reached = sl.reached[r]
         hashes = hashes_all[req]
@@ -457,11 +483,18 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
                  put(sl.prefix_hit, jnp.where(first_admission, c0, sl.prefix_hit[r])),
                  put(sl.recomputed, sl.recomputed[r] + jnp.where(first_admission | (kv_in > 0), 0, reached - c0)),
                  put(sl.first_scheduled, jnp.where(sl.first_scheduled[r] < 0, now, sl.first_scheduled[r]))))
-        first_ok = ok & first_admission
+        # Prefix-cache statistics: vLLM <= 0.19 records every lookup of a request never preempted,
+        # refused admissions included (tokens looked up: the request's num_tokens; hits: GPU
+        # blocks); otherwise each request counts once, at its first admission.
+        every = prm.prefix_stats_every_attempt
+        attempt = act & every & (sl.num_preemptions[r] == 0)
+        first_ok = ok & first_admission & ~every
+        queried = jnp.where(attempt, reached, 0) + jnp.where(first_ok, sl.prompt[r], 0)
+        hit_tokens = jnp.where(attempt, matched * bs, 0) + jnp.where(first_ok, c0, 0)
         ctr = inst.counters
         ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed), ctr,
-                          (ctr.prefix_requested + jnp.where(first_ok, sl.prompt[r], 0),
-                           ctr.prefix_hits + jnp.where(first_ok, c0, 0),
+                          (ctr.prefix_requested + jnp.where(prm.prefix_caching, queried, 0).astype(I64),
+                           ctr.prefix_hits + jnp.where(prm.prefix_caching, hit_tokens, 0).astype(I64),
                            ctr.recomputed + jnp.where(ok & ~first_admission & (kv_in == 0), reached - c0, 0)))
         run_list = _put(inst.run_list, jnp.where(ok, run_len, num_slots), r)  # appended to the running list
         inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_list, i.counters, i.recall_blocks), inst,
@@ -472,7 +505,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     inst = eqx.tree_at(lambda i: i.run_list, inst, jnp.where(jnp.arange(num_slots) < kept, order, -1))
     inst, budget, n_sched, _, _ = masked_while_loop(
         admit_cond, admit_body, (inst, budget, n_sched, jnp.asarray(False), kept),
-        (preempted, max_seqs, thr, now, wl.hashes, wl.n_hashes, prm))
+        (preempted, max_seqs, thr, now, wl.hashes, wl.n_hashes, prm, visible))
     sl = inst.slots
     kept = tuple(jnp.where(idle, new, old) for new, old in zip((sl.sched_n, sl.sched_c, sl.sched_pos), in_flight))
     return eqx.tree_at(lambda i: (i.slots.sched_n, i.slots.sched_c, i.slots.sched_pos), inst, kept)

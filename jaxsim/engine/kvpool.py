@@ -28,14 +28,14 @@ I32 = jnp.int32
 
 class KVPool(eqx.Module):
     ref: Int[Array, " block"]  # ref count; 0 = free (possibly still cached under its hash)
-    # Hash id the block was last registered under, -1 for none. Not cleared when the block is
-    # popped: a stale id is harmless because eviction checks that the index points at the block.
+    # Hash id the block is registered under, -1 for none (cleared when the block is popped).
     blk_hash: Int[Array, " block"]
     ring_pos: Int[Array, " block"]  # index of the block in `ring` while it is free
     ring: Int[Array, " ring"]  # free list in LRU order between head and tail; -1 = tombstone
     head: Int[Array, ""]
     tail: Int[Array, ""]
     num_free: Int[Array, ""]  # blocks with ref 0 (cached-free blocks included, as in vLLM)
+    num_cached_free: Int[Array, ""]  # blocks with ref 0 that carry a hash: a cached prefix
     # Prefix index: hash id -> (registration stamp << 32) | block, -1 for none. The stamp grows
     # with every registration, so a scatter-max keeps the newest block per hash even when one
     # hash is registered twice in the same step (the reference keeps the newest).
@@ -58,6 +58,7 @@ def init_pool(num_blocks_cap: int, ring_cap: int, num_hashes: int, window: int, 
         head=jnp.asarray(0, I32),
         tail=jnp.asarray(num_blocks, I32),
         num_free=jnp.asarray(num_blocks, I32),
+        num_cached_free=jnp.asarray(0, I32),
         hash_index=jnp.full(max(num_hashes, 1), -1, jnp.int64),
         num_registered=jnp.asarray(0, jnp.int64),
         lower=kv_tier.init(num_hashes),
@@ -108,14 +109,16 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(
         still_indexed = valid & (h >= 0) & (entry >= 0) & (indexed_block(entry) == packed)
         hash_index = pool.hash_index.at[jnp.where(still_indexed, h, n_hash)].set(-1, mode="drop")
         ref = pool.ref.at[safe].set(1, mode="drop")
+        blk_hash = pool.blk_hash.at[safe].set(-1, mode="drop")
+        n_cached = jnp.sum((valid & (h >= 0)).astype(I32), dtype=I32)
         lower = kv_tier.on_evict(pool.lower, h, still_indexed)
         # New head: just past the last taken entry (or past the whole window if more are needed).
         last = jnp.max(jnp.where(take, jnp.arange(window, dtype=I32), -1))
         need_more = n_take < count - done
         head = jnp.where(need_more, jnp.minimum(pool.head + window, pool.tail), pool.head + last + 1)
         pool = eqx.tree_at(
-            lambda p: (p.ref, p.hash_index, p.head, p.num_free),
-            pool, (ref, hash_index, head, pool.num_free - n_take))
+            lambda p: (p.ref, p.blk_hash, p.hash_index, p.head, p.num_free, p.num_cached_free),
+            pool, (ref, blk_hash, hash_index, head, pool.num_free - n_take, pool.num_cached_free - n_cached))
         pool = dataclasses.replace(pool, lower=lower)  # (tree_at cannot replace an empty subtree)
         sink_state = sink(sink_consts, sink_state, packed, done, n_take)
         return pool, sink_state, done + n_take
@@ -156,6 +159,8 @@ def release_blocks(pool: KVPool, blocks, nblk, ring_cap: int) -> KVPool:
     ref = pool.ref.at[safe].add(-1, mode="drop")
     freed = valid & (ref.at[safe].get(mode="fill", fill_value=1) == 0)
     n_freed = jnp.sum(freed.astype(I32), dtype=I32)
+    hashed = freed & (pool.blk_hash.at[safe].get(mode="fill", fill_value=-1) >= 0)
+    n_cached = jnp.sum(hashed.astype(I32), dtype=I32)
     # Rare path: compact the buffer when the appends would run past its end. A loop with at most
     # one trip costs nothing when not taken, even under vmap (unlike lax.cond).
     pool = eqx.tree_at(lambda p: p.ref, pool, ref)
@@ -167,8 +172,8 @@ def release_blocks(pool: KVPool, blocks, nblk, ring_cap: int) -> KVPool:
     slot = pool.tail + prefix_sum(freed.astype(I32)) - 1
     ring = pool.ring.at[jnp.where(freed, slot, pool.ring.shape[0])].set(rev, mode="drop")
     ring_pos = pool.ring_pos.at[jnp.where(freed, rev, n_blocks)].set(slot, mode="drop")
-    return eqx.tree_at(lambda p: (p.ring, p.ring_pos, p.tail, p.num_free), pool,
-                       (ring, ring_pos, pool.tail + n_freed, pool.num_free + n_freed))
+    return eqx.tree_at(lambda p: (p.ring, p.ring_pos, p.tail, p.num_free, p.num_cached_free), pool,
+                       (ring, ring_pos, pool.tail + n_freed, pool.num_free + n_freed, pool.num_cached_free + n_cached))
 
 
 def touch_blocks(pool: KVPool, blocks, mask) -> KVPool:
@@ -182,8 +187,10 @@ def touch_blocks(pool: KVPool, blocks, mask) -> KVPool:
     # Written from the values read (not `.add`), so that XLA orders the read first and updates
     # in place; an unordered read forces a copy of the whole array.
     ref = pool.ref.at[safe].set(old_ref + 1, mode="drop")
-    return eqx.tree_at(lambda p: (p.ring, p.ref, p.num_free), pool,
-                       (ring, ref, pool.num_free - jnp.sum(was_free.astype(I32), dtype=I32)))
+    cached = was_free & (pool.blk_hash.at[safe].get(mode="fill", fill_value=-1) >= 0)  # a hit: always
+    return eqx.tree_at(lambda p: (p.ring, p.ref, p.num_free, p.num_cached_free), pool,
+                       (ring, ref, pool.num_free - jnp.sum(was_free.astype(I32), dtype=I32),
+                        pool.num_cached_free - jnp.sum(cached.astype(I32), dtype=I32)))
 
 
 def register_blocks(pool: KVPool, blocks, hashes, mask, rank) -> KVPool:

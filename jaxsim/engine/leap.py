@@ -106,6 +106,7 @@ class _Log(eqx.Module):
     start: Int[Array, " trip"]
     end: Int[Array, " trip"]
     kv_used: Int[Array, " trip"]  # KV blocks in use after the end (before the next allocation)
+    kv_cached: Int[Array, " trip"]  # free blocks holding a cached prefix, at the same moment
 
 
 def _run_ends(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blocks, wl, *, max_trips: int,
@@ -128,13 +129,15 @@ def _run_ends(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blo
             return a.at[t].set(jnp.where(go, v, a[t]))
 
         log = _Log(ended=put(log.ended, go), start=put(log.start, inst.batch_start), end=put(log.end, inst.batch_end),
-                   kv_used=put(log.kv_used, num_blocks - inst.pool.num_free))
+                   kv_used=put(log.kv_used, num_blocks - inst.pool.num_free),
+                   kv_cached=put(log.kv_cached, inst.pool.num_cached_free))
         inst = end_and_restart(inst, model, overhead_ns, prefix_caching, go, wl, block_size=block_size, window=window,
                                kv_tier=kv_tier)
         return inst, go & go_of(inst, eligible, limit), trip + go.astype(I32), log
 
     z = jnp.zeros(max_trips, I64)
-    log0 = _Log(ended=jnp.zeros(max_trips, bool), start=z, end=z, kv_used=jnp.zeros(max_trips, I32))
+    log0 = _Log(ended=jnp.zeros(max_trips, bool), start=z, end=z, kv_used=jnp.zeros(max_trips, I32),
+                kv_cached=jnp.zeros(max_trips, I32))
     inst, _, _, log = masked_while_loop(cond, body, (inst, go_of(inst, eligible, limit), jnp.asarray(0, I32), log0),
                                         (eligible, limit, model, overhead_ns, prefix_caching, num_blocks, wl))
     return inst, log
@@ -162,7 +165,7 @@ def init_pending(num_instances: int, num_slots: int, max_trips: int) -> Pending:
     z64 = jnp.zeros((num_instances, max_trips), I64)
     rows = meters.IterationEnd(ending=jnp.zeros((num_instances, max_trips), bool), index=z, start=z64, end=z64,
                                prompt_tokens=z, gen_tokens=z, num_tokens=z, num_seqs=z, running=z, waiting=z,
-                               kv_used=z)
+                               kv_used=z, kv_cached=z, prefix_queried=z64, prefix_hits=z64)
     return Pending(rows=rows, token_first=jnp.zeros((num_instances, num_slots), I32),
                    running=jnp.zeros((num_instances, num_slots), bool), stamp=z64)
 
@@ -194,7 +197,8 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
         ending=log.ended, index=inst0.n_iters[:, None] + jnp.arange(max_trips, dtype=I32), start=log.start,
         end=log.end, prompt_tokens=jnp.zeros((n_inst, max_trips), I32), gen_tokens=const(inst0.batch_seqs),
         num_tokens=const(inst0.batch_tokens), num_seqs=const(inst0.batch_seqs), running=const(n_running),
-        waiting=const(n_waiting), kv_used=log.kv_used)
+        waiting=const(n_waiting), kv_used=log.kv_used, kv_cached=log.kv_cached,
+        prefix_queried=const(inst0.counters.prefix_requested), prefix_hits=const(inst0.counters.prefix_hits))
     # The running requests emitted tokens reached - prompt, +1, ... at the early ends.
     first = wl.token_offset[jnp.maximum(s0.req, 0)] + s0.reached - s0.prompt
     return inst, Pending(rows=rows, token_first=first, running=s0.status == RUNNING,

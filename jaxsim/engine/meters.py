@@ -33,6 +33,9 @@ class IterationEnd(eqx.Module):
     running: Int[Array, " inst"]  # gauges after the step's routing
     waiting: Int[Array, " inst"]
     kv_used: Int[Array, " inst"]  # KV blocks in use
+    kv_cached: Int[Array, " inst"]  # KV blocks free but still holding a cached prefix
+    prefix_queried: Int[Array, " inst"]  # cumulative prefix-cache queried tokens (int64)
+    prefix_hits: Int[Array, " inst"]  # cumulative prefix-cache hit tokens (int64)
 
 
 class AbstractMeter(eqx.Module):
@@ -61,9 +64,13 @@ class Records(eqx.Module):
     running: Int[Array, "inst it"]
     waiting: Int[Array, "inst it"]
     kv_used: Int[Array, "inst it"]
+    kv_cached: Int[Array, "inst it"]
+    prefix_queried: Int[Array, "inst it"]
+    prefix_hits: Int[Array, "inst it"]
 
 
 ROW_FIELDS = tuple(f for f in Records.__annotations__)  # the columns, in order
+INT64_FIELDS = ("start", "end", "prefix_queried", "prefix_hits")  # the others are int32
 
 
 class IterationRecords(AbstractMeter):
@@ -71,7 +78,7 @@ class IterationRecords(AbstractMeter):
     dropped; the loop stops before that happens when ``Static.record_iterations``."""
 
     def init(self, num_instances: int, max_iters: int) -> Records:
-        return Records(**{f: jnp.zeros((num_instances, max_iters), I64 if f in ("start", "end") else I32)
+        return Records(**{f: jnp.zeros((num_instances, max_iters), I64 if f in INT64_FIELDS else I32)
                           for f in ROW_FIELDS})
 
     def update(self, acc: Records, it: IterationEnd) -> Records:

@@ -66,7 +66,8 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
         in_flight = pe.slot_batch >= 0
         old = (inst.slots.sched_n, inst.slots.sched_c, inst.slots.sched_pos)
         new = inst_lib.schedule(eqx.tree_at(lambda i: i.busy, inst, jnp.asarray(False)), prm.sched, wl, now, can,
-                                block_size=block_size, window=window, ring_cap=ring_cap, skip=in_flight, kv_tier=kv_tier)
+                                block_size=block_size, window=window, ring_cap=ring_cap, skip=in_flight, kv_tier=kv_tier,
+                                async_lag=False)
         shape = inst_lib.batch_shape(new.slots)
         mine = new.slots.sched_n > 0
         keep = ~can | (in_flight & ~mine)  # requests of the batches in flight keep their fields

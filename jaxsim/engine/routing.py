@@ -236,23 +236,24 @@ def release_due(inst, rs: RouterState, rel: Releases, sched, routable, role, wl,
     return masked_while_loop(cond, body, (rs, rel), (now, inst, sched, routable, role, wl))
 
 
-def fill_slots(inst: inst_lib.InstanceState, rs: RouterState, wl, reentries: "inst_lib.Reentries | None" = None):
-    """Move queued requests into free slots of their instance, in queue order."""
+def fill_slots(inst: inst_lib.InstanceState, rs: RouterState, wl, now, reentries: "inst_lib.Reentries | None" = None):
+    """Move queued requests into free slots of their instance, in queue order, at ``now``
+    ([inst] ns: each instance's time in the step)."""
     q = rs.queue.shape[1]
 
-    def one(inst, queue, head, tail):
+    def one(inst, queue, head, tail, now):
         s = inst.slots
         free = s.status == inst_lib.EMPTY
         n_move = jnp.minimum(tail - head, jnp.sum(free.astype(I32), dtype=I32))
         rank = prefix_sum(free.astype(I32)) - 1
         take = free & (rank < n_move)
         pos = queue[(head + jnp.maximum(rank, 0)) % q]
-        inst = inst_lib.admit_to_slots(inst, take, pos, wl, reentries)
+        inst = inst_lib.admit_to_slots(inst, take, pos, wl, now, reentries)
         left = tail - head - n_move
         no_waiting_slot = ~jnp.any(inst.slots.status == WAITING)
         overflow = inst.counters.slot_overflow | ((left > 0) & no_waiting_slot)
         inst = eqx.tree_at(lambda i: i.counters.slot_overflow, inst, overflow)
         return inst, head + n_move, left
 
-    inst, head, left = jax.vmap(one)(inst, rs.queue, rs.head, rs.tail)
+    inst, head, left = jax.vmap(one)(inst, rs.queue, rs.head, rs.tail, now)
     return inst, eqx.tree_at(lambda r: r.head, rs, head), left

@@ -1,0 +1,142 @@
+"""Scheduler details of vLLM 0.19.0 that its own unit tests pin down (issue 12, part 0), each
+checked in the engine and in the plain-Python oracle (tests/reference_sim.py) alike:
+
+* async scheduling: a request arriving while batch k runs is first computed in batch k+2 (vLLM
+  builds batch k+1 when k is launched); an idle engine starts it at once;
+* the null block: ``num_gpu_blocks`` N leaves N - 1 blocks for requests;
+* prefix-cache counters: every admission attempt of a never-preempted request is recorded
+  (v0.19), or each request once at its first admission (later vLLM, the reference); nothing
+  without prefix caching.
+"""
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+
+import reference_sim
+from _shared import PROFILES, load_model, runtime_for
+from jaxsim import simulator
+from jaxsim.prefix import hash_ids
+from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig, Workload
+
+MS = 1_000_000
+NONE = Calibration.none()
+
+
+def _run(w, sched, num_gpu_blocks):
+    return simulator.simulate(w, load_model(), HardwareConfig(num_gpu_blocks=num_gpu_blocks), sched,
+                              runtime_for(num_gpu_blocks, sched.block_size), calib=NONE, profiles_dir=PROFILES,
+                              max_slots=8)
+
+
+def _oracle(w, sched, num_blocks):
+    """The oracle on ``num_blocks`` request blocks, timed by the engine's own iteration lengths
+    would need the profiles: here iterations take 10 ms + 1 us per token (the order of events,
+    not the latency model, is under test)."""
+    hashes = hash_ids([t if t is not None else [] for t in w.token_ids], sched.block_size)[0]
+    return reference_sim.simulate(
+        w.arrival_ns, w.input_toks, w.output_toks, hashes, num_blocks,
+        lambda T, *_: 10 * MS + 1000 * T, block_size=sched.block_size, max_num_seqs=sched.max_num_seqs,
+        max_num_batched_tokens=sched.max_num_batched_tokens, async_scheduling=sched.async_scheduling,
+        enable_prefix_caching=sched.enable_prefix_caching,
+        prefix_stats_every_attempt=sched.prefix_stats_every_attempt)
+
+
+# ------------------------------------------------------------------------ async scheduling
+@functools.cache
+def _arrivals() -> Workload:
+    """A (100 + 40 tokens) at 0, B (10 + 5) at 100 ms while A decodes, C (10 + 5) at 3 s, long
+    after both finished (the engine is idle)."""
+    return Workload(np.array([0, 100 * MS, 3000 * MS], np.int64), np.array([100, 10, 10], np.int32),
+                    np.array([40, 5, 5], np.int32), [None] * 3, "arrivals")
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_arrival_into_a_busy_engine_waits_one_batch_under_async_scheduling(async_scheduling):
+    sched = SchedulerConfig(async_scheduling=async_scheduling, max_num_seqs=4)
+    r = _run(_arrivals(), sched, 64)
+    start, end = r.iter_start_ns, r.iter_end_ns
+    k = int(np.flatnonzero((start <= 100 * MS) & (100 * MS < end))[0])  # the batch in flight at B's arrival
+    # vLLM had built batch k+1 when k was launched: B is first computed in batch k+2 (async), or
+    # in batch k+1 (sync: batches are built at the previous batch's end)
+    expected = end[k + 1] if async_scheduling else end[k]
+    assert r.first_scheduled_ns[1] == expected
+    assert start[np.searchsorted(start, expected)] == expected  # a batch starts then, with B in it
+    # an idle engine starts an arrival at once, either way
+    assert r.first_scheduled_ns[2] == r.arrival_ns[2] == 3000 * MS
+    # the oracle agrees on the order of events (its own iteration lengths)
+    reqs, iters = _oracle(_arrivals(), sched, 63)
+    o_start = np.array([it["start"] for it in iters])
+    o_end = np.array([it["end"] for it in iters])
+    j = int(np.flatnonzero((o_start <= 100 * MS) & (100 * MS < o_end))[0])
+    assert reqs[1].first_scheduled == (o_end[j + 1] if async_scheduling else o_end[j])
+    assert reqs[2].first_scheduled == 3000 * MS
+
+
+# ------------------------------------------------------------------------------ null block
+@functools.cache
+def _two_small() -> Workload:
+    """Two 20-token prompts with different ids, 12 output tokens each, at t = 0."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 100_000, 32).astype(np.int32) for _ in range(2)]
+    return Workload(np.array([0, 0], np.int64), np.array([20, 20], np.int32), np.array([12, 12], np.int32), ids,
+                    "two-small")
+
+
+@pytest.mark.parametrize("reserve_null_block, recomputed", [(True, 9), (False, 1)])
+def test_null_block_leaves_one_block_less(reserve_null_block, recomputed):
+    """block_size 8, num_gpu_blocks 7. vLLM keeps block 0 as its null block: 6 blocks for R0 and
+    R1 (3 each after their prefill; blocks 0-1 full and cached). In it6 R0 needs a 4th block (21
+    + 5 tokens): R1 (25 tokens) is preempted, its blocks freed last first, and R0 takes R1's
+    third block from the free-list head (evicting it). When R0 finishes, R1 finds its first 2
+    blocks cached and recomputes 25 - 16 = 9 tokens. With all 7 blocks R0 takes the free 7th
+    block, R1 preempts itself in the same step with its 3 blocks cached: it recomputes 25 - 24 = 1
+    (vLLM's scheduler test case, at a block size vLLM's config accepts)."""
+    sched = SchedulerConfig(block_size=8, max_num_batched_tokens=64, max_num_seqs=4,
+                            reserve_null_block=reserve_null_block)
+    r = _run(_two_small(), sched, 7)
+    assert r.num_blocks == 7 - reserve_null_block
+    assert r.iter_kv_blocks_used.max() <= r.num_blocks
+    assert r.num_preemptions.tolist() == [0, 1]
+    assert r.recomputed_tokens.tolist() == [0, recomputed]
+    reqs, _ = _oracle(_two_small(), sched, 7 - reserve_null_block)
+    assert [q.recomputed for q in reqs] == [0, recomputed]
+
+
+# ------------------------------------------------------------------- prefix-cache counters
+@functools.cache
+def _refused() -> Workload:
+    """A (100 + 3 tokens) and B (50 + 2) at t = 0; B's first 48 prompt tokens are A's."""
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 100_000, 103).astype(np.int32)
+    b = np.concatenate([a[:48], rng.integers(0, 100_000, 4)]).astype(np.int32)
+    return Workload(np.array([0, 0], np.int64), np.array([100, 50], np.int32), np.array([3, 2], np.int32),
+                    [a, b], "refused")
+
+
+REFUSED = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, async_scheduling=False)
+
+
+@pytest.mark.parametrize("every, caching, queried, hits", [
+    # 8 blocks = 7 for requests. it1: A takes 64 of its 100 tokens (queried 100, hit 0); B is not
+    # tried (no budget left). it2-it4: A holds all 7 blocks (ceil(103/16)); B is tried each time
+    # (budget left, a seat free), finds A's 3 full blocks of its 48 shared tokens (limit (50-1)//16
+    # = 3), and is refused by the full-ISL gate (it needs 1 more block, 0 free). it5: A finished
+    # and freed its blocks: B is admitted with the same 48-token hit. vLLM 0.19 records all four
+    # attempts of B: 100 + 4 x 50 queried, 4 x 48 hit.
+    (True, True, 100 + 4 * 50, 4 * 48),
+    (False, True, 100 + 50, 48),  # later vLLM / the reference: once per request
+    (True, False, 0, 0),  # no prefix caching: vLLM records no lookups
+])
+def test_prefix_cache_counters(every, caching, queried, hits):
+    sched = dataclasses.replace(REFUSED, prefix_stats_every_attempt=every, enable_prefix_caching=caching)
+    r = _run(_refused(), sched, 8)
+    assert r.first_scheduled_ns[1] == r.iter_start_ns[4]  # admitted in the fifth iteration
+    assert r.stats["prefix_requested_tokens"] == queried and r.stats["prefix_hit_tokens"] == hits
+    assert r.iter_prefix_queried[-1] == queried and r.iter_prefix_hits[-1] == hits
+    assert r.prefix_hit_tokens.tolist() == ([0, 48] if caching else [0, 0])  # per request: first admission
+    _, iters = _oracle(_refused(), sched, 7)
+    assert iters[-1]["prefix_queried"] == queried and iters[-1]["prefix_hits"] == hits
+    np.testing.assert_array_equal(r.iter_prefix_queried, [it["prefix_queried"] for it in iters])
