@@ -59,8 +59,9 @@ PP_ARRIVALS = ("PP arrivals: an instance with a batch in flight and nothing else
                "batch, as vLLM's batch queue does (jaxsim/engine/pipeline.py), so an arrival waits for that batch "
                "to complete and joins the next batch with it; the reference starts it in a batch of its own at "
                "its next simulator event")
-MOE_DP_SERIAL = ("MoE DP rounds: jaxsim ends a round with the slowest member (REFERENCE.md §1.8); the reference "
-                 "takes the sum of the busy members' iterations (two T = 1 members: 15.83 ms = 2 x 7.92 ms)")
+MOE_DP_SERIAL = ("MoE DP rounds: jaxsim runs the members of a MoE DP group side by side, a round ending with the "
+                 "slowest (REFERENCE.md §1.8); the reference runs the busy members' iterations one after the "
+                 "other, so each one's gap is their sum (two one-token decodes: 15.83 ms = 7.92 + 7.92 ms)")
 COLLECTIVES = ("collective timing: jaxsim prices each ring step as latency + bytes/bandwidth (REFERENCE.md §1.8); "
                "the reference's ASTRA-sim back end differs by tens of ns per collective (~5% of the bandwidth "
                "term; exact for one token on a dense TP-2 AllReduce)")

@@ -135,7 +135,8 @@ def test_moe_tp2_ep2_iteration_composed_by_hand():
     o_proj)."""
     hw = HardwareConfig(tp=2, link_bw_gbps=16.0, link_latency_ns=20000.0, cpu_mem_bw_gbps=256.0, cpu_mem_latency_ns=0.0)
     H, E, fp, k, ep, T = 2048, 128, 2, 8, 2, 16
-    assert (QWEN_MOE.hidden_size, QWEN_MOE.num_experts, QWEN_MOE.experts_per_token, QWEN_MOE.num_layers) == (H, E, k, 48)
+    m = QWEN_MOE
+    assert (m.hidden_size, m.num_experts, m.experts_per_token, m.num_layers) == (H, E, k, 48)
     # profiles/RTXPRO6000/Qwen/Qwen3-30B-A3B-Instruct-2507/bf16/tp2 at 16 tokens / sequences
     embedding, layernorm, qkv_proj, qk_norm = 6304, 2149, 10080, 2011  # 6.304, 2.14933, 10.08, 2.01067 us
     rotary_emb, o_proj, attention = 1952, 9813, 19456  # 1.95233, 9.81333, (0, 0, 16, 512) 19.4563
