@@ -67,7 +67,8 @@ def stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
     """The plans' engine parameters stacked along a leading axis."""
     sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans])) for k in plans[0].sched}
     calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))
-             for k in ("iteration_overhead_ns", "first_token_delay_ns", "token_output_delay_ns")}
+             for k in ("iteration_overhead_ns", "step_cpu_ns", "seq_cpu_ns", "first_token_delay_ns",
+                       "token_output_delay_ns")}
     links = [p.links for p in plans]
     return cluster.EngineParams(
         sched=inst_lib.SchedulerParams(**sched), latency=latency.stack_tables([p.tables for p in plans]),

@@ -285,17 +285,24 @@ class ModelRuntimeConfig:
 class Calibration:
     """Engine costs that the operator profiles do not contain (REFERENCE.md §2.9).
 
-    These are properties of the serving engine (vLLM V1 on a CPU host), not of a case: they are
-    fitted once on the development validation case and are the same for every case.
+    These are properties of the serving engine (vLLM V1 on a CPU host) and its configuration
+    (async scheduling, the batch: jaxsim/engine/costs.py), not of a case: fitted jointly on the
+    development cases (scripts/fit_engine_costs.py, README "Calibration"), the same for every case.
     """
 
     KEY: ClassVar[str] = "calibration"
 
-    # Fitted on profiles/validation/RTXPRO6000-Llama-3.1-8B (grid search, README "Calibration").
+    # Fitted jointly on RTXPRO6000 and RTX4090 (vLLM 0.19, async) and A6000 pulse-SD+PC (vLLM
+    # 0.13, eager, sync): scripts/fit_engine_costs.py, outputs in README "Calibration".
     # (each at most 2^40 ns, 18 minutes: the engine adds them to int64 ns clocks, see ARRIVAL_HORIZON_NS)
-    iteration_overhead_ns: int = checked(700_000, lo=0, hi=MAX_DURATION_NS)  # CPU time per engine step not hidden behind the GPU
-    first_token_delay_ns: int = checked(10_000_000, lo=0, hi=MAX_DURATION_NS)  # engine core -> detokenizer -> frontend, first token
-    token_output_delay_ns: int = checked(10_000_000, lo=0, hi=MAX_DURATION_NS)  # the same path for every later token
+    iteration_overhead_ns: int = checked(500_000, lo=0, hi=MAX_DURATION_NS)  # per engine step, async or not
+    first_token_delay_ns: int = checked(0, lo=0, hi=MAX_DURATION_NS)  # engine core -> detokenizer -> frontend, first token
+    token_output_delay_ns: int = checked(0, lo=0, hi=MAX_DURATION_NS)  # the same path for every later token
+    # CPU time of an engine step (scheduling, input preparation, sampling, output processing):
+    # step_cpu_ns + seq_cpu_ns per scheduled sequence; all of it shows without async scheduling,
+    # only what exceeds the GPU time with it (jaxsim/engine/costs.py).
+    step_cpu_ns: int = checked(2_000_000, lo=0, hi=MAX_DURATION_NS)
+    seq_cpu_ns: int = checked(40_000, lo=0, hi=MAX_DURATION_NS)
 
     def __post_init__(self):
         check_fields(self)
@@ -303,7 +310,8 @@ class Calibration:
     @classmethod
     def none(cls) -> "Calibration":
         """No engine costs beyond the profiles: the reference simulator's latency model."""
-        return cls(0, 0, 0)
+        return cls(iteration_overhead_ns=0, first_token_delay_ns=0, token_output_delay_ns=0, step_cpu_ns=0,
+                   seq_cpu_ns=0)
 
 
 ROLES = ("colocated", "prefill", "decode")  # REFERENCE.md §1.7 pd_type: null | prefill | decode

@@ -81,9 +81,11 @@ def evaluate(case_dir, profiles, models, workloads, calibration: Calibration | N
         note = validation.profile_name(inst, profiles)[1]
         if note:
             assumed.append(note)
-    assumed.append("engine costs: jaxsim's calibration " + ("(default, fitted on RTXPRO6000 with vLLM 0.19, CUDA graphs "
-                   "and async scheduling on)" if calibration == Calibration() else f"{calibration}")
-                   + "; not derived from this case's vllm_version / enforce_eager / async_scheduling")
+    assumed.append("engine costs: " + ("jaxsim's default calibration, fitted jointly on RTXPRO6000, RTX4090 (vLLM 0.19, "
+                   "async) and A6000 pulse-SD+PC (vLLM 0.13, eager, sync) by scripts/fit_engine_costs.py"
+                   if calibration == Calibration() else f"{calibration}")
+                   + f"; the engine step's CPU time {'shows beyond the GPU time only' if case.settings['async_scheduling'] else 'adds in full'}"
+                   f" (async_scheduling={case.settings['async_scheduling']}); enforce_eager is not modelled apart from it")
     if len(specs) == 1:
         result = simulator.simulate(case.workload, case.model, specs[0].hw, specs[0].sched, rt, calibration,
                                     profiles_dir=profiles)

@@ -290,7 +290,7 @@ def test_simulation_runs_on_legacy_hardware():
     hw = HardwareConfig(name="legacy/A6000", mem_size_gb=48.0, tp=1)
     w = Workload(arrival_ns=np.array([0], np.int64), input_toks=np.array([100], np.int32),
                  output_toks=np.array([3], np.int32), token_ids=[None])
-    res = simulator.simulate(w, m, hw, SchedulerConfig(max_num_seqs=4), calib=Calibration(0, 0, 0),
+    res = simulator.simulate(w, m, hw, SchedulerConfig(max_num_seqs=4), calib=Calibration.none(),
                              profiles_dir=str(PROFILES), max_slots=8)
     tb = latency_tables(b, m, hw)
     first = int(_ONE(tb, 100, 1, 100, 0, 0, 0, 0, 0)[0])

@@ -115,7 +115,13 @@ def _check_colocated_vs_disaggregated(ns: dict):
 CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# The P/D notebook compiles three cluster designs (~55 s on 2 cores): it runs with `-m slow`; the P/D
+# engine paths it drives are covered at small shapes by tests/test_disagg.py.
+SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb",)
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_NOTEBOOKS else p
+                                  for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, notebook_env):
     ns = run_notebook(path)
     check = CHECKS.get(path.name)

@@ -107,7 +107,7 @@ def test_two_stage_run_by_hand(o):
     w = Workload(np.zeros(2, np.int64), np.array([100, 100], np.int32), np.array([2, 2], np.int32), [None, None])
     sched = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100)
     hw = HardwareConfig(pp=2, num_gpu_blocks=64)
-    r = simulator.simulate(w, MODEL, hw, sched, runtime_for(64), calib=Calibration(o, 0, 0), profiles_dir=PROFILES)
+    r = simulator.simulate(w, MODEL, hw, sched, runtime_for(64), calib=dataclasses.replace(Calibration.none(), iteration_overhead_ns=o), profiles_dir=PROFILES)
     tb = _tables(2)
 
     def stages(shape):

@@ -12,12 +12,14 @@ checked in the engine and in the plain-Python oracle (tests/reference_sim.py) al
 import dataclasses
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import reference_sim
 from _shared import PROFILES, load_model, runtime_for
 from jaxsim import simulator
+from jaxsim.engine import costs
 from jaxsim.prefix import hash_ids
 from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig, Workload
 
@@ -140,3 +142,29 @@ def test_prefix_cache_counters(every, caching, queried, hits):
     _, iters = _oracle(_refused(), sched, 7)
     assert iters[-1]["prefix_queried"] == queried and iters[-1]["prefix_hits"] == hits
     np.testing.assert_array_equal(r.iter_prefix_queried, [it["prefix_queried"] for it in iters])
+
+
+# ------------------------------------------------------------------- engine host costs
+def test_host_costs_hand_computed():
+    """engine/costs.py: the step's CPU time (1.5 ms + 50 us x 10 sequences = 2 ms) adds in full
+    without async scheduling and only beyond the GPU time with it; the overhead always."""
+    args = (jnp.asarray(1_000_000, jnp.int64), jnp.asarray(1_500_000, jnp.int64), jnp.asarray(50_000, jnp.int64))
+    host = lambda gpu, asynch: int(costs.host_time_ns(jnp.asarray(gpu, jnp.int64), jnp.asarray(10), asynch, *args))  # noqa: E731
+    assert host(10_000_000, False) == 1_000_000 + 2_000_000
+    assert host(10_000_000, True) == 1_000_000  # hidden behind the 10 ms GPU iteration
+    assert host(1_500_000, True) == 1_000_000 + 500_000  # the GPU finishes first: 0.5 ms shows
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_host_costs_in_the_engine(async_scheduling):
+    """The arrivals run with 1 ms + 100 us per sequence of CPU per step: each iteration of the
+    sync engine lasts its GPU time + 1 ms + 0.1 ms x S; the async engine hides it (its decode
+    iterations of A alone take ~10 ms of GPU time), so its iterations are the GPU's alone."""
+    sched = SchedulerConfig(async_scheduling=async_scheduling, max_num_seqs=4)
+    plain = _run(_arrivals(), sched, 64)
+    calib = dataclasses.replace(NONE, step_cpu_ns=1_000_000, seq_cpu_ns=100_000)
+    r = simulator.simulate(_arrivals(), load_model(), HardwareConfig(num_gpu_blocks=64), sched, runtime_for(64),
+                           calib=calib, profiles_dir=PROFILES, max_slots=8)
+    extra = (r.iter_end_ns - r.iter_start_ns)[:3] - (plain.iter_end_ns - plain.iter_start_ns)[:3]
+    expected = 0 if async_scheduling else 1_000_000 + 100_000 * r.iter_num_seqs[:3]
+    np.testing.assert_array_equal(extra, expected)  # the first iterations: A alone (prefill, decodes)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxsim.engine import disagg, leap, meters, pipeline
+from jaxsim.engine import costs, disagg, leap, meters, pipeline
 from jaxsim.engine import instance as inst_lib
 from jaxsim.engine import routing
 from jaxsim.engine.instance import I32, I64, NEVER, RUNNING, WAITING
@@ -74,7 +74,10 @@ class EngineParams(eqx.Module):
     pp: Int[Array, ""]  # pipeline stages (REFERENCE.md §1.8)
     num_layers: Int[Array, ""]  # transformer blocks (a KV transfer streams layer by layer)
     tp: Int[Array, ""]  # TP ranks (each sends its shard of a KV transfer)
+    # Engine costs beyond the GPU (engine/costs.py, Calibration)
     iteration_overhead_ns: Int[Array, ""]
+    step_cpu_ns: Int[Array, ""]
+    seq_cpu_ns: Int[Array, ""]
     first_token_delay_ns: Int[Array, ""]
     token_output_delay_ns: Int[Array, ""]
     # False for an instance that only pads a smaller cluster design to a sweep's instance count:
@@ -192,7 +195,9 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
     padded = shape.padded(pad)
     dt, extrap = per_instance(lambda model, shape: model.iteration_time(shape))(prm.latency, padded)
     recall = per_instance(kv_tier.recall_ns)(inst.pool.lower, inst.recall_blocks)  # before layer 0
-    end = now + dt.astype(I64) + recall + prm.iteration_overhead_ns
+    gpu = dt.astype(I64) + recall
+    end = now + gpu + costs.host_time_ns(gpu, padded.seqs, prm.sched.async_scheduling, prm.iteration_overhead_ns,
+                                         prm.step_cpu_ns, prm.seq_cpu_ns)
     if dp_sync:
         end = jnp.where(runs, jax.ops.segment_max(jnp.where(runs, end, 0), gid, num_segments=n_inst + 1)[gid], end)
     extrapolated = inst.counters.extrapolated + jnp.where(start[:, None], (extrap > 0).astype(I32), 0)

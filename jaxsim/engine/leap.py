@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
 from jaxsim.engine import instance as inst_lib
-from jaxsim.engine import kvpool, meters
+from jaxsim.engine import costs, kvpool, meters
 from jaxsim.engine.instance import I32, I64, NEVER, RUNNING, WAITING
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import prefix_sum
@@ -64,12 +64,13 @@ def can_continue(inst: inst_lib.InstanceState, limit, max_iters, *, block_size: 
     return (inst.batch_end < limit) & ~finishes & (need <= inst.pool.num_free) & (inst.n_iters + 2 < max_iters)
 
 
-def end_and_restart(inst: inst_lib.InstanceState, model, overhead_ns, prefix_caching, go, wl, *, block_size: int,
+def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, go, wl, *, block_size: int,
                     window: int, kv_tier) -> inst_lib.InstanceState:
     """One instance: when ``go``, end its steady decode batch (each running request emits one
     token) and start the next one at that moment, as :func:`jaxsim.engine.instance.schedule`
     would: new blocks from the free-list head and blocks that fill indexed in the prefix cache,
-    both in running-list order, and the batch timed by the latency ``model``."""
+    both in running-list order, and the batch timed by the latency ``model`` and the engine's host
+    costs (``host``: the arguments of :func:`jaxsim.engine.costs.host_time_ns` after the batch's)."""
     s = inst.slots
     run = (s.status == RUNNING) & go
     end = inst.batch_end
@@ -90,8 +91,9 @@ def end_and_restart(inst: inst_lib.InstanceState, model, overhead_ns, prefix_cac
     s = eqx.tree_at(lambda x: (x.reached, x.computed, x.sched_c, x.last_emit, x.nblk, x.nreg, x.blocks), s,
                     (reached, s.computed + step, jnp.where(run, s.computed, s.sched_c),
                      jnp.where(run, end, s.last_emit), s.nblk + need, s.nreg + new_reg, blocks))
-    dt, extrap = model.iteration_time(inst_lib.batch_shape(s))
-    new_end = end + dt.astype(I64) + overhead_ns
+    shape = inst_lib.batch_shape(s)
+    dt, extrap = model.iteration_time(shape)
+    new_end = end + dt.astype(I64) + costs.host_time_ns(dt.astype(I64), shape.seqs, *host)
     return eqx.tree_at(
         lambda i: (i.slots, i.pool, i.batch_start, i.batch_end, i.n_iters, i.counters.extrapolated),
         inst, (s, pool, jnp.where(go, end, inst.batch_start), jnp.where(go, new_end, end),
@@ -109,7 +111,7 @@ class _Log(eqx.Module):
     kv_cached: Int[Array, " trip"]  # free blocks holding a cached prefix, at the same moment
 
 
-def _run_ends(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blocks, wl, *, max_trips: int,
+def _run_ends(inst, eligible, limit, model, host, prefix_caching, num_blocks, wl, *, max_trips: int,
               max_iters: int, block_size: int, window: int, kv_tier) -> "tuple[inst_lib.InstanceState, _Log]":
     """One instance: run its batch ends early while it may, logging each ([trip] log)."""
 
@@ -120,7 +122,7 @@ def _run_ends(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blo
         return c[1] & (c[2] < max_trips)
 
     def body(consts, c):  # a no-op once go is False (masked_while_loop)
-        eligible, limit, model, overhead_ns, prefix_caching, num_blocks, wl = consts
+        eligible, limit, model, host, prefix_caching, num_blocks, wl = consts
         inst, go, trip, log = c
         go = go & (trip < max_trips)
         t = jnp.minimum(trip, max_trips - 1)
@@ -131,7 +133,7 @@ def _run_ends(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blo
         log = _Log(ended=put(log.ended, go), start=put(log.start, inst.batch_start), end=put(log.end, inst.batch_end),
                    kv_used=put(log.kv_used, num_blocks - inst.pool.num_free),
                    kv_cached=put(log.kv_cached, inst.pool.num_cached_free))
-        inst = end_and_restart(inst, model, overhead_ns, prefix_caching, go, wl, block_size=block_size, window=window,
+        inst = end_and_restart(inst, model, host, prefix_caching, go, wl, block_size=block_size, window=window,
                                kv_tier=kv_tier)
         return inst, go & go_of(inst, eligible, limit), trip + go.astype(I32), log
 
@@ -139,7 +141,7 @@ def _run_ends(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blo
     log0 = _Log(ended=jnp.zeros(max_trips, bool), start=z, end=z, kv_used=jnp.zeros(max_trips, I32),
                 kv_cached=jnp.zeros(max_trips, I32))
     inst, _, _, log = masked_while_loop(cond, body, (inst, go_of(inst, eligible, limit), jnp.asarray(0, I32), log0),
-                                        (eligible, limit, model, overhead_ns, prefix_caching, num_blocks, wl))
+                                        (eligible, limit, model, host, prefix_caching, num_blocks, wl))
     return inst, log
 
 
@@ -184,12 +186,13 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
     eligible = started & per_instance(steady)(inst0, prm.sched.max_num_seqs, queued)
     n_inst = started.shape[0]
 
-    def one(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blocks):
-        return _run_ends(inst, eligible, limit, model, overhead_ns, prefix_caching, num_blocks, wl,
+    def one(inst, eligible, limit, model, host, prefix_caching, num_blocks):
+        return _run_ends(inst, eligible, limit, model, host, prefix_caching, num_blocks, wl,
                          max_trips=max_trips, max_iters=max_iters, block_size=block_size, window=window,
                          kv_tier=kv_tier)
 
-    inst, log = per_instance(one)(inst0, eligible, limit, prm.latency, prm.iteration_overhead_ns,
+    host = (prm.sched.async_scheduling, prm.iteration_overhead_ns, prm.step_cpu_ns, prm.seq_cpu_ns)
+    inst, log = per_instance(one)(inst0, eligible, limit, prm.latency, host,
                                   prm.sched.prefix_caching, prm.sched.num_blocks)
     const = lambda x: jnp.broadcast_to(x[:, None], (n_inst, max_trips))  # noqa: E731
     n_waiting = jnp.sum((s0.status == WAITING).astype(I32), axis=-1, dtype=I32) + queued

@@ -12,6 +12,7 @@ pp = 1, and :func:`after_end` restores the other batches in flight. Compiled onl
 import equinox as eqx
 import jax.numpy as jnp
 
+from jaxsim.engine import costs
 from jaxsim.engine import instance as inst_lib
 from jaxsim.engine.instance import I32, NEVER
 from jaxsim.engine.vmap import per_instance
@@ -75,7 +76,9 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
                       zip(old, (new.slots.sched_n, new.slots.sched_c, new.slots.sched_pos)))
         start = can & (shape.seqs > 0)
         times, extrap, p2p = prm.latency.stage_times(shape, max_pp)
-        done = now + times[0] + kv_tier.recall_ns(new.pool.lower, new.recall_blocks) + prm.iteration_overhead_ns
+        gpu0 = times[0] + kv_tier.recall_ns(new.pool.lower, new.recall_blocks)
+        done = now + gpu0 + costs.host_time_ns(gpu0, shape.seqs, prm.sched.async_scheduling, prm.iteration_overhead_ns,
+                                               prm.step_cpu_ns, prm.seq_cpu_ns)
         free = [done]
         for st in range(1, max_pp):
             fs = jnp.maximum(done + p2p, pe.stage_free[st]) + times[st]
