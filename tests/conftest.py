@@ -32,10 +32,12 @@ if str(SCRIPTS) not in sys.path:
 # pytest-xdist's loadfile hands whole files to idle workers in collection order, so a long file
 # collected last leaves the other worker idle: the files that compile the most run first (their
 # seconds in one suite run, `--durations=0` summed per file: sweep 198, cluster 150, engine 145,
-# disagg 82, pipeline 67, leap 58, sweep_hydra 55, notebooks 55, engine_interfaces 41; the rest
-# under 32 each, in name order). Tests within a file keep their order.
+# disagg 82, pipeline 67, leap 58, validation_guard ~55, vllm_scheduler ~50, sweep_hydra 55,
+# notebooks 55, engine_interfaces 41; the rest under 32 each, in name order). Tests within a file
+# keep their order.
 HEAVY_FIRST = ("test_sweep.py", "test_cluster.py", "test_engine.py", "test_disagg.py", "test_pipeline.py",
-               "test_leap.py", "test_sweep_hydra.py", "test_notebooks.py", "test_engine_interfaces.py")
+               "test_leap.py", "test_validation_guard.py", "test_vllm_scheduler.py", "test_sweep_hydra.py",
+               "test_notebooks.py", "test_engine_interfaces.py")
 
 
 def pytest_collection_modifyitems(config, items):

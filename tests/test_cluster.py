@@ -185,6 +185,7 @@ def _check_sweep_equals_runs(base, points, result):
         assert result.rows[i]["iterations"] == single.stats["iterations"]
 
 
+@pytest.mark.slow  # ~75 s of compiles; equal-size designs in one sweep: tests/test_disagg.py (fast)
 def test_cluster_designs_of_different_sizes_share_a_sweep(sharegpt16):
     """A sweep over cluster designs: each point equals its own simulate_cluster. Designs of 1 and 2
     instances share one compiled chunk: the 1-instance design is padded with an instance nothing

@@ -97,6 +97,7 @@ def test_one_compile_for_shape_changing_knobs(swept):
     assert compiles == 1  # KV capacity, seats and another GPU's profile grid: padded, not recompiled
 
 
+@pytest.mark.slow  # ~40 s of compiles (two more groups) for the 10-minute suite budget: `pytest -m slow`
 def test_static_knob_splits_groups_and_still_matches():
     points = [{"block_size": 16}, {"block_size": 32}, {"block_size": 32, "max_num_seqs": 4}]
     result = sweep.sweep(BASE, points, chunk_size=4, progress=False, keep_requests=True)
