@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from jaxsim.engine import cluster
+from jaxsim.engine import cluster, meters
 from jaxsim.engine.instance import WAITING
 from jaxsim.engine.status import Status
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError
@@ -78,8 +78,7 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
     ctr = jax.tree.map(lambda x: np.asarray(x).sum(axis=0), f.inst.counters)  # summed over instances
     # Iteration rows of every instance, in order of end time (then instance).
     rows = {name: np.concatenate([getattr(f.records, name)[i, :counts[i]] for i in range(n_inst)])
-            for name in ("start", "end", "prompt_tokens", "gen_tokens", "num_tokens", "num_seqs", "running",
-                         "waiting", "kv_used", "kv_cached", "prefix_queried", "prefix_hits")}
+            for name in meters.ROW_FIELDS}
     row_inst = np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(counts)])
     by_end = np.lexsort((row_inst, rows["end"]))
     rows = {k: v[by_end] for k, v in rows.items()}

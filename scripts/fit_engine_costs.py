@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import validation_figures  # noqa: E402
 from jaxsim import compile_cache  # noqa: E402
 from jaxsim.spec import Calibration  # noqa: E402
 
@@ -56,9 +57,6 @@ class Scorer:
     """Simulates a case with given constants (cached) and returns its latency Diff% statistics."""
 
     def __init__(self, case_root: Path):
-        import validate
-
-        self.validate = validate
         self.root = case_root
         self.cache = {}
         self.evaluations = 0
@@ -66,14 +64,8 @@ class Scorer:
     def stats(self, case: str, p: dict) -> dict:
         key = (case, tuple(sorted(p.items())))
         if key not in self.cache:
-            prof = ROOT / "profiles"
-            ev = self.validate.evaluate(self.root / case, prof, prof / "models", prof / "workloads", calibration(p))
-            out = {}
-            for section in ("stats", "summary"):
-                for k, v in (ev.comparison.get(section) or {}).items():
-                    if isinstance(v, dict) and v.get("diff_pct") is not None and k.startswith(LATENCY):
-                        out[k] = float(v["diff_pct"])
-            self.cache[key] = out
+            figures = validation_figures.measure(self.root / case, calibration(p))
+            self.cache[key] = {k: v for k, v in figures.items() if k.startswith(LATENCY)}
             self.evaluations += 1
         return self.cache[key]
 

@@ -45,11 +45,12 @@ def figures(comparison: dict) -> dict:
     return out
 
 
-def measure(case_dir: Path) -> dict:
+def measure(case_dir: Path, calibration=None) -> dict:
+    """The :func:`figures` of one case simulated with ``calibration`` (None: the default)."""
     import validate
 
     prof = ROOT / "profiles"
-    return figures(validate.evaluate(case_dir, prof, prof / "models", prof / "workloads").comparison)
+    return figures(validate.evaluate(case_dir, prof, prof / "models", prof / "workloads", calibration).comparison)
 
 
 def readme_table(figs: dict) -> str:

@@ -34,9 +34,8 @@ def _run(w, sched, num_gpu_blocks):
 
 
 def _oracle(w, sched, num_blocks):
-    """The oracle on ``num_blocks`` request blocks, timed by the engine's own iteration lengths
-    would need the profiles: here iterations take 10 ms + 1 us per token (the order of events,
-    not the latency model, is under test)."""
+    """The oracle on ``num_blocks`` request blocks. Its iterations take 10 ms + 1 us per token,
+    not the profiles' times: the order of events, not the latency model, is under test."""
     hashes = hash_ids([t if t is not None else [] for t in w.token_ids], sched.block_size)[0]
     return reference_sim.simulate(
         w.arrival_ns, w.input_toks, w.output_toks, hashes, num_blocks,

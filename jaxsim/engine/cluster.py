@@ -196,8 +196,7 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
     dt, extrap = per_instance(lambda model, shape: model.iteration_time(shape))(prm.latency, padded)
     recall = per_instance(kv_tier.recall_ns)(inst.pool.lower, inst.recall_blocks)  # before layer 0
     gpu = dt.astype(I64) + recall
-    end = now + gpu + costs.host_time_ns(gpu, padded.seqs, prm.sched.async_scheduling, prm.iteration_overhead_ns,
-                                         prm.step_cpu_ns, prm.seq_cpu_ns)
+    end = now + gpu + costs.host_time_ns(gpu, padded.seqs, *costs.host_args(prm))
     if dp_sync:
         end = jnp.where(runs, jax.ops.segment_max(jnp.where(runs, end, 0), gid, num_segments=n_inst + 1)[gid], end)
     extrapolated = inst.counters.extrapolated + jnp.where(start[:, None], (extrap > 0).astype(I32), 0)

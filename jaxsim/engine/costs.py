@@ -21,3 +21,9 @@ def host_time_ns(gpu_ns, seqs, async_scheduling, iteration_overhead_ns, step_cpu
     cpu = step_cpu_ns + seq_cpu_ns * seqs.astype(I64)
     exposed = jnp.where(async_scheduling, jnp.maximum(cpu - gpu_ns.astype(I64), 0), cpu)
     return iteration_overhead_ns + exposed
+
+
+def host_args(prm) -> tuple:
+    """The per-instance arguments of :func:`host_time_ns` after the batch's, from
+    :class:`jaxsim.engine.cluster.EngineParams` (one instance's, or stacked)."""
+    return prm.sched.async_scheduling, prm.iteration_overhead_ns, prm.step_cpu_ns, prm.seq_cpu_ns

@@ -70,7 +70,7 @@ def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, g
     token) and start the next one at that moment, as :func:`jaxsim.engine.instance.schedule`
     would: new blocks from the free-list head and blocks that fill indexed in the prefix cache,
     both in running-list order, and the batch timed by the latency ``model`` and the engine's host
-    costs (``host``: the arguments of :func:`jaxsim.engine.costs.host_time_ns` after the batch's)."""
+    costs (``host``: :func:`jaxsim.engine.costs.host_args`)."""
     s = inst.slots
     run = (s.status == RUNNING) & go
     end = inst.batch_end
@@ -191,8 +191,7 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
                          max_trips=max_trips, max_iters=max_iters, block_size=block_size, window=window,
                          kv_tier=kv_tier)
 
-    host = (prm.sched.async_scheduling, prm.iteration_overhead_ns, prm.step_cpu_ns, prm.seq_cpu_ns)
-    inst, log = per_instance(one)(inst0, eligible, limit, prm.latency, host,
+    inst, log = per_instance(one)(inst0, eligible, limit, prm.latency, costs.host_args(prm),
                                   prm.sched.prefix_caching, prm.sched.num_blocks)
     const = lambda x: jnp.broadcast_to(x[:, None], (n_inst, max_trips))  # noqa: E731
     n_waiting = jnp.sum((s0.status == WAITING).astype(I32), axis=-1, dtype=I32) + queued

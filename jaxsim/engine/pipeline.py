@@ -77,8 +77,7 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
         start = can & (shape.seqs > 0)
         times, extrap, p2p = prm.latency.stage_times(shape, max_pp)
         gpu0 = times[0] + kv_tier.recall_ns(new.pool.lower, new.recall_blocks)
-        done = now + gpu0 + costs.host_time_ns(gpu0, shape.seqs, prm.sched.async_scheduling, prm.iteration_overhead_ns,
-                                               prm.step_cpu_ns, prm.seq_cpu_ns)
+        done = now + gpu0 + costs.host_time_ns(gpu0, shape.seqs, *costs.host_args(prm))
         free = [done]
         for st in range(1, max_pp):
             fs = jnp.maximum(done + p2p, pe.stage_free[st]) + times[st]
