@@ -2,7 +2,7 @@
 per-stage latencies that sum to the pp = 1 iteration, a 2-stage run composed by hand, and
 invariants of a pp = 2 run on a small trace.
 
-Compile budget: two pp = 2 loops (the hand-made 2-request trace and the 16-request trace).
+Compile budget: two pp = 2 loops (the hand-made 2-request traces share one; the 16-request trace).
 """
 
 import dataclasses
@@ -133,6 +133,33 @@ def test_two_stage_run_by_hand(o):
     assert list(r.iter_num_tokens) == [100, 100, 1, 1]
     assert list(r.first_scheduled_ns) == [0, f0]
     assert (t3 == g0) == (o > 1000)  # with the large overhead A is back before stage 0 is free
+
+
+def test_request_preempted_while_its_batch_is_in_flight_keeps_that_token():
+    """Issue 12 / vLLM 0.19 ``stopped_preempted_reqs``: two 80-token prompts (16 outputs) at 0 and
+    1 ns, a 100-token budget, 10 usable blocks of 16, pp = 2. A's prefill forms batch 1 (5 blocks),
+    B's forms batch 2 at once (the other 5). At the end of batch 1, A's first decode needs a 6th
+    block: the tail of the running list, B, is preempted while batch 2 is in flight. vLLM applies
+    the token sampled for B when batch 2 ends, so B's first token is out then (jaxsim used to drop
+    it and emit it only after recomputing the prompt, at 194 ms); B is admitted again when A's
+    blocks come back, and recomputes its prompt and that token (81)."""
+    w = Workload(np.array([0, 1], np.int64), np.array([80, 80], np.int32), np.array([16, 16], np.int32),
+                 [None, None])
+    sched = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, enable_prefix_caching=False)
+    hw = HardwareConfig(pp=2, num_gpu_blocks=11)  # 10 usable: vLLM reserves a null block
+    r = simulator.simulate(w, MODEL, hw, sched, runtime_for(11), calib=Calibration.none(), profiles_dir=PROFILES)
+    start, end = r.iter_start_ns, r.iter_end_ns
+    assert list(r.iter_num_tokens[:3]) == [80, 80, 1]  # A's prefill, B's prefill, A's first decode
+    assert list(r.first_scheduled_ns) == [0, start[1]]
+    assert list(r.num_preemptions) == [0, 1]
+    assert r.first_token_ns[1] == end[1]  # when batch 2 ends, not after a recomputation
+    # B waits for A's blocks (A finishes), then recomputes 80 prompt + 1 output token
+    again = int(np.flatnonzero(start >= r.finish_ns[0])[0])
+    assert start[again] == r.finish_ns[0] and r.iter_num_tokens[again] == 81
+    assert list(r.recomputed_tokens) == [0, 81]
+    t = r.token_times_ns[r.token_offsets[1]:r.token_offsets[2]]
+    assert len(t) == 16 and np.all(np.diff(t) > 0) and t[-1] == r.finish_ns[1]
+    assert int(np.sum(r.iter_gen_tokens)) == 32
 
 
 def test_pp2_invariants_on_a_trace(sharegpt16):

@@ -323,6 +323,10 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     lag = prm.async_scheduling & jnp.any(s.status == RUNNING) & (inst.batch_end == now)
     cutoff = jnp.where(lag, inst.batch_start, now) if async_lag else now
     visible = s.queued_at <= cutoff
+    if skip is not None:
+        # A request preempted while its batch is in flight waits for that batch's output (its
+        # sampled token is applied then, see end_iteration) before it can be admitted again.
+        visible = visible & ~skip
 
     # ---- Phase A: the running list, in order. The budget is a prefix sum. ----
     # Requests that finished since the last schedule leave the list (a stable compaction: O(slots),
@@ -552,8 +556,15 @@ def end_iteration(inst: InstanceState, async_scheduling, hands_off, ending, now,
     """
     s = inst.slots
     sched = ending & (s.sched_n > 0)
-    first_emit = sched & s.first & (s.computed >= s.prompt)
-    later_emit = sched & ~s.first & (s.computed >= s.reached)
+    # The tokens this batch computed up to. A WAITING request in an ending batch was preempted
+    # while the batch was in flight (pipeline parallelism): vLLM still applies the token sampled
+    # for it (Scheduler.update_from_output, its stopped_preempted_reqs path), so it emits as if it
+    # had kept running and later recomputes prompt and outputs. Not on a prefill instance, whose
+    # hand-off needs the KV that the preemption freed: there the token is lost.
+    preempted = s.status == WAITING
+    upto = jnp.where(preempted, jnp.where(hands_off, 0, s.sched_c + s.sched_n), s.computed)
+    first_emit = sched & s.first & (upto >= s.prompt)
+    later_emit = sched & ~s.first & (upto >= s.reached)
     emit = first_emit | later_emit
     token_index = s.reached - s.prompt
     reached = s.reached + emit.astype(I32)
