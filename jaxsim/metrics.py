@@ -297,7 +297,9 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     Bin k (``t = k``, 1-based) covers ``[t0 + (k-1)·Δ, t0 + k·Δ)`` with ``t0`` = ``origin_ns``, or
     the first arrival when None (a validation case's rows are on trace time, ``origin_ns=0``).
     An iteration belongs to the bin in which it ends. Throughputs are that bin's prompt / generated
-    tokens per second; ``running``, ``waiting`` and ``kv_cache_pct`` (pinned blocks / num_blocks ×
+    tokens per second, with prompt tokens counted as vLLM logs them: a request's whole prompt in the
+    bin of its first token, once (``prompt_computed_throughput``: the prefill tokens the iterations
+    ending in the bin computed, chunks and recomputation after preemptions included); ``running``, ``waiting`` and ``kv_cache_pct`` (pinned blocks / num_blocks ×
     100) are the gauges of the last iteration ending in the bin, carried forward through empty bins
     (0 before the first iteration). Bins run up to the one holding the last iteration.
 
@@ -346,8 +348,22 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     t0 = int(arrival.min()) if origin_ns is None else int(origin_ns)
     k = np.maximum((end - t0) // interval_ns, 0)  # 0-based bin of each iteration
     nbins = int(k.max()) + 1
-    prompt = np.bincount(k, weights=_i64(result.iter_prompt_tokens)[rows], minlength=nbins)
+    computed = np.bincount(k, weights=_i64(result.iter_prompt_tokens)[rows], minlength=nbins)
     gen = np.bincount(k, weights=_i64(result.iter_gen_tokens)[rows], minlength=nbins)
+    # vLLM's logged prompt throughput counts a request's prompt once, when its first token comes
+    # out (v1 IterationStats.update_from_output adds prompt_len while the request is prefilling):
+    # chunks are not spread over ticks, recomputation after a preemption is not counted (the real
+    # runs' prompt series total exactly their trace's input tokens). The first token's instance
+    # is the prefill instance under P/D.
+    first = _i64(result.first_token_ns)
+    served = (first > 0) & (first >= arrival)
+    if instance is not None and inst is not None:
+        pre = getattr(result, "prefill_instance", None)
+        emitter = np.asarray(result.instance) if pre is None else np.where(np.asarray(pre) >= 0, pre, result.instance)
+        served &= emitter == instance
+    kf = np.maximum((first[served] - t0) // interval_ns, 0)
+    keep = kf < nbins  # a first token after the last iteration's bin cannot happen; guard the shape
+    prompt = np.bincount(kf[keep], weights=_i64(result.input_toks)[served][keep], minlength=nbins)
 
     # index of the last iteration ending in or before each bin (iterations are in time order)
     order = np.argsort(end, kind="stable")
@@ -373,6 +389,7 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
         "t": np.arange(1, nbins + 1, dtype=np.float64) * interval_s,
         "prompt_throughput": prompt / interval_s,
         "gen_throughput": gen / interval_s,
+        "prompt_computed_throughput": computed / interval_s,
         "running": gauge(per_row(result.iter_running), np.int64),
         "waiting": gauge(per_row(result.iter_waiting), np.int64),
         "kv_cache_pct": pct(used),

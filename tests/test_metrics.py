@@ -123,10 +123,13 @@ def test_summary_exact():
 
 def test_time_series_exact():
     ts = time_series(tiny_result())
-    assert set(ts) == set(TIMESERIES_COLUMNS)
+    assert set(ts) == set(TIMESERIES_COLUMNS) | {"prompt_computed_throughput"}
     # bins from the first arrival (0.5 s): iterations end at +0.2, +0.6, +1.3, +3.4 s
     np.testing.assert_array_equal(ts["t"], [1.0, 2.0, 3.0, 4.0])
-    np.testing.assert_array_equal(ts["prompt_throughput"], [8, 0, 0, 2])
+    # prompt tokens as vLLM logs them: each prompt once, in its first token's bin (r0 5 and r1 3
+    # in bin 1, r2 2 in bin 2); the tokens the iterations computed, by the iteration's end
+    np.testing.assert_array_equal(ts["prompt_throughput"], [8, 2, 0, 0])
+    np.testing.assert_array_equal(ts["prompt_computed_throughput"], [8, 0, 0, 2])
     np.testing.assert_array_equal(ts["gen_throughput"], [2, 2, 0, 1])
     np.testing.assert_array_equal(ts["running"], [2, 2, 2, 0])  # bin 3 empty: carried forward
     np.testing.assert_array_equal(ts["waiting"], [1, 0, 0, 0])
@@ -134,7 +137,8 @@ def test_time_series_exact():
     # half-second bins: throughput is per second
     half = time_series(tiny_result(), interval_s=0.5)
     np.testing.assert_array_equal(half["t"], np.arange(1, 8) * 0.5)
-    np.testing.assert_array_equal(half["prompt_throughput"], [10, 6, 0, 0, 0, 0, 4])
+    np.testing.assert_array_equal(half["prompt_throughput"], [10, 6, 4, 0, 0, 0, 0])
+    np.testing.assert_array_equal(half["prompt_computed_throughput"], [10, 6, 0, 0, 0, 0, 4])
     np.testing.assert_array_equal(half["running"], [1, 2, 2, 2, 2, 2, 0])
 
 

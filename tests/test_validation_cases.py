@@ -182,6 +182,7 @@ def two_instance_result():
     s = 1_000_000_000
     return types.SimpleNamespace(
         arrival_ns=np.array([300_000_000, 600_000_000]), num_blocks=20, iter_instance=np.array([0, 1, 0, 1]),
+        first_token_ns=np.array([0.5, 0.7]) * s, input_toks=np.array([10, 20]), instance=np.array([0, 1]),
         iter_end_ns=np.array([0.5, 0.7, 1.5, 2.2]) * s, iter_prompt_tokens=np.array([10, 20, 0, 0]),
         iter_gen_tokens=np.array([1, 2, 3, 4]), iter_running=np.array([1, 2, 1, 0]), iter_waiting=np.array([0, 1, 0, 0]),
         iter_kv_blocks_used=np.array([4, 6, 5, 0]), iter_prefix_queried=np.array([10, 20, 10, 20]),
@@ -214,7 +215,7 @@ def test_time_series_per_instance_and_new_columns():
     # a result without the new arrays has no new columns
     for k in ("iter_prefix_queried", "iter_prefix_hits", "iter_kv_blocks_cached"):
         delattr(r, k)
-    assert set(metrics.time_series(r)) == set(metrics.TIMESERIES_COLUMNS)
+    assert set(metrics.time_series(r)) == set(metrics.TIMESERIES_COLUMNS) | {"prompt_computed_throughput"}
 
 
 # ---------------------------------------------------------------------------------------------
