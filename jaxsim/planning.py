@@ -519,6 +519,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
               chunked_prefill=np.bool_(sched.enable_chunked_prefill), reserve_full_isl=np.bool_(sched.reserve_full_isl),
               prefix_caching=np.bool_(sched.enable_prefix_caching), async_scheduling=np.bool_(sched.async_scheduling),
               prefix_stats_every_attempt=np.bool_(sched.prefix_stats_every_attempt),
+              prefix_index_all_copies=np.bool_(sched.prefix_index_all_copies),
               num_blocks=np.int32(num_blocks))
     dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
                 num_blocks_cap=num_blocks, max_iters=max_iters,

@@ -190,6 +190,11 @@ class SchedulerConfig:
     # exported counters and hit rate reflect that; later vLLM, and the reference, count each
     # request once, at its first admission (off).
     prefix_stats_every_attempt: bool = True
+    # vLLM's prefix index keeps every block registered under a hash (vllm/v1/core/block_pool.py,
+    # BlockHashToBlockMap): a lookup returns the oldest copy still present and evicting one copy
+    # leaves the others findable. Copies arise when a request computes blocks that another is
+    # computing at the same time. The reference keeps one block per hash, the newest (off).
+    prefix_index_all_copies: bool = True
 
     # vLLM's CacheConfig BlockSize (vllm/config/cache.py): the sizes its attention kernels take.
     VLLM_BLOCK_SIZES: ClassVar[tuple] = (1, 8, 16, 32, 64, 128, 256)

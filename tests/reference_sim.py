@@ -36,13 +36,18 @@ class _Req:
 
 
 class _BlockPool:
-    """Port of vLLM's BlockPool: LRU free list, ref counts, one index entry per hash (newest)."""
+    """Port of vLLM's BlockPool: LRU free list, ref counts, a prefix index.
 
-    def __init__(self, num_blocks: int):
+    ``all_copies`` (vLLM 0.19.0 ``BlockHashToBlockMap``): the index maps a hash to every block
+    registered under it, in insertion order; a lookup returns the first (oldest) and evicting a
+    block removes only that copy. Otherwise one block per hash, the newest (the reference)."""
+
+    def __init__(self, num_blocks: int, all_copies: bool = True):
         self.free = collections.OrderedDict((b, None) for b in range(num_blocks))
         self.ref = [0] * num_blocks
         self.hash = [None] * num_blocks
-        self.index = {}
+        self.all_copies = all_copies
+        self.index = {}  # hash -> block, or with all_copies hash -> {block: None} (insertion order)
 
     def num_free(self) -> int:
         return len(self.free)
@@ -51,7 +56,12 @@ class _BlockPool:
         b, _ = self.free.popitem(last=False)
         h = self.hash[b]
         if h is not None:
-            if self.index.get(h) == b:
+            if self.all_copies:
+                copies = self.index[h]
+                del copies[b]
+                if not copies:
+                    del self.index[h]
+            elif self.index.get(h) == b:
                 del self.index[h]
             self.hash[b] = None
         self.ref[b] = 1
@@ -71,14 +81,23 @@ class _BlockPool:
     def register(self, b: int, h: int) -> None:
         if self.hash[b] is None:
             self.hash[b] = h
-            self.index[h] = b
+            if self.all_copies:
+                self.index.setdefault(h, {})[b] = None
+            else:
+                self.index[h] = b
+
+    def get(self, h: int):
+        """The block found for hash ``h`` (the oldest copy with all_copies), None for a miss."""
+        if self.all_copies:
+            return next(iter(self.index[h])) if h in self.index else None
+        return self.index.get(h)
 
 
 def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter_time_fn, *,
              block_size=16, max_num_seqs=128, max_num_batched_tokens=2048, long_prefill_threshold=0,
              enable_chunked_prefill=True, reserve_full_isl=True, enable_prefix_caching=True,
-             async_scheduling=False, prefix_stats_every_attempt=False, iteration_overhead_ns=0,
-             max_iterations=10**7):
+             async_scheduling=False, prefix_stats_every_attempt=False, prefix_index_all_copies=True,
+             iteration_overhead_ns=0, max_iterations=10**7):
     """Run to completion. Returns (list of _Req in id order, list of per-iteration dicts).
 
     ``num_blocks`` is the blocks requests can use (vLLM's null block, when reserved, excluded).
@@ -86,7 +105,8 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
     that follows another at once was built when that one started: it sees only the requests that
     had arrived by then (vLLM keeps two batches in flight). ``prefix_stats_every_attempt``: the
     prefix-cache counters record every admission attempt of a never-preempted request (vLLM <=
-    0.19), else each request's first admission."""
+    0.19), else each request's first admission. ``prefix_index_all_copies``: the prefix index keeps
+    every copy of a block hash (vLLM's BlockHashToBlockMap), else the newest only (the reference)."""
     bs = block_size
     msq = max_num_seqs or 10**9
     mnbt = max_num_batched_tokens or 10**9
@@ -96,7 +116,7 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
         for i, (a, p, o, h) in enumerate(zip(workload_arrival, input_toks, output_toks, hashes))
     ]
     pending = sorted(reqs, key=lambda r: (r.arrival, r.rid))
-    pool = _BlockPool(num_blocks)
+    pool = _BlockPool(num_blocks, prefix_index_all_copies)
     running, waiting, iters = [], [], []
     finishing = []  # async scheduling: finished in the previous batch, seat and blocks still held
     now, done, pi = 0, 0, 0
@@ -109,7 +129,7 @@ def simulate(workload_arrival, input_toks, output_toks, hashes, num_blocks, iter
         m = min((r.reached - 1) // bs, len(r.hashes))
         hit = []
         for j in range(m):
-            b = pool.index.get(r.hashes[j])
+            b = pool.get(r.hashes[j])
             if b is None:
                 break
             hit.append(b)

@@ -201,7 +201,7 @@ OVERRIDES = {
     "scheduler": dict(max_num_seqs=64, max_num_batched_tokens=4096, enable_chunked_prefill=False,
                       long_prefill_token_threshold=512, reserve_full_isl=False, enable_prefix_caching=False,
                       block_size=32, async_scheduling=False, reserve_null_block=False,
-                      prefix_stats_every_attempt=False),
+                      prefix_stats_every_attempt=False, prefix_index_all_copies=False),
     "calibration": dict(iteration_overhead_ns=1, first_token_delay_ns=2, token_output_delay_ns=3, step_cpu_ns=4,
                         seq_cpu_ns=5),
     "sim": dict(max_slots=64, record_token_times=False, max_iterations=1000, progress=False, compile_cache=False,

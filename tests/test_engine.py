@@ -134,7 +134,8 @@ def _oracle_cached(wname, num_blocks, sched):
         long_prefill_threshold=sched.long_prefill_token_threshold,
         enable_chunked_prefill=sched.enable_chunked_prefill, reserve_full_isl=sched.reserve_full_isl,
         enable_prefix_caching=sched.enable_prefix_caching, async_scheduling=sched.async_scheduling,
-        prefix_stats_every_attempt=sched.prefix_stats_every_attempt)
+        prefix_stats_every_attempt=sched.prefix_stats_every_attempt,
+        prefix_index_all_copies=sched.prefix_index_all_copies)
 
 
 ITER_FIELDS = dict(end="iter_end_ns", start="iter_start_ns", prompt="iter_prompt_tokens",
@@ -178,7 +179,7 @@ def test_worked_check_request0_alone():
 def test_worked_check_full_trace_reference_row():
     """The same request in the full 300-request run, reference semantics (no engine costs, sync)."""
     r = sim("trace300", sched=SchedulerConfig(async_scheduling=False, reserve_null_block=False,
-                                              prefix_stats_every_attempt=False))
+                                              prefix_stats_every_attempt=False, prefix_index_all_copies=False))
     ttft = int(r.first_token_ns[0] - r.arrival_ns[0])
     latency = int(r.finish_ns[0] - r.arrival_ns[0])
     assert ttft == 102_441_621
@@ -201,6 +202,9 @@ PARITY12 = {
     "long_prefill_threshold": dataclasses.replace(BASE12, long_prefill_token_threshold=128),
     "long_prefill_threshold_sync": dataclasses.replace(BASE12, long_prefill_token_threshold=128,
                                                        async_scheduling=False),
+    # the reference's prefix index (newest block per hash) where vLLM's re-indexes evicted copies
+    "long_prefill_threshold_sync_newest_copy": dataclasses.replace(
+        BASE12, long_prefill_token_threshold=128, async_scheduling=False, prefix_index_all_copies=False),
     "max_num_seqs_2": dataclasses.replace(BASE12, max_num_seqs=2),
     "no_reserve_full_isl": dataclasses.replace(BASE12, reserve_full_isl=False),
 }

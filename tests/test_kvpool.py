@@ -1,5 +1,6 @@
 """The paged KV block pool on its own (jaxsim/engine/kvpool.py): hand-computed cases on a tiny
-pool, then a random sequence of operations against a plain-Python model of vLLM's BlockPool.
+pool, then a random sequence of operations against a plain-Python model of vLLM's BlockPool, in
+both prefix-index modes (newest block per hash, as the reference; every copy, as vLLM).
 
 Every case uses one pool shape (8 blocks, pop window 4, the simulator's ring capacity
 2 * blocks + window, 8 hash ids) and one padded argument length, so each operation compiles once.
@@ -35,8 +36,8 @@ def _collect(_, out, ids, first_k, n):
 
 
 @jax.jit
-def _pop(pool, count):
-    return kvpool.pop_blocks(pool, count, W, _collect, jnp.full(N, -1, I32))
+def _pop(pool, count, all_copies=False):
+    return kvpool.pop_blocks(pool, count, W, _collect, jnp.full(N, -1, I32), all_copies=all_copies)
 
 
 _release = jax.jit(kvpool.release_blocks, static_argnames="ring_cap")
@@ -54,10 +55,10 @@ def init(num_blocks=N):
     return _init(num_blocks)
 
 
-def pop(pool, count):
+def pop(pool, count, all_copies=False):
     """(pool, the popped block ids in order)."""
     before = int(pool.num_free)
-    pool, out = _pop(pool, count)
+    pool, out = _pop(pool, count, all_copies)
     return pool, np.asarray(out)[:before - int(pool.num_free)].tolist()
 
 
@@ -69,8 +70,9 @@ def touch(pool, blocks):
     return _touch(pool, _pad(blocks), jnp.arange(N) < len(blocks))
 
 
-def register(pool, blocks, hashes):
-    return _register(pool, _pad(blocks), _pad(hashes), jnp.arange(N) < len(blocks), jnp.arange(N, dtype=I32))
+def register(pool, blocks, hashes, all_copies=False):
+    return _register(pool, _pad(blocks), _pad(hashes), jnp.arange(N) < len(blocks), jnp.arange(N, dtype=I32),
+                     all_copies)
 
 
 def lookup(pool, hashes, limit=None):
@@ -207,6 +209,46 @@ def test_registering_a_hash_twice_keeps_the_newest_block():
     assert got == [3, 1] and index(pool) == {}
 
 
+def cached_free(pool):
+    return int(pool.num_cached_free)
+
+
+def test_all_copies_lookup_finds_the_oldest_and_eviction_keeps_the_others():
+    """vLLM 0.19.0's BlockHashToBlockMap: every block registered under a hash is a copy, a lookup
+    returns the oldest copy still present, and evicting one copy leaves the hash findable."""
+    pool, _ = pop(init(), 4)  # blocks 0-3 held; free list 4-7
+    pool = register(pool, [2], [5], True)  # the oldest copy of hash 5
+    pool = register(pool, [0, 3], [5, 5], True)  # two more in one call: 0 before 3
+    assert lookup(pool, [5]) == (1, [2])
+    assert np.asarray(pool.hash_copies)[5] == 3 and cached_free(pool) == 0
+    pool = release(release(pool, [2]), [3])
+    assert free_list(pool) == [4, 5, 6, 7, 2, 3] and cached_free(pool) == 2
+    pool, got = pop(pool, 5, True)  # evicts block 2, the indexed copy: the next oldest is 0
+    assert got == [4, 5, 6, 7, 2]
+    assert lookup(pool, [5]) == (1, [0]) and cached_free(pool) == 1
+    pool, got = pop(pool, 1, True)  # evicts block 3, not the indexed copy
+    assert got == [3] and lookup(pool, [5]) == (1, [0]) and cached_free(pool) == 0
+    pool = release(pool, [0])
+    assert cached_free(pool) == 1 and lookup(pool, [5]) == (1, [0])  # free, still cached
+    pool, got = pop(pool, 1, True)  # the last copy: a miss from now on
+    assert got == [0] and lookup(pool, [5]) == (0, []) and index(pool) == {}
+    assert cached_free(pool) == 0 and not np.asarray(pool.hash_copies).any()
+
+
+def test_all_copies_evicting_two_copies_in_one_window_finds_the_third():
+    pool, _ = pop(init(), 3)
+    pool = register(pool, [0, 1, 2], [6, 6, 6], True)
+    pool = release(pool, [1, 0])  # free list 3-7, 0, 1: 0 and 1 come out in the same pop window
+    pool, got = pop(pool, 7, True)
+    assert got == [3, 4, 5, 6, 7, 0, 1] and lookup(pool, [6]) == (1, [2]) and cached_free(pool) == 0
+    # the newest-only index (the reference) points at block 2 all along
+    pool, _ = pop(init(), 3)
+    pool = register(pool, [0, 1, 2], [6, 6, 6])
+    assert lookup(pool, [6]) == (1, [2])
+    pool, got = pop(release(pool, [2]), 6)  # evicting it drops the hash though 0 and 1 hold it
+    assert got[-1] == 2 and lookup(pool, [6]) == (0, [])
+
+
 def test_ring_compaction_keeps_the_free_order():
     pool, _ = pop(init(), 8)  # head = tail = 8
     pool = release(pool, [7, 6, 5, 4, 3, 2, 1, 0])  # appended 0..7 at 8..15
@@ -233,10 +275,14 @@ def test_batched_pop_equals_single_pops():
     a, _ = pop(init(), 6)
     a = touch(release(a, [5, 0, 3]), [0])  # free list 6, 7, 3, (tombstone), 5: two trips for 4
     b = init(5)
-    pools, counts = [a, b, b], [4, 1, 0]
-    got, out = jax.jit(jax.vmap(_pop))(jax.tree.map(lambda *x: jnp.stack(x), *pools), jnp.asarray(counts, I32))
+    c, _ = pop(init(), 3)  # all copies: evicting block 0, the oldest copy of hash 2, re-indexes it
+    c = release(register(c, [0, 1, 2], [2, 2, 3], True), [0])
+    pools, counts, modes = [a, b, b, c], [4, 1, 0, 6], [False, False, False, True]
+    got, out = jax.jit(jax.vmap(_pop))(jax.tree.map(lambda *x: jnp.stack(x), *pools), jnp.asarray(counts, I32),
+                                       jnp.asarray(modes))
+    assert lookup(jax.tree.map(lambda x: x[3], got), [2]) == (1, [1])
     for i, (pool, count) in enumerate(zip(pools, counts)):
-        want, want_out = _pop(pool, count)
+        want, want_out = _pop(pool, count, modes[i])
         for x, y in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], got)), jax.tree.leaves(want)):
             np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(out[i], want_out)
@@ -247,19 +293,30 @@ def test_batched_pop_equals_single_pops():
 class VllmBlockPool:
     """vLLM's BlockPool in plain Python (as tests/reference_sim.py): an LRU free queue (pop the
     head, append at the tail, remove from the middle), ref counts, one indexed block per hash
-    (the newest); a block's hash is dropped when it is popped."""
+    (the newest) or with ``all_copies`` every copy in insertion order, the oldest found; a
+    block's hash is dropped when it is popped."""
 
-    def __init__(self, num_blocks):
+    def __init__(self, num_blocks, all_copies=False):
         self.free = collections.deque(range(num_blocks))
         self.ref = [0] * num_blocks + [NEVER_FREE] * (N - num_blocks)
         self.hash = [None] * N
-        self.index = {}
+        self.all_copies = all_copies
+        self.copies = collections.defaultdict(list)  # hash -> its blocks, oldest first
+
+    @property
+    def index(self):
+        return {h: (c[0] if self.all_copies else c[-1]) for h, c in self.copies.items() if c}
 
     def pop(self, count):
         out = [self.free.popleft() for _ in range(count)]
         for b in out:
-            if self.hash[b] is not None and self.index.get(self.hash[b]) == b:
-                del self.index[self.hash[b]]
+            h = self.hash[b]
+            copies = self.copies[h] if h is not None else []
+            if b in copies:  # (newest-only: a cleared entry forgot its older blocks)
+                if self.all_copies or copies[-1] != b:
+                    copies.remove(b)
+                else:  # the indexed (newest) block: the older ones are not findable either
+                    copies.clear()
             self.hash[b] = None
             self.ref[b] = 1
         return out
@@ -278,14 +335,14 @@ class VllmBlockPool:
     def register(self, blocks, hashes):
         for b, h in zip(blocks, hashes):
             self.hash[b] = h
-            self.index[h] = b
+            self.copies[h].append(b)
 
     def lookup(self, hashes, limit):
-        out = []
+        out, index = [], self.index
         for h in hashes[:limit]:
-            if h not in self.index:
+            if h not in index:
                 break
-            out.append(self.index[h])
+            out.append(index[h])
         return out
 
 
@@ -295,22 +352,24 @@ def _check(pool, model):
     assert int(p.num_free) == len(model.free) == sum(r == 0 for r in model.ref)
     assert p.ref.tolist() == model.ref
     assert index(p) == model.index
+    assert int(p.num_cached_free) == sum(model.hash[b] is not None for b in model.free)
     for b in model.free:  # each free block knows its slot in the ring
         assert p.ring[p.ring_pos[b]] == b
     assert 0 <= p.head <= p.tail <= RING
 
 
-@pytest.mark.parametrize("num_blocks, seed", [(8, 0), (8, 1), (6, 2)])
-def test_random_operations_match_the_vllm_model(num_blocks, seed):
+@pytest.mark.parametrize("num_blocks, seed, all_copies", [(8, 0, False), (8, 1, False), (6, 2, False),
+                                                         (8, 3, True), (6, 4, True)])
+def test_random_operations_match_the_vllm_model(num_blocks, seed, all_copies):
     rng = np.random.default_rng(seed)
-    pool, model = init(num_blocks), VllmBlockPool(num_blocks)
+    pool, model = init(num_blocks), VllmBlockPool(num_blocks, all_copies)
     held = []  # the block lists of live requests, one reference on each block
     compactions = 0
     for _ in range(300):
         op = rng.choice(["alloc", "hit", "release", "register"], p=[0.3, 0.25, 0.3, 0.15])
         if op == "alloc":
             count = int(rng.integers(0, min(len(model.free), 4) + 1))
-            pool, got = pop(pool, count)
+            pool, got = pop(pool, count, all_copies)
             assert got == model.pop(count)
             held += [got] if got else []
         elif op == "hit":  # a prefix lookup (distinct hashes, as a hash chain) and a hit on the matched blocks
@@ -331,7 +390,7 @@ def test_random_operations_match_the_vllm_model(num_blocks, seed):
             fresh = [b for b in range(N) if 0 < model.ref[b] < NEVER_FREE and model.hash[b] is None]
             blocks = rng.permutation(fresh)[:3].tolist()
             hashes = rng.integers(0, H, len(blocks)).tolist()
-            pool = register(pool, blocks, hashes)
+            pool = register(pool, blocks, hashes, all_copies)
             model.register(blocks, hashes)
         _check(pool, model)
     assert compactions > 0  # the ring wrapped at least once

@@ -6,7 +6,9 @@ checked in the engine and in the plain-Python oracle (tests/reference_sim.py) al
 * the null block: ``num_gpu_blocks`` N leaves N - 1 blocks for requests;
 * prefix-cache counters: every admission attempt of a never-preempted request is recorded
   (v0.19), or each request once at its first admission (later vLLM, the reference); nothing
-  without prefix caching.
+  without prefix caching;
+* the prefix index keeps every copy of a block hash (``BlockHashToBlockMap``): a hash stays
+  findable while any copy is cached (the reference keeps the newest block only).
 """
 
 import dataclasses
@@ -33,16 +35,19 @@ def _run(w, sched, num_gpu_blocks):
                               max_slots=8)
 
 
-def _oracle(w, sched, num_blocks):
-    """The oracle on ``num_blocks`` request blocks. Its iterations take 10 ms + 1 us per token,
-    not the profiles' times: the order of events, not the latency model, is under test."""
+def _oracle(w, sched, num_blocks, iter_time=lambda T, *_: 10 * MS + 1000 * T):
+    """The oracle on ``num_blocks`` request blocks. Its iterations take 10 ms + 1 us per token
+    unless ``iter_time`` says otherwise (the order of events, not the latency model, is under
+    test)."""
     hashes = hash_ids([t if t is not None else [] for t in w.token_ids], sched.block_size)[0]
     return reference_sim.simulate(
         w.arrival_ns, w.input_toks, w.output_toks, hashes, num_blocks,
-        lambda T, *_: 10 * MS + 1000 * T, block_size=sched.block_size, max_num_seqs=sched.max_num_seqs,
-        max_num_batched_tokens=sched.max_num_batched_tokens, async_scheduling=sched.async_scheduling,
+        iter_time, block_size=sched.block_size, max_num_seqs=sched.max_num_seqs,
+        max_num_batched_tokens=sched.max_num_batched_tokens,
+        long_prefill_threshold=sched.long_prefill_token_threshold, async_scheduling=sched.async_scheduling,
         enable_prefix_caching=sched.enable_prefix_caching,
-        prefix_stats_every_attempt=sched.prefix_stats_every_attempt)
+        prefix_stats_every_attempt=sched.prefix_stats_every_attempt,
+        prefix_index_all_copies=sched.prefix_index_all_copies)
 
 
 # ------------------------------------------------------------------------ async scheduling
@@ -141,6 +146,55 @@ def test_prefix_cache_counters(every, caching, queried, hits):
     _, iters = _oracle(_refused(), sched, 7)
     assert iters[-1]["prefix_queried"] == queried and iters[-1]["prefix_hits"] == hits
     np.testing.assert_array_equal(r.iter_prefix_queried, [it["prefix_queried"] for it in iters])
+
+
+# ------------------------------------------------------------ every copy of a block hash
+@functools.cache
+def _copies() -> Workload:
+    """A (128 + 1 tokens) at 0; B, A's prompt (+ 2), at 1 ms; D (32 + 1, other ids) at 500 ms;
+    C, A's prompt again (+ 1), at 1 s."""
+    rng = np.random.default_rng(2)
+    p = rng.integers(0, 100_000, 128)
+    a, b, c = (np.concatenate([p, rng.integers(0, 100_000, o)]).astype(np.int32) for o in (1, 2, 1))
+    d = rng.integers(0, 100_000, 33).astype(np.int32)
+    return Workload(np.array([0, MS, 500 * MS, 1000 * MS], np.int64), np.array([128, 128, 32, 128], np.int32),
+                    np.array([1, 2, 1, 1], np.int32), [a, b, d, c], "copies")
+
+
+def test_prefix_index_keeps_every_copy_of_a_block_hash():
+    """block_size 16, 13 blocks for requests, budget 64 tokens, chunks of at most 32 (sync).
+    it1: A computes tokens 0-31 (blocks 0-1 = hashes h0-h1). it2: A 32-63 (blocks 2-3 = h2-h3);
+    B arrives, hits h0-h3 (64 tokens) and computes 64-95 in blocks 4-5 (h4-h5). it3: A computes
+    64-95 too (blocks 6-7: a second copy of h4-h5, newer), B 96-127 (blocks 8-9 = h6-h7). it4: A
+    96-127 (blocks 10-11: copies of h6-h7), B decodes (block 12); both finish and free their
+    blocks last first, A's ahead of B's: the free list starts 11, 10, 7, 6, 12, 9, 8, 5, 4.
+    it5: D pops blocks 11 and 10, evicting A's copies of h7 and h6. it6: C looks up h0-h6
+    ((128 - 1) // 16 = 7 blocks). vLLM (all copies) finds h6 in B's block 8: 112 tokens hit, 16
+    computed. The reference (newest block only) indexed h6 at A's block 10 and lost it with that
+    block, though block 8 still holds it: 96 tokens hit, 32 computed, a longer TTFT."""
+    from test_engine import ITER_FIELDS, ref_iter_time  # the reference latency: exact parity
+
+    base = SchedulerConfig(max_num_batched_tokens=64, long_prefill_token_threshold=32, max_num_seqs=4,
+                           async_scheduling=False)
+    ttft = {}
+    for all_copies, hit, computed, cached in [(True, 112, 16, 12), (False, 96, 32, 13)]:
+        sched = dataclasses.replace(base, prefix_index_all_copies=all_copies)
+        r = _run(_copies(), sched, 14)  # + vLLM's null block
+        assert r.prefix_hit_tokens.tolist() == [0, 64, 0, hit]
+        assert r.iter_num_tokens.tolist() == [32, 64, 64, 33, 32, computed]
+        assert r.first_scheduled_ns[3] == r.arrival_ns[3] == r.iter_start_ns[5]  # an idle engine
+        assert r.first_token_ns[3] == r.iter_end_ns[5]
+        ttft[all_copies] = int(r.first_token_ns[3] - r.arrival_ns[3])
+        # free blocks holding a hash, after each iteration: the last one caches C's new blocks
+        # (all copies: block 7, which held A's copy of h5; newest only: blocks 12 and 9)
+        assert r.iter_kv_blocks_cached.tolist() == [0, 0, 0, 12, 12, cached]
+        reqs, iters = _oracle(_copies(), sched, 13, ref_iter_time)
+        assert [q.prefix_hit for q in reqs] == [0, 64, 0, hit]
+        np.testing.assert_array_equal(r.first_token_ns, [q.first_token for q in reqs])
+        np.testing.assert_array_equal(r.finish_ns, [q.finish for q in reqs])
+        for k, field in ITER_FIELDS.items():
+            np.testing.assert_array_equal(getattr(r, field), [it[k] for it in iters], err_msg=field)
+    assert ttft[True] < ttft[False]
 
 
 # ------------------------------------------------------------------- engine host costs

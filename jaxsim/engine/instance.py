@@ -115,6 +115,7 @@ class SchedulerParams(eqx.Module):
     prefix_caching: Bool[Array, ""]
     async_scheduling: Bool[Array, ""]  # finished requests release their seat one batch later
     prefix_stats_every_attempt: Bool[Array, ""]  # SchedulerConfig.prefix_stats_every_attempt
+    prefix_index_all_copies: Bool[Array, ""]  # SchedulerConfig.prefix_index_all_copies (kvpool.py)
     num_blocks: Int[Array, ""]
 
 
@@ -258,10 +259,11 @@ def _put(field, index, value):
 
 
 def allocate_in_order(pool: kvpool.KVPool, blocks, nblk, order, need_o, *, window: int,
-                      kv_tier: AbstractKVTier = NoLowerTier()):
+                      kv_tier: AbstractKVTier = NoLowerTier(), all_copies=False):
     """Pop ``need_o[p]`` new blocks for slot ``order[p]``, p = 0, 1, ... in turn (the running
     list's order, which fixes which free blocks each request gets), appended after the slot's
-    ``nblk`` blocks in the block table. Returns ``(pool, blocks)``."""
+    ``nblk`` blocks in the block table. Returns ``(pool, blocks)``. ``all_copies``: the pool's
+    prefix-index mode (SchedulerParams.prefix_index_all_copies)."""
     num_slots = blocks.shape[0]
     need_ends = prefix_sum(need_o)
 
@@ -273,7 +275,8 @@ def allocate_in_order(pool: kvpool.KVPool, blocks, nblk, order, need_o, *, windo
         col = nblk[slot] + offset
         return blocks.at[jnp.where(valid, slot, num_slots), col].set(ids, mode="drop")
 
-    return kvpool.pop_blocks(pool, need_ends[-1], window, sink, blocks, (need_ends, order, nblk), kv_tier=kv_tier)
+    return kvpool.pop_blocks(pool, need_ends[-1], window, sink, blocks, (need_ends, order, nblk), kv_tier=kv_tier,
+                             all_copies=all_copies)
 
 
 def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *, block_size: int,
@@ -382,7 +385,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
 
     # Allocate the new blocks of every scheduled running request from the free-list head.
     pool, blocks = allocate_in_order(inst.pool, inst.slots.blocks, inst.slots.nblk, order, need_o,
-                                     window=window, kv_tier=kv_tier)
+                                     window=window, kv_tier=kv_tier, all_copies=prm.prefix_index_all_copies)
     sl = inst.slots
     n_slot = jnp.zeros(num_slots, I32).at[order_w].set(n_o, mode="drop")
     need_slot = jnp.zeros(num_slots, I32).at[order_w].set(need_o, mode="drop")
@@ -402,7 +405,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         return c[1] < consts[0]
 
     def reg_body(consts, c):  # past total_reg no entry is valid: a no-op
-        _, reg_ends, order, nreg, blocks, req, hashes = consts
+        _, reg_ends, order, nreg, blocks, req, hashes, all_copies = consts
         pool, first = c
         owner, offset, valid = expand_ranges(reg_ends, first, window)
         slot = order[owner]
@@ -410,10 +413,11 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         blk = blocks[slot, jnp.minimum(j, blocks.shape[1] - 1)]
         h = hashes[jnp.maximum(req[slot], 0), jnp.minimum(j, hashes.shape[1] - 1)]  # [req, mb]
         # The valid entries lead the window: their rank among registrations is their index.
-        return kvpool.register_blocks(pool, blk, h, valid, jnp.arange(window, dtype=I32)), first + window
+        return kvpool.register_blocks(pool, blk, h, valid, jnp.arange(window, dtype=I32), all_copies), first + window
 
     pool, _ = masked_while_loop(reg_cond, reg_body, (pool, jnp.asarray(0, I32)),
-                                (reg_ends[-1], reg_ends, order, sl.nreg, sl.blocks, sl.req, wl.hashes))
+                                (reg_ends[-1], reg_ends, order, sl.nreg, sl.blocks, sl.req, wl.hashes,
+                                 prm.prefix_index_all_copies))
     sl = eqx.tree_at(lambda x: x.nreg, sl, sl.nreg + new_reg)
     inst = eqx.tree_at(lambda i: (i.slots, i.pool), inst, (sl, pool))
     budget = budget0 - jnp.sum(n_o, dtype=I32)
@@ -465,12 +469,13 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
             return row.at[jnp.where(jnp.arange(window) < count, col, mb)].set(ids, mode="drop")
 
         pool, row = kvpool.pop_blocks(pool, jnp.where(ok, new_blocks, 0), window, sink_b, row, matched,
-                                      kv_tier=kv_tier)
+                                      kv_tier=kv_tier, all_copies=prm.prefix_index_all_copies)
         computed = c0 + n
         n_full = jnp.minimum(jnp.minimum(computed, reached) // bs,
                              jnp.where(prm.prefix_caching, n_hashes_all[req], 0))
         j = jnp.arange(mb)
-        pool = kvpool.register_blocks(pool, row, hashes, ok & (j >= matched) & (j < n_full), j - matched)
+        pool = kvpool.register_blocks(pool, row, hashes, ok & (j >= matched) & (j < n_full), j - matched,
+                                      prm.prefix_index_all_copies)
         first_admission = sl.prefix_hit[r] < 0
         w = jnp.where(ok, r, num_slots)  # out of range: the writes are dropped
 

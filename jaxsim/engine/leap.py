@@ -64,13 +64,14 @@ def can_continue(inst: inst_lib.InstanceState, limit, max_iters, *, block_size: 
     return (inst.batch_end < limit) & ~finishes & (need <= inst.pool.num_free) & (inst.n_iters + 2 < max_iters)
 
 
-def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, go, wl, *, block_size: int,
-                    window: int, kv_tier) -> inst_lib.InstanceState:
+def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, all_copies, go, wl, *,
+                    block_size: int, window: int, kv_tier) -> inst_lib.InstanceState:
     """One instance: when ``go``, end its steady decode batch (each running request emits one
     token) and start the next one at that moment, as :func:`jaxsim.engine.instance.schedule`
     would: new blocks from the free-list head and blocks that fill indexed in the prefix cache,
     both in running-list order, and the batch timed by the latency ``model`` and the engine's host
-    costs (``host``: :func:`jaxsim.engine.costs.host_args`)."""
+    costs (``host``: :func:`jaxsim.engine.costs.host_args`). ``all_copies``: the pool's
+    prefix-index mode (SchedulerParams.prefix_index_all_copies)."""
     s = inst.slots
     run = (s.status == RUNNING) & go
     end = inst.batch_end
@@ -78,7 +79,7 @@ def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, g
     listed = inst.run_list >= 0
     need = jnp.where(go, _next_blocks(s, block_size), 0)
     pool, blocks = inst_lib.allocate_in_order(inst.pool, s.blocks, s.nblk, order, jnp.where(listed, need[order], 0),
-                                              window=window, kv_tier=kv_tier)
+                                              window=window, kv_tier=kv_tier, all_copies=all_copies)
     step = run.astype(I32)
     reached = s.reached + step
     # A decode fills at most one block: index it (REFERENCE.md §1.3, vLLM caches full blocks).
@@ -87,7 +88,7 @@ def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, g
     reg_o = listed & (new_reg[order] > 0)
     col = jnp.minimum(s.nreg[order], blocks.shape[1] - 1)
     h = wl.hashes[jnp.maximum(s.req[order], 0), jnp.minimum(s.nreg[order], wl.hashes.shape[1] - 1)]
-    pool = kvpool.register_blocks(pool, blocks[order, col], h, reg_o, prefix_sum(reg_o.astype(I32)) - 1)
+    pool = kvpool.register_blocks(pool, blocks[order, col], h, reg_o, prefix_sum(reg_o.astype(I32)) - 1, all_copies)
     s = eqx.tree_at(lambda x: (x.reached, x.computed, x.sched_c, x.last_emit, x.nblk, x.nreg, x.blocks), s,
                     (reached, s.computed + step, jnp.where(run, s.computed, s.sched_c),
                      jnp.where(run, end, s.last_emit), s.nblk + need, s.nreg + new_reg, blocks))
@@ -111,7 +112,7 @@ class _Log(eqx.Module):
     kv_cached: Int[Array, " trip"]  # free blocks holding a cached prefix, at the same moment
 
 
-def _run_ends(inst, eligible, limit, model, host, prefix_caching, num_blocks, wl, *, max_trips: int,
+def _run_ends(inst, eligible, limit, model, host, prefix_caching, all_copies, num_blocks, wl, *, max_trips: int,
               max_iters: int, block_size: int, window: int, kv_tier) -> "tuple[inst_lib.InstanceState, _Log]":
     """One instance: run its batch ends early while it may, logging each ([trip] log)."""
 
@@ -122,7 +123,7 @@ def _run_ends(inst, eligible, limit, model, host, prefix_caching, num_blocks, wl
         return c[1] & (c[2] < max_trips)
 
     def body(consts, c):  # a no-op once go is False (masked_while_loop)
-        eligible, limit, model, host, prefix_caching, num_blocks, wl = consts
+        eligible, limit, model, host, prefix_caching, all_copies, num_blocks, wl = consts
         inst, go, trip, log = c
         go = go & (trip < max_trips)
         t = jnp.minimum(trip, max_trips - 1)
@@ -133,15 +134,15 @@ def _run_ends(inst, eligible, limit, model, host, prefix_caching, num_blocks, wl
         log = _Log(ended=put(log.ended, go), start=put(log.start, inst.batch_start), end=put(log.end, inst.batch_end),
                    kv_used=put(log.kv_used, num_blocks - inst.pool.num_free),
                    kv_cached=put(log.kv_cached, inst.pool.num_cached_free))
-        inst = end_and_restart(inst, model, host, prefix_caching, go, wl, block_size=block_size, window=window,
-                               kv_tier=kv_tier)
+        inst = end_and_restart(inst, model, host, prefix_caching, all_copies, go, wl, block_size=block_size,
+                               window=window, kv_tier=kv_tier)
         return inst, go & go_of(inst, eligible, limit), trip + go.astype(I32), log
 
     z = jnp.zeros(max_trips, I64)
     log0 = _Log(ended=jnp.zeros(max_trips, bool), start=z, end=z, kv_used=jnp.zeros(max_trips, I32),
                 kv_cached=jnp.zeros(max_trips, I32))
     inst, _, _, log = masked_while_loop(cond, body, (inst, go_of(inst, eligible, limit), jnp.asarray(0, I32), log0),
-                                        (eligible, limit, model, host, prefix_caching, num_blocks, wl))
+                                        (eligible, limit, model, host, prefix_caching, all_copies, num_blocks, wl))
     return inst, log
 
 
@@ -186,13 +187,13 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
     eligible = started & per_instance(steady)(inst0, prm.sched.max_num_seqs, queued)
     n_inst = started.shape[0]
 
-    def one(inst, eligible, limit, model, host, prefix_caching, num_blocks):
-        return _run_ends(inst, eligible, limit, model, host, prefix_caching, num_blocks, wl,
+    def one(inst, eligible, limit, model, host, prefix_caching, all_copies, num_blocks):
+        return _run_ends(inst, eligible, limit, model, host, prefix_caching, all_copies, num_blocks, wl,
                          max_trips=max_trips, max_iters=max_iters, block_size=block_size, window=window,
                          kv_tier=kv_tier)
 
     inst, log = per_instance(one)(inst0, eligible, limit, prm.latency, costs.host_args(prm),
-                                  prm.sched.prefix_caching, prm.sched.num_blocks)
+                                  prm.sched.prefix_caching, prm.sched.prefix_index_all_copies, prm.sched.num_blocks)
     const = lambda x: jnp.broadcast_to(x[:, None], (n_inst, max_trips))  # noqa: E731
     n_waiting = jnp.sum((s0.status == WAITING).astype(I32), axis=-1, dtype=I32) + queued
     rows = meters.IterationEnd(
