@@ -46,6 +46,7 @@ class Evaluation:
     series: dict  # the cluster's simulated time series (trace time)
     instance_series: dict  # k -> instance k's simulated series (multi-instance runs)
     wall_s: float
+    result: object = None  # the SimResult (scripts/noise_floor.py re-bins its series)
 
 
 def _instance_blocks(case, specs, rt, links, result, profiles) -> list:
@@ -111,7 +112,7 @@ def evaluate(case_dir, profiles, models, workloads, calibration: Calibration | N
     comparison["assumed"] = assumed
     comparison["settings"] = case.settings
     comparison["sim_summary"] = metrics.summarize(result, table)
-    return Evaluation(case, comparison, table, series, inst_series, time.perf_counter() - t0)
+    return Evaluation(case, comparison, table, series, inst_series, time.perf_counter() - t0, result)
 
 
 def run_case(case_dir, profiles, models, workloads, calibration: Calibration = Calibration()):

@@ -457,6 +457,7 @@ def test_prefix_cache_hit_for_repeated_requests():
 
 
 # ------------------------------------------------------------------ 6. vmap over configurations
+@pytest.mark.slow  # suite budget: tests/test_sweep.py checks every configuration against its single run
 def test_vmap_over_configs_equals_loop():
     w = small12()
     hw = HardwareConfig(num_gpu_blocks=SMALL_BLOCKS + 1)  # + vLLM's null block

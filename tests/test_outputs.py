@@ -135,4 +135,5 @@ def test_a_run_spanning_years_gets_coarser_time_series_bins(tmp_path):
     assert summary["timeseries_interval_s"] == 100.0
     with open(tmp_path / "timeseries.csv") as f:
         rows = list(csv.reader(f))
-    assert len(rows) == 1 + 1_000_000 and rows[1][:3] == ["100.0", "0.08", "0.04"]  # 8 prompt, 4 generated tokens
+    # the three served prompts (5 + 3 + 2 tokens: first tokens all in the first bin), 4 generated tokens
+    assert len(rows) == 1 + 1_000_000 and rows[1][:3] == ["100.0", "0.1", "0.04"]

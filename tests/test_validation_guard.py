@@ -50,3 +50,19 @@ def test_readme_states_the_stored_figures():
     table = vf.readme_table(STORED)
     assert table in readme, "README's validation figures are stale: paste scripts/validation_figures.py's table"
     assert set(STORED) == {p.parent.parent.name for p in vf.CASES.glob("*/vllm/meta.json")}  # every case
+
+
+@pytest.mark.slow
+def test_noise_floor_of_a_simulation_scored_against_itself():
+    """scripts/noise_floor.py: a run scored against itself (in the measurement's place) scores 0 on
+    every figure; moving the tick boundaries by 0.3 s changes the bursty power case's generation
+    series (its pulses straddle the ticks), a microsecond per iteration barely does."""
+    import noise_floor as nf
+
+    case = vf.CASES / "A6000-Llama-3.1-8B-power-TP1"
+    base = nf.validate.evaluate(case, nf.PROFILES, nf.PROFILES / "models", nf.PROFILES / "workloads")
+    measured = nf.as_measurement(base, base.series)
+    itself = nf.score(measured, base.table, base.series)
+    assert itself and all(v == 0 for v in itself.values())
+    floors = nf.floor(case, [1.0], 0.3)
+    assert 0 < floors["shift"]["ts_gen_throughput"] and floors["perturb"]["ts_gen_throughput"] < 1.0
