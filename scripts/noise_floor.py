@@ -107,7 +107,13 @@ def main(argv=None) -> int:
 
     compile_cache.enable()
     names = [n for n in args.cases.split(",") if n]
-    dirs = [d for d in sorted(p.parent.parent for p in CASES.glob("*/vllm/meta.json")) if not names or d.name in names]
+    every = sorted(p.parent.parent for p in CASES.glob("*/vllm/meta.json"))
+    unknown = sorted(set(names) - {d.name for d in every})
+    if unknown:
+        print(f"error: --cases: no such case {', '.join(unknown)} in {CASES}; cases: "
+              + ", ".join(d.name for d in every), file=sys.stderr)
+        return 2
+    dirs = [d for d in every if not names or d.name in names]
     deltas = [float(x) for x in args.deltas.split(",")]
     floors = {}
     for d in dirs:
