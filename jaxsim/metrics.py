@@ -298,9 +298,11 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     the first arrival when None (a validation case's rows are on trace time, ``origin_ns=0``).
     An iteration belongs to the bin in which it ends. Throughputs are that bin's prompt / generated
     tokens per second, with prompt tokens counted as vLLM logs them: a request's whole prompt in the
-    bin of its first token, once (``prompt_computed_throughput``: the prefill tokens the iterations
-    ending in the bin computed, chunks and recomputation after preemptions included); ``running``, ``waiting`` and ``kv_cache_pct`` (pinned blocks / num_blocks ×
-    100) are the gauges of the last iteration ending in the bin, carried forward through empty bins
+    bin of its first token, once (``prompt_computed_throughput``: the prompt tokens of the
+    iterations ending in the bin, ``iter_prompt_tokens``: the prefill tokens they computed, chunks
+    and recomputation after preemptions included, plus each prompt's prefix-cache hits in the
+    iteration of its first token); ``running``, ``waiting`` and ``kv_cache_pct`` (pinned blocks /
+    num_blocks × 100) are the gauges of the last iteration ending in the bin, carried forward through empty bins
     (0 before the first iteration). Bins run up to the one holding the last iteration.
 
     When the result carries them (``getattr``; engines that do not record them leave them out):
@@ -321,6 +323,8 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
       ``{column: np.ndarray}`` for :data:`TIMESERIES_COLUMNS` (``t`` float, counts int64), plus the
       optional columns above.
     """
+    if not (math.isfinite(interval_s) and interval_s * NS_PER_S >= 1):
+        raise ValueError(f"time_series: interval_s must be a positive number of seconds (>= 1 ns), got {interval_s!r}")
     interval_ns = int(round(interval_s * NS_PER_S))
     end = _i64(result.iter_end_ns)
     arrival = _i64(result.arrival_ns)

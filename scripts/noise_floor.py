@@ -96,17 +96,24 @@ def floor(case_dir: Path, deltas_us, shift_s: float) -> dict:
     return out
 
 
+def _floats(text: str) -> list:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
-    ap.add_argument("--deltas", default="-1,1,10", help="iteration-overhead changes, us")
+    ap.add_argument("--deltas", default=[-1.0, 1.0, 10.0], type=_floats, help="iteration-overhead changes, us (comma-separated)")
     ap.add_argument("--shift", type=float, default=0.3, help="tick-boundary shift, s")
     ap.add_argument("--json", default=None, help="write the floors here")
     args = ap.parse_args(argv)
     from jaxsim import compile_cache
 
     compile_cache.enable()
-    names = [n for n in args.cases.split(",") if n]
+    names = list(dict.fromkeys(n for n in args.cases.split(",") if n))  # in order, once each
     every = sorted(p.parent.parent for p in CASES.glob("*/vllm/meta.json"))
     unknown = sorted(set(names) - {d.name for d in every})
     if unknown:
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
               + ", ".join(d.name for d in every), file=sys.stderr)
         return 2
     dirs = [d for d in every if not names or d.name in names]
-    deltas = [float(x) for x in args.deltas.split(",")]
+    deltas = args.deltas
     floors = {}
     for d in dirs:
         t = time.perf_counter()

@@ -186,3 +186,9 @@ def test_format_summary():
     for needle in ("TTFT", "TPOT", "ITL", "E2E", "makespan_s", "prefix_cache_hit_ratio",
                    "wall_s", "stats_requests"):
         assert needle in text
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, 1e-12, float("nan"), float("inf")])
+def test_time_series_refuses_a_bin_width_that_is_not_a_positive_duration(interval):
+    with pytest.raises(ValueError, match="interval_s must be a positive number"):
+        time_series(tiny_result(), interval_s=interval)
