@@ -5,6 +5,7 @@ engine's state, parameters and workload arrays; :func:`build_clusters` does the 
 designs (instance axis inside the configuration axis); :func:`init_cluster` is a fresh state.
 """
 
+import dataclasses
 import functools
 
 import equinox as eqx
@@ -16,7 +17,7 @@ from jaxsim import latency
 from jaxsim.engine import cluster
 from jaxsim.engine import instance as inst_lib
 from jaxsim.planning import POP_WINDOW, Dims, Plan, needs_releases
-from jaxsim.spec import ROLES
+from jaxsim.spec import ROLES, Calibration
 
 
 def _pad_workload(arrays: dict, dims: Dims) -> dict:
@@ -67,8 +68,7 @@ def stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
     """The plans' engine parameters stacked along a leading axis."""
     sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans])) for k in plans[0].sched}
     calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))
-             for k in ("iteration_overhead_ns", "step_cpu_ns", "seq_cpu_ns", "first_token_delay_ns",
-                       "token_output_delay_ns")}
+             for k in (f.name for f in dataclasses.fields(Calibration))}
     links = [p.links for p in plans]
     return cluster.EngineParams(
         sched=inst_lib.SchedulerParams(**sched), latency=latency.stack_tables([p.tables for p in plans]),

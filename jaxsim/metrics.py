@@ -303,7 +303,8 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     and recomputation after preemptions included, plus each prompt's prefix-cache hits in the
     iteration of its first token); ``running``, ``waiting`` and ``kv_cache_pct`` (pinned blocks /
     num_blocks × 100) are the gauges of the last iteration ending in the bin, carried forward through empty bins
-    (0 before the first iteration). Bins run up to the one holding the last iteration.
+    (0 before the first iteration). Bins run up to the one holding the last iteration (or the last
+    first token, when its output delay carries it past that).
 
     When the result carries them (``getattr``; engines that do not record them leave them out):
     ``prefix_hit_pct`` = cumulative prefix-cache hit tokens / queried tokens × 100 at the bin's
@@ -351,9 +352,6 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     end = end[rows]
     t0 = int(arrival.min()) if origin_ns is None else int(origin_ns)
     k = np.maximum((end - t0) // interval_ns, 0)  # 0-based bin of each iteration
-    nbins = int(k.max()) + 1
-    computed = np.bincount(k, weights=_i64(result.iter_prompt_tokens)[rows], minlength=nbins)
-    gen = np.bincount(k, weights=_i64(result.iter_gen_tokens)[rows], minlength=nbins)
     # vLLM's logged prompt throughput counts a request's prompt once, when its first token comes
     # out (v1 IterationStats.update_from_output adds prompt_len while the request is prefilling):
     # chunks are not spread over ticks, recomputation after a preemption is not counted (the real
@@ -366,8 +364,12 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
         emitter = np.asarray(result.instance) if pre is None else np.where(np.asarray(pre) >= 0, pre, result.instance)
         served &= emitter == instance
     kf = np.maximum((first[served] - t0) // interval_ns, 0)
-    keep = kf < nbins  # a first token after the last iteration's bin cannot happen; guard the shape
-    prompt = np.bincount(kf[keep], weights=_i64(result.input_toks)[served][keep], minlength=nbins)
+    # A first token reaches the client first_token_delay_ns after its iteration: it may fall in a
+    # later bin than the last iteration's.
+    nbins = int(max(k.max(), kf.max() if kf.size else 0)) + 1
+    prompt = np.bincount(kf, weights=_i64(result.input_toks)[served], minlength=nbins)
+    computed = np.bincount(k, weights=_i64(result.iter_prompt_tokens)[rows], minlength=nbins)
+    gen = np.bincount(k, weights=_i64(result.iter_gen_tokens)[rows], minlength=nbins)
 
     # index of the last iteration ending in or before each bin (iterations are in time order)
     order = np.argsort(end, kind="stable")

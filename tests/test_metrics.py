@@ -1,6 +1,7 @@
 """Metrics from a hand-built SimResult: exact per-request, summary and time-series values."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -192,3 +193,15 @@ def test_format_summary():
 def test_time_series_refuses_a_bin_width_that_is_not_a_positive_duration(interval):
     with pytest.raises(ValueError, match="interval_s must be a positive number"):
         time_series(tiny_result(), interval_s=interval)
+
+
+def test_a_first_token_delayed_past_the_last_iteration_still_counts_its_prompt():
+    """A first token reaches the client after an output delay: r2's at 5.2 s, past the last
+    iteration's bin (3.9 s); the series grows a bin rather than drop its 2 prompt tokens."""
+    r = tiny_result()
+    first = r.first_token_ns.copy()
+    first[2] = 52 * S // 10
+    ts = time_series(dataclasses.replace(r, first_token_ns=first))
+    np.testing.assert_array_equal(ts["prompt_throughput"], [8, 0, 0, 0, 2])
+    np.testing.assert_array_equal(ts["gen_throughput"], [2, 2, 0, 1, 0])
+    assert ts["running"][-1] == 0 and ts["prompt_throughput"].sum() == 10
