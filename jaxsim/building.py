@@ -16,15 +16,16 @@ import numpy as np
 from jaxsim import latency
 from jaxsim.engine import cluster
 from jaxsim.engine import instance as inst_lib
-from jaxsim.planning import POP_WINDOW, Dims, Plan, needs_releases
+from jaxsim.engine.chunk_tier import init_pools
+from jaxsim.planning import POP_WINDOW, Dims, Plan, needs_releases, tier_layout
 from jaxsim.spec import ROLES, Calibration
 
 
 def _pad_workload(arrays: dict, dims: Dims) -> dict:
-    a = {k: v for k, v in arrays.items() if k != "num_hashes"}
-    h = a["hashes"]
-    if h.shape[1] < dims.max_blocks:
-        a["hashes"] = np.pad(h, ((0, 0), (0, dims.max_blocks - h.shape[1])), constant_values=-1)
+    a = {k: v for k, v in arrays.items() if k not in ("num_hashes", "num_chunks")}
+    for key, width in (("hashes", dims.max_blocks), ("chunks", dims.max_chunks)):
+        if a[key].shape[1] < width:
+            a[key] = np.pad(a[key], ((0, 0), (0, width - a[key].shape[1])), constant_values=-1)
     return a
 
 
@@ -56,10 +57,15 @@ def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched
     clusters = [list(c) + [c[-1]] * (n - len(c)) for c in clusters]
     flat = [pl for c in clusters for pl in c]
     params = jax.tree.map(lambda x: x.reshape((len(clusters), n) + x.shape[1:]), stacked_params(flat))
-    params = eqx.tree_at(lambda p: p.routable, params, jnp.asarray(routable))
+    layouts = [tier_layout(c, c[0].kv_tier) for c in clusters]
+    params = eqx.tree_at(lambda p: (p.routable, p.sched.tier_pool), params,
+                         (jnp.asarray(routable), jnp.asarray(np.stack([t.pool_of for t in layouts]))))
     num_blocks = jnp.asarray([[pl.num_blocks for pl in c] for c in clusters], jnp.int32)
     steps = jnp.full(len(clusters), dims.max_steps(n) if max_steps is None else max_steps, jnp.int32)
-    state = jax.vmap(functools.partial(init_cluster, dims=dims, releases=needs_releases(flat)))(num_blocks, steps)
+    tier = None
+    if flat[0].kv_tier.enabled:
+        tier = tuple(jnp.asarray(np.stack([getattr(t, f) for t in layouts])) for f in ("capacity", "bw", "latency"))
+    state = jax.vmap(functools.partial(init_cluster, dims=dims, releases=needs_releases(flat)))(num_blocks, steps, tier)
     wl, wl_batched = workload_for([c[0] for c in clusters], dims, True, workload_batched)
     return state, params, wl, wl_batched
 
@@ -95,10 +101,14 @@ def workload_for(plans: "list[Plan]", dims: Dims, batched: bool, workload_batche
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "releases"))
-def init_cluster(num_blocks, max_steps, *, dims: Dims, releases: bool = False):
+def init_cluster(num_blocks, max_steps, tier=None, *, dims: Dims, releases: bool = False):
     """A fresh state with one instance per entry of ``num_blocks`` (its KV capacity) and the step
-    limit ``max_steps`` (a value: runs with different limits share a compile)."""
+    limit ``max_steps`` (a value: runs with different limits share a compile). ``tier``: the KV
+    tier's pools ``(capacity, bw, latency)`` ([P] arrays, :class:`jaxsim.planning.TierLayout`),
+    None for no tier."""
     inst = jax.vmap(lambda nb: inst_lib.init_instance(dims.num_slots, dims.max_blocks, dims.num_blocks_cap,
                                                       dims.ring_cap, dims.num_hashes, POP_WINDOW, nb,
                                                       max_pp=dims.max_pp))(num_blocks)
-    return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters, releases, max_steps)
+    tier_state = () if tier is None else init_pools(dims.num_chunks, *tier)
+    return cluster.init_state(inst, dims.num_requests, dims.num_tokens, dims.max_iters, releases, max_steps,
+                              tier=tier_state)

@@ -11,17 +11,20 @@ into device arrays, :mod:`jaxsim.simulator` runs them and :mod:`jaxsim.results` 
 import dataclasses
 import functools
 import math
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsim import latency, profiles
+from jaxsim import latency, placement as placement_lib, profiles
 from jaxsim.engine import routing
+from jaxsim.engine.chunk_tier import ChunkTier
+from jaxsim.engine.kvtier import AbstractKVTier, NoLowerTier
 from jaxsim.engine.static import Static
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig, dtype_bytes
 from jaxsim.prefix import hash_ids
-from jaxsim.spec import (ARRIVAL_HORIZON_NS, MAX_DURATION_NS, Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig,
+from jaxsim.spec import (ARRIVAL_HORIZON_NS, KVTierConfig, MAX_DURATION_NS, Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig,
                          SchedulerConfig, Workload)
 from jaxsim.workload import describe_request
 
@@ -44,16 +47,24 @@ def weight_and_kv_bytes(model: ModelConfig, rt: ModelRuntimeConfig) -> tuple[int
 
 
 def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
-                  rt: ModelRuntimeConfig) -> int:
+                  rt: ModelRuntimeConfig, placement: "placement_lib.WeightPlacement | None" = None) -> int:
     """KV blocks per instance: an explicit count, or the memory model of REFERENCE.md §1.3
-    (``util * device bytes - weights - activation reserve``, per rank, over bytes per block)."""
+    (``util * device bytes - weights - activation reserve``, per rank, over bytes per block).
+
+    Weights placed off the NPU (``placement``, or ``hw.weights_offload_fraction``; REFERENCE.md
+    §1.10, §1.16) leave the weight ledger: :func:`jaxsim.placement.offloaded_bytes`. The KV bytes
+    per token follow ``rt.kv_cache_dtype`` (fp8: 1 byte, §1.14)."""
     if hw.num_gpu_blocks is not None:
         if hw.num_gpu_blocks <= 0:
             raise JaxsimInputError("hardware.num_gpu_blocks", f"must be > 0, got {hw.num_gpu_blocks}")
         return int(hw.num_gpu_blocks)
     w, kv = weight_and_kv_bytes(model, rt)
     # Experts are split over the ranks either way: by expert (EP, ep ranks) or TP-sharded (tp ranks).
-    weights = model.weight_bytes_per_rank(w, tp=hw.tp, pp=hw.pp, ep=(hw.ep or hw.tp) if model.is_moe else 1)
+    ep = (hw.ep or hw.tp) if model.is_moe else 1
+    weights = model.weight_bytes_per_rank(w, tp=hw.tp, pp=hw.pp, ep=ep)
+    wp = placement_lib.resolve(placement, hw, model.num_layers)
+    if wp.off_npu:
+        weights -= sum(placement_lib.offloaded_bytes(wp, model, w, tp=hw.tp, ep=ep).values())
     usable = math.floor(hw.mem_size_gb * GIB * hw.mem_util) - weights - int(hw.activation_reserve_gb * GIB)
     per_block = sched.block_size * model.kv_bytes_per_token_per_rank(kv, tp=hw.tp, pp=hw.pp)
     blocks = usable // per_block
@@ -88,6 +99,8 @@ class Dims:
     num_tokens: int  # token-time buffer (0 = token times not recorded)
     num_requests: int
     max_pp: int = 1  # largest pipeline degree of an instance (static: pp = 1 compiles no pipeline)
+    num_chunks: int = 1  # KV-tier chunk keys of the trace (the tier's state width; 1 without a tier)
+    max_chunks: int = 1  # chunk keys of the longest request (WorkloadArrays.chunks width)
 
     @staticmethod
     def merge(dims: "list[Dims]") -> "Dims":
@@ -111,18 +124,20 @@ class Dims:
         ``max_iters`` when ``exact_iters`` (set by the user: the buffer full status must come at
         that row)."""
         return dataclasses.replace(self, max_blocks=bucket(self.max_blocks), num_hashes=bucket(self.num_hashes),
+                                   num_chunks=bucket(self.num_chunks),
                                    num_blocks_cap=bucket(self.num_blocks_cap),
                                    max_iters=self.max_iters if exact_iters else bucket(self.max_iters))
 
     def static(self, block_size: int, record_iterations: bool = True, num_instances: int = 1,
-               releases: bool = False, router: routing.Router = routing.Router(), dp_sync: bool = False) -> Static:
+               releases: bool = False, router: routing.Router = routing.Router(), dp_sync: bool = False,
+               kv_tier: KVTierConfig = KVTierConfig()) -> Static:
         """The static part of :func:`cluster.run` / :func:`cluster.run_batch`. Clusters of ``LEAP_MIN_INSTANCES`` or more
         run decode leaps (:mod:`jaxsim.engine.leap`, up to ``CLUSTER_LEAP - 1`` early batch ends
         per step): there a step is costly and leaps save a third to two thirds of them; below
         that the leap loop's compile time exceeds what it saves."""
         return Static(block_size=block_size, window=POP_WINDOW, ring_cap=self.ring_cap, num_instances=num_instances,
                       record_iterations=record_iterations, router=router, releases=releases, dp_sync=dp_sync,
-                      max_pp=self.max_pp,
+                      max_pp=self.max_pp, kv_tier=lower_tier(kv_tier, block_size),
                       leap=CLUSTER_LEAP if num_instances >= LEAP_MIN_INSTANCES else 1)
 
 
@@ -156,6 +171,12 @@ class Plan:
     kv_from_memory: bool = True  # num_blocks from the memory model (False: hardware.num_gpu_blocks)
     null_block: int = 0  # 1 when vLLM's null block is reserved: num_blocks is then vLLM's count - 1
     profile_outliers: tuple = ()  # the profile bundle's outliers (profiles.ProfileBundle.outliers)
+    # What the result rests on besides the measured profiles (e.g. FP8 KV priced from bf16 tables,
+    # REFERENCE.md §1.14): one sentence each; the run summary's ``approximations``.
+    approximations: tuple = ()
+    # Per-rank weight bytes off the NPU per device (jaxsim.placement.offloaded_bytes; {}: none).
+    offloaded: dict = dataclasses.field(default_factory=dict)
+    kv_tier: KVTierConfig = KVTierConfig()  # the KV tier below the GPU (its pools: tier_layout)
 
 
 def check_scheduler(sched: SchedulerConfig) -> None:
@@ -413,12 +434,34 @@ def workload_hashes(workload: Workload, block_size: int, prefix_caching: bool, m
     return dict(hashes=hashes, n_hashes=n_hashes, num_hashes=num_hashes)
 
 
+def chunk_ids(hashes: np.ndarray, n_hashes: np.ndarray, chunk_blocks: int) -> tuple[np.ndarray, int]:
+    """The KV tier's chunk keys (REFERENCE.md §1.5): chunk j of request r (its blocks
+    ``f·j .. f·j + f - 1``, ``f = chunk_blocks``) is keyed by the prefix hash of its last block,
+    which identifies the whole prefix. Returns ``([req, mc] dense chunk ids, -1 where the request
+    has no full chunk j; the number of distinct keys)``."""
+    f = chunk_blocks
+    n, mb = hashes.shape
+    mc = max(mb // f, 1)
+    cols = np.minimum(np.arange(mc) * f + f - 1, mb - 1)
+    full = (np.arange(mc) * f + f - 1)[None, :] < n_hashes[:, None]
+    keys = hashes[:, cols]
+    uniq, inv = np.unique(keys[full], return_inverse=True)
+    chunks = np.full((n, mc), -1, np.int32)
+    chunks[full] = inv.astype(np.int32)
+    return chunks, max(len(uniq), 1)
+
+
 def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, max_blocks: int,
-                    hashes: dict | None = None) -> dict:
+                    hashes: dict | None = None, chunk_blocks: int = 0) -> dict:
     """The trace as the engine's numpy arrays (``cluster.WorkloadArrays`` fields) + hash count
-    (``hashes``: :func:`workload_hashes` of the same token ids, when already computed)."""
+    (``hashes``: :func:`workload_hashes` of the same token ids, when already computed) + the KV
+    tier's chunk keys and their count (``chunk_blocks`` > 0: blocks per chunk; 0: no tier)."""
     if hashes is None:
         hashes = workload_hashes(workload, block_size, prefix_caching, max_blocks)
+    if chunk_blocks and prefix_caching:
+        chunks, num_chunks = chunk_ids(hashes["hashes"], hashes["n_hashes"], chunk_blocks)
+    else:
+        chunks, num_chunks = np.full((workload.num_requests, 1), -1, np.int32), 1
     n = workload.num_requests
     # Agentic sub-requests after the first arrive when their predecessor finishes: they sort last,
     # at a time that never comes (the engine releases them).
@@ -431,7 +474,40 @@ def workload_arrays(workload: Workload, block_size: int, prefix_caching: bool, m
     return dict(arrival_sorted=arrival[order], order=order,
                 prompt=np.asarray(workload.input_toks, np.int32), output=np.asarray(workload.output_toks, np.int32),
                 token_offset=token_offset, next_in_session=np.asarray(nxt, np.int32),
-                tool_ns=np.asarray(tool, np.int64), **hashes)
+                tool_ns=np.asarray(tool, np.int64), chunks=chunks, num_chunks=num_chunks, **hashes)
+
+
+_W_VARIANT = {1: "fp8", 2: "bf16", 4: "fp32"}  # weight bytes -> variant folder (REFERENCE.md §1.14)
+_KV_VARIANT = "fp8"  # the one KV dtype with a variant suffix: <weight>-kvfp8
+
+
+def profile_variant(profiles_dir: str, hardware: str, model: ModelConfig, rt: ModelRuntimeConfig,
+                    where: str = "model") -> tuple:
+    """``(variant folder, kv_read_scale)`` of a configuration (REFERENCE.md §1.14): ``<weight>``
+    (``bf16``, ``fp8``, ``fp32`` by the weight bytes) or, for a 1-byte KV cache, ``<weight>-kvfp8``
+    when the bundle has it (scale 1.0). Without it the ``<weight>`` tables are used with the
+    attention's KV-read term scaled by KV bytes / activation bytes (0.5 for FP8 over bf16): an
+    estimate, which :func:`plan` lists in ``Plan.approximations``.
+
+    Raises:
+      JaxsimInputError: at ``<where>.dtype`` when no ``<weight>`` variant was profiled (e.g. fp8
+        weights with bf16 profiles only: GEMM times of another weight dtype have no fallback model).
+    """
+    w, kv = weight_and_kv_bytes(model, rt)
+    act = dtype_bytes(model.torch_dtype, "model.torch_dtype")
+    base = _W_VARIANT.get(w, "bf16")
+    model_dir = Path(profiles_dir) / hardware / model.name
+    if not hardware.startswith("legacy/") and model_dir.is_dir() and not (model_dir / base).is_dir():
+        known = sorted(p.name for p in model_dir.iterdir() if p.is_dir())
+        raise JaxsimInputError(f"{where}.dtype", f"{rt.dtype}: weights of {w} byte(s) need a {base!r} profile variant "
+                               f"of {model.name} on {hardware}, which has {known}; GEMM times of another weight dtype "
+                               "are not modelled from these", f"profile the {base} variant, or use dtype auto "
+                               f"({model.torch_dtype})")
+    if kv == act:
+        return base, 1.0
+    if kv == 1 and (model_dir / f"{base}-kv{_KV_VARIANT}").is_dir():
+        return f"{base}-kv{_KV_VARIANT}", 1.0
+    return base, kv / act
 
 
 @functools.lru_cache(maxsize=64)
@@ -456,9 +532,18 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
          rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), *,
          profiles_dir="profiles", max_slots: int = 0, record_token_times: bool = True,
          max_iterations: int = 0, variant: str | None = None, scales: dict | None = None,
-         arrays: dict | None = None) -> Plan:
-    """Check one configuration and compute everything host-side (``arrays``: precomputed
-    :func:`workload_arrays` of this workload, reused across a sweep)."""
+         placement: "placement_lib.WeightPlacement | None" = None,
+         arrays: dict | None = None, kv_tier: KVTierConfig = KVTierConfig()) -> Plan:
+    """Check one configuration and compute everything host-side (``variant``: the profile
+    variant folder, default :func:`profile_variant`'s; ``placement``: where the weights sit, a
+    cluster JSON's, default ``hw``'s ``weights_offload_*`` fields, :mod:`jaxsim.placement`;
+    ``arrays``: precomputed
+    :func:`workload_arrays` of this workload, reused across a sweep, with the chunk keys of
+    ``kv_tier``, the KV tier below the GPU)."""
+    if kv_tier.enabled and not sched.enable_prefix_caching:
+        raise JaxsimInputError("kv_tier.storage", f"{kv_tier.storage!r} needs prefix caching (its chunks are found "
+                               "by prefix hash), but scheduler.enable_prefix_caching is false",
+                               "enable prefix caching, or use kv_tier=none")
     bs = sched.block_size
     n = workload.num_requests
     if n == 0:
@@ -483,24 +568,49 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                                f"use 0 (the model's context) or at most {ctx}")
 
     w_bytes, kv_bytes = weight_and_kv_bytes(model, rt)
-    variant = variant or {1: "fp8", 2: "bf16", 4: "fp32"}.get(w_bytes, "bf16")
+    approximations = []
+    kv_scale = 1.0
+    if variant is None:
+        variant, kv_scale = profile_variant(str(profiles_dir), hw.name, model, rt)
+        if kv_scale != 1.0:
+            approximations.append(
+                f"attention: kv_cache_dtype {rt.kv_cache_dtype} has no '{variant}-kv{_KV_VARIANT}' profile variant of "
+                f"{model.name} on {hw.name}; attention is priced from the {variant} tables with decode attention's "
+                f"KV-read term (fitted a + b*nd*kvd) scaled by {kv_scale:g}, an estimate (REFERENCE.md §1.14)")
     bundle = _bundle(str(profiles_dir), hw.name, model, variant, hw.tp)
     tables = latency_tables(str(profiles_dir), hw, model, variant, w_bytes, rt)
+    f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
     if scales:
-        f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
         tables = dataclasses.replace(tables, **{k: f64(v) for k, v in scales.items()})
+    if kv_scale != 1.0:
+        tables = dataclasses.replace(tables, kv_read_scale=f64(kv_scale))
+    # Weights off the NPU (REFERENCE.md §1.10): out of the weight ledger, read every iteration.
+    wp = placement_lib.resolve(placement, hw, model.num_layers)
+    offloaded = {}
+    if wp.off_npu:
+        if hw.pp != 1:
+            raise JaxsimInputError("hardware.pp", f"{hw.pp} pipeline stages with weights off the NPU (placement or "
+                                   "weights_offload_fraction): the weight-load critical path is modelled for pp = 1",
+                                   "use pp 1, or keep the weights on the NPU")
+        ep = (hw.ep or hw.tp) if model.is_moe else 1
+        offloaded = placement_lib.offloaded_bytes(wp, model, w_bytes, tp=hw.tp, ep=ep)
+        g = placement_lib.load_gates(wp, model, w_bytes, tp=hw.tp, ep=ep)
+        i64 = lambda x: jnp.asarray(x, jnp.int64)  # noqa: E731
+        tables = dataclasses.replace(tables, wload_pro=i64(g["prologue"]), wload_blocks=i64(g["blocks"]),
+                                     wload_head=i64(g["head"]))
     profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
     # vLLM's null block (SchedulerConfig.reserve_null_block) is not a request's: num_blocks is what
     # requests can use, and KV usage is over it (vllm/v1/core/block_pool.py).
     null_block = int(sched.reserve_null_block)
-    num_blocks = num_kv_blocks(model, hw, sched, rt) - null_block
+    num_blocks = num_kv_blocks(model, hw, sched, rt, placement) - null_block
     if num_blocks <= 0:
         raise JaxsimInputError("hardware.num_gpu_blocks", "1 block is vLLM's null block alone: no block is left "
                                "for requests", "give the KV cache at least 2 blocks")
 
     # Prefix-cache keys: dense hash ids of each request's full blocks, padded to the block table.
     if arrays is None:
-        arrays = workload_arrays(workload, bs, sched.enable_prefix_caching, block_table_width(workload, bs))
+        arrays = workload_arrays(workload, bs, sched.enable_prefix_caching, block_table_width(workload, bs),
+                                 chunk_blocks=kv_tier.chunk_blocks(bs) if kv_tier.enabled else 0)
     out = workload.output_toks.astype(np.int64)
 
     mnbt = sched.max_num_batched_tokens or ctx
@@ -520,16 +630,34 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
               prefix_caching=np.bool_(sched.enable_prefix_caching), async_scheduling=np.bool_(sched.async_scheduling),
               prefix_stats_every_attempt=np.bool_(sched.prefix_stats_every_attempt),
               prefix_index_all_copies=np.bool_(sched.prefix_index_all_copies),
-              num_blocks=np.int32(num_blocks))
+              num_blocks=np.int32(num_blocks), tier_pool=np.int32(0))
     dims = Dims(num_slots=max_slots, max_blocks=arrays["hashes"].shape[1], num_hashes=arrays["num_hashes"],
                 num_blocks_cap=num_blocks, max_iters=max_iters,
-                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n, max_pp=hw.pp)
+                num_tokens=int(out.sum()) if record_token_times else 0, num_requests=n, max_pp=hw.pp,
+                num_chunks=arrays["num_chunks"], max_chunks=arrays["chunks"].shape[1])
     return Plan(workload, arrays, tables, sp, calib, num_blocks, bs, dims, bound,
                 model.kv_bytes_per_token_per_rank(kv_bytes), pp=hw.pp, tp=hw.tp, num_layers=model.num_layers,
                 max_model_len=int(rt.max_model_len or ctx),
                 kv_rank_token_bytes=model.kv_bytes_per_token_per_rank(kv_bytes, tp=hw.tp, pp=hw.pp),
                 kv_from_memory=hw.num_gpu_blocks is None, null_block=null_block,
-                profile_outliers=tuple(bundle.outliers))
+                approximations=tuple(approximations), offloaded=offloaded,
+                profile_outliers=tuple(bundle.outliers), kv_tier=kv_tier)
+
+
+def instance_runtime(rt: ModelRuntimeConfig, spec: InstanceSpec) -> ModelRuntimeConfig:
+    """The run's model runtime with an instance's own weight / KV dtypes (a cluster JSON's
+    ``dtype`` / ``kv_cache_dtype``; None keeps the run's)."""
+    over = {k: getattr(spec, k) for k in ("dtype", "kv_cache_dtype") if getattr(spec, k) is not None}
+    return dataclasses.replace(rt, **over) if over else rt
+
+
+def check_offload_capacity(plans: "list[Plan]", instances: "list[InstanceSpec]", model: ModelConfig,
+                           key: str) -> None:
+    """Weights placed off the NPU fit their devices' capacity (:func:`jaxsim.placement.check_capacity`)."""
+    if not any(pl.offloaded for pl in plans):
+        return
+    placements = [placement_lib.resolve(spec.placement, spec.hw, (spec.model or model).num_layers) for spec in instances]
+    placement_lib.check_capacity(plans, placements, [spec.node for spec in instances], key)
 
 
 def needs_dp_sync(plans: "list[Plan]") -> bool:
@@ -564,6 +692,10 @@ def place_instances(plans: "list[Plan]", instances: "list[InstanceSpec]", links:
     if len(pd_models) > 1:
         raise JaxsimInputError(f"{key}[*].model", f"prefill and decode instances serve different models "
                                f"{sorted(pd_models)}", "the KV handed over must be the same model's")
+    pd_kv = {pl.kv_token_bytes for pl, r in zip(plans, roles) if r != "colocated"}
+    if len(pd_kv) > 1:
+        raise JaxsimInputError(f"{key}[*].kv_cache_dtype", f"prefill and decode instances hold KV of different sizes "
+                               f"({sorted(pd_kv)} bytes per token)", "give them the same kv_cache_dtype")
     first = {}
     groups = []
     for i, spec in enumerate(instances):
@@ -591,3 +723,88 @@ def check_block_sizes(plans: "list[Plan]", key: str) -> None:
     sizes = {pl.block_size for pl in plans}
     if len(sizes) > 1:
         raise JaxsimInputError(key, f"instances of one cluster share a block size, got {sorted(sizes)}")
+
+
+def lower_tier(cfg: KVTierConfig, block_size: int) -> AbstractKVTier:
+    """The engine's KV tier for ``cfg`` (a static part of the compiled run)."""
+    if not cfg.enabled:
+        return NoLowerTier()
+    return ChunkTier(chunk_blocks=cfg.chunk_blocks(block_size), min_gain_chunk=cfg.min_gain == "chunk")
+
+
+@dataclasses.dataclass(frozen=True)
+class TierDevice:
+    """The memory that holds a KV tier: one node's CPU memory or the cluster's CXL pool."""
+
+    capacity_gb: float  # GiB
+    bandwidth_gbps: float  # GB/s = bytes/ns
+    latency_ns: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TierLayout:
+    """The KV tier's pools for one cluster: ``pool_of[i]`` the pool of instance i; per pool
+    ``capacity`` (chunks; 0 for a pool no instance uses), ``bw`` (bytes/ns), ``latency`` (ns).
+    There are as many pools as instances (a shared pool takes the index of its first instance),
+    so that private and shared layouts have one shape."""
+
+    pool_of: np.ndarray
+    capacity: np.ndarray
+    bw: np.ndarray
+    latency: np.ndarray
+
+
+def tier_device(cfg: KVTierConfig, node: int, devices: dict | None, key: str = "kv_tier") -> TierDevice:
+    """The device of ``cfg.storage`` for an instance on ``node``: ``cfg``'s fields where set, else
+    the cluster JSON's (``devices``: ``{"cpu": {node: TierDevice}, "cxl": TierDevice}``)."""
+    base = None
+    if devices:
+        base = devices.get("cxl") if cfg.storage == "cxl" else (devices.get("cpu") or {}).get(node)
+    values = {}
+    for f in ("capacity_gb", "bandwidth_gbps", "latency_ns"):
+        v = getattr(cfg, f)
+        if v is None and base is not None:
+            v = getattr(base, f)
+        if v is None:
+            src = "cxl_mem" if cfg.storage == "cxl" else f"nodes[{node}].cpu_mem"
+            raise JaxsimInputError(f"{key}.{f}", f"not set, and no cluster JSON gives it ({src})",
+                                   f"set {key}.{f}, or give a cluster JSON with {src}")
+        values[f] = float(v)
+    return TierDevice(**values)
+
+
+def tier_layout(plans: "list[Plan]", cfg: KVTierConfig, devices: dict | None = None,
+                key: str = "kv_tier") -> TierLayout:
+    """The pools of the KV tier ``cfg`` for a cluster of ``plans`` (placed: their ``node``s).
+
+    Shared (``enable_prefix_sharing``): one pool per node (CPU) or one for the cluster (CXL), of
+    the whole device. Private: one pool per instance with an even share of its device (the
+    instances of its node for CPU, every instance for CXL), REFERENCE.md §1.5 and §1.16.
+    Capacity in chunks: ``floor(bytes / (chunk tokens x K+V bytes per token, all ranks))``.
+    """
+    n = len(plans)
+    if not cfg.enabled:
+        return TierLayout(np.zeros(n, np.int32), np.zeros(n, np.int32), np.ones(n), np.zeros(n, np.int64))
+    group = [0 if cfg.storage == "cxl" else pl.node for pl in plans]  # instances on one device
+    first = {}
+    for i, g in enumerate(group):
+        first.setdefault(g, i)
+    sharers = {g: group.count(g) for g in first}
+    pool_of = np.array([first[g] if cfg.enable_prefix_sharing else i for i, g in enumerate(group)], np.int32)
+    cap, bw, lat = np.zeros(n, np.int64), np.ones(n), np.zeros(n, np.int64)
+    for i, pl in enumerate(plans):
+        if pool_of[i] != i:
+            continue
+        dev = tier_device(cfg, pl.node, devices, key)
+        share = 1 if cfg.enable_prefix_sharing else sharers[group[i]]
+        chunk_bytes = cfg.chunk_blocks(pl.block_size) * pl.block_size * pl.kv_token_bytes
+        cap[i] = int(dev.capacity_gb * GIB / share) // chunk_bytes
+        bw[i], lat[i] = dev.bandwidth_gbps, int(round(dev.latency_ns))
+    if cfg.enable_prefix_sharing:
+        for i, pl in enumerate(plans):
+            a = plans[pool_of[i]]
+            if (pl.kv_token_bytes, pl.block_size) != (a.kv_token_bytes, a.block_size):
+                raise JaxsimInputError(f"{key}.enable_prefix_sharing", f"instances {pool_of[i]} and {i} share a "
+                                       "pool but their KV differs (model, dtype or block size)",
+                                       "share pools only between instances of one model and KV layout")
+    return TierLayout(pool_of, np.minimum(cap, np.iinfo(np.int32).max).astype(np.int32), bw, lat)

@@ -11,6 +11,7 @@ job modules that callers use most are re-exported here (``__all__``).
 import dataclasses
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -21,8 +22,9 @@ from jaxsim.engine.static import Static
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
 from jaxsim.planning import (Dims, Plan, block_table_width, bucket, check_block_sizes, check_kv_holds_context,
-                             check_requests_fit, check_token_ids, check_workload, latency_tables, needs_dp_sync, needs_releases,
-                             num_kv_blocks, place_instances, plan, workload_arrays, workload_hashes)
+                             check_offload_capacity, check_requests_fit, check_token_ids, check_workload, instance_runtime,
+                             latency_tables, needs_dp_sync, needs_releases,
+                             num_kv_blocks, place_instances, plan, tier_layout, workload_arrays, workload_hashes)
 from jaxsim.results import IterationBufferFull, to_result
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
 
@@ -38,6 +40,7 @@ class Prepared:
     workload_host: Workload
     max_iters_bound: int  # the iteration buffer never needs more rows than this
     profile_outliers: tuple = ()  # of the profile bundles used (profiles.ProfileBundle.outliers)
+    approximations: tuple = ()  # what the result estimates beyond the profiles (Plan.approximations)
 
 
 def plan_run(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
@@ -69,13 +72,17 @@ def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[Instan
     plans = []
     for spec in instances:
         bs = spec.sched.block_size
-        key = (bs, spec.sched.enable_prefix_caching)
+        kv_tier = kwargs.get("kv_tier")
+        f = kv_tier.chunk_blocks(bs) if kv_tier is not None and kv_tier.enabled else 0
+        key = (bs, spec.sched.enable_prefix_caching, f)
         if key not in arrays:
             check_workload(workload)
-            arrays[key] = workload_arrays(workload, bs, spec.sched.enable_prefix_caching, block_table_width(workload, bs))
-        plans.append(plan(workload, spec.model or model, spec.hw, spec.sched, rt, spec.calib, **kwargs,
-                          arrays=arrays[key]))
+            arrays[key] = workload_arrays(workload, bs, spec.sched.enable_prefix_caching, block_table_width(workload, bs),
+                                          chunk_blocks=f)
+        plans.append(plan(workload, spec.model or model, spec.hw, spec.sched, instance_runtime(rt, spec), spec.calib,
+                          **kwargs, arrays=arrays[key], placement=spec.placement))
     plans = place_instances(plans, instances, links, model, dp_sync)
+    check_offload_capacity(plans, instances, model, "cluster.instances")
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     check_kv_holds_context(plans, [f"cluster.instances[{i}]" for i in range(len(plans))])
     for m in {id(spec.model or model): spec.model or model for spec in instances}.values():
@@ -92,9 +99,9 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     # group anyway, so it keeps exact sizes and the memory they save).
     dims = pl.dims.bucketed(exact_iters=bool(kwargs.get("max_iterations")))
     state, params, wl, _ = build([pl], dims, batched=False)
-    static = dims.static(pl.block_size, releases=needs_releases([pl]))
+    static = dims.static(pl.block_size, releases=needs_releases([pl]), kv_tier=pl.kv_tier)
     return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound,
-                    pl.profile_outliers)
+                    pl.profile_outliers, pl.approximations)
 
 
 def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -115,13 +122,18 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     params = stacked_params(plans)  # the plans' axis is the instance axis
     wl, _ = workload_for(plans, dims, False, False)
     releases = needs_releases(plans)
-    state = init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims.max_steps(len(plans)), dims=dims,
-                         releases=releases)
+    kv_tier = plans[0].kv_tier
+    layout = tier_layout(plans, kv_tier)
+    params = eqx.tree_at(lambda p: p.sched.tier_pool, params, jnp.asarray(layout.pool_of))
+    tier = (jnp.asarray(layout.capacity), jnp.asarray(layout.bw), jnp.asarray(layout.latency)) if kv_tier.enabled else None
+    state = init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims.max_steps(len(plans)), tier,
+                         dims=dims, releases=releases)
     static = dims.static(plans[0].block_size, num_instances=len(plans), releases=releases, router=router,
-                         dp_sync=needs_dp_sync(plans))
+                         dp_sync=needs_dp_sync(plans), kv_tier=kv_tier)
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans),
-                    tuple(dict.fromkeys(o for pl in plans for o in pl.profile_outliers)))
+                    tuple(dict.fromkeys(o for pl in plans for o in pl.profile_outliers)),
+                    tuple(dict.fromkeys(a for pl in plans for a in pl.approximations)))
 
 
 def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -177,7 +189,7 @@ def _run_growing_buffer(prepare_fn, kwargs: dict) -> SimResult:
 
 __all__ = [  # this module's entry points, then the job modules' names most callers use
     "Prepared", "plan_run", "plan_cluster", "prepare", "prepare_cluster", "run_prepared", "simulate", "simulate_cluster",
-    "Dims", "Plan", "plan", "place_instances", "needs_dp_sync", "needs_releases", "num_kv_blocks", "latency_tables",
+    "Dims", "Plan", "plan", "place_instances", "instance_runtime", "check_offload_capacity", "needs_dp_sync", "needs_releases", "num_kv_blocks", "latency_tables",
     "block_table_width", "check_block_sizes", "check_kv_holds_context", "check_requests_fit", "check_token_ids",
     "workload_arrays", "workload_hashes",
     "build", "build_clusters", "IterationBufferFull", "to_result",

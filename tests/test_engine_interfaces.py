@@ -87,74 +87,48 @@ def test_static_features():
 
 
 # --------------------------------------------------------------------------- the KV lower-tier hook
-class _Remembers(AbstractKVTier):
-    """A test tier: remembers every hash the GPU pool evicts (bool [hash]); holds nothing."""
-
-    num_hashes: int = 8
-
-    def init(self, num_hashes):
-        return jnp.zeros(num_hashes, bool)
-
-    def on_evict(self, state, hashes, evicted):
-        return state.at[jnp.where(evicted, hashes, state.shape[0])].set(True, mode="drop")
-
-    def lookup(self, state, hashes, first, limit):
-        return jnp.zeros((), jnp.int32)
-
-    def recall_ns(self, state, blocks):
-        return jnp.zeros((), jnp.int64)
-
-
 class _HoldsEverything(AbstractKVTier):
-    """A test tier that holds every prompt block (a lookup returns all that is asked for) and
-    takes one second per recalled block."""
+    """A test tier that holds every prompt block (a lookup returns all that is asked for, one
+    chunk per block) and takes one second per recalled chunk; it counts its writes."""
 
-    def init(self, num_hashes):
-        return jnp.zeros((), jnp.int32)
+    enabled = True
 
-    def on_evict(self, state, hashes, evicted):
+    def lookup(self, state, pool, chunks, matched, limit, now):
+        gained = jnp.maximum(limit - matched, 0).astype(jnp.int32)
+        return gained, gained
+
+    def write(self, state, pool, chunk, valid, now):
+        return state + jnp.sum(valid.astype(jnp.int32), dtype=jnp.int32)
+
+    def settle(self, state):
         return state
 
-    def lookup(self, state, hashes, first, limit):
-        return jnp.maximum(limit - first, 0).astype(jnp.int32)
+    def recall(self, state, pool, chunks, chunk_bytes, now, start):
+        return jnp.where(start, chunks.astype(jnp.int64) * 1_000_000_000, 0), state
 
-    def recall_ns(self, state, blocks):
-        return blocks.astype(jnp.int64) * 1_000_000_000
-
-
-def test_kv_tier_sees_evictions():
-    """``pop_blocks`` hands the tier exactly the hashes it evicts from the prefix index."""
-    from jaxsim.engine import kvpool
-    tier = _Remembers()
-    pool = kvpool.init_pool(4, 2 * 4 + 4, 8, 4, 4, tier)
-    sink = lambda _, out, ids, first_k, n: out  # noqa: E731
-    pool, _ = kvpool.pop_blocks(pool, 3, 4, sink, 0, kv_tier=tier)  # blocks 0, 1, 2
-    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
-    pool = kvpool.register_blocks(pool, i32([0, 1, 2]), i32([5, 6, 7]), jnp.asarray([True] * 3), i32([0, 1, 2]))
-    pool = kvpool.release_blocks(pool, i32([0, 1, 2]), 3, 2 * 4 + 4)  # free (last block first), still cached
-    assert not bool(pool.lower.any())
-    # free list 3, 2, 1, 0: popping three takes block 3 (never cached), then evicts blocks 2 and 1
-    pool, _ = kvpool.pop_blocks(pool, 3, 4, sink, 0, kv_tier=tier)
-    assert np.flatnonzero(pool.lower).tolist() == [6, 7]
-    matched, _ = kvpool.lookup_prefix(pool, i32([5, 6, 7]), 3)
-    assert int(matched) == 1  # block 0 still holds hash 5
+    def pool_stats(self, state, pool):
+        return jnp.zeros(pool.shape, jnp.int32), jnp.broadcast_to(state, pool.shape).astype(jnp.int64)
 
 
 def test_kv_tier_lookup_and_recall_reach_the_scheduler(sharegpt16, llama):
     """With a tier that holds every prompt block, each request's first admission finds its whole
-    prefix (limited as vLLM's lookup is) and the batches that recall pay the tier's time."""
+    prefix (limited as vLLM's lookup is), the batches that recall pay the tier's time, and the
+    tier's hits are counted apart from the GPU's."""
     import dataclasses as dc
     from jaxsim.engine import cluster
     tier = _HoldsEverything()
     p = simulator.prepare(sharegpt16, llama, HardwareConfig(), SchedulerConfig(), profiles_dir=PROFILES,
                           record_token_times=False)
     base = simulator.to_result(p, simulator.run_prepared(p))
-    pool = dc.replace(p.state.inst.pool, lower=jnp.zeros((1,), jnp.int32))
-    state = dc.replace(p.state, inst=dc.replace(p.state.inst, pool=pool))
-    res = simulator.to_result(p, cluster.run(state, p.params, p.workload, p.static.replace(kv_tier=tier)))
+    state = dc.replace(p.state, tier=jnp.zeros((), jnp.int32))
+    final = cluster.run(state, p.params, p.workload, p.static.replace(kv_tier=tier))
+    res = simulator.to_result(p, final)
     bs = 16
     order = np.asarray(p.workload.order)
     limit = np.minimum((sharegpt16.input_toks - 1) // bs, np.asarray(p.workload.n_hashes)[:16]) * bs
     assert res.prefix_hit_tokens.tolist() == limit.tolist() and (res.prefix_hit_tokens >= base.prefix_hit_tokens).all()
     first = np.argmin(res.iter_start_ns)
     assert res.iter_end_ns[first] - res.iter_start_ns[first] >= 1_000_000_000 * int(limit[order[0]] // bs) > 0
+    # this trace shares no prefix: every hit is the tier's, and every hit block was recalled
+    assert int(final.inst.counters.prefix_hits[0]) == 0
+    assert int(final.inst.counters.tier_recalled[0]) == int(limit.sum()) // bs

@@ -31,6 +31,7 @@ however long the run. A run ends with one :class:`jaxsim.engine.status.Status`.
 
 import dataclasses
 import functools
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -42,7 +43,7 @@ from jaxsim.engine import instance as inst_lib
 from jaxsim.engine import routing
 from jaxsim.engine.instance import I32, I64, NEVER, RUNNING, WAITING
 from jaxsim.engine.loops import masked_while_loop
-from jaxsim.engine.ops import prefix_sum
+from jaxsim.engine.ops import expand_ranges, prefix_sum
 from jaxsim.engine.routing import PREFILL
 from jaxsim.engine.static import Static
 from jaxsim.engine.status import run_status
@@ -63,6 +64,7 @@ class WorkloadArrays(eqx.Module):
     token_offset: Int[Array, " req"]  # start of the request's output tokens in token_times
     next_in_session: Int[Array, " req"]  # the agentic sub-request released when this one finishes, -1
     tool_ns: Int[Array, " req"]  # its predecessor's tool time: released at that finish + tool_ns
+    chunks: Int[Array, "req mc"]  # dense ids of the KV-tier chunk keys of its full chunks, -1 padded
 
 
 class EngineParams(eqx.Module):
@@ -122,6 +124,10 @@ class ClusterState(eqx.Module):
     # Per-iteration rows [instance, iteration]. Kept out of InstanceState so that the large
     # buffers never pass through the scheduler's conditionals (which may copy their operands).
     records: meters.Records  # the IterationRecords meter
+    # The KV tier below the GPU pools (engine/kvtier.py; () without one), and per request the
+    # chunks of it already written down (a request writes each of its chunks once).
+    tier: Any = ()
+    tier_written: "Int[Array, ' req'] | None" = None
     # What the batch ends run early by decode leaps emitted, written by the next step (None
     # when the run compiles no leaps, Static.leaps; engine/leap.py).
     pending: "leap.Pending | None" = None
@@ -158,7 +164,7 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
 
 
 def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_size, window, ring_cap,
-                             dp_sync: bool, kv_tier):
+                             dp_sync: bool, kv_tier, tier_state):
     """On every idle instance, schedule a batch and compute when it ends.
 
     With ``dp_sync``, the members of a DP group (``EngineParams.dp_group``) run wave-synchronous
@@ -168,11 +174,14 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
     see S + the padding, each pad token counting as a sequence; attention sees the real requests
     only; the MoE collectives the padded T), and the round ends for all when its slowest member
     is done.
+
+    A batch that recalls KV from the tier below (``kv_tier``) waits for it before its first layer;
+    the recalls from one pool queue behind each other. Returns the instances and the tier's state.
     """
 
     def plan(inst, prm, now, active):
         inst = inst_lib.schedule(inst, prm.sched, wl, now, active, block_size=block_size, window=window,
-                                 ring_cap=ring_cap, kv_tier=kv_tier)  # a no-op on a busy instance
+                                 ring_cap=ring_cap, kv_tier=kv_tier, tier_state=tier_state)  # no-op when busy
         return inst, inst_lib.batch_shape(inst.slots)
 
     inst, shape = per_instance(plan)(inst, prm, now, active)
@@ -194,8 +203,9 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
         start = start | runs
     padded = shape.padded(pad)
     dt, extrap = per_instance(lambda model, shape: model.iteration_time(shape))(prm.latency, padded)
-    recall = per_instance(kv_tier.recall_ns)(inst.pool.lower, inst.recall_blocks)  # before layer 0
-    gpu = dt.astype(I64) + recall
+    recall, tier_state = kv_tier.recall(tier_state, prm.sched.tier_pool, inst.recall_chunks,
+                                        prm.kv_token_bytes * block_size * kv_tier.chunk_blocks, now, start)
+    gpu = dt.astype(I64) + recall  # the recall comes before layer 0
     end = now + gpu + costs.host_time_ns(gpu, padded.seqs, *costs.host_args(prm))
     if dp_sync:
         end = jnp.where(runs, jax.ops.segment_max(jnp.where(runs, end, 0), gid, num_segments=n_inst + 1)[gid], end)
@@ -207,7 +217,7 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
     return eqx.tree_at(
         lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters.extrapolated),
         inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
-               pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs), extrapolated))
+               pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs), extrapolated)), tier_state
 
 
 def _drain_if_stuck(inst, active, *, ring_cap):
@@ -418,7 +428,9 @@ def record_iterations(prm: EngineParams, st: ClusterState, out: Ended, clk: Cloc
         running=jnp.sum((status == RUNNING).astype(I32), axis=-1, dtype=I32),
         waiting=jnp.sum((status == WAITING).astype(I32), axis=-1, dtype=I32) + queued,
         kv_used=prm.sched.num_blocks - inst.pool.num_free, kv_cached=inst.pool.num_cached_free,
-        prefix_queried=inst.counters.prefix_requested, prefix_hits=inst.counters.prefix_hits)
+        prefix_queried=inst.counters.prefix_requested, prefix_hits=inst.counters.prefix_hits,
+        tier_hits=inst.counters.tier_hits, tier_recalled=inst.counters.tier_recalled,
+        tier_resident=inst.counters.tier_resident, tier_written=inst.counters.tier_written)
     if st.pending is not None:  # the previous step's early ends, in the same write
         it = jax.tree.map(lambda a, b: jnp.concatenate([a[:, None], b], axis=1), it, st.pending.rows)
         st = eqx.tree_at(lambda s: s.pending.rows.ending, st, jnp.zeros_like(st.pending.rows.ending))
@@ -431,13 +443,15 @@ def start_batches(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clu
     """Each idle acting instance forms its next batch and the latency model times it; then an
     instance whose batch came out empty only because finished requests still hold their blocks
     (async scheduling) releases them and retries at once. Returns the state and the retries."""
-    kw = dict(block_size=static.block_size, window=static.window, ring_cap=static.ring_cap, kv_tier=static.kv_tier)
+    kw = dict(block_size=static.block_size, window=static.window, ring_cap=static.ring_cap, kv_tier=static.kv_tier,
+              tier_state=st.tier)
+    tier = st.tier
     if static.pipelined:
         inst = pipeline.start_batches(st.inst, prm, wl, clk.now, clk.acts, out.ending, max_pp=static.max_pp, **kw)
     else:
-        inst = _start_batches_one_stage(st.inst, prm, wl, clk.now, clk.acts, dp_sync=static.dp_sync, **kw)
+        inst, tier = _start_batches_one_stage(st.inst, prm, wl, clk.now, clk.acts, dp_sync=static.dp_sync, **kw)
     inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=static.ring_cap))(inst, clk.acts)
-    return eqx.tree_at(lambda s: s.inst, st, inst), retry
+    return dataclasses.replace(st, inst=inst, tier=tier), retry
 
 
 def _retry_at(st: ClusterState, clk: Clock, retry) -> Int[Array, " inst"]:
@@ -458,8 +472,49 @@ def leap_decodes(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clus
                               inst.busy, inst.batch_end, retry_at)
     max_iters = st.records.start.shape[-1] if static.record_iterations else jnp.iinfo(I32).max
     inst, pending = leap.leap(inst, prm, wl, started, queued, limit, max_trips=static.leap - 1, max_iters=max_iters,
-                              block_size=static.block_size, window=static.window, kv_tier=static.kv_tier)
+                              block_size=static.block_size, window=static.window)
     return eqx.tree_at(lambda s: (s.inst, s.pending), st, (inst, pending))
+
+
+def write_down(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, clk: Clock) -> ClusterState:
+    """Write-through to the KV tier below (``Static.kv_tier``, REFERENCE.md §1.5): every chunk of
+    a request's sequence that its indexed GPU blocks now fully cover is copied to its instance's
+    pool (a chunk already there is only touched: its LRU age refreshed), visible from the end of
+    the iteration that computes it; then each pool over its capacity evicts, and the instances
+    see their pool's gauges. Runs once per step, for every instance: a shared pool sees the
+    writes of all its instances in instance order."""
+    tier, inst = static.kv_tier, st.inst
+    sl = inst.slots
+    n_inst, n_slots = sl.req.shape
+    n_req, mc = wl.chunks.shape
+    f = tier.chunk_blocks
+    req = jnp.maximum(sl.req, 0).reshape(-1)
+    hi = jnp.where(sl.req >= 0, sl.nreg // f, 0).reshape(-1)  # chunks covered by indexed blocks
+    lo = st.tier_written[req]
+    count = jnp.maximum(hi - lo, 0)
+    ends = prefix_sum(count)
+    visible_at = jnp.where(inst.busy, inst.batch_end, clk.now)  # the end of the iteration computing it
+    window = static.window
+
+    def cond(consts, c):
+        return c[1] < consts[0][-1]
+
+    def body(consts, c):  # past the last entry nothing is valid: a no-op
+        ends, lo, req, pool_of, at = consts
+        state, first = c
+        q, offset, valid = expand_ranges(ends, first, window)
+        j = lo[q] + offset
+        chunk = wl.chunks[req[q], jnp.minimum(j, mc - 1)]
+        i = q // n_slots
+        return tier.write(state, pool_of[i], chunk, valid & (chunk >= 0), at[i]), first + window
+
+    state, _ = masked_while_loop(cond, body, (st.tier, jnp.asarray(0, I32)),
+                                 (ends, lo, req, prm.sched.tier_pool, visible_at))
+    state = tier.settle(state)
+    written = st.tier_written.at[jnp.where(count > 0, req, n_req)].max(hi, mode="drop")
+    resident, total = tier.pool_stats(state, prm.sched.tier_pool)
+    inst = eqx.tree_at(lambda i: (i.counters.tier_resident, i.counters.tier_written), inst, (resident, total))
+    return dataclasses.replace(st, inst=inst, tier=state, tier_written=written)
 
 
 def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clock, retry, active) -> ClusterState:
@@ -505,11 +560,15 @@ def step(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState
     st, retry = start_batches(static, prm, wl, st, clk, out)
     if static.leaps:
         st = leap_decodes(static, prm, wl, st, clk, st.inst.busy & ~busy_before, queued, retry)
+    if static.kv_tier.enabled:
+        st = write_down(static, prm, wl, st, clk)
     return advance_clock(static, wl, st, clk, retry, active)
 
 
 def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iters: int,
-               releases: bool = False, max_steps=1 << 30) -> ClusterState:
+               releases: bool = False, max_steps=1 << 30, tier=()) -> ClusterState:
+    """A fresh cluster state around the instances ``inst`` ([instance, ...]); ``tier``: the empty
+    state of the KV tier below (``()`` for none)."""
     z64 = jnp.full(n_req, -1, I64)
     z32 = jnp.zeros(n_req, I32)
     zero = jnp.asarray(0, I32)
@@ -526,7 +585,7 @@ def init_state(inst: inst_lib.InstanceState, n_req: int, n_tokens: int, max_iter
         prefix_hit=z32, num_preemptions=z32, recomputed=z32, instance=z32, arrival=z64,
         prefill_instance=jnp.full(n_req, -1, I32), prefill_end=z64, kv_ready=z64, kv_bytes=jnp.zeros(n_req, I64),
         token_times=jnp.full(max(n_tokens, 1), -1, I64),
-        records=meters.IterationRecords().init(n_inst, max_iters))
+        records=meters.IterationRecords().init(n_inst, max_iters), tier=tier, tier_written=z32)
 
 
 def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays, static: Static) -> ClusterState:

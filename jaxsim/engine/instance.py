@@ -73,6 +73,13 @@ class Counters(eqx.Module):
     recomputed: Int[Array, ""]
     extrapolated: Int[Array, " 4"]  # iterations whose lookups left the profile grid, per table kind
     slot_overflow: Bool[Array, ""]  # a request could not be admitted for lack of slots
+    # The KV tier below the GPU (engine/kvtier.py): prompt tokens it served at admission (int64),
+    # chunks recalled (int64), and its pool's resident chunks and chunks written so far (copied
+    # from the tier's state at the end of each step; the pool may be shared).
+    tier_hits: Int[Array, ""]
+    tier_recalled: Int[Array, ""]
+    tier_resident: Int[Array, ""]
+    tier_written: Int[Array, ""]
 
 
 class Pipe(eqx.Module):
@@ -100,7 +107,7 @@ class InstanceState(eqx.Module):
     preempt_counter: Int[Array, ""]
     n_iters: Int[Array, ""]
     counters: Counters
-    recall_blocks: Int[Array, ""]  # blocks of the batch being formed recalled from the KV tier below
+    recall_chunks: Int[Array, ""]  # chunks the batch being formed recalls from the KV tier below
     pipe: "Pipe | None" = None  # pipeline parallelism (None when the run's max_pp = 1)
 
 
@@ -117,6 +124,7 @@ class SchedulerParams(eqx.Module):
     prefix_stats_every_attempt: Bool[Array, ""]  # SchedulerConfig.prefix_stats_every_attempt
     prefix_index_all_copies: Bool[Array, ""]  # SchedulerConfig.prefix_index_all_copies (kvpool.py)
     num_blocks: Int[Array, ""]
+    tier_pool: Int[Array, ""]  # the pool of the KV tier below (engine/kvtier.py) this instance uses
 
 
 def init_pipe(num_slots: int, max_pp: int) -> Pipe:
@@ -127,7 +135,7 @@ def init_pipe(num_slots: int, max_pp: int) -> Pipe:
 
 
 def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_hashes, window,
-                  num_blocks, max_pp: int = 1, kv_tier: AbstractKVTier = NoLowerTier()) -> InstanceState:
+                  num_blocks, max_pp: int = 1) -> InstanceState:
     z = jnp.zeros(num_slots, I32)
     slots = Slots(
         req=jnp.full(num_slots, -1, I32), status=z, prompt=z, target=z, reached=z, computed=z,
@@ -140,10 +148,11 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
     zero64 = jnp.asarray(0, I64)
     return InstanceState(
         slots=slots,
-        pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks, kv_tier),
+        pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks),
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
         batch_tokens=zero, batch_seqs=zero, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
-        counters=Counters(zero, zero64, zero64, zero, jnp.zeros(4, I32), jnp.asarray(False)), recall_blocks=zero,
+        counters=Counters(zero, zero64, zero64, zero, jnp.zeros(4, I32), jnp.asarray(False), zero64, zero64, zero,
+                          zero64), recall_chunks=zero,
         pipe=init_pipe(num_slots, max_pp) if max_pp > 1 else None,
     )
 
@@ -259,7 +268,7 @@ def _put(field, index, value):
 
 
 def allocate_in_order(pool: kvpool.KVPool, blocks, nblk, order, need_o, *, window: int,
-                      kv_tier: AbstractKVTier = NoLowerTier(), all_copies=False):
+                      all_copies=False):
     """Pop ``need_o[p]`` new blocks for slot ``order[p]``, p = 0, 1, ... in turn (the running
     list's order, which fixes which free blocks each request gets), appended after the slot's
     ``nblk`` blocks in the block table. Returns ``(pool, blocks)``. ``all_copies``: the pool's
@@ -275,13 +284,13 @@ def allocate_in_order(pool: kvpool.KVPool, blocks, nblk, order, need_o, *, windo
         col = nblk[slot] + offset
         return blocks.at[jnp.where(valid, slot, num_slots), col].set(ids, mode="drop")
 
-    return kvpool.pop_blocks(pool, need_ends[-1], window, sink, blocks, (need_ends, order, nblk), kv_tier=kv_tier,
+    return kvpool.pop_blocks(pool, need_ends[-1], window, sink, blocks, (need_ends, order, nblk),
                              all_copies=all_copies)
 
 
 def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *, block_size: int,
              window: int, ring_cap: int, skip=None, kv_tier: AbstractKVTier = NoLowerTier(),
-             async_lag: bool = True) -> InstanceState:
+             tier_state=None, async_lag: bool = True) -> InstanceState:
     """Form the next batch at time ``now`` (REFERENCE.md §1.2). Sets ``slots.sched_*``.
 
     A busy instance (a batch in flight), or one not ``allowed`` to schedule, is left unchanged.
@@ -292,9 +301,10 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     running phase schedules nothing for them (vLLM's virtual engines), a chunked prefill included.
     Their ``sched_*`` fields are the caller's to keep (they are returned as for a new batch).
 
-    ``kv_tier`` (engine/kvtier.py): the KV tier below the GPU pool. It sees the pool's evictions,
-    and at admission the prompt blocks it holds after the GPU hits count as prefix hits (they get
-    fresh GPU blocks); ``recall_blocks`` counts them for the batch's recall time.
+    ``kv_tier`` (engine/kvtier.py) and its state ``tier_state`` (the cluster's, read-only here):
+    the KV tier below the GPU pool. At admission the prompt blocks its pool ``prm.tier_pool``
+    holds after the GPU hits count as prefix hits (they get fresh GPU blocks, and the batch
+    recalls ``recall_chunks`` chunks before layer 0); the step writes chunks down afterwards.
 
     ``async_lag``: with async scheduling, the batch that starts now was built when the previous
     one started (vLLM keeps two batches in flight), so it sees only the requests queued by then
@@ -311,7 +321,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     in_flight = (s.sched_n, s.sched_c, s.sched_pos)
     s = eqx.tree_at(lambda x: (x.sched_n, x.sched_c, x.sched_pos), s,
                     (jnp.zeros_like(s.sched_n), jnp.zeros_like(s.sched_c), jnp.zeros_like(s.sched_pos)))
-    inst = eqx.tree_at(lambda i: (i.slots, i.recall_blocks), inst, (s, jnp.where(idle, 0, inst.recall_blocks)))
+    inst = eqx.tree_at(lambda i: (i.slots, i.recall_chunks), inst, (s, jnp.where(idle, 0, inst.recall_chunks)))
 
     # With nothing running, the engine processes the last outputs before it idles: requests
     # parked as FINISHING give their seats and blocks back now.
@@ -385,7 +395,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
 
     # Allocate the new blocks of every scheduled running request from the free-list head.
     pool, blocks = allocate_in_order(inst.pool, inst.slots.blocks, inst.slots.nblk, order, need_o,
-                                     window=window, kv_tier=kv_tier, all_copies=prm.prefix_index_all_copies)
+                                     window=window, all_copies=prm.prefix_index_all_copies)
     sl = inst.slots
     n_slot = jnp.zeros(num_slots, I32).at[order_w].set(n_o, mode="drop")
     need_slot = jnp.zeros(num_slots, I32).at[order_w].set(need_o, mode="drop")
@@ -444,8 +454,12 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         limit = jnp.where(prm.prefix_caching, jnp.minimum((reached - 1) // bs, n_hashes_all[req]), 0)
         matched, hit_blocks = kvpool.lookup_prefix(pool, hashes, limit)
         hit_mask = jnp.arange(hashes.shape[0]) < matched
-        recalled = kv_tier.lookup(pool.lower, hashes, matched, limit)  # held by the tier below
         kv_in = sl.kv_in[r]  # prompt KV handed over by a prefill instance: already computed
+        if kv_tier.enabled:  # held by the tier below, after the GPU hits (none for a hand-off)
+            recalled, read = kv_tier.lookup(tier_state, prm.tier_pool, wl.chunks[req], matched, limit, now)
+            recalled, read = jnp.where(kv_in > 0, 0, recalled), jnp.where(kv_in > 0, 0, read)
+        else:
+            recalled = read = jnp.zeros((), I32)
         c0 = jnp.maximum((matched + recalled) * bs, kv_in)
         n = reached - c0
         n = jnp.where((thr > 0) & (thr < n), thr, n)
@@ -469,7 +483,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
             return row.at[jnp.where(jnp.arange(window) < count, col, mb)].set(ids, mode="drop")
 
         pool, row = kvpool.pop_blocks(pool, jnp.where(ok, new_blocks, 0), window, sink_b, row, matched,
-                                      kv_tier=kv_tier, all_copies=prm.prefix_index_all_copies)
+                                      all_copies=prm.prefix_index_all_copies)
         computed = c0 + n
         n_full = jnp.minimum(jnp.minimum(computed, reached) // bs,
                              jnp.where(prm.prefix_caching, n_hashes_all[req], 0))
@@ -499,15 +513,19 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         attempt = act & every & (sl.num_preemptions[r] == 0)
         first_ok = ok & first_admission & ~every
         queried = jnp.where(attempt, reached, 0) + jnp.where(first_ok, sl.prompt[r], 0)
-        hit_tokens = jnp.where(attempt, matched * bs, 0) + jnp.where(first_ok, c0, 0)
+        # (GPU hits only: a hand-off's prompt or the tier's hits are not the GPU cache's)
+        hit_tokens = jnp.where(attempt, matched * bs, 0) + jnp.where(first_ok, c0 - recalled * bs, 0)
         ctr = inst.counters
-        ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed), ctr,
-                          (ctr.prefix_requested + jnp.where(prm.prefix_caching, queried, 0).astype(I64),
-                           ctr.prefix_hits + jnp.where(prm.prefix_caching, hit_tokens, 0).astype(I64),
-                           ctr.recomputed + jnp.where(ok & ~first_admission & (kv_in == 0), reached - c0, 0)))
+        ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed, c.tier_hits, c.tier_recalled),
+                          ctr, (ctr.prefix_requested + jnp.where(prm.prefix_caching, queried, 0).astype(I64),
+                                ctr.prefix_hits + jnp.where(prm.prefix_caching, hit_tokens, 0).astype(I64),
+                                ctr.recomputed + jnp.where(ok & ~first_admission & (kv_in == 0), reached - c0, 0),
+                                ctr.tier_hits + jnp.where(prm.prefix_caching & (attempt | first_ok), recalled * bs,
+                                                          0).astype(I64),
+                                ctr.tier_recalled + jnp.where(ok, read, 0).astype(I64)))
         run_list = _put(inst.run_list, jnp.where(ok, run_len, num_slots), r)  # appended to the running list
-        inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_list, i.counters, i.recall_blocks), inst,
-                           (sl, pool, run_list, ctr, inst.recall_blocks + jnp.where(ok, recalled, 0)))
+        inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_list, i.counters, i.recall_chunks), inst,
+                           (sl, pool, run_list, ctr, inst.recall_chunks + jnp.where(ok, read, 0)))
         return inst, budget - jnp.where(ok, n, 0), n_sched + ok.astype(I32), ~ok, run_len + ok.astype(I32)
 
     # The running list after preemption; admissions append to it.

@@ -25,15 +25,12 @@ Two index modes (``all_copies``, SchedulerConfig.prefix_index_all_copies; one mo
   remain, the next oldest is found by a scan of the pool (rare: :func:`_reindex_oldest`).
 """
 
-import dataclasses
-from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from jaxsim.engine.kvtier import AbstractKVTier, NoLowerTier
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import leading_true, prefix_sum
 
@@ -63,11 +60,9 @@ class KVPool(eqx.Module):
     # registered with (meaningful while blk_hash >= 0), and the live copies of each hash.
     blk_stamp: Int[Array, " block"]
     hash_copies: Int[Array, " hash"]
-    lower: Any = ()  # the state of the KV tier below this pool (engine/kvtier.py); () for none
 
 
-def init_pool(num_blocks_cap: int, ring_cap: int, num_hashes: int, window: int, num_blocks,
-              kv_tier: AbstractKVTier = NoLowerTier()) -> KVPool:
+def init_pool(num_blocks_cap: int, ring_cap: int, num_hashes: int, window: int, num_blocks) -> KVPool:
     """A pool of ``num_blocks`` (traced, <= num_blocks_cap) free blocks in id order."""
     ids = jnp.arange(num_blocks_cap, dtype=I32)
     ring = jnp.full(ring_cap + window, -1, I32)  # + window: dynamic_slice never clamps
@@ -85,7 +80,6 @@ def init_pool(num_blocks_cap: int, ring_cap: int, num_hashes: int, window: int, 
         num_registered=jnp.asarray(0, jnp.int64),
         blk_stamp=jnp.zeros(num_blocks_cap, I32),
         hash_copies=jnp.zeros(max(num_hashes, 1), I32),
-        lower=kv_tier.init(num_hashes),
     )
 
 
@@ -129,8 +123,7 @@ def _reindex_oldest(hash_index, blk_hash, blk_stamp, h, todo):
     return masked_while_loop(cond, body, (hash_index, todo), (blk_hash, blk_stamp, h))[0]
 
 
-def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(),
-               kv_tier: AbstractKVTier = NoLowerTier(), all_copies=False):
+def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(), all_copies=False):
     """Pop ``count`` blocks from the head of the free list (the least recently freed first).
 
     Popping a block that still carries a hash evicts it from the prefix index. Newest-only mode:
@@ -143,8 +136,6 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(
     sink must then change nothing) and ``first_k`` is the rank of ids[0] among all popped blocks.
     The caller checks ``count <= pool.num_free``; the count is clipped all the same so that the
     loop terminates on any input (under ``vmap`` it also runs for configurations that pop nothing).
-    ``kv_tier`` sees every hash that leaves the index
-    (:meth:`jaxsim.engine.kvtier.AbstractKVTier.on_evict`).
     """
     n_blocks = pool.ref.shape[0]
     n_hash = pool.hash_index.shape[0]
@@ -184,7 +175,6 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(
         # After the popped copies lost their hash: they are not candidates.
         hash_index = _reindex_oldest(hash_index, blk_hash, pool.blk_stamp, h, reindex)
         n_cached = jnp.sum((valid & (h >= 0)).astype(I32), dtype=I32)
-        lower = kv_tier.on_evict(pool.lower, h, gone)
         # New head: just past the last taken entry (or past the whole window if more are needed).
         last = jnp.max(jnp.where(take, jnp.arange(window, dtype=I32), -1))
         need_more = n_take < count - done
@@ -193,7 +183,6 @@ def pop_blocks(pool: KVPool, count, window: int, sink, sink_state, sink_consts=(
             lambda p: (p.ref, p.blk_hash, p.hash_index, p.hash_copies, p.head, p.num_free, p.num_cached_free),
             pool, (ref, blk_hash, hash_index, hash_copies, head, pool.num_free - n_take,
                    pool.num_cached_free - n_cached))
-        pool = dataclasses.replace(pool, lower=lower)  # (tree_at cannot replace an empty subtree)
         sink_state = sink(sink_consts, sink_state, packed, done, n_take)
         return pool, sink_state, done + n_take
 

@@ -1,17 +1,24 @@
-"""The KV lower-tier hook: where a CPU or CXL KV tier sits below the GPU's paged pool.
+"""The KV lower-tier interface: a CPU or CXL KV tier below the GPU's paged pool (REFERENCE.md §1.5).
 
-The engine calls a tier at three points (REFERENCE.md §1.4, §1.5, the ``[recall]`` term of §2.1):
+A tier holds *pools* of KV chunks (``P`` of them: one per instance when private, one per node or
+one for the cluster when shared); each instance reads and writes the pool ``EngineParams.tier_pool``
+names. The engine calls a tier at four points:
 
-* **eviction**: when the GPU pool reuses a free block that is still in its prefix index
-  (``kvpool.pop_blocks``), the tier sees the evicted block's hash (write-through or demotion);
-* **lookup**: at admission, after the GPU prefix hits, the tier says how many further leading
-  prompt blocks it holds; those tokens count as computed (prefix hits) and get fresh GPU blocks;
-* **recall**: the batch that admitted them pays the tier's time to bring them back before layer 0.
+* **lookup** (inside an instance's scheduler, at a request's admission, after the GPU prefix hits):
+  how many further leading prompt blocks the instance's pool holds. Those tokens count as computed
+  and get fresh GPU blocks; the lookup is read-only (the state as of the start of the step).
+* **write** (once per step, for the whole cluster): the chunks that the step's GPU blocks now fully
+  cover are copied down (write-through), a hit refreshes its chunk's LRU age, and a pool over its
+  capacity evicts.
+* **recall** (when batches start): the time to bring the admitted requests' chunks back before the
+  batch's first layer, each pool's bandwidth shared by the recalls in flight.
+* **stats**: what the iteration records show (resident chunks and chunks written per pool).
 
-A tier is one file: a subclass of :class:`AbstractKVTier` (an ``equinox.Module``, hashable: it
-is part of the run's static ``Static``) whose state, from :meth:`AbstractKVTier.init`, lives in
-each instance's ``KVPool.lower`` (numeric knobs belong in that state, so that they can vary per
-configuration). :class:`NoLowerTier`, the default, changes nothing (and compiles to nothing).
+The tier's state is a pytree in ``ClusterState.tier`` (numeric knobs such as a pool's capacity and
+bandwidth belong in it, so that they can vary per configuration); the tier object itself is
+static (``Static.kv_tier``: hashable, its fields fixed at compile time). A new tier is one file: a
+subclass of :class:`AbstractKVTier`. :class:`NoLowerTier`, the default, compiles to nothing; the
+LMCache-style LRU chunk pool is :class:`jaxsim.engine.chunk_tier.ChunkTier`.
 """
 
 import abc
@@ -22,38 +29,59 @@ from jaxtyping import Array, Bool, Int
 
 
 class AbstractKVTier(eqx.Module):
-    """A KV tier below the GPU pool. Methods are pure and jittable; ``state`` is the tier's
-    pytree in ``KVPool.lower`` (one instance's)."""
+    """A KV tier below the GPU pools of a cluster. Methods are pure and jittable."""
+
+    enabled = False  # a class attribute: False compiles no tier code at all
+    chunk_blocks = 1  # GPU blocks per chunk (the unit of writes and recalls)
 
     @abc.abstractmethod
-    def init(self, num_hashes: int):
-        """The empty state for a trace with ``num_hashes`` distinct block hashes."""
+    def lookup(self, state, pool: Int[Array, ""], chunks: Int[Array, " mc"], matched: Int[Array, ""],
+               limit: Int[Array, ""], now: Int[Array, ""]) -> "tuple[Int[Array, ''], Int[Array, '']]":
+        """At admission: ``(gained, read)``: the further prompt blocks (int32) that pool ``pool``
+        holds after the request's ``matched`` GPU-hit blocks, at most ``limit - matched`` (``limit``:
+        the blocks a lookup may cover, ``(reached - 1) // block_size``), and the chunks read to
+        recall them. ``chunks``: the request's chunk ids (``WorkloadArrays.chunks`` row, -1 padded);
+        ``now``: the instance's time (ns)."""
 
     @abc.abstractmethod
-    def on_evict(self, state, hashes: Int[Array, " w"], evicted: Bool[Array, " w"]):
-        """``state`` after the GPU pool evicted the blocks of ``hashes`` where ``evicted``."""
+    def write(self, state, pool: Int[Array, " n"], chunk: Int[Array, " n"], valid: Bool[Array, " n"],
+              now: Int[Array, " n"]):
+        """``state`` with chunk ids ``chunk`` written to (or, when resident, touched in) pools
+        ``pool`` at times ``now`` where ``valid``; no capacity check (see :meth:`settle`)."""
 
     @abc.abstractmethod
-    def lookup(self, state, hashes: Int[Array, " mb"], first, limit) -> Int[Array, ""]:
-        """How many consecutive blocks ``hashes[first:limit]`` the tier holds (int32 scalar):
-        the prompt's blocks after its ``first`` GPU hits, at most ``limit - first``."""
+    def settle(self, state):
+        """``state`` after each pool over its capacity evicted down to it, and its statistics
+        updated (called once per step, after the step's writes)."""
 
     @abc.abstractmethod
-    def recall_ns(self, state, blocks) -> Int[Array, ""]:
-        """Time (int64 ns) to bring ``blocks`` blocks back to the GPU before a batch's layer 0."""
+    def recall(self, state, pool: Int[Array, " inst"], chunks: Int[Array, " inst"],
+               chunk_bytes: Int[Array, " inst"], now: Int[Array, " inst"], start: Bool[Array, " inst"]):
+        """``(delay, state)``: per instance starting a batch (``start``), the time (int64 ns) to
+        recall ``chunks`` chunks of ``chunk_bytes`` bytes from its pool before layer 0; the pool's
+        channel stays busy for it."""
+
+    @abc.abstractmethod
+    def pool_stats(self, state, pool: Int[Array, " inst"]) -> "tuple[Int[Array, ' inst'], Int[Array, ' inst']]":
+        """``(resident, written)`` of each instance's pool: chunks held now, and chunks written
+        since the start (cumulative)."""
 
 
 class NoLowerTier(AbstractKVTier):
-    """No tier below the GPU: evictions are forgotten, lookups find nothing, recalls are free."""
+    """No tier below the GPU: nothing is written, lookups find nothing, recalls are free."""
 
-    def init(self, num_hashes: int):
-        return ()
+    def lookup(self, state, pool, chunks, matched, limit, now):
+        z = jnp.zeros((), jnp.int32)
+        return z, z
 
-    def on_evict(self, state, hashes, evicted):
+    def write(self, state, pool, chunk, valid, now):
         return state
 
-    def lookup(self, state, hashes, first, limit):
-        return jnp.zeros((), jnp.int32)
+    def settle(self, state):
+        return state
 
-    def recall_ns(self, state, blocks):
-        return jnp.zeros((), jnp.int64)
+    def recall(self, state, pool, chunks, chunk_bytes, now, start):
+        return jnp.zeros(pool.shape, jnp.int64), state
+
+    def pool_stats(self, state, pool):
+        return jnp.zeros(pool.shape, jnp.int32), jnp.zeros(pool.shape, jnp.int64)

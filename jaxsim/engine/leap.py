@@ -65,7 +65,7 @@ def can_continue(inst: inst_lib.InstanceState, limit, max_iters, *, block_size: 
 
 
 def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, all_copies, go, wl, *,
-                    block_size: int, window: int, kv_tier) -> inst_lib.InstanceState:
+                    block_size: int, window: int) -> inst_lib.InstanceState:
     """One instance: when ``go``, end its steady decode batch (each running request emits one
     token) and start the next one at that moment, as :func:`jaxsim.engine.instance.schedule`
     would: new blocks from the free-list head and blocks that fill indexed in the prefix cache,
@@ -79,7 +79,7 @@ def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, a
     listed = inst.run_list >= 0
     need = jnp.where(go, _next_blocks(s, block_size), 0)
     pool, blocks = inst_lib.allocate_in_order(inst.pool, s.blocks, s.nblk, order, jnp.where(listed, need[order], 0),
-                                              window=window, kv_tier=kv_tier, all_copies=all_copies)
+                                              window=window, all_copies=all_copies)
     step = run.astype(I32)
     reached = s.reached + step
     # A decode fills at most one block: index it (REFERENCE.md §1.3, vLLM caches full blocks).
@@ -113,7 +113,7 @@ class _Log(eqx.Module):
 
 
 def _run_ends(inst, eligible, limit, model, host, prefix_caching, all_copies, num_blocks, wl, *, max_trips: int,
-              max_iters: int, block_size: int, window: int, kv_tier) -> "tuple[inst_lib.InstanceState, _Log]":
+              max_iters: int, block_size: int, window: int) -> "tuple[inst_lib.InstanceState, _Log]":
     """One instance: run its batch ends early while it may, logging each ([trip] log)."""
 
     def go_of(inst, eligible, limit):
@@ -135,7 +135,7 @@ def _run_ends(inst, eligible, limit, model, host, prefix_caching, all_copies, nu
                    kv_used=put(log.kv_used, num_blocks - inst.pool.num_free),
                    kv_cached=put(log.kv_cached, inst.pool.num_cached_free))
         inst = end_and_restart(inst, model, host, prefix_caching, all_copies, go, wl, block_size=block_size,
-                               window=window, kv_tier=kv_tier)
+                               window=window)
         return inst, go & go_of(inst, eligible, limit), trip + go.astype(I32), log
 
     z = jnp.zeros(max_trips, I64)
@@ -168,14 +168,15 @@ def init_pending(num_instances: int, num_slots: int, max_trips: int) -> Pending:
     z64 = jnp.zeros((num_instances, max_trips), I64)
     rows = meters.IterationEnd(ending=jnp.zeros((num_instances, max_trips), bool), index=z, start=z64, end=z64,
                                prompt_tokens=z, gen_tokens=z, num_tokens=z, num_seqs=z, running=z, waiting=z,
-                               kv_used=z, kv_cached=z, prefix_queried=z64, prefix_hits=z64)
+                               kv_used=z, kv_cached=z, prefix_queried=z64, prefix_hits=z64, tier_hits=z64,
+                               tier_recalled=z64, tier_resident=z, tier_written=z64)
     return Pending(rows=rows, token_first=jnp.zeros((num_instances, num_slots), I32),
                    running=jnp.zeros((num_instances, num_slots), bool), stamp=z64)
 
 
 def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], queued: Int[Array, " inst"],
-         limit: Int[Array, " inst"], *, max_trips: int, max_iters: int, block_size: int, window: int,
-         kv_tier) -> "tuple[inst_lib.InstanceState, Pending]":
+         limit: Int[Array, " inst"], *, max_trips: int, max_iters: int, block_size: int,
+         window: int) -> "tuple[inst_lib.InstanceState, Pending]":
     """Run early the batch ends of every instance that ``started`` a steady decode batch in this
     step, while each may (see the module docstring), at most ``max_trips`` per instance and never
     up to ``max_iters`` iterations.
@@ -189,8 +190,7 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
 
     def one(inst, eligible, limit, model, host, prefix_caching, all_copies, num_blocks):
         return _run_ends(inst, eligible, limit, model, host, prefix_caching, all_copies, num_blocks, wl,
-                         max_trips=max_trips, max_iters=max_iters, block_size=block_size, window=window,
-                         kv_tier=kv_tier)
+                         max_trips=max_trips, max_iters=max_iters, block_size=block_size, window=window)
 
     inst, log = per_instance(one)(inst0, eligible, limit, prm.latency, costs.host_args(prm),
                                   prm.sched.prefix_caching, prm.sched.prefix_index_all_copies, prm.sched.num_blocks)
@@ -201,7 +201,9 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
         end=log.end, prompt_tokens=jnp.zeros((n_inst, max_trips), I32), gen_tokens=const(inst0.batch_seqs),
         num_tokens=const(inst0.batch_tokens), num_seqs=const(inst0.batch_seqs), running=const(n_running),
         waiting=const(n_waiting), kv_used=log.kv_used, kv_cached=log.kv_cached,
-        prefix_queried=const(inst0.counters.prefix_requested), prefix_hits=const(inst0.counters.prefix_hits))
+        prefix_queried=const(inst0.counters.prefix_requested), prefix_hits=const(inst0.counters.prefix_hits),
+        tier_hits=const(inst0.counters.tier_hits), tier_recalled=const(inst0.counters.tier_recalled),
+        tier_resident=const(inst0.counters.tier_resident), tier_written=const(inst0.counters.tier_written))
     # The running requests emitted tokens reached - prompt, +1, ... at the early ends.
     first = wl.token_offset[jnp.maximum(s0.req, 0)] + s0.reached - s0.prompt
     return inst, Pending(rows=rows, token_first=first, running=s0.status == RUNNING,

@@ -36,6 +36,13 @@ class IterationEnd(eqx.Module):
     kv_cached: Int[Array, " inst"]  # KV blocks free but still holding a cached prefix
     prefix_queried: Int[Array, " inst"]  # cumulative prefix-cache queried tokens (int64)
     prefix_hits: Int[Array, " inst"]  # cumulative prefix-cache hit tokens (int64)
+    # The KV tier below the GPU (engine/kvtier.py; 0 without one): cumulative prompt tokens it
+    # served and chunks recalled by the instance (int64); its pool's resident chunks and
+    # cumulative chunks written (int64), as of the step's start.
+    tier_hits: Int[Array, " inst"]
+    tier_recalled: Int[Array, " inst"]
+    tier_resident: Int[Array, " inst"]
+    tier_written: Int[Array, " inst"]
 
 
 class AbstractMeter(eqx.Module):
@@ -67,10 +74,14 @@ class Records(eqx.Module):
     kv_cached: Int[Array, "inst it"]
     prefix_queried: Int[Array, "inst it"]
     prefix_hits: Int[Array, "inst it"]
+    tier_hits: Int[Array, "inst it"]
+    tier_recalled: Int[Array, "inst it"]
+    tier_resident: Int[Array, "inst it"]
+    tier_written: Int[Array, "inst it"]
 
 
 ROW_FIELDS = tuple(f for f in Records.__annotations__)  # the columns, in order
-INT64_FIELDS = ("start", "end", "prefix_queried", "prefix_hits")  # the others are int32
+INT64_FIELDS = ("start", "end", "prefix_queried", "prefix_hits", "tier_hits", "tier_recalled", "tier_written")  # the others are int32
 
 
 class IterationRecords(AbstractMeter):

@@ -46,7 +46,8 @@ def after_end(inst: inst_lib.InstanceState, before: inst_lib.InstanceState, endi
          jnp.where(in_b, -1, pe.slot_batch)))
 
 
-def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, ring_cap, max_pp: int, kv_tier):
+def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, ring_cap, max_pp: int, kv_tier,
+                  tier_state=None):
     """Pipeline parallelism (REFERENCE.md §1.8): on every instance whose stage 0 is free and that
     has fewer than pp batches in flight, form a batch of the requests not in flight and compute
     when each of its stages finishes: stage 0 starts now (the iteration overhead is paid there),
@@ -56,7 +57,10 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
 
     An instance with batches in flight decides only at those events (``ending``: a batch of it
     completed now), as vLLM's engine with a batch queue blocks on its oldest batch when it has
-    nothing to schedule: an arrival at another time waits, as it does for a lone instance."""
+    nothing to schedule: an arrival at another time waits, as it does for a lone instance.
+
+    A batch that recalls KV from the tier below (``kv_tier``) pays the recall before stage 0; under
+    pipelines the recalls of instances sharing a pool do not queue behind each other."""
 
     def one(inst, prm, ending, now, active):
         pe = inst.pipe
@@ -68,7 +72,7 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
         old = (inst.slots.sched_n, inst.slots.sched_c, inst.slots.sched_pos)
         new = inst_lib.schedule(eqx.tree_at(lambda i: i.busy, inst, jnp.asarray(False)), prm.sched, wl, now, can,
                                 block_size=block_size, window=window, ring_cap=ring_cap, skip=in_flight, kv_tier=kv_tier,
-                                async_lag=False)
+                                tier_state=tier_state, async_lag=False)
         shape = inst_lib.batch_shape(new.slots)
         mine = new.slots.sched_n > 0
         keep = ~can | (in_flight & ~mine)  # requests of the batches in flight keep their fields
@@ -76,7 +80,9 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
                       zip(old, (new.slots.sched_n, new.slots.sched_c, new.slots.sched_pos)))
         start = can & (shape.seqs > 0)
         times, extrap, p2p = prm.latency.stage_times(shape, max_pp)
-        gpu0 = times[0] + kv_tier.recall_ns(new.pool.lower, new.recall_blocks)
+        recall, _ = kv_tier.recall(tier_state, prm.sched.tier_pool[None], new.recall_chunks[None],
+                                   (prm.kv_token_bytes * block_size * kv_tier.chunk_blocks)[None], now[None], start[None])
+        gpu0 = times[0] + recall[0]
         done = now + gpu0 + costs.host_time_ns(gpu0, shape.seqs, *costs.host_args(prm))
         free = [done]
         for st in range(1, max_pp):
