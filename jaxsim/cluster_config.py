@@ -30,9 +30,11 @@ its own ``model`` (org/name under profiles/models; default: the run's model). Th
 maps each instance's fields onto the same dataclasses (``pd_type`` to the role, the node's
 position to ``node``, ``tp_size``/``pp_size``/``ep_size``/``dp_group``, a per-dimension
 ``link_bw``/``link_latency`` list to the two link levels) and rejects what the engine does not
-model yet (placement, offloading, CXL, power): a cluster is never simulated with a field ignored.
-(``npu_mem.mem_bw``/``mem_latency`` are required by the format but have no effect: the profiles
-hold the measured kernel times.)
+model yet (attention offloading, sub-batch interleaving, block copy, a KV cache held off the NPU,
+power): a cluster is never simulated with a field ignored. Weight placement, local offloading,
+``cxl_mem`` and the dtypes are modelled (:mod:`jaxsim.placement`, REFERENCE.md §1.10, §1.14).
+(``npu_mem.mem_bw``/``mem_latency`` are required by the format but have no effect, the profiles
+holding the measured kernel times, unless ``enable_local_offloading`` reads the weights at them.)
 
 Both paths build every spec with :func:`jaxsim.spec.build`, so a value passes the same checks
 (the dataclasses' own) whether it comes from YAML, the command line or a JSON file; errors name
@@ -48,8 +50,11 @@ from typing import ClassVar
 from jaxsim.engine import routers
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
-from jaxsim.model import load_model_config
-from jaxsim.spec import (DP_SYNC, Calibration, HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig, build,
+from jaxsim import placement as placement_lib
+from jaxsim.model import dtype_bytes, load_model_config
+from jaxsim.planning import profile_variant
+from jaxsim.spec import (DP_SYNC, Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig,
+                         SchedulerConfig, build,
                          check_expert_parallel, check_field, check_fields, checked)
 
 
@@ -113,13 +118,13 @@ _JSON_SCHEDULER = ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token
                    "enable_chunked_prefill", "enable_prefix_caching", "reserve_full_isl")
 # Fields whose behaviour the engine does not model yet: present and not at their neutral value,
 # they are refused rather than ignored.
-_JSON_UNSUPPORTED = {"placement": (None, {}),
-                     "enable_local_offloading": (False,), "enable_attn_offloading": (False,),
+_JSON_UNSUPPORTED = {"enable_attn_offloading": (False,),
                      "enable_sub_batch_interleaving": (False,), "enable_block_copy": (False,),
-                     "kv_loc": ("npu",), "kv_cache_dtype": ("auto",),
-                     # the shipped profiles are bf16 (the shipped models' torch_dtype)
-                     "dtype": ("auto", "bfloat16", "bf16")}
-_JSON_TOP_UNSUPPORTED = ("cxl_mem",)
+                     # an instance-level kv_loc (the placement's kv_loc entries: jaxsim.placement)
+                     "kv_loc": ("npu",)}
+# Weight placement and dtypes (REFERENCE.md §1.10, §1.14): jaxsim.placement, planning.profile_variant.
+_JSON_MEMORY = ("placement", "enable_local_offloading", "dtype", "kv_cache_dtype")
+_JSON_TOP_UNSUPPORTED = ()
 # Every key the reference format has (REFERENCE.md §3.1, the shipped cluster examples), per
 # object: anything else is a typo and an error, never silently a default.
 _JSON_KEYS = {
@@ -128,7 +133,7 @@ _JSON_KEYS = {
     "cpu_mem": {"mem_size", "mem_bw", "mem_latency", "pim_config"},
     "npu_mem": {"mem_size", "mem_bw", "mem_latency", "mem_util"},
     "instance": {"model_name", "hardware", "npu_mem", "num_npus", "npu_num", "npu_group", "tp_size", "pp_size",
-                 "ep_size", "dp_group", "pd_type", *_JSON_SCHEDULER, *_JSON_UNSUPPORTED},
+                 "ep_size", "dp_group", "pd_type", *_JSON_SCHEDULER, *_JSON_UNSUPPORTED, *_JSON_MEMORY},
 }
 
 
@@ -179,7 +184,7 @@ def cluster_spec(section: dict | None, hardware: HardwareConfig, scheduler: Sche
     dp_sync = section.get("dp_sync", "moe")
     if section.get("json"):
         instances, links = load_cluster_json(section["json"], hardware, scheduler, calib, model_name,
-                                             models_dir=Path(profiles) / "models")
+                                             models_dir=Path(profiles) / "models", profiles_dir=profiles)
         for k, spec in enumerate(instances):
             check_profiled(spec.hw.name, profiles, f"{section['json']}: instances[{k}].hardware")
         links = _links(section.get("links"), "cluster.links", links)  # the fields set replace the JSON's
@@ -266,8 +271,42 @@ def json_hardware(inst: dict, cpu: dict, links: LinkConfig, base_hw: HardwareCon
     return build(HardwareConfig, values, keys)
 
 
+def _json_memory(inst: dict, where: str, hw: HardwareConfig, cpu: dict, cxl: tuple, other, model_name: str,
+                 models_dir, profiles_dir) -> dict:
+    """The InstanceSpec fields of a JSON instance's memory keys (``placement``,
+    ``enable_local_offloading``, ``dtype``, ``kv_cache_dtype``; REFERENCE.md §1.10, §1.14)."""
+    out = {}
+    for key in ("dtype", "kv_cache_dtype"):
+        if key in inst:
+            if not isinstance(inst[key], str):
+                raise JaxsimInputError(f"{where}.{key}", f"must be a dtype name, got {inst[key]!r}")
+            if inst[key] != "auto":
+                dtype_bytes(inst[key], f"{where}.{key}")
+            out[key] = inst[key]
+    wants_layers = bool(inst.get("placement")) or inst.get("enable_local_offloading", False) is not False
+    if not wants_layers and not (out and profiles_dir is not None):
+        return out  # (the dtypes are checked against the profiles again when the run is planned)
+    if other is None and models_dir is None:
+        raise JaxsimInputError(f"{where}.placement" if wants_layers else f"{where}.dtype",
+                               "needs the model's config (its layers and dtype)", "give the models folder")
+    model = other or _model_named(models_dir, model_name, f"{where}.model_name")
+    if out and profiles_dir is not None:
+        rt = ModelRuntimeConfig(name=model.name, dtype=out.get("dtype", "auto"),
+                                kv_cache_dtype=out.get("kv_cache_dtype", "auto"))
+        profile_variant(str(profiles_dir), hw.name, model, rt, where=where)
+    if wants_layers:
+        size = cpu.get("mem_size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0):
+            raise JaxsimInputError(f"{where.rsplit('.instances', 1)[0]}.cpu_mem.mem_size",
+                                   f"must be a number > 0 (GB), got {size!r}")
+        cpu_dev = placement_lib.MemoryDevice("cpu", hw.cpu_mem_bw_gbps, hw.cpu_mem_latency_ns, size)
+        wp, evict = placement_lib.json_instance_placement(inst, where, model.num_layers, cpu=cpu_dev, cxl=cxl)
+        out.update(placement=wp, kv_evict_loc=evict)
+    return out
+
+
 def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig, calib: Calibration,
-                      model_name: str, models_dir=None) -> tuple:
+                      model_name: str, models_dir=None, profiles_dir=None) -> tuple:
     """The instances of a reference cluster JSON and its links: ``(list[InstanceSpec], LinkConfig)``.
 
     Fields it does not give keep the values of ``base_hw`` / ``base_sched``. The top-level
@@ -275,7 +314,15 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
     is the link within a node (TP collectives, KV hand-offs inside the node), its last the link
     between nodes. ``pd_type`` gives the role; the node's position in ``nodes`` gives ``node``.
     An instance serving another model than ``model_name`` gets that model's config from
-    ``models_dir`` (without it, such an instance is refused)."""
+    ``models_dir`` (without it, such an instance is refused).
+
+    Memory (REFERENCE.md §1.10, §1.14): the top-level ``cxl_mem`` and each instance's
+    ``placement`` / ``enable_local_offloading`` become its ``placement`` and ``kv_evict_loc``
+    (:func:`jaxsim.placement.json_instance_placement`; needs ``models_dir`` for the layer count);
+    ``dtype`` / ``kv_cache_dtype`` its own dtypes, checked against the profile variants in
+    ``profiles_dir`` when given (:func:`jaxsim.planning.profile_variant`: fp8 weights need an
+    fp8 variant; an FP8 KV cache without a ``-kvfp8`` variant is priced from the bf16 tables, an
+    estimate the run summary lists)."""
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -294,9 +341,7 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
         return v
 
     _check_keys(d, "top level", str(path))
-    for key in _JSON_TOP_UNSUPPORTED:
-        if d.get(key):
-            raise JaxsimInputError(f"{path}: {key}", "CXL memory pools are not modelled yet", "remove it")
+    cxl = placement_lib.parse_cxl_mem(d.get("cxl_mem"), f"{path}: cxl_mem")
     nodes = need(d, "nodes", "top level", list)
     if need(d, "num_nodes", "top level", int) != len(nodes):
         raise JaxsimInputError(f"{path}: num_nodes", f"{d['num_nodes']} but {len(nodes)} nodes are listed")
@@ -355,8 +400,9 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
             pd = inst.get("pd_type")
             if pd not in (None, "prefill", "decode"):
                 raise JaxsimInputError(f"{where}.pd_type", f"unknown role {pd!r}", 'use null, "prefill" or "decode"')
+            memory = _json_memory(inst, where, hw, cpu, cxl, other, model_name, models_dir, profiles_dir)
             out.append(build(InstanceSpec, dict(hw=hw, sched=sched, calib=calib, role=pd or "colocated", node=n,
-                                                dp_group=inst.get("dp_group"), model=other), where))
+                                                dp_group=inst.get("dp_group"), model=other, **memory), where))
     if not out:
         raise JaxsimInputError(str(path), "the cluster has no instances")
     return out, links

@@ -13,7 +13,7 @@ from jaxsim.errors import JaxsimInputError, unknown_key_fix
 DTYPE_BYTES = {
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
     "float32": 4, "fp32": 4, "float": 4,
-    "fp8": 1, "float8": 1, "float8_e4m3fn": 1, "int8": 1,
+    "fp8": 1, "float8": 1, "float8_e4m3fn": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1,
 }
 
 

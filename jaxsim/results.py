@@ -107,6 +107,10 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
     # run summary; 0 when none.
     outliers = list(p.profile_outliers)
     stats["profile_outliers"] = {"count": len(outliers), "first": outliers[:OUTLIERS_SHOWN]}
+    # Where the result rests on an estimate rather than measured profiles (e.g. FP8 KV priced from
+    # bf16 tables, REFERENCE.md §1.14): one sentence each; absent when there is none.
+    if p.approximations:
+        stats["approximations"] = list(p.approximations)
     if wall_s is not None:
         stats["wall_s_with_compile"] = wall_s
     return SimResult(

@@ -213,6 +213,9 @@ class SchedulerConfig:
                                    f"one of {', '.join(map(str, self.VLLM_BLOCK_SIZES))}")
 
 
+OFFLOAD_DEVICES = ("cpu", "cxl")  # HardwareConfig.weights_offload_device
+
+
 @dataclasses.dataclass(frozen=True)
 class HardwareConfig:
     """One serving instance's hardware (REFERENCE.md §3.1 ``npu_mem``, node ``cpu_mem``, links).
@@ -240,9 +243,22 @@ class HardwareConfig:
     # across a DP group's ranks: check_expert_parallel.
     ep: int = checked(0, lo=0)
     pp: int = checked(1, lo=1)  # pipeline stages per instance (num_npus = tp * pp; REFERENCE.md §1.8)
+    # Weight offloading (REFERENCE.md §1.10, jaxsim/placement.py): the last
+    # round(weights_offload_fraction * L) transformer blocks' weights sit in host memory ("cpu") or
+    # on a CXL device ("cxl"): they leave the GPU (more KV blocks) and are read over the device
+    # every iteration. offload_bw_gbps / offload_latency_ns: the device's GB/s and ns per load
+    # (None: cpu_mem_bw_gbps / cpu_mem_latency_ns for "cpu"; "cxl" needs the bandwidth, latency 0).
+    weights_offload_fraction: float = checked(0.0, lo=0, hi=1)
+    weights_offload_device: str = checked("cpu", choices=OFFLOAD_DEVICES, noun="offload device",
+                                          fix="use cpu or cxl")
+    offload_bw_gbps: float | None = checked(None, lo=0, lo_open=True, finite=False)
+    offload_latency_ns: float | None = checked(None, lo=0)
 
     def __post_init__(self):
         check_fields(self)
+        if self.weights_offload_fraction > 0 and self.weights_offload_device == "cxl" and self.offload_bw_gbps is None:
+            raise JaxsimInputError(f"{self.KEY}.offload_bw_gbps", "weights offloaded to a CXL device need the "
+                                   "device's bandwidth", "set hardware.offload_bw_gbps (GB/s)")
         if self.activation_reserve_gb >= self.mem_size_gb * self.mem_util:
             raise JaxsimInputError(f"{self.KEY}.activation_reserve_gb",
                                    f"{self.activation_reserve_gb:g} GiB leaves no memory of "
@@ -344,8 +360,26 @@ class InstanceSpec:
     # The model this instance serves (a jaxsim.model.ModelConfig); None: the cluster's model.
     # Every request may go to any instance; P/D pairs and DP groups share one model.
     model: object = None
+    # Where each weight-bearing layer sits (a jaxsim.placement.WeightPlacement: a cluster JSON's
+    # `placement`, REFERENCE.md §1.10); None: as ``hw`` says (weights_offload_fraction).
+    placement: object = None
+    # Where KV evicted from the GPU goes (the lower KV tier, REFERENCE.md §1.10 kv_evict_loc):
+    # npu | cpu | cxl:<id>.
+    kv_evict_loc: str = "cpu"
+    # Weight and KV dtypes of this instance (a cluster JSON's `dtype` / `kv_cache_dtype`); None:
+    # the run's model section (ModelRuntimeConfig).
+    dtype: str | None = None
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
+        for key in ("dtype", "kv_cache_dtype"):
+            if getattr(self, key) not in (None, "auto"):
+                dtype_bytes(getattr(self, key), f"{self.KEY}.{key}")
+        if not (isinstance(self.kv_evict_loc, str)
+                and (self.kv_evict_loc in ("npu", "cpu") or self.kv_evict_loc.startswith("cxl:")
+                     and self.kv_evict_loc[4:].isdigit())):
+            raise JaxsimInputError(f"{self.KEY}.kv_evict_loc", f"unknown device {self.kv_evict_loc!r}",
+                                   "use npu, cpu or cxl:<id>")
         g = self.dp_group
         if isinstance(g, numbers.Integral) and not isinstance(g, (bool, np.bool_)):
             object.__setattr__(self, "dp_group", str(g))

@@ -51,6 +51,8 @@ KNOBS = {
     "tp": "tensor-parallel degree (selects the profiles' tp<N> folder; never extrapolated)",
     "num_gpu_blocks": "KV capacity in blocks (overrides the memory model)",
     "mem_util": "gpu_memory_utilization of the memory model (KV capacity)",
+    "weights_offload_fraction": "fraction of the transformer blocks (the last ones) whose weights sit off the GPU, "
+                                "on hardware.weights_offload_device: more KV blocks, a weight read per iteration",
     "link_bw_gbps": "TP/EP link bandwidth, GB/s",
     "link_latency_ns": "TP/EP link latency per ring step, ns",
     "block_size": "KV block size in tokens (a shape: one compile per value)",
@@ -68,7 +70,7 @@ KNOBS = {
     "cluster": "a name in SweepBase.cluster_options: the instances of a cluster design (designs are "
                "padded to the largest instance count with instances nothing is routed to)",
 }
-_HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns")
+_HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns", "weights_offload_fraction")
 _SCHEDULER_KNOBS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
                     "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
 _SCALE_KNOBS = ("compute_scale", "memory_scale", "link_scale")
@@ -229,7 +231,8 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         insts = []  # this point's plan of each instance
         specs = _instances(base, p)
         for spec in specs:
-            kw = {**shared, **_instance_inputs(base, p, spec), "model": spec.model or base.model}
+            kw = {**shared, **_instance_inputs(base, p, spec), "model": spec.model or base.model,
+                  "rt": simulator.instance_runtime(shared["rt"], spec), "placement": spec.placement}
             sched = kw["sched"]
             max_blocks = simulator.block_table_width(w, sched.block_size)
             key = (id(w), sched.block_size, max_blocks)
@@ -242,6 +245,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
         insts = simulator.place_instances(insts, specs, base.links, base.model, base.dp_sync,
                                           key=f"sweep point {len(plans)}: instances")
+        simulator.check_offload_capacity(insts, specs, base.model, f"sweep point {len(plans)}: instances")
         k = len(plans)
         simulator.check_block_sizes(insts, f"sweep point {k}")
         # A point whose KV cache cannot hold one max_model_len request (the num_gpu_blocks and

@@ -131,6 +131,18 @@ class LatencyTables(AbstractLatencyModel):
     compute_scale: jax.Array  # f64 []
     memory_scale: jax.Array  # f64 []
     link_scale: jax.Array  # f64 []
+    # FP8 KV without a ``-kvfp8`` profile variant (REFERENCE.md §1.14): decode attention is close to
+    # ``a + b*nd*kvd`` (KV-read bound); the tables are bf16, so the KV-read term ``b*kvd_sum`` is
+    # scaled by ``kv_read_scale`` = KV bytes / activation bytes (1.0 = as profiled: the profile's
+    # own KV dtype). ``kv_read_b``: the fitted b, ns per decode KV token (tables.decode_kv_fit).
+    kv_read_scale: jax.Array  # f64 []
+    kv_read_b: jax.Array  # f64 []
+    # Off-NPU weights (REFERENCE.md §1.10, jaxsim/placement.py): when each part's weights are in
+    # place, ns after the iteration's start (load_gates; 0 = on the NPU): the prologue, each block
+    # (0-padded past L), the head.
+    wload_pro: jax.Array  # i64 []
+    wload_blocks: jax.Array  # i64 [L]
+    wload_head: jax.Array  # i64 []
 
     # The AbstractLatencyModel interface (the engine calls only these two).
     def iteration_time(self, shape: BatchShape):
@@ -336,6 +348,12 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
                           _label(tb.skew_kvb_hi, kvd_max.astype(_F)), _label(tb.skew_kp_hi, kp.astype(_F))]
     skewed = jnp.round(t_mean.astype(_F) + alpha * (t_max - t_mean).astype(_F)).astype(_I)
     t_att = jnp.where(skew_on & (alpha != 0) & (t_max > t_mean), skewed, t_mean)
+    # FP8 KV from bf16 tables (§1.14): the KV-read term b*kvd_sum scaled by kv_read_scale; the
+    # result is kept at or above kv_read_scale * t_att (at most the whole time is KV reads)
+    s_kv = tb.kv_read_scale
+    cut = jnp.floor((1.0 - s_kv) * tb.kv_read_b * kvd_sum.astype(_F)).astype(_I)
+    kv_scaled = jnp.maximum(t_att - cut, jnp.floor(s_kv * t_att.astype(_F)).astype(_I))
+    t_att = jnp.where(s_kv != 1.0, jnp.maximum(kv_scaled, 1), t_att)
     has_att = (pc > 0) | (nd > 0)
     t_att = jnp.where(has_att, _scaled(t_att, tb.memory_scale), 0)
     ext_att = has_att & (a_att[0] | (skew_on & a_att[1]))
@@ -347,8 +365,31 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
 
     total = t_in + t_out + t_lin + L * tb.att_per_block * t_att + tb.moe_blocks * t_moe_block + tb.ar_count * ar
     extrapolated = jnp.stack([ext_dense, ext_seq, ext_att, ext_moe]).astype(jnp.int32)
+    c_pro = _scaled(jnp.sum(tb.lin_prologue * v), tb.compute_scale)
+    c_head = _scaled(jnp.sum(tb.lin_head * v), tb.compute_scale)
+    total = _weight_loads(tb, total, t_in, t_out, c_pro, c_head)
     if not parts:
         return total, extrapolated, None
-    t_pro = t_in + _scaled(jnp.sum(tb.lin_prologue * v), tb.compute_scale)
-    t_head = t_out + _scaled(jnp.sum(tb.lin_head * v), tb.compute_scale)
-    return total, extrapolated, (t_pro, t_head)
+    return total, extrapolated, (t_in + c_pro, t_out + c_head)
+
+
+def _weight_loads(tb: LatencyTables, total, t_in, t_out, c_pro, c_head):
+    """The iteration's time with off-NPU weights (REFERENCE.md §1.10): the critical path over the
+    compute chain (host op in, prologue, L blocks, head, host op out) and the weight loads, each
+    part starting once its weights are in place (``tb.wload_*``, :func:`jaxsim.placement.load_gates`)::
+
+        t = t_out + max(t_in + C, g_pro + C, max_i(g_i + B - floor(i*B/L) + c_head), g_head + c_head)
+
+    with ``C = c_pro + B + c_head`` the compute chain and ``B`` the blocks' total (block i starts
+    ``floor(i*B/L)`` into it: exact for identical blocks; a hybrid MoE model's blocks are taken at
+    their mean). With every gate 0 it is ``total`` unchanged."""
+    L = tb.num_layers
+    B = total - t_in - t_out - c_pro - c_head
+    i = jnp.arange(tb.wload_blocks.shape[0], dtype=_I)
+    suffix = B - (i * B) // jnp.maximum(L, 1) + c_head
+    gated = jnp.where(i < L, tb.wload_blocks + suffix, 0)
+    chain = c_pro + B + c_head
+    crit = jnp.maximum(jnp.maximum(t_in + chain, tb.wload_pro + chain),
+                       jnp.maximum(jnp.max(gated), tb.wload_head + c_head)) + t_out
+    off = (tb.wload_pro > 0) | (tb.wload_head > 0) | jnp.any(tb.wload_blocks > 0)
+    return jnp.where(off, crit, total)

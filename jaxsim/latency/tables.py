@@ -84,7 +84,7 @@ def _check_popularity(p, num_experts: int) -> np.ndarray:
 def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig, weight_bytes: int = 2,
                    *, ep: int | None = None, expert_popularity: np.ndarray | None = None,
                    link_step_overhead_ns: float = 0.0, compute_scale: float = 1.0,
-                   memory_scale: float = 1.0, link_scale: float = 1.0) -> LatencyTables:
+                   memory_scale: float = 1.0, link_scale: float = 1.0, kv_read_scale: float = 1.0) -> LatencyTables:
     """Build the device-side tables of one configuration.
 
     Args:
@@ -97,6 +97,11 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
       expert_popularity: length-E routing probabilities of a MoE model (sum 1); None = BALANCED
         (§1.9). A uniform popularity is BALANCED.
       link_step_overhead_ns: fixed extra cost per ring step of a collective (0 by default).
+      kv_read_scale: KV bytes / the profile's KV bytes (0.5: an FP8 KV cache priced from bf16
+        tables, REFERENCE.md §1.14; 1.0: as profiled).
+
+    The weight-load gates (``wload_*``) start at 0 (every weight on the NPU); the planner sets
+    them from the instance's placement (:func:`jaxsim.placement.load_gates`).
     """
     if bundle.tp != hw.tp:
         raise ValueError(f"the bundle was loaded at tp={bundle.tp} but the hardware has tp={hw.tp}")
@@ -209,7 +214,32 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
         tp=i(hw.tp), pp=i(hw.pp), ar_count=i(ar_count), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
         link_step_overhead=f(link_step_overhead_ns), cpu_bw=f(hw.cpu_mem_bw_gbps), cpu_lat=f(hw.cpu_mem_latency_ns),
         compute_scale=f(compute_scale), memory_scale=f(memory_scale), link_scale=f(link_scale),
+        kv_read_scale=f(kv_read_scale), kv_read_b=f(decode_kv_fit(at)[1]),
+        wload_pro=i(0), wload_blocks=i(np.zeros(L, np.int64)), wload_head=i(0),
     )
+
+
+def decode_kv_fit(at) -> tuple:
+    """``(a, b)``: decode attention fitted as ``a + b * nd * kvd`` ns (REFERENCE.md §1.14, §2.5:
+    the profiled grids are close to linear in ``nd * kvd``), by least squares over every
+    decode-only point of the table (``pc = 0``, ``kp = 0``, ``nd > 0``). ``b`` is the KV-read time
+    per decode KV token; ``(0, 0)`` when the table has no decode-only points."""
+    x, y = [], []
+    for i in np.flatnonzero(at.pc_axis == 0):
+        for j in np.flatnonzero(at.nd_axis > 0):
+            if not at.has_slice[i, j]:
+                continue
+            for r in range(at.n_kp[i, j]):
+                if at.kp_keys[i, j, r] != 0:
+                    continue
+                n = at.n_kvd[i, j, r]
+                x += list(at.nd_axis[j] * at.kvd_keys[i, j, r, :n].astype(np.float64))
+                y += list(at.values_ns[i, j, r, :n].astype(np.float64))
+    if len(x) < 2:
+        return 0.0, 0.0
+    x, y = np.asarray(x), np.asarray(y)
+    b, a = np.polyfit(x, y, 1)
+    return float(a), float(max(b, 0.0))
 
 
 _INF_PADDED = {"l1_keys", "att_kp", "att_kvd", "moe_ae", "moe_tok", "skew_n_hi", "skew_sr_hi", "skew_kvb_hi",
