@@ -25,6 +25,7 @@ and ``paths.profiles`` / ``paths.models`` / ``paths.workloads`` derive from it (
 """
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
@@ -36,7 +37,7 @@ from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.metrics import OutputOptions
 from jaxsim.model import ModelConfig, load_model_config
-from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, Rule, SchedulerConfig,
+from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig, Rule, SchedulerConfig,
                          Workload, build, check_expert_parallel, check_field, check_fields, check_value, checked,
                          scalar_type)
 from jaxsim.traces import TraceOptions, load_trace
@@ -116,6 +117,7 @@ CalibrationSchema = spec_schema(Calibration)
 SimSchema = spec_schema(SimOptions)
 LinksSchema = spec_schema(LinkConfig, unset=True)
 OutputSchema = spec_schema(OutputOptions)
+KVTierSchema = spec_schema(KVTierConfig)
 
 
 # Sections without a spec dataclass of their own: the workload's generator arguments, and the
@@ -217,6 +219,7 @@ class RootSchema:
     output: OutputSchema = dataclasses.field(default_factory=OutputSchema)
     sweep: SweepSchema = dataclasses.field(default_factory=SweepSchema)
     cluster: ClusterSchema = dataclasses.field(default_factory=ClusterSchema)
+    kv_tier: KVTierSchema = dataclasses.field(default_factory=KVTierSchema)
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
     output_dir: Optional[str] = None
 
@@ -259,6 +262,7 @@ class RunSpec:
     choices: dict  # group -> chosen option, e.g. {"hardware": "rtxpro6000", ...} when known
     cluster: ClusterSpec | None = None  # several instances (None: the one of hardware + scheduler)
     output: OutputOptions = OutputOptions()  # what scripts/run.py writes besides the summary
+    kv_tier: KVTierConfig = KVTierConfig()  # the KV tier below the GPU (CPU / CXL; none by default)
 
 
 # Value checks of the sections without a spec dataclass (workload, paths, sweep): the same
@@ -551,11 +555,42 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
                                    "scheduler.enable_chunked_prefill is false",
                                    "raise it (0 = unlimited) or enable chunked prefill")
     cluster = cluster_spec(d.get("cluster"), hardware, scheduler, calibration, paths.profiles, model.name)
+    kv_tier = build(KVTierConfig, _section(d, "kv_tier"))
+    if kv_tier.enabled and (d.get("cluster") or {}).get("json"):
+        kv_tier = tier_from_cluster_json(kv_tier, d["cluster"]["json"])
     return RunSpec(
         hardware=hardware, scheduler=scheduler, model=model, model_config=model_config,
         calibration=calibration, workload=workload, sim=sim, paths=paths,
         output_dir=_output_dir(cfg), config=d, choices=_choices(cfg), cluster=cluster, output=output,
+        kv_tier=kv_tier,
     )
+
+
+def tier_from_cluster_json(kv_tier: KVTierConfig, path) -> KVTierConfig:
+    """``kv_tier`` with the fields it leaves unset (None) taken from a reference cluster JSON: its
+    nodes' ``cpu_mem`` (storage cpu; every node with instances must give the same values) or its
+    ``cxl_mem`` (storage cxl; ``mem_size`` is the whole pool over ``num_devices``). REFERENCE.md §3.1."""
+    unset = [f for f in ("capacity_gb", "bandwidth_gbps", "latency_ns") if getattr(kv_tier, f) is None]
+    if not unset:
+        return kv_tier
+    d = json.loads(Path(path).read_text())
+    if kv_tier.storage == "cxl":
+        where, devs = [f"{path}: cxl_mem"], [d.get("cxl_mem")]
+    else:
+        nodes = [(n, node) for n, node in enumerate(d.get("nodes") or []) if node.get("instances")]
+        where, devs = [f"{path}: nodes[{n}].cpu_mem" for n, _ in nodes], [node.get("cpu_mem") for _, node in nodes]
+    keys = {"capacity_gb": "mem_size", "bandwidth_gbps": "mem_bw", "latency_ns": "mem_latency"}
+    values = None
+    for w, dev in zip(where, devs):
+        if not isinstance(dev, dict) or not all(keys[f] in dev or f == "latency_ns" for f in unset):
+            raise JaxsimInputError(w, f"kv_tier.storage={kv_tier.storage} takes {', '.join(unset)} from here, but it "
+                                   f"lacks {', '.join(keys[f] for f in unset)}", f"add them, or set kv_tier.{unset[0]}")
+        v = {f: dev.get(keys[f], 0) for f in unset}
+        if values is not None and v != values:
+            raise JaxsimInputError(w, f"differs from {where[0]} ({v} vs {values}): one tier device per run",
+                                   f"give every node the same cpu_mem, or set kv_tier.{unset[0]}")
+        values = v
+    return dataclasses.replace(kv_tier, **values)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,7 +603,8 @@ _KNOB_SPECS = (HardwareConfig, SchedulerConfig)
 _POSITIVE = Rule(lo=0, lo_open=True)
 _OTHER_KNOBS = {"hardware": (str, Rule()), "cluster": (str, Rule()), "seed": (int, Rule(lo=0)),
                 "compute_scale": (float, _POSITIVE), "memory_scale": (float, _POSITIVE),
-                "link_scale": (float, _POSITIVE), "arrival_rate_scale": (float, _POSITIVE)}
+                "link_scale": (float, _POSITIVE), "arrival_rate_scale": (float, _POSITIVE),
+                "kv_cache_dtype": (str, Rule())}
 
 
 @dataclasses.dataclass(frozen=True)

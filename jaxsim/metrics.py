@@ -251,6 +251,13 @@ def summarize(result: SimResult, table: dict | None = None) -> dict:
     s["kv_peak_usage_pct"] = (float(used.max()) / num_blocks * 100
                               if used.size and num_blocks else 0.0)
     s["iterations"] = int(np.asarray(result.iter_end_ns).shape[0])
+    if getattr(result, "memory", None) and np.asarray(result.iter_end_ns).size:
+        # peaks and means over the run's 1-s ticks (the last value for cumulative hit rates)
+        ts = time_series(result, timeseries_interval(result))
+        s["memory"] = {c: ({"final": float(ts[c][-1])} if c.endswith("_pct") else
+                           {"peak": float(ts[c].max()), "mean": float(ts[c].mean())} if not c.endswith(
+                               ("write_gib", "recall_gib")) else {"total": float(ts[c].sum())})
+                       for c in MEMORY_COLUMNS if c in ts}
     for k, v in (result.stats or {}).items():
         s[f"stats_{k}" if k in s else str(k)] = v
     return _jsonable(s)
@@ -408,6 +415,59 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     cached = getattr(result, "iter_kv_blocks_cached", None)
     if cached is not None:
         out["kv_cache_cached_pct"] = pct(used + gauge(per_row(cached), np.float64))
+    out.update(_memory_columns(result, rows, single, instance, gauge, per_row, nbins))
+    return out
+
+
+def pool_gauge(result: SimResult, values, pool_of) -> np.ndarray:
+    """A per-iteration gauge of a KV-tier pool (possibly shared by several instances, each row
+    showing its instance's pool) as the cluster total: at each row, the sum over pools of the
+    latest value any of the pool's instances showed (0 before)."""
+    values = np.asarray(values)
+    inst = result.iter_instance if result.iter_instance is not None else np.zeros(values.shape[0], np.int64)
+    pool = np.asarray(pool_of)[np.asarray(inst)]
+    total = np.zeros(values.shape, np.int64)
+    rows = np.arange(values.shape[0])
+    for p in np.unique(pool):
+        latest = np.maximum.accumulate(np.where(pool == p, rows, -1))
+        total += np.where(latest >= 0, values[np.maximum(latest, 0)], 0).astype(np.int64)
+    return total
+
+
+def _memory_columns(result: SimResult, rows, single: bool, instance, gauge, per_row, nbins: int) -> dict:
+    """The memory series of :func:`time_series` (when the result carries ``memory``):
+    ``gpu_mem_gib`` (weights + activation reserve + KV blocks in use, all the GPUs of the
+    instance or cluster) and, with a KV tier of storage S (cpu | cxl): ``S_prefix_hit_pct``
+    (cumulative tier hit tokens / prefix-cache queried tokens x 100), ``S_pool_gib`` (bytes its
+    pools hold: an instance's own pool, or every pool of the cluster once), ``S_write_gib`` and
+    ``S_recall_gib`` (bytes copied down to / recalled from it in the bin)."""
+    mem = getattr(result, "memory", None)
+    if not mem:
+        return {}
+    out = {}
+    inst = result.iter_instance
+    inst_rows = np.zeros(np.asarray(result.iter_end_ns).shape[0], np.int64) if inst is None else np.asarray(inst)
+    static, kvb = np.asarray(mem["gpu_static_bytes"]), np.asarray(mem["kv_block_bytes"])
+    used_bytes = np.asarray(result.iter_kv_blocks_used).astype(np.int64) * kvb[inst_rows]
+    base = static[instance or 0] if single else static.sum()
+    out["gpu_mem_gib"] = (base + gauge(per_row(used_bytes), np.float64)) / 2**30
+    storage = mem.get("tier_storage")
+    if not storage or getattr(result, "iter_tier_hits", None) is None:
+        return out
+    chunk = np.asarray(mem["tier_chunk_bytes"])[inst_rows]
+    pool_of = mem["tier_pool_of"]
+
+    def pool_series(values):
+        values = np.asarray(values).astype(np.int64) * chunk
+        return gauge(values[rows] if single else pool_gauge(result, values, pool_of), np.float64)
+
+    q = gauge(per_row(result.iter_prefix_queried), np.float64)
+    h = gauge(per_row(result.iter_tier_hits), np.float64)
+    out[f"{storage}_prefix_hit_pct"] = np.divide(h * 100, q, out=np.zeros(nbins), where=q > 0)
+    out[f"{storage}_pool_gib"] = pool_series(result.iter_tier_resident) / 2**30
+    out[f"{storage}_write_gib"] = np.diff(pool_series(result.iter_tier_written), prepend=0.0) / 2**30
+    recalled = np.asarray(result.iter_tier_recalled).astype(np.int64) * chunk
+    out[f"{storage}_recall_gib"] = np.diff(gauge(per_row(recalled), np.float64), prepend=0.0) / 2**30
     return out
 
 
@@ -462,17 +522,25 @@ def write_reference_csv(table: dict, path: str | Path, model_name: str) -> None:
             ])
 
 
+# Optional columns of timeseries.csv, after TIMESERIES_COLUMNS, when the series has them: the memory
+# over time (time_series' memory columns; S = the KV tier's storage, cpu or cxl).
+MEMORY_COLUMNS = ("gpu_mem_gib",) + tuple(f"{s}_{c}" for s in ("cpu", "cxl")
+                                          for c in ("prefix_hit_pct", "pool_gib", "write_gib", "recall_gib"))
+
+
 def write_timeseries_csv(series: dict, path: str | Path) -> None:
-    """``timeseries.csv`` formatted like vLLM's (``t`` and throughputs as floats)."""
+    """``timeseries.csv`` formatted like vLLM's (``t`` and throughputs as floats), then the memory
+    columns the series has (:data:`MEMORY_COLUMNS`, 4 decimals)."""
+    extra = [c for c in MEMORY_COLUMNS if c in series]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(TIMESERIES_COLUMNS)
+        w.writerow(TIMESERIES_COLUMNS + tuple(extra))
         for r in range(series["t"].shape[0]):
             w.writerow([
                 float(series["t"][r]), float(series["prompt_throughput"][r]),
                 float(series["gen_throughput"][r]), int(series["running"][r]),
                 int(series["waiting"][r]), round(float(series["kv_cache_pct"][r]), 4),
-            ])
+            ] + [round(float(series[c][r]), 4) for c in extra])
 
 
 def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | None = None,

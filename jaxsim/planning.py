@@ -177,6 +177,9 @@ class Plan:
     # Per-rank weight bytes off the NPU per device (jaxsim.placement.offloaded_bytes; {}: none).
     offloaded: dict = dataclasses.field(default_factory=dict)
     kv_tier: KVTierConfig = KVTierConfig()  # the KV tier below the GPU (its pools: tier_layout)
+    # GPU memory that does not vary during the run, all ranks: the weights held on the GPUs and
+    # the activation reserve (bytes; the run's memory series add the KV in use to it)
+    gpu_static_bytes: int = 0
 
 
 def check_scheduler(sched: SchedulerConfig) -> None:
@@ -641,7 +644,16 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 kv_rank_token_bytes=model.kv_bytes_per_token_per_rank(kv_bytes, tp=hw.tp, pp=hw.pp),
                 kv_from_memory=hw.num_gpu_blocks is None, null_block=null_block,
                 approximations=tuple(approximations), offloaded=offloaded,
-                profile_outliers=tuple(bundle.outliers), kv_tier=kv_tier)
+                profile_outliers=tuple(bundle.outliers), kv_tier=kv_tier,
+                gpu_static_bytes=_gpu_static_bytes(model, hw, w_bytes, offloaded))
+
+
+def _gpu_static_bytes(model: ModelConfig, hw: HardwareConfig, w_bytes: int, offloaded: dict) -> int:
+    """Weights on the GPUs (less what is placed off them) plus the activation reserve, summed over
+    the instance's ``tp x pp`` ranks (REFERENCE.md §1.3 ledger), bytes."""
+    ep = (hw.ep or hw.tp) if model.is_moe else 1
+    per_rank = model.weight_bytes_per_rank(w_bytes, tp=hw.tp, pp=hw.pp, ep=ep) - sum(offloaded.values())
+    return int((per_rank + int(hw.activation_reserve_gb * GIB)) * hw.tp * hw.pp)
 
 
 def instance_runtime(rt: ModelRuntimeConfig, spec: InstanceSpec) -> ModelRuntimeConfig:

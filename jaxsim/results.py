@@ -111,6 +111,8 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
     # bf16 tables, REFERENCE.md §1.14): one sentence each; absent when there is none.
     if p.approximations:
         stats["approximations"] = list(p.approximations)
+    if p.memory.get("tier_storage"):
+        stats["kv_tier"] = tier_stats(p.memory, f.tier, ctr)
     if wall_s is not None:
         stats["wall_s_with_compile"] = wall_s
     return SimResult(
@@ -131,4 +133,25 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
         kv_ready_ns=np.asarray(f.kv_ready) if pd else None,
         kv_transfer_bytes=np.asarray(f.kv_bytes) if pd else None,
         iter_prefix_queried=rows["prefix_queried"], iter_prefix_hits=rows["prefix_hits"],
-        iter_kv_blocks_cached=rows["kv_cached"])
+        iter_kv_blocks_cached=rows["kv_cached"],
+        **({f"iter_{k}": rows[k] for k in ("tier_hits", "tier_recalled", "tier_resident", "tier_written")}
+           if p.memory.get("tier_storage") else {}),
+        memory=p.memory or None)
+
+
+def tier_stats(memory: dict, tier, ctr) -> dict:
+    """The KV tier's run totals: hit tokens and chunks recalled (all instances), and per pool in
+    use its resident, written and evicted chunks and the bytes they are (``memory``:
+    :func:`jaxsim.simulator.memory_layout`; ``tier``: the final ChunkPools; ``ctr``: the summed
+    instance counters)."""
+    pool_of, chunk = np.asarray(memory["tier_pool_of"]), np.asarray(memory["tier_chunk_bytes"])
+    pools = sorted(set(pool_of.tolist()))
+    per = {}
+    for p in pools:
+        b = int(chunk[np.argmax(pool_of == p)])
+        per[str(p)] = dict(instances=np.flatnonzero(pool_of == p).tolist(), capacity_chunks=int(tier.capacity[p]),
+                           resident_chunks=int(tier.resident[p]), written_chunks=int(tier.written[p]),
+                           evicted_chunks=int(tier.evicted[p]), resident_gib=int(tier.resident[p]) * b / 2**30,
+                           written_gib=int(tier.written[p]) * b / 2**30)
+    return dict(storage=memory["tier_storage"], hit_tokens=int(ctr.tier_hits), recalled_chunks=int(ctr.tier_recalled),
+                pools=per)

@@ -14,6 +14,7 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsim.building import build, build_clusters, init_cluster, stacked_params, workload_for
 from jaxsim import progress
@@ -41,6 +42,20 @@ class Prepared:
     max_iters_bound: int  # the iteration buffer never needs more rows than this
     profile_outliers: tuple = ()  # of the profile bundles used (profiles.ProfileBundle.outliers)
     approximations: tuple = ()  # what the result estimates beyond the profiles (Plan.approximations)
+    memory: dict = dataclasses.field(default_factory=dict)  # the memory series' constants (memory_layout)
+
+
+def memory_layout(plans: "list[Plan]", layout=None) -> dict:
+    """Per instance, what the memory series need besides the iteration rows: GPU bytes that do not
+    vary (weights + activation reserve), bytes of one KV block (all ranks), and the KV tier's
+    storage, pool of each instance and bytes of one chunk (all ranks)."""
+    tier = plans[0].kv_tier
+    layout = layout or tier_layout(plans, tier)
+    return dict(gpu_static_bytes=np.array([pl.gpu_static_bytes for pl in plans], np.int64),
+                kv_block_bytes=np.array([pl.block_size * pl.kv_token_bytes for pl in plans], np.int64),
+                tier_storage=tier.storage if tier.enabled else None, tier_pool_of=np.asarray(layout.pool_of),
+                tier_chunk_bytes=np.array([tier.chunk_blocks(pl.block_size) * pl.block_size * pl.kv_token_bytes
+                                           for pl in plans], np.int64))
 
 
 def plan_run(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
@@ -101,7 +116,7 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     state, params, wl, _ = build([pl], dims, batched=False)
     static = dims.static(pl.block_size, releases=needs_releases([pl]), kv_tier=pl.kv_tier)
     return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound,
-                    pl.profile_outliers, pl.approximations)
+                    pl.profile_outliers, pl.approximations, memory_layout([pl]))
 
 
 def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -133,7 +148,7 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans),
                     tuple(dict.fromkeys(o for pl in plans for o in pl.profile_outliers)),
-                    tuple(dict.fromkeys(a for pl in plans for a in pl.approximations)))
+                    tuple(dict.fromkeys(a for pl in plans for a in pl.approximations)), memory_layout(plans, layout))
 
 
 def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",

@@ -335,6 +335,50 @@ class Calibration:
                    seq_cpu_ns=0)
 
 
+KV_TIER_STORAGES = ("none", "cpu", "cxl")  # REFERENCE.md §1.5 prefix_storage (none: no tier)
+KV_TIER_MIN_GAINS = ("token", "chunk")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVTierConfig:
+    """A KV tier below the GPU's paged cache (REFERENCE.md §1.5): vLLM + LMCache, or the reference
+    simulator's ``prefix_storage`` / ``enable_prefix_sharing``. Chunks of ``chunk_size`` tokens of a
+    request's computed KV are copied down as the GPU blocks covering them fill (write-through,
+    inclusive, LRU eviction); at admission, after the GPU prefix hits, the leading chunks the tier
+    holds are recalled before the batch's first layer (``latency_ns + bytes / bandwidth``, the
+    pool's bandwidth shared by the recalls in flight) and count as computed.
+
+    ``capacity_gb``, ``bandwidth_gbps``, ``latency_ns``: one pool's device; None takes the cluster
+    JSON's ``cpu_mem`` (storage cpu, per node) or ``cxl_mem`` (storage cxl). With
+    ``enable_prefix_sharing`` the instances of a node share one CPU pool, and every instance one
+    CXL pool; without it each instance has a private pool with its share of the device (the
+    capacity split evenly among the instances on it; REFERENCE.md §1.16).
+    """
+
+    KEY: ClassVar[str] = "kv_tier"
+
+    storage: str = checked("none", choices=KV_TIER_STORAGES, noun="storage", fix="use none, cpu or cxl")
+    enable_prefix_sharing: bool = False
+    capacity_gb: float | None = checked(None, lo=0, lo_open=True)  # GiB of one device (a node's CPU memory)
+    bandwidth_gbps: float | None = checked(None, lo=0, lo_open=True, finite=False)  # GB/s = bytes/ns
+    latency_ns: float | None = checked(None, lo=0)  # per recall
+    chunk_size: int = checked(256, lo=1)  # tokens per chunk (LMCache's chunk_size), rounded down to blocks
+    # A tier hit is used when it gains at least one block ("token", vLLM + LMCache: any hit beyond the
+    # GPU's) or at least one whole chunk ("chunk", the reference simulator).
+    min_gain: str = checked("token", choices=KV_TIER_MIN_GAINS, noun="min_gain", fix="use token or chunk")
+
+    def __post_init__(self):
+        check_fields(self)
+
+    @property
+    def enabled(self) -> bool:
+        return self.storage != "none"
+
+    def chunk_blocks(self, block_size: int) -> int:
+        """Blocks per chunk: ``max(bs, (chunk // bs) * bs) / bs`` (REFERENCE.md §1.5)."""
+        return max(1, self.chunk_size // block_size)
+
+
 ROLES = ("colocated", "prefill", "decode")  # REFERENCE.md §1.7 pd_type: null | prefill | decode
 KV_TRANSFERS = ("layerwise", "after_prefill")
 DP_SYNC = ("moe", "always", "never")  # which DP groups run wave-synchronised rounds
@@ -514,3 +558,14 @@ class SimResult:
     iter_prefix_queried: np.ndarray | None = None
     iter_prefix_hits: np.ndarray | None = None
     iter_kv_blocks_cached: np.ndarray | None = None
+    # The KV tier below the GPU (KVTierConfig; None without one), per iteration row: the
+    # instance's cumulative tier hit tokens and chunks recalled, its pool's resident chunks and
+    # cumulative chunks written (as of the iteration's end step).
+    iter_tier_hits: np.ndarray | None = None
+    iter_tier_recalled: np.ndarray | None = None
+    iter_tier_resident: np.ndarray | None = None
+    iter_tier_written: np.ndarray | None = None
+    # Per instance, for the memory series (jaxsim.simulator.memory_layout): GPU bytes that do not
+    # vary (weights + activation reserve, all ranks), bytes of one KV block (all ranks), the tier's
+    # storage ("cpu" | "cxl" | None), each instance's pool and bytes of one chunk.
+    memory: dict | None = None

@@ -39,7 +39,7 @@ from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.metrics import STAT_NAMES, distribution_stats
 from jaxsim.model import ModelConfig, dtype_bytes, load_model_config
-from jaxsim.spec import HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.spec import HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
 from jaxsim.workload import check_context, iter_jsonl, load_workload
 
 METRICS = ("ttft", "tpot", "e2e")
@@ -55,8 +55,6 @@ TIMESERIES_COLUMNS = ("t",) + THROUGHPUT_COLUMNS + GAUGE_COLUMNS
 CUMULATIVE_GAUGES = ("prefix_hit_pct", "cpu_prefix_hit_pct", "cpu_pool_gib")
 # measured columns the simulator does not produce yet, and why: listed in every comparison
 NOT_SIMULATED = {
-    "cpu_prefix_hit_pct": "the CPU KV tier (LMCache) is not modelled yet (memory-tier issue)",
-    "cpu_pool_gib": "the CPU KV tier (LMCache) is not modelled yet (memory-tier issue)",
     "gpu_power_w": "power is not modelled yet (power issue)",
     "server_power_w": "power is not modelled yet (power issue)",
 }
@@ -613,8 +611,13 @@ def _engine_settings(meta: dict, meta_path: Path, cluster: dict, model: ModelCon
                            f"config.json's link ({cluster['link_bw']} GB/s, {cluster['link_latency']} ns)")
     elif connector is not None:
         if "lmcache" in str(connector).lower():
-            assumed.append(f"kv_connector={connector!r}: the shared CPU KV pool (LMCache) is not modelled yet "
-                           "(memory-tier issue); simulated without it, GPU prefix caching only")
+            # LMCache keeps KV chunks in CPU memory (a local backend, or one cache server that the
+            # instances share): jaxsim's CPU KV tier, sized by config.json's cpu_mem.
+            shared = len(insts) > 1
+            settings["kv_tier"] = {"storage": "cpu", "enable_prefix_sharing": shared}
+            assumed.append(f"kv_connector={connector!r}: LMCache's CPU KV pool as jaxsim's CPU KV tier "
+                           "(256-token chunks, write-through, LRU; size, bandwidth and latency from config.json "
+                           f"cpu_mem){'; one pool shared by the instances (one LMCache server)' if shared else ''}")
         else:
             assumed.append(f"kv_connector={connector!r}: not modelled; simulated without it")
     # vLLM 0.13 with prefix caching counted cached-but-free blocks in its KV gauge (validation README)
@@ -838,6 +841,22 @@ def case_to_cluster(case: Case, profiles_dir=None) -> tuple[list, ModelRuntimeCo
     return specs, rt, _links(case)
 
 
+def case_kv_tier(case: Case) -> KVTierConfig:
+    """The KV tier below the GPU of a case (``engine_settings``' ``kv_tier``: an LMCache connector
+    is a CPU tier), its device from config.json's ``nodes[0].cpu_mem``; ``KVTierConfig()`` (none)
+    otherwise."""
+    t = case.settings.get("kv_tier")
+    if not t:
+        return KVTierConfig()
+    cpu = case.cluster["nodes"][0].get("cpu_mem") or {}
+    where = f"{case.cluster_path}: nodes[0].cpu_mem"
+    if not all(k in cpu for k in ("mem_size", "mem_bw")):
+        raise JaxsimInputError(where, "the case's CPU KV tier (LMCache) needs the CPU memory's mem_size and mem_bw",
+                               "add them to config.json")
+    return KVTierConfig(storage=t["storage"], enable_prefix_sharing=t["enable_prefix_sharing"],
+                        capacity_gb=cpu["mem_size"], bandwidth_gbps=cpu["mem_bw"], latency_ns=cpu.get("mem_latency", 0))
+
+
 def case_router(case: Case) -> Router:
     """The router of a multi-instance case (``engine_settings``'s ``routing``: meta.json's routing,
     vLLM's DP load balancer for DP ranks, else the assumed policy)."""
@@ -1033,6 +1052,8 @@ def _sim_column(column: str, counts_cached: bool) -> str:
 def _missing_reason(column: str, counts_cached: bool) -> str:
     if column in NOT_SIMULATED:
         return NOT_SIMULATED[column]
+    if column in ("cpu_prefix_hit_pct", "cpu_pool_gib"):
+        return "the case has no CPU KV tier (no LMCache connector recorded), so the simulation has none"
     if column == "prefix_hit_pct":
         return ("the simulation does not record the prefix-cache counters per iteration "
                 "(SimResult.iter_prefix_queried / iter_prefix_hits)")

@@ -89,10 +89,10 @@ def evaluate(case_dir, profiles, models, workloads, calibration: Calibration | N
                    f" (async_scheduling={case.settings['async_scheduling']}); enforce_eager is not modelled apart from it")
     if len(specs) == 1:
         result = simulator.simulate(case.workload, case.model, specs[0].hw, specs[0].sched, rt, calibration,
-                                    profiles_dir=profiles)
+                                    profiles_dir=profiles, kv_tier=validation.case_kv_tier(case))
     else:
         result = simulator.simulate_cluster(case.workload, case.model, specs, validation.case_router(case), rt, links,
-                                            profiles_dir=profiles)
+                                            profiles_dir=profiles, kv_tier=validation.case_kv_tier(case))
     if case.settings["num_gpu_blocks"] is None:
         per = int(result.num_blocks) // len(specs)
         assumed = [a + f" -> {per} blocks per instance in this run" if a.startswith("num_gpu_blocks=") else a
