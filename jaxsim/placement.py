@@ -233,8 +233,9 @@ def check_capacity(plans: list, placements: list, nodes: list, key: str) -> None
 
 def parse_cxl_mem(d, where: str) -> tuple:
     """The top-level ``cxl_mem{mem_size GB, mem_bw GB/s, mem_latency ns, num_devices}`` as
-    ``num_devices`` :class:`MemoryDevice` ``cxl:0 ... cxl:n-1``, each with the given size,
-    bandwidth and latency (read as one device's; the format does not say)."""
+    ``num_devices`` :class:`MemoryDevice` ``cxl:0 ... cxl:n-1``: ``mem_size`` is the whole pool,
+    split evenly over the devices (as the KV tier reads it, ``config.tier_from_cluster_json``);
+    ``mem_bw`` and ``mem_latency`` are each device's."""
     if d is None:
         return ()
     if not isinstance(d, dict):
@@ -259,7 +260,8 @@ def parse_cxl_mem(d, where: str) -> tuple:
             need = "an integer >= 1" if k == "num_devices" else ("a number >= 0" if k == "mem_latency" else "a number > 0")
             raise JaxsimInputError(f"{where}.{k}", f"must be {need}, got {v!r}")
         vals[k] = v
-    return tuple(MemoryDevice(f"cxl:{i}", float(vals["mem_bw"]), float(vals["mem_latency"]), float(vals["mem_size"]))
+    size = float(vals["mem_size"]) / vals["num_devices"]
+    return tuple(MemoryDevice(f"cxl:{i}", float(vals["mem_bw"]), float(vals["mem_latency"]), size)
                  for i in range(vals["num_devices"]))
 
 

@@ -53,6 +53,8 @@ KNOBS = {
     "mem_util": "gpu_memory_utilization of the memory model (KV capacity)",
     "weights_offload_fraction": "fraction of the transformer blocks (the last ones) whose weights sit off the GPU, "
                                 "on hardware.weights_offload_device: more KV blocks, a weight read per iteration",
+    "kv_cache_dtype": "KV cache dtype (auto, fp8, ...): KV blocks, hand-off bytes, attention's KV-read time "
+                      "(REFERENCE.md §1.14)",
     "link_bw_gbps": "TP/EP link bandwidth, GB/s",
     "link_latency_ns": "TP/EP link latency per ring step, ns",
     "block_size": "KV block size in tokens (a shape: one compile per value)",
@@ -173,8 +175,22 @@ def _instance_inputs(base: SweepBase, point: dict, spec: InstanceSpec) -> dict:
 
 def _shared_inputs(base: SweepBase, point: dict) -> dict:
     workload = _workload(base, point.get("seed"), point.get("arrival_rate_scale", 1.0))
-    return dict(workload=workload, model=base.model, rt=base.runtime, profiles_dir=base.profiles_dir,
+    rt = base.runtime
+    if "kv_cache_dtype" in point:
+        rt = _with_kv_dtype(rt, point)
+    return dict(workload=workload, model=base.model, rt=rt, profiles_dir=base.profiles_dir,
                 max_slots=base.max_slots, scales={k: float(point.get(k, 1.0)) for k in _SCALE_KNOBS})
+
+
+def _with_kv_dtype(rt: ModelRuntimeConfig, point: dict) -> ModelRuntimeConfig:
+    """``rt`` with the point's ``kv_cache_dtype`` knob (which wins over an instance's own)."""
+    if "kv_cache_dtype" not in point:
+        return rt
+    try:
+        return dataclasses.replace(rt, kv_cache_dtype=point["kv_cache_dtype"])
+    except JaxsimInputError as e:
+        raise JaxsimInputError(f"sweep point (kv_cache_dtype={point['kv_cache_dtype']}): {e.where}", e.problem,
+                               e.fix) from None
 
 
 # base -> {(seed, scale): Workload}: the points of one base share trace objects (hence hashed
@@ -232,7 +248,8 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         specs = _instances(base, p)
         for spec in specs:
             kw = {**shared, **_instance_inputs(base, p, spec), "model": spec.model or base.model,
-                  "rt": simulator.instance_runtime(shared["rt"], spec), "placement": spec.placement}
+                  "rt": _with_kv_dtype(simulator.instance_runtime(shared["rt"], spec), p),
+                  "placement": spec.placement}
             sched = kw["sched"]
             max_blocks = simulator.block_table_width(w, sched.block_size)
             key = (id(w), sched.block_size, max_blocks)

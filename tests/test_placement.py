@@ -134,8 +134,8 @@ def test_a_weight_read_from_cxl_costs_the_load_chain_beyond_the_compute_chain(mo
     assert (t1 > t0) == (bw == 60.0)
 
 
-def test_the_offload_fraction_is_a_sweep_knob_of_one_compiled_shape(model):
-    """Points that differ in weights_offload_fraction differ in values only (KV blocks, load gates):
+def test_the_offload_fraction_and_kv_dtype_are_sweep_knobs_of_one_compiled_shape(model):
+    """Points that differ in weights_offload_fraction (or kv_cache_dtype) differ in values only (KV blocks, load gates):
     their tables stack into one shape, so they share one compile."""
     base = sweep.SweepBase(ONE, model, hardware=_cxl_hw(0.0), runtime=ModelRuntimeConfig(max_model_len=4096),
                            profiles_dir=PROFILES)
@@ -149,6 +149,12 @@ def test_the_offload_fraction_is_a_sweep_knob_of_one_compiled_shape(model):
     stacked = latency.stack_tables([a, b])
     assert int(stacked.wload_blocks[0].max()) == 0 and int(stacked.wload_blocks[1, -1]) == 4 * math.floor(
         250.0 + W_BLOCK / 60.0)
+    # the kv_cache_dtype knob likewise: blocks and the KV-read scale are values
+    fp8 = planning.plan(**sweep.point_inputs(base, {"kv_cache_dtype": "fp8"}), record_token_times=False)
+    assert fp8.num_blocks == 73_157 - 1 and float(fp8.tables.kv_read_scale) == 0.5 and fp8.approximations
+    assert jax.tree.map(np.shape, fp8.tables) == jax.tree.map(np.shape, a)
+    with pytest.raises(JaxsimInputError, match=r"^sweep point \(kv_cache_dtype=fp9\): model\.kv_cache_dtype: unknown"):
+        sweep.point_inputs(base, {"kv_cache_dtype": "fp9"})
 
 
 def test_pipeline_stages_with_offloaded_weights_are_refused(model):
@@ -175,7 +181,7 @@ def test_the_reference_placement_examples_load(model):
     assert (wp.embedding, wp.final_layernorm, wp.lm_head) == ("cxl:1", "cxl:2", "cxl:3")
     assert wp.blocks == ("cxl:0",) * 4 + ("cxl:1",) * 4 + ("cxl:2",) * 3 + ("cxl:3",) * 13 + ("cxl:0",) * 8
     assert [d.name for d in wp.devices] == ["cxl:0", "cxl:1", "cxl:2", "cxl:3"]
-    assert wp.device("cxl:2") == P.MemoryDevice("cxl:2", 60.0, 250.0, 1024.0) and cxl.kv_evict_loc == "cpu"
+    assert wp.device("cxl:2") == P.MemoryDevice("cxl:2", 60.0, 250.0, 256.0)  # 1024 GB over 4 devices and cxl.kv_evict_loc == "cpu"
     per_block = 16 * 2 * KV * L * 2
     assert planning.num_kv_blocks(model, cxl.hw, cxl.sched, ModelRuntimeConfig(), wp) == USABLE // per_block
     g = P.load_gates(wp, model, 2)
@@ -248,8 +254,8 @@ def test_json_dtypes_local_offloading_and_capacity(tmp_path, model):
     assert g["blocks"][0] == math.floor(V * H * 2 / 1597.0) + math.floor(W_BLOCK / 1597.0)
     rt = planning.instance_runtime(ModelRuntimeConfig(), spec)
     assert rt.kv_cache_dtype == "fp8" and planning.num_kv_blocks(model, spec.hw, spec.sched, rt) == 73_157
-    # 32 blocks x 436 MB on 4 devices of 1 GiB each: refused where the plans meet (plan_cluster)
-    (cxl,) = _load(_edited(tmp_path, lambda d: d["cxl_mem"].update(mem_size=1)))
+    # 32 blocks x 436 MB on 4 devices of 1 GiB each (mem_size 4 over 4 devices): refused where the plans meet (plan_cluster)
+    (cxl,) = _load(_edited(tmp_path, lambda d: d["cxl_mem"].update(mem_size=4)))
     pl = _plan(model, placement=cxl.placement)
     with pytest.raises(JaxsimInputError, match=r"^x: 2.60 GiB of weights placed on cxl:1, which holds 1 GiB"):
         planning.check_offload_capacity([pl], [cxl], model, "x")
