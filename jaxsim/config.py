@@ -604,7 +604,10 @@ _POSITIVE = Rule(lo=0, lo_open=True)
 _OTHER_KNOBS = {"hardware": (str, Rule()), "cluster": (str, Rule()), "seed": (int, Rule(lo=0)),
                 "compute_scale": (float, _POSITIVE), "memory_scale": (float, _POSITIVE),
                 "link_scale": (float, _POSITIVE), "arrival_rate_scale": (float, _POSITIVE),
-                "kv_cache_dtype": (str, Rule())}
+                "kv_cache_dtype": (str, Rule()),
+                # the KV tier's knobs (jaxsim.sweep._TIER_KNOBS): KVTierConfig's rules
+                "kv_tier_capacity_gb": (float, Rule(lo=0)), "kv_tier_bandwidth_gbps": (float, _POSITIVE),
+                "kv_tier_latency_ns": (float, Rule(lo=0)), "enable_prefix_sharing": (bool, Rule())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -776,4 +779,4 @@ def sweep_base(spec: RunSpec, cfg_sweep: dict | SweepOptions | None = None):
         scheduler=spec.scheduler, runtime=spec.model, calibration=spec.calibration,
         profiles_dir=spec.paths.profiles, hardware_options=hardware_options,
         synthetic=synthetic, slo_ttft_ms=opts.slo_ttft_ms, slo_tpot_ms=opts.slo_tpot_ms,
-        max_slots=spec.sim.max_slots)
+        max_slots=spec.sim.max_slots, kv_tier=spec.kv_tier)

@@ -25,7 +25,7 @@ from jaxsim.model import ModelConfig
 from jaxsim.planning import (Dims, Plan, block_table_width, bucket, check_block_sizes, check_kv_holds_context,
                              check_offload_capacity, check_requests_fit, check_token_ids, check_workload, instance_runtime,
                              latency_tables, needs_dp_sync, needs_releases,
-                             num_kv_blocks, place_instances, plan, tier_layout, workload_arrays, workload_hashes)
+                             lower_tier, num_kv_blocks, place_instances, plan, tier_layout, workload_arrays, workload_hashes)
 from jaxsim.results import IterationBufferFull, to_result
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
 

@@ -359,7 +359,7 @@ class KVTierConfig:
 
     storage: str = checked("none", choices=KV_TIER_STORAGES, noun="storage", fix="use none, cpu or cxl")
     enable_prefix_sharing: bool = False
-    capacity_gb: float | None = checked(None, lo=0, lo_open=True)  # GiB of one device (a node's CPU memory)
+    capacity_gb: float | None = checked(None, lo=0)  # GiB of one device (a node's CPU memory); 0 holds nothing
     bandwidth_gbps: float | None = checked(None, lo=0, lo_open=True, finite=False)  # GB/s = bytes/ns
     latency_ns: float | None = checked(None, lo=0)  # per recall
     chunk_size: int = checked(256, lo=1)  # tokens per chunk (LMCache's chunk_size), rounded down to blocks

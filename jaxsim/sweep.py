@@ -41,7 +41,7 @@ from jaxsim.engine.static import Static
 from jaxsim.engine.status import Status
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig,
+from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig,
                          Workload)
 from jaxsim.workload import synthetic_workload
 
@@ -55,6 +55,10 @@ KNOBS = {
                                 "on hardware.weights_offload_device: more KV blocks, a weight read per iteration",
     "kv_cache_dtype": "KV cache dtype (auto, fp8, ...): KV blocks, hand-off bytes, attention's KV-read time "
                       "(REFERENCE.md §1.14)",
+    "kv_tier_capacity_gb": "GiB of the KV tier's device below the GPU (SweepBase.kv_tier; 0 holds nothing)",
+    "kv_tier_bandwidth_gbps": "recall bandwidth of the KV tier's device, GB/s",
+    "kv_tier_latency_ns": "recall latency of the KV tier's device, ns",
+    "enable_prefix_sharing": "one KV-tier pool per node (cpu) / per cluster (cxl) instead of one per instance",
     "link_bw_gbps": "TP/EP link bandwidth, GB/s",
     "link_latency_ns": "TP/EP link latency per ring step, ns",
     "block_size": "KV block size in tokens (a shape: one compile per value)",
@@ -76,6 +80,9 @@ _HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_lat
 _SCHEDULER_KNOBS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
                     "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
 _SCALE_KNOBS = ("compute_scale", "memory_scale", "link_scale")
+# knob -> the KVTierConfig field it sets (the tier itself, its storage and chunk size, is the base's)
+_TIER_KNOBS = {"kv_tier_capacity_gb": "capacity_gb", "kv_tier_bandwidth_gbps": "bandwidth_gbps",
+               "kv_tier_latency_ns": "latency_ns", "enable_prefix_sharing": "enable_prefix_sharing"}
 
 
 @dataclasses.dataclass(eq=False)  # hashed by identity (the trace cache is keyed by the base)
@@ -98,6 +105,9 @@ class SweepBase:
     # ``hardware`` knob replaces each one's hardware). None: one instance of hardware+scheduler.
     instances: tuple | None = None  # of jaxsim.spec.InstanceSpec
     router: Router = Router()
+    # The KV tier below the GPU (CPU / CXL): its knobs (_TIER_KNOBS) vary its pools per point; its
+    # device fields must be set here (a cluster JSON's cpu_mem / cxl_mem: config.tier_from_cluster_json).
+    kv_tier: KVTierConfig = KVTierConfig()
     cluster_options: dict = dataclasses.field(default_factory=dict)  # name -> tuple of InstanceSpec
     links: LinkConfig = LinkConfig()  # KV links between instances (P/D designs)
     dp_sync: str = "moe"  # which DP groups run wave-synchronised (simulator.place_instances)
@@ -134,6 +144,10 @@ def _check_point(point: dict, base: SweepBase, where: str) -> None:
     if "cluster" in point and point["cluster"] not in base.cluster_options:
         raise JaxsimInputError(f"{where}.cluster", f"unknown cluster design {point['cluster']!r}",
                                f"known: {sorted(base.cluster_options)}")
+    tier_knobs = [k for k in point if k in _TIER_KNOBS]
+    if tier_knobs and not base.kv_tier.enabled:
+        raise JaxsimInputError(f"{where}.{tier_knobs[0]}", "the run has no KV tier below the GPU",
+                               "set kv_tier=cpu (or cxl) for the sweep's base")
     if "seed" in point and base.synthetic is None:
         raise JaxsimInputError(f"{where}.seed", "the seed knob needs a synthetic workload",
                                "use workload=synthetic_poisson (or SweepBase.synthetic)")
@@ -178,8 +192,14 @@ def _shared_inputs(base: SweepBase, point: dict) -> dict:
     rt = base.runtime
     if "kv_cache_dtype" in point:
         rt = _with_kv_dtype(rt, point)
+    try:
+        kv_tier = dataclasses.replace(base.kv_tier, **{f: point[k] for k, f in _TIER_KNOBS.items() if k in point})
+    except JaxsimInputError as e:
+        raise JaxsimInputError(f"sweep point ({', '.join(f'{k}={v}' for k, v in point.items())}): {e.where}",
+                               e.problem, e.fix) from None
     return dict(workload=workload, model=base.model, rt=rt, profiles_dir=base.profiles_dir,
-                max_slots=base.max_slots, scales={k: float(point.get(k, 1.0)) for k in _SCALE_KNOBS})
+                max_slots=base.max_slots, scales={k: float(point.get(k, 1.0)) for k in _SCALE_KNOBS},
+                kv_tier=kv_tier)
 
 
 def _with_kv_dtype(rt: ModelRuntimeConfig, point: dict) -> ModelRuntimeConfig:
@@ -252,13 +272,14 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                   "placement": spec.placement}
             sched = kw["sched"]
             max_blocks = simulator.block_table_width(w, sched.block_size)
-            key = (id(w), sched.block_size, max_blocks)
+            f = kw["kv_tier"].chunk_blocks(sched.block_size) if kw["kv_tier"].enabled else 0
+            key = (id(w), sched.block_size, max_blocks, f)
             if key not in arrays_cache:  # hashes are computed for every point: prefix caching is a knob
                 hkey = (id(w.token_ids), sched.block_size, max_blocks)
                 if hkey not in hashes_cache:
                     hashes_cache[hkey] = simulator.workload_hashes(w, sched.block_size, True, max_blocks)
                 arrays_cache[key] = simulator.workload_arrays(w, sched.block_size, True, max_blocks,
-                                                              hashes=hashes_cache[hkey])
+                                                              hashes=hashes_cache[hkey], chunk_blocks=f)
             insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
         insts = simulator.place_instances(insts, specs, base.links, base.model, base.dp_sync,
                                           key=f"sweep point {len(plans)}: instances")
@@ -281,21 +302,22 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     groups: dict = {}
     for i, insts in enumerate(plans):
         key = (insts[0].block_size, insts[0].dims.num_requests, simulator.needs_releases(insts),
-               simulator.needs_dp_sync(insts))
+               simulator.needs_dp_sync(insts), simulator.lower_tier(insts[0].kv_tier, insts[0].block_size))
         groups.setdefault(key, []).append(i)
 
     rows: list = [None] * len(points)
     requests: list | None = [None] * len(points) if keep_requests else None
     sim_s = 0.0
     bar = _progress(len(points), progress)
-    for (block_size, _, releases, dp_sync), members in groups.items():
+    for (block_size, _, releases, dp_sync, _), members in groups.items():
         # A chunk loops until its slowest configuration is done, so chunks gather configurations
         # of similar length: longest trace (arrival span) first, ties in point order.
         members = sorted(members, key=lambda i: -_arrival_span(plans[i][0].workload))
         dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]])
         n_inst = max(len(plans[i]) for i in members)
         static = dims.static(block_size, record_iterations=False, num_instances=n_inst, releases=releases,
-                             dp_sync=dp_sync, **({"router": base.router} if _is_cluster(base) else {}))
+                             dp_sync=dp_sync, kv_tier=plans[members[0]][0].kv_tier,
+                             **({"router": base.router} if _is_cluster(base) else {}))
         max_steps = dims.max_steps(n_inst)  # the step limit follows the iterations a run may take
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
         dims = dataclasses.replace(dims, max_iters=1)
@@ -315,10 +337,13 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             host = jax.device_get(dict(
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,
                 status=final.status, n_iters=final.inst.n_iters.sum(axis=1),
-                preemptions=final.inst.counters.preemptions.sum(axis=1)))
+                preemptions=final.inst.counters.preemptions.sum(axis=1),
+                tier_hits=final.inst.counters.tier_hits.sum(axis=1)))
             for k, i in enumerate(idx):
                 one = {f: v[k] for f, v in host.items()}
                 row, sim = config_metrics(plans[i][0].workload, one, base.slo_ttft_ms, base.slo_tpot_ms)
+                if base.kv_tier.enabled:
+                    row[f"{base.kv_tier.storage}_hit_tokens"] = int(one["tier_hits"])
                 rows[i] = {"config": i, **points[i], **row}
                 sim_s += sim
                 if keep_requests:

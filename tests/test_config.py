@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from jaxsim import config as jconfig
 from jaxsim.errors import JaxsimInputError
 from jaxsim.metrics import OutputOptions
-from jaxsim.spec import Calibration, HardwareConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
+from jaxsim.spec import Calibration, HardwareConfig, KVTierConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig, Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -189,7 +189,7 @@ def test_schema_type_errors_at_compose():
 # `sweep` (-> SweepOptions, a flat slo), `cluster` (-> ClusterSpec: instance entries, routing),
 # `paths` (-> Paths, with interpolations) and `output_dir`.
 SPEC_GROUPS = {"hardware": HardwareConfig, "model": ModelRuntimeConfig, "scheduler": SchedulerConfig,
-               "calibration": Calibration, "sim": jconfig.SimOptions, "output": OutputOptions}
+               "calibration": Calibration, "sim": jconfig.SimOptions, "output": OutputOptions, "kv_tier": KVTierConfig}
 OTHER_SECTIONS = {"workload", "sweep", "cluster", "paths", "output_dir"}
 # A valid value for every field, other than the default where the rest of the config allows it.
 OVERRIDES = {
@@ -205,6 +205,8 @@ OVERRIDES = {
                       prefix_stats_every_attempt=False, prefix_index_all_copies=False),
     "calibration": dict(iteration_overhead_ns=1, first_token_delay_ns=2, token_output_delay_ns=3, step_cpu_ns=4,
                         seq_cpu_ns=5),
+    "kv_tier": dict(storage="cxl", enable_prefix_sharing=True, capacity_gb=64.0, bandwidth_gbps=32.0, latency_ns=300.0,
+                    chunk_size=512, min_gain="chunk"),
     "sim": dict(max_slots=64, record_token_times=False, max_iterations=1000, progress=False, compile_cache=False,
                 compile_cache_dir="/tmp/jaxsim-cache"),
     "output": dict(requests_format="csv", itl_lists=True, reference_csv=True),
@@ -227,7 +229,7 @@ def test_every_spec_field_overrides_from_the_command_line():
                                         for g, values in OVERRIDES.items() for k, v in values.items()]
     r = spec(overrides)
     got = {"hardware": r.hardware, "model": r.model, "scheduler": r.scheduler, "calibration": r.calibration,
-           "sim": r.sim, "output": r.output}
+           "sim": r.sim, "output": r.output, "kv_tier": r.kv_tier}
     for group, cls in SPEC_GROUPS.items():
         assert got[group] == cls(**OVERRIDES[group]), group
 

@@ -176,3 +176,19 @@ def test_tier_needs_prefix_caching_and_a_device():
         simulator.plan_cluster(W, MODEL, [off], kv_tier=SHARED, profiles_dir=PROFILES)
     with pytest.raises(JaxsimInputError, match="kv_tier.capacity_gb"):
         simulator.prepare_cluster(W, MODEL, [PRO, PRO], kv_tier=KVTierConfig(storage="cxl"), profiles_dir=PROFILES)
+
+
+def test_tier_knobs_vary_per_configuration_in_one_compiled_sweep(shared):
+    """Capacity and sharing are sweep knobs: one group (one compile), and each point's tier hits
+    equal its own run's (shared 6 chunks: requests 1 and 5 hit; 4 chunks: request 1 only;
+    private: none)."""
+    from jaxsim import sweep
+    base = sweep.SweepBase(workload=W, model=MODEL, profiles_dir=PROFILES, instances=(PRO, PRO),
+                           router=routing.Router("round_robin"), max_slots=8, kv_tier=SHARED)
+    gib = 256 * 131_072 / 2**30
+    points = sweep.expand_grid({"kv_tier_capacity_gb": [4 * gib, 6 * gib], "enable_prefix_sharing": [False, True]})
+    r = sweep.sweep(base, points, progress=False)
+    assert r.num_groups == 1
+    assert [row["cpu_hit_tokens"] for row in r.rows] == [0, 512, 0, 1024]
+    with pytest.raises(JaxsimInputError, match="no KV tier"):
+        sweep.sweep(sweep.SweepBase(workload=W, model=MODEL, profiles_dir=PROFILES), [{"kv_tier_capacity_gb": 1.0}])
