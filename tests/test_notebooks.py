@@ -8,6 +8,8 @@ Per-notebook checks then assert real values from the namespace.
 
 Compile budget: colocated_vs_disaggregated compiles twice (the co-located and the P/D cluster
 loop, ~15-18 s each on a 2-core CPU); every other run reuses them.
+cpu_kv_tier compiles once (one cluster loop with a CPU tier) and reuses it for its 15 runs (same
+workload, instances and chunk size; only the tier's capacity, bandwidth and sharing differ).
 """
 
 import json
@@ -112,12 +114,69 @@ def _check_colocated_vs_disaggregated(ns: dict):
     assert any("TPOT p99" in line and any(d in line for d in designs) for line in lines)
 
 
-CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated}
+def _check_cpu_kv_tier(ns: dict):
+    from matplotlib.figure import Figure
+
+    n, results, m = ns["N_REQUESTS"], ns["results"], ns["m"]
+    caps, bws, sharing = ns["CAPACITIES"], ns["BANDWIDTHS"], ns["SHARING_CAPS"]
+    # the runs of every sweep, all with every request finished
+    assert {("none", 0), ("burst", 0)} | {("shared", c) for c in caps} | {("private", c) for c in sharing} \
+        | {("bw", b) for b in bws} <= set(results)
+    chunk_bytes = 256 * 131_072  # a 256-token chunk of Llama-3.1-8B KV in bf16
+    for key, res in results.items():
+        assert m[key]["finished"] == n and m[key]["unfinished"] == 0, key
+        # prefix hits split exactly into the GPU's and the CPU tier's (counted once per request)
+        tier = res.stats["kv_tier"]
+        assert res.stats["prefix_hit_tokens"] + tier["hit_tokens"] == int(res.prefix_hit_tokens.sum()), key
+        assert tier["hit_tokens"] <= tier["recalled_chunks"] * 256, key  # a straddling chunk is read whole
+        for p in tier["pools"].values():  # chunks conserved, no pool over capacity
+            assert p["written_chunks"] - p["evicted_chunks"] == p["resident_chunks"] <= p["capacity_chunks"], key
+        assert int(np.max(res.iter_tier_resident)) <= max(p["capacity_chunks"] for p in tier["pools"].values())
+        assert m[key]["recall_gib"] == pytest.approx(tier["recalled_chunks"] * chunk_bytes / 2**30), key
+    # "no tier": an empty pool that serves nothing
+    for key in (("none", 0), ("burst", 0)):
+        assert results[key].stats["kv_tier"]["hit_tokens"] == 0
+        assert [p["capacity_chunks"] for p in results[key].stats["kv_tier"]["pools"].values()] == [0]
+    # a shared pool holds the node's capacity; private pools half each
+    for c in sharing:
+        assert [p["capacity_chunks"] for p in m["shared", c]["pools"].values()] == [c * 2**30 // chunk_bytes]
+        assert [p["capacity_chunks"] for p in m["private", c]["pools"].values()] == [c * 2**30 // 2 // chunk_bytes] * 2
+    # the GPU cache cannot keep every prefix, so a large enough shared pool raises the hit rate and
+    # cuts the median TTFT; the recall is on the critical path: the slowest link gives the worst TTFT
+    none, top = m["none", 0], m["shared", caps[-1]]
+    assert none["cpu_hit"] == 0 and top["cpu_hit"] > 0.1 and top["hit"] > none["hit"] + 0.1
+    assert top["ttft_p50"] < none["ttft_p50"]
+    assert m["bw", bws[0]]["ttft_p50"] > m["bw", bws[-1]]["ttft_p50"]
+    assert m["bw", bws[0]]["ttft_p99"] > m["bw", bws[-1]]["ttft_p99"]
+    assert top["hit"] <= ns["REUSABLE"] + 0.01  # never above what an unbounded cache could serve
+    # the same node memory serves more from a shared pool than from private ones (round-robin routing)
+    assert m["shared", sharing[-1]]["cpu_hit"] > m["private", sharing[-1]]["cpu_hit"]
+    # at saturation, the saved prefill is throughput
+    assert m["burst", caps[-1]]["rps"] > m["burst", 0]["rps"]
+
+    # plots: hits / TTFT / compute against capacity, TTFT and throughput against bandwidth, sharing
+    for fig, k in ((ns["fig_capacity"], 4), (ns["fig_bandwidth"], 2), (ns["fig_sharing"], 3)):
+        assert isinstance(fig, Figure) and len(fig.axes) == k  # fig_capacity: 3 panels + a twin axis
+    hits_ax, ttft_ax = ns["fig_capacity"].axes[:2]
+    assert len(hits_ax.lines) >= 3 and len(ttft_ax.lines) == 2
+    assert all(len(line.get_xdata()) == len(caps) + 1 for line in ttft_ax.lines)
+    assert len(ns["fig_bandwidth"].axes[0].lines) == 4
+    assert len(ns["fig_sharing"].axes[0].lines) == 2
+    # the conclusions are computed and cover capacity, bandwidth, sharing and saturation
+    text = "\n".join(ns["conclusions"])
+    for word in ("Capacity", "TTFT p50 beats", "TTFT p99", "Sharing", "saturation"):
+        assert word in text, word
+
+
+CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated,
+          "cpu_kv_tier.ipynb": _check_cpu_kv_tier}
 
 
 # The P/D notebook compiles three cluster designs (~55 s on 2 cores): it runs with `-m slow`; the P/D
-# engine paths it drives are covered at small shapes by tests/test_disagg.py.
-SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb",)
+# engine paths it drives are covered at small shapes by tests/test_disagg.py. The CPU KV tier notebook
+# compiles one cluster loop and runs it 15 times (~50-60 s): `-m slow` too; tests/test_kv_tier.py
+# covers the tier's engine paths at small shapes.
+SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb", "cpu_kv_tier.ipynb")
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_NOTEBOOKS else p
