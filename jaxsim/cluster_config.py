@@ -31,8 +31,9 @@ maps each instance's fields onto the same dataclasses (``pd_type`` to the role, 
 position to ``node``, ``tp_size``/``pp_size``/``ep_size``/``dp_group``, a per-dimension
 ``link_bw``/``link_latency`` list to the two link levels) and rejects what the engine does not
 model yet (attention offloading, sub-batch interleaving, block copy, a KV cache held off the NPU,
-power): a cluster is never simulated with a field ignored. Weight placement, local offloading,
-``cxl_mem`` and the dtypes are modelled (:mod:`jaxsim.placement`, REFERENCE.md §1.10, §1.14).
+power): a cluster is never simulated with a field ignored. Weight placement, the KV cache's
+``kv_loc``, local offloading, ``cxl_mem`` and the dtypes are modelled (:mod:`jaxsim.placement`,
+REFERENCE.md §1.10, §1.14, §1.16).
 (``npu_mem.mem_bw``/``mem_latency`` are required by the format but have no effect, the profiles
 holding the measured kernel times, unless ``enable_local_offloading`` reads the weights at them.)
 
@@ -120,7 +121,8 @@ _JSON_SCHEDULER = ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token
 # they are refused rather than ignored.
 _JSON_UNSUPPORTED = {"enable_attn_offloading": (False,),
                      "enable_sub_batch_interleaving": (False,), "enable_block_copy": (False,),
-                     # an instance-level kv_loc (the placement's kv_loc entries: jaxsim.placement)
+                     # an instance-level kv_loc: refused before this table with its own hint (the KV
+                     # cache is placed by the placement's kv_loc entries: jaxsim.placement)
                      "kv_loc": ("npu",)}
 # Weight placement and dtypes (REFERENCE.md §1.10, §1.14): jaxsim.placement, planning.profile_variant.
 _JSON_MEMORY = ("placement", "enable_local_offloading", "dtype", "kv_cache_dtype")
@@ -316,8 +318,9 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
     An instance serving another model than ``model_name`` gets that model's config from
     ``models_dir`` (without it, such an instance is refused).
 
-    Memory (REFERENCE.md §1.10, §1.14): the top-level ``cxl_mem`` and each instance's
-    ``placement`` / ``enable_local_offloading`` become its ``placement`` and ``kv_evict_loc``
+    Memory (REFERENCE.md §1.10, §1.14, §1.16): the top-level ``cxl_mem`` and each instance's
+    ``placement`` / ``enable_local_offloading`` become its ``placement`` (with ``kv_loc`` cpu or
+    cxl:<id>, the KV cache's device and how many instances share it) and ``kv_evict_loc``
     (:func:`jaxsim.placement.json_instance_placement`; needs ``models_dir`` for the layer count);
     ``dtype`` / ``kv_cache_dtype`` its own dtypes, checked against the profile variants in
     ``profiles_dir`` when given (:func:`jaxsim.planning.profile_variant`: fp8 weights need an
@@ -379,6 +382,10 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                     raise JaxsimInputError(f"{where}.model_name", f"{model!r}, but the run's model is {model_name!r}",
                                            "set model.name to it, or give the models folder")
                 other = _model_named(models_dir, model, f"{where}.model_name")
+            if inst.get("kv_loc", "npu") != "npu":
+                raise JaxsimInputError(f"{where}.kv_loc", f"{inst['kv_loc']!r}: an instance-level kv_loc is not "
+                                       "read (the KV cache is placed per block)",
+                                       f"use placement.default.kv_loc {json.dumps(inst['kv_loc'])}")
             for key, neutral in _JSON_UNSUPPORTED.items():
                 if key in inst and inst[key] not in neutral:
                     raise JaxsimInputError(f"{where}.{key}", f"{inst[key]!r} is not modelled yet",
@@ -405,4 +412,9 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
                                                 dp_group=inst.get("dp_group"), model=other, **memory), where))
     if not out:
         raise JaxsimInputError(str(path), "the cluster has no instances")
+    # A KV cache off the NPU (placement kv_loc, REFERENCE.md §1.16): the instances keeping theirs on
+    # one device (a node's host memory, a CXL device) split its capacity evenly.
+    sharers = placement_lib.kv_sharers([spec.placement for spec in out], [spec.node for spec in out])
+    out = [dataclasses.replace(spec, placement=dataclasses.replace(spec.placement, kv_sharers=k))
+           if spec.placement is not None and spec.placement.kv_off_npu else spec for spec, k in zip(out, sharers)]
     return out, links

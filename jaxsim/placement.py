@@ -34,9 +34,42 @@ Two ways to describe a placement:
   ``round(weights_offload_fraction * L)`` blocks on ``weights_offload_device`` at
   ``offload_bw_gbps`` / ``offload_latency_ns``.
 
-``kv_loc`` other than ``npu`` (the KV cache itself in host or CXL memory) is refused, naming the
-field: it is never ignored (§1.16). ``kv_evict_loc`` (where evicted KV goes: the lower KV tier) is
-validated and kept on :class:`jaxsim.spec.InstanceSpec` for the tier.
+The KV cache itself off the accelerator (REFERENCE.md §1.16 row ``kv_loc``: "capacity from that
+tier, per-step KV read time = bytes / tier bandwidth"; §1.3 for the block bytes): ``kv_loc`` ``cpu``
+or ``cxl:<id>`` on every transformer block (or the Hydra field ``kv_offload_device``) keeps every
+KV block in that device's memory:
+
+* capacity (:func:`kv_device_blocks`, called by :func:`jaxsim.planning.num_kv_blocks`): the
+  instance's share of the device, ``floor(capacity_gb * 2^30 / sharers)`` bytes less its own
+  weights placed on the same device (all ranks), over the bytes of one block on all ranks
+  (``block_size x K+V bytes per token per rank x tp x pp``). The device's capacity is the node's
+  ``cpu_mem.mem_size`` for ``cpu`` and ``cxl_mem.mem_size / num_devices`` for ``cxl:<id>``; the
+  sharers are the instances that keep their KV there (the node's instances for ``cpu``, the
+  cluster's for a CXL device; :func:`kv_sharers`). No utilisation factor applies to the device.
+  The GPU's leftover memory (``util x device - weights - reserve``, the KV share of §1.3) is then
+  unused: the instance holds no KV on the GPU. An explicit ``hardware.num_gpu_blocks`` still wins.
+  The device's capacity is checked with its weights (:func:`check_capacity`).
+* time (:func:`kv_read_params` -> the ``kvloc_*`` fields of
+  :class:`~jaxsim.latency.profile.LatencyTables`, values, so sweep points share a compile): every
+  iteration each block reads, at its start, the KV of the tokens the batch attends over (the
+  decodes' KV lengths plus the prefill chunks' histories, ``kvd_sum + kp`` of the
+  :class:`~jaxsim.latency.base.BatchShape`) for its layer: ``floor(latency + tokens x K+V bytes
+  per token per layer per rank / bandwidth)`` ns, the blocks' reads queued on the device one after
+  the other from the iteration's start, and a block starts once its KV has arrived; the iteration
+  takes the critical path with the compute chain exactly as the weight loads
+  (:func:`jaxsim.latency.profile.kv_read_ns`, ``_weight_loads``). The KV of the new tokens is
+  computed on the NPU and its write-back is not charged.
+
+Limits, stated: every block keeps its KV on one device (``kv_loc`` differing between blocks is
+refused, naming the JSON path of the first block that differs); the ``embedding``,
+``final_layernorm`` and ``lm_head`` hold no KV, so an explicit ``layers.<name>.kv_loc`` other than
+the blocks' device is refused; pp > 1 with an off-NPU KV cache is refused (``hardware.pp``); KV
+reads and weight loads on one device are separate chains, and instances do not contend for a
+device's bandwidth (as for the weights); a P/D hand-off or a KV-tier recall moves the KV as if it
+were on the GPU; the run's ``gpu_mem_gib`` series still counts the KV blocks in use.
+
+``kv_evict_loc`` (where evicted KV goes: the lower KV tier) is validated and kept on
+:class:`jaxsim.spec.InstanceSpec` for the tier.
 """
 
 import dataclasses
@@ -80,6 +113,15 @@ class WeightPlacement:
     lm_head: str = "npu"
     devices: tuple = ()  # of MemoryDevice
     hbm: MemoryDevice | None = None
+    # The KV cache (REFERENCE.md §1.16 kv_loc): "npu", or the device every block keeps its KV in,
+    # with its MemoryDevice (capacity_gb: the whole device), the instances whose KV shares the
+    # device (its capacity split evenly; set by the cluster JSON loader, :func:`kv_sharers`; 0: a
+    # device of this instance alone, Hydra's kv_offload_capacity_gb, not summed with others') and
+    # the setting that placed it (for errors).
+    kv: str = "npu"
+    kv_device: MemoryDevice | None = None
+    kv_sharers: int = 1
+    kv_src: str = "hardware.kv_offload_device"
 
     def block(self, i: int) -> str:
         return self.blocks[i] if self.blocks else "npu"
@@ -94,6 +136,16 @@ class WeightPlacement:
         """Whether any weights are off the accelerator (or read through HBM)."""
         return self.hbm is not None or any(d != "npu" for d in (self.embedding, self.final_layernorm, self.lm_head,
                                                                *self.blocks))
+
+    @property
+    def kv_off_npu(self) -> bool:
+        """Whether the KV cache sits off the accelerator (``kv_loc`` cpu or cxl:<id>)."""
+        return self.kv != "npu"
+
+    @property
+    def placed(self) -> bool:
+        """Whether anything differs from everything on the NPU (weights, HBM reads or the KV)."""
+        return self.off_npu or self.kv_off_npu
 
     def device(self, name: str) -> MemoryDevice:
         for d in self.devices:
@@ -163,6 +215,51 @@ def load_gates(placement: WeightPlacement, model, weight_bytes: int, tp: int = 1
     return {"prologue": ends[0], "blocks": np.asarray(ends[1:-2], np.int64), "head": max(ends[-2], ends[-1])}
 
 
+def kv_device_blocks(placement: WeightPlacement, model, block_size: int, kv_bytes: int, weight_bytes: int,
+                     tp: int = 1, pp: int = 1, ep: int = 1) -> int:
+    """KV blocks of an instance whose KV cache sits on ``placement.kv_device`` (REFERENCE.md §1.16
+    kv_loc, §1.3 block bytes)::
+
+        share  = floor(capacity_gb * 2^30 / max(kv_sharers, 1)) - weights of this instance on the device x tp
+        blocks = share // (block_size * kv_bytes_per_token_per_rank * tp * pp)
+
+    Raises :class:`JaxsimInputError` at ``placement.kv_src`` when the share holds no block."""
+    dev = placement.kv_device
+    share = math.floor(dev.capacity_gb * 2**30 / max(placement.kv_sharers, 1))
+    own = offloaded_bytes(placement, model, weight_bytes, tp, ep).get(dev.name, 0) * tp
+    per_block = block_size * model.kv_bytes_per_token_per_rank(kv_bytes, tp=tp, pp=pp) * tp * pp
+    blocks = (share - own) // per_block
+    if blocks <= 0:
+        who = f"shared by {placement.kv_sharers} instances" if placement.kv_sharers > 1 else "for this instance"
+        raise JaxsimInputError(placement.kv_src, f"{placement.kv!r}: the KV cache on {dev.name} ({dev.capacity_gb:g} GiB "
+                               f"{who}, less {own / 2**30:.2f} GiB of this instance's weights there) holds no block "
+                               f"of {per_block} bytes", "use a larger device, fewer instances on it, or kv_loc npu")
+    return int(blocks)
+
+
+def kv_read_params(placement: WeightPlacement, model, kv_bytes: int, tp: int = 1) -> dict:
+    """The ``kvloc_*`` fields of :class:`jaxsim.latency.profile.LatencyTables` for an off-NPU KV
+    cache (REFERENCE.md §1.16 kv_loc): the device's latency (ns per read) and bandwidth (bytes/ns),
+    and the K+V bytes of one token of one layer on one rank, ``2 * kv_dim * kv_bytes / tp``
+    (:meth:`jaxsim.model.ModelConfig.kv_bytes_per_token_per_rank` over L). Zero bytes (no reads)
+    when the KV is on the NPU."""
+    if not placement.kv_off_npu:
+        return {"kvloc_lat": 0.0, "kvloc_bw": 1.0, "kvloc_bytes": 0.0}
+    dev = placement.kv_device
+    return {"kvloc_lat": float(dev.latency_ns), "kvloc_bw": float(dev.bw_gbps),
+            "kvloc_bytes": model.kv_bytes_per_token_per_rank(kv_bytes, tp=tp) / model.num_layers}
+
+
+def kv_sharers(placements: list, nodes: list) -> list:
+    """Per instance, how many instances keep their KV cache on its KV device (REFERENCE.md §1.16
+    kv_loc, §3.1): a node's host memory (``cpu``) is shared by that node's instances placing their
+    KV there, a CXL device ``cxl:<id>`` by the cluster's. 1 for an instance with its KV on the NPU
+    (or no placement)."""
+    keys = [None if wp is None or not wp.kv_off_npu else ((node, wp.kv) if wp.kv == "cpu" else (None, wp.kv))
+            for wp, node in zip(placements, nodes)]
+    return [1 if k is None else keys.count(k) for k in keys]
+
+
 # ------------------------------------------------------------------------------------------------
 # The Hydra description (HardwareConfig fields)
 # ------------------------------------------------------------------------------------------------
@@ -174,20 +271,35 @@ def offload_block_count(fraction: float, num_layers: int) -> int:
     return int(math.floor(fraction * num_layers + 0.5))
 
 
+def _hw_device(hw, kind: str, capacity_gb=None) -> MemoryDevice:
+    if kind == "cpu":
+        return MemoryDevice("cpu", hw.offload_bw_gbps if hw.offload_bw_gbps is not None else hw.cpu_mem_bw_gbps,
+                            hw.offload_latency_ns if hw.offload_latency_ns is not None else hw.cpu_mem_latency_ns,
+                            capacity_gb)
+    return MemoryDevice("cxl:0", hw.offload_bw_gbps, hw.offload_latency_ns or 0.0, capacity_gb)
+
+
 def from_hardware(hw, num_layers: int) -> WeightPlacement:
     """The placement a :class:`jaxsim.spec.HardwareConfig` describes: the last
     :func:`offload_block_count` blocks on ``weights_offload_device`` (``cpu``: host memory, with
     ``cpu_mem_bw_gbps`` / ``cpu_mem_latency_ns`` unless ``offload_bw_gbps`` / ``offload_latency_ns``
-    are set; ``cxl``: one CXL device, ``cxl:0``, at ``offload_bw_gbps`` / ``offload_latency_ns``)."""
+    are set; ``cxl``: one CXL device, ``cxl:0``, at ``offload_bw_gbps`` / ``offload_latency_ns``),
+    and the KV cache on ``kv_offload_device`` (``none``: the NPU; ``cpu`` / ``cxl`` as for the
+    weights, with ``kv_offload_capacity_gb`` GiB for this instance's KV: a Hydra instance's device
+    is its own, ``kv_sharers`` 0, and its weights' device has no capacity to check)."""
     n = offload_block_count(hw.weights_offload_fraction, num_layers)
-    if n == 0:
+    kv = getattr(hw, "kv_offload_device", "none")
+    if n == 0 and kv == "none":
         return NPU_ONLY
-    if hw.weights_offload_device == "cpu":
-        dev = MemoryDevice("cpu", hw.offload_bw_gbps if hw.offload_bw_gbps is not None else hw.cpu_mem_bw_gbps,
-                           hw.offload_latency_ns if hw.offload_latency_ns is not None else hw.cpu_mem_latency_ns)
-    else:
-        dev = MemoryDevice("cxl:0", hw.offload_bw_gbps, hw.offload_latency_ns or 0.0)
-    return WeightPlacement(blocks=("npu",) * (num_layers - n) + (dev.name,) * n, devices=(dev,))
+    out = WeightPlacement()
+    if n:
+        dev = _hw_device(hw, hw.weights_offload_device)
+        out = WeightPlacement(blocks=("npu",) * (num_layers - n) + (dev.name,) * n, devices=(dev,))
+    if kv != "none":
+        kdev = _hw_device(hw, kv, hw.kv_offload_capacity_gb)
+        out = dataclasses.replace(out, kv=kdev.name, kv_device=kdev, kv_sharers=0,
+                                  kv_src="hardware.kv_offload_device")
+    return out
 
 
 def resolve(placement: "WeightPlacement | None", hw, num_layers: int, where: str = "hardware") -> WeightPlacement:
@@ -195,6 +307,10 @@ def resolve(placement: "WeightPlacement | None", hw, num_layers: int, where: str
     describes. Both at once is refused (``<where>.weights_offload_fraction``)."""
     if placement is None:
         return from_hardware(hw, num_layers)
+    if getattr(hw, "kv_offload_device", "none") != "none":
+        raise JaxsimInputError(f"{where}.kv_offload_device", f"{hw.kv_offload_device!r}, but the instance already has "
+                               "a placement (a cluster JSON's `placement`, whose kv_loc places its KV cache)",
+                               "use one of them: set kv_offload_device to none, or place the KV with kv_loc")
     if hw.weights_offload_fraction > 0:
         raise JaxsimInputError(f"{where}.weights_offload_fraction", f"{hw.weights_offload_fraction:g}, but the instance "
                                "already has a weight placement (a cluster JSON's `placement`)",
@@ -205,12 +321,17 @@ def resolve(placement: "WeightPlacement | None", hw, num_layers: int, where: str
 
 
 def check_capacity(plans: list, placements: list, nodes: list, key: str) -> None:
-    """Off-NPU weights fit their devices (REFERENCE.md §1.16: charged to host/CXL capacity): the
-    per-rank bytes times the TP ranks of every instance, summed per node for ``cpu`` and over the
-    cluster for each ``cxl:<id>``, within the device's ``capacity_gb`` (when known).
+    """Off-NPU weights and KV caches fit their devices (REFERENCE.md §1.16: charged to host/CXL
+    capacity): the per-rank weight bytes times the TP ranks of every instance, plus the KV blocks
+    of every instance whose KV cache sits on a shared device (``kv_sharers`` >= 1: ``(num_blocks +
+    null block) x block_size x K+V bytes per token per rank x tp x pp``), summed per node for
+    ``cpu`` and over the cluster for each ``cxl:<id>``, within the device's ``capacity_gb`` (when
+    known). (Each KV share is sized to fit with its instance's own weights; this catches weights of
+    other instances on the device.)
 
     ``plans[i].offloaded`` is instance i's :func:`offloaded_bytes`; ``placements[i]`` its placement."""
     used: dict = {}
+    kv_used: dict = {}
     caps: dict = {}
     for pl, wp, node in zip(plans, placements, nodes):
         for dev, nbytes in pl.offloaded.items():
@@ -219,11 +340,20 @@ def check_capacity(plans: list, placements: list, nodes: list, key: str) -> None
             cap = wp.device(dev).capacity_gb
             if cap is not None:
                 caps[k] = cap
+        if wp.kv_off_npu and wp.kv_sharers >= 1 and wp.kv_device.capacity_gb is not None:
+            k = (node, wp.kv) if wp.kv == "cpu" else (None, wp.kv)
+            nbytes = (pl.num_blocks + pl.null_block) * pl.block_size * pl.kv_rank_token_bytes * pl.tp * pl.pp
+            used[k] = used.get(k, 0) + nbytes
+            kv_used[k] = kv_used.get(k, 0) + nbytes
+            caps[k] = wp.kv_device.capacity_gb
     for k, nbytes in used.items():
         if k in caps and nbytes > caps[k] * 2**30:
             dev = k[1] if k[0] is None else f"node {k[0]}'s cpu"
-            raise JaxsimInputError(key, f"{nbytes / 2**30:.2f} GiB of weights placed on {dev}, which holds "
-                                   f"{caps[k]:g} GiB", "place fewer layers there or use a larger device")
+            kv = kv_used.get(k, 0)
+            what = (f"{(nbytes - kv) / 2**30:.2f} GiB of weights and {kv / 2**30:.2f} GiB of KV cache" if kv
+                    else f"{nbytes / 2**30:.2f} GiB of weights")
+            raise JaxsimInputError(key, f"{what} placed on {dev}, which holds {caps[k]:g} GiB",
+                                   "place fewer layers there or use a larger device")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,10 +453,13 @@ def parse_placement(d, where: str, num_layers: int, *, cpu: MemoryDevice, cxl: t
 
     Each of ``weights``, ``kv_loc``, ``kv_evict_loc`` of a layer comes from its ``layers`` entry,
     else the block range that holds it, else ``default``, else the reference's defaults (npu, npu,
-    cpu). Raises :class:`JaxsimInputError` naming the JSON path of: an unknown key or layer name,
-    a device other than ``npu``/``cpu``/``cxl:<id>`` with ``id < num_devices``, a bad or
-    out-of-bounds block range, two ranges that overlap, a ``kv_loc`` other than ``npu`` (KV placed
-    in host or CXL memory is not modelled), and ``kv_evict_loc`` values that differ between layers
+    cpu). The blocks' ``kv_loc`` places the KV cache (module docstring: ``cpu`` / ``cxl:<id>``
+    keep it in that device's memory). Raises :class:`JaxsimInputError` naming the JSON path of: an
+    unknown key or layer name, a device other than ``npu``/``cpu``/``cxl:<id>`` with ``id <
+    num_devices``, a bad or out-of-bounds block range, two ranges that overlap, a ``kv_loc`` that
+    differs between blocks (the first block that differs from block 0), an explicit
+    ``layers.<name>.kv_loc`` other than the blocks' (those layers hold no KV), ``kv_loc: cpu``
+    on a node without ``cpu_mem.mem_size``, and ``kv_evict_loc`` values that differ between layers
     (the lower KV tier is one per instance).
     """
     d = {} if d is None else d
@@ -371,11 +504,25 @@ def parse_placement(d, where: str, num_layers: int, *, cpu: MemoryDevice, cxl: t
         named_src[name] = {**src_default, **{k: f"{where}.layers.{name}.{k}" for k in vals}}
     everything = [(named_src["embedding"], named["embedding"]), *zip(block_src, block_vals),
                   *((named_src[n], named[n]) for n in NAMED_LAYERS[1:])]
-    for src, vals in everything:
-        if vals["kv_loc"] != "npu":
-            raise JaxsimInputError(src["kv_loc"], f"{vals['kv_loc']!r}: a KV cache held in host or CXL memory is not "
-                                   "modelled (jaxsim keeps the KV cache on the NPU; evicted KV goes to the lower tier, "
-                                   "kv_evict_loc)", "use \"npu\"")
+    kv = block_vals[0]["kv_loc"]
+    for b, (src, vals) in enumerate(zip(block_src, block_vals)):
+        if vals["kv_loc"] != kv:
+            raise JaxsimInputError(src["kv_loc"], f"{vals['kv_loc']!r} for block {b} but {kv!r} for block 0 "
+                                   f"({block_src[0]['kv_loc']}): a KV cache split over devices is not modelled",
+                                   "give every block the same kv_loc")
+    for name in NAMED_LAYERS:
+        explicit = (layers.get(name) or {}).get("kv_loc")
+        if explicit is not None and explicit != kv:
+            raise JaxsimInputError(f"{where}.layers.{name}.kv_loc", f"{explicit!r}, but the {name} holds no KV cache and "
+                                   f"the blocks keep theirs on {kv!r}", f'leave it out or use "{kv}"')
+    kv_device = None
+    if kv == "cpu":
+        if cpu.capacity_gb is None:
+            raise JaxsimInputError(block_src[0]["kv_loc"], "'cpu': a KV cache in the node's host memory needs its "
+                                   "capacity, and the node has no cpu_mem.mem_size", "give the node's cpu_mem.mem_size (GB)")
+        kv_device = cpu
+    elif kv.startswith("cxl:"):
+        kv_device = cxl[int(kv[4:])]
     evict = {vals["kv_evict_loc"] for _, vals in everything}
     if len(evict) > 1:
         src = next(s["kv_evict_loc"] for s, v in everything if v["kv_evict_loc"] != default["kv_evict_loc"])
@@ -390,8 +537,9 @@ def parse_placement(d, where: str, num_layers: int, *, cpu: MemoryDevice, cxl: t
             devices[dev] = cxl[int(dev[4:])]
     wp = WeightPlacement(embedding=named["embedding"]["weights"], blocks=tuple(v["weights"] for v in block_vals),
                          final_layernorm=named["final_layernorm"]["weights"], lm_head=named["lm_head"]["weights"],
-                         devices=tuple(devices[k] for k in sorted(devices)), hbm=hbm)
-    if not wp.off_npu:
+                         devices=tuple(devices[k] for k in sorted(devices)), hbm=hbm,
+                         kv=kv, kv_device=kv_device, kv_src=block_src[0]["kv_loc"])
+    if not wp.placed:
         wp = NPU_ONLY
     return wp, evict.pop()
 
@@ -400,7 +548,7 @@ def json_instance_placement(inst: dict, where: str, num_layers: int, *, cpu: Mem
     """``(WeightPlacement or None, kv_evict_loc)`` of a cluster JSON instance (REFERENCE.md §3.1):
     its ``placement`` (:func:`parse_placement`) and ``enable_local_offloading`` (a boolean; true
     sends the NPU-resident weights through HBM at ``npu_mem.mem_bw`` GB/s and ``mem_latency`` ns
-    per load, §1.10). None: every weight on the NPU, read as profiled."""
+    per load, §1.10). None: every weight and the KV cache on the NPU, read as profiled."""
     local = inst.get("enable_local_offloading", False)
     if not isinstance(local, bool):
         raise JaxsimInputError(f"{where}.enable_local_offloading", f"must be true or false, got {local!r}")
@@ -415,4 +563,4 @@ def json_instance_placement(inst: dict, where: str, num_layers: int, *, cpu: Mem
                                        f"(enable_local_offloading reads the weights at this rate), got {v!r}")
         hbm = MemoryDevice("hbm", float(bw), float(lat))
     wp, evict = parse_placement(inst.get("placement"), f"{where}.placement", num_layers, cpu=cpu, cxl=cxl, hbm=hbm)
-    return (wp if wp.off_npu else None), evict
+    return (wp if wp.placed else None), evict

@@ -53,7 +53,13 @@ def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig
 
     Weights placed off the NPU (``placement``, or ``hw.weights_offload_fraction``; REFERENCE.md
     §1.10, §1.16) leave the weight ledger: :func:`jaxsim.placement.offloaded_bytes`. The KV bytes
-    per token follow ``rt.kv_cache_dtype`` (fp8: 1 byte, §1.14)."""
+    per token follow ``rt.kv_cache_dtype`` (fp8: 1 byte, §1.14).
+
+    A KV cache placed off the NPU (``kv_loc`` cpu / cxl:<id>, or ``hw.kv_offload_device``;
+    §1.16 row ``kv_loc``) takes its blocks from that device's capacity instead:
+    :func:`jaxsim.placement.kv_device_blocks` (the instance's share of the device, less its own
+    weights there, over the bytes of a block on all ranks). The GPU's leftover memory, the KV share
+    of §1.3, is then unused (the weights must still fit the GPU)."""
     if hw.num_gpu_blocks is not None:
         if hw.num_gpu_blocks <= 0:
             raise JaxsimInputError("hardware.num_gpu_blocks", f"must be > 0, got {hw.num_gpu_blocks}")
@@ -66,6 +72,12 @@ def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig
     if wp.off_npu:
         weights -= sum(placement_lib.offloaded_bytes(wp, model, w, tp=hw.tp, ep=ep).values())
     usable = math.floor(hw.mem_size_gb * GIB * hw.mem_util) - weights - int(hw.activation_reserve_gb * GIB)
+    if wp.kv_off_npu:
+        if usable < 0:
+            raise JaxsimInputError(
+                "hardware.mem_size_gb", f"{hw.mem_size_gb} GiB x util {hw.mem_util} does not hold "
+                f"{weights / GIB:.2f} GiB of weights per rank", "use more memory, a higher TP, or offload weights")
+        return placement_lib.kv_device_blocks(wp, model, sched.block_size, kv, w, tp=hw.tp, pp=hw.pp, ep=ep)
     per_block = sched.block_size * model.kv_bytes_per_token_per_rank(kv, tp=hw.tp, pp=hw.pp)
     blocks = usable // per_block
     if blocks <= 0:
@@ -589,6 +601,15 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
         tables = dataclasses.replace(tables, kv_read_scale=f64(kv_scale))
     # Weights off the NPU (REFERENCE.md §1.10): out of the weight ledger, read every iteration.
     wp = placement_lib.resolve(placement, hw, model.num_layers)
+    # A KV cache off the NPU (§1.16 kv_loc): blocks from its device (num_kv_blocks), its KV read
+    # every iteration (the kvloc_* fields, values: sweep points share one compile).
+    if wp.kv_off_npu:
+        if hw.pp != 1:
+            raise JaxsimInputError("hardware.pp", f"{hw.pp} pipeline stages with the KV cache off the NPU ({wp.kv_src}"
+                                   f" = {wp.kv}): the KV-read critical path is modelled for pp = 1",
+                                   "use pp 1, or keep the KV cache on the NPU")
+        kvp = placement_lib.kv_read_params(wp, model, kv_bytes, tp=hw.tp)
+        tables = dataclasses.replace(tables, **{k: jnp.asarray(v, jnp.float64) for k, v in kvp.items()})
     offloaded = {}
     if wp.off_npu:
         if hw.pp != 1:
@@ -665,10 +686,11 @@ def instance_runtime(rt: ModelRuntimeConfig, spec: InstanceSpec) -> ModelRuntime
 
 def check_offload_capacity(plans: "list[Plan]", instances: "list[InstanceSpec]", model: ModelConfig,
                            key: str) -> None:
-    """Weights placed off the NPU fit their devices' capacity (:func:`jaxsim.placement.check_capacity`)."""
-    if not any(pl.offloaded for pl in plans):
-        return
+    """Weights and KV caches placed off the NPU fit their devices' capacity
+    (:func:`jaxsim.placement.check_capacity`)."""
     placements = [placement_lib.resolve(spec.placement, spec.hw, (spec.model or model).num_layers) for spec in instances]
+    if not any(pl.offloaded for pl in plans) and not any(wp.kv_off_npu for wp in placements):
+        return
     placement_lib.check_capacity(plans, placements, [spec.node for spec in instances], key)
 
 

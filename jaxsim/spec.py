@@ -214,6 +214,7 @@ class SchedulerConfig:
 
 
 OFFLOAD_DEVICES = ("cpu", "cxl")  # HardwareConfig.weights_offload_device
+KV_OFFLOAD_DEVICES = ("none", "cpu", "cxl")  # HardwareConfig.kv_offload_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,12 +254,29 @@ class HardwareConfig:
                                           fix="use cpu or cxl")
     offload_bw_gbps: float | None = checked(None, lo=0, lo_open=True, finite=False)
     offload_latency_ns: float | None = checked(None, lo=0)
+    # The KV cache itself off the GPU (REFERENCE.md §1.16 row kv_loc, §1.3, jaxsim/placement.py):
+    # "cpu" (host memory) or "cxl" (one CXL device, cxl:0) holds every block's KV, the Hydra form of
+    # a cluster JSON's placement kv_loc. The KV block count then comes from kv_offload_capacity_gb
+    # (GiB this instance's KV gets on the device, all ranks; the GPU's leftover memory is unused)
+    # and every iteration reads the KV it attends over from the device at offload_bw_gbps /
+    # offload_latency_ns (None: cpu_mem_bw_gbps / cpu_mem_latency_ns for "cpu"; "cxl" needs the
+    # bandwidth, latency 0). "none": the KV cache on the GPU (the memory model of §1.3).
+    kv_offload_device: str = checked("none", choices=KV_OFFLOAD_DEVICES, noun="KV offload device",
+                                     fix="use none, cpu or cxl")
+    kv_offload_capacity_gb: float | None = checked(None, lo=0, lo_open=True)
 
     def __post_init__(self):
         check_fields(self)
         if self.weights_offload_fraction > 0 and self.weights_offload_device == "cxl" and self.offload_bw_gbps is None:
             raise JaxsimInputError(f"{self.KEY}.offload_bw_gbps", "weights offloaded to a CXL device need the "
                                    "device's bandwidth", "set hardware.offload_bw_gbps (GB/s)")
+        if self.kv_offload_device != "none" and self.kv_offload_capacity_gb is None:
+            raise JaxsimInputError(f"{self.KEY}.kv_offload_capacity_gb", f"a KV cache on {self.kv_offload_device!r} "
+                                   "(kv_offload_device) needs the device's capacity for it",
+                                   "set hardware.kv_offload_capacity_gb (GiB)")
+        if self.kv_offload_device == "cxl" and self.offload_bw_gbps is None:
+            raise JaxsimInputError(f"{self.KEY}.offload_bw_gbps", "a KV cache on a CXL device needs the device's "
+                                   "bandwidth", "set hardware.offload_bw_gbps (GB/s)")
         if self.activation_reserve_gb >= self.mem_size_gb * self.mem_util:
             raise JaxsimInputError(f"{self.KEY}.activation_reserve_gb",
                                    f"{self.activation_reserve_gb:g} GiB leaves no memory of "

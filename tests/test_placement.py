@@ -204,6 +204,13 @@ def _pl(d):
     return d["nodes"][0]["instances"][0]["placement"]
 
 
+def _kv_on(d, dev, inst=0):
+    """Every kv_loc of instance ``inst``'s placement set to ``dev``."""
+    pl = d["nodes"][0]["instances"][inst]["placement"]
+    for e in [pl["default"], *pl["blocks"], *pl["layers"].values()]:
+        e["kv_loc"] = dev
+
+
 @pytest.mark.parametrize("edit, where, problem", [
     (lambda d: _pl(d)["blocks"][0].update(blocks="3-1"), "placement.blocks[0].blocks", "runs backwards"),
     (lambda d: _pl(d)["blocks"][4].update(blocks="24-32"), "placement.blocks[4].blocks",
@@ -218,7 +225,14 @@ def _pl(d):
     (lambda d: _pl(d)["layers"].update(lm_haed={}), "placement.layers.lm_haed", "unknown layer"),
     (lambda d: _pl(d).update(block=[]), "placement.block", "unknown placement field (did you mean 'blocks'"),
     (lambda d: _pl(d)["blocks"][3].update(kv_loc="cxl:0"), "placement.blocks[3].kv_loc",
-     "'cxl:0': a KV cache held in host or CXL memory is not modelled"),
+     "'cxl:0' for block 11 but 'npu' for block 0 (" ),
+    (lambda d: _kv_on(d, "cpu") or _pl(d)["layers"]["lm_head"].update(kv_loc="npu"), "placement.layers.lm_head.kv_loc",
+     "'npu', but the lm_head holds no KV cache and the blocks keep theirs on 'cpu'"),
+    (lambda d: _kv_on(d, "cpu") or d["nodes"][0]["cpu_mem"].pop("mem_size"), "placement.blocks[0].kv_loc",
+     "'cpu': a KV cache in the node's host memory needs its capacity, and the node has no cpu_mem.mem_size"),
+    (lambda d: _kv_on(d, "cxl:4"), "placement.default.kv_loc", "unknown device 'cxl:4': cxl_mem has num_devices 4"),
+    (lambda d: d["nodes"][0]["instances"][0].update(kv_loc="cpu"), "kv_loc",
+     "'cpu': an instance-level kv_loc is not read (the KV cache is placed per block) (use placement.default.kv_loc"),
     (lambda d: _pl(d)["layers"]["lm_head"].update(kv_evict_loc="cxl:1"), "placement.layers.lm_head.kv_evict_loc",
      "kv_evict_loc differs between layers"),
     (lambda d: d["nodes"][0]["instances"][0].update(dtype="fp8"), "dtype", "'fp8' profile variant"),
@@ -262,3 +276,130 @@ def test_json_dtypes_local_offloading_and_capacity(tmp_path, model):
     assert InstanceSpec().kv_evict_loc == "cpu"
     with pytest.raises(JaxsimInputError, match=r"instance\.kv_evict_loc: unknown device 'disk'"):
         InstanceSpec(kv_evict_loc="disk")
+
+
+# ------------------------------------------------------------------------------------------------
+# The KV cache off the NPU: kv_loc cpu / cxl:<id>, hardware.kv_offload_device (REFERENCE.md §1.16)
+# ------------------------------------------------------------------------------------------------
+
+PER_BLOCK = 16 * 2 * KV * L * 2  # bytes of one bf16 KV block of 16 tokens, tp 1 (§1.3): 2 MiB
+
+
+def _kv_json(tmp_path, dev, mem_size=64, instances=1, name="single_node_memory_instance.json"):
+    """The reference's single-instance example with every kv_loc on ``dev`` and ``instances``
+    copies of its instance on node 0 (host memory ``mem_size`` GB)."""
+    def edit(d):
+        node = d["nodes"][0]
+        node["cpu_mem"]["mem_size"] = mem_size
+        _kv_on(d, dev)
+        node["instances"] = [node["instances"][0]] * instances
+        node["num_instances"] = instances
+        d.setdefault("cxl_mem", {"mem_size": 1024, "mem_latency": 250, "mem_bw": 60, "num_devices": 4})
+    return _load(_edited(tmp_path, edit, name))
+
+
+def test_kv_on_a_lower_tier_takes_its_blocks_from_that_device(tmp_path, model):
+    """§1.16 kv_loc, by hand: the KV blocks come from the device's capacity (the GPU's leftover
+    memory is unused): 64 GiB of host memory hold 64 GiB // 2 MiB = 32,768 blocks; two instances of
+    the node keeping their KV there split it (16,384 each); a CXL device is cxl_mem.mem_size /
+    num_devices = 256 GiB less the instance's own weights on it; FP8 KV doubles the count."""
+    rt = ModelRuntimeConfig()
+    (one,) = _kv_json(tmp_path, "cpu")
+    wp = one.placement
+    assert (wp.kv, wp.kv_device.capacity_gb, wp.kv_sharers) == ("cpu", 64, 1) and not wp.off_npu
+    assert wp.kv_src.endswith("nodes[0].instances[0].placement.blocks[0].kv_loc")
+    assert 64 * GIB // PER_BLOCK == 32_768
+    assert planning.num_kv_blocks(model, one.hw, one.sched, rt, wp) == 32_768
+    assert planning.num_kv_blocks(model, one.hw, one.sched, ModelRuntimeConfig(kv_cache_dtype="fp8"), wp) == 65_536
+    two = _kv_json(tmp_path, "cpu", instances=2)
+    assert [s.placement.kv_sharers for s in two] == [2, 2]
+    assert [planning.num_kv_blocks(model, s.hw, s.sched, rt, s.placement) for s in two] == [16_384, 16_384]
+    # cxl:1 of single_node_cxl_instance.json also holds the embedding and blocks 4-7's weights
+    (cxl,) = _kv_json(tmp_path, "cxl:1", name="single_node_cxl_instance.json")
+    own = V * H * 2 + 4 * W_BLOCK
+    assert cxl.placement.kv_device == P.MemoryDevice("cxl:1", 60.0, 250.0, 256.0)
+    assert planning.num_kv_blocks(model, cxl.hw, cxl.sched, rt, cxl.placement) == (256 * GIB - own) // PER_BLOCK == 129_738
+    # the Hydra form: a device of the instance's own, kv_offload_capacity_gb GiB
+    hw = HardwareConfig(kv_offload_device="cpu", kv_offload_capacity_gb=10)
+    assert planning.num_kv_blocks(model, hw, SchedulerConfig(), rt) == 10 * GIB // PER_BLOCK == 5_120
+    hw = HardwareConfig(kv_offload_device="cpu", kv_offload_capacity_gb=10, tp=2)
+    assert planning.num_kv_blocks(model, hw, SchedulerConfig(), rt) == 5_120  # two ranks' shards of each block
+    # a share that holds no block, named where the KV was placed
+    with pytest.raises(JaxsimInputError, match=r"placement\.blocks\[0\]\.kv_loc: 'cpu': the KV cache on cpu "
+                                               r"\(0\.001 GiB for this instance, .* holds no block"):
+        planning.num_kv_blocks(model, one.hw, one.sched, rt, dataclasses.replace(
+            wp, kv_device=dataclasses.replace(wp.kv_device, capacity_gb=0.001)))
+
+
+def test_one_iterations_kv_read_from_the_device_hand_computed(model):
+    """§1.16 kv_loc, one iteration by hand: a chunk of 512 prompt tokens with 2,048 history tokens
+    and 3 decodes of KV 1,000 read 2,048 + 3,000 = 5,048 tokens per layer, 4,096 B each (K+V of
+    one Llama layer, bf16, tp 1): r = floor(1,000 + 5,048 x 4,096 / 64) ns per block, the reads
+    queued from the iteration's start; block i starts at max(end of block i-1, (i+1) r): only
+    block 0 waits (r less the prologue). 128 decodes at KV 1,024 are read-bound (32 r + the last
+    block + the head). A first chunk (no history) reads nothing. With the KV on the GPU
+    (kvloc_bytes 0) the time is unchanged."""
+    base = _plan(model)
+    assert float(base.tables.kvloc_bytes) == 0.0
+    hw = HardwareConfig(kv_offload_device="cpu", kv_offload_capacity_gb=10, offload_bw_gbps=64.0,
+                        offload_latency_ns=1000.0)
+    off = _plan(model, hw=hw)
+    assert off.num_blocks == 5_120 and off.offloaded == {}
+    assert (float(off.tables.kvloc_lat), float(off.tables.kvloc_bw), float(off.tables.kvloc_bytes)) == (1000.0, 64.0,
+                                                                                                       4096.0)
+    assert jax.tree.map(np.shape, off.tables) == jax.tree.map(np.shape, base.tables)  # values: one compile
+    for args, tokens in (((515, 4, 512, 2048, 3, 3000, 1000, 1000), 5048), ((1, 1, 0, 0, 1, 512, 512, 512), 512),
+                         ((128, 1, 128, 0, 0, 0, 0, 0), 0), (DECODE, 128 * 1024)):
+        t0 = int(ITER(base.tables, *args)[0])
+        _, _, (pro, head) = jax.jit(latency._iteration, static_argnames='parts')(base.tables, *args, parts=True)
+        block = (t0 - int(pro) - int(head)) // L
+        assert block * L == t0 - int(pro) - int(head)
+        r = math.floor(1000.0 + tokens * 4096 / 64.0) if tokens else 0
+        end = int(pro)
+        for i in range(L):
+            end = max(end, (i + 1) * r) + block
+        end += int(head)
+        t1 = int(ITER(off.tables, *args)[0])
+        assert t1 == end, (args, t1, end)
+        if tokens == 5048:  # the reads hide behind the blocks' compute but for block 0's
+            assert r == 324_072 and t1 - t0 == r - int(pro) == 319_237
+        if tokens == 128 * 1024:  # read-bound: 32 reads, then the last block and the head
+            assert r == 8_389_608 and t1 == 32 * r + block + int(head) and t1 - t0 == 244_696_735
+        if tokens == 0:
+            assert t1 == t0  # a first chunk reads nothing
+
+
+def test_kv_off_the_npu_refusals(tmp_path, model):
+    """pp > 1, a placement together with hardware.kv_offload_device, a missing capacity, and a device
+    over its capacity (KV of one instance + weights of another on the node's host memory)."""
+    hw = HardwareConfig(kv_offload_device="cpu", kv_offload_capacity_gb=10, pp=2)
+    with pytest.raises(JaxsimInputError, match=r"^hardware\.pp: 2 pipeline stages with the KV cache off the NPU "
+                                               r"\(hardware\.kv_offload_device = cpu\)"):
+        _plan(model, hw=hw)
+    with pytest.raises(JaxsimInputError, match=r"^hardware\.kv_offload_capacity_gb: a KV cache on 'cxl'"):
+        HardwareConfig(kv_offload_device="cxl", offload_bw_gbps=60.0)
+    with pytest.raises(JaxsimInputError, match=r"^hardware\.offload_bw_gbps: a KV cache on a CXL device"):
+        HardwareConfig(kv_offload_device="cxl", kv_offload_capacity_gb=1.0)
+    (one,) = _kv_json(tmp_path, "cpu")
+    with pytest.raises(JaxsimInputError, match=r"^hardware\.kv_offload_device: 'cpu', but the instance already has"):
+        P.resolve(one.placement, HardwareConfig(kv_offload_device="cpu", kv_offload_capacity_gb=1.0), L)
+    # instance 0: KV on node 0's host memory (all 64 GiB); instance 1: every weight there too
+    def edit(d):
+        node = d["nodes"][0]
+        node["cpu_mem"]["mem_size"] = 64
+        _kv_on(d, "cpu")
+        other = json.loads(json.dumps(node["instances"][0]))
+        node["instances"].append(other)
+        node["num_instances"] = 2
+        _kv_on(d, "npu", inst=1)
+        pl = other["placement"]
+        for e in [pl["default"], *pl["blocks"], *pl["layers"].values()]:
+            e["weights"] = "cpu"
+    specs = _load(_edited(tmp_path, edit, "single_node_memory_instance.json"))
+    assert [s.placement.kv for s in specs] == ["cpu", "npu"] and specs[0].placement.kv_sharers == 1
+    plans = [_plan(model, placement=s.placement) for s in specs]
+    assert plans[0].num_blocks == 32_768
+    with pytest.raises(JaxsimInputError, match=r"^x: 14\.96 GiB of weights and 64\.00 GiB of KV cache placed on node 0's "
+                                               r"cpu, which holds 64 GiB"):
+        planning.check_offload_capacity(plans, specs, model, "x")
+    planning.check_offload_capacity(plans[:1], specs[:1], model, "x")  # alone it fits

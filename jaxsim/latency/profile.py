@@ -17,6 +17,8 @@ Composition (one NPU, pp = 1)::
 ``L_dense = L``, a plain MoE model ``L_moe = L``.
 
 The ``[recall]`` term of §2.1 (lower-tier KV hits) is not part of this function; the caller adds it.
+Off-NPU weights (§1.10) and an off-NPU KV cache (§1.16 ``kv_loc``) gate the blocks' start: the
+iteration is then the critical path of :func:`_weight_loads` (``wload_*``, ``kvloc_*`` fields).
 
 Choices where REFERENCE.md leaves room (the oracle ``tests/reference_latency.py`` makes the same):
   * 1-D lookups (§2.4) and every bracket of §2.5/§2.7: ``t = (q - x_lo)/(x_hi - x_lo)``, value
@@ -143,6 +145,13 @@ class LatencyTables(AbstractLatencyModel):
     wload_pro: jax.Array  # i64 []
     wload_blocks: jax.Array  # i64 [L]
     wload_head: jax.Array  # i64 []
+    # KV cache off the NPU (REFERENCE.md §1.16 kv_loc, jaxsim/placement.py): each block's attention
+    # reads the KV of the tokens the batch attends over (kvd_sum + kp) from the device, one read per
+    # block of ``floor(kvloc_lat + tokens * kvloc_bytes / kvloc_bw)`` ns; ``kvloc_bytes`` = K+V
+    # bytes of one token of one layer on one rank (0 = KV on the NPU: no reads).
+    kvloc_lat: jax.Array  # f64 [] ns per read
+    kvloc_bw: jax.Array  # f64 [] bytes/ns
+    kvloc_bytes: jax.Array  # f64 [] bytes per token, layer and rank
 
     # The AbstractLatencyModel interface (the engine calls only these two).
     def iteration_time(self, shape: BatchShape):
@@ -367,29 +376,48 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
     extrapolated = jnp.stack([ext_dense, ext_seq, ext_att, ext_moe]).astype(jnp.int32)
     c_pro = _scaled(jnp.sum(tb.lin_prologue * v), tb.compute_scale)
     c_head = _scaled(jnp.sum(tb.lin_head * v), tb.compute_scale)
-    total = _weight_loads(tb, total, t_in, t_out, c_pro, c_head)
+    total = _weight_loads(tb, total, t_in, t_out, c_pro, c_head, kv_read_ns(tb, kp, kvd_sum))
     if not parts:
         return total, extrapolated, None
     return total, extrapolated, (t_in + c_pro, t_out + c_head)
 
 
-def _weight_loads(tb: LatencyTables, total, t_in, t_out, c_pro, c_head):
-    """The iteration's time with off-NPU weights (REFERENCE.md §1.10): the critical path over the
-    compute chain (host op in, prologue, L blocks, head, host op out) and the weight loads, each
-    part starting once its weights are in place (``tb.wload_*``, :func:`jaxsim.placement.load_gates`)::
+def kv_read_ns(tb: LatencyTables, kp, kvd_sum):
+    """One block's KV read from an off-NPU KV cache (REFERENCE.md §1.16 kv_loc), int64 ns:
+    ``floor(kvloc_lat + (kvd_sum + kp) * kvloc_bytes / kvloc_bw)`` (the decodes' KV lengths plus
+    the prefill chunks' histories: every token the batch attends over that was computed before
+    this iteration; the new tokens' K/V are computed on the NPU). 0 without tokens to read or
+    with the KV on the NPU (``kvloc_bytes`` 0)."""
+    tokens = (jnp.asarray(kvd_sum).astype(_I) + jnp.asarray(kp).astype(_I)).astype(_F)
+    t = jnp.floor(tb.kvloc_lat + tokens * tb.kvloc_bytes / tb.kvloc_bw).astype(_I)
+    return jnp.where((tb.kvloc_bytes > 0) & (tokens > 0), t, 0)
+
+
+def _weight_loads(tb: LatencyTables, total, t_in, t_out, c_pro, c_head, kv_read=0):
+    """The iteration's time with off-NPU weights (REFERENCE.md §1.10) or an off-NPU KV cache
+    (§1.16 kv_loc): the critical path over the compute chain (host op in, prologue, L blocks, head,
+    host op out), the weight loads and the KV reads, each part starting once its weights and KV are
+    in place (``tb.wload_*``, :func:`jaxsim.placement.load_gates`; block i's KV read ends at
+    ``(i+1) * kv_read``, the reads queued on the KV device in layer order at the iteration's
+    start, :func:`kv_read_ns`)::
 
         t = t_out + max(t_in + C, g_pro + C, max_i(g_i + B - floor(i*B/L) + c_head), g_head + c_head)
+        g_i = max(wload_i, (i+1) * kv_read)
 
     with ``C = c_pro + B + c_head`` the compute chain and ``B`` the blocks' total (block i starts
     ``floor(i*B/L)`` into it: exact for identical blocks; a hybrid MoE model's blocks are taken at
-    their mean). With every gate 0 it is ``total`` unchanged."""
+    their mean). A block waits for its whole KV before it starts (its attention cannot finish
+    before: the pre-attention layers are not overlapped, a bound on the error of one block's
+    pre-attention part). The KV reads and the weight loads are separate chains, even on one device.
+    With every gate 0 it is ``total`` unchanged."""
     L = tb.num_layers
     B = total - t_in - t_out - c_pro - c_head
     i = jnp.arange(tb.wload_blocks.shape[0], dtype=_I)
     suffix = B - (i * B) // jnp.maximum(L, 1) + c_head
-    gated = jnp.where(i < L, tb.wload_blocks + suffix, 0)
+    gate = jnp.maximum(tb.wload_blocks, (i + 1) * kv_read)
+    gated = jnp.where(i < L, gate + suffix, 0)
     chain = c_pro + B + c_head
     crit = jnp.maximum(jnp.maximum(t_in + chain, tb.wload_pro + chain),
                        jnp.maximum(jnp.max(gated), tb.wload_head + c_head)) + t_out
-    off = (tb.wload_pro > 0) | (tb.wload_head > 0) | jnp.any(tb.wload_blocks > 0)
+    off = (tb.wload_pro > 0) | (tb.wload_head > 0) | jnp.any(tb.wload_blocks > 0) | (kv_read > 0)
     return jnp.where(off, crit, total)

@@ -100,8 +100,9 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
       kv_read_scale: KV bytes / the profile's KV bytes (0.5: an FP8 KV cache priced from bf16
         tables, REFERENCE.md §1.14; 1.0: as profiled).
 
-    The weight-load gates (``wload_*``) start at 0 (every weight on the NPU); the planner sets
-    them from the instance's placement (:func:`jaxsim.placement.load_gates`).
+    The weight-load gates (``wload_*``) start at 0 (every weight on the NPU) and the off-NPU KV
+    reads (``kvloc_*``) at none (the KV cache on the NPU); the planner sets them from the
+    instance's placement (:func:`jaxsim.placement.load_gates`, :func:`jaxsim.placement.kv_read_params`).
     """
     if bundle.tp != hw.tp:
         raise ValueError(f"the bundle was loaded at tp={bundle.tp} but the hardware has tp={hw.tp}")
@@ -216,6 +217,7 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
         compute_scale=f(compute_scale), memory_scale=f(memory_scale), link_scale=f(link_scale),
         kv_read_scale=f(kv_read_scale), kv_read_b=f(decode_kv_fit(at)[1]),
         wload_pro=i(0), wload_blocks=i(np.zeros(L, np.int64)), wload_head=i(0),
+        kvloc_lat=f(0.0), kvloc_bw=f(1.0), kvloc_bytes=f(0.0),
     )
 
 
