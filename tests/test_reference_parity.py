@@ -6,20 +6,26 @@ tests: the exact examples, the one within a tolerance, each reason for a deliber
 (stating both values, the reference's from its CSV and jaxsim's from its run or its latency model,
 and why), the refusals, and that every reference output is accounted for. The known gap of the
 dual-node example (EP over per-dimension links) is reproduced by hand in
-``tests/test_collectives.py`` (a strict xfail). Runs of the examples compile an engine each
+``tests/test_collectives.py`` (a strict xfail). The memory-hierarchy examples run as the reference
+ran them: the CPU prefix pools as jaxsim's KV tier (``--enable-prefix-sharing --prefix-storage
+CPU``), the CXL example's weights on its CXL devices. Runs of the examples compile an engine each
 (10-25 s): they are marked ``slow`` (``python -m pytest -m slow``); the checks that need only the
 CSVs or the latency model run in the default suite.
 """
 
 import functools
+import math
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import reference_parity as rp  # scripts/reference_parity.py (tests/conftest.py puts scripts/ on sys.path)
 from jaxsim import latency, metrics, simulator
 from jaxsim.errors import JaxsimInputError
+from jaxsim.spec import KVTierConfig
 
 EXAMPLES = {ex.name: ex for ex in rp.EXAMPLES}
 ITER = jax.jit(latency.iteration_time)
@@ -48,13 +54,18 @@ def emissions(r: dict) -> np.ndarray:
     return np.cumsum([r["arrival"] + r["TTFT"], *r["ITL"]])
 
 
-def plan_tables(name: str, instance: int = 0):
-    """The latency tables the engine runs an example's instance on."""
+@functools.cache
+def plans(name: str) -> list:
+    """The plans (``jaxsim.planning.Plan``) of an example's instances."""
     spec = rp.run_spec(EXAMPLES[name])
     c = spec.cluster
-    plans = simulator.plan_cluster(spec.workload, spec.model_config, list(c.instances), spec.model, c.links,
-                                   c.dp_sync, profiles_dir=spec.paths.profiles)
-    return plans[instance].tables
+    return simulator.plan_cluster(spec.workload, spec.model_config, list(c.instances), spec.model, c.links,
+                                  c.dp_sync, profiles_dir=spec.paths.profiles, kv_tier=spec.kv_tier)
+
+
+def plan_tables(name: str, instance: int = 0):
+    """The latency tables the engine runs an example's instance on."""
+    return plans(name)[instance].tables
 
 
 def decode_ns(tables, kv: int) -> int:
@@ -75,12 +86,89 @@ def test_every_reference_output_is_accounted_for():
 
 
 def test_feature_runs_equal_their_base_runs():
-    """Two features jaxsim does not model leave the reference's latencies unchanged on this trace,
-    which is why the parity script runs them without the feature: the power run (power is only
-    logged) equals the single run, the shared CPU prefix pool run equals the multi-instance run,
-    row for row."""
+    """Two features leave the reference's latencies unchanged on this trace: the power run (power is
+    only logged, not modelled by jaxsim, so the parity script runs it without its power block)
+    equals the single run, and the shared CPU prefix pool run (its pool never holds a chunk:
+    test_cpu_pools_hold_nothing_on_this_trace) equals the multi-instance run, row for row."""
     assert ref("power[no power block]") == ref("single")
-    assert ref("prefix_cpu_mem_pool[no pool]") == ref("multi")
+    assert ref("prefix_cpu_mem_pool") == ref("multi")
+    # the tier's 256-token chunks: no request of the trace has that many tokens
+    assert max(r["input"] + r["output"] for r in ref("multi").values()) == 22 + 104 < 256
+
+
+def test_cpu_pools_are_the_reference_flags():
+    """``--enable-prefix-sharing --prefix-storage CPU`` (run.sh.txt) as jaxsim's KV tier: a CPU pool
+    per node shared by its instances, hits in whole chunks (the reference's rule, REFERENCE.md §1.5),
+    the device the cluster JSON's ``cpu_mem`` (512 GB, 256 GB/s, 0 ns)."""
+    for name in ("prefix_cpu_mem_pool", "dual_prefix_cpu_mem_pool"):
+        assert rp.run_spec(EXAMPLES[name]).kv_tier == KVTierConfig(
+            storage="cpu", enable_prefix_sharing=True, capacity_gb=512, bandwidth_gbps=256, latency_ns=0,
+            chunk_size=256, min_gain="chunk")
+
+
+# The CXL example (single_node_cxl_instance.json): every weight of Llama-3.1-8B on four CXL devices
+# (cxl_mem: 60 GB/s, 250 ns per load, 1024 GB over 4); cxl:3 holds blocks 11-23 and the lm_head,
+# the longest chain. Per-rank bf16 weight bytes of a block's operators (the two RMSNorms, qkv_proj,
+# o_proj, gate_up_proj, down_proj) and of the embedding / lm_head:
+H, Q, KV, INTER, VOCAB, FP, LAYERS = 4096, 4096, 1024, 14336, 128256, 2, 32
+BLOCK_OPS = (H * FP, H * (Q + 2 * KV) * FP, Q * H * FP, H * FP, 2 * H * INTER * FP, INTER * H * FP)
+LM_HEAD = H * VOCAB * FP
+CXL3_BLOCKS = 13
+
+
+def cxl_load_ns(nbytes: int) -> int:
+    """One load from a CXL device: ``floor(latency + bytes / bandwidth)`` (§1.10, §2.1)."""
+    return math.floor(250 + nbytes / 60)
+
+
+def reference_cxl_tables(tb):
+    """The reference's iteration on the CXL example, as jaxsim's latency model: the head gated by
+    the lm_head's load at the end of cxl:3's chain of *per-operator* loads, and the final norm off
+    the head (it waits for its own load, on cxl:2, long done, and computes before the lm_head's)."""
+    chain = CXL3_BLOCKS * sum(cxl_load_ns(b) for b in BLOCK_OPS) + cxl_load_ns(LM_HEAD)
+    final_norm = (np.asarray(tb.lin_head) > 0) & ~np.asarray(tb.lin_by_seq)  # the head's only dense layer
+    assert final_norm.sum() == 1
+    return eqx.tree_at(lambda t: (t.wload_head, t.lin_head), tb,
+                       (jnp.asarray(chain, tb.wload_head.dtype), jnp.where(final_norm, 0, tb.lin_head)))
+
+
+def test_cxl_weight_loads_by_hand():
+    """Known difference, not deliberate (weight-load granularity, REFERENCE.md §1.10). jaxsim loads
+    an off-GPU block's weights as one load (jaxsim/placement.py) and starts the head once the final
+    norm's and the lm_head's weights are in place. The reference's times equal, to the nanosecond,
+    a model that loads each weight-bearing operator on its own (six loads per block, each with the
+    250 ns latency and its own floor) and gates each operator on its own load, so the final norm
+    computes before the lm_head's load ends.
+
+    cxl:3's chain: jaxsim 13 x 7,270,650 + 17,511,469 = 112,029,919 ns; the reference 13 x 5 more
+    latencies less 13 x 4 ns of floors (each block's six fractions sum to 4.0 ns) = 112,046,117 ns,
+    16,198 ns later. Request 0 (queue 0): its 10-token prefill and its first decode both take the
+    reference 112,784,869 ns = 112,046,117 + lm_head(1) 714,006 + sampler(1) 24,746; jaxsim's are
+    16,198 ns shorter, plus final_layernorm(T) (2,624 ns at T = 10, 2,422 at T = 1)."""
+    tb = plan_tables("cxl")
+    jax_chain = CXL3_BLOCKS * cxl_load_ns(sum(BLOCK_OPS)) + cxl_load_ns(LM_HEAD)
+    assert int(tb.wload_head) == jax_chain == 112_029_919
+    rt = reference_cxl_tables(tb)
+    assert int(rt.wload_head) == 112_046_117 == jax_chain + CXL3_BLOCKS * (5 * 250 - 4)
+    r0 = ref("cxl")[0]
+    assert r0["queuing_delay"] == 0 and r0["TTFT"] == r0["ITL"][0] == 112_784_869
+    prefill, decode = (10, 1, 10, 0, 0, 0, 0, 0), (1, 1, 0, 0, 1, 10, 10, 10)
+    assert int(ITER(rt, *prefill)[0]) == int(ITER(rt, *decode)[0]) == 112_784_869 == 112_046_117 + 714_006 + 24_746
+    assert int(ITER(tb, *prefill)[0]) == 112_771_295 == 112_784_869 - 16_198 + 2_624
+    assert int(ITER(tb, *decode)[0]) == 112_771_093 == 112_784_869 - 16_198 + 2_422
+
+
+def test_cxl_weights_leave_the_gpu_ledger():
+    """Deliberate difference (REFERENCE.md §1.16 'Off-NPU weights'), invisible in this example's
+    latencies: jaxsim takes the CXL-placed weights (all of them here, 16,060,522,496 bytes) out of
+    the GPU's weight ledger, so the KV cache gains their bytes // 2,097,152 (a 16-token block, 32
+    layers) = 7,658 blocks: 44,236 instead of the single run's 36,578, which the reference keeps. The
+    run holds at most a few dozen blocks (test_cxl_within_tolerance), so no latency depends on it."""
+    cxl, single = plans("cxl")[0], plans("single")[0]
+    moved = sum(cxl.offloaded.values())
+    assert moved == LAYERS * sum(BLOCK_OPS) + 2 * H * VOCAB * FP + H * FP == 16_060_522_496
+    assert single.num_blocks == 36_578
+    assert cxl.num_blocks == single.num_blocks + moved // (16 * 2 * KV * LAYERS * FP) == 44_236
 
 
 @pytest.mark.parametrize("name", ["moe_dp_pp", "moe_dp_tp_pp"])
@@ -147,7 +235,7 @@ def test_moe_within_tolerance():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["multi", "prefix_cpu_mem_pool[no pool]"])
+@pytest.mark.parametrize("name", ["multi", "prefix_cpu_mem_pool"])
 def test_routing_at_arrival(name):
     """Deliberate difference (routing at arrival). Request 1 arrives at 347,938,952 ns while
     instance 0 decodes request 0 and instance 1 is idle. jaxsim routes it at once to instance 1,
@@ -170,14 +258,70 @@ def test_routing_at_arrival(name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name, pools", [("prefix_cpu_mem_pool", [[0, 1]]),
+                                         ("dual_prefix_cpu_mem_pool", [[0, 1], [2, 3]])])
+def test_cpu_pools_hold_nothing_on_this_trace(name, pools):
+    """The CPU prefix pools as the reference ran them: a pool per node, shared by the node's
+    instances, of 512 GiB // (256 tokens x 131,072 bytes) = 16,384 chunks. No request of the trace
+    reaches 256 tokens (22 + 104 at most), so no chunk is ever written, nothing is found or
+    recalled, and the runs' latencies are the pool-less ones (test_routing_at_arrival, and its
+    dual-node form below). The tier's deliberate differences (REFERENCE.md §1.16: the recall
+    source, NPU + tier hits capped at reached - 1, private pools' split capacity) do not arise."""
+    result, _ = run(name)
+    st = result.stats["kv_tier"]
+    assert (st["storage"], st["hit_tokens"], st["recalled_chunks"]) == ("cpu", 0, 0)
+    assert [p["instances"] for p in st["pools"].values()] == pools
+    for p in st["pools"].values():
+        assert p["capacity_chunks"] == 512 * 2**30 // (256 * 2 * KV * LAYERS * FP) == 16_384
+        assert p["written_chunks"] == p["resident_chunks"] == 0
+    assert not np.asarray(result.iter_tier_written).any() and not np.asarray(result.iter_tier_hits).any()
+
+
+@pytest.mark.slow
+def test_cxl_within_tolerance():
+    """The CXL run (test_cxl_weight_loads_by_hand): every iteration waits for cxl:3's loads, so
+    each reference gap is jaxsim's plus 16,198 ns - final_layernorm(T) of its batch, to the
+    nanosecond (13,467-13,776 ns shorter in jaxsim). The differences accumulate along a request
+    (request 1, 104 tokens, ends 1,460,406 ns earlier) and through the queue (request 9 starts
+    122,274 ns earlier), within 0.1% of every latency. Nothing else differs: same instance, same
+    number of tokens, no preemption, at most a few dozen KV blocks held."""
+    result, table = run("cxl")
+    tb = plan_tables("cxl")
+    rt = reference_cxl_tables(tb)
+    shape_of = {int(e): (int(t), int(s)) for e, t, s in zip(result.iter_end_ns, result.iter_num_tokens,
+                                                          result.iter_num_seqs)}
+
+    @functools.cache
+    def reference_minus_jaxsim(t, s):  # 16,198 - final_layernorm(t): only the head's T and S matter
+        shape = (t, s, t, 0, 0, 0, 0, 0)
+        return int(ITER(rt, *shape)[0]) - int(ITER(tb, *shape)[0])
+
+    assert reference_minus_jaxsim(1, 1) == 16_198 - 2_422
+    gaps = 0
+    for rid, r in ref("cxl").items():
+        j = row(table, rid)
+        times = np.cumsum([int(j["first_token_ns"]), *j["itl_ns"].tolist()])
+        assert len(j["itl_ns"]) == len(r["ITL"])
+        for k, (mine, theirs) in enumerate(zip(j["itl_ns"].tolist(), r["ITL"])):
+            assert theirs - mine == reference_minus_jaxsim(*shape_of[int(times[k + 1])]), (rid, k)
+            gaps += 1
+    assert gaps == sum(len(r["ITL"]) for r in ref("cxl").values()) == 581
+    assert not table["num_preemptions"].any() and int(np.max(result.iter_kv_blocks_used)) < 100
+    d = rp.compare(table, ref("cxl"))
+    assert (d["inst"], d["itl_len"], d["itl"], d["end"], d["queue"]) == (0, 0, 13_776, 1_460_406, 122_274)
+    assert 0 < d["rel"] <= 0.001
+    assert rp.verdict(EXAMPLES["cxl"], d) == ("within 0.1%", True)
+
+
+@pytest.mark.slow
 def test_routing_at_arrival_shifts_a_later_arrival_by_an_iteration():
-    """The same deliberate difference on the dual-node cluster (4 instances; its reference run used
-    per-node CPU prefix pools, which serve no hit here): instance 1 starts request 1 82,418 ns
+    """The same deliberate difference on the dual-node cluster (4 instances, a CPU prefix pool per
+    node as the reference ran it; the pools serve no hit here): instance 1 starts request 1 82,418 ns
     earlier in jaxsim, so its iterations end 82,418 ns earlier. Request 5 arrives 9,839 ns before
     one of them ends in the reference (queue 9,839) but 72,579 ns after the corresponding one ends
     in jaxsim, and waits for the next: queue = that iteration (request 1's ITL then) - 72,579."""
-    _, table = run("dual_prefix_cpu_mem_pool[no pool]")
-    reference = ref("dual_prefix_cpu_mem_pool[no pool]")
+    _, table = run("dual_prefix_cpu_mem_pool")
+    reference = ref("dual_prefix_cpu_mem_pool")
     assert reference[5]["queuing_delay"] == 9_839 and reference[5]["instance id"] == 1
     assert reference[1]["queuing_delay"] == 82_418 and int(row(table, 1)["queuing_delay_ns"]) == 0
     r1, r5 = row(table, 1), row(table, 5)
