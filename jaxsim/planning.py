@@ -192,6 +192,7 @@ class Plan:
     # GPU memory that does not vary during the run, all ranks: the weights held on the GPUs and
     # the activation reserve (bytes; the run's memory series add the KV in use to it)
     gpu_static_bytes: int = 0
+    kv_on_gpu: bool = True  # False: the KV cache sits in host or CXL memory (kv_loc, jaxsim.placement)
 
 
 def check_scheduler(sched: SchedulerConfig) -> None:
@@ -666,7 +667,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 kv_from_memory=hw.num_gpu_blocks is None, null_block=null_block,
                 approximations=tuple(approximations), offloaded=offloaded,
                 profile_outliers=tuple(bundle.outliers), kv_tier=kv_tier,
-                gpu_static_bytes=_gpu_static_bytes(model, hw, w_bytes, offloaded))
+                gpu_static_bytes=_gpu_static_bytes(model, hw, w_bytes, offloaded), kv_on_gpu=not wp.kv_off_npu)
 
 
 def _gpu_static_bytes(model: ModelConfig, hw: HardwareConfig, w_bytes: int, offloaded: dict) -> int:

@@ -27,7 +27,7 @@ from jaxsim.planning import (Dims, Plan, block_table_width, bucket, check_block_
                              latency_tables, needs_dp_sync, needs_releases,
                              lower_tier, num_kv_blocks, place_instances, plan, tier_layout, workload_arrays, workload_hashes)
 from jaxsim.results import IterationBufferFull, to_result
-from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
+from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
 
 
 @dataclasses.dataclass
@@ -47,12 +47,13 @@ class Prepared:
 
 def memory_layout(plans: "list[Plan]", layout=None) -> dict:
     """Per instance, what the memory series need besides the iteration rows: GPU bytes that do not
-    vary (weights + activation reserve), bytes of one KV block (all ranks), and the KV tier's
-    storage, pool of each instance and bytes of one chunk (all ranks)."""
+    vary (weights + activation reserve), GPU bytes of one KV block (all ranks; 0 when the KV cache
+    sits off the GPU, ``kv_loc``), and the KV tier's storage, pool of each instance and bytes of one
+    chunk (all ranks)."""
     tier = plans[0].kv_tier
     layout = layout or tier_layout(plans, tier)
     return dict(gpu_static_bytes=np.array([pl.gpu_static_bytes for pl in plans], np.int64),
-                kv_block_bytes=np.array([pl.block_size * pl.kv_token_bytes for pl in plans], np.int64),
+                kv_block_bytes=np.array([pl.block_size * pl.kv_token_bytes * pl.kv_on_gpu for pl in plans], np.int64),
                 tier_storage=tier.storage if tier.enabled else None, tier_pool_of=np.asarray(layout.pool_of),
                 tier_chunk_bytes=np.array([tier.chunk_blocks(pl.block_size) * pl.block_size * pl.kv_token_bytes
                                            for pl in plans], np.int64))
@@ -97,6 +98,7 @@ def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[Instan
         plans.append(plan(workload, spec.model or model, spec.hw, spec.sched, instance_runtime(rt, spec), spec.calib,
                           **kwargs, arrays=arrays[key], placement=spec.placement))
     plans = place_instances(plans, instances, links, model, dp_sync)
+    check_evict_locations(instances, kwargs.get("kv_tier") or KVTierConfig())
     check_offload_capacity(plans, instances, model, "cluster.instances")
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
     check_kv_holds_context(plans, [f"cluster.instances[{i}]" for i in range(len(plans))])
@@ -104,6 +106,22 @@ def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[Instan
         check_token_ids(workload, m, "" if m is model else f"the model of an instance, {m.name}")
     check_requests_fit(plans, "cluster.instances")
     return plans
+
+
+def check_evict_locations(instances: "list[InstanceSpec]", kv_tier: KVTierConfig) -> None:
+    """A cluster JSON instance's ``kv_evict_loc`` (where KV evicted from the GPU goes, REFERENCE.md
+    §1.10) names the run's KV tier: a value other than the default ``cpu`` must be that tier's
+    storage (``cxl:<id>`` for ``kv_tier=cxl``), and needs a tier. With the default, the run's
+    ``kv_tier`` decides (the reference's ``--prefix-storage``)."""
+    for i, spec in enumerate(instances):
+        loc = spec.kv_evict_loc
+        if loc == "cpu":
+            continue
+        kind = "cxl" if loc.startswith("cxl:") else loc
+        if not kv_tier.enabled or kind != kv_tier.storage:
+            have = f"the run's KV tier is {kv_tier.storage!r}" if kv_tier.enabled else "the run has no KV tier"
+            raise JaxsimInputError(f"instances[{i}].kv_evict_loc", f"{loc!r}, but {have}",
+                                   f"set kv_tier={kind}" if kind in ("cpu", "cxl") else "use \"cpu\" or \"cxl:<id>\"")
 
 
 def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,

@@ -53,6 +53,8 @@ KNOBS = {
     "mem_util": "gpu_memory_utilization of the memory model (KV capacity)",
     "weights_offload_fraction": "fraction of the transformer blocks (the last ones) whose weights sit off the GPU, "
                                 "on hardware.weights_offload_device: more KV blocks, a weight read per iteration",
+    "kv_offload_capacity_gb": "GiB of host / CXL memory holding the KV cache when hardware.kv_offload_device is set "
+                              "(the KV block count: a value, points share one compile)",
     "kv_cache_dtype": "KV cache dtype (auto, fp8, ...): KV blocks, hand-off bytes, attention's KV-read time "
                       "(REFERENCE.md §1.14)",
     "kv_tier_capacity_gb": "GiB of the KV tier's device below the GPU (SweepBase.kv_tier; 0 holds nothing)",
@@ -76,7 +78,8 @@ KNOBS = {
     "cluster": "a name in SweepBase.cluster_options: the instances of a cluster design (designs are "
                "padded to the largest instance count with instances nothing is routed to)",
 }
-_HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns", "weights_offload_fraction")
+_HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns", "weights_offload_fraction",
+                   "kv_offload_capacity_gb")
 _SCHEDULER_KNOBS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
                     "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
 _SCALE_KNOBS = ("compute_scale", "memory_scale", "link_scale")

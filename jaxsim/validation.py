@@ -620,6 +620,7 @@ def _engine_settings(meta: dict, meta_path: Path, cluster: dict, model: ModelCon
                            f"cpu_mem){'; one pool shared by the instances (one LMCache server)' if shared else ''}")
         else:
             assumed.append(f"kv_connector={connector!r}: not modelled; simulated without it")
+    settings.setdefault("kv_tier", None)  # the KV tier below the GPU (an LMCache connector: CPU), or none
     # vLLM 0.13 with prefix caching counted cached-but-free blocks in its KV gauge (validation README)
     settings["kv_cache_pct_counts_cached"] = bool(vt is not None and vt[:2] == (0, 13) and
                                                   settings["enable_prefix_caching"])

@@ -192,3 +192,16 @@ def test_tier_knobs_vary_per_configuration_in_one_compiled_sweep(shared):
     assert [row["cpu_hit_tokens"] for row in r.rows] == [0, 512, 0, 1024]
     with pytest.raises(JaxsimInputError, match="no KV tier"):
         sweep.sweep(sweep.SweepBase(workload=W, model=MODEL, profiles_dir=PROFILES), [{"kv_tier_capacity_gb": 1.0}])
+
+
+def test_kv_evict_loc_names_the_runs_tier():
+    """A cluster JSON's kv_evict_loc other than the default cpu must be the run's tier (never ignored)."""
+    import dataclasses
+    cxl = dataclasses.replace(PRO, kv_evict_loc="cxl:0")
+    with pytest.raises(JaxsimInputError, match=r"instances\[0\].kv_evict_loc: 'cxl:0', but the run has no KV tier"):
+        simulator.plan_cluster(W, MODEL, [cxl], profiles_dir=PROFILES)
+    with pytest.raises(JaxsimInputError, match="set kv_tier=cxl"):
+        simulator.plan_cluster(W, MODEL, [cxl], kv_tier=SHARED, profiles_dir=PROFILES)
+    plans = simulator.plan_cluster(W, MODEL, [cxl], kv_tier=dataclasses.replace(SHARED, storage="cxl"),
+                                   profiles_dir=PROFILES)
+    assert plans[0].kv_tier.storage == "cxl"

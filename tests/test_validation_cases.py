@@ -118,7 +118,7 @@ def test_compare_timeseries_columns():
     assert "best_lag" not in scores["gen_throughput"]
     # measured but not simulated: listed with the reason, never dropped
     assert set(missing) == {"prefix_hit_pct", "gpu_power_w", "cpu_pool_gib"}
-    assert "power" in missing["gpu_power_w"] and "memory-tier" in missing["cpu_pool_gib"]
+    assert "power" in missing["gpu_power_w"] and "no CPU KV tier" in missing["cpu_pool_gib"]
     assert unrecorded == {}
     s2, m2, _ = compare_timeseries(real, sim, counts_cached=False)
     assert s2["kv_cache_pct"]["mae"] == pytest.approx((0 + 8) / 2)  # pinned only; busy rows 2, 3
@@ -226,7 +226,7 @@ SETTINGS_KEYS = {"vllm_version", "enforce_eager", "async_scheduling", "block_siz
                  "enable_chunked_prefill", "long_prefill_token_threshold", "scheduler_reserve_full_isl", "max_num_seqs",
                  "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization", "num_gpu_blocks", "dtype",
                  "kv_cache_dtype", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "pd",
-                 "routing", "kv_connector", "kv_cache_pct_counts_cached"}
+                 "routing", "kv_connector", "kv_cache_pct_counts_cached", "kv_tier"}
 
 
 def test_all_eight_cases_are_shipped():
@@ -301,7 +301,8 @@ def test_settings_of_the_pulse_and_power_cases():
     assert md.settings["routing"] == "round_robin" and "routing" not in _assumed_knobs(md.assumed)  # recorded
     assert sorted(md.real_timeseries_instances) == [0, 1]
     assert "cpu_pool_gib" in md.real_timeseries and "cpu_pool_gib" not in md.real_timeseries_instances[0]
-    assert any(x.startswith("kv_connector='LMCacheConnectorV1'") and "not modelled" in x for x in md.assumed)
+    assert any(x.startswith("kv_connector='LMCacheConnectorV1'") and "CPU KV tier" in x for x in md.assumed)
+    assert md.settings["kv_tier"] == {"storage": "cpu", "enable_prefix_sharing": True} and sd.settings["kv_tier"] is None
     pw = load("A6000-Llama-3.1-8B-power-TP1")
     s, a = engine_settings(pw)
     assert (s["vllm_version"], s["enable_prefix_caching"], s["num_gpu_blocks"]) == ("0.11.1", False, 13545)
@@ -329,7 +330,7 @@ def test_report_from_measured_series(tmp_path):
     assert comparison["timeseries"]["gen_throughput"]["nmae"] == pytest.approx(0.1)
     assert set(comparison["timeseries_instances"]) == {"0", "1"}
     assert "instance 0: kv_cache_pct" in comparison["not_simulated"]  # the instances' sim has no cached series
-    assert "cpu_pool_gib" in comparison["not_simulated"] and "gpu_power_w" not in comparison["not_simulated"]
+    assert "cpu_pool_gib" in comparison["timeseries"] and "gpu_power_w" not in comparison["not_simulated"]
     ev = types.SimpleNamespace(case=md, comparison=comparison, table=None, series=sim, instance_series=inst, wall_s=0.0)
     path = validation_report.write_report([ev], {"X": "JaxsimInputError: broken"}, tmp_path, command="cmd")
     text = path.read_text()
