@@ -599,7 +599,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     if scales:
         tables = dataclasses.replace(tables, **{k: f64(v) for k, v in scales.items()})
     if kv_scale != 1.0:
-        tables = dataclasses.replace(tables, kv_read_scale=f64(kv_scale))
+        tables = dataclasses.replace(tables, kv_read_scale=f64(kv_scale), kv_scaled=True)
     # Weights off the NPU (REFERENCE.md §1.10): out of the weight ledger, read every iteration.
     wp = placement_lib.resolve(placement, hw, model.num_layers)
     # A KV cache off the NPU (§1.16 kv_loc): blocks from its device (num_kv_blocks), its KV read
@@ -610,7 +610,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                                    f" = {wp.kv}): the KV-read critical path is modelled for pp = 1",
                                    "use pp 1, or keep the KV cache on the NPU")
         kvp = placement_lib.kv_read_params(wp, model, kv_bytes, tp=hw.tp)
-        tables = dataclasses.replace(tables, **{k: jnp.asarray(v, jnp.float64) for k, v in kvp.items()})
+        tables = dataclasses.replace(tables, **{k: jnp.asarray(v, jnp.float64) for k, v in kvp.items()}, offload=True)
     offloaded = {}
     if wp.off_npu:
         if hw.pp != 1:
@@ -622,7 +622,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
         g = placement_lib.load_gates(wp, model, w_bytes, tp=hw.tp, ep=ep)
         i64 = lambda x: jnp.asarray(x, jnp.int64)  # noqa: E731
         tables = dataclasses.replace(tables, wload_pro=i64(g["prologue"]), wload_blocks=i64(g["blocks"]),
-                                     wload_head=i64(g["head"]))
+                                     wload_head=i64(g["head"]), offload=True)
     profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
     # vLLM's null block (SchedulerConfig.reserve_null_block) is not a request's: num_blocks is what
     # requests can use, and KV usage is over it (vllm/v1/core/block_pool.py).

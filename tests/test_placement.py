@@ -152,7 +152,11 @@ def test_the_offload_fraction_and_kv_dtype_are_sweep_knobs_of_one_compiled_shape
     # the kv_cache_dtype knob likewise: blocks and the KV-read scale are values
     fp8 = planning.plan(**sweep.point_inputs(base, {"kv_cache_dtype": "fp8"}), record_token_times=False)
     assert fp8.num_blocks == 73_157 - 1 and float(fp8.tables.kv_read_scale) == 0.5 and fp8.approximations
-    assert jax.tree.map(np.shape, fp8.tables) == jax.tree.map(np.shape, a)
+    # one compile once stacked (the optional paths are static flags that stack_tables ORs)
+    assert jax.tree.map(np.shape, latency.stack_tables([fp8.tables, a])) == jax.tree.map(
+        np.shape, latency.stack_tables([a, fp8.tables]))
+    assert jax.tree.leaves(jax.tree.map(np.shape, fp8.tables)) == jax.tree.leaves(jax.tree.map(np.shape, a))
+    assert fp8.tables.kv_scaled and not latency.stack_tables([a, a]).kv_scaled
     with pytest.raises(JaxsimInputError, match=r"^sweep point \(kv_cache_dtype=fp9\): model\.kv_cache_dtype: unknown"):
         sweep.point_inputs(base, {"kv_cache_dtype": "fp9"})
 
@@ -347,7 +351,9 @@ def test_one_iterations_kv_read_from_the_device_hand_computed(model):
     assert off.num_blocks == 5_120 and off.offloaded == {}
     assert (float(off.tables.kvloc_lat), float(off.tables.kvloc_bw), float(off.tables.kvloc_bytes)) == (1000.0, 64.0,
                                                                                                        4096.0)
-    assert jax.tree.map(np.shape, off.tables) == jax.tree.map(np.shape, base.tables)  # values: one compile
+    # values: one compile once stacked (the path itself is a static flag, on for the stack)
+    assert jax.tree.leaves(jax.tree.map(np.shape, off.tables)) == jax.tree.leaves(jax.tree.map(np.shape, base.tables))
+    assert off.tables.offload and not base.tables.offload and latency.stack_tables([base.tables, off.tables]).offload
     for args, tokens in (((515, 4, 512, 2048, 3, 3000, 1000, 1000), 5048), ((1, 1, 0, 0, 1, 512, 512, 512), 512),
                          ((128, 1, 128, 0, 0, 0, 0, 0), 0), (DECODE, 128 * 1024)):
         t0 = int(ITER(base.tables, *args)[0])

@@ -51,6 +51,7 @@ Choices where REFERENCE.md leaves room (the oracle ``tests/reference_latency.py`
     when the skew correction applies).
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -152,6 +153,11 @@ class LatencyTables(AbstractLatencyModel):
     kvloc_lat: jax.Array  # f64 [] ns per read
     kvloc_bw: jax.Array  # f64 [] bytes/ns
     kvloc_bytes: jax.Array  # f64 [] bytes per token, layer and rank
+    # Static: which of the two optional paths above compile (each costs ~20-45 us per iteration on
+    # XLA:CPU; off, they leave the time unchanged): the FP8 KV-read scaling (kv_read_scale != 1)
+    # and the weight-load / KV-read critical path (weights or KV off the NPU). stack_tables ORs them.
+    kv_scaled: bool = eqx.field(static=True, default=False)
+    offload: bool = eqx.field(static=True, default=False)
 
     # The AbstractLatencyModel interface (the engine calls only these two).
     def iteration_time(self, shape: BatchShape):
@@ -359,10 +365,11 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
     t_att = jnp.where(skew_on & (alpha != 0) & (t_max > t_mean), skewed, t_mean)
     # FP8 KV from bf16 tables (§1.14): the KV-read term b*kvd_sum scaled by kv_read_scale; the
     # result is kept at or above kv_read_scale * t_att (at most the whole time is KV reads)
-    s_kv = tb.kv_read_scale
-    cut = jnp.floor((1.0 - s_kv) * tb.kv_read_b * kvd_sum.astype(_F)).astype(_I)
-    kv_scaled = jnp.maximum(t_att - cut, jnp.floor(s_kv * t_att.astype(_F)).astype(_I))
-    t_att = jnp.where(s_kv != 1.0, jnp.maximum(kv_scaled, 1), t_att)
+    if tb.kv_scaled:
+        s_kv = tb.kv_read_scale
+        cut = jnp.floor((1.0 - s_kv) * tb.kv_read_b * kvd_sum.astype(_F)).astype(_I)
+        kv_scaled = jnp.maximum(t_att - cut, jnp.floor(s_kv * t_att.astype(_F)).astype(_I))
+        t_att = jnp.where(s_kv != 1.0, jnp.maximum(kv_scaled, 1), t_att)
     has_att = (pc > 0) | (nd > 0)
     t_att = jnp.where(has_att, _scaled(t_att, tb.memory_scale), 0)
     ext_att = has_att & (a_att[0] | (skew_on & a_att[1]))
@@ -376,7 +383,8 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
     extrapolated = jnp.stack([ext_dense, ext_seq, ext_att, ext_moe]).astype(jnp.int32)
     c_pro = _scaled(jnp.sum(tb.lin_prologue * v), tb.compute_scale)
     c_head = _scaled(jnp.sum(tb.lin_head * v), tb.compute_scale)
-    total = _weight_loads(tb, total, t_in, t_out, c_pro, c_head, kv_read_ns(tb, kp, kvd_sum))
+    if tb.offload:
+        total = _weight_loads(tb, total, t_in, t_out, c_pro, c_head, kv_read_ns(tb, kp, kvd_sum))
     if not parts:
         return total, extrapolated, None
     return total, extrapolated, (t_in + c_pro, t_out + c_head)

@@ -215,7 +215,7 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
         tp=i(hw.tp), pp=i(hw.pp), ar_count=i(ar_count), link_bw=f(hw.link_bw_gbps), link_lat=f(hw.link_latency_ns),
         link_step_overhead=f(link_step_overhead_ns), cpu_bw=f(hw.cpu_mem_bw_gbps), cpu_lat=f(hw.cpu_mem_latency_ns),
         compute_scale=f(compute_scale), memory_scale=f(memory_scale), link_scale=f(link_scale),
-        kv_read_scale=f(kv_read_scale), kv_read_b=f(decode_kv_fit(at)[1]),
+        kv_read_scale=f(kv_read_scale), kv_read_b=f(decode_kv_fit(at)[1]), kv_scaled=kv_read_scale != 1.0,
         wload_pro=i(0), wload_blocks=i(np.zeros(L, np.int64)), wload_head=i(0),
         kvloc_lat=f(0.0), kvloc_bw=f(1.0), kvloc_bytes=f(0.0),
     )
@@ -266,6 +266,8 @@ def stack_tables(tables: list) -> LatencyTables:
             out.append(np.pad(x, pad, constant_values=fill) if any(p[1] for p in pad) else x)
         return jnp.asarray(np.stack(out))
 
-    fields = [f.name for f in dataclasses.fields(LatencyTables)]
-    return LatencyTables(**{n: stack(n, *(getattr(t, n) for t in tables)) for n in fields})
+    static = ("kv_scaled", "offload")  # compiled paths: on for all when any configuration needs them
+    fields = [f.name for f in dataclasses.fields(LatencyTables) if f.name not in static]
+    return LatencyTables(**{n: stack(n, *(getattr(t, n) for t in tables)) for n in fields},
+                         **{n: any(getattr(t, n) for t in tables) for n in static})
 
