@@ -72,6 +72,7 @@ def _split(w: Workload, idx) -> Workload:
                                line_numbers=None if w.line_numbers is None else w.line_numbers[idx])
 
 
+@pytest.mark.slow
 def test_round_robin_pair_equals_two_lone_instances(sharegpt16):
     """Round robin sends arrivals alternately to two identical instances; each then serves
     exactly the requests a lone instance would serve on that half of the trace."""

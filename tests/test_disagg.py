@@ -186,6 +186,7 @@ def test_sessions_release_on_finish_and_hit_their_context():
             assert res.prefix_hit_tokens[j] == (w.input_toks[i] + w.output_toks[i] - 1) // 16 * 16
 
 
+@pytest.mark.slow
 def test_sweep_over_colocated_and_disaggregated_designs_equals_runs():
     """Two 2-instance designs in one compiled group (the colocated one runs with releases on, for
     the sessions); each equals its own simulate_cluster."""

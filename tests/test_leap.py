@@ -66,6 +66,7 @@ def test_single_instance_leaps_change_nothing(batch):
     assert int(np.asarray(leapt.steps)[0]) < 0.7 * int(np.asarray(stepped.steps)[0])  # leaps skip over 30% of the steps
 
 
+@pytest.mark.slow
 def test_pd_cluster_leaps_change_nothing():
     """1 prefill + 2 decode instances, least-loaded routing: leaps stop before every arrival,
     release and prefill-instance event (the decode instances' next chance of a new request)."""
