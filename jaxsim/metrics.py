@@ -555,6 +555,8 @@ def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | No
     ``workload_import`` counts). The time series has ``interval_s`` bins, or coarser ones when the
     run spans more than :data:`MAX_TIMESERIES_BINS` of them (``timeseries_interval_s`` in the summary).
 
+    A cluster also gets ``timeseries.inst<k>.csv`` per instance (same columns, same bins).
+
     Returns:
       The summary dict (as written to ``summary.json``); its ``outputs`` entry lists the files written.
     """
@@ -562,6 +564,11 @@ def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | No
     out.mkdir(parents=True, exist_ok=True)
     table = request_table(result)
     files = [options.requests_file(), "summary.json", "timeseries.csv"]
+    # A cluster: each instance's own series too (timeseries.inst<k>.csv, as the validation cases lay
+    # out measured ones): its gauges, KV usage over its own blocks, its GPU memory and tier pool.
+    n_inst = 1 if result.iter_instance is None else int(np.max(result.iter_instance, initial=0)) + 1
+    if n_inst > 1:
+        files += [f"timeseries.inst{k}.csv" for k in range(n_inst)]
     if options.reference_csv:
         files.append("requests_reference.csv")
     if config_dict is not None:
@@ -576,6 +583,11 @@ def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | No
         write_reference_csv(table, out / "requests_reference.csv", model_name)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_timeseries_csv(time_series(result, interval_s), out / "timeseries.csv")
+    blocks = (result.memory or {}).get("num_blocks")
+    for k in range(n_inst if n_inst > 1 else 0):
+        series = time_series(result, interval_s, instance=k, origin_ns=int(np.min(_i64(result.arrival_ns))),
+                             num_blocks=None if blocks is None else int(blocks[k]))
+        write_timeseries_csv(series, out / f"timeseries.inst{k}.csv")
     if config_dict is not None:
         import yaml
 

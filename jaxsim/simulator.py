@@ -53,6 +53,7 @@ def memory_layout(plans: "list[Plan]", layout=None) -> dict:
     tier = plans[0].kv_tier
     layout = layout or tier_layout(plans, tier)
     return dict(gpu_static_bytes=np.array([pl.gpu_static_bytes for pl in plans], np.int64),
+                num_blocks=np.array([pl.num_blocks for pl in plans], np.int64),
                 kv_block_bytes=np.array([pl.block_size * pl.kv_token_bytes * pl.kv_on_gpu for pl in plans], np.int64),
                 tier_storage=tier.storage if tier.enabled else None, tier_pool_of=np.asarray(layout.pool_of),
                 tier_chunk_bytes=np.array([tier.chunk_blocks(pl.block_size) * pl.block_size * pl.kv_token_bytes

@@ -155,7 +155,8 @@ def test_the_recall_is_on_the_critical_path(shared):
     assert (ttft - ttft_free).tolist() == [0, recall, 0, 0, 0, recall]
 
 
-def test_time_series_and_summary_report_the_tier(shared):
+def test_time_series_and_summary_report_the_tier(shared, tmp_path):
+    import csv
     from jaxsim import metrics
     res, _ = shared
     ts = metrics.time_series(res, 1.0, origin_ns=0)
@@ -167,6 +168,16 @@ def test_time_series_and_summary_report_the_tier(shared):
     assert ts["cpu_prefix_hit_pct"][-1] == pytest.approx(1024 / (6 * 520) * 100)
     s = metrics.summarize(res, metrics.request_table(res))
     assert s["memory"]["cpu_pool_gib"]["peak"] == pytest.approx(6 * gib)
+    # the files: the cluster's series and each instance's; a shared pool is counted once, and each
+    # instance sees all of it
+    summary = metrics.write_outputs(res, tmp_path)
+    assert summary["outputs"][2:] == ["timeseries.csv", "timeseries.inst0.csv", "timeseries.inst1.csv"]
+    rows = {f: list(csv.DictReader(open(tmp_path / f))) for f in summary["outputs"][2:]}
+    assert {f: float(r[-1]["cpu_pool_gib"]) for f, r in rows.items()} == pytest.approx(
+        {f: round(6 * gib, 4) for f in rows})
+    weights = 16_060_522_496 / 2**30  # Llama-3.1-8B bf16 on one GPU (REFERENCE.md §1.3)
+    assert float(rows["timeseries.inst0.csv"][0]["gpu_mem_gib"]) >= weights
+    assert float(rows["timeseries.csv"][0]["gpu_mem_gib"]) >= 2 * weights
 
 
 def test_tier_needs_prefix_caching_and_a_device():
