@@ -286,7 +286,9 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
         insts = simulator.place_instances(insts, specs, base.links, base.model, base.dp_sync,
                                           key=f"sweep point {len(plans)}: instances")
-        simulator.check_offload_capacity(insts, specs, base.model, f"sweep point {len(plans)}: instances")
+        # (the point's instances: their hardware carries the point's offload knobs)
+        simulator.check_offload_capacity(insts, point_instances(base, p), base.model,
+                                         f"sweep point {len(plans)}: instances")
         k = len(plans)
         simulator.check_block_sizes(insts, f"sweep point {k}")
         # A point whose KV cache cannot hold one max_model_len request (the num_gpu_blocks and

@@ -216,3 +216,21 @@ def test_kv_evict_loc_names_the_runs_tier():
     plans = simulator.plan_cluster(W, MODEL, [cxl], kv_tier=dataclasses.replace(SHARED, storage="cxl"),
                                    profiles_dir=PROFILES)
     assert plans[0].kv_tier.storage == "cxl"
+
+
+def test_a_single_instance_sweeps_tier_and_offload_knobs():
+    """One instance (the lone engine path): tier knobs vary per point in one compile, as do the
+    weight-offload fraction and the KV dtype; each row equals its single run's hits."""
+    from jaxsim import sweep
+    one = InstanceSpec(HardwareConfig(offload_bw_gbps=60.0, weights_offload_device="cxl"), PRO.sched, PRO.calib)
+    w = Workload(arrival_ns=np.array([0, 2_000_000_000]), input_toks=np.full(2, 520, np.int32),
+                 output_toks=np.full(2, 2, np.int32), token_ids=list(W.token_ids[:2]), source="<two>")
+    base = sweep.SweepBase(workload=w, model=MODEL, hardware=one.hw, scheduler=one.sched, calibration=one.calib,
+                           profiles_dir=PROFILES, max_slots=8, kv_tier=SHARED)
+    points = [{"kv_tier_capacity_gb": 0.0}, {"kv_tier_capacity_gb": 1.0, "weights_offload_fraction": 0.125},
+              {"kv_tier_capacity_gb": 1.0, "kv_cache_dtype": "fp8"}]
+    r = sweep.sweep(base, points, progress=False)
+    assert r.num_groups == 1 and all(row["status"] == "ok" for row in r.rows)
+    # request 1 repeats request 0's prompt: the GPU cache serves it (the tier is never needed here)
+    assert [row["cpu_hit_tokens"] for row in r.rows] == [0, 0, 0]
+    assert r.rows[1]["ttft_mean_ms"] > r.rows[0]["ttft_mean_ms"]  # weights read from CXL every iteration

@@ -500,16 +500,16 @@ def write_down(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Cluste
         return c[1] < consts[0][-1]
 
     def body(consts, c):  # past the last entry nothing is valid: a no-op
-        ends, lo, req, pool_of, at = consts
+        ends, lo, req, pool_of, at, chunks = consts
         state, first = c
         q, offset, valid = expand_ranges(ends, first, window)
         j = lo[q] + offset
-        chunk = wl.chunks[req[q], jnp.minimum(j, mc - 1)]
+        chunk = chunks[req[q], jnp.minimum(j, mc - 1)]
         i = q // n_slots
         return tier.write(state, pool_of[i], chunk, valid & (chunk >= 0), at[i]), first + window
 
     state, _ = masked_while_loop(cond, body, (st.tier, jnp.asarray(0, I32)),
-                                 (ends, lo, req, prm.sched.tier_pool, visible_at))
+                                 (ends, lo, req, prm.sched.tier_pool, visible_at, wl.chunks))
     state = tier.settle(state)
     written = st.tier_written.at[jnp.where(count > 0, req, n_req)].max(hi, mode="drop")
     resident, total = tier.pool_stats(state, prm.sched.tier_pool)

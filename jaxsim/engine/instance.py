@@ -444,7 +444,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
 
     def admit_body(consts, c):  # every write masked by `ok`, which implies admit_cond
         act = admit_cond(consts, c)
-        _, _, thr, now, hashes_all, n_hashes_all, prm, visible = consts
+        _, _, thr, now, hashes_all, n_hashes_all, chunks_all, tier_state, prm, visible = consts
         inst, budget, n_sched, _, run_len = c
         sl, pool = inst.slots, inst.pool
         r = jnp.argmin(jnp.where((sl.status == WAITING) & visible, sl.wait_key, BIG)).astype(I32)
@@ -456,7 +456,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         hit_mask = jnp.arange(hashes.shape[0]) < matched
         kv_in = sl.kv_in[r]  # prompt KV handed over by a prefill instance: already computed
         if kv_tier.enabled:  # held by the tier below, after the GPU hits (none for a hand-off)
-            recalled, read = kv_tier.lookup(tier_state, prm.tier_pool, wl.chunks[req], matched, limit, now)
+            recalled, read = kv_tier.lookup(tier_state, prm.tier_pool, chunks_all[req], matched, limit, now)
             recalled, read = jnp.where(kv_in > 0, 0, recalled), jnp.where(kv_in > 0, 0, read)
         else:
             recalled = read = jnp.zeros((), I32)
@@ -532,7 +532,7 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
     inst = eqx.tree_at(lambda i: i.run_list, inst, jnp.where(jnp.arange(num_slots) < kept, order, -1))
     inst, budget, n_sched, _, _ = masked_while_loop(
         admit_cond, admit_body, (inst, budget, n_sched, jnp.asarray(False), kept),
-        (preempted, max_seqs, thr, now, wl.hashes, wl.n_hashes, prm, visible))
+        (preempted, max_seqs, thr, now, wl.hashes, wl.n_hashes, wl.chunks, tier_state, prm, visible))
     sl = inst.slots
     kept = tuple(jnp.where(idle, new, old) for new, old in zip((sl.sched_n, sl.sched_c, sl.sched_pos), in_flight))
     return eqx.tree_at(lambda i: (i.slots.sched_n, i.slots.sched_c, i.slots.sched_pos), inst, kept)
