@@ -558,6 +558,7 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     kv_tier = build(KVTierConfig, _section(d, "kv_tier"))
     if kv_tier.enabled and (d.get("cluster") or {}).get("json"):
         kv_tier = tier_from_cluster_json(kv_tier, d["cluster"]["json"])
+    kv_tier = kv_tier.with_device_defaults()  # what the config and the JSON leave unset
     return RunSpec(
         hardware=hardware, scheduler=scheduler, model=model, model_config=model_config,
         calibration=calibration, workload=workload, sim=sim, paths=paths,

@@ -522,9 +522,10 @@ def write_reference_csv(table: dict, path: str | Path, model_name: str) -> None:
             ])
 
 
-# Optional columns of timeseries.csv, after TIMESERIES_COLUMNS, when the series has them: the memory
-# over time (time_series' memory columns; S = the KV tier's storage, cpu or cxl).
-MEMORY_COLUMNS = ("gpu_mem_gib",) + tuple(f"{s}_{c}" for s in ("cpu", "cxl")
+# Optional columns of timeseries.csv, after TIMESERIES_COLUMNS, when the series has them: the GPU
+# prefix-cache hit rate and the memory over time (time_series' memory columns; S = the KV tier's
+# storage, cpu or cxl).
+MEMORY_COLUMNS = ("prefix_hit_pct", "gpu_mem_gib") + tuple(f"{s}_{c}" for s in ("cpu", "cxl")
                                           for c in ("prefix_hit_pct", "pool_gib", "write_gib", "recall_gib"))
 
 

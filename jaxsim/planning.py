@@ -11,6 +11,7 @@ into device arrays, :mod:`jaxsim.simulator` runs them and :mod:`jaxsim.results` 
 import dataclasses
 import functools
 import math
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -560,6 +561,11 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
         raise JaxsimInputError("kv_tier.storage", f"{kv_tier.storage!r} needs prefix caching (its chunks are found "
                                "by prefix hash), but scheduler.enable_prefix_caching is false",
                                "enable prefix caching, or use kv_tier=none")
+    if kv_tier.enabled and kv_tier.chunk_size % sched.block_size:
+        raise JaxsimInputError("kv_tier.chunk_size", f"{kv_tier.chunk_size} tokens is not a whole number of "
+                               f"{sched.block_size}-token KV blocks (a chunk is copied and found block by block)",
+                               f"use a multiple of scheduler.block_size, e.g. "
+                               f"{max(1, kv_tier.chunk_size // sched.block_size) * sched.block_size}")
     bs = sched.block_size
     n = workload.num_requests
     if n == 0:
@@ -834,6 +840,9 @@ def tier_layout(plans: "list[Plan]", cfg: KVTierConfig, devices: dict | None = N
         share = 1 if cfg.enable_prefix_sharing else sharers[group[i]]
         chunk_bytes = cfg.chunk_blocks(pl.block_size) * pl.block_size * pl.kv_token_bytes
         cap[i] = int(dev.capacity_gb * GIB / share) // chunk_bytes
+        if cap[i] == 0 and dev.capacity_gb > 0:
+            warnings.warn(f"{key}.capacity_gb: {dev.capacity_gb:g} GiB{' shared by ' + str(share) + ' pools' if share > 1 else ''}"
+                          f" holds no {chunk_bytes / 2**20:g}-MiB chunk: every write is evicted at once", stacklevel=2)
         bw[i], lat[i] = dev.bandwidth_gbps, int(round(dev.latency_ns))
     if cfg.enable_prefix_sharing:
         for i, pl in enumerate(plans):

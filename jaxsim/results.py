@@ -140,7 +140,8 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
 
 
 def tier_stats(memory: dict, tier, ctr) -> dict:
-    """The KV tier's run totals: hit tokens and chunks recalled (all instances), and per pool in
+    """The KV tier's run totals: tokens served to admitted requests, hit tokens as the prefix-cache
+    counters count them, chunks recalled (all instances), and per pool in
     use its resident, written and evicted chunks and the bytes they are (``memory``:
     :func:`jaxsim.simulator.memory_layout`; ``tier``: the final ChunkPools; ``ctr``: the summed
     instance counters)."""
@@ -153,5 +154,7 @@ def tier_stats(memory: dict, tier, ctr) -> dict:
                            resident_chunks=int(tier.resident[p]), written_chunks=int(tier.written[p]),
                            evicted_chunks=int(tier.evicted[p]), resident_gib=int(tier.resident[p]) * b / 2**30,
                            written_gib=int(tier.written[p]) * b / 2**30)
-    return dict(storage=memory["tier_storage"], hit_tokens=int(ctr.tier_hits), recalled_chunks=int(ctr.tier_recalled),
-                pools=per)
+    # hit_tokens: as the prefix-cache counters count them (every admission attempt by default, like
+    # vLLM's external prefix-cache counters); served_tokens: loaded into admitted requests
+    return dict(storage=memory["tier_storage"], served_tokens=int(ctr.tier_served), hit_tokens=int(ctr.tier_hits),
+                recalled_chunks=int(ctr.tier_recalled), pools=per)

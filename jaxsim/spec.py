@@ -385,8 +385,25 @@ class KVTierConfig:
     # GPU's) or at least one whole chunk ("chunk", the reference simulator).
     min_gain: str = checked("token", choices=KV_TIER_MIN_GAINS, noun="min_gain", fix="use token or chunk")
 
+    # The device when neither the config nor a cluster JSON gives it (conf/kv_tier/*.yaml say so):
+    # host DRAM over PCIe for cpu, a CXL memory expander for cxl.
+    DEVICE_DEFAULTS: ClassVar[dict] = {"cpu": dict(capacity_gb=128.0, bandwidth_gbps=64.0, latency_ns=10_000.0),
+                                       "cxl": dict(capacity_gb=256.0, bandwidth_gbps=64.0, latency_ns=250.0)}
+
     def __post_init__(self):
         check_fields(self)
+        if not self.enabled:
+            for f in ("capacity_gb", "bandwidth_gbps", "latency_ns"):
+                if getattr(self, f) is not None:
+                    raise JaxsimInputError(f"{self.KEY}.{f}", f"set to {getattr(self, f)!r}, but {self.KEY}.storage is "
+                                           "none: there is no tier for it", "set kv_tier=cpu (or cxl), or drop it")
+
+    def with_device_defaults(self) -> "KVTierConfig":
+        """The unset device fields (None) filled with :attr:`DEVICE_DEFAULTS` of the storage."""
+        if not self.enabled:
+            return self
+        return dataclasses.replace(self, **{k: v for k, v in self.DEVICE_DEFAULTS[self.storage].items()
+                                            if getattr(self, k) is None})
 
     @property
     def enabled(self) -> bool:

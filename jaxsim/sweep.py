@@ -343,12 +343,12 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,
                 status=final.status, n_iters=final.inst.n_iters.sum(axis=1),
                 preemptions=final.inst.counters.preemptions.sum(axis=1),
-                tier_hits=final.inst.counters.tier_hits.sum(axis=1)))
+                tier_served=final.inst.counters.tier_served.sum(axis=1)))
             for k, i in enumerate(idx):
                 one = {f: v[k] for f, v in host.items()}
                 row, sim = config_metrics(plans[i][0].workload, one, base.slo_ttft_ms, base.slo_tpot_ms)
                 if base.kv_tier.enabled:
-                    row[f"{base.kv_tier.storage}_hit_tokens"] = int(one["tier_hits"])
+                    row[f"{base.kv_tier.storage}_hit_tokens"] = int(one["tier_served"])  # served to admitted requests
                 rows[i] = {"config": i, **points[i], **row}
                 sim_s += sim
                 if keep_requests:

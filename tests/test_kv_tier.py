@@ -3,6 +3,7 @@ LRU eviction and recall times on the pools directly, then small cluster runs (on
 shared-pool hit from another instance, private pools, LRU at capacity, the recall time on the
 critical path and the invariants (chunks conserved, no pool over capacity)."""
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -124,6 +125,8 @@ def test_a_shared_pool_serves_a_prefix_another_instance_computed(shared):
     # family B (instance 0's) in the pool
     assert res.prefix_hit_tokens.tolist() == [0, 512, 0, 0, 512, 512]
     assert np.asarray(final.inst.counters.tier_hits).tolist() == [0, 1024]
+    assert np.asarray(final.inst.counters.tier_served).tolist() == [0, 1024]  # one admission attempt each
+    assert res.stats["kv_tier"]["served_tokens"] == res.stats["kv_tier"]["hit_tokens"] == 1024
     assert np.asarray(final.inst.counters.tier_recalled).tolist() == [0, 4]
     assert res.stats["kv_tier"]["pools"]["0"]["written_chunks"] == 6  # A, B, C: 2 chunks each, A once
 
@@ -178,6 +181,16 @@ def test_time_series_and_summary_report_the_tier(shared, tmp_path):
     weights = 16_060_522_496 / 2**30  # Llama-3.1-8B bf16 on one GPU (REFERENCE.md §1.3)
     assert float(rows["timeseries.inst0.csv"][0]["gpu_mem_gib"]) >= weights
     assert float(rows["timeseries.csv"][0]["gpu_mem_gib"]) >= 2 * weights
+
+
+def test_tier_config_errors():
+    with pytest.raises(JaxsimInputError, match="kv_tier.capacity_gb: set to 3.0, but kv_tier.storage is none"):
+        KVTierConfig(capacity_gb=3)
+    with pytest.raises(JaxsimInputError, match="kv_tier.chunk_size: 100 tokens is not a whole number of 16-token"):
+        simulator.plan_cluster(W, MODEL, [PRO], kv_tier=dataclasses.replace(SHARED, chunk_size=100),
+                               profiles_dir=PROFILES)
+    assert KVTierConfig(storage="cxl", latency_ns=5).with_device_defaults() == KVTierConfig(
+        storage="cxl", capacity_gb=256.0, bandwidth_gbps=64.0, latency_ns=5)
 
 
 def test_tier_needs_prefix_caching_and_a_device():

@@ -73,13 +73,16 @@ class Counters(eqx.Module):
     recomputed: Int[Array, ""]
     extrapolated: Int[Array, " 4"]  # iterations whose lookups left the profile grid, per table kind
     slot_overflow: Bool[Array, ""]  # a request could not be admitted for lack of slots
-    # The KV tier below the GPU (engine/kvtier.py): prompt tokens it served at admission (int64),
-    # chunks recalled (int64), and its pool's resident chunks and chunks written so far (copied
-    # from the tier's state at the end of each step; the pool may be shared).
+    # The KV tier below the GPU (engine/kvtier.py): its hit tokens as the prefix-cache counters
+    # count them (every admission attempt with prefix_stats_every_attempt, as vLLM's external
+    # prefix-cache counters; int64), chunks recalled (int64), its pool's resident chunks and chunks
+    # written so far (copied from the tier's state at the end of each step; the pool may be
+    # shared), and the tokens it served to admitted requests (int64).
     tier_hits: Int[Array, ""]
     tier_recalled: Int[Array, ""]
     tier_resident: Int[Array, ""]
     tier_written: Int[Array, ""]
+    tier_served: Int[Array, ""]
 
 
 class Pipe(eqx.Module):
@@ -152,7 +155,7 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
         batch_tokens=zero, batch_seqs=zero, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
         counters=Counters(zero, zero64, zero64, zero, jnp.zeros(4, I32), jnp.asarray(False), zero64, zero64, zero,
-                          zero64), recall_chunks=zero,
+                          zero64, zero64), recall_chunks=zero,
         pipe=init_pipe(num_slots, max_pp) if max_pp > 1 else None,
     )
 
@@ -516,13 +519,15 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
         # (GPU hits only: a hand-off's prompt or the tier's hits are not the GPU cache's)
         hit_tokens = jnp.where(attempt, matched * bs, 0) + jnp.where(first_ok, c0 - recalled * bs, 0)
         ctr = inst.counters
-        ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed, c.tier_hits, c.tier_recalled),
+        ctr = eqx.tree_at(lambda c: (c.prefix_requested, c.prefix_hits, c.recomputed, c.tier_hits, c.tier_recalled,
+                                     c.tier_served),
                           ctr, (ctr.prefix_requested + jnp.where(prm.prefix_caching, queried, 0).astype(I64),
                                 ctr.prefix_hits + jnp.where(prm.prefix_caching, hit_tokens, 0).astype(I64),
                                 ctr.recomputed + jnp.where(ok & ~first_admission & (kv_in == 0), reached - c0, 0),
                                 ctr.tier_hits + jnp.where(prm.prefix_caching & (attempt | first_ok), recalled * bs,
                                                           0).astype(I64),
-                                ctr.tier_recalled + jnp.where(ok, read, 0).astype(I64)))
+                                ctr.tier_recalled + jnp.where(ok, read, 0).astype(I64),
+                                ctr.tier_served + jnp.where(ok, recalled * bs, 0).astype(I64)))
         run_list = _put(inst.run_list, jnp.where(ok, run_len, num_slots), r)  # appended to the running list
         inst = eqx.tree_at(lambda i: (i.slots, i.pool, i.run_list, i.counters, i.recall_chunks), inst,
                            (sl, pool, run_list, ctr, inst.recall_chunks + jnp.where(ok, read, 0)))
