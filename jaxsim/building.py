@@ -70,6 +70,21 @@ def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched
     return state, params, wl, wl_batched
 
 
+def weight_load_devices(plans: "list[Plan]") -> np.ndarray:
+    """``[plan, device]`` ns each shared memory device is busy with one iteration's weight loads of
+    each plan (``Plan.wload_busy``): devices are a node's host memory (``cpu`` of the plan's node)
+    and each CXL device, in order of first appearance; ``[plan, 0]`` when no weights sit off a GPU."""
+    keys: dict = {}
+    for pl in plans:
+        for name in pl.wload_busy:
+            keys.setdefault(("cpu", pl.node) if name == "cpu" else ("cxl", name), len(keys))
+    out = np.zeros((len(plans), len(keys)), np.int64)
+    for i, pl in enumerate(plans):
+        for name, ns in pl.wload_busy.items():
+            out[i, keys[("cpu", pl.node) if name == "cpu" else ("cxl", name)]] = ns
+    return out
+
+
 def stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
     """The plans' engine parameters stacked along a leading axis."""
     sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans])) for k in plans[0].sched}
@@ -86,7 +101,8 @@ def stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
         kv_link_bw=jnp.asarray([[k.intra_node_bw_gbps, k.inter_node_bw_gbps] for k in links], jnp.float64),
         kv_link_latency=jnp.asarray([[k.intra_node_latency_ns, k.inter_node_latency_ns] for k in links], jnp.float64),
         kv_layerwise=jnp.asarray([k.kv_transfer == "layerwise" for k in links]),
-        dp_group=jnp.asarray([p.dp_group for p in plans], jnp.int32), **calib)
+        dp_group=jnp.asarray([p.dp_group for p in plans], jnp.int32), wload_busy=jnp.asarray(weight_load_devices(plans)),
+        **calib)
 
 
 def workload_for(plans: "list[Plan]", dims: Dims, batched: bool, workload_batched: bool | None):

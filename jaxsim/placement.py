@@ -199,9 +199,10 @@ def load_gates(placement: WeightPlacement, model, weight_bytes: int, tp: int = 1
     device at the start, in layer order, and takes ``floor(latency + bytes / bandwidth)``; a load
     ends when the loads before it on its device and itself are done (the cumulative load chain).
 
-    Returns ``{"prologue": ns, "blocks": int64 [L], "head": ns}``: the end of the embedding's load,
-    of each block's, and the later of the final norm's and the lm_head's (0 for a layer on the NPU,
-    unless ``placement.hbm`` sends it through HBM)."""
+    Returns ``{"prologue": ns, "blocks": int64 [L], "head": ns, "busy": {device: ns}}``: the end of
+    the embedding's load, of each block's, and the later of the final norm's and the lm_head's (0
+    for a layer on the NPU, unless ``placement.hbm`` sends it through HBM), and how long each shared
+    device (cpu, cxl:<id>; not the instance's own HBM) is busy with one iteration's loads."""
     done = {}
     ends = []
     for (_, dev), nbytes in zip(placement.layers(model.num_layers), _bytes_in_order(model, weight_bytes, tp, ep)):
@@ -212,7 +213,8 @@ def load_gates(placement: WeightPlacement, model, weight_bytes: int, tp: int = 1
         t = done.get(d.name, 0) + int(math.floor(d.latency_ns + nbytes / d.bw_gbps))
         done[d.name] = t
         ends.append(t)
-    return {"prologue": ends[0], "blocks": np.asarray(ends[1:-2], np.int64), "head": max(ends[-2], ends[-1])}
+    return {"prologue": ends[0], "blocks": np.asarray(ends[1:-2], np.int64), "head": max(ends[-2], ends[-1]),
+            "busy": {name: t for name, t in done.items() if name != "hbm"}}
 
 
 def kv_device_blocks(placement: WeightPlacement, model, block_size: int, kv_bytes: int, weight_bytes: int,

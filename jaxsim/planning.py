@@ -194,6 +194,10 @@ class Plan:
     # the activation reserve (bytes; the run's memory series add the KV in use to it)
     gpu_static_bytes: int = 0
     kv_on_gpu: bool = True  # False: the KV cache sits in host or CXL memory (kv_loc, jaxsim.placement)
+    # ns each shared memory device (cpu: the node's host memory; cxl:<id>) is busy with one
+    # iteration's weight loads (placement.load_gates; {}: none): the loads of instances sharing a
+    # device queue behind each other (engine/cluster.py, weight_load_waits)
+    wload_busy: dict = dataclasses.field(default_factory=dict)
 
 
 def check_scheduler(sched: SchedulerConfig) -> None:
@@ -673,7 +677,8 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 kv_from_memory=hw.num_gpu_blocks is None, null_block=null_block,
                 approximations=tuple(approximations), offloaded=offloaded,
                 profile_outliers=tuple(bundle.outliers), kv_tier=kv_tier,
-                gpu_static_bytes=_gpu_static_bytes(model, hw, w_bytes, offloaded), kv_on_gpu=not wp.kv_off_npu)
+                gpu_static_bytes=_gpu_static_bytes(model, hw, w_bytes, offloaded), kv_on_gpu=not wp.kv_off_npu,
+                wload_busy=dict(g["busy"]) if wp.off_npu else {})
 
 
 def _gpu_static_bytes(model: ModelConfig, hw: HardwareConfig, w_bytes: int, offloaded: dict) -> int:

@@ -164,6 +164,8 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
                          dims=dims, releases=releases)
     static = dims.static(plans[0].block_size, num_instances=len(plans), releases=releases, router=router,
                          dp_sync=needs_dp_sync(plans), kv_tier=kv_tier)
+    if any(pl.wload_busy for pl in plans):  # decode leaps would not queue the weight loads
+        static = static.replace(leap=1)
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans),
                     tuple(dict.fromkeys(o for pl in plans for o in pl.profile_outliers)),

@@ -323,6 +323,8 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         static = dims.static(block_size, record_iterations=False, num_instances=n_inst, releases=releases,
                              dp_sync=dp_sync, kv_tier=plans[members[0]][0].kv_tier,
                              **({"router": base.router} if _is_cluster(base) else {}))
+        if any(pl.wload_busy for i in members for pl in plans[i]):  # decode leaps would not queue weight loads
+            static = static.replace(leap=1)
         max_steps = dims.max_steps(n_inst)  # the step limit follows the iterations a run may take
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
         dims = dataclasses.replace(dims, max_iters=1)

@@ -409,3 +409,16 @@ def test_kv_off_the_npu_refusals(tmp_path, model):
                                                r"cpu, which holds 64 GiB"):
         planning.check_offload_capacity(plans, specs, model, "x")
     planning.check_offload_capacity(plans[:1], specs[:1], model, "x")  # alone it fits
+
+
+def test_weight_loads_of_instances_sharing_a_device_queue():
+    """Two instances starting together with 3 ms of loads each on one CXL device, another with 1 ms
+    on a second device: the second waits 3 ms; a later start waits for the device to free up."""
+    import jax.numpy as jnp
+    from jaxsim.engine.cluster import weight_load_waits
+    busy = jnp.asarray([[3_000_000, 0], [3_000_000, 0], [0, 1_000_000]], jnp.int64)
+    now = jnp.asarray([100, 100, 100], jnp.int64)
+    wait, free = weight_load_waits(busy, jnp.zeros(2, jnp.int64), now, jnp.ones(3, bool))
+    assert wait.tolist() == [0, 3_000_000, 0] and free.tolist() == [6_000_100, 1_000_100]
+    wait, free = weight_load_waits(busy, free, jnp.asarray([2_000_000] * 3, jnp.int64), jnp.asarray([True, False, True]))
+    assert wait.tolist() == [4_000_100, 0, 0] and free.tolist() == [9_000_100, 3_000_000]

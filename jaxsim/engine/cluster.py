@@ -92,6 +92,9 @@ class EngineParams(eqx.Module):
     kv_link_latency: Float[Array, " 2"]  # ns per message on those links
     kv_layerwise: Bool[Array, ""]  # stream KV layer by layer during prefill (else send it after)
     dp_group: Int[Array, ""]  # wave-synchronised DP group (an instance index), -1 for none
+    # ns each shared memory device (a node's host memory, a CXL device) is busy with one iteration's
+    # weight loads (building.weight_load_devices); [0] when no weights sit off a GPU
+    wload_busy: Int[Array, " dev"]
 
 
 class ClusterState(eqx.Module):
@@ -128,6 +131,9 @@ class ClusterState(eqx.Module):
     # chunks of it already written down (a request writes each of its chunks once).
     tier: Any = ()
     tier_written: "Int[Array, ' req'] | None" = None
+    # When each shared memory device is next free of weight loads, ns (None when no weights sit off
+    # a GPU: EngineParams.wload_busy has no device).
+    dev_free: "Int[Array, ' dev'] | None" = None
     # What the batch ends run early by decode leaps emitted, written by the next step (None
     # when the run compiles no leaps, Static.leaps; engine/leap.py).
     pending: "leap.Pending | None" = None
@@ -163,8 +169,25 @@ def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, 
     return inst, next_pending + n_route, unrouted
 
 
+def weight_load_waits(busy, free, now, start):
+    """Weight loads of instances sharing a memory device queue behind each other (REFERENCE.md
+    §1.10: loads queue on their memory device; a node's host memory, a CXL device). ``busy``
+    [inst, dev]: ns each device is busy with one iteration's loads of each instance; ``free`` [dev]:
+    when each device is next free; ``now``, ``start`` [inst]: the instances starting a batch now.
+    The starters' loads are served in instance order after the device frees up. Returns
+    ``(wait [inst], free [dev])``: how long each starter's loads wait for its most contended
+    device (added to its iteration: a bound, exact when the iteration is load-bound), and when
+    each device is free again."""
+    use = (busy > 0) & start[:, None]
+    b = jnp.where(use, busy, 0)
+    prior = jnp.cumsum(b, axis=0) - b  # the earlier starters' loads on each device
+    base = jnp.maximum(free[None, :], now[:, None])
+    wait = jnp.max(jnp.where(use, base + prior - now[:, None], 0), axis=1)
+    return wait, jnp.maximum(free, jnp.max(jnp.where(use, base + prior + b, 0), axis=0))
+
+
 def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_size, window, ring_cap,
-                             dp_sync: bool, kv_tier, tier_state):
+                             dp_sync: bool, kv_tier, tier_state, dev_free=None):
     """On every idle instance, schedule a batch and compute when it ends.
 
     With ``dp_sync``, the members of a DP group (``EngineParams.dp_group``) run wave-synchronous
@@ -206,6 +229,9 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
     recall, tier_state = kv_tier.recall(tier_state, prm.sched.tier_pool, inst.recall_chunks,
                                         prm.kv_token_bytes * block_size * kv_tier.chunk_blocks, now, start)
     gpu = dt.astype(I64) + recall  # the recall comes before layer 0
+    if dev_free is not None:  # weights off the GPU on shared memory devices
+        wait, dev_free = weight_load_waits(prm.wload_busy, dev_free, now, start)
+        gpu = gpu + wait
     end = now + gpu + costs.host_time_ns(gpu, padded.seqs, *costs.host_args(prm))
     if dp_sync:
         end = jnp.where(runs, jax.ops.segment_max(jnp.where(runs, end, 0), gid, num_segments=n_inst + 1)[gid], end)
@@ -217,7 +243,7 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
     return eqx.tree_at(
         lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters.extrapolated),
         inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
-               pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs), extrapolated)), tier_state
+               pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs), extrapolated)), tier_state, dev_free
 
 
 def _drain_if_stuck(inst, active, *, ring_cap):
@@ -449,8 +475,11 @@ def start_batches(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clu
     if static.pipelined:
         inst = pipeline.start_batches(st.inst, prm, wl, clk.now, clk.acts, out.ending, max_pp=static.max_pp, **kw)
     else:
-        inst, tier = _start_batches_one_stage(st.inst, prm, wl, clk.now, clk.acts, dp_sync=static.dp_sync, **kw)
+        inst, tier, dev_free = _start_batches_one_stage(st.inst, prm, wl, clk.now, clk.acts, dp_sync=static.dp_sync,
+                                                        dev_free=st.dev_free, **kw)
     inst, retry = per_instance(functools.partial(_drain_if_stuck, ring_cap=static.ring_cap))(inst, clk.acts)
+    if not static.pipelined:
+        st = dataclasses.replace(st, dev_free=dev_free)
     return dataclasses.replace(st, inst=inst, tier=tier), retry
 
 
@@ -600,6 +629,8 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
     n_req = wl.prompt.shape[0]
     n_inst, n_slots = st.inst.slots.req.shape
     st = dataclasses.replace(st, pending=leap.init_pending(n_inst, n_slots, static.leap - 1) if static.leaps else None)
+    n_dev = prm.wload_busy.shape[-1]
+    st = dataclasses.replace(st, dev_free=jnp.zeros(n_dev, I64) if n_dev else None)
 
     def buffer_full(st):
         return jnp.any(st.inst.n_iters >= max_iters) if static.record_iterations else jnp.asarray(False)
