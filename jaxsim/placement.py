@@ -354,7 +354,9 @@ def check_capacity(plans: list, placements: list, nodes: list, key: str) -> None
             kv = kv_used.get(k, 0)
             what = (f"{(nbytes - kv) / 2**30:.2f} GiB of weights and {kv / 2**30:.2f} GiB of KV cache" if kv
                     else f"{nbytes / 2**30:.2f} GiB of weights")
-            raise JaxsimInputError(key, f"{what} placed on {dev}, which holds {caps[k]:g} GiB",
+            size = ("cxl_mem.mem_size / num_devices" if k[0] is None
+                    else f"nodes[{k[0]}].cpu_mem.mem_size (or hardware.kv_offload_capacity_gb)")
+            raise JaxsimInputError(key, f"{what} placed on {dev}, which holds {caps[k]:g} GiB ({size})",
                                    "place fewer layers there or use a larger device")
 
 
