@@ -25,14 +25,13 @@ and ``paths.profiles`` / ``paths.models`` / ``paths.workloads`` derive from it (
 """
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from jaxsim.cluster_config import ClusterSpec, check_profiled, cluster_spec
+from jaxsim.cluster_config import ClusterSpec, check_profiled, cluster_spec, tier_from_cluster_json
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.metrics import OutputOptions
@@ -566,32 +565,6 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
         kv_tier=kv_tier,
     )
 
-
-def tier_from_cluster_json(kv_tier: KVTierConfig, path) -> KVTierConfig:
-    """``kv_tier`` with the fields it leaves unset (None) taken from a reference cluster JSON: its
-    nodes' ``cpu_mem`` (storage cpu; every node with instances must give the same values) or its
-    ``cxl_mem`` (storage cxl; ``mem_size`` is the whole pool over ``num_devices``). REFERENCE.md §3.1."""
-    unset = [f for f in ("capacity_gb", "bandwidth_gbps", "latency_ns") if getattr(kv_tier, f) is None]
-    if not unset:
-        return kv_tier
-    d = json.loads(Path(path).read_text())
-    if kv_tier.storage == "cxl":
-        where, devs = [f"{path}: cxl_mem"], [d.get("cxl_mem")]
-    else:
-        nodes = [(n, node) for n, node in enumerate(d.get("nodes") or []) if node.get("instances")]
-        where, devs = [f"{path}: nodes[{n}].cpu_mem" for n, _ in nodes], [node.get("cpu_mem") for _, node in nodes]
-    keys = {"capacity_gb": "mem_size", "bandwidth_gbps": "mem_bw", "latency_ns": "mem_latency"}
-    values = None
-    for w, dev in zip(where, devs):
-        if not isinstance(dev, dict) or not all(keys[f] in dev or f == "latency_ns" for f in unset):
-            raise JaxsimInputError(w, f"kv_tier.storage={kv_tier.storage} takes {', '.join(unset)} from here, but it "
-                                   f"lacks {', '.join(keys[f] for f in unset)}", f"add them, or set kv_tier.{unset[0]}")
-        v = {f: dev.get(keys[f], 0) for f in unset}
-        if values is not None and v != values:
-            raise JaxsimInputError(w, f"differs from {where[0]} ({v} vs {values}): one tier device per run",
-                                   f"give every node the same cpu_mem, or set kv_tier.{unset[0]}")
-        values = v
-    return dataclasses.replace(kv_tier, **values)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -368,7 +368,7 @@ def check_capacity(plans: list, placements: list, nodes: list, key: str) -> None
 def parse_cxl_mem(d, where: str) -> tuple:
     """The top-level ``cxl_mem{mem_size GB, mem_bw GB/s, mem_latency ns, num_devices}`` as
     ``num_devices`` :class:`MemoryDevice` ``cxl:0 ... cxl:n-1``: ``mem_size`` is the whole pool,
-    split evenly over the devices (as the KV tier reads it, ``config.tier_from_cluster_json``);
+    split evenly over the devices (as the KV tier reads it, ``cluster_config.tier_from_cluster_json``);
     ``mem_bw`` and ``mem_latency`` are each device's."""
     if d is None:
         return ()

@@ -645,7 +645,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     # Prefix-cache keys: dense hash ids of each request's full blocks, padded to the block table.
     if arrays is None:
         arrays = workload_arrays(workload, bs, sched.enable_prefix_caching, block_table_width(workload, bs),
-                                 chunk_blocks=kv_tier.chunk_blocks(bs) if kv_tier.enabled else 0)
+                                 chunk_blocks=kv_tier.chunk_blocks(bs))
     out = workload.output_toks.astype(np.int64)
 
     mnbt = sched.max_num_batched_tokens or ctx
@@ -843,7 +843,7 @@ def tier_layout(plans: "list[Plan]", cfg: KVTierConfig, devices: dict | None = N
             continue
         dev = tier_device(cfg, pl.node, devices, key)
         share = 1 if cfg.enable_prefix_sharing else sharers[group[i]]
-        chunk_bytes = cfg.chunk_blocks(pl.block_size) * pl.block_size * pl.kv_token_bytes
+        chunk_bytes = cfg.chunk_bytes(pl.block_size, pl.kv_token_bytes)
         cap[i] = int(dev.capacity_gb * GIB / share) // chunk_bytes
         if cap[i] == 0 and dev.capacity_gb > 0:
             warnings.warn(f"{key}.capacity_gb: {dev.capacity_gb:g} GiB{' shared by ' + str(share) + ' pools' if share > 1 else ''}"

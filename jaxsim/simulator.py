@@ -11,12 +11,10 @@ job modules that callers use most are re-exported here (``__all__``).
 import dataclasses
 import time
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxsim.building import build, build_clusters, init_cluster, stacked_params, workload_for
+from jaxsim.building import build, build_clusters
 from jaxsim import progress
 from jaxsim.engine import cluster, routing
 from jaxsim.engine.static import Static
@@ -25,7 +23,7 @@ from jaxsim.model import ModelConfig
 from jaxsim.planning import (Dims, Plan, block_table_width, bucket, check_block_sizes, check_kv_holds_context,
                              check_offload_capacity, check_requests_fit, check_token_ids, check_workload, instance_runtime,
                              latency_tables, needs_dp_sync, needs_releases,
-                             lower_tier, num_kv_blocks, place_instances, plan, tier_layout, workload_arrays, workload_hashes)
+                             lower_tier, num_kv_blocks, place_instances, plan, workload_arrays, workload_hashes)
 from jaxsim.results import IterationBufferFull, to_result
 from jaxsim.spec import Calibration, HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig, SimResult, Workload
 
@@ -45,19 +43,18 @@ class Prepared:
     memory: dict = dataclasses.field(default_factory=dict)  # the memory series' constants (memory_layout)
 
 
-def memory_layout(plans: "list[Plan]", layout=None) -> dict:
+def memory_layout(plans: "list[Plan]", pool_of) -> dict:
     """Per instance, what the memory series need besides the iteration rows: GPU bytes that do not
     vary (weights + activation reserve), GPU bytes of one KV block (all ranks; 0 when the KV cache
-    sits off the GPU, ``kv_loc``), and the KV tier's storage, pool of each instance and bytes of one
-    chunk (all ranks)."""
+    sits off the GPU, ``kv_loc``), and the KV tier's storage, pool of each instance (``pool_of``,
+    the built ``SchedulerParams.tier_pool``) and bytes of one chunk (all ranks)."""
     tier = plans[0].kv_tier
-    layout = layout or tier_layout(plans, tier)
     return dict(gpu_static_bytes=np.array([pl.gpu_static_bytes for pl in plans], np.int64),
                 num_blocks=np.array([pl.num_blocks for pl in plans], np.int64),
                 kv_block_bytes=np.array([pl.block_size * pl.kv_token_bytes * pl.kv_on_gpu for pl in plans], np.int64),
-                tier_storage=tier.storage if tier.enabled else None, tier_pool_of=np.asarray(layout.pool_of),
-                tier_chunk_bytes=np.array([tier.chunk_blocks(pl.block_size) * pl.block_size * pl.kv_token_bytes
-                                           for pl in plans], np.int64))
+                tier_storage=tier.storage if tier.enabled else None, tier_pool_of=np.asarray(pool_of),
+                tier_chunk_bytes=np.array([tier.chunk_bytes(pl.block_size, pl.kv_token_bytes) for pl in plans],
+                                          np.int64))
 
 
 def plan_run(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
@@ -90,7 +87,7 @@ def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[Instan
     for spec in instances:
         bs = spec.sched.block_size
         kv_tier = kwargs.get("kv_tier")
-        f = kv_tier.chunk_blocks(bs) if kv_tier is not None and kv_tier.enabled else 0
+        f = (kv_tier or KVTierConfig()).chunk_blocks(bs)
         key = (bs, spec.sched.enable_prefix_caching, f)
         if key not in arrays:
             check_workload(workload)
@@ -135,7 +132,7 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     state, params, wl, _ = build([pl], dims, batched=False)
     static = dims.static(pl.block_size, releases=needs_releases([pl]), kv_tier=pl.kv_tier)
     return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound,
-                    pl.profile_outliers, pl.approximations, memory_layout([pl]))
+                    pl.profile_outliers, pl.approximations, memory_layout([pl], params.sched.tier_pool[None]))
 
 
 def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -153,23 +150,16 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
         # that fills it is rerun with twice the rows (simulate_cluster), never silently cut.
         share = min(dims.max_iters, -(-2 * dims.max_iters // len(plans)) + 1024)
         dims = dataclasses.replace(dims, max_iters=bucket(share))
-    params = stacked_params(plans)  # the plans' axis is the instance axis
-    wl, _ = workload_for(plans, dims, False, False)
-    releases = needs_releases(plans)
-    kv_tier = plans[0].kv_tier
-    layout = tier_layout(plans, kv_tier)
-    params = eqx.tree_at(lambda p: p.sched.tier_pool, params, jnp.asarray(layout.pool_of))
-    tier = (jnp.asarray(layout.capacity), jnp.asarray(layout.bw), jnp.asarray(layout.latency)) if kv_tier.enabled else None
-    state = init_cluster(jnp.asarray([pl.num_blocks for pl in plans], jnp.int32), dims.max_steps(len(plans)), tier,
-                         dims=dims, releases=releases)
-    static = dims.static(plans[0].block_size, num_instances=len(plans), releases=releases, router=router,
-                         dp_sync=needs_dp_sync(plans), kv_tier=kv_tier)
-    if any(pl.wload_busy for pl in plans):  # decode leaps would not queue the weight loads
-        static = static.replace(leap=1)
+    # one design of the batched builder, its configuration axis dropped (the plans' axis is the instance axis)
+    state, params, wl, _ = build_clusters([plans], dims, workload_batched=False)
+    state, params = jax.tree.map(lambda x: x[0], (state, params))
+    static = dims.static(plans[0].block_size, num_instances=len(plans), releases=needs_releases(plans), router=router,
+                         dp_sync=needs_dp_sync(plans), kv_tier=plans[0].kv_tier)
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans),
                     tuple(dict.fromkeys(o for pl in plans for o in pl.profile_outliers)),
-                    tuple(dict.fromkeys(a for pl in plans for a in pl.approximations)), memory_layout(plans, layout))
+                    tuple(dict.fromkeys(a for pl in plans for a in pl.approximations)),
+                    memory_layout(plans, params.sched.tier_pool))
 
 
 def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -226,7 +216,7 @@ def _run_growing_buffer(prepare_fn, kwargs: dict) -> SimResult:
 __all__ = [  # this module's entry points, then the job modules' names most callers use
     "Prepared", "plan_run", "plan_cluster", "prepare", "prepare_cluster", "run_prepared", "simulate", "simulate_cluster",
     "Dims", "Plan", "plan", "place_instances", "instance_runtime", "check_offload_capacity", "needs_dp_sync", "needs_releases", "num_kv_blocks", "latency_tables",
-    "block_table_width", "check_block_sizes", "check_kv_holds_context", "check_requests_fit", "check_token_ids",
+    "block_table_width", "lower_tier", "check_block_sizes", "check_kv_holds_context", "check_requests_fit", "check_token_ids",
     "workload_arrays", "workload_hashes",
     "build", "build_clusters", "IterationBufferFull", "to_result",
 ]

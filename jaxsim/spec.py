@@ -410,8 +410,13 @@ class KVTierConfig:
         return self.storage != "none"
 
     def chunk_blocks(self, block_size: int) -> int:
-        """Blocks per chunk: ``max(bs, (chunk // bs) * bs) / bs`` (REFERENCE.md §1.5)."""
-        return max(1, self.chunk_size // block_size)
+        """Blocks per chunk: ``max(bs, (chunk // bs) * bs) / bs`` (REFERENCE.md §1.5); 0 without a
+        tier (no chunk keys are computed)."""
+        return max(1, self.chunk_size // block_size) if self.enabled else 0
+
+    def chunk_bytes(self, block_size: int, kv_token_bytes: int) -> int:
+        """Bytes of one chunk: its tokens x ``kv_token_bytes`` (K+V, all layers and ranks)."""
+        return self.chunk_blocks(block_size) * block_size * kv_token_bytes
 
 
 ROLES = ("colocated", "prefill", "decode")  # REFERENCE.md §1.7 pd_type: null | prefill | decode

@@ -109,7 +109,7 @@ class SweepBase:
     instances: tuple | None = None  # of jaxsim.spec.InstanceSpec
     router: Router = Router()
     # The KV tier below the GPU (CPU / CXL): its knobs (_TIER_KNOBS) vary its pools per point; its
-    # device fields must be set here (a cluster JSON's cpu_mem / cxl_mem: config.tier_from_cluster_json).
+    # device fields must be set here (a cluster JSON's cpu_mem / cxl_mem: cluster_config.tier_from_cluster_json).
     kv_tier: KVTierConfig = KVTierConfig()
     cluster_options: dict = dataclasses.field(default_factory=dict)  # name -> tuple of InstanceSpec
     links: LinkConfig = LinkConfig()  # KV links between instances (P/D designs)
@@ -275,7 +275,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                   "placement": spec.placement}
             sched = kw["sched"]
             max_blocks = simulator.block_table_width(w, sched.block_size)
-            f = kw["kv_tier"].chunk_blocks(sched.block_size) if kw["kv_tier"].enabled else 0
+            f = kw["kv_tier"].chunk_blocks(sched.block_size)
             key = (id(w), sched.block_size, max_blocks, f)
             if key not in arrays_cache:  # hashes are computed for every point: prefix caching is a knob
                 hkey = (id(w.token_ids), sched.block_size, max_blocks)
@@ -323,8 +323,6 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         static = dims.static(block_size, record_iterations=False, num_instances=n_inst, releases=releases,
                              dp_sync=dp_sync, kv_tier=plans[members[0]][0].kv_tier,
                              **({"router": base.router} if _is_cluster(base) else {}))
-        if any(pl.wload_busy for i in members for pl in plans[i]):  # decode leaps would not queue weight loads
-            static = static.replace(leap=1)
         max_steps = dims.max_steps(n_inst)  # the step limit follows the iterations a run may take
         # No per-iteration records in a sweep (one row per configuration): a 1-row buffer.
         dims = dataclasses.replace(dims, max_iters=1)

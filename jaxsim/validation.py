@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsim.cluster_config import check_reference_keys, json_hardware, json_links
+from jaxsim.cluster_config import check_reference_keys, json_hardware, json_links, tier_from_cluster_json
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.metrics import STAT_NAMES, distribution_stats
@@ -844,18 +844,12 @@ def case_to_cluster(case: Case, profiles_dir=None) -> tuple[list, ModelRuntimeCo
 
 def case_kv_tier(case: Case) -> KVTierConfig:
     """The KV tier below the GPU of a case (``engine_settings``' ``kv_tier``: an LMCache connector
-    is a CPU tier), its device from config.json's ``nodes[0].cpu_mem``; ``KVTierConfig()`` (none)
+    is a CPU tier), its device from config.json's ``cpu_mem``; ``KVTierConfig()`` (none)
     otherwise."""
     t = case.settings.get("kv_tier")
     if not t:
         return KVTierConfig()
-    cpu = case.cluster["nodes"][0].get("cpu_mem") or {}
-    where = f"{case.cluster_path}: nodes[0].cpu_mem"
-    if not all(k in cpu for k in ("mem_size", "mem_bw")):
-        raise JaxsimInputError(where, "the case's CPU KV tier (LMCache) needs the CPU memory's mem_size and mem_bw",
-                               "add them to config.json")
-    return KVTierConfig(storage=t["storage"], enable_prefix_sharing=t["enable_prefix_sharing"],
-                        capacity_gb=cpu["mem_size"], bandwidth_gbps=cpu["mem_bw"], latency_ns=cpu.get("mem_latency", 0))
+    return tier_from_cluster_json(KVTierConfig(**t), case.cluster_path, case.cluster)
 
 
 def case_router(case: Case) -> Router:

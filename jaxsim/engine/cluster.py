@@ -227,7 +227,7 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
     padded = shape.padded(pad)
     dt, extrap = per_instance(lambda model, shape: model.iteration_time(shape))(prm.latency, padded)
     recall, tier_state = kv_tier.recall(tier_state, prm.sched.tier_pool, inst.recall_chunks,
-                                        prm.kv_token_bytes * block_size * kv_tier.chunk_blocks, now, start)
+                                        kv_tier.chunk_bytes(prm.kv_token_bytes, block_size), now, start)
     gpu = dt.astype(I64) + recall  # the recall comes before layer 0
     if dev_free is not None:  # weights off the GPU on shared memory devices
         wait, dev_free = weight_load_waits(prm.wload_busy, dev_free, now, start)
@@ -576,6 +576,12 @@ def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clo
                         st.steps + active.astype(I32)))
 
 
+def _leaps(static: Static, prm: EngineParams) -> bool:
+    """Decode leaps compile (``Static.leaps``) unless weights sit on shared memory devices: a leap
+    restarts batches without queueing their loads (:func:`weight_load_waits`)."""
+    return static.leaps and prm.wload_busy.shape[-1] == 0
+
+
 def step(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, active) -> ClusterState:
     """One step of the loop (see the module docstring). A no-op when not ``active``."""
     clk = _clock(static, prm, wl, st, active)
@@ -587,7 +593,7 @@ def step(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState
     st = record_iterations(prm, st, out, clk, queued)
     busy_before = st.inst.busy
     st, retry = start_batches(static, prm, wl, st, clk, out)
-    if static.leaps:
+    if _leaps(static, prm):
         st = leap_decodes(static, prm, wl, st, clk, st.inst.busy & ~busy_before, queued, retry)
     if static.kv_tier.enabled:
         st = write_down(static, prm, wl, st, clk)
@@ -628,7 +634,8 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
     max_iters = st.records.start.shape[-1]
     n_req = wl.prompt.shape[0]
     n_inst, n_slots = st.inst.slots.req.shape
-    st = dataclasses.replace(st, pending=leap.init_pending(n_inst, n_slots, static.leap - 1) if static.leaps else None)
+    st = dataclasses.replace(st, pending=leap.init_pending(n_inst, n_slots, static.leap - 1) if _leaps(static, prm)
+                             else None)
     n_dev = prm.wload_busy.shape[-1]
     st = dataclasses.replace(st, dev_free=jnp.zeros(n_dev, I64) if n_dev else None)
 

@@ -34,6 +34,10 @@ class AbstractKVTier(eqx.Module):
     enabled = False  # a class attribute: False compiles no tier code at all
     chunk_blocks = 1  # GPU blocks per chunk (the unit of writes and recalls)
 
+    def chunk_bytes(self, kv_token_bytes, block_size: int):
+        """Bytes of one chunk: its tokens x ``kv_token_bytes`` (K+V, all layers and ranks)."""
+        return kv_token_bytes * block_size * self.chunk_blocks
+
     @abc.abstractmethod
     def lookup(self, state, pool: Int[Array, ""], chunks: Int[Array, " mc"], matched: Int[Array, ""],
                limit: Int[Array, ""], now: Int[Array, ""]) -> "tuple[Int[Array, ''], Int[Array, '']]":

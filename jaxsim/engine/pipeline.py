@@ -81,7 +81,7 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
         start = can & (shape.seqs > 0)
         times, extrap, p2p = prm.latency.stage_times(shape, max_pp)
         recall, _ = kv_tier.recall(tier_state, prm.sched.tier_pool[None], new.recall_chunks[None],
-                                   (prm.kv_token_bytes * block_size * kv_tier.chunk_blocks)[None], now[None], start[None])
+                                   kv_tier.chunk_bytes(prm.kv_token_bytes, block_size)[None], now[None], start[None])
         gpu0 = times[0] + recall[0]
         done = now + gpu0 + costs.host_time_ns(gpu0, shape.seqs, *costs.host_args(prm))
         free = [done]
