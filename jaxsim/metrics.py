@@ -263,18 +263,20 @@ def summarize(result: SimResult, table: dict | None = None) -> dict:
     return _jsonable(s)
 
 
-def cluster_gauge(result: SimResult, values) -> np.ndarray:
+def cluster_gauge(result: SimResult, values, group_of=None) -> np.ndarray:
     """A per-iteration gauge as the cluster total: at each row (rows are in end-time order), the
     sum over instances of each one's latest value (0 before its first iteration). For a single
-    instance, the values themselves."""
+    instance, the values themselves. ``group_of`` [instance]: instances that show one shared gauge
+    (a KV-tier pool, ``memory["tier_pool_of"]``), counted once: the latest value any of them showed."""
     values = np.asarray(values)
     inst = result.iter_instance
     if inst is None:
         return values
+    group = np.asarray(inst) if group_of is None else np.asarray(group_of)[np.asarray(inst)]
     total = np.zeros(values.shape, np.int64)
     rows = np.arange(values.shape[0])
-    for i in np.unique(inst):
-        mine = np.where(inst == i, rows, -1)
+    for i in np.unique(group):
+        mine = np.where(group == i, rows, -1)
         latest = np.maximum.accumulate(mine)  # this instance's last row at or before each row
         total += np.where(latest >= 0, values[np.maximum(latest, 0)], 0).astype(np.int64)
     return total
@@ -419,21 +421,6 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     return out
 
 
-def pool_gauge(result: SimResult, values, pool_of) -> np.ndarray:
-    """A per-iteration gauge of a KV-tier pool (possibly shared by several instances, each row
-    showing its instance's pool) as the cluster total: at each row, the sum over pools of the
-    latest value any of the pool's instances showed (0 before)."""
-    values = np.asarray(values)
-    inst = result.iter_instance if result.iter_instance is not None else np.zeros(values.shape[0], np.int64)
-    pool = np.asarray(pool_of)[np.asarray(inst)]
-    total = np.zeros(values.shape, np.int64)
-    rows = np.arange(values.shape[0])
-    for p in np.unique(pool):
-        latest = np.maximum.accumulate(np.where(pool == p, rows, -1))
-        total += np.where(latest >= 0, values[np.maximum(latest, 0)], 0).astype(np.int64)
-    return total
-
-
 def _memory_columns(result: SimResult, rows, single: bool, instance, gauge, per_row, nbins: int) -> dict:
     """The memory series of :func:`time_series` (when the result carries ``memory``):
     ``gpu_mem_gib`` (weights + activation reserve + KV blocks in use, all the GPUs of the
@@ -459,7 +446,7 @@ def _memory_columns(result: SimResult, rows, single: bool, instance, gauge, per_
 
     def pool_series(values):
         values = np.asarray(values).astype(np.int64) * chunk
-        return gauge(values[rows] if single else pool_gauge(result, values, pool_of), np.float64)
+        return gauge(values[rows] if single else cluster_gauge(result, values, pool_of), np.float64)
 
     q = gauge(per_row(result.iter_prefix_queried), np.float64)
     h = gauge(per_row(result.iter_tier_hits), np.float64)
