@@ -51,7 +51,7 @@ from typing import ClassVar
 from jaxsim.engine import routers
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
-from jaxsim import placement as placement_lib
+from jaxsim import pim as pim_lib, placement as placement_lib
 from jaxsim.model import dtype_bytes, load_model_config
 from jaxsim.planning import profile_variant
 from jaxsim.spec import (DP_SYNC, Calibration, HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig,
@@ -119,13 +119,15 @@ _JSON_SCHEDULER = ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token
                    "enable_chunked_prefill", "enable_prefix_caching", "reserve_full_isl")
 # Fields whose behaviour the engine does not model yet: present and not at their neutral value,
 # they are refused rather than ignored.
-_JSON_UNSUPPORTED = {"enable_attn_offloading": (False,),
-                     "enable_sub_batch_interleaving": (False,), "enable_block_copy": (False,),
+_JSON_UNSUPPORTED = {"enable_block_copy": (False,),
                      # an instance-level kv_loc: refused before this table with its own hint (the KV
                      # cache is placed by the placement's kv_loc entries: jaxsim.placement)
                      "kv_loc": ("npu",)}
 # Weight placement and dtypes (REFERENCE.md §1.10, §1.14): jaxsim.placement, planning.profile_variant.
 _JSON_MEMORY = ("placement", "enable_local_offloading", "dtype", "kv_cache_dtype")
+# PIM attention offload (REFERENCE.md §1.11-1.12): HardwareConfig fields of the same names, with the
+# node's cpu_mem.pim_config and cpu_mem.mem_size (json_hardware).
+_JSON_PIM = ("enable_attn_offloading", "enable_sub_batch_interleaving")
 _JSON_TOP_UNSUPPORTED = ()
 # Every key the reference format has (REFERENCE.md §3.1, the shipped cluster examples), per
 # object: anything else is a typo and an error, never silently a default.
@@ -135,7 +137,7 @@ _JSON_KEYS = {
     "cpu_mem": {"mem_size", "mem_bw", "mem_latency", "pim_config"},
     "npu_mem": {"mem_size", "mem_bw", "mem_latency", "mem_util"},
     "instance": {"model_name", "hardware", "npu_mem", "num_npus", "npu_num", "npu_group", "tp_size", "pp_size",
-                 "ep_size", "dp_group", "pd_type", *_JSON_SCHEDULER, *_JSON_UNSUPPORTED, *_JSON_MEMORY},
+                 "ep_size", "dp_group", "pd_type", *_JSON_SCHEDULER, *_JSON_UNSUPPORTED, *_JSON_MEMORY, *_JSON_PIM},
 }
 
 
@@ -250,8 +252,9 @@ def json_links(link_bw: list, link_latency: list) -> LinkConfig:
 
 # HardwareConfig field -> the key of a JSON instance (or of its node) it comes from, for errors.
 _JSON_HARDWARE = {"name": "hardware", "mem_size_gb": "npu_mem.mem_size", "mem_util": "npu_mem.mem_util",
-                  "tp": "tp_size", "pp": "pp_size", "ep": "ep_size"}
-_JSON_NODE_HARDWARE = {"cpu_mem_bw_gbps": "cpu_mem.mem_bw", "cpu_mem_latency_ns": "cpu_mem.mem_latency"}
+                  "tp": "tp_size", "pp": "pp_size", "ep": "ep_size", **{k: k for k in _JSON_PIM}}
+_JSON_NODE_HARDWARE = {"cpu_mem_bw_gbps": "cpu_mem.mem_bw", "cpu_mem_latency_ns": "cpu_mem.mem_latency",
+                       "pim_config": "cpu_mem.pim_config", "pim_mem_size_gb": "cpu_mem.mem_size"}
 
 
 def json_hardware(inst: dict, cpu: dict, links: LinkConfig, base_hw: HardwareConfig, *, tp, pp, ep,
@@ -265,7 +268,11 @@ def json_hardware(inst: dict, cpu: dict, links: LinkConfig, base_hw: HardwareCon
                   mem_util=mem.get("mem_util", base_hw.mem_util), tp=tp, pp=pp, ep=ep,
                   link_bw_gbps=links.intra_node_bw_gbps, link_latency_ns=links.intra_node_latency_ns,
                   cpu_mem_bw_gbps=cpu.get("mem_bw", base_hw.cpu_mem_bw_gbps),
-                  cpu_mem_latency_ns=cpu.get("mem_latency", base_hw.cpu_mem_latency_ns))
+                  cpu_mem_latency_ns=cpu.get("mem_latency", base_hw.cpu_mem_latency_ns),
+                  **{k: inst.get(k, getattr(base_hw, k)) for k in _JSON_PIM})
+    if values["enable_attn_offloading"] is True:  # the node's host memory holds the PIM channels
+        values.update(pim_config=cpu.get("pim_config", base_hw.pim_config),
+                      pim_mem_size_gb=cpu.get("mem_size", base_hw.pim_mem_size_gb))
     keys = None
     if where is not None:
         keys = {**{f: f"{where[0]}.{k}" for f, k in _JSON_HARDWARE.items()},
@@ -370,6 +377,8 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
             raise JaxsimInputError(f"{path}: nodes[{n}].num_instances",
                                    f"{node['num_instances']} but {len(insts)} instances are listed")
         cpu = node.get("cpu_mem") or {}
+        if cpu.get("pim_config") is not None and profiles_dir is not None:  # an unknown stem, named here
+            pim_lib.load_device(cpu["pim_config"], Path(profiles_dir) / "pim", f"{path}: nodes[{n}].cpu_mem.pim_config")
         for i, inst in enumerate(insts):
             where = f"{path}: nodes[{n}].instances[{i}]"
             _check_keys(inst, "instance", where)
@@ -402,6 +411,12 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
             need(mem, "mem_size", "npu_mem"), need(mem, "mem_bw", "npu_mem")
             hw = json_hardware(inst, cpu, links, base_hw, tp=tp, pp=pp, ep=inst.get("ep_size", 0),
                                where=(where, f"{path}: nodes[{n}]"))
+            if hw.enable_attn_offloading and (hw.pim_config is None or hw.pim_mem_size_gb is None):
+                missing = "pim_config" if hw.pim_config is None else "mem_size"
+                raise JaxsimInputError(f"{path}: nodes[{n}].cpu_mem.{missing}", f"instances[{i}] offloads attention "
+                                       f"to PIM (enable_attn_offloading), but its node's cpu_mem has no {missing}",
+                                       "name the node's PIM device, e.g. \"pim_config\": \"DDR4_8GB_3200_pim\""
+                                       if missing == "pim_config" else "give the node's host memory size (GB)")
             sched = build(SchedulerConfig, {**dataclasses.asdict(base_sched),
                                             **{k: inst[k] for k in _JSON_SCHEDULER if k in inst}}, where)
             pd = inst.get("pd_type")

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsim import latency, placement as placement_lib, profiles
+from jaxsim import latency, pim as pim_lib, placement as placement_lib, profiles
 from jaxsim.engine import routing
 from jaxsim.engine.chunk_tier import ChunkTier
 from jaxsim.engine.kvtier import AbstractKVTier, NoLowerTier
@@ -198,6 +198,9 @@ class Plan:
     # iteration's weight loads (placement.load_gates; {}: none): the loads of instances sharing a
     # device queue behind each other (engine/cluster.py, weight_load_waits)
     wload_busy: dict = dataclasses.field(default_factory=dict)
+    # PIM attention offload (jaxsim.pim.PimPlan: the device, its channels, the latency
+    # coefficients, the I/O per decode); None without it
+    pim: "pim_lib.PimPlan | None" = None
 
 
 def check_scheduler(sched: SchedulerConfig) -> None:
@@ -633,6 +636,9 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
         i64 = lambda x: jnp.asarray(x, jnp.int64)  # noqa: E731
         tables = dataclasses.replace(tables, wload_pro=i64(g["prologue"]), wload_blocks=i64(g["blocks"]),
                                      wload_head=i64(g["head"]), offload=True)
+    pim_plan = None
+    if hw.enable_attn_offloading:  # decode attention on PIM channels (REFERENCE.md §1.11)
+        pim_plan, tables = _with_pim(tables, hw, model, wp, kv_bytes, profiles_dir)
     profiles.check_engine_limits(bundle, sched.max_num_batched_tokens, sched.max_num_seqs)
     # vLLM's null block (SchedulerConfig.reserve_null_block) is not a request's: num_blocks is what
     # requests can use, and KV usage is over it (vllm/v1/core/block_pool.py).
@@ -678,7 +684,25 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 approximations=tuple(approximations), offloaded=offloaded,
                 profile_outliers=tuple(bundle.outliers), kv_tier=kv_tier,
                 gpu_static_bytes=_gpu_static_bytes(model, hw, w_bytes, offloaded), kv_on_gpu=not wp.kv_off_npu,
-                wload_busy=dict(g["busy"]) if wp.off_npu else {})
+                wload_busy=dict(g["busy"]) if wp.off_npu else {}, pim=pim_plan)
+
+
+def _with_pim(tables, hw: HardwareConfig, model: ModelConfig, wp, kv_bytes: int, profiles_dir):
+    """``(PimPlan, tables)`` of an instance that offloads decode attention to PIM (REFERENCE.md
+    §1.11): the PIM fields set, and the host operations priced on the PIM memory (its aggregate
+    bandwidth and read latency replace ``cpu_mem``'s)."""
+    if wp.kv_off_npu:
+        raise JaxsimInputError("hardware.enable_attn_offloading", f"with the KV cache off the NPU ({wp.kv_src} = "
+                               f"{wp.kv}): PIM attention reads the KV in the PIM memory", "use one or the other")
+    if hw.enable_sub_batch_interleaving and wp.off_npu:
+        raise JaxsimInputError("hardware.enable_sub_batch_interleaving", "with weights off the NPU: the weight-load "
+                               "critical path is not modelled for interleaved sub-batches",
+                               "keep the weights on the NPU, or turn interleaving off")
+    act = dtype_bytes(model.torch_dtype, "model.torch_dtype")
+    p = pim_lib.pim_plan(hw, model, kv_bytes, act, Path(profiles_dir) / "pim")
+    f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
+    return p, dataclasses.replace(tables, **latency.pim_fields(p, hw), cpu_bw=f64(p.bandwidth_gbps),
+                                  cpu_lat=f64(p.device.read_latency_ns))
 
 
 def _gpu_static_bytes(model: ModelConfig, hw: HardwareConfig, w_bytes: int, offloaded: dict) -> int:

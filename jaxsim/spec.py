@@ -215,6 +215,7 @@ class SchedulerConfig:
 
 OFFLOAD_DEVICES = ("cpu", "cxl")  # HardwareConfig.weights_offload_device
 KV_OFFLOAD_DEVICES = ("none", "cpu", "cxl")  # HardwareConfig.kv_offload_device
+PIM_CONTEXTS = ("current", "prompt")  # HardwareConfig.pim_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +265,28 @@ class HardwareConfig:
     kv_offload_device: str = checked("none", choices=KV_OFFLOAD_DEVICES, noun="KV offload device",
                                      fix="use none, cpu or cxl")
     kv_offload_capacity_gb: float | None = checked(None, lo=0, lo_open=True)
+    # PIM attention offload (REFERENCE.md §1.11-1.12; jaxsim/pim.py, README "PIM attention offload"):
+    # decode attention runs on the PIM channels of the node's host memory (a cluster JSON's
+    # enable_attn_offloading with its node's cpu_mem.pim_config and cpu_mem.mem_size). pim_config: an
+    # INI stem under profiles/pim (e.g. DDR4_8GB_3200_pim) or a path to an .ini; pim_mem_size_gb: the
+    # host memory holding the channels (GB). Sub-batch interleaving (§1.12) needs it, and pp = 1.
+    enable_attn_offloading: bool = False
+    pim_config: str | None = None
+    pim_mem_size_gb: float | None = checked(None, lo=0, lo_open=True)
+    enable_sub_batch_interleaving: bool = False
+    # The PIM latency per request and channel (jaxsim/pim.py): derived from the INI, unless both
+    # coefficients are given (ns per context token, ns; e.g. the reference simulator's own fits).
+    pim_slope_ns: float | None = checked(None, lo=0, lo_open=True)
+    pim_intercept_ns: float | None = checked(None, lo=0)
+    # Reference mode: "prompt" prices a decode's PIM attention at its prompt length (the reference
+    # simulator's defect, §1.16) instead of its current context; pim_overlap false runs the PIM work
+    # after the NPU's prefill attention (as the reference's outputs do) instead of beside it.
+    pim_context: str = checked("current", choices=PIM_CONTEXTS, noun="PIM context", fix="use current or prompt")
+    pim_overlap: bool = True
 
     def __post_init__(self):
         check_fields(self)
+        self._check_pim()
         if self.weights_offload_fraction > 0 and self.weights_offload_device == "cxl" and self.offload_bw_gbps is None:
             raise JaxsimInputError(f"{self.KEY}.offload_bw_gbps", "weights offloaded to a CXL device need the "
                                    "device's bandwidth", "set hardware.offload_bw_gbps (GB/s)")
@@ -282,6 +302,19 @@ class HardwareConfig:
                                    f"{self.activation_reserve_gb:g} GiB leaves no memory of "
                                    f"mem_size_gb·mem_util = {self.mem_size_gb * self.mem_util:g} GiB",
                                    "lower it")
+
+    def _check_pim(self):
+        k = self.KEY
+        if (self.pim_slope_ns is None) != (self.pim_intercept_ns is None):
+            missing = "pim_intercept_ns" if self.pim_intercept_ns is None else "pim_slope_ns"
+            raise JaxsimInputError(f"{k}.{missing}", "explicit PIM coefficients come in pairs",
+                                   "set both pim_slope_ns and pim_intercept_ns, or neither (derived from the INI)")
+        if self.enable_sub_batch_interleaving and not self.enable_attn_offloading:
+            raise JaxsimInputError(f"{k}.enable_sub_batch_interleaving", "interleaves sub-batches around PIM "
+                                   "attention, but enable_attn_offloading is false", "enable attention offloading")
+        if self.enable_attn_offloading and self.pp != 1:
+            raise JaxsimInputError(f"{k}.pp", f"{self.pp} pipeline stages with PIM attention offloading: modelled "
+                                   "for pp = 1 (sub-batch interleaving needs pp = 1)", "use pp 1")
 
 
 def check_expert_parallel(hw: HardwareConfig, dp: int, where: str) -> None:

@@ -8,11 +8,13 @@ and why), the refusals, and that every reference output is accounted for. The kn
 dual-node example (EP over per-dimension links) is reproduced by hand in
 ``tests/test_collectives.py`` (a strict xfail). The memory-hierarchy examples run as the reference
 ran them: the CPU prefix pools as jaxsim's KV tier (``--enable-prefix-sharing --prefix-storage
-CPU``), the CXL example's weights on its CXL devices. Runs of the examples compile an engine each
+CPU``), the CXL example's weights on its CXL devices; the PIM examples with the reference's own
+DDR4 fit and its prompt-length contexts (``PIM_REFERENCE``). Runs of the examples compile an engine each
 (10-25 s): they are marked ``slow`` (``python -m pytest -m slow``); the checks that need only the
 CSVs or the latency model run in the default suite.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -23,8 +25,9 @@ import numpy as np
 import pytest
 
 import reference_parity as rp  # scripts/reference_parity.py (tests/conftest.py puts scripts/ on sys.path)
-from jaxsim import latency, metrics, simulator
+from jaxsim import latency, metrics, pim, simulator
 from jaxsim.errors import JaxsimInputError
+from jaxsim.latency.base import BatchSlots
 from jaxsim.spec import KVTierConfig
 
 EXAMPLES = {ex.name: ex for ex in rp.EXAMPLES}
@@ -203,6 +206,115 @@ def test_moe_dp_members_run_one_after_the_other_in_the_reference():
     assert reference_gap == decode_ns(tb, 23) + decode_ns(tb, 47) + 2 * 1_440 == 15_834_460
     jaxsim_round = max(decode_ns(tb, 23), decode_ns(tb, 47))  # side by side, no padding (T = 1 each)
     assert jaxsim_round == 7_917_014
+
+
+# PIM attention offload (single_node_pim_instance.json: DDR4_8GB_3200, 64 channels, 8 per request),
+# in reference mode: the reference's DDR4 fit, prompt-length contexts, PIM after the NPU's prefill
+# attention (rp.PIM_REFERENCE). One layer's PIM work for one decode of context L on its 8 channels:
+# floor((333.2538 L + 30675.2739) / 8 + 13.86) ns.
+PIM_LAYERS = 32
+
+
+def pim_slots(*reqs):
+    """The batch's requests as ``BatchSlots`` (4 slots): ``(tokens, computed, prompt)`` each, in
+    batch order."""
+    rows = np.zeros((3, 4), np.int32)
+    for k, r in enumerate(reqs):
+        rows[:, k] = r
+    return BatchSlots(*(jnp.asarray(x) for x in rows), pos=jnp.arange(4, dtype=jnp.int32))
+
+
+def pim_ns(tables, shape, *reqs) -> int:
+    """``iteration_time`` of a batch shape (the 8 arguments of REFERENCE.md §2.1) with its requests
+    (tables with PIM need them: their decodes go to the PIM channels)."""
+    return int(ITER(tables, *shape, slots=pim_slots(*reqs))[0])
+
+
+def no_host_ops(tables):
+    """The tables with free host operations (token ids in, sampled ids out)."""
+    return eqx.tree_at(lambda t: (t.cpu_bw, t.cpu_lat), tables, (jnp.asarray(np.inf), jnp.asarray(0.0)))
+
+
+def test_pim_iterations_by_hand():
+    """Reference mode, to the ns (example_pim_run.csv, request 0). Host operations on the PIM memory
+    (64 x 25.6 = 1,638.4 GB/s, 13.86 ns): floor(13.86 + 40 B / 1,638.4) = 13 ns each way.
+
+    * one decode (prompt 10): its PIM work per layer floor((3,332.5 + 30,675.3) / 8 + 13.86) = 4,264 ns,
+      so the iteration is the attention-free decode (10,879,553) + 2 x 13 + 32 x 4,264 = 11,016,027 ns,
+      the reference's gap 0 (and gaps 1-26: the reference keeps pricing the prompt's 10 tokens);
+    * request 1's 22-token prompt with request 0's decode (gap 27): the reference runs the PIM work
+      after the NPU's prefill attention: the PIM-free iteration (request 1's prefill alone on the
+      NPU) + 26 + 32 x 4,264 = 11,636,420 ns. jaxsim's default (hardware.pim_overlap) runs them side
+      by side, the layer taking the longer (REFERENCE.md §1.11 Timing: both follow qkv_proj, o_proj
+      waits for both): the NPU's prefill attention of 22 tokens (7,909 ns a layer) hides the PIM
+      work, 11,499,972 ns."""
+    tb = plan_tables("pim")
+    r0 = ref("pim")[0]["ITL"]
+    assert r0[:27] == [11_016_027] * 27 and r0[27] == 11_636_420
+    assert pim_ns(tb, (1, 1, 0, 0, 0, 0, 0, 0)) == 10_879_553 + 26  # no attention at all, host ops 2 x 13
+    assert pim_ns(tb, (1, 1, 0, 0, 1, 10, 10, 10), (1, 10, 10)) == 10_879_553 + 26 + 32 * 4_264 == 11_016_027
+    mixed = (23, 2, 22, 0, 1, 10, 10, 10)
+    prefill_only = pim_ns(tb, (23, 2, 22, 0, 0, 0, 0, 0), (22, 0, 22))
+    assert pim_ns(tb, mixed, (22, 0, 22), (1, 10, 10)) == prefill_only + 32 * 4_264 == 11_636_420
+    side_by_side = eqx.tree_at(lambda t: t.pim_serial, tb, jnp.asarray(False))
+    npu_attention = (prefill_only - pim_ns(tb, (23, 2, 0, 0, 0, 0, 0, 0))) // 32
+    assert npu_attention == 7_909 > 4_264  # the longer of the two: the PIM work is hidden
+    assert pim_ns(side_by_side, mixed, (22, 0, 22), (1, 10, 10)) == prefill_only == 11_636_420 - 32 * 4_264
+
+
+def test_pim_interleaved_iteration_by_hand():
+    """Reference mode, sub-batch interleaving (example_pim_sub_batch_run.csv, request 0's gap 27):
+    request 1's 22-token prompt is sub-batch A, request 0's decode B. One layer's PIM work (4,264 ns)
+    is far shorter than the other half's NPU layers, so the NPU never waits: the iteration is A's
+    and B's NPU work back to back (each half's prologue, 32 blocks and head at its own token count,
+    B's attention on PIM), plus the host operations: the reference's 22,406,194 ns shows one of them
+    (13 ns), jaxsim charges both (26): 22,406,207 ns (PIM_HOST_OPS)."""
+    tb = plan_tables("pim_sub_batch")
+    assert ref("pim_sub_batch")[0]["ITL"][27] == 22_406_194
+    free = no_host_ops(tb)
+    halves = pim_ns(free, (22, 1, 22, 0, 0, 0, 0, 0), (22, 0, 22)) + pim_ns(free, (1, 1, 0, 0, 0, 0, 0, 0))
+    assert halves + 13 == 22_406_194
+    assert pim_ns(tb, (23, 2, 22, 0, 1, 10, 10, 10), (22, 0, 22), (1, 10, 10)) == halves + 26 == 22_406_207
+    # one request (request 0 alone, gaps 0-26): the normal schedule, as in the PIM run
+    assert ref("pim_sub_batch")[0]["ITL"][:27] == [11_016_027] * 27
+    assert pim_ns(tb, (1, 1, 0, 0, 1, 10, 10, 10), (1, 10, 10)) == 11_016_027
+
+
+def test_pim_host_ops_known_difference():
+    """Known difference, not deliberate (PIM_HOST_OPS). Request 0's prefill, alone (no PIM work):
+    the single run's 10,998,250 ns; the reference's PIM run 13 ns more (10,998,263: one host
+    operation on the PIM memory), jaxsim's 26 ns more (both of them). Every later time of the PIM
+    run is therefore 13 ns later in jaxsim (test_pim_within_tolerance)."""
+    tb = plan_tables("pim")
+    assert ref("single")[0]["TTFT"] == 10_998_250 and ref("pim")[0]["TTFT"] == 10_998_263
+    assert pim_ns(tb, (10, 1, 10, 0, 0, 0, 0, 0), (10, 0, 10)) == 10_998_276 == 10_998_250 + 2 * 13
+
+
+def test_pim_current_context_is_deliberate():
+    """Deliberate difference (REFERENCE.md §1.16 'PIM context length'): the reference prices a
+    decode's PIM attention at its prompt length for ever: request 0's first 27 gaps are all
+    11,016,027 ns (10 tokens). jaxsim's default (hardware.pim_context=current) takes the tokens
+    computed so far: request 0's 27th decode (context 10 + 26 = 36) puts floor((333.2538 x 36 +
+    30,675.2739) / 8 + 13.86) = 5,347 ns of PIM work in each layer: 11,050,683 ns."""
+    tb = plan_tables("pim")
+    current = eqx.tree_at(lambda t: t.pim_prompt_ctx, tb, jnp.asarray(False))
+    assert ref("pim")[0]["ITL"][26] == 11_016_027 == pim_ns(tb, (1, 1, 0, 0, 1, 36, 36, 36), (1, 36, 10))
+    assert int((333.2538 * 36 + 30675.2739) / 8 + 13.86) == 5_347
+    assert pim_ns(current, (1, 1, 0, 0, 1, 36, 36, 36), (1, 36, 10)) == 10_879_553 + 26 + 32 * 5_347 == 11_050_683
+
+
+def test_pim_derived_coefficients_against_the_reference_fit():
+    """jaxsim's default coefficients come from the INI (jaxsim/pim.py, README "PIM attention
+    offload"): DDR4 332.12 ns per token (the reference's fit: 333.25) and 34,208 ns (30,675): one
+    decode of 10 tokens takes floor((3,321.2 + 34,208.2) / 8 + 13.86) = 4,705 ns per layer instead of
+    4,264, 32 x 441 = 14,112 ns more than the reference's 11,016,027 per iteration (+0.13%)."""
+    spec = rp.run_spec(EXAMPLES["pim"])
+    hw = dataclasses.replace(spec.cluster.instances[0].hw, pim_slope_ns=None, pim_intercept_ns=None)
+    p = pim.pim_plan(hw, spec.model_config, 2, 2, rp.ROOT / "profiles" / "pim")
+    assert p.derived and (round(p.slope_ns, 2), round(p.intercept_ns)) == (332.12, 34208)
+    derived = eqx.tree_at(lambda t: (t.pim_a, t.pim_b), plan_tables("pim"),
+                          (jnp.asarray(p.placement_a), jnp.asarray(p.placement_b)))
+    assert pim_ns(derived, (1, 1, 0, 0, 1, 10, 10, 10), (1, 10, 10)) == 11_016_027 + 32 * (4_705 - 4_264) == 11_030_139
 
 
 # ---------------------------------------------------------------- runs (python -m pytest -m slow)
@@ -399,3 +511,29 @@ def test_pp_arrival_waits_for_the_batch_in_flight():
     # that batch holds both: 22 prompt tokens + 1 decode
     starts = np.asarray(result.iter_start_ns)
     assert int(np.asarray(result.iter_num_tokens)[np.flatnonzero(starts == nxt)[0]]) == 23
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pim", "pim_sub_batch"])
+def test_pim_within_tolerance(name):
+    """PIM attention offload in reference mode (test_pim_iterations_by_hand,
+    test_pim_interleaved_iteration_by_hand): every iteration equal to the reference's to the ns but
+    for the host operations (PIM_HOST_OPS): an iteration without PIM work or an interleaved one is
+    13 ns longer in jaxsim. In the PIM run that is only request 0's prefill (every later time 13 ns
+    later, every gap equal); with sub-batch interleaving every iteration of two or more requests is
+    interleaved (13 ns longer each: those gaps 13 ns longer, the times drifting to 1,365 ns by the
+    end). Same instance, same number of tokens, same batches."""
+    result, table = run(name)
+    seqs_at = {int(e): int(s) for e, s in zip(result.iter_end_ns, result.iter_num_seqs)}
+    reference = ref(name)
+    for rid, r in reference.items():
+        j = row(table, rid)
+        times = np.cumsum([int(j["first_token_ns"]), *j["itl_ns"].tolist()])
+        assert len(j["itl_ns"]) == len(r["ITL"])
+        for k, (mine, theirs) in enumerate(zip(j["itl_ns"].tolist(), r["ITL"])):
+            longer = name == "pim_sub_batch" and seqs_at[int(times[k + 1])] >= 2
+            assert mine - theirs == (13 if longer else 0), (rid, k)
+    d = rp.compare(table, reference)
+    assert (d["inst"], d["itl_len"], d["itl"]) == (0, 0, 0 if name == "pim" else 13)
+    assert d["end"] == (13 if name == "pim" else 1_365)
+    assert rp.verdict(EXAMPLES[name], d)[1]

@@ -577,9 +577,10 @@ def advance_clock(static: Static, wl: WorkloadArrays, st: ClusterState, clk: Clo
 
 
 def _leaps(static: Static, prm: EngineParams) -> bool:
-    """Decode leaps compile (``Static.leaps``) unless weights sit on shared memory devices: a leap
-    restarts batches without queueing their loads (:func:`weight_load_waits`)."""
-    return static.leaps and prm.wload_busy.shape[-1] == 0
+    """Decode leaps compile (``Static.leaps``) unless weights sit on shared memory devices (a leap
+    restarts batches without queueing their loads, :func:`weight_load_waits`) or attention runs on
+    PIM (its per-iteration PIM work is not logged by a leap)."""
+    return static.leaps and prm.wload_busy.shape[-1] == 0 and not prm.latency.needs_slots
 
 
 def step(static: Static, prm: EngineParams, wl: WorkloadArrays, st: ClusterState, active) -> ClusterState:

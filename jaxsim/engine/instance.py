@@ -21,7 +21,7 @@ from jaxsim.engine import kvpool
 from jaxsim.engine.kvtier import AbstractKVTier, NoLowerTier
 from jaxsim.engine.loops import masked_while_loop
 from jaxsim.engine.ops import expand_ranges, prefix_sum
-from jaxsim.latency.base import BatchShape
+from jaxsim.latency.base import BatchShape, BatchSlots
 
 I32 = jnp.int32
 I64 = jnp.int64
@@ -544,7 +544,9 @@ def schedule(inst: InstanceState, prm: SchedulerParams, wl, now, allowed=True, *
 
 
 def batch_shape(s: Slots) -> BatchShape:
-    """The scheduled batch's :class:`jaxsim.latency.base.BatchShape` (REFERENCE.md §2.1)."""
+    """The scheduled batch's :class:`jaxsim.latency.base.BatchShape` (REFERENCE.md §2.1), with
+    its requests one by one (``BatchShape.slots``: read only by a model that places requests,
+    e.g. on PIM channels; otherwise they compile to nothing)."""
     n, c = s.sched_n, s.sched_c
     sched = n > 0
     prefill = n > 1
@@ -557,6 +559,8 @@ def batch_shape(s: Slots) -> BatchShape:
         decodes=jnp.sum(decode.astype(I32), dtype=I32), decode_kv_sum=jnp.sum(jnp.where(decode, c, 0), dtype=I32),
         decode_kv_min=jnp.where(jnp.any(decode), jnp.min(jnp.where(decode, c, big)), 0),
         decode_kv_max=jnp.max(jnp.where(decode, c, 0)),
+        slots=BatchSlots(tokens=n, computed=jnp.where(sched, c, 0), prompt=jnp.where(sched, s.prompt, 0),
+                         pos=s.sched_pos),
     )
 
 

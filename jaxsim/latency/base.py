@@ -20,12 +20,25 @@ from jaxtyping import Array, Int
 I32 = jnp.int32
 
 
+class BatchSlots(eqx.Module):
+    """The batch request by request ([slot] int32 arrays, 0 where a slot is not scheduled): what
+    a model that places requests needs beyond the summary (PIM attention, REFERENCE.md §1.11;
+    sub-batch interleaving, §1.12). A decode is a request scheduled for exactly 1 token."""
+
+    tokens: Int[Array, " slot"]  # tokens scheduled (vLLM's num_scheduled_tokens)
+    computed: Int[Array, " slot"]  # tokens computed before this iteration: a decode's KV length
+    prompt: Int[Array, " slot"]  # the request's prompt length
+    pos: Int[Array, " slot"]  # its position in the batch (vLLM's scheduled order)
+
+
 class BatchShape(eqx.Module):
     """The lookup arguments of REFERENCE.md §2.1 for one scheduled batch (int32 scalars).
 
     Chunked prefills are merged: ``prefill_tokens`` is the sum of the chunks' new tokens and
     ``prefill_history`` the sum of their already-computed tokens (prefix hits and earlier
-    chunks); decodes are summarised by their count and KV-length sum, min and max.
+    chunks); decodes are summarised by their count and KV-length sum, min and max. ``slots``: the
+    requests one by one (the engine always gives them; a model reads them only if it needs them,
+    :attr:`AbstractLatencyModel.needs_slots`, else they compile to nothing).
     """
 
     tokens: Int[Array, ""]  # T: tokens scheduled (DP padding included)
@@ -36,6 +49,7 @@ class BatchShape(eqx.Module):
     decode_kv_sum: Int[Array, ""]
     decode_kv_min: Int[Array, ""]  # 0 without decodes
     decode_kv_max: Int[Array, ""]
+    slots: "BatchSlots | None" = None
 
     def args(self) -> tuple:
         """``(T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max)``, the order of REFERENCE.md §2.1."""
@@ -51,12 +65,22 @@ class BatchShape(eqx.Module):
     def dummy_like(shape: "BatchShape") -> "BatchShape":
         """vLLM's dummy batch of an idle DP member: one token, one decode at KV length 1."""
         one, zero = jnp.ones_like(shape.tokens), jnp.zeros_like(shape.tokens)
+        slots = None
+        if shape.slots is not None:  # the dummy decode in the first slot
+            t = shape.slots.tokens
+            first = jnp.broadcast_to((jnp.arange(t.shape[-1]) == 0).astype(t.dtype), t.shape)
+            slots = BatchSlots(tokens=first, computed=first, prompt=first, pos=jnp.zeros_like(first))
         return BatchShape(tokens=one, seqs=one, prefill_tokens=zero, prefill_history=zero, decodes=one,
-                          decode_kv_sum=one, decode_kv_min=one, decode_kv_max=one)
+                          decode_kv_sum=one, decode_kv_min=one, decode_kv_max=one, slots=slots)
 
     @staticmethod
     def where(cond, a: "BatchShape", b: "BatchShape") -> "BatchShape":
-        return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+        cond = jnp.asarray(cond)
+
+        def pick(x, y):  # cond over the leading axes ([inst]), broadcast over a leaf's own ([slot])
+            return jnp.where(cond.reshape(cond.shape + (1,) * (jnp.ndim(x) - cond.ndim)), x, y)
+
+        return jax.tree.map(pick, a, b)
 
 
 class AbstractLatencyModel(eqx.Module):
@@ -64,6 +88,18 @@ class AbstractLatencyModel(eqx.Module):
     leaves are arrays (one configuration; the engine stacks and ``vmap`` s them) and must be pure
     and jittable. Times are int64 ns; ``extrapolated`` is int32 [4] (dense, per_sequence,
     attention, moe): 1 where the model left its data (a model without data returns zeros)."""
+
+    @property
+    def needs_slots(self) -> bool:
+        """The model reads ``BatchShape.slots`` (static: decides what compiles). Default False."""
+        return False
+
+    def pim_work(self, shape: BatchShape) -> "tuple[Int[Array, ''], Int[Array, '']]":
+        """``(pim_ns, pim_io_bytes)`` of one iteration (int64): the time its attention keeps PIM
+        channels busy (every layer's PIM work, both sub-batches), and the bytes its PIM operations
+        move in and out (REFERENCE.md §1.13 DRAM row). A model without PIM returns zeros."""
+        z = jnp.zeros((), jnp.int64)
+        return z, z
 
     @abc.abstractmethod
     def iteration_time(self, shape: BatchShape) -> "tuple[Int[Array, ''], Int[Array, ' 4']]":

@@ -20,6 +20,13 @@ The ``[recall]`` term of §2.1 (lower-tier KV hits) is not part of this function
 Off-NPU weights (§1.10) and an off-NPU KV cache (§1.16 ``kv_loc``) gate the blocks' start: the
 iteration is then the critical path of :func:`_weight_loads` (``wload_*``, ``kvloc_*`` fields).
 
+PIM attention offload (§1.11; ``LatencyTables.pim``, static): the decodes' attention runs on PIM
+channels (:func:`jaxsim.latency.pim.pim_layer_ns`, from ``BatchShape.slots``), the NPU's attention
+lookup keeps the prefills (nd = 0), and each attention layer takes ``max(NPU, PIM)`` (side by side)
+or ``NPU + PIM`` (``pim_serial``: the reference's outputs). Sub-batch interleaving (§1.12;
+``LatencyTables.interleave``, static) times the two halves' layers on one in-order NPU
+(:func:`jaxsim.latency.pim.interleaved_ns`).
+
 Choices where REFERENCE.md leaves room (the oracle ``tests/reference_latency.py`` makes the same):
   * 1-D lookups (§2.4) and every bracket of §2.5/§2.7: ``t = (q - x_lo)/(x_hi - x_lo)``, value
     ``v_lo + t*(v_hi - v_lo)``; a query on a key uses that key's value; a table with one key is
@@ -51,10 +58,13 @@ Choices where REFERENCE.md leaves room (the oracle ``tests/reference_latency.py`
     when the skew correction applies).
 """
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from jaxsim.latency import pim as pim_lib
 from jaxsim.latency.base import AbstractLatencyModel, BatchShape
 
 _F = jnp.float64
@@ -87,6 +97,7 @@ class LatencyTables(AbstractLatencyModel):
     #                      layers L_dense; prologue and head once)
     lin_prologue: jax.Array  # i64 [R] occurrences in the prologue (pipeline stage 0)
     lin_head: jax.Array  # i64 [R] occurrences in the head (the last pipeline stage)
+    lin_pre: jax.Array  # i64 [R] occurrences in one block's pre-attention group (sub-batch interleaving)
     # attention, P pc values x D nd values
     att_kp: jax.Array  # f64 [P, D, W2] kp keys of each slice
     att_kp_last: jax.Array  # i32 [P, D]
@@ -153,18 +164,45 @@ class LatencyTables(AbstractLatencyModel):
     kvloc_lat: jax.Array  # f64 [] ns per read
     kvloc_bw: jax.Array  # f64 [] bytes/ns
     kvloc_bytes: jax.Array  # f64 [] bytes per token, layer and rank
-    # Static: which of the two optional paths above compile (each costs ~20-45 us per iteration on
-    # XLA:CPU; off, they leave the time unchanged): the FP8 KV-read scaling (kv_read_scale != 1)
-    # and the weight-load / KV-read critical path (weights or KV off the NPU). stack_tables ORs them.
+    # PIM attention offload (REFERENCE.md §1.11; jaxsim/pim.py, jaxsim/latency/pim.py): decode
+    # attention on the host memory's PIM channels, the NPU's attention lookup then at nd = 0. One
+    # placement (a request's attention on one channel) takes pim_a * context + pim_b ns; a layer's
+    # PIM work the largest channel load + pim_lat, floored.
+    pim_on: jax.Array  # bool [] this configuration offloads (False: every pim_* field unused)
+    pim_a: jax.Array  # f64 [] ns per context token and placement (slope * g / split)
+    pim_b: jax.Array  # f64 [] ns per placement (intercept * q / split)
+    pim_lat: jax.Array  # f64 [] the device's read latency CL * tCK, ns, once per layer
+    pim_load0: jax.Array  # f64 [C] channel loads at a layer's start: 0, +inf past the instance's channels
+    pim_j: jax.Array  # f64 [K] 0..K-1, K >= pim_split (one request's placements on one channel)
+    pim_split: jax.Array  # i64 [] channels per request: min(channels, KV heads)
+    pim_prompt_ctx: jax.Array  # bool [] context = the prompt's length (the reference) instead of the
+    #                            request's computed tokens (hardware.pim_context)
+    pim_serial: jax.Array  # bool [] PIM after the NPU's prefill attention (the reference's outputs)
+    #                        instead of side by side, the layer taking the longer (hardware.pim_overlap)
+    pim_io: jax.Array  # i64 [] bytes one decode's PIM operation moves in one layer (q, k, v in; output out)
+    sub_batch_on: jax.Array  # bool [] sub-batch interleaving (REFERENCE.md §1.12; needs pim_on, pp = 1)
+    # Static: which of the optional paths above compile (each costs ~20-45 us per iteration on
+    # XLA:CPU; off, they leave the time unchanged): the FP8 KV-read scaling (kv_read_scale != 1),
+    # the weight-load / KV-read critical path (weights or KV off the NPU), PIM attention and
+    # sub-batch interleaving. stack_tables ORs them.
     kv_scaled: bool = eqx.field(static=True, default=False)
     offload: bool = eqx.field(static=True, default=False)
+    pim: bool = eqx.field(static=True, default=False)
+    interleave: bool = eqx.field(static=True, default=False)
 
-    # The AbstractLatencyModel interface (the engine calls only these two).
+    # The AbstractLatencyModel interface (the engine calls only these).
     def iteration_time(self, shape: BatchShape):
-        return iteration_time(self, *shape.args())
+        return iteration_time(self, *shape.args(), slots=shape.slots if self.pim else None)
 
     def stage_times(self, shape: BatchShape, max_pp: int):
-        return stage_times(self, max_pp, *shape.args())
+        return stage_times(self, max_pp, *shape.args(), slots=shape.slots if self.pim else None)
+
+    @property
+    def needs_slots(self) -> bool:
+        return self.pim
+
+    def pim_work(self, shape: BatchShape):
+        return pim_work(self, shape.slots)
 
 
 def _scaled(t, scale):
@@ -222,7 +260,7 @@ def _ring(steps, tb: LatencyTables, msg_bytes):
     return jnp.floor(cost * tb.link_scale).astype(_I)
 
 
-def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max):
+def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, slots=None):
     """Latency of one engine iteration (REFERENCE.md §2.1), one NPU, pp = 1.
 
     Args:
@@ -230,12 +268,14 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
       T, S: tokens and sequences scheduled (DP padding included).
       pc, kp: merged prefill chunk tokens and their summed histories.
       nd: decodes; kvd_sum, kvd_min, kvd_max: sum, min and max of their KV lengths.
+      slots: the batch's requests (:class:`jaxsim.latency.base.BatchSlots`), needed by tables
+        with PIM attention (``tb.pim``): their decodes are placed on PIM channels.
 
     Returns:
       ``(time_ns, extrapolated)``: an int64 scalar, and int32 [4] flags (dense, per_sequence,
       attention, moe) set when a lookup of that category went above its grid.
     """
-    total, extrapolated, _ = _iteration(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, parts=False)
+    total, extrapolated, _ = _iteration(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, parts=False, slots=slots)
     return total, extrapolated
 
 
@@ -250,7 +290,7 @@ def pp_layers(num_layers, pp, max_pp: int):
     return jnp.where(s < pp, L // pp + extra, 0)
 
 
-def stage_times(tb: LatencyTables, max_pp: int, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max):
+def stage_times(tb: LatencyTables, max_pp: int, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, slots=None):
     """Per-stage latencies of one batch under pipeline parallelism (``tb.pp`` stages, REFERENCE.md §1.8).
 
     Stage s takes ``[s = 0: in-host-op + prologue] + L_s x block + [s = pp-1: head + out-host-op]``
@@ -265,7 +305,8 @@ def stage_times(tb: LatencyTables, max_pp: int, T, S, pc, kp, nd, kvd_sum, kvd_m
     bytes) from one stage to the next: ``floor((link_latency + step_overhead + bytes/link_bw) *
     link_scale)`` on the instance's TP link (one step of :func:`_ring`).
     """
-    total, extrapolated, (t_pro, t_head) = _iteration(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, parts=True)
+    total, extrapolated, (t_pro, t_head) = _iteration(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, parts=True,
+                                                      slots=slots)
     L, pp = tb.num_layers, tb.pp
     layers = pp_layers(L, pp, max_pp)
     blocks = total - t_pro - t_head
@@ -278,9 +319,108 @@ def stage_times(tb: LatencyTables, max_pp: int, T, S, pc, kp, nd, kvd_sum, kvd_m
     return st, extrapolated, p2p
 
 
-def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, parts: bool):
+class _Parts(NamedTuple):
+    """One batch shape's looked-up pieces (int64 ns; :func:`_components`)."""
+
+    t_in: jax.Array  # host op in (token ids)
+    t_out: jax.Array  # host op out (sampled ids)
+    t_lin: jax.Array  # every dense / per-sequence layer of the iteration
+    t_att: jax.Array  # one attention layer
+    t_moe_block: jax.Array  # one MoE block, collectives included
+    ar: jax.Array  # one TP AllReduce
+    c_pro: jax.Array  # the prologue layers
+    c_head: jax.Array  # the head layers
+    c_pre: jax.Array  # one block's pre-attention dense layers (lin_pre)
+    extrapolated: jax.Array  # int32 [4]
+
+
+def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, parts: bool, slots=None):
     """:func:`iteration_time`; with ``parts``, also ``(stage-0 part, last-stage part)``: the host
-    op in + the prologue layers, and the head layers + the host op out."""
+    op in + the prologue layers, and the head layers + the host op out. ``slots``: the batch's
+    requests (``BatchShape.slots``), read when the tables compile PIM (``tb.pim``)."""
+    T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max = (
+        jnp.asarray(x).astype(_I) for x in (T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max))
+    pim_t = None
+    if tb.pim:  # decode attention on PIM channels: the NPU's attention lookup keeps the prefills (§1.11)
+        if slots is None:
+            raise ValueError("tables with PIM attention need the batch's requests (BatchShape.slots)")
+        pim_t = _pim_layer(tb, slots.tokens == 1, slots)
+        nd, kvd_sum, kvd_min, kvd_max = (jnp.where(tb.pim_on, 0, x) for x in (nd, kvd_sum, kvd_min, kvd_max))
+    c = _components(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max)
+    L = tb.num_layers
+    t_att = c.t_att
+    if tb.pim:
+        t_att = jnp.where(pim_t > 0, jnp.where(tb.pim_serial, t_att + pim_t, jnp.maximum(t_att, pim_t)), t_att)
+    total = c.t_in + c.t_out + c.t_lin + L * tb.att_per_block * t_att + tb.moe_blocks * c.t_moe_block + tb.ar_count * c.ar
+    extrapolated = c.extrapolated
+    if tb.interleave:
+        both, inter, ext = _interleaved(tb, slots, c)
+        total = jnp.where(both, inter, total)
+        extrapolated = jnp.where(both, ext, extrapolated)
+    if tb.offload:
+        total = _weight_loads(tb, total, c.t_in, c.t_out, c.c_pro, c.c_head, kv_read_ns(tb, kp, kvd_sum))
+    if not parts:
+        return total, extrapolated, None
+    return total, extrapolated, (c.t_in + c.c_pro, c.t_out + c.c_head)
+
+
+def _pim_layer(tb: LatencyTables, decode, slots):
+    """One layer's PIM attention time of the decodes ``decode`` (bool [slot]), int64 ns (0 when
+    the configuration has no PIM): :func:`jaxsim.latency.pim.pim_layer_ns` with each request's
+    current context (its computed tokens) or, in reference mode, its prompt length."""
+    ctx = jnp.where(tb.pim_prompt_ctx, slots.prompt, slots.computed)
+    t = pim_lib.pim_layer_ns(ctx, decode, tb.pim_a, tb.pim_b, tb.pim_lat, tb.pim_load0, tb.pim_j, tb.pim_split)
+    return jnp.where(tb.pim_on, t, 0)
+
+
+def _interleaved(tb: LatencyTables, slots, whole: _Parts):
+    """Sub-batch interleaving (REFERENCE.md §1.12): ``(applies, time, extrapolated)``. It applies
+    when the configuration asks for it and both halves hold a request (else the normal schedule).
+    Each half is looked up on its own (its decodes on PIM, the NPU attention its prefills'); the
+    host ops are the whole batch's."""
+    n = slots.tokens
+    side_a = pim_lib.split_sides(n, slots.pos)
+    sides = jnp.stack([side_a, (n > 0) & ~side_a])  # [2, slot]
+    prefill = n > 1
+
+    def total(x):
+        return jnp.sum(jnp.where(sides & x, n, 0), axis=1)
+
+    T, S = total(n > 0), jnp.sum((sides & (n > 0)).astype(_I), axis=1)
+    pc, kp = total(prefill), jnp.sum(jnp.where(sides & prefill, slots.computed, 0), axis=1)
+    z = jnp.zeros(2, _I)
+    c = jax.vmap(lambda *a: _components(tb, *a))(T, S, pc, kp, z, z, z, z)
+    pim = jax.vmap(lambda d: _pim_layer(tb, d, slots))(sides & (n == 1))
+    L = tb.num_layers
+    block = (c.t_lin - c.c_pro - c.c_head) // L + (tb.moe_blocks * c.t_moe_block + tb.ar_count * c.ar) // L
+    att = tb.att_per_block * c.t_att
+    post = block - c.c_pre
+    t = pim_lib.interleaved_ns(whole.t_in, whole.t_out, c.c_pro, c.c_pre, att, post, c.c_head, pim, L, tb.pim_serial)
+    ext = jnp.max(c.extrapolated, axis=0)
+    return tb.sub_batch_on & jnp.all(S > 0), t, ext
+
+
+def pim_work(tb: LatencyTables, slots):
+    """``(pim_ns, pim_io_bytes)`` of one iteration (int64; zeros without PIM): every layer's PIM
+    attention time (both halves under sub-batch interleaving) and the bytes its PIM operations move
+    (per decode and layer ``pim_io``: q, k, v in, the output out)."""
+    if not tb.pim:
+        z = jnp.zeros((), _I)
+        return z, z
+    n = slots.tokens
+    layers = tb.num_layers * tb.att_per_block
+    whole = _pim_layer(tb, n == 1, slots)
+    if tb.interleave:
+        side_a = pim_lib.split_sides(n, slots.pos)
+        halves = _pim_layer(tb, side_a & (n == 1), slots) + _pim_layer(tb, ~side_a & (n == 1), slots)
+        both = tb.sub_batch_on & jnp.any(side_a) & jnp.any(~side_a & (n > 0))
+        whole = jnp.where(both, halves, whole)
+    decodes = jnp.sum((n == 1).astype(_I))
+    return layers * whole, jnp.where(tb.pim_on, layers * decodes * tb.pim_io, 0)
+
+
+def _components(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max) -> _Parts:
+    """The lookups of one batch shape (REFERENCE.md §2.1-2.7), int64 scalars."""
     T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max = (
         jnp.asarray(x).astype(_I) for x in (T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max))
     L, H, E, fp = tb.num_layers, tb.hidden, tb.moe_experts, tb.weight_bytes
@@ -379,15 +519,11 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
     t_out = jnp.floor(tb.cpu_lat + (4 * T).astype(_F) / tb.cpu_bw).astype(_I)
     ar = _ring(2 * (tb.tp - 1), tb, (T * H * fp).astype(_F) / tb.tp.astype(_F))
 
-    total = t_in + t_out + t_lin + L * tb.att_per_block * t_att + tb.moe_blocks * t_moe_block + tb.ar_count * ar
     extrapolated = jnp.stack([ext_dense, ext_seq, ext_att, ext_moe]).astype(jnp.int32)
     c_pro = _scaled(jnp.sum(tb.lin_prologue * v), tb.compute_scale)
     c_head = _scaled(jnp.sum(tb.lin_head * v), tb.compute_scale)
-    if tb.offload:
-        total = _weight_loads(tb, total, t_in, t_out, c_pro, c_head, kv_read_ns(tb, kp, kvd_sum))
-    if not parts:
-        return total, extrapolated, None
-    return total, extrapolated, (t_in + c_pro, t_out + c_head)
+    c_pre = _scaled(jnp.sum(tb.lin_pre * v), tb.compute_scale)
+    return _Parts(t_in, t_out, t_lin, t_att, t_moe_block, ar, c_pro, c_head, c_pre, extrapolated)
 
 
 def kv_read_ns(tb: LatencyTables, kp, kvd_sum):

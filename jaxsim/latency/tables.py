@@ -164,6 +164,7 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
     by_seq = [cat[n] == "per_sequence" for n in names]
     pro_mult = [seq["prologue"].count(n) for n in names]
     head_mult = [seq["head"].count(n) for n in names]
+    pre_mult = [seq["pre_attn"].count(n) for n in names]  # one block's pre-attention group
     tabs = [(bundle.per_sequence if s else bundle.dense)[n] for n, s in zip(names, by_seq)]
 
     # --- attention, fallback slices copied into the missing corners
@@ -202,7 +203,7 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     return LatencyTables(
         l1_keys=f(l1_keys), l1_last=i32(l1_last), lin_vals=f(lin_vals), lin_by_seq=jnp.asarray(by_seq, bool),
-        lin_mult=i(mult), lin_prologue=i(pro_mult), lin_head=i(head_mult),
+        lin_mult=i(mult), lin_prologue=i(pro_mult), lin_head=i(head_mult), lin_pre=i(pre_mult),
         att_kp=f(att_kp), att_kp_last=i32(n_kp - 1), att_kvd=f(att_kvd), att_kvd_last=i32(np.maximum(n_kvd - 1, 0)),
         att_vals=f(att_vals), att_per_block=i(n_att),
         skew_slot=i32(slot), skew_alpha=f(alpha), skew_n_hi=f(_hi_edges(sk.n_bins)),
@@ -217,8 +218,27 @@ def latency_tables(bundle: ProfileBundle, model: ModelConfig, hw: HardwareConfig
         compute_scale=f(compute_scale), memory_scale=f(memory_scale), link_scale=f(link_scale),
         kv_read_scale=f(kv_read_scale), kv_read_b=f(decode_kv_fit(at)[1]), kv_scaled=kv_read_scale != 1.0,
         wload_pro=i(0), wload_blocks=i(np.zeros(L, np.int64)), wload_head=i(0),
-        kvloc_lat=f(0.0), kvloc_bw=f(1.0), kvloc_bytes=f(0.0),
+        kvloc_lat=f(0.0), kvloc_bw=f(1.0), kvloc_bytes=f(0.0), **pim_fields(None),
     )
+
+
+def pim_fields(pim_plan, hw: HardwareConfig | None = None) -> dict:
+    """The :class:`LatencyTables` PIM fields (REFERENCE.md §1.11) of a
+    :class:`jaxsim.pim.PimPlan` with the instance's hardware knobs ``hw`` (``pim_context``,
+    ``pim_overlap``, ``enable_sub_batch_interleaving``), or, for None, of a configuration without
+    PIM (the static flags off: nothing compiles)."""
+    f = lambda x: jnp.asarray(x, _F)  # noqa: E731
+    b = lambda x: jnp.asarray(x, bool)  # noqa: E731
+    if pim_plan is None:
+        return dict(pim_on=b(False), pim_a=f(0.0), pim_b=f(0.0), pim_lat=f(0.0), pim_load0=f(np.zeros(1)),
+                    pim_j=f(np.zeros(1)), pim_split=jnp.asarray(1, _I), pim_prompt_ctx=b(False), pim_serial=b(False),
+                    pim_io=jnp.asarray(0, _I), sub_batch_on=b(False))
+    p = pim_plan
+    return dict(pim_on=b(True), pim_a=f(p.placement_a), pim_b=f(p.placement_b), pim_lat=f(p.device.read_latency_ns),
+                pim_load0=f(np.zeros(p.num_channels)), pim_j=f(np.arange(p.split)), pim_split=jnp.asarray(p.split, _I),
+                pim_prompt_ctx=b(hw.pim_context == "prompt"), pim_serial=b(not hw.pim_overlap),
+                pim_io=jnp.asarray(p.io_bytes_per_decode, _I), sub_batch_on=b(hw.enable_sub_batch_interleaving),
+                pim=True, interleave=hw.enable_sub_batch_interleaving)
 
 
 def decode_kv_fit(at) -> tuple:
@@ -245,7 +265,7 @@ def decode_kv_fit(at) -> tuple:
 
 
 _INF_PADDED = {"l1_keys", "att_kp", "att_kvd", "moe_ae", "moe_tok", "skew_n_hi", "skew_sr_hi", "skew_kvb_hi",
-               "skew_kp_hi"}
+               "skew_kp_hi", "pim_load0"}
 
 
 def stack_tables(tables: list) -> LatencyTables:
@@ -266,7 +286,7 @@ def stack_tables(tables: list) -> LatencyTables:
             out.append(np.pad(x, pad, constant_values=fill) if any(p[1] for p in pad) else x)
         return jnp.asarray(np.stack(out))
 
-    static = ("kv_scaled", "offload")  # compiled paths: on for all when any configuration needs them
+    static = ("kv_scaled", "offload", "pim", "interleave")  # compiled paths: on for all when any configuration needs them
     fields = [f.name for f in dataclasses.fields(LatencyTables) if f.name not in static]
     return LatencyTables(**{n: stack(n, *(getattr(t, n) for t in tables)) for n in fields},
                          **{n: any(getattr(t, n) for t in tables) for n in static})
