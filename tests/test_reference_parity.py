@@ -27,6 +27,7 @@ import pytest
 import reference_parity as rp  # scripts/reference_parity.py (tests/conftest.py puts scripts/ on sys.path)
 from jaxsim import latency, metrics, pim, simulator
 from jaxsim.errors import JaxsimInputError
+from jaxsim.latency import profile as latency_profile
 from jaxsim.latency.base import BatchSlots
 from jaxsim.spec import KVTierConfig
 
@@ -278,6 +279,20 @@ def test_pim_interleaved_iteration_by_hand():
     # one request (request 0 alone, gaps 0-26): the normal schedule, as in the PIM run
     assert ref("pim_sub_batch")[0]["ITL"][:27] == [11_016_027] * 27
     assert pim_ns(tb, (1, 1, 0, 0, 1, 10, 10, 10), (1, 10, 10)) == 11_016_027
+
+
+def test_pim_work_for_the_power_model():
+    """What the power model reads of an iteration (``pim_work``): the PIM busy time, every layer's
+    PIM work (32 x 4,264 ns for one decode of 10 tokens; interleaved halves add theirs) and the
+    bytes its PIM operations move, per decode and layer q, k, v in and the output out ((2 x 32 + 2
+    x 8) x 128 x 2 B = 20,480 B)."""
+    work = jax.jit(latency_profile.pim_work)
+    assert [int(x) for x in work(plan_tables("pim"), pim_slots((1, 10, 10)))] == [32 * 4_264, 32 * 20_480]
+    two = pim_slots((1, 10, 10), (1, 22, 22))  # two decodes: one placement set each, on 64 channels
+    p22 = int((333.2538 * 22 + 30675.2739) / 8 + 13.86)
+    assert [int(x) for x in work(plan_tables("pim"), two)] == [32 * p22, 2 * 32 * 20_480]
+    assert [int(x) for x in work(plan_tables("pim_sub_batch"), two)] == [32 * (4_264 + p22), 2 * 32 * 20_480]
+    assert [int(x) for x in work(plan_tables("single"), two)] == [0, 0]
 
 
 def test_pim_host_ops_known_difference():
