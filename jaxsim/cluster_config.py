@@ -325,6 +325,11 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
     An instance serving another model than ``model_name`` gets that model's config from
     ``models_dir`` (without it, such an instance is refused).
 
+    PIM (REFERENCE.md §1.11-1.12): an instance's ``enable_attn_offloading`` /
+    ``enable_sub_batch_interleaving`` (absent: the run's ``base_hw``, the reference's command-line
+    defaults) with its node's ``cpu_mem.pim_config`` (an INI stem, checked against ``profiles_dir``
+    when given) and ``cpu_mem.mem_size`` become its hardware's PIM fields.
+
     Memory (REFERENCE.md §1.10, §1.14, §1.16): the top-level ``cxl_mem`` and each instance's
     ``placement`` / ``enable_local_offloading`` become its ``placement`` (with ``kv_loc`` cpu or
     cxl:<id>, the KV cache's device and how many instances share it) and ``kv_evict_loc``
