@@ -30,10 +30,10 @@ its own ``model`` (org/name under profiles/models; default: the run's model). Th
 maps each instance's fields onto the same dataclasses (``pd_type`` to the role, the node's
 position to ``node``, ``tp_size``/``pp_size``/``ep_size``/``dp_group``, a per-dimension
 ``link_bw``/``link_latency`` list to the two link levels) and rejects what the engine does not
-model yet (attention offloading, sub-batch interleaving, block copy, a KV cache held off the NPU,
-power): a cluster is never simulated with a field ignored. Weight placement, the KV cache's
-``kv_loc``, local offloading, ``cxl_mem`` and the dtypes are modelled (:mod:`jaxsim.placement`,
-REFERENCE.md §1.10, §1.14, §1.16).
+model yet (attention offloading, sub-batch interleaving, block copy): a cluster is never simulated
+with a field ignored. Weight placement, the KV cache's ``kv_loc``, local offloading, ``cxl_mem``
+and the dtypes are modelled (:mod:`jaxsim.placement`, REFERENCE.md §1.10, §1.14, §1.16); a node's
+``power`` block is read by :func:`power_from_cluster_json` (:mod:`jaxsim.power`).
 (``npu_mem.mem_bw``/``mem_latency`` are required by the format but have no effect, the profiles
 holding the measured kernel times, unless ``enable_local_offloading`` reads the weights at them.)
 
@@ -52,6 +52,7 @@ from jaxsim.engine import routers
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim import pim as pim_lib, placement as placement_lib
+from jaxsim import power as power_lib
 from jaxsim.model import dtype_bytes, load_model_config
 from jaxsim.planning import profile_variant
 from jaxsim.spec import (DP_SYNC, Calibration, HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig,
@@ -149,7 +150,6 @@ def _check_keys(obj, kind: str, where: str) -> None:
         if key not in _JSON_KEYS[kind]:
             name = f"{where}: {key}" if kind == "top level" else f"{where}.{key}"
             raise JaxsimInputError(name, f"unknown {kind} field", unknown_key_fix(key, _JSON_KEYS[kind]))
-_JSON_NODE_UNSUPPORTED = ("power",)
 
 
 def check_reference_keys(d: dict, path) -> None:
@@ -373,10 +373,8 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
         _check_keys(node, "node", f"{path}: nodes[{n}]")
         if node.get("cpu_mem") is not None:
             _check_keys(node["cpu_mem"], "cpu_mem", f"{path}: nodes[{n}].cpu_mem")
-        for key in _JSON_NODE_UNSUPPORTED:
-            if node.get(key):
-                raise JaxsimInputError(f"{path}: nodes[{n}].{key}", "power modelling is not implemented yet",
-                                       "remove the section")
+        if node.get("power") is not None:  # checked here; read by power_from_cluster_json
+            power_lib.node_power(node["power"], f"{path}: nodes[{n}].power")
         insts = need(node, "instances", f"nodes[{n}]", list)
         if need(node, "num_instances", f"nodes[{n}]", int) != len(insts):
             raise JaxsimInputError(f"{path}: nodes[{n}].num_instances",
@@ -438,6 +436,22 @@ def load_cluster_json(path, base_hw: HardwareConfig, base_sched: SchedulerConfig
     out = [dataclasses.replace(spec, placement=dataclasses.replace(spec.placement, kv_sharers=k))
            if spec.placement is not None and spec.placement.kv_off_npu else spec for spec, k in zip(out, sharers)]
     return out, links
+
+
+def power_from_cluster_json(path, d: dict | None = None, default: "power_lib.NodePower | None" = None,
+                            cap: float | None = None) -> "power_lib.PowerConfig | None":
+    """The power blocks of a reference cluster JSON's nodes (REFERENCE.md §3.1, §1.13), each node's
+    host memory (``cpu_mem.mem_size``, GB: its DIMM count), and ``default`` (the Hydra ``power``
+    section) for the nodes without a block; None when neither gives any. ``cap``: a power cap (W)
+    for every NPU that sets none. ``d``: the JSON already read."""
+    if d is None:
+        d = json.loads(Path(path).read_text())
+    nodes = {n: power_lib.node_power(node["power"], f"{path}: nodes[{n}].power", cap=cap)
+             for n, node in enumerate(d.get("nodes") or []) if node.get("power") is not None}
+    if not nodes and default is None:
+        return None
+    mem = {n: float((node.get("cpu_mem") or {}).get("mem_size", 0)) for n, node in enumerate(d.get("nodes") or [])}
+    return power_lib.PowerConfig(nodes=nodes, default=default, cpu_mem_gb=mem)
 
 
 def tier_from_cluster_json(kv_tier: KVTierConfig, path, d: dict | None = None) -> KVTierConfig:

@@ -31,7 +31,8 @@ from typing import Any, ClassVar, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from jaxsim.cluster_config import ClusterSpec, check_profiled, cluster_spec, tier_from_cluster_json
+from jaxsim import power as power_lib
+from jaxsim.cluster_config import ClusterSpec, check_profiled, cluster_spec, power_from_cluster_json, tier_from_cluster_json
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.metrics import OutputOptions
@@ -200,6 +201,21 @@ class ClusterSchema:
 
 
 @dataclasses.dataclass
+class PowerSchema:
+    # A node's power block (REFERENCE.md §3.1, §1.13; jaxsim.power.node_power), given to every node
+    # without one of its own in a cluster JSON; all null (power=none): no block.
+    base_node_power: Optional[float] = None
+    npu: Optional[Dict[str, Any]] = None  # <hardware>: {idle_power, standby_power, active_power, standby_duration, ...}
+    cpu: Optional[Dict[str, Any]] = None
+    dram: Optional[Dict[str, Any]] = None
+    link: Optional[Dict[str, Any]] = None
+    nic: Optional[Dict[str, Any]] = None
+    storage: Optional[Dict[str, Any]] = None
+    cpu_mem_size: Optional[float] = None  # GB of host memory per node (DIMM count; a cluster JSON's cpu_mem wins)
+    power_cap: Optional[float] = None  # W, every NPU (also those of a cluster JSON's blocks) that sets none
+
+
+@dataclasses.dataclass
 class PathsSchema:
     root: str = str(PROJECT_ROOT)
     profiles: str = "${paths.root}/profiles"
@@ -219,6 +235,7 @@ class RootSchema:
     sweep: SweepSchema = dataclasses.field(default_factory=SweepSchema)
     cluster: ClusterSchema = dataclasses.field(default_factory=ClusterSchema)
     kv_tier: KVTierSchema = dataclasses.field(default_factory=KVTierSchema)
+    power: PowerSchema = dataclasses.field(default_factory=PowerSchema)
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
     output_dir: Optional[str] = None
 
@@ -262,6 +279,7 @@ class RunSpec:
     cluster: ClusterSpec | None = None  # several instances (None: the one of hardware + scheduler)
     output: OutputOptions = OutputOptions()  # what scripts/run.py writes besides the summary
     kv_tier: KVTierConfig = KVTierConfig()  # the KV tier below the GPU (CPU / CXL; none by default)
+    power: "power_lib.PowerConfig | None" = None  # the nodes' power blocks (None: no power metered)
 
 
 # Value checks of the sections without a spec dataclass (workload, paths, sweep): the same
@@ -512,7 +530,7 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     # Sections without a spec dataclass: a key added with `+` that the schema does not have is a
     # typo (the spec sections are checked by spec.build).
     for name, schema in (("workload", WorkloadSchema), ("paths", PathsSchema), ("sweep", SweepSchema),
-                         ("cluster", ClusterSchema)):
+                         ("cluster", ClusterSchema), ("power", PowerSchema)):
         known = [f.name for f in dataclasses.fields(schema)]
         for key in (d.get(name) or {}):
             if key not in known:
@@ -558,12 +576,38 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     if kv_tier.enabled and (d.get("cluster") or {}).get("json"):
         kv_tier = tier_from_cluster_json(kv_tier, d["cluster"]["json"])
     kv_tier = kv_tier.with_device_defaults()  # what the config and the JSON leave unset
+    power = _power(d.get("power") or {}, (d.get("cluster") or {}).get("json"))
     return RunSpec(
         hardware=hardware, scheduler=scheduler, model=model, model_config=model_config,
         calibration=calibration, workload=workload, sim=sim, paths=paths,
         output_dir=_output_dir(cfg), config=d, choices=_choices(cfg), cluster=cluster, output=output,
-        kv_tier=kv_tier,
+        kv_tier=kv_tier, power=power,
     )
+
+
+def _power(sec: dict, cluster_json: str | None) -> "power_lib.PowerConfig | None":
+    """The ``power`` section: a node block for every node (all fields null: none), merged with a
+    cluster JSON's own blocks (which win for their nodes)."""
+    sec = dict(sec)
+    cap, mem = sec.pop("power_cap", None), sec.pop("cpu_mem_size", None)
+    if cap is not None:
+        _check_float(cap, "power.power_cap", lo=0, lo_open=True)
+    if mem is not None:
+        _check_float(mem, "power.cpu_mem_size", lo=0)
+    block = {k: v for k, v in sec.items() if v is not None}
+    default = power_lib.node_power(block, "power", cap=cap) if block else None
+    if cluster_json:
+        cfg = power_from_cluster_json(cluster_json, default=default, cap=cap)
+        if cfg is not None and mem is not None:
+            cfg = dataclasses.replace(cfg, default_cpu_mem_gb=float(mem))
+    elif default is None:
+        cfg = None
+    else:
+        cfg = power_lib.PowerConfig(default=default, default_cpu_mem_gb=float(mem or 0.0))
+    if cfg is None and cap is not None:
+        raise JaxsimInputError("power.power_cap", f"set to {cap} W, but no node has a power block",
+                               "select one (power=<option>, conf/power/) or a cluster JSON with node power blocks")
+    return cfg
 
 
 
@@ -581,7 +625,11 @@ _OTHER_KNOBS = {"hardware": (str, Rule()), "cluster": (str, Rule()), "seed": (in
                 "kv_cache_dtype": (str, Rule()),
                 # the KV tier's knobs (jaxsim.sweep._TIER_KNOBS): KVTierConfig's rules
                 "kv_tier_capacity_gb": (float, Rule(lo=0)), "kv_tier_bandwidth_gbps": (float, _POSITIVE),
-                "kv_tier_latency_ns": (float, Rule(lo=0)), "enable_prefix_sharing": (bool, Rule())}
+                "kv_tier_latency_ns": (float, Rule(lo=0)), "enable_prefix_sharing": (bool, Rule()),
+                # the power knobs (jaxsim.sweep._POWER_KNOBS): W and s, checked again by jaxsim.power
+                "power_cap_w": (float, _POSITIVE), "npu_idle_power_w": (float, Rule(lo=0)),
+                "npu_standby_power_w": (float, Rule(lo=0)), "npu_active_power_w": (float, Rule(lo=0)),
+                "standby_duration_s": (float, Rule(lo=0))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -753,4 +801,4 @@ def sweep_base(spec: RunSpec, cfg_sweep: dict | SweepOptions | None = None):
         scheduler=spec.scheduler, runtime=spec.model, calibration=spec.calibration,
         profiles_dir=spec.paths.profiles, hardware_options=hardware_options,
         synthetic=synthetic, slo_ttft_ms=opts.slo_ttft_ms, slo_tpot_ms=opts.slo_tpot_ms,
-        max_slots=spec.sim.max_slots, kv_tier=spec.kv_tier)
+        max_slots=spec.sim.max_slots, kv_tier=spec.kv_tier, power=spec.power)

@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 from tabulate import tabulate
 
+from jaxsim import power
 from jaxsim.spec import SimResult, check_fields, checked
 
 REQUEST_COLUMNS = (
@@ -29,6 +30,9 @@ REQUEST_COLUMNS = (
 # P/D runs add, per request: the prefill instance, the KV bytes handed over, and the wait between
 # the end of the prefill and the arrival of the last KV layer at the decode instance.
 PD_COLUMNS = ("prefill_instance_id", "kv_transfer_bytes", "kv_wait_ns")
+# With a power model: each request's share of the dynamic NPU energy of the iterations that
+# scheduled it, by its tokens in each (J; jaxsim.engine.power.request_npu_joules).
+ENERGY_COLUMNS = ("npu_energy_j",)
 TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting",
                       "kv_cache_pct")
 # the reference simulator's per-request CSV header (REFERENCE.md §5)
@@ -168,6 +172,8 @@ def request_table(result: SimResult) -> dict:
         "prefix_hit_tokens": _i64(result.prefix_hit_tokens)[ids],
         "num_preemptions": _i64(result.num_preemptions)[ids],
         "recomputed_tokens": _i64(result.recomputed_tokens)[ids],
+        **({} if result.request_npu_energy_j is None else
+           {"npu_energy_j": np.asarray(result.request_npu_energy_j, np.float64)[ids]}),
         "itl_ns": itls,
     }
 
@@ -258,9 +264,36 @@ def summarize(result: SimResult, table: dict | None = None) -> dict:
                            {"peak": float(ts[c].max()), "mean": float(ts[c].mean())} if not c.endswith(
                                ("write_gib", "recall_gib")) else {"total": float(ts[c].sum())})
                        for c in MEMORY_COLUMNS if c in ts}
+    if getattr(result, "power", None) and n:
+        s["energy"] = energy_summary(result, table, int(arrival_all.min()), int(table["end_ns"].max()))
     for k, v in (result.stats or {}).items():
         s[f"stats_{k}" if k in s else str(k)] = v
     return _jsonable(s)
+
+
+def energy_summary(result: SimResult, table: dict, t0_ns: int, t_end_ns: int) -> dict:
+    """The run's energy over ``[t0_ns, t_end_ns]`` (the makespan: first arrival to last
+    completion): joules by component (:data:`jaxsim.power.COMPONENTS`) and in total, average and
+    peak power (the peak over the run's 1-s ticks), joules per output token and per finished
+    request, output tokens per joule, each node's joules, and the nodes without a power block
+    (``unmodelled_nodes``: excluded from every figure); per request, the mean of each request's
+    share of the dynamic NPU energy (``request_npu_energy_j_mean``; ``npu_energy_j`` in the
+    per-request table)."""
+    e = power.energy(result.power, t0_ns, t_end_ns)
+    tokens = int(table["output"].sum())
+    nbins = max(int(-(-(t_end_ns - t0_ns) // NS_PER_S)), 1)
+    peak = power.power_series(result, 1.0, t0_ns, nbins).get("power_w")
+    total = e["total_j"]
+    return dict(joules={c: e["joules"][c] for c in power.COMPONENTS}, total_j=total, average_w=e["average_w"],
+                peak_w=float(np.max(peak)) if peak is not None else math.nan,
+                j_per_output_token=total / tokens if tokens else math.nan,
+                j_per_request=total / len(table["output"]) if len(table["output"]) else math.nan,
+                output_tokens_per_j=tokens / total if total > 0 else math.nan,
+                request_npu_energy_j_mean=float(np.mean(table["npu_energy_j"])) if "npu_energy_j" in table else None,
+                nodes=[{"node": d["node"], "modelled": d["modelled"], "total_j": sum(d["joules"].values()),
+                        "joules": d["joules"], **({"unmodelled_components": d["unmodelled"]} if d["modelled"] else {})}
+                       for d in e["nodes"]],
+                unmodelled_nodes=e["unmodelled_nodes"], duration_s=e["duration_s"])
 
 
 def cluster_gauge(result: SimResult, values, group_of=None) -> np.ndarray:
@@ -300,7 +333,7 @@ def timeseries_interval(result: SimResult, interval_s: float = 1.0) -> float:
 
 
 def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | None = None,
-                origin_ns: int | None = None, num_blocks: int | None = None) -> dict:
+                origin_ns: int | None = None, num_blocks: int | None = None, until_ns: int | None = None) -> dict:
     """Per-interval series with the columns of vLLM's ``timeseries.csv``.
 
     Bin k (``t = k``, 1-based) covers ``[t0 + (k-1)·Δ, t0 + k·Δ)`` with ``t0`` = ``origin_ns``, or
@@ -328,6 +361,12 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
         ``num_blocks`` is then that instance's KV capacity (the result holds the cluster's total):
         pass it, or it is taken as an even share of ``result.num_blocks``.
       num_blocks: the KV capacity the percentages divide by (default ``result.num_blocks``).
+      until_ns: bins run at least up to the one holding this time (gauges carried forward, no
+        tokens), e.g. the end of a measurement.
+
+    With a power model (``result.power``), the cluster's series (``instance`` None) also has the
+    watts of :func:`jaxsim.power.power_series`: ``power_w`` and ``<component>_power_w``, and per
+    node ``node<n>_...`` when there are several.
 
     Returns:
       ``{column: np.ndarray}`` for :data:`TIMESERIES_COLUMNS` (``t`` float, counts int64), plus the
@@ -376,6 +415,8 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     # A first token reaches the client first_token_delay_ns after its iteration: it may fall in a
     # later bin than the last iteration's.
     nbins = int(max(k.max(), kf.max() if kf.size else 0)) + 1
+    if until_ns is not None:
+        nbins = max(nbins, int(max(until_ns - 1 - t0, 0) // interval_ns) + 1)
     prompt = np.bincount(kf, weights=_i64(result.input_toks)[served], minlength=nbins)
     computed = np.bincount(k, weights=_i64(result.iter_prompt_tokens)[rows], minlength=nbins)
     gen = np.bincount(k, weights=_i64(result.iter_gen_tokens)[rows], minlength=nbins)
@@ -418,6 +459,8 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
     if cached is not None:
         out["kv_cache_cached_pct"] = pct(used + gauge(per_row(cached), np.float64))
     out.update(_memory_columns(result, rows, single, instance, gauge, per_row, nbins))
+    if getattr(result, "power", None) and instance is None:
+        out.update(power.power_series(result, interval_s, t0, nbins))
     return out
 
 
@@ -468,7 +511,7 @@ def _cell(v):
 
 def _request_columns(table: dict, itl_lists: bool) -> list:
     cols = list(REQUEST_COLUMNS[:-1]) + (["itl_ns"] if itl_lists else [])
-    return cols + [c for c in PD_COLUMNS if c in table]
+    return cols + [c for c in PD_COLUMNS + ENERGY_COLUMNS if c in table]
 
 
 def write_request_csv(table: dict, path: str | Path, itl_lists: bool = True) -> None:
@@ -518,8 +561,9 @@ MEMORY_COLUMNS = ("prefix_hit_pct", "gpu_mem_gib") + tuple(f"{s}_{c}" for s in (
 
 def write_timeseries_csv(series: dict, path: str | Path) -> None:
     """``timeseries.csv`` formatted like vLLM's (``t`` and throughputs as floats), then the memory
-    columns the series has (:data:`MEMORY_COLUMNS`, 4 decimals)."""
-    extra = [c for c in MEMORY_COLUMNS if c in series]
+    columns the series has (:data:`MEMORY_COLUMNS`) and its power columns (``*power_w``: an
+    unmodelled node's are empty), 4 decimals."""
+    extra = [c for c in MEMORY_COLUMNS if c in series] + [c for c in series if c.endswith("power_w")]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(TIMESERIES_COLUMNS + tuple(extra))
@@ -528,7 +572,12 @@ def write_timeseries_csv(series: dict, path: str | Path) -> None:
                 float(series["t"][r]), float(series["prompt_throughput"][r]),
                 float(series["gen_throughput"][r]), int(series["running"][r]),
                 int(series["waiting"][r]), round(float(series["kv_cache_pct"][r]), 4),
-            ] + [round(float(series[c][r]), 4) for c in extra])
+            ] + [_cell4(series[c][r]) for c in extra])
+
+
+def _cell4(v):
+    v = float(v)
+    return round(v, 4) if math.isfinite(v) else ""
 
 
 def write_outputs(result: SimResult, out_dir: str | Path, config_dict: dict | None = None,
@@ -627,6 +676,16 @@ def format_summary(summary: dict) -> str:
                  "kv_peak_usage_pct")
     parts.append(tabulate(cache, headers=("KV cache", "value"), tablefmt="simple",
                           disable_numparse=True, colalign=("left", "right")))
+    if isinstance(s.get("energy"), dict):
+        used.add("energy")
+        e = s["energy"]
+        rows = [(f"{c} (J)", _fmt(v)) for c, v in e["joules"].items()]
+        rows += [(k, _fmt(e.get(k))) for k in ("total_j", "average_w", "peak_w", "j_per_output_token", "j_per_request",
+                                              "output_tokens_per_j")]
+        if e.get("unmodelled_nodes"):
+            rows.append(("unmodelled nodes", ", ".join(str(n) for n in e["unmodelled_nodes"])))
+        parts.append(tabulate(rows, headers=("Energy", "value"), tablefmt="simple", disable_numparse=True,
+                              colalign=("left", "right")))
     used.add("makespan_ns")
     rest = [(k, _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(v))
             for k, v in s.items() if k not in used]

@@ -201,6 +201,9 @@ class Plan:
     # PIM attention offload (jaxsim.pim.PimPlan: the device, its channels, the latency
     # coefficients, the I/O per decode); None without it
     pim: "pim_lib.PimPlan | None" = None
+    # Its power (jaxsim.power.attach: the node's block, the NPU's states, its traffic per token);
+    # None: the run meters no power.
+    power: object = None
 
 
 def check_scheduler(sched: SchedulerConfig) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from jaxsim import power as power_lib
 from jaxsim.engine import cluster, meters
 from jaxsim.engine.instance import WAITING
 from jaxsim.engine.status import Status
@@ -115,6 +116,7 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
         stats["kv_tier"] = tier_stats(p.memory, f.tier, ctr)
     if wall_s is not None:
         stats["wall_s_with_compile"] = wall_s
+    power = None if p.power is None else power_info(p, f, rows, row_inst[by_end])
     return SimResult(
         arrival_ns=arrival, first_scheduled_ns=np.asarray(f.first_scheduled),
         first_token_ns=np.asarray(f.first_token), finish_ns=np.asarray(f.finish),
@@ -136,7 +138,56 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
         iter_kv_blocks_cached=rows["kv_cached"],
         **({f"iter_{k}": rows[k] for k in ("tier_hits", "tier_recalled", "tier_resident", "tier_written")}
            if p.memory.get("tier_storage") else {}),
-        memory=p.memory or None)
+        memory=p.memory or None, iter_busy_ns=rows["busy_ns"], iter_pim_ns=rows["pim_ns"],
+        request_npu_energy_j=None if power is None else np.asarray(f.request_npu_j),
+        power=power)
+
+
+def power_info(p: "simulator.Prepared", f: cluster.ClusterState, rows: dict, row_inst) -> dict:
+    """``SimResult.power``: the run's metered activity per instance (engine/power.py) and the
+    bytes it moved off the GPUs and over the links, with what pricing them needs
+    (``Prepared.power``; :func:`jaxsim.power.energy`, :func:`jaxsim.power.power_series`)."""
+    info = p.power
+    n_inst = len(info["instances"])
+    node_of = [ip.node for ip in info["instances"]]
+    row_dram = np.array([ip.wload_bytes for ip in info["instances"]], np.float64)[row_inst]
+    mem = p.memory or {}
+    chunk, recalled, written, write_events = np.zeros(n_inst), np.zeros(n_inst), {}, {}
+    if mem.get("tier_storage"):
+        chunk = np.asarray(mem["tier_chunk_bytes"], np.float64)
+        recalled = np.asarray(f.inst.counters.tier_recalled, np.float64)
+        cum_recalled = np.asarray(rows["tier_recalled"], np.int64)
+        for i in range(n_inst):  # recalls: per instance, the cumulative counter's steps
+            r = np.nonzero(row_inst == i)[0]
+            row_dram[r] += np.diff(cum_recalled[r], prepend=0) * chunk[i]
+        written, write_events = _write_through(mem, f, rows, row_inst, node_of)
+    pre = np.asarray(f.prefill_instance)
+    sent = np.asarray(f.kv_bytes, np.float64)
+    kv_sent = np.array([sent[pre == i].sum() for i in range(n_inst)])
+    link_events: dict = {}
+    for i in np.unique(pre[pre >= 0]):  # P/D: the KV each prefill instance sent, when its prefill ended
+        mine = pre == i
+        link_events.setdefault(node_of[i], []).append((np.asarray(f.prefill_end)[mine], sent[mine]))
+    out = power_lib.run_info(info, {k: getattr(f.power, k) for k in power_lib.ACTIVITY_FIELDS}, recalled, written,
+                             chunk, kv_sent)
+    out.update(row_dram_bytes=row_dram, write_events=write_events, link_events=link_events)
+    return out
+
+
+def _write_through(mem: dict, f, rows: dict, row_inst, node_of) -> tuple:
+    """Chunks written through to each KV-tier pool (charged to its first instance, ``{first:
+    chunks}``) and, per node, when they were written (``{node: [(ns [k], bytes [k])]}``: the steps
+    of the pool's cumulative counter at its instances' iteration rows)."""
+    pool_of, chunk = np.asarray(mem["tier_pool_of"]), np.asarray(mem["tier_chunk_bytes"], np.float64)
+    written, events = {}, {}
+    for pool in np.unique(pool_of):
+        first = int(np.argmax(pool_of == pool))
+        written[first] = int(np.asarray(f.tier.written)[pool])
+        r = np.nonzero(pool_of[row_inst] == pool)[0]
+        cum = np.maximum.accumulate(np.asarray(rows["tier_written"], np.int64)[r]) if r.size else r
+        events.setdefault(node_of[first], []).append((np.asarray(rows["end"], np.int64)[r],
+                                                      np.diff(cum, prepend=0) * chunk[first]))
+    return written, events
 
 
 def tier_stats(memory: dict, tier, ctr) -> dict:

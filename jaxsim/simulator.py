@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxsim.building import build, build_clusters
+from jaxsim import power as power_lib
 from jaxsim import progress
 from jaxsim.engine import cluster, routing
 from jaxsim.engine.static import Static
@@ -41,6 +42,7 @@ class Prepared:
     profile_outliers: tuple = ()  # of the profile bundles used (profiles.ProfileBundle.outliers)
     approximations: tuple = ()  # what the result estimates beyond the profiles (Plan.approximations)
     memory: dict = dataclasses.field(default_factory=dict)  # the memory series' constants (memory_layout)
+    power: dict | None = None  # what pricing the run's energy needs (jaxsim.power.host_info); None: no power
 
 
 def memory_layout(plans: "list[Plan]", pool_of) -> dict:
@@ -66,11 +68,12 @@ def plan_run(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: 
     Raises:
       JaxsimInputError: the first problem, naming the setting or trace line.
     """
+    power = kwargs.pop("power", None)
     pl = plan(workload, model, hw, sched, rt, calib, **kwargs)
     check_kv_holds_context([pl], ["model.max_model_len"])
     check_token_ids(workload, model)
     check_requests_fit([pl])
-    return pl
+    return power_lib.attach([pl], power, [hw.name], ["hardware"])[0]
 
 
 def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -80,6 +83,7 @@ def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[Instan
     groups, links), each instance checked as vLLM checks its own engine."""
     if not instances:
         raise JaxsimInputError("cluster.instances", "a cluster needs at least one instance")
+    power = kwargs.pop("power", None)
     # The trace's arrays (prefix hashes included) once per block size and prefix-caching setting,
     # not once per instance (100,000 instances took minutes hashing the same trace).
     arrays: dict = {}
@@ -96,6 +100,8 @@ def plan_cluster(workload: Workload, model: ModelConfig, instances: "list[Instan
         plans.append(plan(workload, spec.model or model, spec.hw, spec.sched, instance_runtime(rt, spec), spec.calib,
                           **kwargs, arrays=arrays[key], placement=spec.placement))
     plans = place_instances(plans, instances, links, model, dp_sync)
+    plans = power_lib.attach(plans, power, [spec.hw.name for spec in instances],
+                             [f"cluster.instances[{i}]" for i in range(len(plans))])
     check_evict_locations(instances, kwargs.get("kv_tier") or KVTierConfig())
     check_offload_capacity(plans, instances, model, "cluster.instances")
     check_block_sizes(plans, "cluster.instances[*].scheduler.block_size")
@@ -124,7 +130,9 @@ def check_evict_locations(instances: "list[InstanceSpec]", kv_tier: KVTierConfig
 
 def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
             rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), **kwargs) -> Prepared:
-    """Everything :func:`cluster.run` needs for one configuration (:func:`plan_run` + ``build``)."""
+    """Everything :func:`cluster.run` needs for one configuration (:func:`plan_run` + ``build``).
+    ``power``: a :class:`jaxsim.power.PowerConfig` (meter power and energy; None: none)."""
+    power = kwargs.get("power")
     pl = plan_run(workload, model, hw, sched, rt, calib, **kwargs)
     # Size classes let separate runs of similar traces share a compile (a sweep compiles once per
     # group anyway, so it keeps exact sizes and the memory they save).
@@ -132,7 +140,8 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     state, params, wl, _ = build([pl], dims, batched=False)
     static = dims.static(pl.block_size, releases=needs_releases([pl]), kv_tier=pl.kv_tier)
     return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound,
-                    pl.profile_outliers, pl.approximations, memory_layout([pl], params.sched.tier_pool[None]))
+                    pl.profile_outliers, pl.approximations, memory_layout([pl], params.sched.tier_pool[None]),
+                    power_lib.host_info([pl], power) if power is not None else None)
 
 
 def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",
@@ -141,7 +150,9 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     """A cluster of instances of one model (hardware, scheduler knobs, engine costs and roles may
     differ per instance) serving ``workload``, with arrivals routed by ``router`` and KV handed
     from prefill to decode instances over ``links``."""
+    power = kwargs.get("power")
     plans = plan_cluster(workload, model, instances, rt, links, dp_sync, **kwargs)
+    kwargs.pop("power", None)
     dims = Dims.merge([pl.dims for pl in plans]).bucketed(exact_iters=bool(kwargs.get("max_iterations")))
     if not kwargs.get("max_iterations") and len(plans) > 1:
         # Each instance records only its own iterations, so an automatic buffer starts from twice
@@ -159,7 +170,8 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
                     max(pl.max_iters_bound for pl in plans),
                     tuple(dict.fromkeys(o for pl in plans for o in pl.profile_outliers)),
                     tuple(dict.fromkeys(a for pl in plans for a in pl.approximations)),
-                    memory_layout(plans, params.sched.tier_pool))
+                    memory_layout(plans, params.sched.tier_pool),
+                    power_lib.host_info(plans, power) if power is not None else None)
 
 
 def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[InstanceSpec]",

@@ -642,3 +642,12 @@ class SimResult:
     # vary (weights + activation reserve, all ranks), bytes of one KV block (all ranks), the tier's
     # storage ("cpu" | "cxl" | None), each instance's pool and bytes of one chunk.
     memory: dict | None = None
+    # Per iteration row: its NPU time (the latency model's; summed over pipeline stages) and its
+    # attention time on PIM channels, ns.
+    iter_busy_ns: np.ndarray | None = None
+    iter_pim_ns: np.ndarray | None = None
+    # With a power model (jaxsim.power; None otherwise): per request, its share of the dynamic NPU
+    # energy of the iterations that scheduled it (by its tokens), J; and what pricing the run's
+    # energy needs (jaxsim.power.host_info plus the metered activity; jaxsim.power.energy).
+    request_npu_energy_j: np.ndarray | None = None
+    power: dict | None = None

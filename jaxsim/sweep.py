@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxsim import power as power_lib
 from jaxsim import simulator
 from jaxsim.engine import cluster
 from jaxsim.engine.routing import Router
@@ -41,6 +42,7 @@ from jaxsim.engine.static import Static
 from jaxsim.engine.status import Status
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
+from jaxsim.planning import tier_layout
 from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig,
                          Workload)
 from jaxsim.workload import synthetic_workload
@@ -77,6 +79,12 @@ KNOBS = {
     "seed": "seed of the synthetic workload (SweepBase.synthetic)",
     "cluster": "a name in SweepBase.cluster_options: the instances of a cluster design (designs are "
                "padded to the largest instance count with instances nothing is routed to)",
+    "power_cap_w": "power cap of every NPU, W (SweepBase.power): slower compute below the active power "
+                   "(jaxsim.power), the NPU's busy power capped",
+    "npu_idle_power_w": "idle power of every NPU, W (SweepBase.power)",
+    "npu_standby_power_w": "standby power of every NPU, W (SweepBase.power)",
+    "npu_active_power_w": "active power of every NPU, W (SweepBase.power)",
+    "standby_duration_s": "how long every NPU stays at standby power after work, s (SweepBase.power)",
 }
 _HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns", "weights_offload_fraction",
                    "kv_offload_capacity_gb")
@@ -86,6 +94,9 @@ _SCALE_KNOBS = ("compute_scale", "memory_scale", "link_scale")
 # knob -> the KVTierConfig field it sets (the tier itself, its storage and chunk size, is the base's)
 _TIER_KNOBS = {"kv_tier_capacity_gb": "capacity_gb", "kv_tier_bandwidth_gbps": "bandwidth_gbps",
                "kv_tier_latency_ns": "latency_ns", "enable_prefix_sharing": "enable_prefix_sharing"}
+# knob -> the NPUPower field it sets in every node's block (jaxsim.power)
+_POWER_KNOBS = {"power_cap_w": "power_cap", "npu_idle_power_w": "idle_power", "npu_standby_power_w": "standby_power",
+                "npu_active_power_w": "active_power", "standby_duration_s": "standby_duration"}
 
 
 @dataclasses.dataclass(eq=False)  # hashed by identity (the trace cache is keyed by the base)
@@ -114,6 +125,9 @@ class SweepBase:
     cluster_options: dict = dataclasses.field(default_factory=dict)  # name -> tuple of InstanceSpec
     links: LinkConfig = LinkConfig()  # KV links between instances (P/D designs)
     dp_sync: str = "moe"  # which DP groups run wave-synchronised (simulator.place_instances)
+    # The nodes' power blocks (jaxsim.power.PowerConfig): rows get energy columns, and the power
+    # knobs (_POWER_KNOBS) vary them per point. None: no power metered.
+    power: "power_lib.PowerConfig | None" = None
 
 
 def expand_grid(axes: dict) -> list:
@@ -151,6 +165,10 @@ def _check_point(point: dict, base: SweepBase, where: str) -> None:
     if tier_knobs and not base.kv_tier.enabled:
         raise JaxsimInputError(f"{where}.{tier_knobs[0]}", "the run has no KV tier below the GPU",
                                "set kv_tier=cpu (or cxl) for the sweep's base")
+    power_knobs = [k for k in point if k in _POWER_KNOBS]
+    if power_knobs and base.power is None:
+        raise JaxsimInputError(f"{where}.{power_knobs[0]}", "the sweep has no power model",
+                               "select one (power=<option>) or set SweepBase.power")
     if "seed" in point and base.synthetic is None:
         raise JaxsimInputError(f"{where}.seed", "the seed knob needs a synthetic workload",
                                "use workload=synthetic_poisson (or SweepBase.synthetic)")
@@ -286,6 +304,8 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             insts.append(simulator.plan(**kw, record_token_times=False, arrays=arrays_cache[key]))
         insts = simulator.place_instances(insts, specs, base.links, base.model, base.dp_sync,
                                           key=f"sweep point {len(plans)}: instances")
+        insts = power_lib.attach(insts, _point_power(base, p), [_instance_inputs(base, p, s)["hw"].name for s in specs],
+                                 [f"sweep point {len(plans)}: instance {i}" for i in range(len(specs))])
         # (the point's instances: their hardware carries the point's offload knobs)
         simulator.check_offload_capacity(insts, point_instances(base, p), base.model,
                                          f"sweep point {len(plans)}: instances")
@@ -343,12 +363,18 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,
                 status=final.status, n_iters=final.inst.n_iters.sum(axis=1),
                 preemptions=final.inst.counters.preemptions.sum(axis=1),
-                tier_served=final.inst.counters.tier_served.sum(axis=1)))
+                tier_served=final.inst.counters.tier_served.sum(axis=1),
+                **({} if final.power is None else dict(
+                    power={k: getattr(final.power, k) for k in power_lib.ACTIVITY_FIELDS},
+                    tier_recalled=final.inst.counters.tier_recalled, written=final.tier.written
+                    if base.kv_tier.enabled else None, kv_bytes=final.kv_bytes))))
             for k, i in enumerate(idx):
-                one = {f: v[k] for f, v in host.items()}
+                one = jax.tree.map(lambda v: v[k], host)
                 row, sim = config_metrics(plans[i][0].workload, one, base.slo_ttft_ms, base.slo_tpot_ms)
                 if base.kv_tier.enabled:
                     row[f"{base.kv_tier.storage}_hit_tokens"] = int(one["tier_served"])  # served to admitted requests
+                if "power" in one:
+                    row.update(_energy_columns(plans[i], _point_power(base, points[i]), one, plans[i][0].workload))
                 rows[i] = {"config": i, **points[i], **row}
                 sim_s += sim
                 if keep_requests:
@@ -356,6 +382,48 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
             bar.update(len(idx))
     bar.close()
     return SweepResult(rows, requests, len(groups), time.perf_counter() - t_start, sim_s)
+
+
+def _point_power(base: SweepBase, point: dict) -> "power_lib.PowerConfig | None":
+    """The point's power blocks: the base's with its power knobs."""
+    if base.power is None:
+        return None
+    fields = {f: point[k] for k, f in _POWER_KNOBS.items() if k in point}
+    try:
+        return base.power.with_npu(**fields) if fields else base.power
+    except JaxsimInputError as e:
+        raise JaxsimInputError(f"sweep point ({', '.join(f'{k}={v}' for k, v in point.items())}): {e.where}",
+                               e.problem, e.fix) from None
+
+
+def _energy_columns(plans: list, cfg: "power_lib.PowerConfig", one: dict, workload: Workload) -> dict:
+    """A point's energy over its makespan (first arrival to last completion; jaxsim.power.energy):
+    ``energy_j``, ``avg_power_w``, ``j_per_output_token``, ``output_tokens_per_j``,
+    ``npu_energy_j`` (NaN with an unmodelled node: its watts are unknown)."""
+    n = len(plans)  # the design's own instances (a padded design's copies ran nothing)
+    info = power_lib.host_info(plans, cfg)
+    mem = simulator.memory_layout(plans, np.asarray([0] * n))
+    chunk = mem["tier_chunk_bytes"]
+    written = {}
+    if one.get("written") is not None:
+        pool_of = [int(x) for x in tier_layout(plans, plans[0].kv_tier).pool_of]
+        written = {pool_of.index(pool): int(one["written"][pool]) for pool in sorted(set(pool_of))}
+    pre, sent = np.asarray(one["prefill_instance"]), np.asarray(one["kv_bytes"], np.float64)
+    info = power_lib.run_info(info, {k: np.asarray(v)[:n] for k, v in one["power"].items()},
+                              np.asarray(one["tier_recalled"])[:n], written, chunk,
+                              [sent[pre == i].sum() for i in range(n)])
+    finish = np.asarray(one["finish"], np.int64)
+    done = finish >= 0
+    if not done.any():
+        return {}
+    e = power_lib.energy(info, int(np.asarray(workload.arrival_ns).min()), int(finish[done].max()))
+    if e["unmodelled_nodes"]:
+        return {k: math.nan for k in ("energy_j", "avg_power_w", "npu_energy_j", "j_per_output_token",
+                                      "output_tokens_per_j")}
+    tokens = int(workload.output_toks[done].sum())
+    return {"energy_j": e["total_j"], "avg_power_w": e["average_w"], "npu_energy_j": e["joules"]["npu"],
+            "j_per_output_token": e["total_j"] / tokens if tokens else math.nan,
+            "output_tokens_per_j": tokens / e["total_j"] if e["total_j"] > 0 else math.nan}
 
 
 def _arrival_span(workload: Workload) -> int:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsim.cluster_config import check_reference_keys, json_hardware, json_links, tier_from_cluster_json
+from jaxsim import power as power_lib
+from jaxsim.cluster_config import check_reference_keys, json_hardware, json_links, power_from_cluster_json, tier_from_cluster_json
 from jaxsim.engine.routing import Router
 from jaxsim.errors import JaxsimInputError, unknown_key_fix
 from jaxsim.metrics import STAT_NAMES, distribution_stats
@@ -54,10 +55,7 @@ TIMESERIES_COLUMNS = ("t",) + THROUGHPUT_COLUMNS + GAUGE_COLUMNS
 # measured gauge counts cached-but-free blocks, see Case.settings["kv_cache_pct_counts_cached"])
 CUMULATIVE_GAUGES = ("prefix_hit_pct", "cpu_prefix_hit_pct", "cpu_pool_gib")
 # measured columns the simulator does not produce yet, and why: listed in every comparison
-NOT_SIMULATED = {
-    "gpu_power_w": "power is not modelled yet (power issue)",
-    "server_power_w": "power is not modelled yet (power issue)",
-}
+NOT_SIMULATED: dict = {}
 # a pulse trace (idle gaps of at least this between arrivals) gets the best-lag nMAE of prompt_throughput
 PULSE_GAP_S = 5.0
 LAGS = (-1, 0, 1)
@@ -852,6 +850,21 @@ def case_kv_tier(case: Case) -> KVTierConfig:
     return tier_from_cluster_json(KVTierConfig(**t), case.cluster_path, case.cluster)
 
 
+def case_power(case: Case) -> "power_lib.PowerConfig | None":
+    """The nodes' power blocks of a case's config.json (for the ISPASS power case, the reference
+    authors' parameters fitted to its logs), None when it has none."""
+    return power_from_cluster_json(case.cluster_path, case.cluster)
+
+
+def power_columns(series: dict, num_npus: int) -> dict:
+    """The simulated counterparts of the measured power columns: ``gpu_power_w`` (one GPU: the NPU
+    watts of the cluster / its NPUs; the cases measure GPU 0 of identical GPUs) and
+    ``server_power_w`` (the node's wall power: every modelled component). Empty without power."""
+    if "power_w" not in series:
+        return {}
+    return {"gpu_power_w": np.asarray(series["npu_power_w"]) / num_npus, "server_power_w": series["power_w"]}
+
+
 def case_router(case: Case) -> Router:
     """The router of a multi-instance case (``engine_settings``'s ``routing``: meta.json's routing,
     vLLM's DP load balancer for DP ranks, else the assumed policy)."""
@@ -1047,6 +1060,8 @@ def _sim_column(column: str, counts_cached: bool) -> str:
 def _missing_reason(column: str, counts_cached: bool) -> str:
     if column in NOT_SIMULATED:
         return NOT_SIMULATED[column]
+    if column in ("gpu_power_w", "server_power_w"):
+        return "the case's config.json has no node power block, so the simulation meters no power"
     if column in ("cpu_prefix_hit_pct", "cpu_pool_gib"):
         return "the case has no CPU KV tier (no LMCache connector recorded), so the simulation has none"
     if column == "prefix_hit_pct":

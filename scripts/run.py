@@ -33,7 +33,7 @@ def simulate_spec(spec: config_lib.RunSpec, check_only: bool = False):
     return the plans (``tests/test_readme.py`` checks the README's commands this way)."""
     options = dict(profiles_dir=spec.paths.profiles, max_slots=spec.sim.max_slots,
                    record_token_times=spec.sim.record_token_times, max_iterations=spec.sim.max_iterations,
-                   kv_tier=spec.kv_tier)
+                   kv_tier=spec.kv_tier, power=spec.power)
     if spec.cluster is None:
         args = (spec.workload, spec.model_config, spec.hardware, spec.scheduler, spec.model, spec.calibration)
         if check_only:

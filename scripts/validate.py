@@ -87,18 +87,24 @@ def evaluate(case_dir, profiles, models, workloads, calibration: Calibration | N
                    if calibration == Calibration() else f"{calibration}")
                    + f"; the engine step's CPU time {'shows beyond the GPU time only' if case.settings['async_scheduling'] else 'adds in full'}"
                    f" (async_scheduling={case.settings['async_scheduling']}); enforce_eager is not modelled apart from it")
+    power = validation.case_power(case)
+    if power is not None:
+        assumed.append("power: the node power block of the case's config.json (for the ISPASS power case, the "
+                       "reference authors' parameters fitted to its logs; scripts/fit_power.py fits jaxsim's own)")
     if len(specs) == 1:
         result = simulator.simulate(case.workload, case.model, specs[0].hw, specs[0].sched, rt, calibration,
-                                    profiles_dir=profiles, kv_tier=validation.case_kv_tier(case))
+                                    profiles_dir=profiles, kv_tier=validation.case_kv_tier(case), power=power)
     else:
         result = simulator.simulate_cluster(case.workload, case.model, specs, validation.case_router(case), rt, links,
-                                            profiles_dir=profiles, kv_tier=validation.case_kv_tier(case))
+                                            profiles_dir=profiles, kv_tier=validation.case_kv_tier(case), power=power)
     if case.settings["num_gpu_blocks"] is None:
         per = int(result.num_blocks) // len(specs)
         assumed = [a + f" -> {per} blocks per instance in this run" if a.startswith("num_gpu_blocks=") else a
                    for a in assumed]
     table = metrics.request_table(result)
-    series = metrics.time_series(result, case.tick_s, origin_ns=0)
+    until = None if case.real_timeseries is None else int(round(len(case.real_timeseries["t"]) * case.tick_s * 1e9))
+    series = metrics.time_series(result, case.tick_s, origin_ns=0, until_ns=until)
+    series.update(validation.power_columns(series, sum(s.hw.tp * s.hw.pp for s in specs)))
     measured_mem = case.real_timeseries is not None and "gpu_mem_gib" in case.real_timeseries
     if measured_mem:
         series = _with_gpu_mem(case, series, specs, rt, int(result.num_blocks), len(specs))

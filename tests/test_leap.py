@@ -3,8 +3,9 @@
 Leaps are compiled by default only for clusters of ``planning.LEAP_MIN_INSTANCES`` or more, so
 the runs here turn them on explicitly (``Static.leap = 9``). Here a run with leaps is compared, leaf by leaf, with the same run where
 every batch end takes a step of its own (``Static.leap = 1``): the whole final state (per-request
-outputs, token times, iteration rows, KV pools and prefix index, counters) is equal, and the
-leaps did happen (fewer steps). The P/D run is also run in the progress bar's stretches.
+outputs, token times, iteration rows, KV pools and prefix index, counters, the power meter's
+activity) is equal (each request's share of the NPU energy, summed in another order, to 1e-12),
+and the leaps did happen (fewer steps). The P/D run is also run in the progress bar's stretches.
 
 Compile budget: one batch of four single-instance configurations and one 3-instance P/D cluster,
 each compiled with and without leaps (~10 s each).
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsim import progress, simulator
+from jaxsim import power, progress, simulator
 from jaxsim.engine import cluster
 from jaxsim.engine.routing import Router
 from jaxsim.spec import HardwareConfig, InstanceSpec, LinkConfig, SchedulerConfig
@@ -38,7 +39,11 @@ def _assert_same_state(a: cluster.ClusterState, b: cluster.ClusterState):
     a, b = (dataclasses.replace(x, steps=x.steps * 0) for x in (a, b))
     paths = jax.tree_util.tree_leaves_with_path(a)
     for (path, x), y in zip(paths, jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+        x, y = np.asarray(x), np.asarray(y)
+        if np.issubdtype(x.dtype, np.floating):  # float sums (the requests' energy) in another order
+            np.testing.assert_allclose(x, y, rtol=1e-12, err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +51,9 @@ def batch():
     workload, model = load_trace(20), load_model()
     plans = [simulator.plan(workload, model, hw, sched, profiles_dir=PROFILES, max_slots=24,
                              max_iterations=8_000) for hw, sched in CONFIGS]
+    npu = {"RTXPRO6000": {"idle_power": 35, "standby_power": 300, "active_power": 600, "standby_duration": 0.001}}
+    plans = power.attach(plans, power.PowerConfig(default=power.node_power({"base_node_power": 0, "npu": npu})),
+                         [hw.name for hw, _ in CONFIGS], [str(i) for i in range(len(CONFIGS))])
     dims = simulator.Dims.merge([pl.dims for pl in plans])
     state, params, wl, wl_batched = simulator.build(plans, dims, batched=True)
     static = dims.static(plans[0].block_size).replace(leap=9)  # off by default for small runs
@@ -60,6 +68,7 @@ def test_single_instance_leaps_change_nothing(batch):
     assert (np.asarray(leapt.status) == 0).all() and (np.asarray(leapt.finished) == 20).all()
     _assert_same_state(leapt, stepped)
     assert (np.asarray(stepped.records.start) >= 0).all()
+    assert (np.asarray(leapt.request_npu_j) > 0).all() and (np.asarray(leapt.power.busy_ns) > 0).all()
     # Leaps happened where decode is steady; the KV-bound run preempted (its leaps stop there).
     assert (np.asarray(leapt.steps) < np.asarray(stepped.steps)).all(), (leapt.steps, stepped.steps)
     assert int(np.asarray(leapt.inst.counters.preemptions)[1].sum()) > 0

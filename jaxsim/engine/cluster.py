@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxsim.engine import costs, disagg, leap, meters, pipeline
+from jaxsim.engine import costs, disagg, leap, meters, pipeline, power
 from jaxsim.engine import instance as inst_lib
 from jaxsim.engine import routing
 from jaxsim.engine.instance import I32, I64, NEVER, RUNNING, WAITING
@@ -95,6 +95,8 @@ class EngineParams(eqx.Module):
     # ns each shared memory device (a node's host memory, a CXL device) is busy with one iteration's
     # weight loads (building.weight_load_devices); [0] when no weights sit off a GPU
     wload_busy: Int[Array, " dev"]
+    # The power meter's values (engine/power.py); None: the run meters no power (nothing compiles).
+    power: "power.PowerParams | None" = None
 
 
 class ClusterState(eqx.Module):
@@ -137,6 +139,10 @@ class ClusterState(eqx.Module):
     # What the batch ends run early by decode leaps emitted, written by the next step (None
     # when the run compiles no leaps, Static.leaps; engine/leap.py).
     pending: "leap.Pending | None" = None
+    # The power meter (engine/power.py; None without one): activity per instance, and per request
+    # its share of the dynamic NPU energy of the iterations that scheduled it, J.
+    power: "power.Activity | None" = None
+    request_npu_j: "Float[Array, ' req'] | None" = None
 
 
 def _route(inst: inst_lib.InstanceState, wl: WorkloadArrays, next_pending, now, active):
@@ -241,9 +247,11 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
         return jnp.where(start, new, old)
 
     return eqx.tree_at(
-        lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.counters.extrapolated),
+        lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.batch_busy,
+                   i.counters.extrapolated),
         inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
-               pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs), extrapolated)), tier_state, dev_free
+               pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs),
+               pick(dt.astype(I64), inst.batch_busy), extrapolated)), tier_state, dev_free
 
 
 def _drain_if_stuck(inst, active, *, ring_cap):
@@ -329,6 +337,7 @@ class Ended(eqx.Module):
     gen_tokens: Int[Array, " inst"]
     kv_ready: Int[Array, "inst slot"]  # P/D: arrival of a completed prefill's last KV layer (NEVER)
     kv_sent: Int[Array, "inst slot"]  # P/D: KV bytes sent in this iteration
+    npu_j: "Float[Array, 'inst slot'] | None" = None  # the requests' shares of the NPU energy (power meter)
 
 
 def end_batches(static: Static, prm: EngineParams, st: ClusterState, clk: Clock) -> "tuple[ClusterState, Ended]":
@@ -346,6 +355,10 @@ def end_batches(static: Static, prm: EngineParams, st: ClusterState, clk: Clock)
         st = eqx.tree_at(lambda s: s.link_free, st, link_free)
     else:
         kv_ready = kv_sent = jnp.zeros_like(inst.slots.req)
+    npu_j = None
+    if prm.power is not None:
+        npu_j = power.request_npu_joules(prm.power, prm.tp, ending, inst.slots.sched_n, inst.batch_tokens,
+                                         inst.batch_busy)
     inst, ev, ptok, gtok = per_instance(functools.partial(inst_lib.end_iteration, ring_cap=static.ring_cap))(
         inst, prm.sched.async_scheduling, prm.role == PREFILL, ending, now)
     if static.pipelined:
@@ -355,7 +368,7 @@ def end_batches(static: Static, prm: EngineParams, st: ClusterState, clk: Clock)
     inst_id = jnp.repeat(jnp.arange(n_inst, dtype=I32), ev.req.shape[0] // n_inst)
     delay = jnp.where(ev.first_emit, prm.first_token_delay_ns[inst_id], prm.token_output_delay_ns[inst_id])
     ended = Ended(ending=ending, emissions=ev, inst_id=inst_id, stamp=now[inst_id] + delay, prompt_tokens=ptok,
-                  gen_tokens=gtok, kv_ready=kv_ready, kv_sent=kv_sent)
+                  gen_tokens=gtok, kv_ready=kv_ready, kv_sent=kv_sent, npu_j=npu_j)
     return eqx.tree_at(lambda s: s.inst, st, inst), ended
 
 
@@ -374,6 +387,9 @@ def write_request_outputs(wl: WorkloadArrays, st: ClusterState, out: Ended) -> C
     fin = jnp.where(ev.finish, req, n_req)
     # A hand-off carries the request's outputs so far to its decode instance, like a finish.
     carry = jnp.where(ev.finish | ev.handoff, req, n_req)
+    if out.npu_j is not None:
+        st = dataclasses.replace(st, request_npu_j=st.request_npu_j.at[jnp.where(ev.req >= 0, req, n_req)].add(
+            out.npu_j.reshape(-1), mode="drop"))
     return eqx.tree_at(
         lambda s: (s.token_times, s.first_token, s.finish, s.first_scheduled, s.prefix_hit,
                    s.num_preemptions, s.recomputed, s.instance, s.finished),
@@ -450,13 +466,17 @@ def record_iterations(prm: EngineParams, st: ClusterState, out: Ended, clk: Cloc
     status = inst.slots.status
     it = meters.IterationEnd(
         ending=out.ending, index=inst.n_iters, start=inst.batch_start, end=clk.now, prompt_tokens=out.prompt_tokens,
-        gen_tokens=out.gen_tokens, num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs,
-        running=jnp.sum((status == RUNNING).astype(I32), axis=-1, dtype=I32),
+        gen_tokens=out.gen_tokens, num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs, busy_ns=inst.batch_busy,
+        pim_ns=inst.batch_pim, running=jnp.sum((status == RUNNING).astype(I32), axis=-1, dtype=I32),
         waiting=jnp.sum((status == WAITING).astype(I32), axis=-1, dtype=I32) + queued,
         kv_used=prm.sched.num_blocks - inst.pool.num_free, kv_cached=inst.pool.num_cached_free,
         prefix_queried=inst.counters.prefix_requested, prefix_hits=inst.counters.prefix_hits,
         tier_hits=inst.counters.tier_hits, tier_recalled=inst.counters.tier_recalled,
         tier_resident=inst.counters.tier_resident, tier_written=inst.counters.tier_written)
+    if prm.power is not None:  # rows in time order: the previous step's early ends came first
+        rows = it if st.pending is None else jax.tree.map(lambda b, a: jnp.concatenate([b, a[:, None]], axis=1),
+                                                          st.pending.rows, it)
+        st = dataclasses.replace(st, power=power.PowerMeter(prm.power).update(st.power, rows))
     if st.pending is not None:  # the previous step's early ends, in the same write
         it = jax.tree.map(lambda a, b: jnp.concatenate([a[:, None], b], axis=1), it, st.pending.rows)
         st = eqx.tree_at(lambda s: s.pending.rows.ending, st, jnp.zeros_like(st.pending.rows.ending))
@@ -500,8 +520,17 @@ def leap_decodes(static: Static, prm: EngineParams, wl: WorkloadArrays, st: Clus
     limit = leap.next_routing(_next_arrival(wl, st.next_pending), None if rel is None else rel.release_at, producer,
                               inst.busy, inst.batch_end, retry_at)
     max_iters = st.records.start.shape[-1] if static.record_iterations else jnp.iinfo(I32).max
+    inst0 = inst
     inst, pending = leap.leap(inst, prm, wl, started, queued, limit, max_trips=static.leap - 1, max_iters=max_iters,
                               block_size=static.block_size, window=static.window)
+    if prm.power is not None:  # the early ends' shares: every running request, one token each
+        rows = pending.rows
+        busy = jnp.sum(jnp.where(rows.ending, rows.busy_ns, 0), axis=1)
+        j = power.request_npu_joules(prm.power, prm.tp, jnp.any(rows.ending, axis=1), pending.running.astype(I32),
+                                     inst0.batch_tokens, busy)
+        n_req = st.request_npu_j.shape[0]
+        req = jnp.where(inst0.slots.req >= 0, inst0.slots.req, n_req).reshape(-1)
+        st = dataclasses.replace(st, request_npu_j=st.request_npu_j.at[req].add(j.reshape(-1), mode="drop"))
     return eqx.tree_at(lambda s: (s.inst, s.pending), st, (inst, pending))
 
 
@@ -639,6 +668,9 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
                              else None)
     n_dev = prm.wload_busy.shape[-1]
     st = dataclasses.replace(st, dev_free=jnp.zeros(n_dev, I64) if n_dev else None)
+    if prm.power is not None:
+        st = dataclasses.replace(st, power=power.PowerMeter(prm.power).init(n_inst),
+                                 request_npu_j=jnp.zeros(n_req, jnp.float64))
 
     def buffer_full(st):
         return jnp.any(st.inst.n_iters >= max_iters) if static.record_iterations else jnp.asarray(False)
@@ -665,6 +697,8 @@ def simulate_until_done(st: ClusterState, prm: EngineParams, wl: WorkloadArrays,
         out = eqx.tree_at(lambda s: (s.token_times, s.records), out, (
             out.token_times.at[pos].set(at, mode="drop"),
             meters.IterationRecords().update(out.records, out.pending.rows)))
+        if prm.power is not None:
+            out = dataclasses.replace(out, power=power.PowerMeter(prm.power).update(out.power, out.pending.rows))
         out = dataclasses.replace(out, pending=None)
     status = run_status(finished=out.finished, num_requests=n_req,
                         slot_overflow=jnp.any(out.inst.counters.slot_overflow), queue_overflow=out.router.overflow,
@@ -676,7 +710,7 @@ def _map_instance_parts(fn, st: ClusterState) -> ClusterState:
     """Apply ``fn`` to every leaf with an instance axis (the instances, their records and the
     pending early ends)."""
     return dataclasses.replace(st, inst=jax.tree.map(fn, st.inst), records=jax.tree.map(fn, st.records),
-                               pending=jax.tree.map(fn, st.pending))
+                               pending=jax.tree.map(fn, st.pending), power=jax.tree.map(fn, st.power))
 
 
 run = jax.jit(simulate_until_done, static_argnames="static")

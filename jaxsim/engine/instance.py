@@ -94,6 +94,8 @@ class Pipe(eqx.Module):
     end: Int[Array, " P"]  # its completion (last stage done), NEVER for a free entry
     tokens: Int[Array, " P"]
     seqs: Int[Array, " P"]
+    busy_ns: Int[Array, " P"]  # NPU time of each batch summed over its stages (InstanceState.batch_busy)
+    pim_ns: Int[Array, " P"]  # its PIM attention time (InstanceState.batch_pim)
     slot_batch: Int[Array, " slot"]  # the entry whose batch holds the slot's request, -1 none
     try_at: Int[Array, ""]  # next time (not a completion) to try to form a batch, NEVER none
 
@@ -106,6 +108,11 @@ class InstanceState(eqx.Module):
     batch_end: Int[Array, ""]  # ns
     batch_tokens: Int[Array, ""]
     batch_seqs: Int[Array, ""]
+    # What the batch in flight keeps its accelerators busy for (the power meter, engine/power.py):
+    # the latency model's time, ns (under pp > 1 summed over the stages; a recall or a wait for
+    # weights is not NPU work), and the time of its attention on PIM channels (0 without PIM).
+    batch_busy: Int[Array, ""]
+    batch_pim: Int[Array, ""]
     run_list: Int[Array, " slot"]  # the running list: slot ids in order, -1 past its end
     preempt_counter: Int[Array, ""]
     n_iters: Int[Array, ""]
@@ -134,7 +141,7 @@ def init_pipe(num_slots: int, max_pp: int) -> Pipe:
     never = jnp.full(max_pp, NEVER, I64)
     zi = jnp.zeros(max_pp, I32)
     return Pipe(stage_free=jnp.zeros(max_pp, I64), start=jnp.zeros(max_pp, I64), end=never, tokens=zi, seqs=zi,
-                slot_batch=jnp.full(num_slots, -1, I32), try_at=jnp.asarray(NEVER, I64))
+                busy_ns=jnp.zeros(max_pp, I64), pim_ns=jnp.zeros(max_pp, I64), slot_batch=jnp.full(num_slots, -1, I32), try_at=jnp.asarray(NEVER, I64))
 
 
 def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_hashes, window,
@@ -153,7 +160,7 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         slots=slots,
         pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks),
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
-        batch_tokens=zero, batch_seqs=zero, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
+        batch_tokens=zero, batch_seqs=zero, batch_busy=zero64, batch_pim=zero64, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
         counters=Counters(zero, zero64, zero64, zero, jnp.zeros(4, I32), jnp.asarray(False), zero64, zero64, zero,
                           zero64, zero64), recall_chunks=zero,
         pipe=init_pipe(num_slots, max_pp) if max_pp > 1 else None,

@@ -96,8 +96,9 @@ def end_and_restart(inst: inst_lib.InstanceState, model, host, prefix_caching, a
     dt, extrap = model.iteration_time(shape)
     new_end = end + dt.astype(I64) + costs.host_time_ns(dt.astype(I64), shape.seqs, *host)
     return eqx.tree_at(
-        lambda i: (i.slots, i.pool, i.batch_start, i.batch_end, i.n_iters, i.counters.extrapolated),
+        lambda i: (i.slots, i.pool, i.batch_start, i.batch_end, i.batch_busy, i.n_iters, i.counters.extrapolated),
         inst, (s, pool, jnp.where(go, end, inst.batch_start), jnp.where(go, new_end, end),
+               jnp.where(go, dt.astype(I64), inst.batch_busy),
                inst.n_iters + go.astype(I32),
                inst.counters.extrapolated + jnp.where(go, (extrap > 0).astype(I32), 0)))
 
@@ -108,6 +109,7 @@ class _Log(eqx.Module):
     ended: Bool[Array, " trip"]
     start: Int[Array, " trip"]
     end: Int[Array, " trip"]
+    busy: Int[Array, " trip"]  # the batch's NPU time (InstanceState.batch_busy)
     kv_used: Int[Array, " trip"]  # KV blocks in use after the end (before the next allocation)
     kv_cached: Int[Array, " trip"]  # free blocks holding a cached prefix, at the same moment
 
@@ -132,14 +134,14 @@ def _run_ends(inst, eligible, limit, model, host, prefix_caching, all_copies, nu
             return a.at[t].set(jnp.where(go, v, a[t]))
 
         log = _Log(ended=put(log.ended, go), start=put(log.start, inst.batch_start), end=put(log.end, inst.batch_end),
-                   kv_used=put(log.kv_used, num_blocks - inst.pool.num_free),
+                   busy=put(log.busy, inst.batch_busy), kv_used=put(log.kv_used, num_blocks - inst.pool.num_free),
                    kv_cached=put(log.kv_cached, inst.pool.num_cached_free))
         inst = end_and_restart(inst, model, host, prefix_caching, all_copies, go, wl, block_size=block_size,
                                window=window)
         return inst, go & go_of(inst, eligible, limit), trip + go.astype(I32), log
 
     z = jnp.zeros(max_trips, I64)
-    log0 = _Log(ended=jnp.zeros(max_trips, bool), start=z, end=z, kv_used=jnp.zeros(max_trips, I32),
+    log0 = _Log(ended=jnp.zeros(max_trips, bool), start=z, end=z, busy=z, kv_used=jnp.zeros(max_trips, I32),
                 kv_cached=jnp.zeros(max_trips, I32))
     inst, _, _, log = masked_while_loop(cond, body, (inst, go_of(inst, eligible, limit), jnp.asarray(0, I32), log0),
                                         (eligible, limit, model, host, prefix_caching, all_copies, num_blocks, wl))
@@ -167,7 +169,8 @@ def init_pending(num_instances: int, num_slots: int, max_trips: int) -> Pending:
     z = jnp.zeros((num_instances, max_trips), I32)
     z64 = jnp.zeros((num_instances, max_trips), I64)
     rows = meters.IterationEnd(ending=jnp.zeros((num_instances, max_trips), bool), index=z, start=z64, end=z64,
-                               prompt_tokens=z, gen_tokens=z, num_tokens=z, num_seqs=z, running=z, waiting=z,
+                               prompt_tokens=z, gen_tokens=z, num_tokens=z, num_seqs=z, busy_ns=z64, pim_ns=z64,
+                               running=z, waiting=z,
                                kv_used=z, kv_cached=z, prefix_queried=z64, prefix_hits=z64, tier_hits=z64,
                                tier_recalled=z64, tier_resident=z, tier_written=z64)
     return Pending(rows=rows, token_first=jnp.zeros((num_instances, num_slots), I32),
@@ -199,7 +202,8 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
     rows = meters.IterationEnd(
         ending=log.ended, index=inst0.n_iters[:, None] + jnp.arange(max_trips, dtype=I32), start=log.start,
         end=log.end, prompt_tokens=jnp.zeros((n_inst, max_trips), I32), gen_tokens=const(inst0.batch_seqs),
-        num_tokens=const(inst0.batch_tokens), num_seqs=const(inst0.batch_seqs), running=const(n_running),
+        num_tokens=const(inst0.batch_tokens), num_seqs=const(inst0.batch_seqs), busy_ns=log.busy,
+        pim_ns=jnp.zeros_like(log.busy), running=const(n_running),
         waiting=const(n_waiting), kv_used=log.kv_used, kv_cached=log.kv_cached,
         prefix_queried=const(inst0.counters.prefix_requested), prefix_hits=const(inst0.counters.prefix_hits),
         tier_hits=const(inst0.counters.tier_hits), tier_recalled=const(inst0.counters.tier_recalled),

@@ -30,6 +30,8 @@ class IterationEnd(eqx.Module):
     gen_tokens: Int[Array, " inst"]  # tokens emitted
     num_tokens: Int[Array, " inst"]  # tokens scheduled (DP padding included)
     num_seqs: Int[Array, " inst"]
+    busy_ns: Int[Array, " inst"]  # NPU time of the iteration (InstanceState.batch_busy; int64)
+    pim_ns: Int[Array, " inst"]  # its attention time on PIM channels (int64; 0 without PIM)
     running: Int[Array, " inst"]  # gauges after the step's routing
     waiting: Int[Array, " inst"]
     kv_used: Int[Array, " inst"]  # KV blocks in use
@@ -68,6 +70,8 @@ class Records(eqx.Module):
     gen_tokens: Int[Array, "inst it"]
     num_tokens: Int[Array, "inst it"]
     num_seqs: Int[Array, "inst it"]
+    busy_ns: Int[Array, "inst it"]
+    pim_ns: Int[Array, "inst it"]
     running: Int[Array, "inst it"]
     waiting: Int[Array, "inst it"]
     kv_used: Int[Array, "inst it"]
@@ -81,7 +85,7 @@ class Records(eqx.Module):
 
 
 ROW_FIELDS = tuple(f for f in Records.__annotations__)  # the columns, in order
-INT64_FIELDS = ("start", "end", "prefix_queried", "prefix_hits", "tier_hits", "tier_recalled", "tier_written")  # the others are int32
+INT64_FIELDS = ("start", "end", "busy_ns", "pim_ns", "prefix_queried", "prefix_hits", "tier_hits", "tier_recalled", "tier_written")  # the others are int32
 
 
 class IterationRecords(AbstractMeter):

@@ -29,9 +29,11 @@ def ending_view(inst: inst_lib.InstanceState, now, active):
     b = jnp.argmax(hit).astype(I32)
     in_b = ending & (pe.slot_batch == b)
     s = inst.slots
-    view = eqx.tree_at(lambda i: (i.slots.sched_n, i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs),
+    view = eqx.tree_at(lambda i: (i.slots.sched_n, i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs,
+                                  i.batch_busy, i.batch_pim),
                        inst, (jnp.where(in_b, s.sched_n, 0), inst.busy | ending, pe.start[b],
-                              jnp.where(ending, now, inst.batch_end), pe.tokens[b], pe.seqs[b]))
+                              jnp.where(ending, now, inst.batch_end), pe.tokens[b], pe.seqs[b], pe.busy_ns[b],
+                              pe.pim_ns[b]))
     return view, ending, in_b
 
 
@@ -101,6 +103,7 @@ def start_batches(inst, prm, wl, now, active, ending, *, block_size, window, rin
         end = put(pe.end, done)
         pipe = inst_lib.Pipe(stage_free=stage_free, start=put(pe.start, now), end=end,
                              tokens=put(pe.tokens, shape.tokens), seqs=put(pe.seqs, shape.seqs),
+                             busy_ns=put(pe.busy_ns, jnp.sum(times)), pim_ns=put(pe.pim_ns, jnp.zeros_like(now)),
                              slot_batch=jnp.where(start & mine, b, pe.slot_batch), try_at=try_at)
         extrapolated = new.counters.extrapolated + jnp.where(start, (extrap > 0).astype(I32), 0)
         busy = (n_after > 0) | (try_at < NEVER)
