@@ -139,6 +139,7 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
         **({f"iter_{k}": rows[k] for k in ("tier_hits", "tier_recalled", "tier_resident", "tier_written")}
            if p.memory.get("tier_storage") else {}),
         memory=p.memory or None, iter_busy_ns=rows["busy_ns"], iter_pim_ns=rows["pim_ns"],
+        iter_pim_io_bytes=rows["pim_io_bytes"],
         request_npu_energy_j=None if power is None else np.asarray(f.request_npu_j),
         power=power)
 

@@ -646,6 +646,7 @@ class SimResult:
     # attention time on PIM channels, ns.
     iter_busy_ns: np.ndarray | None = None
     iter_pim_ns: np.ndarray | None = None
+    iter_pim_io_bytes: np.ndarray | None = None  # bytes each iteration's PIM operations moved (0 without PIM)
     # With a power model (jaxsim.power; None otherwise): per request, its share of the dynamic NPU
     # energy of the iterations that scheduled it (by its tokens), J; and what pricing the run's
     # energy needs (jaxsim.power.host_info plus the metered activity; jaxsim.power.energy).

@@ -196,7 +196,11 @@ OVERRIDES = {
     "hardware": dict(name="RTX4090", mem_size_gb=24.0, mem_util=0.8, num_gpu_blocks=1000, activation_reserve_gb=1.5,
                      tp=2, link_bw_gbps=64.0, link_latency_ns=500.0, cpu_mem_bw_gbps=50.0, cpu_mem_latency_ns=10.0,
                      ep=2, pp=2, weights_offload_fraction=0.25, weights_offload_device="cxl", offload_bw_gbps=60.0,
-                     offload_latency_ns=250.0, kv_offload_device="cxl", kv_offload_capacity_gb=128.0),
+                     offload_latency_ns=250.0, kv_offload_device="cxl", kv_offload_capacity_gb=128.0,
+                     # (PIM attention offloading needs pp = 1: off here, its other fields set)
+                     enable_attn_offloading=False, pim_config="HBM2_1GB_2000_pim", pim_mem_size_gb=256.0,
+                     enable_sub_batch_interleaving=False, pim_slope_ns=300.0, pim_intercept_ns=20000.0,
+                     pim_context="prompt", pim_overlap=False),
     "model": dict(name="meta-llama/Llama-3.1-8B", dtype="bfloat16", kv_cache_dtype="fp8", max_model_len=100000,
                   expert_routing="balanced", expert_zipf_s=0.5, expert_seed=3),
     "scheduler": dict(max_num_seqs=64, max_num_batched_tokens=4096, enable_chunked_prefill=False,

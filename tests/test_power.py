@@ -190,7 +190,7 @@ def test_meter_folds_overlapping_pipeline_batches_and_gaps_by_hand():
     rows = meters.IterationEnd(
         ending=jnp.asarray([[True, True, True]]), index=z, start=i64([0, 4, 20]), end=i64([10, 14, 25]),
         prompt_tokens=z, gen_tokens=z, num_tokens=i64([8, 3, 1]), num_seqs=z, busy_ns=i64([9, 9, 4]),
-        pim_ns=i64([0, 0, 2]), running=z, waiting=z, kv_used=z, kv_cached=z, prefix_queried=z, prefix_hits=z,
+        pim_ns=i64([0, 0, 2]), pim_io_bytes=z, running=z, waiting=z, kv_used=z, kv_cached=z, prefix_queried=z, prefix_hits=z,
         tier_hits=z, tier_recalled=z, tier_resident=z, tier_written=z)
     params = engine_power.PowerParams(standby_duration_ns=jnp.asarray([5], jnp.int64),
                                       npu_dynamic_w=jnp.asarray([1.0]), ep=jnp.asarray([2], jnp.int64))

@@ -548,6 +548,12 @@ def test_pim_within_tolerance(name):
         for k, (mine, theirs) in enumerate(zip(j["itl_ns"].tolist(), r["ITL"])):
             longer = name == "pim_sub_batch" and seqs_at[int(times[k + 1])] >= 2
             assert mine - theirs == (13 if longer else 0), (rid, k)
+    # what the power model reads: request 0's prefill has no PIM work, its first decode 32 x 4,264 ns
+    # (test_pim_work_for_the_power_model); every iteration with PIM work moves 20,480 B per decode and layer
+    order = np.argsort(result.iter_end_ns)
+    pim_rows, io_rows = np.asarray(result.iter_pim_ns)[order], np.asarray(result.iter_pim_io_bytes)[order]
+    assert pim_rows[:2].tolist() == [0, 32 * 4_264] and io_rows[:2].tolist() == [0, 32 * 20_480]
+    assert np.array_equal(pim_rows > 0, io_rows > 0) and not np.any(io_rows % (32 * 20_480))
     d = rp.compare(table, reference)
     assert (d["inst"], d["itl_len"], d["itl"]) == (0, 0, 0 if name == "pim" else 13)
     assert d["end"] == (13 if name == "pim" else 1_365)

@@ -232,6 +232,8 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
         start = start | runs
     padded = shape.padded(pad)
     dt, extrap = per_instance(lambda model, shape: model.iteration_time(shape))(prm.latency, padded)
+    # its PIM channel time and I/O bytes (zeros, compiled away, without PIM; the power meter's)
+    pim, pim_io = per_instance(lambda model, shape: model.pim_work(shape))(prm.latency, padded)
     recall, tier_state = kv_tier.recall(tier_state, prm.sched.tier_pool, inst.recall_chunks,
                                         kv_tier.chunk_bytes(prm.kv_token_bytes, block_size), now, start)
     gpu = dt.astype(I64) + recall  # the recall comes before layer 0
@@ -248,10 +250,11 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
 
     return eqx.tree_at(
         lambda i: (i.busy, i.batch_start, i.batch_end, i.batch_tokens, i.batch_seqs, i.batch_busy,
-                   i.counters.extrapolated),
+                   i.batch_pim, i.batch_pim_io, i.counters.extrapolated),
         inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
                pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs),
-               pick(dt.astype(I64), inst.batch_busy), extrapolated)), tier_state, dev_free
+               pick(dt.astype(I64), inst.batch_busy), pick(pim, inst.batch_pim), pick(pim_io, inst.batch_pim_io),
+               extrapolated)), tier_state, dev_free
 
 
 def _drain_if_stuck(inst, active, *, ring_cap):
@@ -467,7 +470,7 @@ def record_iterations(prm: EngineParams, st: ClusterState, out: Ended, clk: Cloc
     it = meters.IterationEnd(
         ending=out.ending, index=inst.n_iters, start=inst.batch_start, end=clk.now, prompt_tokens=out.prompt_tokens,
         gen_tokens=out.gen_tokens, num_tokens=inst.batch_tokens, num_seqs=inst.batch_seqs, busy_ns=inst.batch_busy,
-        pim_ns=inst.batch_pim, running=jnp.sum((status == RUNNING).astype(I32), axis=-1, dtype=I32),
+        pim_ns=inst.batch_pim, pim_io_bytes=inst.batch_pim_io, running=jnp.sum((status == RUNNING).astype(I32), axis=-1, dtype=I32),
         waiting=jnp.sum((status == WAITING).astype(I32), axis=-1, dtype=I32) + queued,
         kv_used=prm.sched.num_blocks - inst.pool.num_free, kv_cached=inst.pool.num_cached_free,
         prefix_queried=inst.counters.prefix_requested, prefix_hits=inst.counters.prefix_hits,

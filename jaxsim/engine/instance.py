@@ -113,6 +113,7 @@ class InstanceState(eqx.Module):
     # weights is not NPU work), and the time of its attention on PIM channels (0 without PIM).
     batch_busy: Int[Array, ""]
     batch_pim: Int[Array, ""]
+    batch_pim_io: Int[Array, ""]  # bytes its PIM operations move (q, k, v in, outputs out; 0 without PIM)
     run_list: Int[Array, " slot"]  # the running list: slot ids in order, -1 past its end
     preempt_counter: Int[Array, ""]
     n_iters: Int[Array, ""]
@@ -160,7 +161,7 @@ def init_instance(num_slots, max_blocks_per_req, num_blocks_cap, ring_cap, num_h
         slots=slots,
         pool=kvpool.init_pool(num_blocks_cap, ring_cap, num_hashes, window, num_blocks),
         busy=jnp.asarray(False), batch_start=jnp.asarray(0, I64), batch_end=jnp.asarray(0, I64),
-        batch_tokens=zero, batch_seqs=zero, batch_busy=zero64, batch_pim=zero64, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
+        batch_tokens=zero, batch_seqs=zero, batch_busy=zero64, batch_pim=zero64, batch_pim_io=zero64, run_list=jnp.full(num_slots, -1, I32), preempt_counter=zero, n_iters=zero,
         counters=Counters(zero, zero64, zero64, zero, jnp.zeros(4, I32), jnp.asarray(False), zero64, zero64, zero,
                           zero64, zero64), recall_chunks=zero,
         pipe=init_pipe(num_slots, max_pp) if max_pp > 1 else None,

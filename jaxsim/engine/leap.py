@@ -169,7 +169,7 @@ def init_pending(num_instances: int, num_slots: int, max_trips: int) -> Pending:
     z = jnp.zeros((num_instances, max_trips), I32)
     z64 = jnp.zeros((num_instances, max_trips), I64)
     rows = meters.IterationEnd(ending=jnp.zeros((num_instances, max_trips), bool), index=z, start=z64, end=z64,
-                               prompt_tokens=z, gen_tokens=z, num_tokens=z, num_seqs=z, busy_ns=z64, pim_ns=z64,
+                               prompt_tokens=z, gen_tokens=z, num_tokens=z, num_seqs=z, busy_ns=z64, pim_ns=z64, pim_io_bytes=z64,
                                running=z, waiting=z,
                                kv_used=z, kv_cached=z, prefix_queried=z64, prefix_hits=z64, tier_hits=z64,
                                tier_recalled=z64, tier_resident=z, tier_written=z64)
@@ -203,7 +203,7 @@ def leap(inst0: inst_lib.InstanceState, prm, wl, started: Bool[Array, " inst"], 
         ending=log.ended, index=inst0.n_iters[:, None] + jnp.arange(max_trips, dtype=I32), start=log.start,
         end=log.end, prompt_tokens=jnp.zeros((n_inst, max_trips), I32), gen_tokens=const(inst0.batch_seqs),
         num_tokens=const(inst0.batch_tokens), num_seqs=const(inst0.batch_seqs), busy_ns=log.busy,
-        pim_ns=jnp.zeros_like(log.busy), running=const(n_running),
+        pim_ns=jnp.zeros_like(log.busy), pim_io_bytes=jnp.zeros_like(log.busy), running=const(n_running),
         waiting=const(n_waiting), kv_used=log.kv_used, kv_cached=log.kv_cached,
         prefix_queried=const(inst0.counters.prefix_requested), prefix_hits=const(inst0.counters.prefix_hits),
         tier_hits=const(inst0.counters.tier_hits), tier_recalled=const(inst0.counters.tier_recalled),

@@ -32,6 +32,7 @@ class IterationEnd(eqx.Module):
     num_seqs: Int[Array, " inst"]
     busy_ns: Int[Array, " inst"]  # NPU time of the iteration (InstanceState.batch_busy; int64)
     pim_ns: Int[Array, " inst"]  # its attention time on PIM channels (int64; 0 without PIM)
+    pim_io_bytes: Int[Array, " inst"]  # bytes its PIM operations move in and out (int64; 0 without PIM)
     running: Int[Array, " inst"]  # gauges after the step's routing
     waiting: Int[Array, " inst"]
     kv_used: Int[Array, " inst"]  # KV blocks in use
@@ -72,6 +73,7 @@ class Records(eqx.Module):
     num_seqs: Int[Array, "inst it"]
     busy_ns: Int[Array, "inst it"]
     pim_ns: Int[Array, "inst it"]
+    pim_io_bytes: Int[Array, "inst it"]
     running: Int[Array, "inst it"]
     waiting: Int[Array, "inst it"]
     kv_used: Int[Array, "inst it"]
@@ -85,7 +87,7 @@ class Records(eqx.Module):
 
 
 ROW_FIELDS = tuple(f for f in Records.__annotations__)  # the columns, in order
-INT64_FIELDS = ("start", "end", "busy_ns", "pim_ns", "prefix_queried", "prefix_hits", "tier_hits", "tier_recalled", "tier_written")  # the others are int32
+INT64_FIELDS = ("start", "end", "busy_ns", "pim_ns", "pim_io_bytes", "prefix_queried", "prefix_hits", "tier_hits", "tier_recalled", "tier_written")  # the others are int32
 
 
 class IterationRecords(AbstractMeter):
