@@ -97,8 +97,8 @@ PIM_HOST_OPS = ("host operations with PIM (REFERENCE.md §1.11: the PIM memory's
                 "longer in jaxsim (a known difference, not deliberate)")
 PIM_NOTE = ("PIM on DDR4_8GB_3200 (64 channels of 8 GB in 512 GB; 8 per request) in reference mode: the reference's "
             "own fit (333.2538 ns/token, 30,675.2739 ns), prompt-length contexts, PIM after the NPU's prefill "
-            "attention; every per-layer PIM time, channel placement and interleaved schedule equal to the ns. The "
-            "power block is stripped (not read by these latencies)")
+            "attention; every per-layer PIM time, channel placement and interleaved schedule equal to the ns (the "
+            "node's power block is read too: it sets no power cap, so no latency depends on it)")
 
 # The reference's --enable-prefix-sharing --prefix-storage CPU (run.sh.txt): one CPU pool per node,
 # shared by its instances, the node's cpu_mem as its device, hits in whole chunks (REFERENCE.md §1.5).
@@ -169,9 +169,9 @@ EXAMPLES = [
                  "keeps the single run's 36,578; the run holds at most a few dozen, so no latency shows it"),
     # PIM attention offload and sub-batch interleaving (issue 14), in reference mode
     Example("pim", "example_pim_run.csv", "single_node_pim_instance.json", overrides=PIM_REFERENCE,
-            drop=(("node", "power"),), expect="tolerance", tolerance=1e-5, why=(PIM_HOST_OPS,), note=PIM_NOTE),
+            expect="tolerance", tolerance=1e-5, why=(PIM_HOST_OPS,), note=PIM_NOTE),
     Example("pim_sub_batch", "example_pim_sub_batch_run.csv", "single_node_pim_instance.json",
-            overrides=(*PIM_REFERENCE, "hardware.enable_sub_batch_interleaving=true"), drop=(("node", "power"),),
+            overrides=(*PIM_REFERENCE, "hardware.enable_sub_batch_interleaving=true"),
             expect="tolerance", tolerance=2e-5, why=(PIM_HOST_OPS,),
             note="the same, the batch split in two sub-batches whose NPU layers and PIM attention interleave"),
     # a feature not modelled whose latencies do not depend on it here: run without its fields
