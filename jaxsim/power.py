@@ -186,6 +186,11 @@ class InstancePower:
     link_token_bytes: float  # link bytes per scheduled token of an iteration (all ranks)
     dispatch_bytes: float  # link bytes per max(1, T // ep) (MoE dispatch AllGather, all ranks)
     wload_bytes: int  # weight bytes read from host / CXL memory per iteration (all ranks)
+    # PIM attention offload (Plan.pim): the INI's peak - idle power, W, drawn while PIM works, and the
+    # node's PIM memory: its channels (one DIMM each) at the INI's idle power, W (0: no PIM)
+    pim_dynamic_w: float = 0.0
+    pim_dimms: int = 0
+    pim_idle_w: float = 0.0
 
 
 def traffic_coefficients(tables, pp: int) -> tuple:
@@ -205,13 +210,11 @@ def traffic_coefficients(tables, pp: int) -> tuple:
 class PowerConfig:
     """The power blocks of a run's nodes: ``nodes`` (node index -> block, e.g. a cluster JSON's),
     else ``default`` (the Hydra ``power`` section) for every other node; ``cpu_mem_gb``: each
-    node's host memory, GB (its DIMM count); ``pim_w``: each node's PIM dynamic power, W (INI
-    ``peak - idle``; 0 without PIM)."""
+    node's host memory, GB (its DIMM count)."""
 
     nodes: dict = dataclasses.field(default_factory=dict)
     default: NodePower | None = None
     cpu_mem_gb: dict = dataclasses.field(default_factory=dict)
-    pim_w: dict = dataclasses.field(default_factory=dict)
     default_cpu_mem_gb: float = 0.0  # host memory of a node missing from cpu_mem_gb
 
     def block(self, node: int) -> "NodePower | None":
@@ -241,8 +244,12 @@ def attach(plans: list, cfg: "PowerConfig | None", hardware: list, where: list) 
         block = cfg.block(pl.node)
         npu = None if block is None else block.npu_of(hardware_key(hw), w)
         link, disp = traffic_coefficients(pl.tables, pl.pp)
+        pim = getattr(pl, "pim", None)
         ip = InstancePower(node=pl.node, npu=npu, npus=pl.tp * pl.pp, tp=pl.tp, link_token_bytes=link,
-                           dispatch_bytes=disp, wload_bytes=sum(pl.offloaded.values()) * pl.tp)
+                           dispatch_bytes=disp, wload_bytes=sum(pl.offloaded.values()) * pl.tp,
+                           **({} if pim is None else dict(
+                               pim_dynamic_w=(pim.device.peak_power_mw - pim.device.idle_power_mw) / 1000,
+                               pim_dimms=pim.num_channels, pim_idle_w=pim.device.idle_power_mw / 1000)))
         out.append(dataclasses.replace(pl, tables=capped_tables(pl.tables, npu), power=ip))
     return out
 
@@ -257,7 +264,7 @@ def host_info(plans: list, cfg: PowerConfig) -> dict:
             raise JaxsimInputError(f"{b.where}.dram", f"node {n}'s host memory size is unknown: its DIMMs cannot be "
                                    "counted", "give the node's cpu_mem.mem_size (cluster JSON) or power.cpu_mem_size (GB)")
     return dict(instances=[pl.power for pl in plans], nodes={n: cfg.block(n) for n in nodes},
-                cpu_mem_gb=mem, pim_w=dict(cfg.pim_w),
+                cpu_mem_gb=mem,
                 ep=[int(np.asarray(pl.tables.ep)) for pl in plans])
 
 
@@ -292,7 +299,10 @@ def _node_constant_w(block: NodePower, npus: "list[InstancePower]", cpu_mem_gb: 
     w["npu"] = sum(p.npu.idle_power * p.npus for p in npus)
     if block.cpu:
         w["cpu"] = block.cpu["idle_power"] + (block.cpu["active_power"] - block.cpu["idle_power"]) * block.cpu["util"]
-    if block.dram:
+    pim = [p for p in npus if p.pim_dimms]
+    if pim:  # PIM memory: its channels are the DIMMs, at the INI's idle power (REFERENCE.md §1.13)
+        w["memory"] = pim[0].pim_idle_w * pim[0].pim_dimms
+    elif block.dram:
         w["memory"] = block.dram["idle_power"] * math.floor(cpu_mem_gb / block.dram["dimm_size"]) \
             if block.dram["dimm_size"] > 0 else 0.0
     if block.link:
@@ -305,7 +315,7 @@ def _node_constant_w(block: NodePower, npus: "list[InstancePower]", cpu_mem_gb: 
 
 
 def _dynamic_j(p: InstancePower, block: NodePower, busy_ns, service_ns, standby_ns, tokens, dispatch,
-               dram_bytes, link_bytes, pim_ns, pim_w: float) -> dict:
+               dram_bytes, link_bytes, pim_ns) -> dict:
     """An instance's energy above the always-on watts, J, by component. Every argument is a number
     or an array of the same shape (one iteration each, or the run's totals): the formulas are
     linear in them. ``standby_ns``: NPU time at standby outside iterations (per NPU);
@@ -327,11 +337,12 @@ def _dynamic_j(p: InstancePower, block: NodePower, busy_ns, service_ns, standby_
              + np.asarray(link_bytes, np.float64))
     if block.link:
         e["link"] = block.link["energy_per_bit"] * 8 * PJ * links
-    e["pim"] = pim_w * np.asarray(pim_ns, np.float64) * NS
+    e["pim"] = p.pim_dynamic_w * np.asarray(pim_ns, np.float64) * NS
     return e
 
 
-ACTIVITY_FIELDS = ("iterations", "busy_ns", "in_service_ns", "standby_ns", "last_end", "tokens", "dispatch", "pim_ns")
+ACTIVITY_FIELDS = ("iterations", "busy_ns", "in_service_ns", "standby_ns", "last_end", "tokens", "dispatch", "pim_ns",
+                   "pim_io")
 
 
 def run_info(info: dict, activity: dict, recalled, written: dict, chunk_bytes, kv_sent) -> dict:
@@ -342,7 +353,8 @@ def run_info(info: dict, activity: dict, recalled, written: dict, chunk_bytes, k
     ``chunk_bytes`` [inst]; ``kv_sent`` [inst]: P/D KV bytes each instance sent."""
     act = {k: np.asarray(activity[k]) for k in ACTIVITY_FIELDS}
     wload = np.array([ip.wload_bytes for ip in info["instances"]], np.float64)
-    dram = wload * act["iterations"] + np.asarray(recalled, np.float64) * np.asarray(chunk_bytes, np.float64)
+    dram = (wload * act["iterations"] + np.asarray(recalled, np.float64) * np.asarray(chunk_bytes, np.float64)
+            + act["pim_io"])
     for first, chunks in written.items():
         dram[first] += chunks * float(np.asarray(chunk_bytes)[first])
     return {**info, "activity": act, "dram_bytes": dram, "link_bytes": np.asarray(kv_sent, np.float64)}
@@ -368,7 +380,7 @@ def energy(info: dict, t0_ns: int, t_end_ns: int) -> dict:
             tail = _tail_ns(p, act["last_end"][i], t_end_ns)
             d = _dynamic_j(p, block, act["busy_ns"][i], act["in_service_ns"][i], act["standby_ns"][i] + tail,
                            act["tokens"][i], act["dispatch"][i], info["dram_bytes"][i], info["link_bytes"][i],
-                           act["pim_ns"][i], info["pim_w"].get(n, 0.0))
+                           act["pim_ns"][i])
             for c in COMPONENTS:
                 j[c] += float(d[c])
         per_node.append(dict(node=n, modelled=True, unmodelled=list(block.unmodelled), joules=j,
@@ -452,8 +464,7 @@ def power_series(result, interval_s: float, origin_ns: int, nbins: int) -> dict:
                 prev = np.concatenate([[-1], np.maximum.accumulate(e)[:-1]])
                 fresh = np.maximum(e - np.maximum(s, prev), 0)
                 dispatch = np.maximum(1, tokens[r] // max(int(info["ep"][i]), 1))
-                d = _dynamic_j(p, block, busy[r], fresh, 0, tokens[r], dispatch, row_dram[r], 0, pim[r],
-                               info["pim_w"].get(n, 0.0))
+                d = _dynamic_j(p, block, busy[r], fresh, 0, tokens[r], dispatch, row_dram[r], 0, pim[r])
                 # standby after each stretch of work: until the next work, at most the duration
                 reach = np.maximum.accumulate(e) if e.size else e
                 nxt = np.concatenate([s[1:], [horizon]])

@@ -151,7 +151,8 @@ def power_info(p: "simulator.Prepared", f: cluster.ClusterState, rows: dict, row
     info = p.power
     n_inst = len(info["instances"])
     node_of = [ip.node for ip in info["instances"]]
-    row_dram = np.array([ip.wload_bytes for ip in info["instances"]], np.float64)[row_inst]
+    row_dram = (np.array([ip.wload_bytes for ip in info["instances"]], np.float64)[row_inst]
+                + np.asarray(rows["pim_io_bytes"], np.float64))
     mem = p.memory or {}
     chunk, recalled, written, write_events = np.zeros(n_inst), np.zeros(n_inst), {}, {}
     if mem.get("tier_storage"):

@@ -74,7 +74,7 @@ def _inst(tp=1, pp=1, link=0.0, disp=0.0, wload=0, **npu):
 def test_one_iteration_energy_by_component_by_hand():
     # one iteration: 10 ms of NPU time in 12 ms of service, 100 tokens, 1 MB of weights read from host memory
     block, p = power.node_power(BLOCK), _inst(wload=1_000_000)
-    e = power._dynamic_j(p, block, 10_000_000, 12_000_000, 0, 100, 100, 1_000_000, 0, 0, 0.0)
+    e = power._dynamic_j(p, block, 10_000_000, 12_000_000, 0, 100, 100, 1_000_000, 0, 0)
     assert e["npu"] == pytest.approx((600 - 35) * 0.010 + (300 - 35) * 0.002)  # active 10 ms, standby 2 ms
     assert e["cpu"] == pytest.approx((200 - 10) * (0.7 - 0.15) * 0.012)  # busy increment over the iteration
     assert e["memory"] == pytest.approx(6.0e-12 * 8 * 1_000_000)  # 6 pJ/bit x 8 Mbit
@@ -92,7 +92,7 @@ def test_tp2_iteration_links_and_ranks_by_hand():
     per_token, disp = power.traffic_coefficients(pl.tables, pl.pp)
     assert per_token == 64 * 2 * (2 - 1) * 4096 * 2 and disp == 0  # ring AllReduce 2(N-1) S over both ranks
     p = _inst(tp=2, link=per_token)
-    e = power._dynamic_j(p, power.node_power(BLOCK), 5_000_000, 5_000_000, 0, 64, 64, 0, 0, 0, 0.0)
+    e = power._dynamic_j(p, power.node_power(BLOCK), 5_000_000, 5_000_000, 0, 64, 64, 0, 0, 0)
     assert e["npu"] == pytest.approx((600 - 35) * 2 * 0.005)  # both ranks busy the whole iteration
     assert e["link"] == pytest.approx(4.0e-12 * 8 * 64 * per_token)
 

@@ -90,11 +90,11 @@ def test_every_reference_output_is_accounted_for():
 
 
 def test_feature_runs_equal_their_base_runs():
-    """Two features leave the reference's latencies unchanged on this trace: the power run (power is
-    only logged, not modelled by jaxsim, so the parity script runs it without its power block)
-    equals the single run, and the shared CPU prefix pool run (its pool never holds a chunk:
+    """Two features leave the reference's latencies unchanged on this trace: the power run (its
+    power block is metered, but without a power cap it changes no latency; the reference only logs
+    its energy) equals the single run, and the shared CPU prefix pool run (its pool never holds a chunk:
     test_cpu_pools_hold_nothing_on_this_trace) equals the multi-instance run, row for row."""
-    assert ref("power[no power block]") == ref("single")
+    assert ref("power") == ref("single")
     assert ref("prefix_cpu_mem_pool") == ref("multi")
     # the tier's 256-token chunks: no request of the trace has that many tokens
     assert max(r["input"] + r["output"] for r in ref("multi").values()) == 22 + 104 < 256
@@ -334,7 +334,7 @@ def test_pim_derived_coefficients_against_the_reference_fit():
 
 # ---------------------------------------------------------------- runs (python -m pytest -m slow)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["single", "power[no power block]"])
+@pytest.mark.parametrize("name", ["single", "power"])
 def test_exact_parity(name):
     """Same output as the reference to the nanosecond: every request's instance, end, E2E, queueing
     delay, TTFT, TPOT and every ITL gap."""

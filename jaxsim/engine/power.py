@@ -19,7 +19,8 @@ Per instance (REFERENCE.md §1.13, with jaxsim's corrections of §1.16):
   gap after the last iteration is added on the host (it depends on when the run is measured to).
 * ``tokens``, ``dispatch``: the scheduled tokens summed over the iterations (DP padding included)
   and ``max(1, T // ep)`` summed: the collectives' bytes are linear in these (:mod:`jaxsim.power`).
-* ``pim_ns``: PIM attention time (channel time; 0 without PIM).
+* ``pim_ns``, ``pim_io``: PIM attention time and the bytes its operations move (0 without PIM;
+  the latency model's ``pim_work``).
 
 The meter sees the iterations as :class:`jaxsim.engine.meters.IterationEnd` rows, in time order
 per instance (an instance's rows of one step are contiguous iterations: a decode leap's).
@@ -56,6 +57,7 @@ class Activity(eqx.Module):
     tokens: Int[Array, " inst"]
     dispatch: Int[Array, " inst"]
     pim_ns: Int[Array, " inst"]
+    pim_io: Int[Array, " inst"]
 
 
 class PowerMeter(AbstractMeter):
@@ -66,7 +68,7 @@ class PowerMeter(AbstractMeter):
     def init(self, num_instances: int, max_iters: int = 0) -> Activity:
         z = jnp.zeros(num_instances, I64)
         return Activity(iterations=z, busy_ns=z, in_service_ns=z, standby_ns=z, last_end=z - 1, tokens=z, dispatch=z,
-                        pim_ns=z)
+                        pim_ns=z, pim_io=z)
 
     def update(self, acc: Activity, it: IterationEnd) -> Activity:
         """``it``: rows [inst] or [inst, k] (k in time order; rows not ``ending`` are skipped)."""
@@ -90,7 +92,8 @@ class PowerMeter(AbstractMeter):
                            standby_ns=add(acc.standby_ns, jnp.minimum(gap, dur)),
                            last_end=jnp.where(on, jnp.maximum(acc.last_end, end), acc.last_end),
                            tokens=add(acc.tokens, tok), dispatch=add(acc.dispatch, jnp.maximum(1, tok // ep)),
-                           pim_ns=add(acc.pim_ns, row.pim_ns.astype(I64)))
+                           pim_ns=add(acc.pim_ns, row.pim_ns.astype(I64)),
+                           pim_io=add(acc.pim_io, row.pim_io_bytes.astype(I64)))
             return acc, None
 
         acc, _ = jax.lax.scan(one, acc, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), rows))
