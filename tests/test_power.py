@@ -208,3 +208,16 @@ def test_a_node_without_a_block_is_unmodelled_not_zero(run):
     assert e["unmodelled_nodes"] == [0] and all(math.isnan(v) for v in e["nodes"][0]["joules"].values())
     assert math.isnan(e["total_j"]) and e["nodes"][0]["modelled"] is False  # totals cover modelled nodes only
     assert "power_w" not in power.power_series(dataclasses.replace(run, power=info), 1.0, 0, 3)
+
+
+def test_pim_memory_and_work_by_hand():
+    # DDR4_8GB_3200 (idle 623 mW, peak 3,803 mW): 64 channels of 8 GB hold 512 GB of host memory
+    from jaxsim import pim
+    dev = pim.load_device("DDR4_8GB_3200_pim", PROFILES / "pim")
+    p = dataclasses.replace(_inst(), pim_dynamic_w=(dev.peak_power_mw - dev.idle_power_mw) / 1000, pim_dimms=64,
+                            pim_idle_w=dev.idle_power_mw / 1000)
+    block = power.node_power(BLOCK)
+    assert power._node_constant_w(block, [p], 512)["memory"] == pytest.approx(64 * 0.623)  # not 16 DIMMs x 2 W
+    # one decode's PIM work in 32 layers (32 x 4,264 ns) moving 32 x 20,480 B
+    e = power._dynamic_j(p, block, 0, 0, 0, 0, 0, 32 * 20_480, 0, 32 * 4_264)
+    assert e["pim"] == pytest.approx(3.18 * 32 * 4_264e-9) and e["memory"] == pytest.approx(6e-12 * 8 * 32 * 20_480)
