@@ -30,10 +30,12 @@ its own ``model`` (org/name under profiles/models; default: the run's model). Th
 maps each instance's fields onto the same dataclasses (``pd_type`` to the role, the node's
 position to ``node``, ``tp_size``/``pp_size``/``ep_size``/``dp_group``, a per-dimension
 ``link_bw``/``link_latency`` list to the two link levels) and rejects what the engine does not
-model yet (attention offloading, sub-batch interleaving, block copy): a cluster is never simulated
-with a field ignored. Weight placement, the KV cache's ``kv_loc``, local offloading, ``cxl_mem``
-and the dtypes are modelled (:mod:`jaxsim.placement`, REFERENCE.md §1.10, §1.14, §1.16); a node's
-``power`` block is read by :func:`power_from_cluster_json` (:mod:`jaxsim.power`).
+model yet (block copy): a cluster is never simulated with a field ignored. Weight placement, the
+KV cache's ``kv_loc``, local offloading, ``cxl_mem`` and the dtypes are modelled
+(:mod:`jaxsim.placement`, REFERENCE.md §1.10, §1.14, §1.16), and PIM attention offload and
+sub-batch interleaving (``enable_attn_offloading``, ``enable_sub_batch_interleaving``, the node's
+``cpu_mem.pim_config``: :mod:`jaxsim.pim`, §1.11-1.12); a node's ``power`` block is read by
+:func:`power_from_cluster_json` (:mod:`jaxsim.power`).
 (``npu_mem.mem_bw``/``mem_latency`` are required by the format but have no effect, the profiles
 holding the measured kernel times, unless ``enable_local_offloading`` reads the weights at them.)
 
