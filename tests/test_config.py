@@ -187,10 +187,11 @@ def test_schema_type_errors_at_compose():
 # (every field overridable without "+", nothing else accepted). Documented exceptions, sections
 # without a dataclass of their own: `workload` (a trace file or synthetic_workload's arguments),
 # `sweep` (-> SweepOptions, a flat slo), `cluster` (-> ClusterSpec: instance entries, routing),
-# `paths` (-> Paths, with interpolations) and `output_dir`.
+# `paths` (-> Paths, with interpolations), `power` (-> jaxsim.power.PowerConfig: a node block keyed
+# by hardware, checked by jaxsim.power.node_power) and `output_dir`.
 SPEC_GROUPS = {"hardware": HardwareConfig, "model": ModelRuntimeConfig, "scheduler": SchedulerConfig,
                "calibration": Calibration, "sim": jconfig.SimOptions, "output": OutputOptions, "kv_tier": KVTierConfig}
-OTHER_SECTIONS = {"workload", "sweep", "cluster", "paths", "output_dir"}
+OTHER_SECTIONS = {"workload", "sweep", "cluster", "paths", "power", "output_dir"}
 # A valid value for every field, other than the default where the rest of the config allows it.
 OVERRIDES = {
     "hardware": dict(name="RTX4090", mem_size_gb=24.0, mem_util=0.8, num_gpu_blocks=1000, activation_reserve_gb=1.5,
@@ -293,3 +294,22 @@ def test_links_without_pd_hand_offs_are_reported_unused():
         spec(["cluster=pair", "cluster.links.intra_node_bw_gbps=64"])
     with pytest.warns(UserWarning, match=r"set, but the run has one instance"):
         spec(["cluster.links.inter_node_latency_ns=5"])
+
+
+def test_power_group_gives_every_node_a_block():
+    from types import SimpleNamespace
+
+    from jaxsim import power
+    s = spec(["power=a6000_server", "hardware=A6000_legacy"])
+    assert s.power.default.npu["A6000"].active_power > s.power.default.npu["A6000"].standby_power > 0
+    assert s.power.default_cpu_mem_gb == 128 and s.power.block(3) is s.power.default
+    capped = spec(["power=reference_example", "power.power_cap=400"]).power.default.npu["RTXPRO6000"]
+    assert capped.power_cap == 400 and capped.busy_power == 400
+    assert spec().power is None  # power=none
+    with pytest.raises(JaxsimInputError, match=r"power\.power_cap.*no node has a power block"):
+        spec(["power.power_cap=300"])
+    with pytest.raises(JaxsimInputError, match=r"power\.npu\.RTXPRO6000\.active_pwr.*unknown field"):
+        spec(["power=reference_example", "+power.npu.RTXPRO6000.active_pwr=1"])
+    with pytest.raises(JaxsimInputError, match=r"power\.dram.*host memory size is unknown"):
+        plan = SimpleNamespace(node=0, power=None, tables=SimpleNamespace(ep=1))  # a node without cpu_mem_size
+        power.host_info([plan], power.PowerConfig(default=spec(["power=reference_example"]).power.default))
