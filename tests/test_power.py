@@ -12,7 +12,6 @@ import pytest
 
 from _shared import PROFILES, load_model
 from jaxsim import metrics, power, simulator
-from jaxsim import sweep as sweep_lib
 from jaxsim.cluster_config import power_from_cluster_json
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import HardwareConfig, SchedulerConfig, Workload
@@ -168,15 +167,7 @@ def test_energy_totals_ticks_and_requests_agree(run):
     assert s["unmodelled_nodes"] == [] and s["peak_w"] >= s["average_w"]
 
 
-def test_sweep_rows_price_like_the_single_run(run):
-    base = sweep_lib.SweepBase(_workload(), load_model(), HW, SchedulerConfig(), profiles_dir=PROFILES, power=_config())
-    rows = sweep_lib.sweep(base, [{}, {"npu_active_power_w": 500.0}, {"power_cap_w": 400.0}], progress=False).rows
-    e = power.energy(run.power, 0, int(run.finish_ns.max()))
-    assert rows[0]["energy_j"] == pytest.approx(e["total_j"], rel=1e-12)
-    busy_s = run.iter_busy_ns.sum() / 1e9
-    assert rows[0]["energy_j"] - rows[1]["energy_j"] == pytest.approx(100 * busy_s)  # 100 W less while busy
-    assert rows[2]["tpot_mean_ms"] > rows[0]["tpot_mean_ms"]  # the cap slows compute
-    assert rows[2]["j_per_output_token"] == pytest.approx(rows[2]["energy_j"] / 4)
+# (sweep rows: tests/test_sweep.py prices every point's energy like its single run, power knobs included)
 
 
 def test_meter_folds_overlapping_pipeline_batches_and_gaps_by_hand():

@@ -2,7 +2,7 @@
 that change shapes share one compile, static knobs split groups, chunks pad without leaking, the
 results table round-trips, and a sweep split over two (virtual) CPU devices gives the same rows.
 
-Compile budget: one small trace (16 requests); the sweep compiles once per (group shape, chunk
+Compile budget: one small trace (16 requests), power metered; the sweep compiles once per (group shape, chunk
 size) and each distinct single-run shape compiles once.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxsim
-from jaxsim import report, sweep
+from jaxsim import power, report, sweep
 from jaxsim.engine import cluster
 from jaxsim.errors import JaxsimInputError
 from jaxsim.spec import HardwareConfig, SchedulerConfig
@@ -27,10 +27,16 @@ RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, link_latency_ns=1000,
                          cpu_mem_bw_gbps=50, num_gpu_blocks=900)
 
 
+# Power metered on every point (one node block for both GPUs): each row's energy equals its single run's.
+POWER = power.PowerConfig(default=power.node_power({"base_node_power": 100, "npu": {
+    "RTXPRO6000": {"idle_power": 35, "standby_power": 150, "active_power": 600, "standby_duration": 5},
+    "RTX4090": {"idle_power": 20, "standby_power": 100, "active_power": 450, "standby_duration": 5}}}))
+
+
 def _base(**kw):
     # max_model_len 4800: what the smallest cache of the points (300 blocks) holds; vLLM refuses a
     # cache smaller than one max_model_len request, and so does the sweep (test below).
-    kw = {"runtime": runtime_for(300), **kw}
+    kw = {"runtime": runtime_for(300), "power": POWER, **kw}
     return sweep.SweepBase(load_trace(16), load_model(), hardware=HardwareConfig(num_gpu_blocks=900),
                            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024),
                            profiles_dir=PROFILES, max_slots=24, slo_ttft_ms=400, slo_tpot_ms=30,
@@ -43,8 +49,9 @@ BASE = _base()
 POINTS = [
     {},
     {"num_gpu_blocks": 300},
-    {"max_num_seqs": 3, "long_prefill_token_threshold": 256},
-    {"arrival_rate_scale": 4.0, "compute_scale": 0.7, "memory_scale": 1.3},
+    {"max_num_seqs": 3, "long_prefill_token_threshold": 256, "npu_active_power_w": 500.0},
+    # a power cap below the active power slows compute: it composes with compute_scale
+    {"arrival_rate_scale": 4.0, "compute_scale": 0.7, "memory_scale": 1.3, "power_cap_w": 400.0},
     {"hardware": "rtx4090", "max_num_batched_tokens": 512},
     {"enable_prefix_caching": False, "async_scheduling": False, "num_gpu_blocks": 300},
 ]
@@ -60,7 +67,7 @@ def swept():
 def _single(point):
     kw = sweep.point_inputs(BASE, point)
     return jaxsim.simulate(kw.pop("workload"), kw.pop("model"), kw.pop("hw"), kw.pop("sched"), **kw,
-                           record_token_times=False)
+                           record_token_times=False, power=sweep._point_power(BASE, point))
 
 
 # The points whose single run compiles a shape of its own (300 blocks, RTX 4090 grids) are in the
@@ -83,6 +90,9 @@ def test_each_configuration_equals_its_single_run(swept, i):
     ttft_ms = (single.first_token_ns - single.arrival_ns) / 1e6
     assert row["ttft_mean_ms"] == pytest.approx(ttft_ms.mean(), rel=1e-12)
     assert row["ttft_p99_ms"] == pytest.approx(np.percentile(ttft_ms, 99), rel=1e-12)
+    energy = power.energy(single.power, int(single.arrival_ns.min()), int(single.finish_ns.max()))
+    assert row["energy_j"] == pytest.approx(energy["total_j"], rel=1e-12) and row["energy_j"] > 0
+    assert row["j_per_output_token"] == pytest.approx(energy["total_j"] / single.output_toks.sum(), rel=1e-12)
 
 
 def test_configurations_differ_and_knobs_act(swept):
