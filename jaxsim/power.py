@@ -31,7 +31,9 @@ cap_power_exponent)`` (dynamic power ~ f V^2 with V ~ f: exponent 3, the classic
 the compute-bound operators (the profiles' dense, per-sequence and MoE layers: the latency
 model's ``compute_scale``) take ``(f0 / f) ** cap_time_exponent`` longer (1: time ~ 1 / f);
 attention, which reads the KV cache at HBM speed, keeps its time. The NPU then draws ``cap``
-while it computes. The measured A6000 trace ran at the card's default 300 W limit only, so it
+while it computes. ``profiled_power_cap``: the board limit the profiles were measured under, when
+it bound (their clock is then already ``f(profiled_power_cap)``: the stretch is relative to it, a
+cap at it changes nothing, and it is the limit in force when no ``power_cap`` is set). The measured A6000 trace ran at the card's default 300 W limit only, so it
 checks the uncapped regime (its peak tick reads 299 W); the two exponents are literature values,
 not fitted here.
 
@@ -86,19 +88,34 @@ class NPUPower:
     power_cap: float | None = None
     cap_power_exponent: float = 3.0
     cap_time_exponent: float = 1.0
+    # The board limit the profiles were measured under (None: none binding): its clock is the
+    # profiles' own, so a cap at it stretches nothing.
+    profiled_power_cap: float | None = None
+
+    @property
+    def cap(self) -> float | None:
+        """The limit in force: ``power_cap``, else the profiles' own (None: none)."""
+        return self.power_cap if self.power_cap is not None else self.profiled_power_cap
 
     @property
     def busy_power(self) -> float:
-        """W while computing: the active power, or the cap below it."""
-        return self.active_power if self.power_cap is None else min(self.active_power, self.power_cap)
+        """W while computing: the active power, or the limit below it."""
+        return self.active_power if self.cap is None else min(self.active_power, self.cap)
+
+    def clock(self, cap: float | None) -> float:
+        """``f / f0`` under ``cap`` (1 when it does not bind; the module docstring's DVFS law)."""
+        if cap is None or cap >= self.active_power:
+            return 1.0
+        return ((cap - self.idle_power) / (self.active_power - self.idle_power)) ** (1 / self.cap_power_exponent)
 
     @property
     def compute_stretch(self) -> float:
-        """How much longer the compute-bound operators take under the cap (1: uncapped)."""
-        if self.power_cap is None or self.power_cap >= self.active_power:
+        """How much longer the compute-bound operators take under the cap than in the profiles
+        (1: uncapped, or capped at the profiles' own limit)."""
+        if self.power_cap is None:
             return 1.0
-        f = ((self.power_cap - self.idle_power) / (self.active_power - self.idle_power)) ** (1 / self.cap_power_exponent)
-        return float(f ** -self.cap_time_exponent)
+        ratio = self.clock(self.profiled_power_cap) / self.clock(self.power_cap)  # > 1: slower than profiled
+        return float(ratio ** self.cap_time_exponent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +155,7 @@ def node_power(d: dict, where: str = "power", *, cap: float | None = None) -> No
     for hw, e in _keys(d.get("npu") if d.get("npu") is not None else {}, tuple(d.get("npu") or ()), f"{where}.npu").items():
         w = f"{where}.npu.{hw}"
         _keys(e, ("idle_power", "standby_power", "active_power", "standby_duration", "standby_duration_s",
-                  "power_cap", "cap_power_exponent", "cap_time_exponent"), w)
+                  "power_cap", "cap_power_exponent", "cap_time_exponent", "profiled_power_cap"), w)
         if "standby_duration" in e and "standby_duration_s" in e:
             raise JaxsimInputError(f"{w}.standby_duration_s", "given together with standby_duration (both seconds)",
                                    "keep one")
@@ -148,13 +165,16 @@ def node_power(d: dict, where: str = "power", *, cap: float | None = None) -> No
                      active_power=_num(e, "active_power", w), standby_duration=dur,
                      power_cap=_num(e, "power_cap", w) if e.get("power_cap") is not None else cap,
                      cap_power_exponent=_num(e, "cap_power_exponent", w, lo=0.5) if "cap_power_exponent" in e else 3.0,
-                     cap_time_exponent=_num(e, "cap_time_exponent", w, hi=1.0) if "cap_time_exponent" in e else 1.0)
+                     cap_time_exponent=_num(e, "cap_time_exponent", w, hi=1.0) if "cap_time_exponent" in e else 1.0,
+                     profiled_power_cap=_num(e, "profiled_power_cap", w) if e.get("profiled_power_cap") is not None
+                     else None)
         if not p.idle_power <= p.standby_power <= p.active_power:
             raise JaxsimInputError(w, f"needs idle_power <= standby_power <= active_power, got {p.idle_power}, "
                                    f"{p.standby_power}, {p.active_power}", "fix the three powers (W)")
-        if p.power_cap is not None and p.power_cap <= p.idle_power:
-            raise JaxsimInputError(f"{w}.power_cap", f"{p.power_cap} W is not above the idle power ({p.idle_power} W)",
-                                   "a cap must leave room for work")
+        for key in ("power_cap", "profiled_power_cap"):
+            if getattr(p, key) is not None and getattr(p, key) <= p.idle_power:
+                raise JaxsimInputError(f"{w}.{key}", f"{getattr(p, key)} W is not above the idle power "
+                                       f"({p.idle_power} W)", "a cap must leave room for work")
         npu[str(hw)] = p
     if not npu:
         raise JaxsimInputError(f"{where}.npu", "missing or empty", "give each accelerator's powers: npu.<hardware>")

@@ -212,3 +212,13 @@ def test_pim_memory_and_work_by_hand():
     # one decode's PIM work in 32 layers (32 x 4,264 ns) moving 32 x 20,480 B
     e = power._dynamic_j(p, block, 0, 0, 0, 0, 0, 32 * 20_480, 0, 32 * 4_264)
     assert e["pim"] == pytest.approx(3.18 * 32 * 4_264e-9) and e["memory"] == pytest.approx(6e-12 * 8 * 32 * 20_480)
+
+
+def test_power_cap_relative_to_the_profiles_own_limit():
+    # profiles measured under a 500 W limit with a 600 W demand: their clock is f(500) already
+    p = dataclasses.replace(_inst().npu, profiled_power_cap=500)
+    assert p.busy_power == 500 and p.compute_stretch == 1.0  # the limit in force, no stretch
+    f = lambda cap: ((cap - 35) / 565) ** (1 / 3)  # noqa: E731
+    assert dataclasses.replace(p, power_cap=500).compute_stretch == pytest.approx(1.0)
+    assert dataclasses.replace(p, power_cap=400).compute_stretch == pytest.approx(f(500) / f(400))
+    assert dataclasses.replace(p, power_cap=650).compute_stretch == pytest.approx(f(500))  # lifted: faster
