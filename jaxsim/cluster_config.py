@@ -452,7 +452,9 @@ def power_from_cluster_json(path, d: dict | None = None, default: "power_lib.Nod
              for n, node in enumerate(d.get("nodes") or []) if node.get("power") is not None}
     if not nodes and default is None:
         return None
-    mem = {n: float((node.get("cpu_mem") or {}).get("mem_size", 0)) for n, node in enumerate(d.get("nodes") or [])}
+    # a node without cpu_mem.mem_size takes the default (power.cpu_mem_size)
+    mem = {n: float(node["cpu_mem"]["mem_size"]) for n, node in enumerate(d.get("nodes") or [])
+           if isinstance(node.get("cpu_mem"), dict) and "mem_size" in node["cpu_mem"]}
     return power_lib.PowerConfig(nodes=nodes, default=default, cpu_mem_gb=mem)
 
 

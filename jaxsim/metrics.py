@@ -274,21 +274,25 @@ def summarize(result: SimResult, table: dict | None = None) -> dict:
 def energy_summary(result: SimResult, table: dict, t0_ns: int, t_end_ns: int) -> dict:
     """The run's energy over ``[t0_ns, t_end_ns]`` (the makespan: first arrival to last
     completion): joules by component (:data:`jaxsim.power.COMPONENTS`) and in total, average and
-    peak power (the peak over the run's 1-s ticks), joules per output token and per finished
-    request, output tokens per joule, each node's joules, and the nodes without a power block
-    (``unmodelled_nodes``: excluded from every figure); per request, the mean of each request's
+    peak power (the peak over the run's 1-s ticks, the last one cut at the last completion),
+    joules per output token and per finished request, output tokens per joule, each node's
+    joules, and the nodes without a power block (``unmodelled_nodes``: left out of the joules and
+    watts, which are then the modelled nodes'; the per-token and per-request ratios are NaN, their
+    tokens being the whole cluster's); per request, the mean of each request's
     share of the dynamic NPU energy (``request_npu_energy_j_mean``; ``npu_energy_j`` in the
     per-request table)."""
     e = power.energy(result.power, t0_ns, t_end_ns)
     tokens = int(table["output"].sum())
     nbins = max(int(-(-(t_end_ns - t0_ns) // NS_PER_S)), 1)
-    peak = power.power_series(result, 1.0, t0_ns, nbins).get("power_w")
+    peak = power.power_series(result, 1.0, t0_ns, nbins, t_end_ns).get("power_w")
     total = e["total_j"]
+    # with an unmodelled node the tokens cannot be set against the joules: those ratios are NaN
+    per = math.nan if e["unmodelled_nodes"] else total
     return dict(joules={c: e["joules"][c] for c in power.COMPONENTS}, total_j=total, average_w=e["average_w"],
                 peak_w=float(np.max(peak)) if peak is not None else math.nan,
-                j_per_output_token=total / tokens if tokens else math.nan,
-                j_per_request=total / len(table["output"]) if len(table["output"]) else math.nan,
-                output_tokens_per_j=tokens / total if total > 0 else math.nan,
+                j_per_output_token=per / tokens if tokens else math.nan,
+                j_per_request=per / len(table["output"]) if len(table["output"]) else math.nan,
+                output_tokens_per_j=tokens / per if per > 0 else math.nan,
                 request_npu_energy_j_mean=float(np.mean(table["npu_energy_j"])) if "npu_energy_j" in table else None,
                 nodes=[{"node": d["node"], "modelled": d["modelled"], "total_j": sum(d["joules"].values()),
                         "joules": d["joules"], **({"unmodelled_components": d["unmodelled"]} if d["modelled"] else {})}
@@ -460,7 +464,9 @@ def time_series(result: SimResult, interval_s: float = 1.0, *, instance: int | N
         out["kv_cache_cached_pct"] = pct(used + gauge(per_row(cached), np.float64))
     out.update(_memory_columns(result, rows, single, instance, gauge, per_row, nbins))
     if getattr(result, "power", None) and instance is None:
-        out.update(power.power_series(result, interval_s, t0, nbins))
+        # the run's window: to the last completion (the summary's energy), or to until_ns
+        last = max(int(end.max()), int(_i64(result.finish_ns).max()))
+        out.update(power.power_series(result, interval_s, t0, nbins, last if until_ns is None else until_ns))
     return out
 
 

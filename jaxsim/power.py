@@ -5,7 +5,7 @@ A node's power (REFERENCE.md §1.13, with jaxsim's corrections of §1.16) is the
 * **base**: ``base_node_power`` (fans, board, PSU losses), always on;
 * **NPU**, per accelerator of the node's instances: ``idle_power`` always; ``active_power``
   while it computes (its share of an iteration's NPU time: every TP rank for the whole iteration,
-  each pipeline stage for its own time, DP padding included); ``standby_power`` while it is in
+  each pipeline stage for its own time, DP padding included; not its waits for PIM results); ``standby_power`` while it is in
   service but not computing (host time, a KV recall, another stage's turn) and for up to
   ``standby_duration`` seconds after its last work, then idle again (the measured A6000 holds
   ~90 W for ~17 s after each burst, then drops to ~33 W);
@@ -15,7 +15,9 @@ A node's power (REFERENCE.md §1.13, with jaxsim's corrections of §1.16) is the
 * **memory** (host DRAM): ``idle_power`` per DIMM (``cpu_mem.mem_size / dimm_size`` of them) and
   ``energy_per_bit`` (pJ) for every byte moved off the GPUs: weights read from host or CXL memory
   each iteration, KV recalled from and written through to the KV tier below, PIM I/O;
-* **PIM** (with ``cpu_mem.pim_config``): the INI's ``peak - idle`` power during PIM attention;
+* **PIM** (with ``cpu_mem.pim_config``): the INI's ``peak - idle`` power while PIM attention
+  runs (the reference's charge per PIM operation: the PIM's busy time, not per channel), and its
+  channels as the node's DIMMs at the INI's idle power;
 * **link**: ``idle_power`` per link, and ``energy_per_bit`` (pJ) for the bytes the collectives and
   KV hand-offs move (TP AllReduce rings ``2(N-1) S`` bytes over all ranks, MoE dispatch and
   combine, the pipeline's hidden states ``(pp-1) T H fp``, the P/D KV sent);
@@ -23,7 +25,9 @@ A node's power (REFERENCE.md §1.13, with jaxsim's corrections of §1.16) is the
 
 Every node may have its own block (a cluster JSON node's ``power``; the Hydra ``power`` group gives
 every node one); a node with none is *unmodelled*: it is named in the outputs and its watts are
-missing (NaN), never zero. A component left out of a block is unmodelled the same way.
+missing (NaN), never zero. A component left out of a block (``cpu``, ``dram``, ``link``, ``nic``,
+``storage``) is charged nothing and listed as unmodelled (``NodePower.unmodelled``); with PIM the
+memory's idle power comes from the INI even without ``dram``.
 
 **Power cap** (``npu.<hw>.power_cap``, W): below the accelerator's ``active_power`` the clock
 drops until the dynamic power fits, ``f / f0 = ((cap - idle) / (active - idle)) ** (1 /
@@ -91,6 +95,21 @@ class NPUPower:
     # The board limit the profiles were measured under (None: none binding): its clock is the
     # profiles' own, so a cap at it stretches nothing.
     profiled_power_cap: float | None = None
+    where: str = dataclasses.field(default="power.npu", compare=False)  # for messages
+
+    def __post_init__(self):
+        """The checks of every way one is made (a block, a sweep knob's ``dataclasses.replace``)."""
+        w = self.where
+        for key in ("idle_power", "standby_power", "active_power", "standby_duration"):
+            _num({key: getattr(self, key)}, key, w)
+        if not self.idle_power <= self.standby_power <= self.active_power:
+            raise JaxsimInputError(w, f"needs idle_power <= standby_power <= active_power, got {self.idle_power}, "
+                                   f"{self.standby_power}, {self.active_power}", "fix the three powers (W)")
+        for key in ("power_cap", "profiled_power_cap"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > self.idle_power):
+                raise JaxsimInputError(f"{w}.{key}", f"{v} W is not above the idle power ({self.idle_power} W)",
+                                       "a cap must leave room for work")
 
     @property
     def cap(self) -> float | None:
@@ -101,6 +120,11 @@ class NPUPower:
     def busy_power(self) -> float:
         """W while computing: the active power, or the limit below it."""
         return self.active_power if self.cap is None else min(self.active_power, self.cap)
+
+    @property
+    def standby_draw(self) -> float:
+        """W at standby: the standby power, or the limit below it."""
+        return self.standby_power if self.cap is None else min(self.standby_power, self.cap)
 
     def clock(self, cap: float | None) -> float:
         """``f / f0`` under ``cap`` (1 when it does not bind; the module docstring's DVFS law)."""
@@ -167,14 +191,7 @@ def node_power(d: dict, where: str = "power", *, cap: float | None = None) -> No
                      cap_power_exponent=_num(e, "cap_power_exponent", w, lo=0.5) if "cap_power_exponent" in e else 3.0,
                      cap_time_exponent=_num(e, "cap_time_exponent", w, hi=1.0) if "cap_time_exponent" in e else 1.0,
                      profiled_power_cap=_num(e, "profiled_power_cap", w) if e.get("profiled_power_cap") is not None
-                     else None)
-        if not p.idle_power <= p.standby_power <= p.active_power:
-            raise JaxsimInputError(w, f"needs idle_power <= standby_power <= active_power, got {p.idle_power}, "
-                                   f"{p.standby_power}, {p.active_power}", "fix the three powers (W)")
-        for key in ("power_cap", "profiled_power_cap"):
-            if getattr(p, key) is not None and getattr(p, key) <= p.idle_power:
-                raise JaxsimInputError(f"{w}.{key}", f"{getattr(p, key)} W is not above the idle power "
-                                       f"({p.idle_power} W)", "a cap must leave room for work")
+                     else None, where=w)
         npu[str(hw)] = p
     if not npu:
         raise JaxsimInputError(f"{where}.npu", "missing or empty", "give each accelerator's powers: npu.<hardware>")
@@ -189,10 +206,16 @@ def node_power(d: dict, where: str = "power", *, cap: float | None = None) -> No
     return NodePower(
         base_node_power=_num(d, "base_node_power", where), npu=npu,
         cpu=part("cpu", ("idle_power", "active_power", "util", "busy_util"), his={"util": 1.0, "busy_util": 1.0}),
-        dram=part("dram", ("dimm_size", "idle_power", "energy_per_bit")),
+        dram=_dram(part("dram", ("dimm_size", "idle_power", "energy_per_bit")), f"{where}.dram"),
         link=part("link", ("num_links", "idle_power", "energy_per_bit"), ints=("num_links",)),
         nic=part("nic", ("num_nics", "idle_power"), ints=("num_nics",)),
         storage=part("storage", ("num_devices", "idle_power"), ints=("num_devices",)), where=where)
+
+
+def _dram(d: dict | None, where: str) -> dict | None:
+    if d is not None and d["dimm_size"] <= 0:
+        raise JaxsimInputError(f"{where}.dimm_size", f"must be > 0 GB, got {d['dimm_size']}", "give one DIMM's GB")
+    return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +260,15 @@ class PowerConfig:
     cpu_mem_gb: dict = dataclasses.field(default_factory=dict)
     default_cpu_mem_gb: float = 0.0  # host memory of a node missing from cpu_mem_gb
 
+    def __post_init__(self):
+        for n, b in self.nodes.items():
+            if isinstance(n, bool) or not isinstance(n, int) or not (b is None or isinstance(b, NodePower)):
+                raise JaxsimInputError(f"PowerConfig.nodes[{n!r}]", "must map a node index (int) to a NodePower",
+                                       "parse blocks with jaxsim.power.node_power")
+        if self.default is not None and not isinstance(self.default, NodePower):
+            raise JaxsimInputError("PowerConfig.default", f"must be a NodePower, got {type(self.default).__name__}",
+                                   "parse it with jaxsim.power.node_power")
+
     def block(self, node: int) -> "NodePower | None":
         return self.nodes.get(node, self.default)
 
@@ -259,6 +291,9 @@ def attach(plans: list, cfg: "PowerConfig | None", hardware: list, where: list) 
     hardware name; ``where``: how to name each instance in an error."""
     if cfg is None:
         return plans
+    if not isinstance(cfg, PowerConfig):
+        raise JaxsimInputError("power", f"must be a jaxsim.power.PowerConfig, got {type(cfg).__name__}",
+                               "build one: PowerConfig(default=node_power({...}), default_cpu_mem_gb=...)")
     out = []
     for pl, hw, w in zip(plans, hardware, where):
         block = cfg.block(pl.node)
@@ -344,7 +379,7 @@ def _dynamic_j(p: InstancePower, block: NodePower, busy_ns, service_ns, standby_
     busy_rank_s = np.asarray(busy_ns, np.float64) * p.tp * NS
     idle_in_service_s = np.asarray(service_ns, np.float64) * p.npus * NS - busy_rank_s
     e = {c: 0.0 for c in COMPONENTS}
-    e["npu"] = ((npu.busy_power - npu.idle_power) * busy_rank_s + (npu.standby_power - npu.idle_power)
+    e["npu"] = ((npu.busy_power - npu.idle_power) * busy_rank_s + (npu.standby_draw - npu.idle_power)
                 * (idle_in_service_s + np.asarray(standby_ns, np.float64) * p.npus * NS))
     if block.cpu:
         c = block.cpu
@@ -385,6 +420,8 @@ def energy(info: dict, t0_ns: int, t_end_ns: int) -> dict:
     ``{"nodes": [{node, modelled, unmodelled, joules: {component: J}, ...}], "joules": {component: J},
     "total_j", "average_w", ...}``; an unmodelled node's joules are NaN and it is excluded from the
     totals, which say so (``unmodelled_nodes``)."""
+    if t_end_ns < t0_ns:
+        raise ValueError(f"energy: the window ends ({t_end_ns} ns) before it starts ({t0_ns} ns)")
     insts, blocks, act = info["instances"], info["nodes"], info["activity"]
     per_node = []
     for n in sorted(blocks):
@@ -420,17 +457,19 @@ def _tail_ns(p: InstancePower, last_end, t_end_ns: int):
     return int(min(max(t_end_ns - last_end, 0), round(p.npu.standby_duration * 1e9)))
 
 
-def _spread(start, end, joules, t0: int, interval_ns: int, nbins: int) -> np.ndarray:
+def _spread(start, end, joules, t0: int, interval_ns: int, nbins: int, t1: int | None = None) -> np.ndarray:
     """Energy ``joules`` of intervals ``[start, end)`` (ns) spread evenly over them into bins of
-    ``interval_ns`` from ``t0``; an empty interval falls in the bin of its start. Before ``t0`` and
-    beyond the last bin nothing is counted."""
+    ``interval_ns`` from ``t0``; an empty interval falls in the bin of its start. Only what lies
+    in ``[t0, t1)`` is counted (``t1``: the end of the last bin by default)."""
+    t1 = t0 + nbins * interval_ns if t1 is None else min(t1, t0 + nbins * interval_ns)
     start, end = np.asarray(start, np.int64), np.asarray(end, np.int64)
     joules = np.broadcast_to(np.asarray(joules, np.float64), start.shape)
-    # before t0 nothing is counted: an interval straddling it keeps the part after it
-    cut = np.maximum(start, t0)
+    # an interval straddling t0 or t1 keeps its part inside
+    lo, hi = np.clip(start, t0, t1), np.clip(end, t0, t1)
     dur = end - start
-    joules = joules * np.where(dur > 0, np.maximum(end - cut, 0) / np.maximum(dur, 1), (start >= t0).astype(float))
-    start, end = cut, np.maximum(end, cut)
+    inside = (start >= t0) & (start < t1)
+    joules = joules * np.where(dur > 0, np.maximum(hi - lo, 0) / np.maximum(dur, 1), inside.astype(float))
+    start, end = lo, np.maximum(hi, lo)
     out = np.zeros(nbins, np.float64)
     b0 = (start - t0) // interval_ns
     b1 = (np.maximum(end, start + 1) - 1 - t0) // interval_ns
@@ -450,12 +489,17 @@ def _spread(start, end, joules, t0: int, interval_ns: int, nbins: int) -> np.nda
     return out
 
 
-def power_series(result, interval_s: float, origin_ns: int, nbins: int) -> dict:
+def power_series(result, interval_s: float, origin_ns: int, nbins: int, end_ns: int | None = None) -> dict:
     """Watts per interval ``[origin + (k-1) dt, origin + k dt)`` for k = 1..nbins, from the
     iteration rows: ``power_w`` (the modelled nodes), ``<component>_power_w``, and per node
     ``node<n>_power_w`` / ``node<n>_<component>_power_w`` when the cluster has several nodes (NaN
     for an unmodelled node). Each iteration's energy is spread evenly over its interval; standby
-    after each stretch of work lasts its duration or until the next work."""
+    after each stretch of work lasts its duration or until the next work. ``end_ns``: the run's
+    window ends there (e.g. its last completion, as :func:`energy`'s): a bin that it cuts is the
+    mean power over its part inside, a bin past it 0; the bins' watts x their covered seconds then
+    sum to :func:`energy` over ``[origin_ns, end_ns]``."""
+    if not (interval_s > 0 and math.isfinite(interval_s)):
+        raise ValueError(f"power_series: interval_s must be a positive number of seconds, got {interval_s!r}")
     info = result.power
     dt_ns = int(round(interval_s * 1e9))
     n_rows = np.asarray(result.iter_end_ns).shape[0]
@@ -464,7 +508,14 @@ def power_series(result, interval_s: float, origin_ns: int, nbins: int) -> dict:
     busy, tokens = np.asarray(result.iter_busy_ns, np.int64), np.asarray(result.iter_num_tokens, np.int64)
     pim = np.asarray(result.iter_pim_ns, np.int64)
     row_dram = info["row_dram_bytes"]  # [rows]
-    horizon = origin_ns + nbins * dt_ns
+    horizon = origin_ns + nbins * dt_ns if end_ns is None else min(int(end_ns), origin_ns + nbins * dt_ns)
+    # the seconds of each bin inside the window
+    covered = np.clip(horizon - (origin_ns + np.arange(nbins) * dt_ns), 0, dt_ns) / 1e9
+    span = np.where(covered > 0, covered, 1.0)  # joules -> mean watts over the covered part
+
+    def spread(s, e, j):
+        return _spread(s, e, j, origin_ns, dt_ns, nbins, horizon) / span
+
     out: dict = {}
     totals = {c: np.zeros(nbins) for c in COMPONENTS}
     modelled_any = False
@@ -475,7 +526,7 @@ def power_series(result, interval_s: float, origin_ns: int, nbins: int) -> dict:
             modelled_any = True
             mine = [i for i, p in enumerate(info["instances"]) if p.node == n]
             const = _node_constant_w(block, [info["instances"][i] for i in mine], info["cpu_mem_gb"].get(n, 0.0))
-            cols = {c: np.full(nbins, const[c]) for c in COMPONENTS}
+            cols = {c: np.where(covered > 0, const[c], 0.0) for c in COMPONENTS}
             for i in mine:
                 p = info["instances"][i]
                 r = np.nonzero(inst_of == i)[0]
@@ -491,20 +542,17 @@ def power_series(result, interval_s: float, origin_ns: int, nbins: int) -> dict:
                 dur = int(round(p.npu.standby_duration * 1e9))
                 gap_end = np.minimum(np.maximum(nxt, reach), reach + dur)
                 gap = nxt > reach
-                sb_w = (p.npu.standby_power - p.npu.idle_power) * p.npus
+                sb_w = (p.npu.standby_draw - p.npu.idle_power) * p.npus
                 for c in COMPONENTS:
                     if np.ndim(d[c]):
-                        cols[c] += _spread(s, e, d[c], origin_ns, dt_ns, nbins) / interval_s
-                cols["npu"] += _spread(reach[gap], gap_end[gap], sb_w * (gap_end[gap] - reach[gap]) * NS, origin_ns,
-                                       dt_ns, nbins) / interval_s
+                        cols[c] += spread(s, e, d[c])
+                cols["npu"] += spread(reach[gap], gap_end[gap], sb_w * (gap_end[gap] - reach[gap]) * NS)
             for at, nbytes in info["link_events"].get(n, ()):  # P/D KV sent by the node's instances
                 if block.link:
-                    cols["link"] += _spread(at, at, block.link["energy_per_bit"] * 8 * PJ * nbytes, origin_ns,
-                                            dt_ns, nbins) / interval_s
+                    cols["link"] += spread(at, at, block.link["energy_per_bit"] * 8 * PJ * nbytes)
             for at, nbytes in info["write_events"].get(n, ()):  # KV written through to the tier below
                 if block.dram:
-                    cols["memory"] += _spread(at, at, block.dram["energy_per_bit"] * 8 * PJ * nbytes, origin_ns,
-                                              dt_ns, nbins) / interval_s
+                    cols["memory"] += spread(at, at, block.dram["energy_per_bit"] * 8 * PJ * nbytes)
             for c in COMPONENTS:
                 totals[c] += cols[c]
         if len(info["nodes"]) > 1:

@@ -399,7 +399,7 @@ def _point_power(base: SweepBase, point: dict) -> "power_lib.PowerConfig | None"
 def _energy_columns(plans: list, cfg: "power_lib.PowerConfig", one: dict, workload: Workload) -> dict:
     """A point's energy over its makespan (first arrival to last completion; jaxsim.power.energy):
     ``energy_j``, ``avg_power_w``, ``j_per_output_token``, ``output_tokens_per_j``,
-    ``npu_energy_j`` (NaN with an unmodelled node: its watts are unknown)."""
+    ``npu_energy_j`` (the modelled nodes'; with an unmodelled node the per-token ratios are NaN)."""
     n = len(plans)  # the design's own instances (a padded design's copies ran nothing)
     info = power_lib.host_info(plans, cfg)
     mem = simulator.memory_layout(plans, np.asarray([0] * n))
@@ -417,13 +417,11 @@ def _energy_columns(plans: list, cfg: "power_lib.PowerConfig", one: dict, worklo
     if not done.any():
         return {}
     e = power_lib.energy(info, int(np.asarray(workload.arrival_ns).min()), int(finish[done].max()))
-    if e["unmodelled_nodes"]:
-        return {k: math.nan for k in ("energy_j", "avg_power_w", "npu_energy_j", "j_per_output_token",
-                                      "output_tokens_per_j")}
     tokens = int(workload.output_toks[done].sum())
+    per = math.nan if e["unmodelled_nodes"] else e["total_j"]  # the modelled nodes' joules, all nodes' tokens
     return {"energy_j": e["total_j"], "avg_power_w": e["average_w"], "npu_energy_j": e["joules"]["npu"],
-            "j_per_output_token": e["total_j"] / tokens if tokens else math.nan,
-            "output_tokens_per_j": tokens / e["total_j"] if e["total_j"] > 0 else math.nan}
+            "j_per_output_token": per / tokens if tokens else math.nan,
+            "output_tokens_per_j": tokens / per if per > 0 else math.nan}
 
 
 def _arrival_span(workload: Workload) -> int:

@@ -58,7 +58,7 @@ def test_cluster_json_power_blocks_per_node(tmp_path):
          "power": BLOCK}, {"num_instances": 0, "instances": []}]}
     cfg = power_from_cluster_json(tmp_path / "c.json", d)
     assert cfg.block(0) == dataclasses.replace(power.node_power(BLOCK), where=f"{tmp_path / 'c.json'}: nodes[0].power")
-    assert cfg.block(1) is None and cfg.cpu_mem_gb == {0: 256.0, 1: 0.0}  # node 1: unmodelled
+    assert cfg.block(1) is None and cfg.cpu_mem_gb == {0: 256.0}  # node 1: unmodelled, no memory given
     d["nodes"][0]["power"] = {**BLOCK, "gpu": {}}
     with pytest.raises(JaxsimInputError, match=r"nodes\[0\]\.power\.gpu.*unknown field"):
         power_from_cluster_json(tmp_path / "c.json", d)
@@ -96,6 +96,19 @@ def test_tp2_iteration_links_and_ranks_by_hand():
     assert e["link"] == pytest.approx(4.0e-12 * 8 * 64 * per_token)
 
 
+def test_sweep_knobs_are_checked_like_a_block():
+    # the sweep's power knobs replace NPU fields (PowerConfig.with_npu): the block's checks rerun
+    cfg = _config()
+    with pytest.raises(JaxsimInputError, match=r"idle_power <= standby_power <= active_power"):
+        cfg.with_npu(idle_power=400.0)
+    with pytest.raises(JaxsimInputError, match=r"power_cap.*not above the idle power"):
+        cfg.with_npu(power_cap=20.0)
+    with pytest.raises(JaxsimInputError, match=r"PowerConfig.nodes\['0'\].*node index"):
+        power.PowerConfig(nodes={"0": cfg.default})
+    with pytest.raises(JaxsimInputError, match=r"^power: must be a jaxsim.power.PowerConfig"):
+        power.attach([None], {"npu": {}}, ["RTXPRO6000"], ["hardware"])
+
+
 def test_power_cap_frequency_model():
     p = _inst()
     assert p.npu.compute_stretch == 1.0 and p.npu.busy_power == 600
@@ -103,6 +116,7 @@ def test_power_cap_frequency_model():
     f = ((400 - 35) / (600 - 35)) ** (1 / 3)  # dynamic power ~ f^3
     assert capped.compute_stretch == pytest.approx(1 / f) and capped.busy_power == 400
     assert dataclasses.replace(p.npu, power_cap=700).compute_stretch == 1.0  # above the demand: no effect
+    assert capped.standby_draw == 300 and dataclasses.replace(p.npu, power_cap=100).standby_draw == 100
 
 
 def test_spread_conserves_energy_across_tick_boundaries():
@@ -155,9 +169,12 @@ def test_energy_totals_ticks_and_requests_agree(run):
     standby_s = np.minimum(gaps, 2e9).sum() / 1e9
     assert e["joules"]["npu"] == pytest.approx(35 * t_end / 1e9 + 565 * busy_s + 265 * (service_s - busy_s + standby_s))
     assert e["joules"]["base"] == pytest.approx(60 * t_end / 1e9)
-    # the 1-s ticks hold the same joules (the run ends inside its last tick: compare up to t_end)
-    ts = power.power_series(r, 1e-3, 0, int(math.ceil(t_end / 1e6)))
-    assert ts["npu_power_w"].sum() * 1e-3 == pytest.approx(e["joules"]["npu"], rel=2e-3)
+    # the 1-s ticks hold the same joules: the last tick is cut at the last completion (its watts the
+    # mean over its part inside), so watts x covered seconds sum to the energy of every component
+    ts = metrics.time_series(r, 1.0)
+    covered = np.minimum(1.0, t_end / 1e9 - np.arange(len(ts["t"])))
+    for c in power.COMPONENTS:
+        assert (ts[f"{c}_power_w"] * covered).sum() == pytest.approx(e["joules"][c], rel=1e-9, abs=1e-9), c
     # each request's share of the dynamic NPU energy, by its tokens in each iteration: they sum to it
     assert table["npu_energy_j"].sum() == pytest.approx(565 * busy_s)
     first_iter = 565 * r.iter_busy_ns[0] / 1e9  # request 0 alone in its only iteration
@@ -165,6 +182,7 @@ def test_energy_totals_ticks_and_requests_agree(run):
     s = metrics.summarize(r, table)["energy"]
     assert s["total_j"] == pytest.approx(e["total_j"]) and s["j_per_output_token"] == pytest.approx(e["total_j"] / 4)
     assert s["unmodelled_nodes"] == [] and s["peak_w"] >= s["average_w"]
+    assert s["peak_w"] == pytest.approx(ts["power_w"].max())
 
 
 # (sweep rows: tests/test_sweep.py prices every point's energy like its single run, power knobs included)
@@ -198,6 +216,9 @@ def test_a_node_without_a_block_is_unmodelled_not_zero(run):
     e = power.energy(info, 0, int(run.finish_ns.max()))
     assert e["unmodelled_nodes"] == [0] and all(math.isnan(v) for v in e["nodes"][0]["joules"].values())
     assert math.isnan(e["total_j"]) and e["nodes"][0]["modelled"] is False  # totals cover modelled nodes only
+    s = metrics.energy_summary(dataclasses.replace(run, power=info), metrics.request_table(run), 0,
+                               int(run.finish_ns.max()))
+    assert math.isnan(s["j_per_output_token"]) and s["unmodelled_nodes"] == [0]  # no tokens without joules
     assert "power_w" not in power.power_series(dataclasses.replace(run, power=info), 1.0, 0, 3)
 
 

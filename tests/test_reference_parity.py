@@ -28,7 +28,7 @@ import reference_parity as rp  # scripts/reference_parity.py (tests/conftest.py 
 from jaxsim import latency, metrics, pim, simulator
 from jaxsim.errors import JaxsimInputError
 from jaxsim.latency import profile as latency_profile
-from jaxsim.latency.base import BatchSlots
+from jaxsim.latency.base import BatchShape, BatchSlots
 from jaxsim.spec import KVTierConfig
 
 EXAMPLES = {ex.name: ex for ex in rp.EXAMPLES}
@@ -293,6 +293,19 @@ def test_pim_work_for_the_power_model():
     assert [int(x) for x in work(plan_tables("pim"), two)] == [32 * p22, 2 * 32 * 20_480]
     assert [int(x) for x in work(plan_tables("pim_sub_batch"), two)] == [32 * (4_264 + p22), 2 * 32 * 20_480]
     assert [int(x) for x in work(plan_tables("single"), two)] == [0, 0]
+
+
+def test_npu_time_leaves_out_the_wait_for_pim():
+    """The NPU's own work of an iteration (``npu_time``, the power meter's busy time): a decode-only
+    batch waits for its PIM attention in each of 32 layers (reference mode: PIM after the NPU's
+    attention, here none), so its NPU time is the iteration's less 32 x the PIM layer time; without
+    PIM it is the iteration time itself."""
+    shape = BatchShape(*(jnp.asarray(x, jnp.int32) for x in (1, 1, 0, 0, 1, 10, 10, 10)), slots=pim_slots((1, 10, 10)))
+    npu = jax.jit(lambda t, s: t.npu_time(s))
+    tb = plan_tables("pim")
+    assert int(npu(tb, shape)) == pim_ns(tb, (1, 1, 0, 0, 1, 10, 10, 10), (1, 10, 10)) - 32 * 4_264
+    single = plan_tables("single")
+    assert int(npu(single, shape)) == int(ITER(single, 1, 1, 0, 0, 1, 10, 10, 10)[0])
 
 
 def test_pim_host_ops_known_difference():

@@ -232,8 +232,12 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
         start = start | runs
     padded = shape.padded(pad)
     dt, extrap = per_instance(lambda model, shape: model.iteration_time(shape))(prm.latency, padded)
-    # its PIM channel time and I/O bytes (zeros, compiled away, without PIM; the power meter's)
+    # its PIM channel time and I/O bytes (zeros, compiled away, without PIM; the power meter's), and
+    # the NPU's own work: with PIM the NPU waits for PIM results part of the iteration
     pim, pim_io = per_instance(lambda model, shape: model.pim_work(shape))(prm.latency, padded)
+    npu = dt
+    if prm.latency.needs_slots:
+        npu = per_instance(lambda model, shape: model.npu_time(shape))(prm.latency, padded)
     recall, tier_state = kv_tier.recall(tier_state, prm.sched.tier_pool, inst.recall_chunks,
                                         kv_tier.chunk_bytes(prm.kv_token_bytes, block_size), now, start)
     gpu = dt.astype(I64) + recall  # the recall comes before layer 0
@@ -253,7 +257,7 @@ def _start_batches_one_stage(inst, prm: EngineParams, wl, now, active, *, block_
                    i.batch_pim, i.batch_pim_io, i.counters.extrapolated),
         inst, (inst.busy | start, pick(now, inst.batch_start), pick(end, inst.batch_end),
                pick(padded.tokens, inst.batch_tokens), pick(padded.seqs, inst.batch_seqs),
-               pick(dt.astype(I64), inst.batch_busy), pick(pim, inst.batch_pim), pick(pim_io, inst.batch_pim_io),
+               pick(npu.astype(I64), inst.batch_busy), pick(pim, inst.batch_pim), pick(pim_io, inst.batch_pim_io),
                extrapolated)), tier_state, dev_free
 
 

@@ -109,8 +109,9 @@ class InstanceState(eqx.Module):
     batch_tokens: Int[Array, ""]
     batch_seqs: Int[Array, ""]
     # What the batch in flight keeps its accelerators busy for (the power meter, engine/power.py):
-    # the latency model's time, ns (under pp > 1 summed over the stages; a recall or a wait for
-    # weights is not NPU work), and the time of its attention on PIM channels (0 without PIM).
+    # the latency model's time, ns (under pp > 1 summed over the stages; a recall, a wait for
+    # weights or for PIM results is not NPU work: AbstractLatencyModel.npu_time), and the time of
+    # its attention on PIM channels (0 without PIM).
     batch_busy: Int[Array, ""]
     batch_pim: Int[Array, ""]
     batch_pim_io: Int[Array, ""]  # bytes its PIM operations move (q, k, v in, outputs out; 0 without PIM)

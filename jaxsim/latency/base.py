@@ -94,6 +94,12 @@ class AbstractLatencyModel(eqx.Module):
         """The model reads ``BatchShape.slots`` (static: decides what compiles). Default False."""
         return False
 
+    def npu_time(self, shape: BatchShape) -> "Int[Array, '']":
+        """The iteration's own NPU work, int64 ns: :meth:`iteration_time` less the time the NPU
+        waits for work elsewhere (PIM attention results). The engine asks for it only when
+        :attr:`needs_slots` (a model that offloads work); otherwise the iteration time is the NPU's."""
+        return self.iteration_time(shape)[0]
+
     def pim_work(self, shape: BatchShape) -> "tuple[Int[Array, ''], Int[Array, '']]":
         """``(pim_ns, pim_io_bytes)`` of one iteration (int64): the time its attention keeps PIM
         channels busy (every layer's PIM work, both sub-batches), and the bytes its PIM operations

@@ -204,6 +204,11 @@ class LatencyTables(AbstractLatencyModel):
     def pim_work(self, shape: BatchShape):
         return pim_work(self, shape.slots)
 
+    def npu_time(self, shape: BatchShape):
+        if not self.pim:
+            return self.iteration_time(shape)[0]
+        return _iteration(self, *shape.args(), parts=False, slots=shape.slots, npu_only=True)[0]
+
 
 def _scaled(t, scale):
     """``floor(t * scale)`` for int64 ns (exact when scale == 1)."""
@@ -334,17 +339,19 @@ class _Parts(NamedTuple):
     extrapolated: jax.Array  # int32 [4]
 
 
-def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, parts: bool, slots=None):
+def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, parts: bool, slots=None,
+               npu_only: bool = False):
     """:func:`iteration_time`; with ``parts``, also ``(stage-0 part, last-stage part)``: the host
     op in + the prologue layers, and the head layers + the host op out. ``slots``: the batch's
-    requests (``BatchShape.slots``), read when the tables compile PIM (``tb.pim``)."""
+    requests (``BatchShape.slots``), read when the tables compile PIM (``tb.pim``). ``npu_only``:
+    the NPU's own work, its waits for PIM results left out (the PIM work taken as 0 ns)."""
     T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max = (
         jnp.asarray(x).astype(_I) for x in (T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max))
     pim_t = None
     if tb.pim:  # decode attention on PIM channels: the NPU's attention lookup keeps the prefills (§1.11)
         if slots is None:
             raise ValueError("tables with PIM attention need the batch's requests (BatchShape.slots)")
-        pim_t = _pim_layer(tb, slots.tokens == 1, slots)
+        pim_t = _pim_layer(tb, slots.tokens == 1, slots) * (0 if npu_only else 1)
         nd, kvd_sum, kvd_min, kvd_max = (jnp.where(tb.pim_on, 0, x) for x in (nd, kvd_sum, kvd_min, kvd_max))
     c = _components(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max)
     L = tb.num_layers
@@ -354,7 +361,7 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
     total = c.t_in + c.t_out + c.t_lin + L * tb.att_per_block * t_att + tb.moe_blocks * c.t_moe_block + tb.ar_count * c.ar
     extrapolated = c.extrapolated
     if tb.interleave:
-        both, inter, ext = _interleaved(tb, slots, c)
+        both, inter, ext = _interleaved(tb, slots, c, npu_only)
         total = jnp.where(both, inter, total)
         extrapolated = jnp.where(both, ext, extrapolated)
     if tb.offload:
@@ -373,7 +380,7 @@ def _pim_layer(tb: LatencyTables, decode, slots):
     return jnp.where(tb.pim_on, t, 0)
 
 
-def _interleaved(tb: LatencyTables, slots, whole: _Parts):
+def _interleaved(tb: LatencyTables, slots, whole: _Parts, npu_only: bool = False):
     """Sub-batch interleaving (REFERENCE.md §1.12): ``(applies, time, extrapolated)``. It applies
     when the configuration asks for it and both halves hold a request (else the normal schedule).
     Each half is looked up on its own (its decodes on PIM, the NPU attention its prefills'); the
@@ -390,7 +397,7 @@ def _interleaved(tb: LatencyTables, slots, whole: _Parts):
     pc, kp = total(prefill), jnp.sum(jnp.where(sides & prefill, slots.computed, 0), axis=1)
     z = jnp.zeros(2, _I)
     c = jax.vmap(lambda *a: _components(tb, *a))(T, S, pc, kp, z, z, z, z)
-    pim = jax.vmap(lambda d: _pim_layer(tb, d, slots))(sides & (n == 1))
+    pim = jax.vmap(lambda d: _pim_layer(tb, d, slots))(sides & (n == 1)) * (0 if npu_only else 1)
     L = tb.num_layers
     block = (c.t_lin - c.c_pro - c.c_head) // L + (tb.moe_blocks * c.t_moe_block + tb.ar_count * c.ar) // L
     att = tb.att_per_block * c.t_att
