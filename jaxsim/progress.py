@@ -64,7 +64,8 @@ def run_in_stretches(run, state, bar: Bar, first: int = FIRST_STRETCH):
         t0 = time.perf_counter()
         end = min(int(st.steps) + stretch, limit)
         st = jax.block_until_ready(run(_with_limit(st, end)))
-        bar.show(int(st.now), int(st.finished))
+        now = int(st.now)  # past the last event the clock reads "never": show the last completion
+        bar.show(now if now < 2**62 else int(np.max(np.asarray(st.finish))), int(st.finished))
         if int(st.status) != Status.STEP_LIMIT or end >= limit:
             return _with_limit(st, limit)
         took = max(time.perf_counter() - t0, 1e-3)
