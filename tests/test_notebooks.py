@@ -10,6 +10,9 @@ Compile budget: colocated_vs_disaggregated compiles twice (the co-located and th
 loop, ~15-18 s each on a 2-core CPU); every other run reuses them.
 cpu_kv_tier compiles once (one cluster loop with a CPU tier) and reuses it for its 15 runs (same
 workload, instances and chunk size; only the tier's capacity, bandwidth and sharing differ).
+power_and_pim compiles four times: one sweep loop per design (GPU only, PIM offload, PIM + sub-batch
+interleaving: the PIM flags are static; the five loads of a design share it), whose GPU-only loop
+the power-cap sweep reuses (the cap is a value), and one single run (the energy by component).
 """
 
 import json
@@ -168,21 +171,98 @@ def _check_cpu_kv_tier(ns: dict):
         assert word in text, word
 
 
+def _check_power_and_pim(ns: dict):
+    from matplotlib.figure import Figure
+
+    n, loads, designs, rows = ns["N_REQUESTS"], ns["LOADS"], ns["DESIGNS"], ns["rows"]
+    caps, cap_loads, cap_rows, npu = ns["CAPS"], ns["CAP_LOADS"], ns["cap_rows"], ns["NPU"]
+    out_tokens = int(ns["WORKLOAD"].output_toks.sum())
+    assert list(designs) == ["GPU only", "PIM offload", "PIM + sub-batch"] and len(loads) == 5
+    assert not designs["GPU only"].enable_attn_offloading and designs["PIM offload"].enable_attn_offloading
+    assert designs["PIM + sub-batch"].enable_sub_batch_interleaving
+    # three sweep loops: one per design (PIM flags are static); the cap sweep reuses the GPU-only one
+    assert ns["_run_batch_compiles"] == 3
+    # every point ran to the end; its energy columns agree with each other and with its makespan
+    for r in [r for d in designs for r in rows[d].values()] + list(cap_rows.values()):
+        assert r["status"] == "ok" and r["finished"] == n, r
+        assert r["energy_j"] > 0 and 0 < r["npu_energy_j"] < r["energy_j"]
+        assert r["j_per_output_token"] == pytest.approx(r["energy_j"] / out_tokens, rel=1e-12)
+        assert r["output_tokens_per_j"] == pytest.approx(out_tokens / r["energy_j"], rel=1e-12)
+        assert r["avg_power_w"] == pytest.approx(r["energy_j"] / r["makespan_s"], rel=1e-9)
+    # decode attention moves to PIM: both PIM designs' TPOT differs from GPU only's at every load (DDR4 PIM
+    # is slower than this GPU's memory); interleaving pays every weight twice at the lightest load and
+    # hides PIM behind the other half at the heaviest
+    gpu, off, sub = (rows[d] for d in designs)
+    for s in loads:
+        assert off[s]["tpot_mean_ms"] > gpu[s]["tpot_mean_ms"] and sub[s]["tpot_mean_ms"] > gpu[s]["tpot_mean_ms"], s
+    assert sub[loads[0]]["tpot_mean_ms"] > 1.15 * off[loads[0]]["tpot_mean_ms"]
+    assert sub[loads[-1]]["tpot_mean_ms"] < off[loads[-1]]["tpot_mean_ms"]
+
+    # the single run: its energy is its sweep point's; by hand, PIM from the INI (64 DDR4 channels in 512 GB:
+    # 623 mW idle each, 3,803 mW peak while PIM works) and memory = the channels' idle power + 6 pJ/bit of PIM I/O
+    d, e = ns["detail"], ns["ENERGY"]
+    assert e["total_j"] == pytest.approx(rows[ns["DETAIL_DESIGN"]][ns["DETAIL_LOAD"]]["energy_j"], rel=1e-9)
+    assert sum(e["joules"].values()) == pytest.approx(e["total_j"], rel=1e-12)
+    assert ns["PIM_PLAN"].num_channels == 64 and (ns["DEV"].idle_power_mw, ns["DEV"].peak_power_mw) == (623, 3803)
+    pim_s = d.iter_pim_ns.sum() / 1e9
+    assert pim_s > 0 and e["joules"]["pim"] == pytest.approx((3.803 - 0.623) * pim_s, rel=1e-9)
+    assert ns["ALWAYS_ON_W"]["memory"] == pytest.approx(64 * 0.623)
+    pim_io_j = 6.0 * 8e-12 * d.iter_pim_io_bytes.sum()  # the block's dram.energy_per_bit, pJ
+    assert e["joules"]["memory"] == pytest.approx(64 * 0.623 * e["duration_s"] + pim_io_j, rel=1e-9)
+    decode = (d.iter_prompt_tokens == 0) & (d.iter_gen_tokens > 0)
+    assert decode.sum() > 0 and np.all(d.iter_pim_ns[decode] > 0) and np.all(d.iter_pim_ns[d.iter_gen_tokens == 0] == 0)
+    # the GPU's busy time (active power) leaves out its wait for PIM results
+    duration = d.iter_end_ns - d.iter_start_ns
+    assert np.all(d.iter_busy_ns <= duration) and np.all((d.iter_busy_ns + d.iter_pim_ns)[decode] <= duration[decode])
+
+    # power caps from the active power down to half of it: a cap at the active power changes nothing; a
+    # tighter one lowers the average power, raises TPOT and raises tokens per joule
+    assert caps[0] == npu.active_power and caps[-1] == npu.active_power / 2
+    assert ns["STRETCH"][caps[-1]] == pytest.approx(((caps[-1] - npu.idle_power) / (npu.active_power - npu.idle_power))
+                                                    ** (-1 / 3))
+    for s in cap_loads:
+        assert cap_rows[caps[0], s]["energy_j"] == rows["GPU only"][s]["energy_j"]
+        assert cap_rows[caps[0], s]["tpot_mean_ms"] == rows["GPU only"][s]["tpot_mean_ms"]
+        col = {k: [cap_rows[c, s][k] for c in caps] for k in ("avg_power_w", "tpot_mean_ms", "output_tokens_per_j")}
+        assert all(a > b for a, b in zip(col["avg_power_w"], col["avg_power_w"][1:])), s
+        assert all(a < b for a, b in zip(col["tpot_mean_ms"], col["tpot_mean_ms"][1:])), s
+        assert all(a < b for a, b in zip(col["output_tokens_per_j"], col["output_tokens_per_j"][1:])), s
+
+    # plots: latency and J/token against load, the energy breakdown, the cap sweep
+    for fig, k in ((ns["fig_load"], 3), (ns["fig_energy"], 2), (ns["fig_cap"], 3)):
+        assert isinstance(fig, Figure) and len(fig.axes) == k
+    ttft_ax, tpot_ax, j_ax = ns["fig_load"].axes
+    assert len(ttft_ax.lines) == len(tpot_ax.lines) == 2 * len(designs) and len(j_ax.lines) == len(designs)
+    assert all(len(line.get_xdata()) == len(loads) for line in j_ax.lines)
+    assert len(ns["fig_energy"].axes[0].patches) == sum(j > 0 for j in e["joules"].values())
+    assert len(ns["fig_energy"].axes[1].patches) == 2 * len(designs)
+    assert all(len(ax.lines) >= len(cap_loads) for ax in ns["fig_cap"].axes)
+    # the conclusions are computed and cover the designs, energy per token, PIM power and the caps
+    text = "\n".join(ns["conclusions"])
+    for word in ("GPU only", "Sub-batch interleaving", "J per output token", "The PIM itself", "Power cap"):
+        assert word in text, word
+
+
 CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated,
-          "cpu_kv_tier.ipynb": _check_cpu_kv_tier}
+          "cpu_kv_tier.ipynb": _check_cpu_kv_tier, "power_and_pim.ipynb": _check_power_and_pim}
 
 
 # The P/D notebook compiles three cluster designs (~55 s on 2 cores): it runs with `-m slow`; the P/D
 # engine paths it drives are covered at small shapes by tests/test_disagg.py. The CPU KV tier notebook
 # compiles one cluster loop and runs it 15 times (~50-60 s): `-m slow` too; tests/test_kv_tier.py
-# covers the tier's engine paths at small shapes.
-SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb", "cpu_kv_tier.ipynb")
+# covers the tier's engine paths at small shapes. The power and PIM notebook compiles three sweep
+# loops and a single run (~80 s): `-m slow`; tests/test_power.py, test_pim.py and test_sweep.py cover
+# its pieces at small shapes.
+SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb", "cpu_kv_tier.ipynb", "power_and_pim.ipynb")
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_NOTEBOOKS else p
                                   for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, notebook_env):
+    from jaxsim.engine import cluster
+    before = cluster.run_batch._cache_size()
     ns = run_notebook(path)
+    ns["_run_batch_compiles"] = cluster.run_batch._cache_size() - before  # sweep loops it compiled
     check = CHECKS.get(path.name)
     if check is not None:
         check(ns)
