@@ -351,7 +351,7 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
     if tb.pim:  # decode attention on PIM channels: the NPU's attention lookup keeps the prefills (§1.11)
         if slots is None:
             raise ValueError("tables with PIM attention need the batch's requests (BatchShape.slots)")
-        pim_t = _pim_layer(tb, slots.tokens == 1, slots) * (0 if npu_only else 1)
+        pim_t = jnp.zeros((), _I) if npu_only else _pim_layer(tb, slots.tokens == 1, slots)
         nd, kvd_sum, kvd_min, kvd_max = (jnp.where(tb.pim_on, 0, x) for x in (nd, kvd_sum, kvd_min, kvd_max))
     c = _components(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max)
     L = tb.num_layers
@@ -397,7 +397,7 @@ def _interleaved(tb: LatencyTables, slots, whole: _Parts, npu_only: bool = False
     pc, kp = total(prefill), jnp.sum(jnp.where(sides & prefill, slots.computed, 0), axis=1)
     z = jnp.zeros(2, _I)
     c = jax.vmap(lambda *a: _components(tb, *a))(T, S, pc, kp, z, z, z, z)
-    pim = jax.vmap(lambda d: _pim_layer(tb, d, slots))(sides & (n == 1)) * (0 if npu_only else 1)
+    pim = jnp.zeros(2, _I) if npu_only else jax.vmap(lambda d: _pim_layer(tb, d, slots))(sides & (n == 1))
     L = tb.num_layers
     block = (c.t_lin - c.c_pro - c.c_head) // L + (tb.moe_blocks * c.t_moe_block + tb.ar_count * c.ar) // L
     att = tb.att_per_block * c.t_att
