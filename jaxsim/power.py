@@ -416,10 +416,14 @@ def run_info(info: dict, activity: dict, recalled, written: dict, chunk_bytes, k
 
 
 def energy(info: dict, t0_ns: int, t_end_ns: int) -> dict:
-    """A run's energy over ``[t0_ns, t_end_ns]`` (its iterations all lie in it) from its metered activity (``SimResult.power``):
-    ``{"nodes": [{node, modelled, unmodelled, joules: {component: J}, ...}], "joules": {component: J},
-    "total_j", "average_w", ...}``; an unmodelled node's joules are NaN and it is excluded from the
-    totals, which say so (``unmodelled_nodes``)."""
+    """A run's energy over ``[t0_ns, t_end_ns]`` (its iterations all lie in it) from its metered
+    activity (``SimResult.power``, :func:`run_info`): ``{"nodes": [{node, modelled, unmodelled,
+    joules: {component: J}, ...}], "joules": {component: J}, "total_j", "average_w", ...}``; an
+    unmodelled node's joules are NaN and it is left out of the totals, which say so
+    (``unmodelled_nodes``; NaN when no node is modelled).
+
+    Raises:
+      ValueError: the window ends before it starts."""
     if t_end_ns < t0_ns:
         raise ValueError(f"energy: the window ends ({t_end_ns} ns) before it starts ({t0_ns} ns)")
     insts, blocks, act = info["instances"], info["nodes"], info["activity"]
