@@ -103,8 +103,7 @@ def stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
         kv_link_latency=jnp.asarray([[k.intra_node_latency_ns, k.inter_node_latency_ns] for k in links], jnp.float64),
         kv_layerwise=jnp.asarray([k.kv_transfer == "layerwise" for k in links]),
         dp_group=jnp.asarray([p.dp_group for p in plans], jnp.int32), wload_busy=jnp.asarray(weight_load_devices(plans)),
-        power=(power_lib.engine_params([p.power for p in plans], [int(np.asarray(p.tables.ep)) for p in plans])
-               if any(p.power is not None for p in plans) else None),
+        power=power_lib.engine_params([p.power for p in plans]) if plans[0].power is not None else None,
         **calib)
 
 

@@ -229,6 +229,7 @@ class InstancePower:
     link_token_bytes: float  # link bytes per scheduled token of an iteration (all ranks)
     dispatch_bytes: float  # link bytes per max(1, T // ep) (MoE dispatch AllGather, all ranks)
     wload_bytes: int  # weight bytes read from host / CXL memory per iteration (all ranks)
+    ep: int = 1  # expert-parallel ranks (the dispatch AllGather's divisor)
     # PIM attention offload (Plan.pim): the INI's peak - idle power, W, drawn while PIM works, and the
     # node's PIM memory: its channels (one DIMM each) at the INI's idle power, W (0: no PIM)
     pim_dynamic_w: float = 0.0
@@ -302,6 +303,7 @@ def attach(plans: list, cfg: "PowerConfig | None", hardware: list, where: list) 
         pim = getattr(pl, "pim", None)
         ip = InstancePower(node=pl.node, npu=npu, npus=pl.tp * pl.pp, tp=pl.tp, link_token_bytes=link,
                            dispatch_bytes=disp, wload_bytes=sum(pl.offloaded.values()) * pl.tp,
+                           ep=int(np.asarray(pl.tables.ep)),
                            **({} if pim is None else dict(
                                pim_dynamic_w=(pim.device.peak_power_mw - pim.device.idle_power_mw) / 1000,
                                pim_dimms=pim.num_channels, pim_idle_w=pim.device.idle_power_mw / 1000)))
@@ -319,20 +321,20 @@ def host_info(plans: list, cfg: PowerConfig) -> dict:
             raise JaxsimInputError(f"{b.where}.dram", f"node {n}'s host memory size is unknown: its DIMMs cannot be "
                                    "counted", "give the node's cpu_mem.mem_size (cluster JSON) or power.cpu_mem_size (GB)")
     return dict(instances=[pl.power for pl in plans], nodes={n: cfg.block(n) for n in nodes},
-                cpu_mem_gb=mem,
-                ep=[int(np.asarray(pl.tables.ep)) for pl in plans])
+                cpu_mem_gb=mem)
 
 
-def engine_params(insts: "list[InstancePower | None]", ep: list):
-    """The loop's :class:`jaxsim.engine.power.PowerParams` of the plans' instances ([inst] leaves);
-    an instance without power (None) or on an unmodelled node meters nothing per request."""
+def engine_params(insts: "list[InstancePower]"):
+    """The loop's :class:`jaxsim.engine.power.PowerParams` of the plans' instances ([inst] leaves;
+    every plan of a run has one, :func:`attach`); an instance on an unmodelled node meters nothing
+    per request."""
     from jaxsim.engine.power import PowerParams
-    insts = [p if p is not None and p.npu is not None else None for p in insts]
+    modelled = [p if p.npu is not None else None for p in insts]
     return PowerParams(
-        standby_duration_ns=jnp.asarray([int(round(p.npu.standby_duration * 1e9)) if p else 0 for p in insts],
+        standby_duration_ns=jnp.asarray([int(round(p.npu.standby_duration * 1e9)) if p else 0 for p in modelled],
                                         jnp.int64),
-        npu_dynamic_w=jnp.asarray([p.npu.busy_power - p.npu.idle_power if p else 0.0 for p in insts], jnp.float64),
-        ep=jnp.asarray(ep, jnp.int64))
+        npu_dynamic_w=jnp.asarray([p.npu.busy_power - p.npu.idle_power if p else 0.0 for p in modelled], jnp.float64),
+        ep=jnp.asarray([p.ep for p in insts], jnp.int64))
 
 
 def capped_tables(tables, npu: NPUPower | None):
@@ -538,7 +540,7 @@ def power_series(result, interval_s: float, origin_ns: int, nbins: int, end_ns: 
                 s, e = start[r], end[r]
                 prev = np.concatenate([[-1], np.maximum.accumulate(e)[:-1]])
                 fresh = np.maximum(e - np.maximum(s, prev), 0)
-                dispatch = np.maximum(1, tokens[r] // max(int(info["ep"][i]), 1))
+                dispatch = np.maximum(1, tokens[r] // max(p.ep, 1))
                 d = _dynamic_j(p, block, busy[r], fresh, 0, tokens[r], dispatch, row_dram[r], 0, pim[r])
                 # standby after each stretch of work: until the next work, at most the duration
                 reach = np.maximum.accumulate(e) if e.size else e

@@ -480,13 +480,11 @@ def record_iterations(prm: EngineParams, st: ClusterState, out: Ended, clk: Cloc
         prefix_queried=inst.counters.prefix_requested, prefix_hits=inst.counters.prefix_hits,
         tier_hits=inst.counters.tier_hits, tier_recalled=inst.counters.tier_recalled,
         tier_resident=inst.counters.tier_resident, tier_written=inst.counters.tier_written)
-    if prm.power is not None:  # rows in time order: the previous step's early ends came first
-        rows = it if st.pending is None else jax.tree.map(lambda b, a: jnp.concatenate([b, a[:, None]], axis=1),
-                                                          st.pending.rows, it)
-        st = dataclasses.replace(st, power=power.PowerMeter(prm.power).update(st.power, rows))
-    if st.pending is not None:  # the previous step's early ends, in the same write
-        it = jax.tree.map(lambda a, b: jnp.concatenate([a[:, None], b], axis=1), it, st.pending.rows)
+    if st.pending is not None:  # the previous step's early ends (they came first), in the same write
+        it = jax.tree.map(lambda b, a: jnp.concatenate([b, a[:, None]], axis=1), st.pending.rows, it)
         st = eqx.tree_at(lambda s: s.pending.rows.ending, st, jnp.zeros_like(st.pending.rows.ending))
+    if prm.power is not None:  # the power meter reads the rows in time order
+        st = dataclasses.replace(st, power=power.PowerMeter(prm.power).update(st.power, it))
     return eqx.tree_at(lambda s: (s.records, s.inst.n_iters), st,
                        (meters.IterationRecords().update(st.records, it), inst.n_iters + out.ending.astype(I32)))
 
