@@ -77,8 +77,11 @@ class ClusterSpec:
 
 
 def check_profiled(name: str, profiles: Path, where: str) -> None:
-    """Hardware ``name`` has profiles (a bundle folder or legacy/<HW>, REFERENCE.md §2.8)."""
-    if not (Path(profiles) / name).is_dir():
+    """Hardware ``name`` has profiles (a bundle folder, legacy/<HW>, REFERENCE.md §2.8, or a converted
+    operator database, :mod:`jaxsim.operator_db`)."""
+    from jaxsim.operator_db import operator_db_hardware
+
+    if not (Path(profiles) / name).is_dir() and name not in operator_db_hardware(profiles):
         from jaxsim.profiles import known_hardware
 
         raise JaxsimInputError(where, f"no profiles for hardware {name!r} in {profiles}",

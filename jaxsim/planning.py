@@ -524,6 +524,18 @@ def profile_variant(profiles_dir: str, hardware: str, model: ModelConfig, rt: Mo
     act = dtype_bytes(model.torch_dtype, "model.torch_dtype")
     base = _W_VARIANT.get(w, "bf16")
     model_dir = Path(profiles_dir) / hardware / model.name
+    from jaxsim.operator_db import VARIANTS, is_operator_db
+
+    if is_operator_db(hardware):  # converted tables (jaxsim.operator_db): its VARIANTS, no folders
+        if base not in VARIANTS:
+            raise JaxsimInputError(f"{where}.dtype", f"{rt.dtype}: weights of {w} byte(s) need a {base!r} variant, "
+                                   f"which the operator database of {hardware} does not convert "
+                                   f"(converted: {sorted(VARIANTS)})", f"use dtype auto ({model.torch_dtype})")
+        if kv == act:
+            return base, 1.0
+        if kv == 1 and f"{base}-kv{_KV_VARIANT}" in VARIANTS:
+            return f"{base}-kv{_KV_VARIANT}", 1.0
+        return base, kv / act
     if not hardware.startswith("legacy/") and model_dir.is_dir() and not (model_dir / base).is_dir():
         known = sorted(p.name for p in model_dir.iterdir() if p.is_dir())
         raise JaxsimInputError(f"{where}.dtype", f"{rt.dtype}: weights of {w} byte(s) need a {base!r} profile variant "

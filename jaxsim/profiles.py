@@ -45,7 +45,7 @@ CATEGORIES = ("dense", "per_sequence", "attention", "moe")
 SKEW_PC_GRID = np.arange(0, 2049, 16, dtype=np.int64)  # §2.6: pc must be exactly one of these
 OUTLIER_FACTOR = 4.0  # grid_outliers: a point this many times above (or below) both references
 OUTLIERS_SHOWN = 5  # outliers quoted in the warning and the run summary (all are on the bundle)
-_NOT_HARDWARE = {"architectures", "models", "validation", "workloads", "clusters", "legacy"}
+_NOT_HARDWARE = {"architectures", "models", "validation", "workloads", "clusters", "legacy", "operator-db"}
 
 
 @dataclasses.dataclass
@@ -464,14 +464,16 @@ def _skew_fit(meta: dict, meta_path: Path, tpdir: Path, tp: int) -> SkewFit:
 
 # ------------------------------------------------------------------------------------- bundle
 def known_hardware(profiles_dir) -> list:
-    """Hardware names: the bundle folders, then ``legacy/<HW>`` (REFERENCE.md §2.8, :mod:`jaxsim.legacy_profiles`)."""
+    """Hardware names: the bundle folders, then ``legacy/<HW>`` (REFERENCE.md §2.8, :mod:`jaxsim.legacy_profiles`),
+    then the converted operator-database systems (:mod:`jaxsim.operator_db`)."""
     from jaxsim.legacy_profiles import legacy_hardware
+    from jaxsim.operator_db import operator_db_hardware
 
     p = Path(profiles_dir)
     if not p.is_dir():
         return []
     return sorted(x.name for x in p.iterdir() if x.is_dir() and x.name not in _NOT_HARDWARE
-                  and not x.name.startswith(".")) + legacy_hardware(p)
+                  and not x.name.startswith(".")) + legacy_hardware(p) + operator_db_hardware(p)
 
 
 def _load_yaml(path: Path, what: str) -> dict:
@@ -550,6 +552,10 @@ def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant
         from jaxsim.legacy_profiles import load_legacy_bundle
 
         return load_legacy_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
+    from jaxsim.operator_db import is_operator_db, load_converted_bundle
+
+    if is_operator_db(hardware):  # converted operator databases (jaxsim.operator_db)
+        return load_converted_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
     root = Path(profiles_dir)
     hw_dir = root / hardware
     if not hw_dir.is_dir() or hardware in _NOT_HARDWARE:

@@ -1,0 +1,487 @@
+"""Profile bundles converted from NVIDIA AIConfigurator's measured operator tables.
+
+``profiles/operator-db/<system>/`` holds AIConfigurator's vLLM 0.19.0 tables for five systems,
+converted by ``scripts/import_operator_db.py`` (provenance and filters: that folder's README).
+:func:`load_converted_bundle` turns one system's tables into a :class:`jaxsim.profiles.ProfileBundle`
+for any shipped model at any TP degree whose head counts divide, so that the simulator prices
+those GPUs exactly as it prices a native bundle. :func:`jaxsim.profiles.load_profile_bundle`
+dispatches the hardware names of :data:`HARDWARE` here.
+
+=====================  ========================  ==========================================
+hardware name          system folder             note
+=====================  ========================  ==========================================
+``h100``               ``h100_sxm``              H100 SXM 80 GB
+``h200``               ``h200_sxm``              H200 SXM 141 GB
+``b200``               ``b200_sxm``              B200 SXM
+``gb200``              ``gb200``                 GB200 (one Blackwell GPU of the superchip)
+``rtxpro6000_opdb``    ``rtx_pro_6000_server``   the converted RTX PRO 6000 (``RTXPRO6000``
+                                                 stays the native bundle): the cross-check
+=====================  ========================  ==========================================
+
+Variants: ``bf16`` (bfloat16 GEMMs and MoE, bfloat16 KV cache), ``bf16-kvfp8`` (FP8 KV cache),
+``fp8`` and ``fp8-kvfp8`` (per-tensor FP8 GEMMs and MoE).
+
+How each layer is priced (times are the tables' milliseconds as µs, then int ns by
+:func:`jaxsim.profiles.us_to_ns`):
+
+* **GEMM layers** (``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``; ``lm_head`` per
+  sequence): the layer's per-rank ``(n, k)`` from :func:`jaxsim.operators.layer_operators`,
+  looked up in the GEMM table for every ``m`` it holds (74 token counts, 1-32768), which become
+  the layer's keys. The table's n and k grids are sparse (22 values each, 32-65536), so
+  :func:`gemm_us` interpolates **bilinearly in (log n, log k) on log time** (a power law between
+  grid points, the shape of a GEMM's time in each dimension). Outside the grid: below the
+  smallest n or k the time is clamped (a GEMM that small is launch-bound); above the largest it
+  scales linearly, ``t(n) = t(n_max) * n / n_max`` (the work splits into column blocks: Llama's
+  and Qwen's ``lm_head`` at TP 1, n = 128256 / 151936). Leave-one-out error of the interpolation
+  on the tables themselves: ``profiles/operator-db/fit.json`` (``gemm_interpolation``).
+* **Memory-bound layers** the tables lack (embedding, layernorm, qk_norm, rotary_emb, act_fn,
+  final_layernorm, sampler): ``t = t0 + bytes / (eff * mem_bw)`` with bytes from
+  :func:`jaxsim.operators.layer_operators`, ``mem_bw`` the spec sheet's and ``(t0, eff)`` per
+  operator class fitted on the native RTX PRO 6000 and RTX 4090 bundles by
+  ``scripts/fit_operator_db.py`` (``fit.json``: ``bandwidth``, with its leave-one-hardware-out
+  error). ``eff`` above 1 means the kernel beats DRAM bandwidth (its input is still in L2).
+* **Attention** (the §2.5 table, :class:`jaxsim.profiles.AttentionTable`) for the per-rank heads
+  ``num_heads/tp``, ``num_kv_heads/tp``, ``head_dim`` and the variant's KV dtype. A batch is the
+  **sum of its prefill part and its decode part** (one varlen call in vLLM; the cross-check
+  measures what the sum misses):
+
+  - prefill of ``pc`` new tokens over ``kp`` cached ones = the context table (batch 1) at the
+    causal length with the same attention FLOPs, ``L = sqrt(pc^2 + 2*pc*kp)`` (pc queries over
+    kp + pc/2 keys on average = L^2/2 query-key pairs), interpolated log-log in ``isl``;
+    above the table's largest isl, ``t(L_max) * (L/L_max)^2``;
+  - ``nd`` decodes at KV ``kvd`` = the generation table at ``batch_size = nd`` and context
+    ``isl + step = kvd``, bilinear in (log batch, log context) on log time; above the largest
+    context, linear in kvd (KV-read bound); below the smallest, clamped.
+
+  Grid: pc 0, 16, 32, ..., 8192; kp 0, 16, ..., 65536; nd 0 and the table's batch sizes
+  (1, 2, ..., 2048); kvd 16, 32, ..., 131072. The slices are filled as the legacy converter
+  does (:func:`jaxsim.legacy_profiles._sum_attention`), so a lookup returns exactly
+  ``prefill~(pc, kp) + decode~(nd, kvd)``.
+* **MoE** (``tp1/moe.csv``'s role, §2.7): the MoE table's rows for the model's
+  ``(hidden, moe_intermediate, topk, num_experts)``, ``moe_tp = 1`` and ``moe_ep = ep``
+  (``ep`` = the TP degree, the simulator's default, as the legacy converter assumes), balanced
+  distribution, plus the router GEMM ``(m = tokens, n = E, k = H)`` from the GEMM table. A row of
+  ``T`` tokens is the work of one EP rank that receives ``local = round(T*(1-((ep-1)/ep)**k))``
+  tokens on ``act = min(round(T*k/ep), E/ep)`` experts (§1.9 BALANCED), so it is stored at
+  ``(tokens = local, activated_experts = act)``. The table is exact along the balanced path
+  (the engine's closed form queries exactly these pairs, interpolating across act between
+  the table's T); off it (``expert_routing: zipf``) a row is constant in tokens: an estimate.
+* **TP all-reduce** is not in the bundle: the engine's ring model reads ``link_bw_gbps`` /
+  ``link_latency_ns`` of ``conf/hardware/<name>.yaml``, fitted to the custom all-reduce table by
+  ``scripts/fit_operator_db.py``.
+
+Skew correction (§2.6) is disabled (the tables have no skew data). ``engine_effective`` is
+``max_num_batched_tokens`` = the largest pc key and ``max_num_seqs`` = the largest nd key.
+Outliers: the source rows each table is built from are checked along their axes with
+:func:`jaxsim.profiles.grid_outliers` (GEMM rows along m at the corners used; context rows along
+isl; generation rows along context and batch; MoE rows along tokens) and reported as for a
+native bundle.
+
+Errors (:class:`jaxsim.errors.JaxsimInputError`): unknown hardware or variant, a TP degree that
+does not divide the heads, head counts / head_dim absent from the attention tables (naming what
+they hold), a MoE shape absent from the MoE table (naming the shapes it holds), a missing or
+malformed shipped file.
+"""
+
+import csv
+import functools
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from jaxsim.errors import JaxsimInputError
+from jaxsim.model import ModelConfig
+from jaxsim.operators import layer_operators
+from jaxsim.profiles import (MoETable, ProfileBundle, Table1D, axis_outliers, load_architecture, ordered_outliers,
+                             us_to_ns, warn_outliers)
+
+OPDB_DIR = "operator-db"
+HARDWARE = {"h100": "h100_sxm", "h200": "h200_sxm", "b200": "b200_sxm", "gb200": "gb200",
+            "rtxpro6000_opdb": "rtx_pro_6000_server"}
+# variant -> (GEMM / MoE dtype, KV-cache dtype) in the tables' names; weight bytes for the byte model
+VARIANTS = {"bf16": ("bfloat16", "bfloat16", 2), "bf16-kvfp8": ("bfloat16", "fp8", 2),
+            "fp8": ("fp8", "bfloat16", 1), "fp8-kvfp8": ("fp8", "fp8", 1)}
+FIT_FILE = "fit.json"
+PC_AXIS = tuple(16 * 2 ** i for i in range(10))  # 16 ... 8192
+KP_AXIS = (0,) + tuple(16 * 2 ** i for i in range(13))  # 0, 16 ... 65536
+KVD_AXIS = tuple(16 * 2 ** i for i in range(14))  # 16 ... 131072
+MEMORY_LAYERS = ("embedding", "layernorm", "final_layernorm", "qk_norm", "rotary_emb", "act_fn", "sampler")
+
+
+def is_operator_db(hardware) -> bool:
+    """Whether ``hardware`` names a converted operator-database system (:data:`HARDWARE`)."""
+    return str(hardware) in HARDWARE
+
+
+def system_dir(profiles_dir, hardware: str) -> Path:
+    """``<profiles_dir>/operator-db/<system>`` of a hardware name; an error for an unknown name."""
+    if not is_operator_db(hardware):
+        from jaxsim.profiles import known_hardware
+
+        raise JaxsimInputError(str(Path(profiles_dir) / OPDB_DIR), f"unknown hardware {hardware!r}",
+                               f"known hardware: {known_hardware(profiles_dir)}")
+    d = Path(profiles_dir) / OPDB_DIR / HARDWARE[hardware]
+    if not d.is_dir():
+        raise JaxsimInputError(str(d), f"missing operator-database folder of {hardware!r}",
+                               "run python scripts/import_operator_db.py")
+    return d
+
+
+def operator_db_hardware(profiles_dir) -> list:
+    """The hardware names whose converted folder exists under ``<profiles_dir>/operator-db``."""
+    return sorted(h for h, s in HARDWARE.items() if (Path(profiles_dir) / OPDB_DIR / s).is_dir())
+
+
+# ------------------------------------------------------------------------------------- reading
+@functools.lru_cache(maxsize=64)
+def read_table(path: str) -> dict:
+    """A shipped CSV (``.csv`` or ``.csv.gz``) as ``{column: numpy array}`` (numbers as float64,
+    text as str arrays), plus ``"_line"``: each row's file line. Errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise JaxsimInputError(path, "missing operator-database table", "run python scripts/import_operator_db.py")
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise JaxsimInputError(path, "empty file", "run python scripts/import_operator_db.py")
+        rows = []
+        for fields in reader:
+            if len(fields) != len(header):
+                raise JaxsimInputError(f"{path}:{reader.line_num}", f"expected {len(header)} fields, found "
+                                       f"{len(fields)}", "rerun python scripts/import_operator_db.py")
+            rows.append(fields)
+    cols = {}
+    for j, name in enumerate(header):
+        vals = [r[j] for r in rows]
+        try:
+            cols[name] = np.array([float(v) for v in vals], np.float64)
+        except ValueError:
+            cols[name] = np.array(vals, dtype=str)
+    cols["_line"] = np.arange(2, len(rows) + 2, dtype=np.int64)
+    if "time_us" in cols and (cols["time_us"].dtype.kind != "f" or not np.all(np.isfinite(cols["time_us"]))
+                              or np.any(cols["time_us"] < 0)):
+        raise JaxsimInputError(path, "column 'time_us' has a non-numeric, negative or non-finite value",
+                               "rerun python scripts/import_operator_db.py")
+    return cols
+
+
+def load_fit(profiles_dir) -> dict:
+    """``profiles/operator-db/fit.json`` (written by ``scripts/fit_operator_db.py``)."""
+    path = Path(profiles_dir) / OPDB_DIR / FIT_FILE
+    if not path.is_file():
+        raise JaxsimInputError(str(path), "missing fitted constants of the operator-database converter",
+                               "run python scripts/fit_operator_db.py")
+    return json.loads(path.read_text())
+
+
+def spec_sheet(sdir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(sdir) / "spec.yaml").read_text())
+
+
+# ----------------------------------------------------------------------------------------- GEMM
+class GemmGrid:
+    """One dtype of the GEMM table as a dense ``[M, N, K]`` array of µs (NaN where not measured)."""
+
+    def __init__(self, path: str, dtype: str):
+        t = read_table(path)
+        sel = t["gemm_dtype"] == dtype
+        if not sel.any():
+            raise JaxsimInputError(path, f"no GEMM rows of dtype {dtype!r}",
+                                   f"dtypes held: {sorted(set(t['gemm_dtype'].tolist()))}")
+        self.path = path
+        m, n, k = (t[c][sel].astype(np.int64) for c in ("m", "n", "k"))
+        self.m, self.n, self.k = np.unique(m), np.unique(n), np.unique(k)
+        self.us = np.full((len(self.m), len(self.n), len(self.k)), np.nan)
+        self.line = np.zeros(self.us.shape, np.int64)
+        idx = (np.searchsorted(self.m, m), np.searchsorted(self.n, n), np.searchsorted(self.k, k))
+        self.us[idx] = t["time_us"][sel]
+        self.line[idx] = t["_line"][sel]
+
+
+def _log_bracket(axis: np.ndarray, x: float) -> tuple:
+    """``(i0, i1, w, scale)``: ``x`` between ``axis[i0]`` and ``axis[i1]`` at weight ``w`` of ``i1`` in log
+    space; outside the axis the end point with ``scale`` = 1 below (clamp) and ``x / axis[-1]``
+    above (linear growth)."""
+    x = float(x)
+    if x <= axis[0]:
+        return 0, 0, 0.0, 1.0
+    if x >= axis[-1]:
+        return len(axis) - 1, len(axis) - 1, 0.0, x / float(axis[-1])
+    i1 = int(np.searchsorted(axis, x))
+    if axis[i1] == x:
+        return i1, i1, 0.0, 1.0
+    i0 = i1 - 1
+    return i0, i1, math.log(x / axis[i0]) / math.log(axis[i1] / axis[i0]), 1.0
+
+
+def gemm_us(grid: GemmGrid, n: int, k: int, n_axis=None, k_axis=None) -> tuple:
+    """Time (µs) of a ``[m, k] @ [k, n]`` GEMM for every ``m`` of the table: ``(times [M], corners)``.
+
+    Bilinear in ``(log n, log k)`` on ``log t`` between the bracketing grid points (module
+    docstring); NaN where a corner was not measured. ``corners``: the ``(n index, k index)`` pairs
+    used. ``n_axis``/``k_axis``: index subsets of the grid to interpolate on (the leave-one-out
+    measurement drops one point); default all.
+    """
+    ni = np.arange(len(grid.n)) if n_axis is None else np.asarray(n_axis)
+    ki = np.arange(len(grid.k)) if k_axis is None else np.asarray(k_axis)
+    a0, a1, wa, sa = _log_bracket(grid.n[ni], n)
+    b0, b1, wb, sb = _log_bracket(grid.k[ki], k)
+    na = [(a0, 1.0 - wa), (a1, wa)] if a0 != a1 else [(a0, 1.0)]
+    nb = [(b0, 1.0 - wb), (b1, wb)] if b0 != b1 else [(b0, 1.0)]
+    corners = [(ni[a], ki[b], u * v) for a, u in na for b, v in nb]
+    logt = sum(w * np.log(grid.us[:, i, j]) for i, j, w in corners)
+    return np.exp(logt) * sa * sb, [(i, j) for i, j, _ in corners]
+
+
+def _gemm_table(grid: GemmGrid, n: int, k: int, name: str) -> tuple:
+    """``(Table1D keyed by m, outliers)`` of one GEMM layer."""
+    us, corners = gemm_us(grid, n, k)
+    ok = np.isfinite(us)
+    if not ok.any():
+        raise JaxsimInputError(grid.path, f"layer {name!r}: no measured GEMM at n={n}, k={k}", "")
+    outliers = []
+    for i, j in corners:
+        pts = {int(grid.m[r]): (float(grid.us[r, i, j]), int(grid.line[r, i, j]))
+               for r in range(len(grid.m)) if np.isfinite(grid.us[r, i, j])}
+        outliers += axis_outliers(grid.path, pts, lambda x, i=i, j=j: f"gemm n={grid.n[i]} k={grid.k[j]} m={x}")
+    return Table1D(grid.m[ok].astype(np.int64), us_to_ns(us[ok])), outliers
+
+
+# -------------------------------------------------------------------------------- memory-bound
+def memory_us(op, x, mem_bw_bytes_per_s: float, t0_us: float, eff: float):
+    """``t0 + bytes(x) / (eff * mem_bw)`` in µs (module docstring); ``x`` rows (tokens or sequences)."""
+    return t0_us + np.asarray(op.bytes(np.asarray(x, np.float64))) / (eff * mem_bw_bytes_per_s) * 1e6
+
+
+def operator_class(fit: dict, name: str) -> str:
+    cls = fit["bandwidth"]["operator_class"].get(name)
+    if cls is None:
+        raise JaxsimInputError(f"{OPDB_DIR}/{FIT_FILE}", f"no bandwidth-model class for layer {name!r}",
+                               "rerun python scripts/fit_operator_db.py")
+    return cls
+
+
+# ------------------------------------------------------------------------------------ attention
+def _loglog(xs: np.ndarray, ys: np.ndarray, x: float, power_above: float) -> float:
+    """Piecewise log-log interpolation of ``ys(xs)`` at ``x``; clamp below; ``y_last * (x/x_last)**power_above``
+    above."""
+    if x <= xs[0]:
+        return float(ys[0])
+    if x >= xs[-1]:
+        return float(ys[-1]) * (x / float(xs[-1])) ** power_above
+    return float(np.exp(np.interp(math.log(x), np.log(xs), np.log(ys))))
+
+
+def _heads_error(path, what, held, model, tp, hardware):
+    return JaxsimInputError(path, f"{hardware}: {model.name} at tp={tp} needs {what}, which the table does not hold",
+                            f"(num_heads, num_kv_heads, head_dim) per rank held: {held}")
+
+
+def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_dtype: str) -> tuple:
+    """``(prefill(pc, kp) -> µs, decode(nd, kvd) -> µs, batch sizes, outliers)`` for the model's
+    per-rank heads (module docstring)."""
+    h, kvh, hd = model.num_heads // tp, model.num_kv_heads // tp, model.head_dim
+    outliers = []
+    cpath = str(sdir / "context_attention.csv.gz")
+    c = read_table(cpath)
+    base = (c["kv_cache_dtype"] == kv_dtype) & (c["batch_size"] == 1)
+    sel = base & (c["num_heads"] == h) & (c["num_key_value_heads"] == kvh) & (c["head_dim"] == hd)
+    if not sel.any():
+        held = sorted({(int(a), int(b), int(d)) for a, b, d in zip(c["num_heads"][base], c["num_key_value_heads"][base],
+                                                                      c["head_dim"][base])})
+        raise _heads_error(cpath, f"prefill attention with ({h}, {kvh}, {hd}) and a {kv_dtype} KV cache", held,
+                           model, tp, hardware)
+    order = np.argsort(c["isl"][sel])
+    isl, cus, clines = c["isl"][sel][order], c["time_us"][sel][order], c["_line"][sel][order]
+    outliers += axis_outliers(cpath, {int(x): (float(v), int(ln)) for x, v, ln in zip(isl, cus, clines)},
+                              lambda x: f"context_attention heads={h}/{kvh} isl={x}")
+
+    gpath = str(sdir / "generation_attention.csv.gz")
+    g = read_table(gpath)
+    gb = g["kv_cache_dtype"] == kv_dtype
+    gsel = gb & (g["num_heads"] == h) & (g["num_key_value_heads"] == kvh) & (g["head_dim"] == hd)
+    if not gsel.any():
+        held = sorted({(int(a), int(b), int(d)) for a, b, d in zip(g["num_heads"][gb], g["num_key_value_heads"][gb],
+                                                                      g["head_dim"][gb])})
+        raise _heads_error(gpath, f"decode attention with ({h}, {kvh}, {hd}) and a {kv_dtype} KV cache", held,
+                           model, tp, hardware)
+    ctx = (g["isl"] + g["step"])[gsel]
+    bs, gus, glines = g["batch_size"][gsel], g["time_us"][gsel], g["_line"][gsel]
+    batches = np.unique(bs).astype(np.int64)
+    rows = {}
+    for b in batches:
+        m = bs == b
+        o = np.argsort(ctx[m])
+        rows[int(b)] = (ctx[m][o], gus[m][o])
+        outliers += axis_outliers(gpath, {int(x): (float(v), int(ln)) for x, v, ln in
+                                          zip(ctx[m][o], gus[m][o], glines[m][o])},
+                                  lambda x, b=b: f"generation_attention heads={h}/{kvh} batch={b} context={x}")
+    common = sorted(set.intersection(*(set(r[0].tolist()) for r in rows.values())))
+
+    def prefill(pc, kp):
+        L = math.sqrt(pc * pc + 2.0 * pc * kp)
+        return _loglog(isl, cus, L, 2.0)
+
+    def decode_at(b, kvd):
+        xs, ys = rows[b]
+        return _loglog(xs, ys, kvd, 1.0)
+
+    def decode(nd, kvd):
+        if nd in rows:
+            return decode_at(nd, kvd)
+        i0, i1, w, s = _log_bracket(batches.astype(np.float64), nd)
+        t0, t1 = decode_at(int(batches[i0]), kvd), decode_at(int(batches[i1]), kvd)
+        return math.exp((1 - w) * math.log(t0) + w * math.log(t1)) * s
+
+    return prefill, decode, batches, outliers, {"context_isl_max": int(isl[-1]), "generation_context_common": common[-1:]}
+
+
+def attention_table(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_dtype: str) -> tuple:
+    """``(AttentionTable, outliers, info)``: the §2.5 table of prefill + decode sums (module docstring)."""
+    from jaxsim.legacy_profiles import _sum_attention
+
+    prefill, decode, batches, outliers, info = attention_parts(sdir, hardware, model, tp, kv_dtype)
+    kp_rows = {pc: (np.array(KP_AXIS, np.int64), us_to_ns([prefill(pc, kp) for kp in KP_AXIS])) for pc in PC_AXIS}
+    kv_rows = {int(b): (np.array(KVD_AXIS, np.int64), us_to_ns([decode(int(b), kvd) for kvd in KVD_AXIS]))
+               for b in batches}
+    return _sum_attention(kp_rows, kv_rows), outliers, info
+
+
+# ------------------------------------------------------------------------------------------ MoE
+def moe_table(sdir: Path, hardware: str, model: ModelConfig, ep: int, dtype: str, gemm: GemmGrid) -> tuple:
+    """``(MoETable, outliers, info)`` of one EP rank (module docstring)."""
+    path = str(sdir / "moe.csv.gz")
+    t = read_table(path)
+    H, I, k, E = model.hidden_size, model.moe_intermediate_size, model.experts_per_token, model.num_experts
+    ep = max(1, min(int(ep), E))
+    shape = (t["moe_dtype"] == dtype) & (t["hidden_size"] == H) & (t["inter_size"] == I) & (t["topk"] == k) \
+        & (t["num_experts"] == E)
+    sel = shape & (t["moe_tp_size"] == 1) & (t["moe_ep_size"] == ep)
+    if not sel.any():
+        held = sorted({tuple(int(v) for v in r) for r in zip(*(t[c][t["moe_dtype"] == dtype] for c in (
+            "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size", "moe_ep_size")))})
+        raise JaxsimInputError(path, f"{hardware}: no {dtype} MoE rows for {model.name} (hidden {H}, moe intermediate "
+                               f"{I}, topk {k}, {E} experts) at moe_tp 1, moe_ep {ep} (ep = tp)",
+                               f"(hidden, inter, topk, experts, moe_tp, moe_ep) held: {held}")
+    order = np.argsort(t["num_tokens"][sel])
+    T, us, lines = t["num_tokens"][sel][order], t["time_us"][sel][order], t["_line"][sel][order]
+    outliers = axis_outliers(path, {int(x): (float(v), int(ln)) for x, v, ln in zip(T, us, lines)},
+                             lambda x: f"moe H={H} I={I} topk={k} E={E} ep={ep} num_tokens={x}")
+    router, _ = gemm_us(gemm, E, H)  # router logits for every token (replicated on each rank)
+    ok = np.isfinite(router)
+    f = 1.0 - ((ep - 1) / ep) ** k
+    rows: dict = {}
+    for tok, v in zip(T, us):
+        act = int(min(round(tok * k / ep), E // ep))
+        local = max(1, int(round(tok * f)))
+        r_us = float(np.interp(tok, gemm.m[ok], router[ok]))
+        rows.setdefault(max(act, 1), {}).setdefault(local, v + r_us)
+    ae_axis = np.array(sorted(rows), np.int64)
+    K = max(len(r) for r in rows.values())
+    n_tok = np.zeros(len(ae_axis), np.int32)
+    keys = np.zeros((len(ae_axis), K), np.int64)
+    vals = np.zeros((len(ae_axis), K), np.int64)
+    for a, ae in enumerate(ae_axis):
+        toks = sorted(rows[int(ae)])
+        n_tok[a] = len(toks)
+        keys[a, : len(toks)] = toks
+        vals[a, : len(toks)] = us_to_ns([rows[int(ae)][x] for x in toks])
+    info = {"ep_assumed": ep, "moe_tp": 1, "rows": int(sel.sum()), "router_gemm": [E, H],
+            "formula": "moe(num_tokens T) + router GEMM(T, E, H) at (round(T*f), min(round(T*k/ep), E/ep))"}
+    return MoETable(ae_axis, n_tok, keys, vals), outliers, info
+
+
+# --------------------------------------------------------------------------------------- bundle
+def check_tp(hardware: str, model: ModelConfig, tp: int) -> None:
+    """An error when ``tp`` does not divide the heads (or the intermediate size)."""
+    bad = [f"{name} {v}" for name, v in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
+                                          ("intermediate_size", model.intermediate_size)) if v % tp]
+    if tp < 1 or bad:
+        ok = [d for d in range(1, 65) if model.num_heads % d == 0 and model.num_kv_heads % d == 0
+              and model.intermediate_size % d == 0]
+        raise JaxsimInputError("hardware.tp", f"{hardware}: tp={tp} does not divide {model.name}'s "
+                               f"{', '.join(bad) or 'heads'}", f"TP degrees that divide: {ok}")
+
+
+@functools.lru_cache(maxsize=32)
+def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp: int) -> ProfileBundle:
+    sdir = system_dir(profiles_dir, hardware)
+    if variant not in VARIANTS:
+        raise JaxsimInputError(str(sdir), f"no variant {variant!r} of {model.name} on {hardware}",
+                               f"converted variants: {sorted(VARIANTS)}")
+    gdtype, kvdtype, wbytes = VARIANTS[variant]
+    check_tp(hardware, model, tp)
+    root = Path(profiles_dir)
+    sequence, category, tp_stable = load_architecture(root, model.model_type)
+    fit = load_fit(root)
+    spec = spec_sheet(sdir)
+    mem_bw = float(spec["gpu"]["mem_bw"])
+    gpath = str(sdir / "gemm.csv.gz")
+    grid = GemmGrid(gpath, gdtype)
+    ops = layer_operators(model, tp, act_bytes=2, weight_bytes=wbytes)
+    dense, per_seq, kept, outliers, moe, conversion = {}, {}, {}, [], None, {}
+    m_axis = grid.m.astype(np.int64)
+    for group, names in sequence.items():
+        kept[group] = []
+        for name in names:
+            cat = category[name]
+            kept[group].append(name)
+            if cat in ("attention", "moe") or name in dense or name in per_seq:
+                continue
+            op = ops.get(name)
+            if op is None:
+                raise JaxsimInputError(f"architectures/{model.model_type}.yaml", f"layer {name!r} has no operator "
+                                       "shape in jaxsim.operators.layer_operators", "the converter cannot price it")
+            if op.kind == "gemm":
+                tab, out = _gemm_table(grid, op.n, op.k, name)
+                outliers += out
+            else:
+                cls = operator_class(fit, name)
+                c = fit["bandwidth"]["classes"][cls]
+                tab = Table1D(m_axis, us_to_ns(memory_us(op, m_axis, mem_bw, c["t0_us"], c["eff"])))
+            (per_seq if cat == "per_sequence" else dense)[name] = tab
+    attention, att_out, att_info = attention_table(sdir, hardware, model, tp, kvdtype)
+    outliers += att_out
+    conversion["attention"] = att_info
+    if any(category[n] == "moe" for g in kept.values() for n in g):
+        if not model.is_moe:
+            raise JaxsimInputError(f"architectures/{model.model_type}.yaml", f"{model.name} has no experts but its "
+                                   "architecture sequence has a MoE block", "check the model config")
+        moe, moe_out, conversion["moe"] = moe_table(sdir, hardware, model, tp, gdtype, grid)
+        outliers += moe_out
+    outliers = ordered_outliers(outliers)
+    warn_outliers(f"{sdir} ({model.name} tp{tp})", outliers)
+    engine = {"max_num_batched_tokens": int(attention.pc_axis[-1]), "max_num_seqs": int(attention.nd_axis[-1])}
+    meta = {
+        "format": "operator-db (jaxsim.operator_db)", "source": "NVIDIA AIConfigurator vLLM 0.19.0 tables",
+        "system": HARDWARE[hardware], "hardware": hardware, "model": model.name, "variant": variant, "tp": tp,
+        "gemm_dtype": gdtype, "kv_cache_dtype": kvdtype, "mem_bw": mem_bw,
+        "bandwidth_fit": fit["bandwidth"]["provenance"], "engine_effective": engine, "skew_fit": {"enabled": False},
+        "conversion": conversion,
+    }
+    from jaxsim.legacy_profiles import _disabled_skew
+
+    return ProfileBundle(
+        hardware=hardware, model_name=model.name, model_type=model.model_type, variant=variant, tp=tp,
+        path=str(sdir), meta=meta, engine_effective=engine, sequence=kept, category=category, tp_stable=tp_stable,
+        dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=_disabled_skew(), outliers=outliers)
+
+
+def load_converted_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: str = "bf16",
+                          tp: int = 1) -> ProfileBundle:
+    """The :class:`jaxsim.profiles.ProfileBundle` of ``model`` at TP ``tp`` on converted system
+    ``hardware`` (:data:`HARDWARE`), built from ``<profiles_dir>/operator-db/<system>/`` as the
+    module docstring describes. Cached per (profiles_dir, hardware, model, variant, tp): the
+    same object is returned (treat it as read-only).
+
+    Raises :class:`JaxsimInputError` for an unknown hardware or variant, an indivisible TP
+    degree, and shapes the tables do not hold (naming hardware, model, tp and what they hold).
+    """
+    return _load(str(profiles_dir), str(hardware), model, str(variant), int(tp))
