@@ -77,11 +77,11 @@ class ClusterSpec:
 
 
 def check_profiled(name: str, profiles: Path, where: str) -> None:
-    """Hardware ``name`` has profiles (a bundle folder, legacy/<HW>, REFERENCE.md §2.8, or a converted
-    operator database, :mod:`jaxsim.operator_db`)."""
-    from jaxsim.operator_db import operator_db_hardware
+    """Hardware ``name`` has profiles (a bundle folder, legacy/<HW>, REFERENCE.md §2.8, a converted
+    operator database, :mod:`jaxsim.operator_db`, or a spec sheet, :mod:`jaxsim.spec_bundle`)."""
+    from jaxsim.profiles import has_hardware
 
-    if not (Path(profiles) / name).is_dir() and name not in operator_db_hardware(profiles):
+    if not has_hardware(profiles, name):
         from jaxsim.profiles import known_hardware
 
         raise JaxsimInputError(where, f"no profiles for hardware {name!r} in {profiles}",

@@ -556,10 +556,10 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     output = build(OutputOptions, _section(d, "output"))
     workload = _workload(_section(d, "workload"), paths.workloads)
 
-    from jaxsim.operator_db import is_operator_db
+    from jaxsim.profiles import any_model
 
     bundle = paths.profiles / hardware.name / model.name
-    if not bundle.is_dir() and not is_operator_db(hardware.name):  # converted tables: any model (jaxsim.operator_db)
+    if not bundle.is_dir() and not any_model(hardware.name):  # converted tables and spec sheets: any model
         raise JaxsimInputError("model.name", f"no profiles for {model.name!r} on "
                                f"{hardware.name!r} (looked for {bundle})",
                                "pick a profiled model/hardware pair")
@@ -747,10 +747,10 @@ def hardware_option(name: str, profiles: Path, model_name: str | None = None,
     with ``model_name``, also checks that the pair has a profile bundle."""
     d = _group_option("hardware", name, HardwareSchema, key)
     hw = _hardware(d, profiles, p=f"{key}={name}: hardware")
-    from jaxsim.operator_db import is_operator_db
+    from jaxsim.profiles import any_model
 
-    # a converted operator database (jaxsim.operator_db) builds a bundle for any model: no folder per model
-    if model_name is not None and not is_operator_db(hw.name) and not (profiles / hw.name / model_name).is_dir():
+    # a converted operator database or a spec sheet builds a bundle for any model: no folder per model
+    if model_name is not None and not any_model(hw.name) and not (profiles / hw.name / model_name).is_dir():
         raise JaxsimInputError(key, f"hardware option {name!r}: no profiles for {model_name!r} on "
                                f"{hw.name!r} (looked for {profiles / hw.name / model_name})",
                                "pick a profiled model/hardware pair")

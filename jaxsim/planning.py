@@ -184,6 +184,9 @@ class Plan:
     kv_from_memory: bool = True  # num_blocks from the memory model (False: hardware.num_gpu_blocks)
     null_block: int = 0  # 1 when vLLM's null block is reserved: num_blocks is then vLLM's count - 1
     profile_outliers: tuple = ()  # the profile bundle's outliers (profiles.ProfileBundle.outliers)
+    # What priced this instance's iterations: profiles.bundle_source of its hardware ("profiles",
+    # "legacy", "operator-db", "roofline") and the hardware name; the run summary's latency_model.
+    latency_source: tuple = ("profiles", "")
     # What the result rests on besides the measured profiles (e.g. FP8 KV priced from bf16 tables,
     # REFERENCE.md §1.14): one sentence each; the run summary's ``approximations``.
     approximations: tuple = ()
@@ -524,16 +527,15 @@ def profile_variant(profiles_dir: str, hardware: str, model: ModelConfig, rt: Mo
     act = dtype_bytes(model.torch_dtype, "model.torch_dtype")
     base = _W_VARIANT.get(w, "bf16")
     model_dir = Path(profiles_dir) / hardware / model.name
-    from jaxsim.operator_db import VARIANTS, is_operator_db
-
-    if is_operator_db(hardware):  # converted tables (jaxsim.operator_db): its VARIANTS, no folders
-        if base not in VARIANTS:
+    variants = profiles.generated_variants(hardware)
+    if variants is not None:  # converted tables or a spec sheet: its VARIANTS, no folders
+        if base not in variants:
             raise JaxsimInputError(f"{where}.dtype", f"{rt.dtype}: weights of {w} byte(s) need a {base!r} variant, "
-                                   f"which the operator database of {hardware} does not convert "
-                                   f"(converted: {sorted(VARIANTS)})", f"use dtype auto ({model.torch_dtype})")
+                                   f"which {hardware} does not build (built: {sorted(variants)})",
+                                   f"use dtype auto ({model.torch_dtype})")
         if kv == act:
             return base, 1.0
-        if kv == 1 and f"{base}-kv{_KV_VARIANT}" in VARIANTS:
+        if kv == 1 and f"{base}-kv{_KV_VARIANT}" in variants:
             return f"{base}-kv{_KV_VARIANT}", 1.0
         return base, kv / act
     if not hardware.startswith("legacy/") and model_dir.is_dir() and not (model_dir / base).is_dir():
@@ -550,14 +552,34 @@ def profile_variant(profiles_dir: str, hardware: str, model: ModelConfig, rt: Mo
 
 
 @functools.lru_cache(maxsize=64)
-def _bundle(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp: int):
-    return profiles.load_profile_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
+def _bundle(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp: int,
+            peak_tflops: "float | None" = None, mem_bw_gbs: "float | None" = None):
+    spec = {k: v for k, v in dict(peak_tflops=peak_tflops, mem_bw_gbs=mem_bw_gbs).items() if v is not None}
+    return profiles.load_profile_bundle(profiles_dir, hardware, model, variant=variant, tp=tp, spec=spec or None)
+
+
+def hardware_bundle(profiles_dir: str, hw: HardwareConfig, model: ModelConfig, variant: str):
+    """The profile bundle of ``hw`` (its name, TP degree and, for a spec sheet, its what-if
+    ``peak_tflops`` / ``mem_bw_gbs``), cached.
+
+    Raises:
+      JaxsimInputError: at ``hardware.peak_tflops`` / ``hardware.mem_bw_gbs`` when set on hardware that
+        is not a spec sheet (measured tables cannot be re-priced that way: use compute_scale /
+        memory_scale), and whatever the bundle's loader raises.
+    """
+    if profiles.bundle_source(hw.name) != "roofline":
+        for k in ("peak_tflops", "mem_bw_gbs"):
+            if getattr(hw, k) is not None:
+                raise JaxsimInputError(f"hardware.{k}", f"only spec-sheet hardware (spec/<sheet>) has a {k}; "
+                                       f"{hw.name!r} is priced by {profiles.SOURCES[profiles.bundle_source(hw.name)]}",
+                                       "unset it, or use compute_scale / memory_scale to scale measured tables")
+    return _bundle(profiles_dir, hw.name, model, variant, hw.tp, hw.peak_tflops, hw.mem_bw_gbs)
 
 
 @functools.lru_cache(maxsize=64)
 def latency_tables(profiles_dir: str, hw: HardwareConfig, model: ModelConfig, variant: str, w_bytes: int,
             rt: ModelRuntimeConfig = ModelRuntimeConfig()):
-    bundle = _bundle(profiles_dir, hw.name, model, variant, hw.tp)
+    bundle = hardware_bundle(profiles_dir, hw, model, variant)
     if rt.expert_routing not in ("balanced", "zipf"):
         raise JaxsimInputError("model.expert_routing", f"unknown routing {rt.expert_routing!r}",
                                "use 'balanced' or 'zipf'")
@@ -621,7 +643,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 f"attention: kv_cache_dtype {rt.kv_cache_dtype} has no '{variant}-kv{_KV_VARIANT}' profile variant of "
                 f"{model.name} on {hw.name}; attention is priced from the {variant} tables with decode attention's "
                 f"KV-read term (fitted a + b*nd*kvd) scaled by {kv_scale:g}, an estimate (REFERENCE.md §1.14)")
-    bundle = _bundle(str(profiles_dir), hw.name, model, variant, hw.tp)
+    bundle = hardware_bundle(str(profiles_dir), hw, model, variant)
     tables = latency_tables(str(profiles_dir), hw, model, variant, w_bytes, rt)
     f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
     if scales:
@@ -698,6 +720,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 kv_from_memory=hw.num_gpu_blocks is None, null_block=null_block,
                 approximations=tuple(approximations), offloaded=offloaded,
                 profile_outliers=tuple(bundle.outliers), kv_tier=kv_tier,
+                latency_source=(profiles.bundle_source(hw.name), hw.name),
                 gpu_static_bytes=_gpu_static_bytes(model, hw, w_bytes, offloaded), kv_on_gpu=not wp.kv_off_npu,
                 wload_busy=dict(g["busy"]) if wp.off_npu else {}, pim=pim_plan)
 

@@ -45,7 +45,8 @@ CATEGORIES = ("dense", "per_sequence", "attention", "moe")
 SKEW_PC_GRID = np.arange(0, 2049, 16, dtype=np.int64)  # §2.6: pc must be exactly one of these
 OUTLIER_FACTOR = 4.0  # grid_outliers: a point this many times above (or below) both references
 OUTLIERS_SHOWN = 5  # outliers quoted in the warning and the run summary (all are on the bundle)
-_NOT_HARDWARE = {"architectures", "models", "validation", "workloads", "clusters", "legacy", "operator-db"}
+_NOT_HARDWARE = {"architectures", "models", "validation", "workloads", "clusters", "legacy", "operator-db", "specs",
+                 "pim"}
 
 
 @dataclasses.dataclass
@@ -465,15 +466,53 @@ def _skew_fit(meta: dict, meta_path: Path, tpdir: Path, tp: int) -> SkewFit:
 # ------------------------------------------------------------------------------------- bundle
 def known_hardware(profiles_dir) -> list:
     """Hardware names: the bundle folders, then ``legacy/<HW>`` (REFERENCE.md §2.8, :mod:`jaxsim.legacy_profiles`),
-    then the converted operator-database systems (:mod:`jaxsim.operator_db`)."""
+    then the converted operator-database systems (:mod:`jaxsim.operator_db`), then the spec sheets
+    (``spec/<sheet>``, :mod:`jaxsim.spec_bundle`)."""
     from jaxsim.legacy_profiles import legacy_hardware
     from jaxsim.operator_db import operator_db_hardware
+    from jaxsim.spec_bundle import spec_hardware
 
     p = Path(profiles_dir)
     if not p.is_dir():
         return []
     return sorted(x.name for x in p.iterdir() if x.is_dir() and x.name not in _NOT_HARDWARE
-                  and not x.name.startswith(".")) + legacy_hardware(p) + operator_db_hardware(p)
+                  and not x.name.startswith(".")) + legacy_hardware(p) + operator_db_hardware(p) + spec_hardware(p)
+
+
+# Where a hardware name's tables come from (the run summary's ``latency_model``): a measured bundle
+# folder, the legacy format (REFERENCE.md §2.8), a converted operator database, or a spec sheet
+# priced by the roofline model. The last two build a bundle for any model (no folder per model).
+SOURCES = {"profiles": "measured profiles", "legacy": "legacy profiles (REFERENCE.md §2.8)",
+           "operator-db": "operator database (AIConfigurator, converted by jaxsim.operator_db)",
+           "roofline": "roofline model of a spec sheet (jaxsim.latency.roofline, tabulated by jaxsim.spec_bundle)"}
+
+
+def bundle_source(hardware) -> str:
+    """The key of :data:`SOURCES` for a hardware name (by its form: ``legacy/<HW>``, a converted
+    system name, ``spec/<sheet>``, else a bundle folder)."""
+    from jaxsim.operator_db import is_operator_db
+    from jaxsim.spec_bundle import is_spec
+
+    h = str(hardware)
+    return ("legacy" if h.startswith("legacy/") else "operator-db" if is_operator_db(h)
+            else "roofline" if is_spec(h) else "profiles")
+
+
+def any_model(hardware) -> bool:
+    """The hardware's tables are built for any model (converted operator databases, spec sheets)."""
+    return bundle_source(hardware) in ("operator-db", "roofline")
+
+
+def generated_variants(hardware) -> "dict | None":
+    """The profile variants a generated source builds (None for folder-based hardware)."""
+    from jaxsim import operator_db, spec_bundle
+
+    return {"operator-db": operator_db.VARIANTS, "roofline": spec_bundle.VARIANTS}.get(bundle_source(hardware))
+
+
+def has_hardware(profiles_dir, hardware) -> bool:
+    """Hardware ``hardware`` can be loaded from ``profiles_dir`` (a folder, a converted system or a sheet)."""
+    return str(hardware) in known_hardware(profiles_dir) or (Path(profiles_dir) / str(hardware)).is_dir()
 
 
 def _load_yaml(path: Path, what: str) -> dict:
@@ -537,8 +576,12 @@ def tp_folder(base: Path, tp: int, model_name: str, hardware: str) -> Path:
 
 
 def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: str = "bf16",
-                        tp: int = 1) -> ProfileBundle:
+                        tp: int = 1, spec: "dict | None" = None) -> ProfileBundle:
     """Read one profile bundle (REFERENCE.md §2.2) for ``model`` at TP degree ``tp``.
+
+    ``legacy/<HW>``, converted operator-database systems and ``spec/<sheet>`` go to their loaders
+    (:func:`bundle_source`); ``spec``: what-if overrides of a sheet (``peak_tflops``, ``mem_bw_gbs``;
+    only for ``spec/<sheet>``).
 
     Raises :class:`JaxsimInputError` naming the file (and line) for unknown hardware, a missing
     model/variant/``tp<N>`` folder (TP is never extrapolated), a missing CSV or column, an
@@ -552,10 +595,15 @@ def load_profile_bundle(profiles_dir, hardware: str, model: ModelConfig, variant
         from jaxsim.legacy_profiles import load_legacy_bundle
 
         return load_legacy_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
-    from jaxsim.operator_db import is_operator_db, load_converted_bundle
+    source = bundle_source(hardware)
+    if source == "operator-db":  # converted operator databases (jaxsim.operator_db)
+        from jaxsim.operator_db import load_converted_bundle
 
-    if is_operator_db(hardware):  # converted operator databases (jaxsim.operator_db)
         return load_converted_bundle(profiles_dir, hardware, model, variant=variant, tp=tp)
+    if source == "roofline":  # a spec sheet: the roofline model tabulated (jaxsim.spec_bundle)
+        from jaxsim.spec_bundle import load_spec_bundle
+
+        return load_spec_bundle(profiles_dir, hardware, model, variant=variant, tp=tp, **(spec or {}))
     root = Path(profiles_dir)
     hw_dir = root / hardware
     if not hw_dir.is_dir() or hardware in _NOT_HARDWARE:

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from jaxsim import power as power_lib
+from jaxsim import profiles
 from jaxsim.engine import cluster, meters
 from jaxsim.engine.instance import WAITING
 from jaxsim.engine.status import Status
@@ -112,6 +113,14 @@ def to_result(p: "simulator.Prepared", final: cluster.ClusterState, wall_s: floa
     # bf16 tables, REFERENCE.md §1.14): one sentence each; absent when there is none.
     if p.approximations:
         stats["approximations"] = list(p.approximations)
+    # What priced the iterations: per source (profiles.SOURCES) its hardware and iteration count.
+    if p.latency_sources:
+        by = {}
+        for (source, hw), c in zip(p.latency_sources, counts):
+            d = by.setdefault(source, {"model": profiles.SOURCES[source], "hardware": [], "iterations": 0})
+            d["hardware"] = sorted(set(d["hardware"]) | {hw})
+            d["iterations"] += c
+        stats["latency_model"] = by
     if p.memory.get("tier_storage"):
         stats["kv_tier"] = tier_stats(p.memory, f.tier, ctr)
     if wall_s is not None:

@@ -41,6 +41,7 @@ class Prepared:
     max_iters_bound: int  # the iteration buffer never needs more rows than this
     profile_outliers: tuple = ()  # of the profile bundles used (profiles.ProfileBundle.outliers)
     approximations: tuple = ()  # what the result estimates beyond the profiles (Plan.approximations)
+    latency_sources: tuple = ()  # per instance, (source, hardware) of what priced it (Plan.latency_source)
     memory: dict = dataclasses.field(default_factory=dict)  # the memory series' constants (memory_layout)
     power: dict | None = None  # what pricing the run's energy needs (jaxsim.power.host_info); None: no power
 
@@ -140,7 +141,8 @@ def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: S
     state, params, wl, _ = build([pl], dims, batched=False)
     static = dims.static(pl.block_size, releases=needs_releases([pl]), kv_tier=pl.kv_tier)
     return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound,
-                    pl.profile_outliers, pl.approximations, memory_layout([pl], params.sched.tier_pool[None]),
+                    pl.profile_outliers, pl.approximations, (pl.latency_source,),
+                    memory_layout([pl], params.sched.tier_pool[None]),
                     power_lib.host_info([pl], power) if power is not None else None)
 
 
@@ -170,7 +172,7 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
                     max(pl.max_iters_bound for pl in plans),
                     tuple(dict.fromkeys(o for pl in plans for o in pl.profile_outliers)),
                     tuple(dict.fromkeys(a for pl in plans for a in pl.approximations)),
-                    memory_layout(plans, params.sched.tier_pool),
+                    tuple(pl.latency_source for pl in plans), memory_layout(plans, params.sched.tier_pool),
                     power_lib.host_info(plans, power) if power is not None else None)
 
 

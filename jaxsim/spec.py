@@ -283,6 +283,12 @@ class HardwareConfig:
     # after the NPU's prefill attention (as the reference's outputs do) instead of beside it.
     pim_context: str = checked("current", choices=PIM_CONTEXTS, noun="PIM context", fix="use current or prompt")
     pim_overlap: bool = True
+    # Hardware known only by its spec sheet (name ``spec/<sheet>``, profiles/specs/<sheet>.yaml; priced
+    # by the roofline model, jaxsim/latency/roofline.py): the sheet's peak FLOP/s of the model's
+    # compute dtype (TFLOP/s) and memory bandwidth (GB/s), overridden for a what-if part (None: the
+    # sheet's). Only spec hardware has them: measured tables cannot be re-priced this way.
+    peak_tflops: float | None = checked(None, lo=0, lo_open=True)
+    mem_bw_gbs: float | None = checked(None, lo=0, lo_open=True)
 
     def __post_init__(self):
         check_fields(self)

@@ -63,6 +63,9 @@ KNOBS = {
     "kv_tier_bandwidth_gbps": "recall bandwidth of the KV tier's device, GB/s",
     "kv_tier_latency_ns": "recall latency of the KV tier's device, ns",
     "enable_prefix_sharing": "one KV-tier pool per node (cpu) / per cluster (cxl) instead of one per instance",
+    "mem_size_gb": "accelerator memory, GiB (KV capacity through the memory model)",
+    "peak_tflops": "peak TFLOP/s of a spec-sheet part (hardware spec/<sheet>, roofline-priced)",
+    "mem_bw_gbs": "memory bandwidth of a spec-sheet part, GB/s (hardware spec/<sheet>, roofline-priced)",
     "link_bw_gbps": "TP/EP link bandwidth, GB/s",
     "link_latency_ns": "TP/EP link latency per ring step, ns",
     "block_size": "KV block size in tokens (a shape: one compile per value)",
@@ -87,7 +90,7 @@ KNOBS = {
     "standby_duration_s": "how long every NPU stays at standby power after work, s (SweepBase.power)",
 }
 _HARDWARE_KNOBS = ("tp", "num_gpu_blocks", "mem_util", "link_bw_gbps", "link_latency_ns", "weights_offload_fraction",
-                   "kv_offload_capacity_gb")
+                   "kv_offload_capacity_gb", "mem_size_gb", "peak_tflops", "mem_bw_gbs")
 _SCHEDULER_KNOBS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
                     "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
 _SCALE_KNOBS = ("compute_scale", "memory_scale", "link_scale")
