@@ -37,9 +37,10 @@ How each layer is priced (times are the tables' milliseconds as µs, then int ns
 * **Memory-bound layers** the tables lack (embedding, layernorm, qk_norm, rotary_emb, act_fn,
   final_layernorm, sampler): ``t = t0 + bytes / (eff * mem_bw)`` with bytes from
   :func:`jaxsim.operators.layer_operators`, ``mem_bw`` the spec sheet's and ``(t0, eff)`` per
-  operator class fitted on the native RTX PRO 6000 and RTX 4090 bundles by
+  operator fitted on the native RTX PRO 6000 and RTX 4090 bundles by
   ``scripts/fit_operator_db.py`` (``fit.json``: ``bandwidth``, with its leave-one-hardware-out
-  error). ``eff`` above 1 means the kernel beats DRAM bandwidth (its input is still in L2).
+  error, p50 13-49% by operator). ``eff`` above 1 means the kernel beats DRAM bandwidth (its input
+  is still in L2); the L2 sizes of the target GPUs are not modelled.
 * **Attention** (the §2.5 table, :class:`jaxsim.profiles.AttentionTable`) for the per-rank heads
   ``num_heads/tp``, ``num_kv_heads/tp``, ``head_dim`` and the variant's KV dtype. A batch is the
   **sum of its prefill part and its decode part** (one varlen call in vLLM; the cross-check
@@ -53,8 +54,10 @@ How each layer is priced (times are the tables' milliseconds as µs, then int ns
     ``isl + step = kvd``, bilinear in (log batch, log context) on log time; above the largest
     context, linear in kvd (KV-read bound); below the smallest, clamped.
 
-  Grid: pc 0, 16, 32, ..., 8192; kp 0, 16, ..., 65536; nd 0 and the table's batch sizes
-  (1, 2, ..., 2048); kvd 16, 32, ..., 131072. The slices are filled as the legacy converter
+  Grid: pc 0, 16, 32, ..., 8192; kp 0, 16, ..., 65536 as far as ``L`` stays within the context
+  table (isl <= 16384: all of them up to pc = 128, kp <= 8192 at pc = 8192), so that no grid value
+  is itself extrapolated and a query beyond is flagged like any extrapolation; nd 0 and the table's
+  batch sizes (1, 2, ..., 2048); kvd 16, 32, ..., 131072 (the generation table's contexts). The slices are filled as the legacy converter
   does (:func:`jaxsim.legacy_profiles._sum_attention`), so a lookup returns exactly
   ``prefill~(pc, kp) + decode~(nd, kvd)``.
 * **MoE** (``tp1/moe.csv``'s role, §2.7): the MoE table's rows for the model's
@@ -348,7 +351,13 @@ def attention_table(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
     from jaxsim.legacy_profiles import _sum_attention
 
     prefill, decode, batches, outliers, info = attention_parts(sdir, hardware, model, tp, kv_dtype)
-    kp_rows = {pc: (np.array(KP_AXIS, np.int64), us_to_ns([prefill(pc, kp) for kp in KP_AXIS])) for pc in PC_AXIS}
+    # per chunk, only the histories whose equivalent length is in the context table: a query beyond
+    # them extrapolates linearly in kp (the engine flags it), never a silently extrapolated grid value
+    top = info["context_isl_max"]
+    kp_rows = {}
+    for pc in PC_AXIS:
+        kps = [kp for kp in KP_AXIS if pc * pc + 2 * pc * kp <= top * top]
+        kp_rows[pc] = (np.array(kps, np.int64), us_to_ns([prefill(pc, kp) for kp in kps]))
     kv_rows = {int(b): (np.array(KVD_AXIS, np.int64), us_to_ns([decode(int(b), kvd) for kvd in KVD_AXIS]))
                for b in batches}
     return _sum_attention(kp_rows, kv_rows), outliers, info

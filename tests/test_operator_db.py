@@ -1,0 +1,193 @@
+"""Bundles converted from the operator databases (jaxsim/operator_db.py, profiles/operator-db/):
+values hand-checked against the shipped CSV rows, the interpolation and bandwidth formulas by hand,
+the prefill + decode attention sum, the MoE mapping, errors, the config path and one simulation."""
+
+import csv
+import gzip
+import json
+import math
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import jaxsim  # noqa: F401  (enables x64)
+from jaxsim import config as config_lib
+from jaxsim import operator_db as odb
+from jaxsim import simulator
+from jaxsim.errors import JaxsimInputError
+from jaxsim.latency import iteration_time, latency_tables
+from jaxsim.profiles import known_hardware, load_profile_bundle
+from jaxsim.spec import Calibration, HardwareConfig, SchedulerConfig, Workload
+
+from _shared import LLAMA, PROFILES, load_model
+
+QWEN_MOE = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+H100 = PROFILES / "operator-db" / "h100_sxm"
+_ONE = jax.jit(iteration_time)
+
+
+def _bundle(hw, name, tp=1, variant="bf16"):
+    m = load_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return m, load_profile_bundle(PROFILES, hw, m, variant=variant, tp=tp)
+
+
+def _row(name: str, prefix: str) -> float:
+    """time_us of the one row of ``<h100>/<name>`` that starts with ``prefix``."""
+    with gzip.open(H100 / name, "rt") as f:
+        rows = [r for r in f if r.startswith(prefix)]
+    assert len(rows) == 1, (name, prefix, rows)
+    return float(rows[0].rstrip().split(",")[-1])
+
+
+def _at(tab, key) -> int:
+    return int(tab.values_ns[list(tab.keys).index(key)])
+
+
+def _cell(at, pc, kp, nd, kvd) -> int:
+    i, j = list(at.pc_axis).index(pc), list(at.nd_axis).index(nd)
+    r = list(at.kp_keys[i, j, : at.n_kp[i, j]]).index(kp)
+    q = list(at.kvd_keys[i, j, r, : at.n_kvd[i, j, r]]).index(kvd)
+    return int(at.values_ns[i, j, r, q])
+
+
+def test_gemm_layer_on_a_grid_point_is_the_table_value():
+    """Llama-3.1-8B TP 1 qkv_proj is (n, k) = (4096 + 2*1024, 4096) = (6144, 4096), a grid point:
+    gemm.csv.gz line 322 ``bfloat16,1,6144,4096,21.1653`` and line 10465 ``bfloat16,64,...,21.0258``."""
+    _, b = _bundle("h100", LLAMA)
+    assert _at(b.dense["qkv_proj"], 1) == 21165 and _row("gemm.csv.gz", "bfloat16,1,6144,4096,") == 21.1653
+    assert _at(b.dense["qkv_proj"], 64) == 21026
+    # TP 2: n = 3072 (grid point), k = 4096
+    _, b2 = _bundle("h100", LLAMA, tp=2)
+    assert _at(b2.dense["qkv_proj"], 64) == round(1000 * _row("gemm.csv.gz", "bfloat16,64,3072,4096,"))
+
+
+def test_gemm_between_grid_points_is_log_bilinear_and_between_neighbours():
+    """gate_up_proj (n, k) = (2*14336, 4096): n = 28672 lies between grid points 16384 and 51200."""
+    _, b = _bundle("h100", LLAMA)
+    lo, hi = _row("gemm.csv.gz", "bfloat16,64,16384,4096,"), _row("gemm.csv.gz", "bfloat16,64,51200,4096,")
+    assert (lo, hi) == (60.2302, 181.512)
+    w = math.log(28672 / 16384) / math.log(51200 / 16384)  # 0.4912
+    hand = lo * (hi / lo) ** w  # 103.54 us
+    assert abs(_at(b.dense["gate_up_proj"], 64) - hand * 1000) <= 1 and lo * 1000 < hand * 1000 < hi * 1000
+    grid = odb.GemmGrid(str(H100 / "gemm.csv.gz"), "bfloat16")
+    n_lo, n_hi = list(grid.n).index(16384), list(grid.n).index(51200)
+    k = list(grid.k).index(4096)
+    us = b.dense["gate_up_proj"].values_ns / 1000
+    assert np.all(us >= grid.us[:, n_lo, k] - 1e-3) and np.all(us <= grid.us[:, n_hi, k] + 1e-3)
+    # above the grid (lm_head at TP 1, n = 128256 > 65536): linear in n from the last grid point
+    top = _row("gemm.csv.gz", "bfloat16,1,65536,4096,")
+    assert abs(_at(b.per_sequence["lm_head"], 1) - top * 128256 / 65536 * 1000) <= 1
+
+
+def test_bandwidth_model_by_hand():
+    """layernorm at 64 tokens on H100: 4 rows of H read/written at 2 bytes + the weight vector."""
+    _, b = _bundle("h100", LLAMA)
+    fit = json.loads((PROFILES / "operator-db" / "fit.json").read_text())["bandwidth"]
+    c = fit["classes"][fit["operator_class"]["layernorm"]]
+    nbytes = 4 * 4096 * 2 * 64 + 4096 * 2  # 2,105,344
+    hand_us = c["t0_us"] + nbytes / (c["eff"] * 3.35e12) * 1e6  # mem_bw of spec.yaml: 3350 GB/s
+    assert _at(b.dense["layernorm"], 64) == round(hand_us * 1000)
+    assert 0 < c["t0_us"] < 20 and c["eff"] > 0.5  # a physical fit (t0 a few µs)
+
+
+def test_attention_cell_is_context_plus_generation():
+    """(pc 512, kp 0, nd 4, kvd 1024): context batch 1, isl 512 (L = sqrt(512^2 + 0) = 512)
+    plus generation batch 4 at context 1 + 1023, Llama-3.1-8B TP 1 heads 32/8, head_dim 128."""
+    _, b = _bundle("h100", LLAMA)
+    pre = _row("context_attention.csv.gz", "bfloat16,1,512,32,8,128,")
+    dec = _row("generation_attention.csv.gz", "bfloat16,4,1,32,8,128,1023,")
+    assert (pre, dec) == (17.296, 14.0693)
+    assert _cell(b.attention, 512, 0, 4, 1024) == 17296 + 14069
+    assert _cell(b.attention, 512, 0, 0, 0) == 17296 and _cell(b.attention, 0, 0, 4, 1024) == 14069
+    # a history: L = sqrt(16^2 + 2*16*504) = 128 exactly, a grid point of isl
+    assert _cell(b.attention, 16, 0, 0, 0) < _cell(b.attention, 16, 512, 0, 0)
+    assert _row("context_attention.csv.gz", "bfloat16,1,128,32,8,128,") * 1000 == pytest.approx(
+        1000 * odb.attention_parts(H100, "h100", load_model(LLAMA), 1, "bfloat16")[0](16, 504), abs=1e-6)
+    # TP 2 looks up the per-rank heads 16/8 -> 16/4
+    _, b2 = _bundle("h100", LLAMA, tp=2)
+    assert _cell(b2.attention, 512, 0, 0, 0) == round(1000 * _row("context_attention.csv.gz", "bfloat16,1,512,16,4,128,"))
+
+
+def test_moe_table_and_bundles_load():
+    """Qwen3-30B-A3B TP 1 (ep 1): T = 16 tokens activate min(16*8, 128) = 128 experts; the row is the
+    MoE table's (moe line 594, 413.696 us) plus the router GEMM (16, 128, 2048) (5.07111 us)."""
+    m, b = _bundle("h100", QWEN_MOE)
+    assert _row("moe.csv.gz", "bfloat16,16,2048,768,8,128,1,1,") == 413.696
+    assert _row("gemm.csv.gz", "bfloat16,16,128,2048,") == 5.07111
+    a = list(b.moe.ae_axis).index(128)
+    assert list(b.moe.token_keys[a, : b.moe.n_tokens[a]])[:2] == [16, 32]
+    assert int(b.moe.values_ns[a, 0]) == 418767
+    assert list(b.moe.ae_axis) == [8, 16, 32, 64, 128]  # T = 1, 2, 4, 8 then saturated
+    assert "qk_norm" in b.dense and b.skew.enabled is False and b.meta["conversion"]["moe"]["ep_assumed"] == 1
+    _, b2 = _bundle("h100", QWEN_MOE, tp=2)  # ep 2: experts per rank 64, T = 1 -> 4 activated
+    assert b2.moe.ae_axis[0] == 4 and b2.moe.ae_axis[-1] == 64
+    assert {"h100", "h200", "b200", "gb200", "rtxpro6000_opdb"} <= set(known_hardware(PROFILES))
+
+
+def test_outliers_are_listed_as_for_native_bundles():
+    """rtx_pro_6000_server's generation row at batch 1, context 4096 (185.9 us between 14.8 and 28.9 us)."""
+    with pytest.warns(UserWarning, match="1 profile point"):
+        odb._load.cache_clear()
+        b = odb.load_converted_bundle(PROFILES, "rtxpro6000_opdb", load_model(LLAMA))
+    assert len(b.outliers) == 1 and "generation_attention.csv.gz:711" in b.outliers[0]
+    assert "context=4096 time_us=185.867" in b.outliers[0]
+
+
+def test_errors_name_hardware_model_tp_and_what_the_tables_hold():
+    llama = load_model(LLAMA)
+    with pytest.raises(JaxsimInputError, match="unknown hardware 'h300'.*known hardware"):
+        odb.load_converted_bundle(PROFILES, "h300", llama)
+    with pytest.raises(JaxsimInputError, match=r"h100: tp=8 does not divide .*num_kv_heads 4.*\[1, 2, 4\]"):
+        load_profile_bundle(PROFILES, "h100", load_model(QWEN_MOE), tp=8)
+    with pytest.raises(JaxsimInputError, match=r"no bfloat16 MoE rows for microsoft/Phi-mini-MoE-instruct \(hidden "
+                       r"4096, moe intermediate 960, topk 2, 16 experts\).*held: .*\(2048, 768, 8, 128, 1, 1\)"):
+        load_profile_bundle(PROFILES, "h100", load_model("microsoft/Phi-mini-MoE-instruct"))
+    with pytest.raises(JaxsimInputError, match="no variant 'fp16'"):
+        load_profile_bundle(PROFILES, "h100", llama, variant="fp16")
+    # FP8 KV on the RTX PRO 6000: FlashInfer's rows (the FlashAttention rows are bf16-KV only)
+    _, b = _bundle("rtxpro6000_opdb", LLAMA, variant="bf16-kvfp8")
+    assert b.meta["kv_cache_dtype"] == "fp8"
+
+
+def test_config_accepts_converted_hardware():
+    hw = config_lib.hardware_option("h100", PROFILES, LLAMA)
+    assert hw.name == "h100" and hw.mem_size_gb == 80.0 and hw.link_bw_gbps > 100
+    fit = json.loads((PROFILES / "operator-db" / "fit.json").read_text())["allreduce"]["h100_sxm"]["vllm_eager"]["2"]
+    assert (hw.link_bw_gbps, hw.link_latency_ns) == (fit["link_bw_gbps"], fit["link_latency_ns"])
+
+
+H100_HW = HardwareConfig(name="h100", mem_size_gb=80.0, tp=1, cpu_mem_bw_gbps=math.inf, cpu_mem_latency_ns=0.0)
+
+
+def _first_iteration(m, b) -> int:
+    """A 128-token prompt's first iteration, hand-composed from the bundle's layers (REFERENCE.md §2.1)."""
+    d, ps = b.dense, b.per_sequence
+    block = sum(_at(d[n], 128) for n in ("layernorm", "qkv_proj", "rotary_emb", "o_proj", "layernorm", "gate_up_proj",
+                                         "act_fn", "down_proj")) + _cell(b.attention, 128, 0, 0, 0)
+    hand = _at(d["embedding"], 128) + 32 * block + _at(d["final_layernorm"], 128) + _at(ps["lm_head"], 1) \
+        + _at(ps["sampler"], 1)
+    return hand
+
+
+def test_iteration_on_h100_is_the_hand_composed_sum():
+    m, b = _bundle("h100", LLAMA)
+    assert int(_ONE(latency_tables(b, m, H100_HW), 128, 1, 128, 0, 0, 0, 0, 0)[0]) == _first_iteration(m, b)
+
+
+@pytest.mark.slow  # 22 s on 2 cores: the engine compiles for the converted tables' shapes
+def test_simulation_on_h100():
+    """One request end to end on h100: the first iteration is the whole prompt, priced as the
+    hand-composed sum of the converted layers."""
+    m, b = _bundle("h100", LLAMA)
+    hw = H100_HW
+    first = _first_iteration(m, b)
+    w = Workload(arrival_ns=np.array([0], np.int64), input_toks=np.array([128], np.int32),
+                 output_toks=np.array([3], np.int32), token_ids=[None])
+    res = simulator.simulate(w, m, hw, SchedulerConfig(max_num_seqs=4), calib=Calibration.none(),
+                             profiles_dir=str(PROFILES), max_slots=8)
+    assert int(res.iter_end_ns[0] - res.iter_start_ns[0]) == first
+    assert res.first_token_ns[0] == first and res.finish_ns[0] > first
