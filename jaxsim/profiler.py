@@ -134,12 +134,13 @@ GRIDS = {
     "tiny": Grid("tiny", tokens=(1, 16), sequences=(1, 4), prefill_chunks=(0, 16), kv_prefill=(0, 16),
                  n_decode=(0, 2), kv_decode=(16, 32), moe_tokens=(1, 8), moe_experts=(1, 4, 8)),
     # the default: doubling grids up to the native bundles' limits (tokens 2048, sequences 256),
-    # attention coarser (x4 steps, context up to 2048 tokens; beyond, the lookups extrapolate
-    # linearly, §2.4-2.5) so that Llama-3.1-8B at width 4 takes under 10 minutes on 2 CPU cores
+    # attention coarse (every cell is one prefill plus the decodes, so its cost is the product of the
+    # axes; time is linear in kp and kvd, so between and beyond these points the linear lookups of
+    # §2.4-2.5 hold) so that Llama-3.1-8B at width 4 takes under 10 minutes on 2 CPU cores
     "default": Grid("default", tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
                     sequences=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-                    prefill_chunks=(0, 16, 128, 512, 2048), kv_prefill=(0, 512, 2048),
-                    n_decode=(0, 1, 16, 64, 256), kv_decode=(16, 512, 2048),
+                    prefill_chunks=(0, 16, 128, 512, 2048), kv_prefill=(0, 512),
+                    n_decode=(0, 1, 16, 256), kv_decode=(16, 2048),
                     moe_tokens=(1, 4, 16, 64, 256, 1024, 2048), moe_experts=(8, 16, 32, 64, 128)),
 }
 
@@ -612,30 +613,55 @@ def read_spread(tpdir) -> list:
 
 # --------------------------------------------------------------------- operator-DB comparison
 OPDB_RAW = PROJECT_PROFILES.parents[1] / "shared" / "data" / "operator-db" / "aiconfigurator" / "data"
-_OPDB_TABLES = {"gemm": "gemm/vllm/0.19.0/gemm_perf", "context": "attention/vllm/0.19.0/context_attention_perf",
-                "generation": "attention/vllm/0.19.0/generation_attention_perf"}
+_OPDB_TABLES = {"gemm": "gemm/vllm/0.19.0/gemm_perf", "context_attention": "attention/vllm/0.19.0/context_attention_perf",
+                "generation_attention": "attention/vllm/0.19.0/generation_attention_perf"}
 
 
 def _read_opdb_table(system: str, table: str, csv_root=None, raw_root=None) -> tuple:
-    """``(columns dict, source path)`` of one operator-DB table: a CSV copy
-    ``<csv_root>/<system>/<relative>.csv`` or ``<csv_root>/<system>/<basename>.csv`` when present
-    (same columns as the parquet), else the raw parquet."""
-    rel = _OPDB_TABLES[table]
-    csv_root = Path(csv_root) if csv_root is not None else PROJECT_PROFILES / "operator-db"
-    for cand in (csv_root / system / f"{rel}.csv", csv_root / system / f"{Path(rel).name}.csv"):
-        if cand.is_file():
-            with open(cand, newline="") as f:
-                rows = list(csv.DictReader(f))
-            cols = {c: [r[c] for r in rows] for c in (rows[0].keys() if rows else [])}
-            return cols, cand
-    raw = (Path(raw_root) if raw_root is not None else OPDB_RAW) / system / f"{rel}.parquet"
-    if not raw.is_file():
-        known = sorted(p.name for p in raw.parents[4].iterdir()) if raw.parents[4].is_dir() else []
-        raise JaxsimInputError(str(raw), f"no operator-DB table {table!r} for system {system!r}",
-                               f"known systems: {known}")
-    import pyarrow.parquet as pq
+    """``(rows, source path)`` of one operator-DB table (``gemm``, ``context_attention``,
+    ``generation_attention``), rows as dicts with a ``time_us`` field, bfloat16 GEMMs and
+    bfloat16 attention with a bfloat16 KV cache only.
 
-    return pq.read_table(raw).to_pydict(), raw
+    Read from the project's converted copy ``<csv_root>/<system>/<table>.csv[.gz]``
+    (``profiles/operator-db/``, written by ``scripts/import_operator_db.py``: µs, one kernel per KV
+    dtype) when present, else from the raw AIConfigurator parquet under ``raw_root``
+    (milliseconds; attention rows of the ``vllm_flash_attn`` kernel when the system has it, else
+    of the one it has)."""
+    import gzip
+
+    csv_root = Path(csv_root) if csv_root is not None else PROJECT_PROFILES / "operator-db"
+    rows = None
+    for cand in (csv_root / system / f"{table}.csv.gz", csv_root / system / f"{table}.csv"):
+        if cand.is_file():
+            with (gzip.open(cand, "rt", newline="") if cand.suffix == ".gz" else open(cand, newline="")) as f:
+                rows, src = list(csv.DictReader(f)), cand
+            for r in rows:
+                r["time_us"] = float(r["time_us"])
+            break
+    if rows is None:
+        src = (Path(raw_root) if raw_root is not None else OPDB_RAW) / system / f"{_OPDB_TABLES[table]}.parquet"
+        if not src.is_file():
+            where = src.parents[4]
+            known = sorted(p.name for p in where.iterdir()) if where.is_dir() else []
+            raise JaxsimInputError(str(src), f"no operator-DB table {table!r} for system {system!r}",
+                                   f"known systems: {known} (or converted copies in {csv_root})")
+        import pyarrow.parquet as pq
+
+        cols = pq.read_table(src).to_pydict()
+        n = len(cols["latency"])
+        rows = [{c: cols[c][i] for c in cols} for i in range(n)]
+        for r in rows:
+            r["time_us"] = float(r["latency"]) * 1000.0
+        if table != "gemm":
+            rows = [r for r in rows if r.get("attn_dtype") == "bfloat16"]
+            kernels = {r.get("kernel_source") for r in rows}
+            keep = "vllm_flash_attn" if "vllm_flash_attn" in kernels else sorted(kernels, key=str)[0] if kernels else None
+            rows = [r for r in rows if r.get("kernel_source") == keep]
+    if table == "gemm":
+        rows = [r for r in rows if r["gemm_dtype"] == "bfloat16"]
+    else:
+        rows = [r for r in rows if r["kv_cache_dtype"] == "bfloat16"]
+    return rows, src
 
 
 def _interp(xs, ys, x):
@@ -657,7 +683,8 @@ def compare_with_operator_db(bundle, system: str, model: ModelConfig, tp: int = 
     """Relative error of a profiled bundle's GEMM and attention rows against the operator database
     of ``system`` (AIConfigurator's vLLM 0.19.0 tables, milliseconds), as
     ``{"gemm": {n, median_rel_err, p90_rel_err}, "context_attention": ..., "generation_attention":
-    ..., "sources": [...], "skipped": {...}}``. ``rel_err = measured / database - 1``.
+    ..., "sources": [...], "skipped": {...}}``. ``rel_err = measured / database - 1``; the
+    tables are read by :func:`_read_opdb_table` (converted CSVs, else the raw parquet).
 
     ``bundle``: the bundle folder (``.../<variant>``); ``model``: the model *as profiled* (the
     reduced-width one, :func:`reduced_model`, when the bundle was written with width > 1).
@@ -666,7 +693,7 @@ def compare_with_operator_db(bundle, system: str, model: ModelConfig, tp: int = 
     (``nd = 0, kp = 0``) match ``context_attention`` at batch 1, ``isl = pc``; pure decodes
     (``pc = 0``) match ``generation_attention`` at batch ``nd``, context ``isl + step = kvd``,
     interpolated linearly in the context; both at the per-rank head counts and head_dim, bfloat16
-    KV, the ``vllm_flash_attn`` kernel. Points outside the database's range are skipped (counted)."""
+    KV. Points outside the database's range are skipped (counted)."""
     base = Path(bundle)
     tpdir = base / f"tp{tp}"
     ops = layer_operators(model, tp)
@@ -675,9 +702,8 @@ def compare_with_operator_db(bundle, system: str, model: ModelConfig, tp: int = 
     gemm, src = _read_opdb_table(system, "gemm", csv_root, raw_root)
     out["sources"].append(str(src))
     by_nk: dict = {}
-    for dtp, m, n, k, lat in zip(gemm["gemm_dtype"], gemm["m"], gemm["n"], gemm["k"], gemm["latency"]):
-        if dtp == "bfloat16":
-            by_nk.setdefault((int(n), int(k)), {})[int(float(m))] = float(lat) * 1000.0
+    for r in gemm:
+        by_nk.setdefault((int(r["n"]), int(r["k"])), {})[int(float(r["m"]))] = r["time_us"]
     errs, skipped = [], 0
     for fname, key in (("dense.csv", "tokens"), ("per_sequence.csv", "sequences")):
         with open(tpdir / fname, newline="") as f:
@@ -701,17 +727,16 @@ def compare_with_operator_db(bundle, system: str, model: ModelConfig, tp: int = 
     with open(tpdir / "attention.csv", newline="") as f:
         attn = [(int(r["prefill_chunk"]), int(r["kv_prefill"]), int(r["n_decode"]), int(r["kv_decode"]),
                  float(r["time_us"])) for r in csv.DictReader(f)]
-    for table, label in (("context", "context_attention"), ("generation", "generation_attention")):
-        db, src = _read_opdb_table(system, table, csv_root, raw_root)
+    for label in ("context_attention", "generation_attention"):
+        table = label.split("_")[0]
+        db, src = _read_opdb_table(system, label, csv_root, raw_root)
         out["sources"].append(str(src))
         curves: dict = {}
-        for i in range(len(db["latency"])):
-            if (int(db["num_heads"][i]) != nh or int(db["num_key_value_heads"][i]) != nkv
-                    or int(db["head_dim"][i]) != hd or db["attn_dtype"][i] != "bfloat16"
-                    or db["kv_cache_dtype"][i] != "bfloat16" or db["kernel_source"][i] != "vllm_flash_attn"):
+        for r in db:
+            if int(r["num_heads"]) != nh or int(r["num_key_value_heads"]) != nkv or int(r["head_dim"]) != hd:
                 continue
-            ctx = int(db["isl"][i]) + (int(db["step"][i]) if table == "generation" else 0)
-            curves.setdefault(int(db["batch_size"][i]), {})[ctx] = float(db["latency"][i]) * 1000.0
+            ctx = int(r["isl"]) + (int(r["step"]) if table == "generation" else 0)
+            curves.setdefault(int(r["batch_size"]), {})[ctx] = r["time_us"]
         errs, skipped = [], 0
         for pc, kp, nd, kvd, us in attn:
             if table == "context" and not (nd == 0 and kp == 0 and pc > 0):

@@ -4,12 +4,12 @@ it was asked for, positive times, a consistent spread file and its provenance.""
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import shutil
-import sys
+import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -53,7 +53,9 @@ def _rows(path):
 def test_bundle_loads_with_every_layer_and_the_grid_asked_for(bundle):
     out, model, base = bundle
     assert base == out / HW / NAME / "bf16"
-    b = load_profile_bundle(out, HW, model, "bf16", 1)
+    with warnings.catch_warnings():  # a tiny model's CPU times are dispatch-bound and noisy: the loader may
+        warnings.simplefilter("ignore")  # flag grid outliers (kept as measured); not this test's subject
+        b = load_profile_bundle(out, HW, model, "bf16", 1)
     arch = yaml.safe_load((PROFILES / "architectures" / "llama.yaml").read_text())["sequence"]
     assert b.sequence == {g: list(arch.get(g) or []) for g in b.sequence}  # nothing dropped
     dense = {n for g in arch.values() for n in (g or []) if n not in ("attention", "lm_head", "sampler")}
@@ -121,18 +123,15 @@ def test_reduced_model_and_errors():
 
 
 def test_cli_rejects_unknown_and_missing_keys(capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import profile as cli  # scripts/profile.py (shadows the stdlib module only inside this test)
-    finally:
-        sys.path.pop(0)
-    try:
-        assert cli.main(["hardware=CPU", "model=meta-llama/Llama-3.1-8B", "widht=2"]) == 2
-        assert "widht: unknown key (did you mean 'width'?" in capsys.readouterr().err
-        assert cli.main(["model=meta-llama/Llama-3.1-8B"]) == 2
-        assert "hardware: missing" in capsys.readouterr().err
-    finally:
-        sys.modules.pop("profile", None)
+    spec = importlib.util.spec_from_file_location("profile_cli", ROOT / "scripts" / "profile.py")
+    cli = importlib.util.module_from_spec(spec)  # not `import profile`: the standard library has one
+    spec.loader.exec_module(cli)
+    assert cli.main(["hardware=CPU", "model=meta-llama/Llama-3.1-8B", "widht=2"]) == 2
+    assert "widht: unknown key (did you mean 'width'?" in capsys.readouterr().err
+    assert cli.main(["model=meta-llama/Llama-3.1-8B"]) == 2
+    assert "hardware: missing" in capsys.readouterr().err
+    assert cli.main(["hardware=CPU", "model=meta-llama/Llama-3.1-8B", "tp=two"]) == 2
+    assert "tp: 'two' is not a whole number" in capsys.readouterr().err
 
 
 def test_compare_with_operator_db_runs_on_a_csv_copy(bundle, tmp_path):
@@ -146,35 +145,45 @@ def test_compare_with_operator_db_runs_on_a_csv_copy(bundle, tmp_path):
     attn = _rows(base / "tp1" / "attention.csv")
     sysdir = tmp_path / "fake_sys"
     sysdir.mkdir()
+    # profiles/operator-db/<system>/ layout (scripts/import_operator_db.py): µs, one kernel per KV dtype
     gemm = [{"gemm_dtype": "bfloat16", "m": r["tokens"], "n": ops[r["layer"]].n, "k": ops[r["layer"]].k,
-             "latency": float(r["time_us"]) / 2000.0} for r in dense if ops[r["layer"]].kind == "gemm"]
-    head = dict(num_heads=small.num_heads, num_key_value_heads=small.num_kv_heads, head_dim=small.head_dim,
-                attn_dtype="bfloat16", kv_cache_dtype="bfloat16", kernel_source="vllm_flash_attn")
-    ctx = [{**head, "batch_size": 1, "isl": r["prefill_chunk"], "step": 0, "latency": float(r["time_us"]) / 2000.0}
+             "time_us": float(r["time_us"]) / 2} for r in dense if ops[r["layer"]].kind == "gemm"]
+    gemm.append({"gemm_dtype": "fp8", "m": 1, "n": ops["lm_head"].n, "k": ops["lm_head"].k, "time_us": 1.0})
+    head = dict(kv_cache_dtype="bfloat16", num_heads=small.num_heads, num_key_value_heads=small.num_kv_heads,
+                head_dim=small.head_dim)
+    ctx = [{**head, "batch_size": 1, "isl": r["prefill_chunk"], "time_us": float(r["time_us"]) / 2}
            for r in attn if r["kv_prefill"] == "0" and r["n_decode"] == "0"]
     gen = [{**head, "batch_size": r["n_decode"], "isl": 1, "step": int(r["kv_decode"]) - 1,
-            "latency": float(r["time_us"]) / 2000.0} for r in attn if r["prefill_chunk"] == "0"]
-    for name, rows in (("gemm_perf", gemm), ("context_attention_perf", ctx), ("generation_attention_perf", gen)):
+            "time_us": float(r["time_us"]) / 2} for r in attn if r["prefill_chunk"] == "0"]
+    for name, rows in (("gemm", gemm), ("context_attention", ctx), ("generation_attention", gen)):
         with open(sysdir / f"{name}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
     cmp = profiler.compare_with_operator_db(base, "fake_sys", small, csv_root=tmp_path, raw_root=tmp_path)
-    assert cmp["gemm"]["n"] == 4 * 2 and cmp["skipped"]["gemm"] == 2  # 4 GEMMs x 2 tokens; lm_head not in the DB
+    # 4 GEMMs x 2 tokens; lm_head (only an fp8 row) skipped at both sequence counts
+    assert cmp["gemm"]["n"] == 4 * 2 and cmp["skipped"]["gemm"] == 2
     assert cmp["context_attention"]["n"] == 1 and cmp["generation_attention"]["n"] == 1
     for k in ("gemm", "context_attention", "generation_attention"):
         assert cmp[k]["median_rel_err"] == pytest.approx(1.0, rel=1e-2)
         assert cmp[k]["p90_rel_err"] == pytest.approx(1.0, rel=1e-2)
+    assert cmp["sources"][0].endswith("fake_sys/gemm.csv")
     assert "gemm" in profiler.format_comparison(cmp, "fake_sys")
 
 
-def test_compare_reads_the_raw_parquet_when_present(bundle):
-    """The raw AIConfigurator tables (when the team's shared data is there): the code path runs and
-    reports counts; its errors on a CPU are meaningless and not asserted."""
-    if not (profiler.OPDB_RAW / "rtx_pro_6000_server").is_dir():
+@pytest.mark.parametrize("source", ["converted", "raw"])
+def test_compare_against_a_real_system(bundle, source):
+    """The shipped converted tables (profiles/operator-db) and the raw AIConfigurator parquet (when
+    the team's shared data is there): the code path runs, both give the same matches; the errors
+    of a CPU against a GPU are meaningless and not asserted."""
+    if source == "raw" and not (profiler.OPDB_RAW / "rtx_pro_6000_server").is_dir():
         pytest.skip("no ../shared/data/operator-db here")
+    if source == "converted" and not (PROFILES / "operator-db" / "rtx_pro_6000_server").is_dir():
+        pytest.skip("no profiles/operator-db here")
     _, model, base = bundle
     small, _ = profiler.reduced_model(model, 2)
-    cmp = profiler.compare_with_operator_db(base, "rtx_pro_6000_server", small, csv_root=Path("/nonexistent"))
-    assert all(s.endswith(".parquet") for s in cmp["sources"])
-    assert cmp["gemm"]["n"] + cmp["skipped"]["gemm"] == 4 * 2 + 2
+    cmp = profiler.compare_with_operator_db(base, "rtx_pro_6000_server", small,
+                                            csv_root=Path("/nonexistent") if source == "raw" else None)
+    assert all(s.endswith(".parquet" if source == "raw" else ".csv.gz") for s in cmp["sources"])
+    # every GEMM row is either matched or skipped: 4 dense GEMMs x 2 tokens + lm_head x 2 sequences
+    assert cmp["gemm"]["n"] + cmp["skipped"]["gemm"] == 4 * 2 + 2 and cmp["gemm"]["n"] >= 8
