@@ -68,7 +68,9 @@ How each layer is priced (times are the tables' milliseconds as µs, then int ns
   tokens on ``act = min(round(T*k/ep), E/ep)`` experts (§1.9 BALANCED), so it is stored at
   ``(tokens = local, activated_experts = act)``. The table is exact along the balanced path
   (the engine's closed form queries exactly these pairs, interpolating across act between
-  the table's T); off it (``expert_routing: zipf``) a row is constant in tokens: an estimate.
+  the table's T; each row is extended, constant, to its neighbours' token counts so that such a
+  query stays inside both rows it blends); off it (``expert_routing: zipf``) a row is constant in
+  tokens: an estimate.
 * **TP all-reduce** is not in the bundle: the engine's ring model reads ``link_bw_gbps`` /
   ``link_latency_ns`` of ``conf/hardware/<name>.yaml``, fitted to the custom all-reduce table by
   ``scripts/fit_operator_db.py``.
@@ -392,7 +394,20 @@ def moe_table(sdir: Path, hardware: str, model: ModelConfig, ep: int, dtype: str
         local = max(1, int(round(tok * f)))
         r_us = float(np.interp(tok, gemm.m[ok], router[ok]))
         rows.setdefault(max(act, 1), {}).setdefault(local, v + r_us)
-    ae_axis = np.array(sorted(rows), np.int64)
+    # Each row also gets its neighbours' nearest token counts at its own edge value (constant), so
+    # that a balanced-path query, which blends the two rows around its act at its own token count,
+    # interpolates inside both rows instead of counting as an extrapolation (the values it returns
+    # do not change).
+    order = sorted(rows)
+    edges = [(min(rows[ae]), max(rows[ae])) for ae in order]  # before any extension
+    for i, ae in enumerate(order):
+        r = rows[ae]
+        lo, hi = r[edges[i][0]], r[edges[i][1]]
+        if i > 0:
+            r.setdefault(edges[i - 1][1], lo)
+        if i + 1 < len(order):
+            r.setdefault(edges[i + 1][0], hi)
+    ae_axis = np.array(order, np.int64)
     K = max(len(r) for r in rows.values())
     n_tok = np.zeros(len(ae_axis), np.int32)
     keys = np.zeros((len(ae_axis), K), np.int64)

@@ -119,8 +119,14 @@ def test_moe_table_and_bundles_load():
     assert _row("moe.csv.gz", "bfloat16,16,2048,768,8,128,1,1,") == 413.696
     assert _row("gemm.csv.gz", "bfloat16,16,128,2048,") == 5.07111
     a = list(b.moe.ae_axis).index(128)
-    assert list(b.moe.token_keys[a, : b.moe.n_tokens[a]])[:2] == [16, 32]
-    assert int(b.moe.values_ns[a, 0]) == 418767
+    # the saturated row starts at T = 16, extended (constant) down to the previous row's T = 8
+    assert list(b.moe.token_keys[a, : b.moe.n_tokens[a]])[:3] == [8, 16, 32]
+    assert int(b.moe.values_ns[a, 0]) == int(b.moe.values_ns[a, 1]) == 418767
+    # T = 3 activates 24 experts: the lookup blends the rows of T = 2 (16 experts) and 4 (32), each
+    # extended to T = 3's neighbours, i.e. linear in T between the two table rows
+    i16, i32 = list(b.moe.ae_axis).index(16), list(b.moe.ae_axis).index(32)
+    assert list(b.moe.token_keys[i16, : b.moe.n_tokens[i16]]) == [1, 2, 4]
+    assert len(set(b.moe.values_ns[i16, :3].tolist())) == 1 and list(b.moe.token_keys[i32, :3]) == [2, 4, 8]
     assert list(b.moe.ae_axis) == [8, 16, 32, 64, 128]  # T = 1, 2, 4, 8 then saturated
     assert "qk_norm" in b.dense and b.skew.enabled is False and b.meta["conversion"]["moe"]["ep_assumed"] == 1
     _, b2 = _bundle("h100", QWEN_MOE, tp=2)  # ep 2: experts per rank 64, T = 1 -> 4 activated
