@@ -314,8 +314,9 @@ def main(argv=None):
     w = np.zeros(len(d["t"]))
     for (h, rep), idx in groups.items():
         w[idx] = 0.0 if rep in NOT_FITTED else 1.0 / len(idx)
-    hws = sorted(set(d["hw"]))
-    counts = {h: {r: int(np.sum((d["hw"] == h) & (d["rep"] == r))) for r in REPORT
+    d["hw"] = d["hw"].astype(str)
+    hws = sorted(str(h) for h in set(d["hw"].tolist()))
+    counts = {str(h): {str(r): int(np.sum((d["hw"] == h) & (d["rep"] == r))) for r in REPORT
                   if np.any((d["hw"] == h) & (d["rep"] == r))} for h in hws}
     print(f"{len(d['t'])} rows ({time.time() - t0:.1f} s to read): {counts}", flush=True)
 

@@ -250,8 +250,8 @@ def test_loho_figures_recorded():
     fig = json.loads(FIT.read_text())
     it = fig["iteration_loho"]["all"]
     # the report's figure (scripts/fit_roofline.py, leave-one-hardware-out, 9 bundles x 34 shapes)
-    assert it["n"] == 306 and it["median"] <= 0.16
+    assert it["n"] == 306 and it["median"] <= 0.13  # measured 0.117
     assert set(fig["loho"]["per_hardware"]) == {"a6000", "b200", "gb200", "h100", "h200", "rtx4090", "rtxpro6000"}
-    assert fig["loho"]["per_class"]["gemm"]["median"] <= 0.15
+    assert fig["loho"]["per_class"]["gemm"]["median"] <= 0.11  # measured 0.0994
     cal = yaml.safe_load((SPECS / "roofline_calibration.yaml").read_text())
     assert cal["provenance"]["loho_iteration_median_rel_err"] == it["median"]
