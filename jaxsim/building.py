@@ -31,24 +31,25 @@ def _pad_workload(arrays: dict, dims: Dims) -> dict:
 
 
 def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: bool | None = None,
-          max_steps: int | None = None):
+          max_steps: int | None = None, pad_like: "list[Plan] | None" = None):
     """Device arrays for ``plans`` at the shared ``dims``: (state, params, workload, workload_batched).
 
     With ``batched``, every leaf gets a leading configuration axis (the workload only when the
     plans' traces differ, e.g. scaled arrivals or other seeds, or when ``workload_batched``);
     otherwise ``plans`` has one entry. ``max_steps``: the step limit (default
-    :meth:`Dims.max_steps`).
+    :meth:`Dims.max_steps`). ``pad_like``: more plans whose latency-table shapes the arrays must
+    cover (a sweep's whole group: every chunk then has one shape, hence one compile).
     """
     state, params, wl, wl_batched = build_clusters([[p] for p in plans], dims,  # one instance each
                                                    workload_batched=workload_batched if batched else False,
-                                                   max_steps=max_steps)
+                                                   max_steps=max_steps, pad_like=pad_like)
     if not batched:
         state, params = jax.tree.map(lambda x: x[0], (state, params))
     return state, params, wl, wl_batched
 
 
 def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched: bool | None = None,
-                   max_steps: int | None = None):
+                   max_steps: int | None = None, pad_like: "list[Plan] | None" = None):
     """:func:`build` for a batch of cluster designs (``clusters[c][i]``: the plan of instance i of
     configuration c; the instances of a configuration share its trace). Designs with fewer
     instances than the largest are padded with copies of their last instance that are never
@@ -57,7 +58,7 @@ def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched
     routable = np.array([[i < len(c) for i in range(n)] for c in clusters])
     clusters = [list(c) + [c[-1]] * (n - len(c)) for c in clusters]
     flat = [pl for c in clusters for pl in c]
-    params = jax.tree.map(lambda x: x.reshape((len(clusters), n) + x.shape[1:]), stacked_params(flat))
+    params = jax.tree.map(lambda x: x.reshape((len(clusters), n) + x.shape[1:]), stacked_params(flat, pad_like))
     layouts = [tier_layout(c, c[0].kv_tier) for c in clusters]
     params = eqx.tree_at(lambda p: (p.routable, p.sched.tier_pool), params,
                          (jnp.asarray(routable), jnp.asarray(np.stack([t.pool_of for t in layouts]))))
@@ -86,14 +87,15 @@ def weight_load_devices(plans: "list[Plan]") -> np.ndarray:
     return out
 
 
-def stacked_params(plans: "list[Plan]") -> cluster.EngineParams:
-    """The plans' engine parameters stacked along a leading axis."""
+def stacked_params(plans: "list[Plan]", pad_like: "list[Plan] | None" = None) -> cluster.EngineParams:
+    """The plans' engine parameters stacked along a leading axis (latency tables padded to cover
+    ``pad_like``'s too, :func:`jaxsim.latency.stack_tables`)."""
     sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans])) for k in plans[0].sched}
     calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))
              for k in (f.name for f in dataclasses.fields(Calibration))}
     links = [p.links for p in plans]
     return cluster.EngineParams(
-        sched=inst_lib.SchedulerParams(**sched), latency=latency.stack_tables([p.tables for p in plans]),
+        sched=inst_lib.SchedulerParams(**sched), latency=latency.stack_tables([p.tables for p in plans], [p.tables for p in pad_like or ()]),
         pp=jnp.asarray([p.pp for p in plans], jnp.int64), tp=jnp.asarray([p.tp for p in plans], jnp.int64),
         num_layers=jnp.asarray([p.num_layers for p in plans], jnp.int64),
         routable=jnp.ones(len(plans), bool), role=jnp.asarray([ROLES.index(p.role) for p in plans], jnp.int32),

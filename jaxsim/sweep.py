@@ -351,16 +351,18 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         dims = dataclasses.replace(dims, max_iters=1)
         # Every chunk of a group has the same shapes (hence one compile), the workload axis included.
         wl_axis = len({id(plans[i][0].workload_arrays) for i in members}) > 1
+        group_plans = [pl for i in members for pl in plans[i]]  # latency tables padded to the group's shapes
         for lo in range(0, len(members), chunk_size):
             idx = members[lo:lo + chunk_size]
             padded = idx + [idx[-1]] * (chunk_size - len(idx))  # one shape per group: one compile
             if not _is_cluster(base):
                 state, params, wl, wl_batched = simulator.build([plans[i][0] for i in padded], dims, batched=True,
-                                                                workload_batched=wl_axis, max_steps=max_steps)
+                                                                workload_batched=wl_axis, max_steps=max_steps,
+                                                                pad_like=group_plans)
             else:
                 state, params, wl, wl_batched = simulator.build_clusters([plans[i] for i in padded], dims,
                                                                          workload_batched=wl_axis,
-                                                                         max_steps=max_steps)
+                                                                         max_steps=max_steps, pad_like=group_plans)
             final = _run_chunk(state, params, wl, wl_batched, static, tuple(devices))
             host = jax.device_get(dict(
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,
@@ -378,7 +380,9 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                     row[f"{base.kv_tier.storage}_hit_tokens"] = int(one["tier_served"])  # served to admitted requests
                 if "power" in one:
                     row.update(_energy_columns(plans[i], _point_power(base, points[i]), one, plans[i][0].workload))
-                rows[i] = {"config": i, **points[i], **row}
+                # which source priced the point's iterations (profiles.SOURCES keys; several: joined by +)
+                src = "+".join(dict.fromkeys(pl.latency_source[0] for pl in plans[i]))
+                rows[i] = {"config": i, **points[i], **row, "latency_model": src}
                 sim_s += sim
                 if keep_requests:
                     requests[i] = {f: one[f] for f in _REQUEST_FIELDS}

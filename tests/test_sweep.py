@@ -30,7 +30,13 @@ RTX4090 = HardwareConfig(name="RTX4090", mem_size_gb=24, link_latency_ns=1000,
 # Power metered on every point (one node block for both GPUs): each row's energy equals its single run's.
 POWER = power.PowerConfig(default=power.node_power({"base_node_power": 100, "npu": {
     "RTXPRO6000": {"idle_power": 35, "standby_power": 150, "active_power": 600, "standby_duration": 5},
-    "RTX4090": {"idle_power": 20, "standby_power": 100, "active_power": 450, "standby_duration": 5}}}))
+    "RTX4090": {"idle_power": 20, "standby_power": 100, "active_power": 450, "standby_duration": 5},
+    "h100": {"idle_power": 60, "standby_power": 200, "active_power": 700, "standby_duration": 5},
+    "mi300x": {"idle_power": 90, "standby_power": 250, "active_power": 750, "standby_duration": 5}}}))
+# Hardware from the three other sources: a converted operator database (h100) and a spec sheet priced
+# by the roofline model (spec/mi300x), whose peak FLOP/s and bandwidth are per-point knobs.
+H100 = HardwareConfig(name="h100", mem_size_gb=80, link_bw_gbps=450, num_gpu_blocks=900)
+MI300X = HardwareConfig(name="spec/mi300x", mem_size_gb=192, link_bw_gbps=448, num_gpu_blocks=900)
 
 
 def _base(**kw):
@@ -40,7 +46,8 @@ def _base(**kw):
     return sweep.SweepBase(load_trace(16), load_model(), hardware=HardwareConfig(num_gpu_blocks=900),
                            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024),
                            profiles_dir=PROFILES, max_slots=24, slo_ttft_ms=400, slo_tpot_ms=30,
-                           hardware_options={"pro6000": HardwareConfig(num_gpu_blocks=900), "rtx4090": RTX4090}, **kw)
+                           hardware_options={"pro6000": HardwareConfig(num_gpu_blocks=900), "rtx4090": RTX4090,
+                                             "h100": H100, "mi300x": MI300X}, **kw)
 
 
 BASE = _base()
@@ -54,6 +61,9 @@ POINTS = [
     {"arrival_rate_scale": 4.0, "compute_scale": 0.7, "memory_scale": 1.3, "power_cap_w": 400.0},
     {"hardware": "rtx4090", "max_num_batched_tokens": 512},
     {"enable_prefix_caching": False, "async_scheduling": False, "num_gpu_blocks": 300},
+    {"hardware": "h100"},
+    {"hardware": "mi300x"},
+    {"hardware": "mi300x", "peak_tflops": 600.0, "mem_bw_gbs": 2650.0},
 ]
 
 
@@ -72,7 +82,7 @@ def _single(point):
 
 # The points whose single run compiles a shape of its own (300 blocks, RTX 4090 grids) are in the
 # slow set (the suite's 10-minute budget); the sweep itself always runs all six.
-@pytest.mark.parametrize("i", [pytest.param(i, marks=pytest.mark.slow) if i in (1, 4, 5) else i
+@pytest.mark.parametrize("i", [pytest.param(i, marks=pytest.mark.slow) if i in (1, 4, 5, 6, 7, 8) else i
                                for i in range(len(POINTS))])
 def test_each_configuration_equals_its_single_run(swept, i):
     result, _ = swept
@@ -104,6 +114,16 @@ def test_configurations_differ_and_knobs_act(swept):
     assert all(0.0 <= r["slo_attainment"] <= 1.0 for r in rows)
 
 
+def test_hardware_of_every_source_in_one_call(swept):
+    result, _ = swept
+    rows = result.rows
+    assert [r["latency_model"] for r in rows[-4:]] == ["profiles", "operator-db", "roofline", "roofline"]
+    # half the sheet's bandwidth and under half its FLOP/s: every decode iteration is slower
+    assert rows[8]["tpot_mean_ms"] > 1.5 * rows[7]["tpot_mean_ms"]
+    # an MI300X (5.3 TB/s) decodes faster than the RTX PRO 6000 (1.8 TB/s), an H100 (3.35 TB/s) too
+    assert rows[7]["tpot_mean_ms"] < rows[6]["tpot_mean_ms"] < rows[0]["tpot_mean_ms"]
+
+
 def test_one_compile_for_shape_changing_knobs(swept):
     result, compiles = swept
     assert result.num_groups == 1
@@ -127,8 +147,10 @@ def test_expand_grid_and_bad_knobs():
     assert pts[1] == {"max_num_seqs": 4, "compute_scale": 0.5}  # last knob fastest
     with pytest.raises(JaxsimInputError, match="max_num_seq.*unknown knob"):
         sweep.sweep(BASE, [{"max_num_seq": 4}], progress=False)
-    with pytest.raises(JaxsimInputError, match="hardware.*unknown hardware 'h100'"):
-        sweep.sweep(BASE, [{"hardware": "h100"}], progress=False)
+    with pytest.raises(JaxsimInputError, match="hardware.*unknown hardware 'a100'"):
+        sweep.sweep(BASE, [{"hardware": "a100"}], progress=False)
+    with pytest.raises(JaxsimInputError, match="hardware.peak_tflops.*only spec-sheet hardware"):
+        sweep.sweep(BASE, [{"peak_tflops": 100.0}], progress=False)
     with pytest.raises(JaxsimInputError, match="seed knob needs a synthetic workload"):
         sweep.sweep(BASE, [{"seed": 1}], progress=False)
     with pytest.raises(JaxsimInputError, match="arrival_rate_scale.*> 0"):

@@ -268,17 +268,20 @@ _INF_PADDED = {"l1_keys", "att_kp", "att_kvd", "moe_ae", "moe_tok", "skew_n_hi",
                "skew_kp_hi", "pim_load0"}
 
 
-def stack_tables(tables: list) -> LatencyTables:
+def stack_tables(tables: list, like: "list | None" = None) -> LatencyTables:
     """Stack configurations along a new leading axis (for ``vmap``), padding every axis.
 
     Keys pad with +inf and everything else with 0; every count is explicit (``*_last``,
     multiplicities, ``moe_rank_experts``), so padded rows, slices, labels and EP ranks are never
-    used.
+    used. ``like``: more tables whose shapes and compiled paths the result must also cover (a
+    sweep's whole group, so that each of its chunks has one shape: one compile), not stacked.
     """
+    like = list(tables) + list(like or [])
+
     def stack(name, *leaves):
         leaves = [np.asarray(x) for x in leaves]  # on the host: one transfer per field
         nd = leaves[0].ndim
-        shape = [max(x.shape[d] for x in leaves) for d in range(nd)]
+        shape = [max(np.shape(getattr(t, name))[d] for t in like) for d in range(nd)]
         fill = np.inf if name in _INF_PADDED else 0
         out = []
         for x in leaves:
@@ -289,5 +292,5 @@ def stack_tables(tables: list) -> LatencyTables:
     static = ("kv_scaled", "offload", "pim", "interleave")  # compiled paths: on for all when any configuration needs them
     fields = [f.name for f in dataclasses.fields(LatencyTables) if f.name not in static]
     return LatencyTables(**{n: stack(n, *(getattr(t, n) for t in tables)) for n in fields},
-                         **{n: any(getattr(t, n) for t in tables) for n in static})
+                         **{n: any(getattr(t, n) for t in like) for n in static})
 
