@@ -201,7 +201,7 @@ OVERRIDES = {
                      # (PIM attention offloading needs pp = 1: off here, its other fields set)
                      enable_attn_offloading=False, pim_config="HBM2_1GB_2000_pim", pim_mem_size_gb=256.0,
                      enable_sub_batch_interleaving=False, pim_slope_ns=300.0, pim_intercept_ns=20000.0,
-                     pim_context="prompt", pim_overlap=False),
+                     pim_context="prompt", pim_overlap=False, peak_tflops=500.0, mem_bw_gbs=2000.0),
     "model": dict(name="meta-llama/Llama-3.1-8B", dtype="bfloat16", kv_cache_dtype="fp8", max_model_len=100000,
                   expert_routing="balanced", expert_zipf_s=0.5, expert_seed=3),
     "scheduler": dict(max_num_seqs=64, max_num_batched_tokens=4096, enable_chunked_prefill=False,
