@@ -85,3 +85,32 @@ def test_sources_and_errors(llama):
     variant, scale = planning.profile_variant(P, "spec/h100", llama,
                                               dataclasses.replace(planning.ModelRuntimeConfig(), kv_cache_dtype="fp8"))
     assert (variant, scale) == ("bf16-kvfp8", 1.0)
+
+
+@pytest.mark.slow  # the engine compiles once more for the roofline's own pytree (~40 s on 2 cores)
+def test_engine_runs_the_roofline_model_directly():
+    """The roofline model behind the engine's latency interface, without tables: the engine's
+    parameters of a spec-sheet run with its latency model swapped for the direct RooflineModel give
+    (nearly) the same run as the tabulated bundle (the tables reproduce the model to ~0.01%)."""
+    import equinox as eqx
+
+    from jaxsim import simulator
+    from jaxsim.results import to_result
+    from jaxsim.spec import SchedulerConfig
+
+    from _shared import load_model, load_trace
+
+    m, w = load_model(), load_trace(40)
+    hw = HardwareConfig(name="spec/h100", mem_size_gb=80, link_bw_gbps=450, link_latency_ns=10000)
+    sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=1024)
+    p = simulator.prepare(w, m, hw, sched, record_token_times=False)
+    tab = to_result(p, simulator.run_prepared(p))
+    rm = roofline.RooflineModel.from_spec("h100", m, cpu_bw_gbs=hw.cpu_mem_bw_gbps, cpu_lat_ns=hw.cpu_mem_latency_ns)
+    rm = roofline.with_hardware(rm, link_bw=hw.link_bw_gbps, link_lat=hw.link_latency_ns)
+    # the engine's parameters have an instance axis: a stack of one
+    direct_p = dataclasses.replace(p, params=eqx.tree_at(lambda q: q.latency, p.params, roofline.stack_rooflines([rm])))
+    direct = to_result(direct_p, simulator.run_prepared(direct_p))
+    assert direct.stats["iterations"] == pytest.approx(tab.stats["iterations"], rel=0.02)
+    for a, b in ((direct.first_token_ns - direct.arrival_ns, tab.first_token_ns - tab.arrival_ns),
+                 (direct.finish_ns, tab.finish_ns)):
+        assert np.mean(a) == pytest.approx(np.mean(b), rel=0.005)
