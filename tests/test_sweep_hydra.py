@@ -119,7 +119,7 @@ def test_sweep_base_from_spec():
     (["++sweep.axes.mem_util=[1.5]"], "sweep.axes.mem_util[0]: must be <= 1"),
     (["++sweep.axes.enable_prefix_caching=[1]"],
      "sweep.axes.enable_prefix_caching[0]: must be true or false"),
-    (["++sweep.axes.hardware=[h100]"], "sweep.axes.hardware[0]: unknown hardware option 'h100'"),
+    (["++sweep.axes.hardware=[a100]"], "sweep.axes.hardware[0]: unknown hardware option 'a100'"),
     (["model=qwen3_32b", "++sweep.axes.hardware=[rtxpro6000,rtx4090]"],
      "sweep.axes.hardware[1]: hardware option 'rtx4090': no profiles for 'Qwen/Qwen3-32B'"),
     (["sweep=seeds"], "sweep.axes.seed: the seed knob needs a synthetic workload"),
