@@ -23,6 +23,7 @@ import dataclasses
 from jaxsim.model import ModelConfig
 
 LOGIT_BYTES = 4  # vLLM computes logits and samples in float32
+SAMPLER_KERNELS = 10  # kernel launches of vLLM's V1 sampler (estimate; see layer_operators)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,9 @@ class Operator:
 
     ``kind``: ``"gemm"`` (a ``[x, k] @ [k, n]`` matrix product, ``n``/``k`` set) or ``"memory"``
     (an element-wise / gather / reduction kernel). FLOPs are ``flops_per_row * x``; bytes moved are
-    ``bytes_per_row * x + fixed_bytes`` (a GEMM's weights, a norm's weight vector).
+    ``bytes_per_row * x + fixed_bytes`` (a GEMM's weights, a norm's weight vector). ``kernels``: the
+    GPU kernels the layer launches (each pays a launch / latency floor in a pricing model; 1 for a
+    fused kernel, more for a layer that is a chain of small ones such as the sampler).
     """
 
     name: str
@@ -43,6 +46,7 @@ class Operator:
     flops_per_row: float = 0.0
     bytes_per_row: float = 0.0
     fixed_bytes: float = 0.0
+    kernels: int = 1
 
     def flops(self, x):
         return self.flops_per_row * x
@@ -57,9 +61,9 @@ def _gemm(name, n, k, act, w, keyed_by="tokens") -> Operator:
                     bytes_per_row=float((n + k) * act), fixed_bytes=float(n * k * w))
 
 
-def _mem(name, bytes_per_row, fixed=0.0, flops_per_row=0.0, keyed_by="tokens") -> Operator:
+def _mem(name, bytes_per_row, fixed=0.0, flops_per_row=0.0, keyed_by="tokens", kernels=1) -> Operator:
     return Operator(name, "memory", keyed_by, flops_per_row=float(flops_per_row),
-                    bytes_per_row=float(bytes_per_row), fixed_bytes=float(fixed))
+                    bytes_per_row=float(bytes_per_row), fixed_bytes=float(fixed), kernels=int(kernels))
 
 
 def layer_operators(model: ModelConfig, tp: int = 1, act_bytes: int = 2, weight_bytes: int = 2) -> dict:
@@ -92,9 +96,12 @@ def layer_operators(model: ModelConfig, tp: int = 1, act_bytes: int = 2, weight_
         "down_proj": _gemm("down_proj", h, inter, a, w),
         # per sequence: the last token's hidden state times the vocabulary shard
         "lm_head": _gemm("lm_head", vocab, h, a, w, keyed_by="sequences"),
-        # softmax / top-k / sampling over the full float32 logits (read, written once)
+        # softmax / top-k / sampling over the full float32 logits (read, written once). Kernels: vLLM's V1
+        # Sampler on its random path is a chain of small torch ops (float32 cast, greedy argmax, temperature
+        # divide, softmax, exponential draw, divide, argmax, where on temperature, int casts): ~10 launches,
+        # an estimate from its forward, not a count from a trace.
         "sampler": _mem("sampler", 2 * model.vocab_size * LOGIT_BYTES, flops_per_row=5 * model.vocab_size,
-                        keyed_by="sequences"),
+                        keyed_by="sequences", kernels=SAMPLER_KERNELS),
     }
 
 

@@ -19,8 +19,9 @@ error against :func:`jaxsim.latency.roofline.iteration_ns` is measured in ``test
 * attention ``(pc, kp, nd, kvd)``: the prefill part on ``pc`` in {0, 1, 2, 3, 4, 6, 8, 11, ...}
   (steps of sqrt 2: its FLOPs grow as pc^2) by ``kp`` in {0, 16, 32, ..., 2^17}; the decode part
   on ``nd`` in {0, 1, 2, 4, ..., 4096} by ``kvd`` in {0, 16, 32, ..., 2^17}. The decode part is
-  linear in ``nd * kvd`` on the memory side, which the table's bilinear lookup reproduces; a cell is
-  the sum of its prefill and decode parts (the roofline model's own composition);
+  linear in ``nd * kvd`` on the memory side, which the table's bilinear lookup reproduces; a pure cell
+  is its part, a mixed cell (both parts) the one varlen kernel of ``roofline.attention_ns`` at the
+  cell's own (pc, kp, nd, kvd) (the roofline model's own composition);
 * MoE by local tokens x activated experts (1..E/ep), with ``ep = tp`` (as the legacy loader
   assumes): a rank's ``x`` local tokens stand for ``x / f`` routed tokens and ``x k / (ep f)``
   expert assignments, ``f = 1 - ((ep-1)/ep)^k`` (REFERENCE.md §1.9, BALANCED).
@@ -119,7 +120,9 @@ def load_spec_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: s
     rm = roofline.RooflineModel.from_spec(spec, model, tp=tp, act_bytes=act, weight_bytes=w_bytes,
                                           kv_bytes=kv_bytes, profiles_dir=root)
     eff, peak, bw = rm.eff, float(rm.peak_flops), float(rm.mem_bw)
-    kernel = lambda f, b, cls: np.asarray(roofline.kernel_ns(f, b, cls, eff, peak, bw), np.float64)  # noqa: E731
+    l2 = float(rm.l2_bytes)
+    kernel = lambda f, b, cls, n=1.0: np.asarray(roofline.kernel_ns(f, b, cls, eff, peak, bw, n, l2),  # noqa: E731
+                                                 np.float64)
 
     sequence, category, tp_stable = load_architecture(root, model.model_type)
     ops = layer_operators(model, tp, act, w_bytes)
@@ -136,7 +139,8 @@ def load_spec_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: s
             x = TOKEN_GRID.astype(np.float64)
             cls = np.full(x.shape, roofline.GEMM if op.kind == "gemm" else roofline.MEMORY)
             (per_seq if cat == "per_sequence" else dense)[lname] = Table1D(TOKEN_GRID.copy(),
-                                                                           _ns(kernel(op.flops(x), op.bytes(x), cls)))
+                                                                           _ns(kernel(op.flops(x), op.bytes(x), cls,
+                                                                                      float(op.kernels))))
 
     # attention: prefill part by (pc, kp), decode part by (nd, kvd); cells are their sums
     qhd = float((model.num_heads // tp) * model.head_dim)
@@ -152,6 +156,17 @@ def load_spec_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: s
     from jaxsim.legacy_profiles import _sum_attention  # the same prefill + decode grid as legacy tables
 
     attention = _sum_attention(kp_rows, kv_rows)
+    # mixed cells (pc > 0 and nd > 0) are one varlen kernel, not the sum (roofline.attention_ns)
+    at = attention
+    pcs = at.pc_axis[:, None, None, None].astype(float)
+    nds = at.nd_axis[None, :, None, None].astype(float)
+    kps = at.kp_keys[:, :, :, None].astype(float)
+    kvds = at.kvd_keys.astype(float)
+    f_p, b_p, _, _ = roofline.attention_work(qhd, kv_tok, q_bytes, pcs, kps, 0.0, 0.0)
+    _, _, f_d, b_d = roofline.attention_work(qhd, kv_tok, q_bytes, 0.0, 0.0, nds, nds * kvds)
+    mixed = _ns(np.asarray(roofline.attention_ns(pcs, nds, f_p, b_p, f_d, b_d, eff, peak, bw), np.float64))
+    cells = (pcs > 0) & (nds > 0) & (at.values_ns > 0)
+    attention = dataclasses.replace(at, values_ns=np.where(cells, mixed, at.values_ns))
 
     moe = None
     if any(category[n] == "moe" for names in sequence.values() for n in names):

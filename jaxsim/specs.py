@@ -11,6 +11,7 @@ unit in every key name::
     link_bw_gbs: 450                     # required: intra-node link bandwidth per GPU, one direction, GB/s
     link_latency_us: 10                  # required: per-message link latency, µs
     mem_latency_us: 3                    # optional: memory / kernel latency floor, µs
+    l2_mib: 50                           # optional: last-level (L2) cache size, MiB
     tdp_w: 700                           # optional: board power (TDP), W
     idle_w: 60                           # optional: idle power, W
     notes: ...                           # optional: free text
@@ -18,7 +19,7 @@ unit in every key name::
 Every number must be a finite number > 0; an unknown key, a missing required key or a bad value
 is a :class:`jaxsim.errors.JaxsimInputError` naming the file and the key. The roofline model
 (:mod:`jaxsim.latency.roofline`) reads ``peak_tflops[dtype]``, ``mem_bw_gbs``, ``link_bw_gbs`` and
-``link_latency_us``; the rest is carried for capacity and power planning.
+``link_latency_us`` (and ``l2_mib`` when given); the rest is carried for capacity and power planning.
 """
 
 import dataclasses
@@ -31,7 +32,7 @@ from jaxsim.errors import JaxsimInputError, unknown_key_fix
 
 DEFAULT_SPECS_DIR = "profiles/specs"
 REQUIRED = ("name", "source", "peak_tflops", "mem_bw_gbs", "mem_gib", "link_bw_gbs", "link_latency_us")
-OPTIONAL = ("mem_latency_us", "tdp_w", "idle_w", "notes")
+OPTIONAL = ("mem_latency_us", "l2_mib", "tdp_w", "idle_w", "notes")
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp6", "fp4", "int4")
 
 
@@ -47,6 +48,7 @@ class SpecSheet:
     link_bw_gbs: float  # GB/s, one direction, per GPU
     link_latency_us: float
     mem_latency_us: "float | None" = None
+    l2_mib: "float | None" = None
     tdp_w: "float | None" = None
     idle_w: "float | None" = None
     notes: str = ""
@@ -111,6 +113,6 @@ def load_spec(name_or_path, specs_dir=DEFAULT_SPECS_DIR) -> SpecSheet:
         raise JaxsimInputError(f"{p}: peak_tflops.bf16", "missing required key", "every sheet gives the bf16 peak")
     peak_tflops = {str(d): _number(p, f"peak_tflops.{d}", v) for d, v in peaks.items()}
     nums = {k: _number(p, k, raw[k]) for k in ("mem_bw_gbs", "mem_gib", "link_bw_gbs", "link_latency_us")}
-    opt = {k: _number(p, k, raw[k]) for k in ("mem_latency_us", "tdp_w", "idle_w") if raw.get(k) is not None}
+    opt = {k: _number(p, k, raw[k]) for k in ("mem_latency_us", "l2_mib", "tdp_w", "idle_w") if raw.get(k) is not None}
     return SpecSheet(name=str(raw["name"]), source=str(raw["source"]), peak_tflops=peak_tflops,
                      notes=str(raw.get("notes") or ""), path=str(p), **nums, **opt)

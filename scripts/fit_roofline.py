@@ -3,14 +3,16 @@
     PYTHONPATH=. python scripts/fit_roofline.py            # fit + leave-one-hardware-out, writes both outputs
     PYTHONPATH=. python scripts/fit_roofline.py --steps 300 --max-rows 500 --no-write   # a quick look
 
-One parameter set (:class:`jaxsim.latency.roofline.Efficiency`: 6 parameters x 5 operator classes)
+One parameter set (:class:`jaxsim.latency.roofline.Efficiency`: 6 parameters x 5 operator classes, and
+the memory class's L2 gain)
 is fitted JOINTLY over all hardware, each hardware entering only through its spec sheet
 (``profiles/specs/<hw>.yaml``). Data (times as measured; each row's FLOPs and bytes from
 :mod:`jaxsim.operators` and the same formulas the model uses):
 
 * native bundles (``profiles/RTXPRO6000``: Llama-3.1-8B, Qwen3-32B, Qwen3-30B-A3B at TP 1 and 2;
   ``profiles/RTX4090``: Llama-3.1-8B TP 1): dense and per-sequence layers, every measured attention
-  point (mixed prefill + decode batches included), the MoE block (``moe.csv``);
+  point (mixed prefill + decode batches included: priced as one varlen kernel, ``roofline.attention_ns``),
+  the MoE block (``moe.csv``);
 * legacy bundles (``profiles/legacy/A6000`` Llama-3.1-8B TP 1, ``profiles/legacy/H100`` Llama-3.1-70B
   TP 4, Llama-3.1-8B TP 1/2 and Mixtral-8x7B TP 4): the layers, and the attention points that are
   pure prefill or pure decode (the mixed ones are sums the loader made, not measurements; the
@@ -54,7 +56,8 @@ sys.path.insert(0, str(REPO))
 import jaxsim  # noqa: E402,F401  (x64)
 from jaxsim.latency.base import BatchShape  # noqa: E402
 from jaxsim.latency.roofline import (ATTN_DECODE, ATTN_PREFILL, CLASSES, DEFAULT_CALIBRATION, GEMM, MEMORY,  # noqa: E402
-                                     MOE, PARAMS, Efficiency, RooflineModel, attention_work, kernel_ns, moe_work)
+                                     MIXED_QUERY_TILE, MOE, Efficiency, RooflineModel, attention_work, kernel_ns,
+                                     moe_work)
 from jaxsim.latency.tables import latency_tables  # noqa: E402
 from jaxsim.model import load_model_config  # noqa: E402
 from jaxsim.operators import layer_operators, moe_expert_shapes  # noqa: E402
@@ -90,11 +93,12 @@ class Rows:
     """The fit's rows: up to two priced parts each (class, FLOPs, bytes), the measured ns."""
 
     def __init__(self):
-        self.cols = {k: [] for k in ("hw", "src", "rep", "c1", "f1", "b1", "c2", "f2", "b2", "two", "t")}
+        self.cols = {k: [] for k in ("hw", "src", "rep", "c1", "f1", "b1", "c2", "f2", "b2", "two", "t", "kern", "layer")}
 
-    def add(self, hw, src, rep, parts, t_ns):
+    def add(self, hw, src, rep, parts, t_ns, kernels=1, layer=""):
         (c1, f1, b1), second = parts[0], (parts[1] if len(parts) > 1 else (0, 0.0, 0.0))
-        for k, v in zip(self.cols, (hw, src, rep, c1, f1, b1, second[0], second[1], second[2], len(parts) > 1, t_ns)):
+        for k, v in zip(self.cols, (hw, src, rep, c1, f1, b1, second[0], second[1], second[2], len(parts) > 1, t_ns,
+                                    kernels, layer)):
             self.cols[k].append(v)
 
     def arrays(self):
@@ -125,7 +129,8 @@ def bundle_rows(rows: Rows, hw, name, tp, cap, rng):
             rep = CLASSES[cls] + ("_legacy" if legacy and cls == MEMORY else "")
             for i in subsample(len(tab.keys), cap // 8, rng):
                 x = float(tab.keys[i])
-                rows.add(spec, src, rep, [(cls, op.flops(x), op.bytes(x))], float(tab.values_ns[i]))
+                rows.add(spec, src, rep, [(cls, op.flops(x), op.bytes(x))], float(tab.values_ns[i]),
+                         getattr(op, "kernels", 1), layer)
     if legacy and tp in (1, 2) and "70B" not in name and hw == "legacy/H100":
         return  # attention from 'attn' rows without KV: not a measurement of KV-dependent attention
     if "Mixtral" in name:
@@ -208,24 +213,31 @@ def _raw0():
     d = DEFAULT_CALIBRATION
     col = lambda k: np.array([d[c][k] for c in CLASSES])  # noqa: E731
     logit = lambda x: np.log(x / (1 - x))  # noqa: E731
+    l2 = np.log(np.maximum(col("l2_gain"), 1e-3))
     return jnp.asarray(np.stack([logit(col("e_max")), np.log(col("f_half") / 1e9), logit(col("b_max")),
-                                 np.log(col("b_half") / 1e6), np.log(col("lat") / 1e3), np.log(col("p") - 1.0)]))
+                                 np.log(col("b_half") / 1e6), np.log(col("lat") / 1e3), np.log(col("p") - 1.0), l2]))
+
+
+# only the memory class has an L2 gain (roofline module docstring); the others' stay 0
+_L2_FREE = jnp.asarray([c == "memory" for c in CLASSES], jnp.float64)
 
 
 def to_eff(raw) -> Efficiency:
     s = jax.nn.sigmoid
     return Efficiency(e_max=s(raw[0]), f_half=1e9 * jnp.exp(raw[1]), b_max=s(raw[2]), b_half=1e6 * jnp.exp(raw[3]),
-                      lat=1e3 * jnp.exp(raw[4]), p=1.0 + jnp.exp(raw[5]))
+                      lat=1e3 * jnp.exp(raw[4]), p=1.0 + jnp.exp(raw[5]), l2_gain=_L2_FREE * jnp.exp(raw[6]))
 
 
 def predict(eff, d):
-    t1 = kernel_ns(d["f1"], d["b1"], d["c1"], eff, d["peak"], d["bw"])
-    t2 = kernel_ns(d["f2"], d["b2"], d["c2"], eff, d["peak"], d["bw"])
-    return t1 + jnp.where(d["two"], t2, 0.0)
+    """Each row's time: one operator (``kern`` launches, L2 size ``l2``), or a mixed attention cell
+    (``two``: prefill part 1 + decode part 2) as the one varlen kernel of ``roofline.attention_ns``."""
+    t1 = kernel_ns(d["f1"], d["b1"], d["c1"], eff, d["peak"], d["bw"], d["kern"], d["l2"])
+    t_mix = kernel_ns(d["f1"] + MIXED_QUERY_TILE * d["f2"], d["b1"] + d["b2"], ATTN_PREFILL, eff, d["peak"], d["bw"])
+    return jnp.where(d["two"], t_mix, t1)
 
 
 def make_fit(d, steps, lr):
-    dj = {k: jnp.asarray(d[k]) for k in ("f1", "b1", "c1", "f2", "b2", "c2", "two", "peak", "bw")}
+    dj = {k: jnp.asarray(d[k]) for k in ("f1", "b1", "c1", "f2", "b2", "c2", "two", "peak", "bw", "kern", "l2")}
     logt = jnp.log(jnp.asarray(d["t"]))
     opt = optax.adam(lr)
 
@@ -308,6 +320,8 @@ def main(argv=None):
     specs = {s: load_spec(s, PROFILES / "specs") for s in set(d["hw"])}
     d["peak"] = np.array([specs[h].peak("bf16") for h in d["hw"]])
     d["bw"] = np.array([specs[h].mem_bw_gbs for h in d["hw"]])
+    d["l2"] = np.array([(specs[h].l2_mib or 0.0) * 2.0 ** 20 for h in d["hw"]])
+    d["kern"] = d["kern"].astype(np.float64)
     groups = {}
     for i, key in enumerate(zip(d["hw"], d["rep"])):
         groups.setdefault(key, []).append(i)
@@ -384,7 +398,8 @@ def main(argv=None):
         },
         "units": {"e_max": "fraction of peak FLOP/s", "f_half": "FLOPs at half compute efficiency",
                   "b_max": "fraction of peak memory bandwidth", "b_half": "bytes at half bandwidth efficiency",
-                  "lat": "ns per kernel", "p": "p-norm exponent of (compute time, memory time)"},
+                  "lat": "ns per kernel", "p": "p-norm exponent of (compute time, memory time)",
+                  "l2_gain": "bandwidth gain over DRAM of bytes that fit in the sheet's L2 (l2_mib); memory class only"},
         "classes": {c: {k: float(f"{v:.6g}") for k, v in row.items()} for c, row in eff_all.to_dict().items()},
     }
     Path(args.calibration_out).write_text(

@@ -7,11 +7,20 @@ FLOP/s and memory bandwidth (:mod:`jaxsim.specs`) through one efficiency curve p
 
     t_c = (F + f_half[c]) / (peak * e_max[c])        # compute; = F / (peak * eff(F)), eff(F) = e_max F/(F + f_half)
     t_m = (B + b_half[c]) / (mem_bw * b_max[c])      # memory;  = B / (mem_bw * beff(B)), the same curve in bytes
-    t   = lat[c] + (t_c^p[c] + t_m^p[c])^(1/p[c])    # a p-norm: smooth everywhere, -> max(t_c, t_m) as p -> inf
+    t   = n_k*lat[c] + (t_c^p[c] + t_m^p[c])^(1/p[c])   # a p-norm: smooth everywhere, -> max(t_c, t_m) as p -> inf
+
+``n_k`` is the operator's kernel count (:attr:`jaxsim.operators.Operator.kernels`: 1 for a fused
+kernel, ~10 for the sampler's chain of small ones), so the latency floor multiplies with launches.
+Where the sheet gives an L2 size ``l2`` (``l2_mib``), a kernel's bytes that fit in it move faster
+than DRAM: ``mem_bw`` becomes ``mem_bw * (1 + l2_gain[c] / (1 + (B/l2)^4))`` (-> 1 + l2_gain for
+B << l2, -> 1 for B >> l2). Only the ``memory`` class has a fitted gain (its inputs are the previous
+kernel's outputs, L2-resident in serving as in the profiles; GEMM weights and the KV cache stream
+from DRAM): without it the native element-wise layers measure up to 2-3x the DRAM bandwidth
+(RMSNorm at 2048 tokens: 2.4 TB/s on the 1008 GB/s RTX 4090).
 
 Classes (``CLASSES``): ``gemm`` (dense linear layers, lm_head), ``attn_prefill``, ``attn_decode``,
 ``memory`` (norms, rotary, activation, embedding, sampler) and ``moe`` (the fused expert block).
-The 6 x 5 parameters are fitted jointly on every measured table (``scripts/fit_roofline.py``, one
+The 6 x 5 parameters (and the memory class's ``l2_gain``) are fitted jointly on every measured table (``scripts/fit_roofline.py``, one
 parameter set for all hardware; hardware enters only through its sheet) and stored in
 ``profiles/specs/roofline_calibration.yaml``.
 
@@ -28,7 +37,14 @@ Composition, one rank, like :mod:`jaxsim.latency.profile` (REFERENCE.md §2.1)::
   ``F = 4*heads*head_dim*pc*(kp + (pc+1)/2)``, ``B = (kp + pc)*kv_tok + pc*(2*q_bytes + kv_tok)``
   (KV read, queries read and outputs written, new KV written); the decodes as ``attn_decode`` with
   ``F = 4*heads*head_dim*kvd_sum``, ``B = kvd_sum*kv_tok + nd*(2*q_bytes + kv_tok)``; the two added
-  (absent parts are 0). Per rank: heads / tp, ``kv_tok`` = :func:`jaxsim.operators.kv_bytes_per_token`.
+  (absent parts are 0). A MIXED batch (both parts present) is one FlashAttention varlen kernel
+  (vLLM's FlashAttention backend): one floor, class ``attn_prefill``, ``F = F_prefill +
+  MIXED_QUERY_TILE * F_decode``, ``B = B_prefill + B_decode``: with prefill queries in the batch the
+  decodes lose FA2's GQA "seqlen_q-ngroups swap" and split-KV path and each decode sequence fills a
+  query tile of ``kBlockM = 64`` rows (flash-attention ``run_mha_fwd_splitkv_dispatch``, the paged-KV
+  kernel vLLM calls) of which one is real, so its compute is 64x the useful FLOPs (native RTX PRO
+  6000: 64 decodes at KV 16,384 + a 16-token chunk take 6.8 ms against 2.9 ms for the decodes
+  alone). Per rank: heads / tp, ``kv_tok`` = :func:`jaxsim.operators.kv_bytes_per_token`.
 * TP AllReduce: a ring of ``2(tp-1)`` steps of ``link_lat + (T*H*act/tp)/link_bw`` (LatencyTables'
   ring, no step overhead), after o_proj (L) and after a dense down_proj (L_dense).
 * MoE block (BALANCED routing, §1.9): per EP rank ``A = T*k/ep`` expert assignments over
@@ -45,7 +61,7 @@ Composition, one rank, like :mod:`jaxsim.latency.profile` (REFERENCE.md §2.1)::
   ``iteration_time``; ``p2p = floor(link_lat + T*H*act/link_bw)``.
 
 Units: ``peak_flops`` TFLOP/s, ``mem_bw``/``link_bw``/``cpu_bw`` GB/s (= bytes/ns), ``link_lat``/
-``cpu_lat``/``lat`` ns, ``f_half`` FLOPs, ``b_half`` bytes; times ns.
+``cpu_lat``/``lat`` ns, ``f_half`` FLOPs, ``b_half``/``l2_bytes`` bytes; times ns.
 """
 
 from pathlib import Path
@@ -69,17 +85,22 @@ CALIBRATION_FILE = _REPO / "profiles" / "specs" / "roofline_calibration.yaml"
 CLASSES = ("gemm", "attn_prefill", "attn_decode", "memory", "moe")
 GEMM, ATTN_PREFILL, ATTN_DECODE, MEMORY, MOE = range(len(CLASSES))
 PARAMS = ("e_max", "f_half", "b_max", "b_half", "lat", "p")
+OPTIONAL_PARAMS = ("l2_gain",)  # default 0 (no L2 speed-up); >= 0
+# FA2's paged-KV (split-KV) forward kernel's query tile, rows (flash-attention
+# csrc/flash_attn/src/flash_fwd_launch_template.h, run_mha_fwd_splitkv_dispatch: kBlockM = 64)
+MIXED_QUERY_TILE = 64.0
 # Uncalibrated starting point (and the fallback without a calibration file): 70% of peak FLOP/s
 # and 80% of peak bandwidth (AIConfigurator's mem_bw_empirical_scaling_factor), half efficiency at
 # 1 GFLOP / 1 MB, a 3 µs floor (its mem_empirical_constant_latency), p = 4.
-DEFAULT_CALIBRATION = {c: {"e_max": 0.7, "f_half": 1e9, "b_max": 0.8, "b_half": 1e6, "lat": 3000.0, "p": 4.0}
-                       for c in CLASSES}
+DEFAULT_CALIBRATION = {c: {"e_max": 0.7, "f_half": 1e9, "b_max": 0.8, "b_half": 1e6, "lat": 3000.0, "p": 4.0,
+                           "l2_gain": 1.0 if c == "memory" else 0.0} for c in CLASSES}
 
 
 class Efficiency(eqx.Module):
     """The calibrated efficiency parameters, one value per operator class (f64 [5], ``CLASSES``
     order): peak fractions ``e_max``, ``b_max`` in (0, 1]; sizes at half efficiency ``f_half``
-    (FLOPs), ``b_half`` (bytes); latency floor ``lat`` (ns); p-norm exponent ``p`` (>= 1)."""
+    (FLOPs), ``b_half`` (bytes); latency floor ``lat`` (ns per kernel); p-norm exponent ``p``
+    (>= 1); ``l2_gain`` (>= 0): bandwidth gain of L2-resident bytes over DRAM (module docstring)."""
 
     e_max: jax.Array
     f_half: jax.Array
@@ -87,11 +108,13 @@ class Efficiency(eqx.Module):
     b_half: jax.Array
     lat: jax.Array
     p: jax.Array
+    l2_gain: jax.Array
 
     @staticmethod
     def from_dict(cal: dict, where: str = "calibration") -> "Efficiency":
-        """From ``{class: {param: value}}`` (every class and parameter required)."""
-        vals = {k: [] for k in PARAMS}
+        """From ``{class: {param: value}}`` (every class and parameter of ``PARAMS`` required;
+        ``OPTIONAL_PARAMS`` default to 0)."""
+        vals = {k: [] for k in PARAMS + OPTIONAL_PARAMS}
         for c in CLASSES:
             row = cal.get(c) if isinstance(cal, dict) else None
             if not isinstance(row, dict):
@@ -101,11 +124,16 @@ class Efficiency(eqx.Module):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
                     raise JaxsimInputError(f"{where}: {c}.{k}", f"must be a finite number > 0, got {v!r}")
                 vals[k].append(float(v))
+            for k in OPTIONAL_PARAMS:
+                v = row.get(k, 0.0)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                    raise JaxsimInputError(f"{where}: {c}.{k}", f"must be a finite number >= 0, got {v!r}")
+                vals[k].append(float(v))
         return Efficiency(**{k: jnp.asarray(v, _F) for k, v in vals.items()})
 
     def to_dict(self) -> dict:
-        a = {k: np.asarray(getattr(self, k), np.float64) for k in PARAMS}
-        return {c: {k: float(a[k][i]) for k in PARAMS} for i, c in enumerate(CLASSES)}
+        a = {k: np.asarray(getattr(self, k), np.float64) for k in PARAMS + OPTIONAL_PARAMS}
+        return {c: {k: float(a[k][i]) for k in PARAMS + OPTIONAL_PARAMS} for i, c in enumerate(CLASSES)}
 
 
 def load_calibration(path=None) -> Efficiency:
@@ -128,14 +156,31 @@ def pnorm(a, b, p):
     return m * ((a / m) ** p + (b / m) ** p) ** (1.0 / p)
 
 
-def kernel_ns(flops, nbytes, cls, eff: Efficiency, peak_flops, mem_bw):
-    """One kernel's time in ns (float64, broadcasting) of class index ``cls`` (int array):
-    ``lat + pnorm((F + f_half)/(peak*e_max), (B + b_half)/(bw*b_max); p)`` with ``peak_flops`` in
-    TFLOP/s (x1e3 = FLOP/ns) and ``mem_bw`` in GB/s (= bytes/ns)."""
+def kernel_ns(flops, nbytes, cls, eff: Efficiency, peak_flops, mem_bw, kernels=1.0, l2_bytes=0.0):
+    """One operator's time in ns (float64, broadcasting) of class index ``cls`` (int array):
+    ``kernels*lat + pnorm((F + f_half)/(peak*e_max), (B + b_half)/(bw_eff*b_max); p)`` with
+    ``peak_flops`` in TFLOP/s (x1e3 = FLOP/ns), ``mem_bw`` in GB/s (= bytes/ns), ``kernels`` the
+    operator's kernel launches and ``l2_bytes`` the L2 size in bytes (0: none given), ``bw_eff =
+    mem_bw * (1 + l2_gain / (1 + (B/l2_bytes)^4))`` (module docstring)."""
     g = lambda x: jnp.take(x, cls)  # noqa: E731
+    l2 = jnp.asarray(l2_bytes, _F)
+    resident = jnp.where(l2 > 0, 1.0 / (1.0 + (nbytes / jnp.where(l2 > 0, l2, 1.0)) ** 4), 0.0)
+    bw = mem_bw * (1.0 + g(eff.l2_gain) * resident)
     tc = (flops + g(eff.f_half)) / (peak_flops * 1e3 * g(eff.e_max))
-    tm = (nbytes + g(eff.b_half)) / (mem_bw * g(eff.b_max))
-    return g(eff.lat) + pnorm(tc, tm, g(eff.p))
+    tm = (nbytes + g(eff.b_half)) / (bw * g(eff.b_max))
+    return kernels * g(eff.lat) + pnorm(tc, tm, g(eff.p))
+
+
+def attention_ns(pc, nd, f_p, b_p, f_d, b_d, eff: Efficiency, peak_flops, mem_bw):
+    """One attention layer's time in ns from :func:`attention_work`'s parts: the prefill kernel
+    (``pc > 0``) plus the decode kernel (``nd > 0``), or for a mixed batch (both) ONE kernel of class
+    ``attn_prefill`` over ``F_p + MIXED_QUERY_TILE * F_d`` FLOPs and ``B_p + B_d`` bytes (module
+    docstring); 0 for an empty batch."""
+    pc, nd = jnp.asarray(pc), jnp.asarray(nd)
+    t_p = kernel_ns(f_p, b_p, ATTN_PREFILL, eff, peak_flops, mem_bw)
+    t_d = kernel_ns(f_d, b_d, ATTN_DECODE, eff, peak_flops, mem_bw)
+    t_mix = kernel_ns(f_p + MIXED_QUERY_TILE * f_d, b_p + b_d, ATTN_PREFILL, eff, peak_flops, mem_bw)
+    return jnp.where((pc > 0) & (nd > 0), t_mix, jnp.where(pc > 0, t_p, 0.0) + jnp.where(nd > 0, t_d, 0.0))
 
 
 def attention_work(q_heads_dim, kv_tok, q_bytes, pc, kp, nd, kvd_sum):
@@ -174,12 +219,14 @@ class RooflineModel(AbstractLatencyModel):
     link_lat: jax.Array  # ns per ring step
     cpu_bw: jax.Array  # GB/s, host memory (token ids in, sampled ids out)
     cpu_lat: jax.Array  # ns
+    l2_bytes: jax.Array  # L2 size, bytes (0: the sheet gives none)
     eff: Efficiency
     # dense / per-sequence operators, R rows (zero-padded by stack_rooflines)
     op_flops: jax.Array  # [R] FLOPs per row
     op_bytes: jax.Array  # [R] bytes per row
     op_fixed: jax.Array  # [R] bytes per call (weights)
     op_cls: jax.Array  # i32 [R] class index
+    op_kern: jax.Array  # [R] kernel launches per call
     op_by_seq: jax.Array  # bool [R] keyed by sequences
     op_mult: jax.Array  # [R] occurrences per iteration
     op_pro: jax.Array  # [R] occurrences in the prologue (pipeline stage 0)
@@ -265,10 +312,12 @@ class RooflineModel(AbstractLatencyModel):
         qhd = (model.num_heads // tp) * model.head_dim
         return cls(
             peak_flops=f(spec.peak(dtype)), mem_bw=f(spec.mem_bw_gbs), link_bw=f(spec.link_bw_gbs),
-            link_lat=f(spec.link_latency_us * 1e3), cpu_bw=f(cpu_bw_gbs), cpu_lat=f(cpu_lat_ns), eff=eff,
+            link_lat=f(spec.link_latency_us * 1e3), cpu_bw=f(cpu_bw_gbs), cpu_lat=f(cpu_lat_ns),
+            l2_bytes=f((spec.l2_mib or 0.0) * 2.0 ** 20), eff=eff,
             op_flops=f([x.flops_per_row for x in o]), op_bytes=f([x.bytes_per_row for x in o]),
             op_fixed=f([x.fixed_bytes for x in o]),
             op_cls=jnp.asarray([GEMM if x.kind == "gemm" else MEMORY for x in o], jnp.int32),
+            op_kern=f([x.kernels for x in o]),
             op_by_seq=jnp.asarray([x.keyed_by == "sequences" for x in o], bool), op_mult=f(mult),
             op_pro=f([cnt("prologue", n) for n in names]), op_head=f([cnt("head", n) for n in names]),
             att_per_block=f(sum(1 for g in ("pre_attn", "post_attn") for n in seq[g] if cat[n] == "attention")),
@@ -310,15 +359,14 @@ def _parts(m: RooflineModel, shape: BatchShape):
     e = m.eff
     # dense and per-sequence operators
     x = jnp.where(m.op_by_seq, jnp.maximum(S, 1.0), jnp.maximum(T, 1.0))
-    t_op = kernel_ns(m.op_flops * x, m.op_bytes * x + m.op_fixed, m.op_cls, e, m.peak_flops, m.mem_bw)
+    t_op = kernel_ns(m.op_flops * x, m.op_bytes * x + m.op_fixed, m.op_cls, e, m.peak_flops, m.mem_bw, m.op_kern,
+                     m.l2_bytes)
     t_lin = jnp.sum(m.op_mult * t_op)
     t_pro = jnp.sum(m.op_pro * t_op)
     t_head = jnp.sum(m.op_head * t_op)
     # attention, one layer
     f_p, b_p, f_d, b_d = attention_work(m.q_heads_dim, m.kv_tok, m.q_bytes, pc, kp, nd, kvd_sum)
-    t_p = kernel_ns(f_p, b_p, ATTN_PREFILL, e, m.peak_flops, m.mem_bw)
-    t_d = kernel_ns(f_d, b_d, ATTN_DECODE, e, m.peak_flops, m.mem_bw)
-    t_att = jnp.where(pc > 0, t_p, 0.0) + jnp.where(nd > 0, t_d, 0.0)
+    t_att = attention_ns(pc, nd, f_p, b_p, f_d, b_d, e, m.peak_flops, m.mem_bw)
     # TP AllReduce (ring)
     tpf = m.tp.astype(_F)
     ar = _ring(m, 2.0 * (tpf - 1.0), T * m.hidden * m.act_bytes / tpf)
@@ -347,17 +395,17 @@ def iteration_ns(m: RooflineModel, shape: BatchShape):
 
 
 def with_hardware(m: RooflineModel, *, peak_flops=None, mem_bw=None, link_bw=None, link_lat=None, cpu_bw=None,
-                  cpu_lat=None) -> RooflineModel:
+                  cpu_lat=None, l2_bytes=None) -> RooflineModel:
     """A copy of ``m`` with the given hardware parameters replaced (units as the fields: TFLOP/s,
-    GB/s, ns; scalars or arrays broadcastable to the field's shape, e.g. a stacked model's [n])."""
+    GB/s, ns, bytes; scalars or arrays broadcastable to the field's shape, e.g. a stacked model's [n])."""
     new = {k: v for k, v in dict(peak_flops=peak_flops, mem_bw=mem_bw, link_bw=link_bw, link_lat=link_lat,
-                                 cpu_bw=cpu_bw, cpu_lat=cpu_lat).items() if v is not None}
+                                 cpu_bw=cpu_bw, cpu_lat=cpu_lat, l2_bytes=l2_bytes).items() if v is not None}
     for k, v in new.items():
         try:
             a = np.asarray(v, np.float64)
         except Exception:  # a traced value (a sweep knob inside jit): the caller's to check
             continue
-        if not np.all(np.isfinite(a)) or not np.all(a >= 0 if k in ("link_lat", "cpu_lat") else a > 0):
+        if not np.all(np.isfinite(a)) or not np.all(a >= 0 if k in ("link_lat", "cpu_lat", "l2_bytes") else a > 0):
             raise JaxsimInputError(f"with_hardware {k}", f"must be finite and > 0 (>= 0 for latencies), got {v!r}")
     names = tuple(new)
     if not names:
@@ -377,7 +425,7 @@ def stack_rooflines(models: list) -> RooflineModel:
         r = R - int(m.op_flops.shape[0])
         if not r:
             return m
-        names = ("op_flops", "op_bytes", "op_fixed", "op_cls", "op_by_seq", "op_mult", "op_pro", "op_head")
+        names = ("op_flops", "op_bytes", "op_fixed", "op_cls", "op_kern", "op_by_seq", "op_mult", "op_pro", "op_head")
         return eqx.tree_at(lambda x: tuple(getattr(x, k) for k in names), m,
                            tuple(jnp.pad(getattr(m, k), (0, r)) for k in names))
 
