@@ -93,7 +93,8 @@ class Rows:
     """The fit's rows: up to two priced parts each (class, FLOPs, bytes), the measured ns."""
 
     def __init__(self):
-        self.cols = {k: [] for k in ("hw", "src", "rep", "c1", "f1", "b1", "c2", "f2", "b2", "two", "t", "kern", "layer")}
+        self.cols = {k: [] for k in ("hw", "src", "rep", "c1", "f1", "b1", "c2", "f2", "b2", "two", "t", "kern",
+                                     "layer")}
 
     def add(self, hw, src, rep, parts, t_ns, kernels=1, layer=""):
         (c1, f1, b1), second = parts[0], (parts[1] if len(parts) > 1 else (0, 0.0, 0.0))
@@ -399,7 +400,8 @@ def main(argv=None):
         "units": {"e_max": "fraction of peak FLOP/s", "f_half": "FLOPs at half compute efficiency",
                   "b_max": "fraction of peak memory bandwidth", "b_half": "bytes at half bandwidth efficiency",
                   "lat": "ns per kernel", "p": "p-norm exponent of (compute time, memory time)",
-                  "l2_gain": "bandwidth gain over DRAM of bytes that fit in the sheet's L2 (l2_mib); memory class only"},
+                  "l2_gain": "bandwidth gain over DRAM of bytes that fit in the sheet's L2 (l2_mib); memory class "
+                             "only"},
         "classes": {c: {k: float(f"{v:.6g}") for k, v in row.items()} for c, row in eff_all.to_dict().items()},
     }
     Path(args.calibration_out).write_text(

@@ -139,7 +139,8 @@ def test_kernel_count_and_l2_by_hand():
         want = 10 * c["lat"] + (tc ** c["p"] + tm ** c["p"]) ** (1 / c["p"])
         assert float(kernel_ns(F, B, MEMORY, eff, 100.0, 1000.0, 10.0, l2)) == pytest.approx(want, rel=1e-12)
     # no L2 on the sheet (0) = no gain; other classes have none by default
-    assert float(kernel_ns(1e3, 1e6, MEMORY, eff, 100.0, 1000.0, 1.0, 0.0)) == pytest.approx(hand_kernel("memory", 1e3, 1e6))
+    no_l2 = float(kernel_ns(1e3, 1e6, MEMORY, eff, 100.0, 1000.0, 1.0, 0.0))
+    assert no_l2 == pytest.approx(hand_kernel("memory", 1e3, 1e6))
     assert float(kernel_ns(1e3, 1e6, GEMM, eff, 100.0, 1000.0, 1.0, l2)) == pytest.approx(hand_kernel("gemm", 1e3, 1e6))
     bad = {c: dict(v) for c, v in CAL.items()}
     bad["memory"]["l2_gain"] = -1.0

@@ -20,9 +20,9 @@ from DRAM): without it the native element-wise layers measure up to 2-3x the DRA
 
 Classes (``CLASSES``): ``gemm`` (dense linear layers, lm_head), ``attn_prefill``, ``attn_decode``,
 ``memory`` (norms, rotary, activation, embedding, sampler) and ``moe`` (the fused expert block).
-The 6 x 5 parameters (and the memory class's ``l2_gain``) are fitted jointly on every measured table (``scripts/fit_roofline.py``, one
-parameter set for all hardware; hardware enters only through its sheet) and stored in
-``profiles/specs/roofline_calibration.yaml``.
+The 6 x 5 parameters (and the memory class's ``l2_gain``) are fitted jointly on every measured
+table (``scripts/fit_roofline.py``, one parameter set for all hardware; hardware enters only through
+its sheet) and stored in ``profiles/specs/roofline_calibration.yaml``.
 
 Composition, one rank, like :mod:`jaxsim.latency.profile` (REFERENCE.md §2.1)::
 
