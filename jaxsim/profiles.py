@@ -512,6 +512,13 @@ def generated_variants(hardware) -> "dict | None":
 
 def has_hardware(profiles_dir, hardware) -> bool:
     """Hardware ``hardware`` can be loaded from ``profiles_dir`` (a folder, a converted system or a sheet)."""
+    if bundle_source(hardware) == "roofline":  # a shipped sheet or spec/<path>.yaml
+        from jaxsim.spec_bundle import sheet_path
+
+        try:
+            return sheet_path(profiles_dir, hardware).is_file()
+        except JaxsimInputError:
+            return False
     return str(hardware) in known_hardware(profiles_dir) or (Path(profiles_dir) / str(hardware)).is_dir()
 
 

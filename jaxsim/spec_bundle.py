@@ -50,7 +50,7 @@ ENGINE_EFFECTIVE = {"source": "roofline model (no engine ran)"}
 
 
 def is_spec(hardware) -> bool:
-    """``hardware`` names a spec-sheet part (``spec/<sheet>``)."""
+    """``hardware`` names a spec-sheet part (``spec/<sheet>`` or ``spec/<path>.yaml``)."""
     return str(hardware).startswith(PREFIX)
 
 
@@ -58,6 +58,23 @@ def spec_hardware(profiles_dir) -> list:
     """``spec/<sheet>`` for every sheet under ``<profiles_dir>/specs`` (sorted)."""
     d = Path(profiles_dir) / SPECS_DIR
     return sorted(PREFIX + p.stem for p in d.glob("*.yaml") if p.stem != "roofline_calibration") if d.is_dir() else []
+
+
+def sheet_path(profiles_dir, hardware) -> Path:
+    """The YAML of ``spec/<sheet>`` (``<profiles_dir>/specs/<sheet>.yaml``) or of ``spec/<path>.yaml``
+    (a sheet anywhere: a path ending in ``.yaml``, relative to the working directory).
+
+    Raises:
+      JaxsimInputError: no such sheet (naming the file looked for and the shipped sheets).
+    """
+    root = Path(profiles_dir)
+    name = str(hardware)[len(PREFIX):] if is_spec(hardware) else ""
+    path = Path(name) if name.endswith(".yaml") else root / SPECS_DIR / f"{name}.yaml"
+    if not name or (not name.endswith(".yaml") and "/" in name) or not path.is_file():
+        raise JaxsimInputError(str(path), f"unknown hardware {hardware!r}",
+                               f"spec-sheet hardware: {spec_hardware(root)}, or spec/<path to a sheet>.yaml "
+                               f"(a sheet like {root / SPECS_DIR / 'h100.yaml'})")
+    return path
 
 
 def _geometric(lo: int, hi: int, step: float) -> np.ndarray:
@@ -96,11 +113,7 @@ def load_spec_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: s
     from jaxsim.specs import load_spec
 
     root = Path(profiles_dir)
-    name = str(hardware)[len(PREFIX):] if is_spec(hardware) else ""
-    path = root / SPECS_DIR / f"{name}.yaml"
-    if not name or "/" in name or not path.is_file():
-        raise JaxsimInputError(str(path), f"unknown hardware {hardware!r}",
-                               f"spec-sheet hardware: {spec_hardware(root)} (or add a sheet to {root / SPECS_DIR})")
+    path = sheet_path(root, hardware)
     if variant not in VARIANTS:
         raise JaxsimInputError(str(path), f"no variant {variant!r} for spec-sheet hardware", f"use one of {sorted(VARIANTS)}")
     tp = int(tp)

@@ -114,3 +114,18 @@ def test_engine_runs_the_roofline_model_directly():
     for a, b in ((direct.first_token_ns - direct.arrival_ns, tab.first_token_ns - tab.arrival_ns),
                  (direct.finish_ns, tab.finish_ns)):
         assert np.mean(a) == pytest.approx(np.mean(b), rel=0.005)
+
+
+def test_a_sheet_anywhere_by_path(llama, tmp_path):
+    sheet = tmp_path / "part.yaml"
+    sheet.write_text("name: Part\nsource: a design study\npeak_tflops: {bf16: 400}\nmem_bw_gbs: 2000\nmem_gib: 64\n"
+                     "link_bw_gbs: 100\nlink_latency_us: 5\n")
+    hw = f"spec/{sheet}"
+    assert profiles.has_hardware(P, hw) and not profiles.has_hardware(P, f"spec/{tmp_path / 'nope.yaml'}")
+    b = load_spec_bundle(P, hw, llama)
+    assert b.meta["mem_bw_gbs"] == 2000.0 and b.meta["peak_tflops"] == 400.0
+    # the same numbers under another name price the same tables
+    same = tmp_path / "same.yaml"
+    same.write_text(sheet.read_text().replace("name: Part", "name: Same"))
+    np.testing.assert_array_equal(load_spec_bundle(P, f"spec/{same}", llama).dense["qkv_proj"].values_ns,
+                                  b.dense["qkv_proj"].values_ns)
