@@ -74,7 +74,7 @@ import yaml
 
 from jaxsim.errors import JaxsimInputError
 from jaxsim.latency.base import AbstractLatencyModel, BatchShape
-from jaxsim.latency.profile import pp_layers
+from jaxsim.latency.profile import split_stages
 from jaxsim.model import ModelConfig
 from jaxsim.operators import kv_bytes_per_token, layer_operators, moe_expert_shapes
 
@@ -337,13 +337,7 @@ class RooflineModel(AbstractLatencyModel):
         pro, blocks, head = _parts(self, shape)
         total = jnp.floor(pro + blocks + head).astype(_I)
         t_pro, t_head = jnp.floor(pro).astype(_I), jnp.floor(head).astype(_I)
-        L, pp = self.num_layers, self.pp
-        layers = pp_layers(L, pp, max_pp)
-        b = total - t_pro - t_head
-        s = jnp.arange(max_pp, dtype=_I)
-        st = b * layers // L + jnp.where(s == 0, t_pro, 0)
-        last = total - jnp.sum(jnp.where(s < pp - 1, st, 0))
-        st = jnp.where(s == pp - 1, last, jnp.where(s < pp, st, 0))
+        st = split_stages(total, t_pro, t_head, self.num_layers, self.pp, max_pp)
         T = jnp.asarray(shape.tokens).astype(_F)
         p2p = jnp.floor(self.link_lat + T * self.hidden * self.act_bytes / self.link_bw).astype(_I)
         return st, jnp.zeros(4, jnp.int32), p2p
