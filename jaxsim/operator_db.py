@@ -45,24 +45,39 @@ How each layer is priced (times are the tables' milliseconds as µs, then int ns
   error, p50 13-49% by operator). ``eff`` above 1 means the kernel beats DRAM bandwidth (its input
   is still in L2); the L2 sizes of the target GPUs are not modelled.
 * **Attention** (the §2.5 table, :class:`jaxsim.profiles.AttentionTable`) for the per-rank heads
-  ``num_heads/tp``, ``num_kv_heads/tp``, ``head_dim`` and the variant's KV dtype. A batch is the
-  **sum of its prefill part and its decode part** (one varlen call in vLLM; the cross-check
-  measures what the sum misses):
+  ``num_heads/tp``, ``num_kv_heads/tp``, ``head_dim`` and the variant's KV dtype:
 
-  - prefill of ``pc`` new tokens over ``kp`` cached ones = the context table (batch 1) at the
-    causal length with the same attention FLOPs, ``L = sqrt(pc^2 + 2*pc*kp)`` (pc queries over
-    kp + pc/2 keys on average = L^2/2 query-key pairs), interpolated log-log in ``isl``;
-    above the table's largest isl, ``t(L_max) * (L/L_max)^2``;
+  - prefill of ``pc`` new tokens over ``kp`` cached ones = the largest of three costs:
+    (a) the FLOPs: the context table (batch 1) at the causal length with the same attention
+    FLOPs, ``L = sqrt(pc^2 + 2*pc*kp)`` (pc queries over kp + pc/2 keys on average = L^2/2
+    query-key pairs), interpolated log-log in ``isl``; above the table's largest isl,
+    ``t(L_max) * (L/L_max)^2``; (b) the latency path: FlashAttention's varlen forward gives each
+    query tile of a head one SM, which streams all its keys without splitting them, so a chunk
+    costs at least itself without history plus ``gamma * kp * head_dim/128`` (``gamma`` µs per
+    key, ``fit.json`` ``attention.prefill_latency``, fitted on the prefill-only cells of both native
+    GPUs, pc <= 128, kp >= 256; joint fit p50 10-19% by table, leave-one-GPU-out p50 28-39%:
+    a constant per key does not carry exactly across GPUs); (c) the KV read: a batch-1 decode at
+    context ``kp + pc`` (the chunk reads its whole KV context at least as a decode does);
   - ``nd`` decodes at KV ``kvd`` = the generation table at ``batch_size = nd`` and context
     ``isl + step = kvd``, bilinear in (log batch, log context) on log time; above the largest
-    context, linear in kvd (KV-read bound); below the smallest, clamped.
+    context, linear in kvd (KV-read bound); below the smallest, clamped;
+  - a **mixed** batch is one varlen call in vLLM, not the sum of the two: its decodes go through
+    the prefill path, each one a query tile per *query* head (no GQA packing, so a KV head's cache
+    is read by each of its ``G = num_heads/num_kv_heads`` query heads) streaming its kvd keys with
+    no split. :func:`mixed_us`: ``max(max(P, gamma_mix*kvd) + (1 + beta*(G-1))*D - c0, P, D)`` on
+    the parts ``P`` (prefill) and ``D`` (decodes), ``c0`` the launch the sum counts twice;
+    ``(gamma_mix, beta, c0)`` fitted jointly on the mixed cells of both native GPUs (each GPU
+    weighted equally) by ``scripts/fit_operator_db.py`` (``fit.json`` ``attention.mixed``: the sum
+    of the parts misses by p50 24-43% per table, the model p50 13-19%; leave-one-GPU-out p50 15%
+    (RTX PRO 6000 -> RTX 4090) and 31% (RTX 4090 -> RTX PRO 6000)). The form assumes a
+    FlashAttention-style varlen kernel; FlashInfer systems (B200, GB200) use it unverified.
 
   Grid: pc 0, 16, 32, ..., 8192; kp 0, 16, ..., 65536 as far as ``L`` stays within the context
   table (isl <= 16384: all of them up to pc = 128, kp <= 8192 at pc = 8192), so that no grid value
   is itself extrapolated and a query beyond is flagged like any extrapolation; nd 0 and the table's
-  batch sizes (1, 2, ..., 2048); kvd 16, 32, ..., 131072 (the generation table's contexts). The slices are filled as the legacy converter
-  does (:func:`jaxsim.legacy_profiles._sum_attention`), so a lookup returns exactly
-  ``prefill~(pc, kp) + decode~(nd, kvd)``.
+  batch sizes (1, 2, ..., 2048); kvd 16, 32, ..., 131072 (the generation table's contexts). The slices are laid out as the legacy
+  converter does (:func:`jaxsim.legacy_profiles._sum_attention`), the mixed cells then
+  recombined by :func:`mixed_us`.
 * **MoE** (``tp1/moe.csv``'s role, §2.7): the MoE table's rows for the model's
   ``(hidden, moe_intermediate, topk, num_experts)``, ``moe_tp = 1`` and ``moe_ep = ep``
   (``ep`` = the TP degree, the simulator's default, as the legacy converter assumes), balanced
@@ -82,8 +97,11 @@ Skew correction (§2.6) is disabled (the tables have no skew data). ``engine_eff
 ``max_num_batched_tokens`` = the largest pc key and ``max_num_seqs`` = the largest nd key.
 Outliers: the source rows each table is built from are checked along their axes with
 :func:`jaxsim.profiles.grid_outliers` (GEMM rows along m at the corners used; context rows along
-isl; generation rows along context and batch; MoE rows along tokens) and reported as for a
-native bundle.
+isl; generation rows along context at each batch size; MoE rows along tokens). A flagged point is a
+measurement glitch of a third party's collection (rtx_pro_6000_server: generation batch 1, context
+4096, 185.9 µs between 14.8 and 28.9 µs): it is **dropped** and its neighbours interpolate it, and
+it is listed in ``meta["conversion"]["dropped_outliers"]``; the bundle's ``outliers`` (points used
+as measured) stays empty. Native bundles keep and warn about theirs.
 
 Errors (:class:`jaxsim.errors.JaxsimInputError`): unknown hardware or variant, a TP degree that
 does not divide the heads, head counts / head_dim absent from the attention tables (naming what
@@ -92,6 +110,7 @@ malformed shipped file.
 """
 
 import csv
+import dataclasses
 import functools
 import gzip
 import json
@@ -104,7 +123,7 @@ from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
 from jaxsim.operators import layer_operators
 from jaxsim.profiles import (MoETable, ProfileBundle, Table1D, axis_outliers, load_architecture, ordered_outliers,
-                             us_to_ns, warn_outliers)
+                             us_to_ns)
 
 OPDB_DIR = "operator-db"
 HARDWARE = {"h100": "h100_sxm", "h200": "h200_sxm", "b200": "b200_sxm", "gb200": "gb200",
@@ -249,16 +268,20 @@ def gemm_us(grid: GemmGrid, n: int, k: int, n_axis=None, k_axis=None) -> tuple:
 
 
 def _gemm_table(grid: GemmGrid, n: int, k: int, name: str) -> tuple:
-    """``(Table1D keyed by m, outliers)`` of one GEMM layer."""
+    """``(Table1D keyed by m, dropped outliers)`` of one GEMM layer: an m whose value at a corner used
+    is a grid outlier along m is left out (the engine interpolates it from the neighbouring m)."""
     us, corners = gemm_us(grid, n, k)
-    ok = np.isfinite(us)
-    if not ok.any():
-        raise JaxsimInputError(grid.path, f"layer {name!r}: no measured GEMM at n={n}, k={k}", "")
     outliers = []
     for i, j in corners:
         pts = {int(grid.m[r]): (float(grid.us[r, i, j]), int(grid.line[r, i, j]))
                for r in range(len(grid.m)) if np.isfinite(grid.us[r, i, j])}
-        outliers += axis_outliers(grid.path, pts, lambda x, i=i, j=j: f"gemm n={grid.n[i]} k={grid.k[j]} m={x}")
+        out = axis_outliers(grid.path, pts, lambda x, i=i, j=j: f"gemm n={grid.n[i]} k={grid.k[j]} m={x}")
+        bad = {ln for _, ln, _ in out}
+        us = np.where(np.isin(grid.line[:, i, j], list(bad)), np.nan, us)
+        outliers += out
+    ok = np.isfinite(us)
+    if not ok.any():
+        raise JaxsimInputError(grid.path, f"layer {name!r}: no measured GEMM at n={n}, k={k}", "")
     return Table1D(grid.m[ok].astype(np.int64), us_to_ns(us[ok])), outliers
 
 
@@ -287,14 +310,35 @@ def _loglog(xs: np.ndarray, ys: np.ndarray, x: float, power_above: float) -> flo
     return float(np.exp(np.interp(math.log(x), np.log(xs), np.log(ys))))
 
 
+def mixed_us(P, D, kvd, G, c: dict):
+    """A mixed batch's attention (µs) from its parts (module docstring; ``fit.json`` ``attention.mixed``):
+    ``max(max(P, gamma*kvd) + (1 + beta*(G-1))*D - c0, P, D)``; P the prefill-only and D the
+    decode-only time, kvd the decodes' KV length, G = num_heads / num_kv_heads. Arrays broadcast."""
+    P, D, kvd = (np.asarray(x, np.float64) for x in (P, D, kvd))
+    t = np.maximum(P, c["gamma_us_per_key"] * kvd) + (1.0 + c["beta"] * (G - 1.0)) * D - c["c0_us"]
+    return np.maximum(t, np.maximum(P, D))
+
+
+def _drop_outliers(path, points: dict, what) -> tuple:
+    """``(kept points, dropped [(file, line, text)])``: the :func:`jaxsim.profiles.grid_outliers` of one
+    axis removed (module docstring: a third party's measurement glitches; the neighbours interpolate)."""
+    out = axis_outliers(path, points, what)
+    bad = {ln for _, ln, _ in out}
+    return {k: v for k, v in points.items() if v[1] not in bad}, out
+
+
 def _heads_error(path, what, held, model, tp, hardware):
     return JaxsimInputError(path, f"{hardware}: {model.name} at tp={tp} needs {what}, which the table does not hold",
                             f"(num_heads, num_kv_heads, head_dim) per rank held: {held}")
 
 
-def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_dtype: str) -> tuple:
-    """``(prefill(pc, kp) -> µs, decode(nd, kvd) -> µs, batch sizes, outliers)`` for the model's
-    per-rank heads (module docstring)."""
+def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_dtype: str, fit=None) -> tuple:
+    """``(prefill(pc, kp) -> µs, decode(nd, kvd) -> µs, batch sizes, dropped outliers, info)`` for the
+    model's per-rank heads (module docstring). ``fit``: ``fit.json``'s ``attention`` (default: the
+    shipped one); the prefill's latency-path bound comes from it."""
+    if fit is None:
+        fit = load_fit(Path(sdir).parent.parent)["attention"]
+    lat = fit["prefill_latency"]
     h, kvh, hd = model.num_heads // tp, model.num_kv_heads // tp, model.head_dim
     outliers = []
     cpath = str(sdir / "context_attention.csv.gz")
@@ -306,10 +350,12 @@ def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
                                                                       c["head_dim"][base])})
         raise _heads_error(cpath, f"prefill attention with ({h}, {kvh}, {hd}) and a {kv_dtype} KV cache", held,
                            model, tp, hardware)
-    order = np.argsort(c["isl"][sel])
-    isl, cus, clines = c["isl"][sel][order], c["time_us"][sel][order], c["_line"][sel][order]
-    outliers += axis_outliers(cpath, {int(x): (float(v), int(ln)) for x, v, ln in zip(isl, cus, clines)},
+    pts, out = _drop_outliers(cpath, {int(x): (float(v), int(ln)) for x, v, ln in
+                                      zip(c["isl"][sel], c["time_us"][sel], c["_line"][sel])},
                               lambda x: f"context_attention heads={h}/{kvh} isl={x}")
+    outliers += out
+    isl = np.array(sorted(pts), np.float64)
+    cus = np.array([pts[int(x)][0] for x in isl])
 
     gpath = str(sdir / "generation_attention.csv.gz")
     g = read_table(gpath)
@@ -326,20 +372,23 @@ def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
     rows = {}
     for b in batches:
         m = bs == b
-        o = np.argsort(ctx[m])
-        rows[int(b)] = (ctx[m][o], gus[m][o])
-        outliers += axis_outliers(gpath, {int(x): (float(v), int(ln)) for x, v, ln in
-                                          zip(ctx[m][o], gus[m][o], glines[m][o])},
+        pts, out = _drop_outliers(gpath, {int(x): (float(v), int(ln)) for x, v, ln in zip(ctx[m], gus[m], glines[m])},
                                   lambda x, b=b: f"generation_attention heads={h}/{kvh} batch={b} context={x}")
+        outliers += out
+        xs = np.array(sorted(pts), np.float64)
+        rows[int(b)] = (xs, np.array([pts[int(x)][0] for x in xs]))
     common = sorted(set.intersection(*(set(r[0].tolist()) for r in rows.values())))
-
-    def prefill(pc, kp):
-        L = math.sqrt(pc * pc + 2.0 * pc * kp)
-        return _loglog(isl, cus, L, 2.0)
 
     def decode_at(b, kvd):
         xs, ys = rows[b]
         return _loglog(xs, ys, kvd, 1.0)
+
+    def prefill(pc, kp):
+        L = math.sqrt(pc * pc + 2.0 * pc * kp)
+        flops = _loglog(isl, cus, L, 2.0)  # the causal prefill with the same attention FLOPs
+        # the chunk's last query tile streams the history's keys too (fit.json attention.prefill_latency)
+        stream = _loglog(isl, cus, pc, 2.0) + lat["gamma_us_per_key"] * kp * hd / 128.0
+        return max(flops, stream, decode_at(int(batches[0]), kp + pc) if batches[0] == 1 else 0.0)
 
     def decode(nd, kvd):
         if nd in rows:
@@ -348,14 +397,18 @@ def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
         t0, t1 = decode_at(int(batches[i0]), kvd), decode_at(int(batches[i1]), kvd)
         return math.exp((1 - w) * math.log(t0) + w * math.log(t1)) * s
 
-    return prefill, decode, batches, outliers, {"context_isl_max": int(isl[-1]), "generation_context_common": common[-1:]}
+    return prefill, decode, batches, outliers, {"context_isl_max": int(isl[-1]), "generation_context_common": common[-1:],
+                                                 "group_size": model.num_heads // model.num_kv_heads}
 
 
-def attention_table(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_dtype: str) -> tuple:
-    """``(AttentionTable, outliers, info)``: the §2.5 table of prefill + decode sums (module docstring)."""
+def attention_table(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_dtype: str, fit=None) -> tuple:
+    """``(AttentionTable, dropped outliers, info)``: the §2.5 table; prefill-only and decode-only cells
+    from :func:`attention_parts`, mixed cells combined by :func:`mixed_us` (module docstring)."""
     from jaxsim.legacy_profiles import _sum_attention
 
-    prefill, decode, batches, outliers, info = attention_parts(sdir, hardware, model, tp, kv_dtype)
+    if fit is None:
+        fit = load_fit(Path(sdir).parent.parent)["attention"]
+    prefill, decode, batches, outliers, info = attention_parts(sdir, hardware, model, tp, kv_dtype, fit)
     # per chunk, only the histories whose equivalent length is in the context table: a query beyond
     # them extrapolates linearly in kp (the engine flags it), never a silently extrapolated grid value
     top = info["context_isl_max"]
@@ -365,7 +418,24 @@ def attention_table(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
         kp_rows[pc] = (np.array(kps, np.int64), us_to_ns([prefill(pc, kp) for kp in kps]))
     kv_rows = {int(b): (np.array(KVD_AXIS, np.int64), us_to_ns([decode(int(b), kvd) for kvd in KVD_AXIS]))
                for b in batches}
-    return _sum_attention(kp_rows, kv_rows), outliers, info
+    at = _sum_attention(kp_rows, kv_rows)
+    # mixed cells (pc > 0, nd > 0): recombine the parts (the slice's first row / column are nd = 0 / pc = 0)
+    vals = at.values_ns.copy()
+    pv = {int(pc): dict(zip(k.tolist(), v.tolist())) for pc, (k, v) in kp_rows.items()}
+    dv = {int(b): dict(zip(k.tolist(), v.tolist())) for b, (k, v) in kv_rows.items()}
+    for i, pc in enumerate(at.pc_axis):
+        for j, nd in enumerate(at.nd_axis):
+            if pc == 0 or nd == 0:
+                continue
+            kp = at.kp_keys[i, j, : at.n_kp[i, j]]
+            for r, k in enumerate(kp):
+                kvd = at.kvd_keys[i, j, r, : at.n_kvd[i, j, r]]
+                P = pv[int(pc)][int(k)] / 1000.0
+                D = np.array([dv[int(nd)][int(x)] for x in kvd]) / 1000.0
+                vals[i, j, r, : len(kvd)] = us_to_ns(mixed_us(P, D, kvd, info["group_size"], fit["mixed"]))
+    info["mixed"] = {k: fit["mixed"][k] for k in ("gamma_us_per_key", "beta", "c0_us")}
+    info["prefill_latency"] = {"gamma_us_per_key": fit["prefill_latency"]["gamma_us_per_key"]}
+    return dataclasses.replace(at, values_ns=vals), outliers, info
 
 
 # ------------------------------------------------------------------------------------------ MoE
@@ -384,10 +454,11 @@ def moe_table(sdir: Path, hardware: str, model: ModelConfig, ep: int, dtype: str
         raise JaxsimInputError(path, f"{hardware}: no {dtype} MoE rows for {model.name} (hidden {H}, moe intermediate "
                                f"{I}, topk {k}, {E} experts) at moe_tp 1, moe_ep {ep} (ep = tp)",
                                f"(hidden, inter, topk, experts, moe_tp, moe_ep) held: {held}")
-    order = np.argsort(t["num_tokens"][sel])
-    T, us, lines = t["num_tokens"][sel][order], t["time_us"][sel][order], t["_line"][sel][order]
-    outliers = axis_outliers(path, {int(x): (float(v), int(ln)) for x, v, ln in zip(T, us, lines)},
-                             lambda x: f"moe H={H} I={I} topk={k} E={E} ep={ep} num_tokens={x}")
+    pts, outliers = _drop_outliers(path, {int(x): (float(v), int(ln)) for x, v, ln in
+                                          zip(t["num_tokens"][sel], t["time_us"][sel], t["_line"][sel])},
+                                   lambda x: f"moe H={H} I={I} topk={k} E={E} ep={ep} num_tokens={x}")
+    T = np.array(sorted(pts), np.float64)
+    us = np.array([pts[int(x)][0] for x in T])
     router, _ = gemm_us(gemm, E, H)  # router logits for every token (replicated on each rank)
     ok = np.isfinite(router)
     f = 1.0 - ((ep - 1) / ep) ** k
@@ -474,7 +545,7 @@ def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp
                 c = fit["bandwidth"]["classes"][cls]
                 tab = Table1D(m_axis, us_to_ns(memory_us(op, m_axis, mem_bw, c["t0_us"], c["eff"])))
             (per_seq if cat == "per_sequence" else dense)[name] = tab
-    attention, att_out, att_info = attention_table(sdir, hardware, model, tp, kvdtype)
+    attention, att_out, att_info = attention_table(sdir, hardware, model, tp, kvdtype, fit["attention"])
     outliers += att_out
     conversion["attention"] = att_info
     if any(category[n] == "moe" for g in kept.values() for n in g):
@@ -483,14 +554,13 @@ def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp
                                    "architecture sequence has a MoE block", "check the model config")
         moe, moe_out, conversion["moe"] = moe_table(sdir, hardware, model, tp, gdtype, grid)
         outliers += moe_out
-    outliers = ordered_outliers(outliers)
-    warn_outliers(f"{sdir} ({model.name} tp{tp})", outliers)
+    conversion["dropped_outliers"] = ordered_outliers(outliers)  # not used: interpolated from the neighbours
     engine = {"max_num_batched_tokens": int(attention.pc_axis[-1]), "max_num_seqs": int(attention.nd_axis[-1])}
     meta = {
         "format": "operator-db (jaxsim.operator_db)", "source": "NVIDIA AIConfigurator vLLM 0.19.0 tables",
         "system": HARDWARE[hardware], "hardware": hardware, "model": model.name, "variant": variant, "tp": tp,
         "gemm_dtype": gdtype, "kv_cache_dtype": kvdtype, "mem_bw": mem_bw,
-        "bandwidth_fit": fit["bandwidth"]["provenance"], "engine_effective": engine, "skew_fit": {"enabled": False},
+        "bandwidth_fit": fit["bandwidth"]["provenance"], "attention_fit": fit["attention"]["provenance"], "engine_effective": engine, "skew_fit": {"enabled": False},
         "conversion": conversion,
     }
     from jaxsim.legacy_profiles import _disabled_skew
@@ -498,7 +568,7 @@ def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp
     return ProfileBundle(
         hardware=hardware, model_name=model.name, model_type=model.model_type, variant=variant, tp=tp,
         path=str(sdir), meta=meta, engine_effective=engine, sequence=kept, category=category, tp_stable=tp_stable,
-        dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=_disabled_skew(), outliers=outliers)
+        dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=_disabled_skew(), outliers=[])
 
 
 def load_converted_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: str = "bf16",

@@ -32,6 +32,25 @@ Three parts (module docstring of :mod:`jaxsim.operator_db` for how they are used
    at the messages the shipped models produce: H in {2048, 4096, 5120, 8192} and T log-spaced
    over 1..8192 (``round(2**(j/16))``, deduplicated). The graph-backend fit is reported too.
 
+4. **Attention combination** (``fit.json`` ``attention``), on the native attention tables of both
+   GPUs (RTX PRO 6000: the three models at TP 1 and 2; RTX 4090: Llama-3.1-8B TP 1), each GPU
+   weighted equally (least squares on the relative / log error), reported per GPU and model and
+   leave-one-GPU-out:
+
+   * ``prefill_latency``: a prefill chunk over a history is one query tile per head that streams
+     all ``kp + pc`` keys on one SM (FlashAttention's varlen forward; no split over the keys), so
+     its time is at least the same chunk without history plus the history's keys streamed,
+     ``prefill(pc, 0) + gamma * kp * head_dim/128``, fitted on the prefill-only cells with
+     pc <= 128 and kp >= 256 (where that path is the whole cost: the native times are flat in pc
+     there), with the native ``prefill(pc, 0)``.
+   * ``mixed``: vLLM runs a batch's prefill and decodes in one varlen call; the decodes then go
+     through the prefill path: each is a query tile per *query* head (no GQA packing of the decode
+     kernel, so the KV of a KV head is read by each of its G = num_heads/num_kv_heads query heads)
+     and it streams its kvd keys without a split. Model, on the parts' times P (prefill-only) and
+     D (decode-only): ``mixed = max(max(P, gamma_mix*kvd) + (1 + beta*(G-1))*D - c0, P, D)``
+     (``c0``: the one kernel launch and metadata step the sum counts twice), fitted on the mixed
+     cells with the native P and D at the same coordinates.
+
 Usage: ``PYTHONPATH=. python scripts/fit_operator_db.py`` (about 20 s). Deterministic.
 """
 
@@ -137,6 +156,112 @@ def bandwidth_fit() -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------- attention
+def native_attention() -> list:
+    """``(gpu, model, tp, G, head_dim, mixed [N, 7], prefill [M, 3])``: per native attention table, the
+    mixed cells as ``(pc, kp, nd, kvd, t, P, D)`` with the prefill-only ``P`` and decode-only ``D``
+    times at the same coordinates, and the prefill-only cells ``(pc, kp, t)`` (µs)."""
+    out = []
+    for gpu in NATIVE:
+        for meta in sorted((PROFILES / gpu).glob("*/*/bf16/meta.yaml")):
+            name = str(meta.parent.parent.relative_to(PROFILES / gpu))
+            model = load_model_config(PROFILES / "models", name)
+            for tpdir in sorted(meta.parent.glob("tp*")):
+                tp = int(tpdir.name[2:])
+                a = np.loadtxt(tpdir / "attention.csv", delimiter=",", skiprows=1, ndmin=2)
+                pre = {(int(r[0]), int(r[1])): r[4] for r in a if r[2] == 0}
+                dec = {(int(r[2]), int(r[3])): r[4] for r in a if r[0] == 0}
+                mix = [(*r[:5], pre[(int(r[0]), int(r[1]))], dec[(int(r[2]), int(r[3]))]) for r in a
+                       if r[0] > 0 and r[2] > 0 and (int(r[0]), int(r[1])) in pre and (int(r[2]), int(r[3])) in dec]
+                out.append((gpu, name, tp, model.num_heads // model.num_kv_heads, model.head_dim,
+                            np.array(mix, np.float64), np.array([(p, k, v) for (p, k), v in pre.items()], np.float64)))
+    return out
+
+
+def _latency_cells(tabs, gpus) -> list:
+    """``(gpu, [N, 4] (pc, kp, t, prefill(pc, 0)), head_dim)`` per table."""
+    out = []
+    for g, _, _, _, hd, _, p in tabs:
+        if g in gpus:
+            p0 = {r[0]: r[2] for r in p if r[1] == 0}
+            c = p[(p[:, 0] > 0) & (p[:, 0] <= 128) & (p[:, 1] >= 256) & np.isin(p[:, 0], list(p0))]
+            out.append((g, np.column_stack([c, [p0[x] for x in c[:, 0]]]), hd))
+    return out
+
+
+def prefill_latency_model(c, hd, gamma) -> np.ndarray:
+    return c[:, 3] + gamma * c[:, 1] * hd / 128.0
+
+
+def fit_prefill_latency(tabs, gpus) -> tuple:
+    """``gamma_us_per_key`` of ``prefill(pc, 0) + gamma*kp*hd/128`` (relative least squares, GPUs
+    weighted equally)."""
+    cells = _latency_cells(tabs, gpus)
+    n = {g: sum(len(c) for gg, c, _ in cells if gg == g) for g in gpus}
+    A = np.concatenate([(c[:, 1] * hd / 128 / c[:, 2]) / math.sqrt(n[g]) for g, c, hd in cells])[:, None]
+    b = np.concatenate([(1.0 - c[:, 3] / c[:, 2]) / math.sqrt(n[g]) for g, c, _ in cells])
+    return float(np.linalg.lstsq(A, b, rcond=None)[0][0])
+
+
+def mixed_model(theta, G, P, D, kvd) -> np.ndarray:
+    """The mixed-batch combination (module docstring); the same formula as
+    :func:`jaxsim.operator_db.mixed_us`."""
+    return odb.mixed_us(P, D, kvd, G, {"gamma_us_per_key": theta[0], "beta": theta[1], "c0_us": theta[2]})
+
+
+def fit_mixed(tabs, gpus) -> tuple:
+    from scipy.optimize import least_squares
+
+    sel = [t for t in tabs if t[0] in gpus]
+    n = {g: sum(len(t[5]) for t in sel if t[0] == g) for g in gpus}
+
+    def resid(th):
+        return np.concatenate([np.log(mixed_model(th, G, m[:, 5], m[:, 6], m[:, 3]) / m[:, 4]) / math.sqrt(n[g])
+                               for g, _, _, G, _, m, _ in sel])
+    r = least_squares(resid, [0.02, 0.3, 5.0], bounds=([0.0, 0.0, 0.0], [1.0, 4.0, 50.0]))
+    return tuple(float(x) for x in r.x)
+
+
+def _signed(e) -> dict:
+    return {**_q(e), "signed_median": float(np.median(e))}
+
+
+def attention_fit() -> dict:
+    tabs = native_attention()
+    gpus = tuple(NATIVE)
+    g = fit_prefill_latency(tabs, gpus)
+    th = fit_mixed(tabs, gpus)
+    res = {"prefill_latency": {"gamma_us_per_key": round(g, 6),
+                               "formula": "prefill(pc, kp) >= prefill(pc, 0) + gamma_us_per_key * kp * head_dim / 128",
+                               "cells": "native prefill-only cells with 0 < pc <= 128, kp >= 256"},
+           "mixed": {"gamma_us_per_key": round(th[0], 6), "beta": round(th[1], 6), "c0_us": round(th[2], 4),
+                     "formula": "max(max(P, gamma_us_per_key*kvd) + (1 + beta*(G-1))*D - c0_us, P, D); "
+                                "G = num_heads / num_kv_heads"},
+           "provenance": {"script": "scripts/fit_operator_db.py",
+                          "data": sorted({f"profiles/{t[0]}/{t[1]}/bf16/tp{t[2]}/attention.csv" for t in tabs}),
+                          "weighting": "each GPU's cells weighted equally"},
+           "joint_fit_rel_err": {}, "leave_one_gpu_out": {}}
+    for gpu, name, tp, G, hd, m, p in tabs:
+        key = f"{gpu} {name} tp{tp}"
+        c = _latency_cells([(gpu, name, tp, G, hd, m, p)], (gpu,))[0][1]
+        res["joint_fit_rel_err"][key] = {
+            "prefill_latency": _signed(prefill_latency_model(c, hd, g) / c[:, 2] - 1.0),
+            "mixed_sum_of_parts": _signed((m[:, 5] + m[:, 6]) / m[:, 4] - 1.0),
+            "mixed_model": _signed(mixed_model(th, G, m[:, 5], m[:, 6], m[:, 3]) / m[:, 4] - 1.0)}
+    for train in gpus:
+        test = [x for x in gpus if x != train][0]
+        b = fit_prefill_latency(tabs, (train,))
+        tt = fit_mixed(tabs, (train,))
+        cells = _latency_cells(tabs, (test,))
+        ep = np.concatenate([prefill_latency_model(c, hd, b) / c[:, 2] - 1.0 for _, c, hd in cells])
+        em = np.concatenate([mixed_model(tt, G, m[:, 5], m[:, 6], m[:, 3]) / m[:, 4] - 1.0
+                             for gg, _, _, G, _, m, _ in tabs if gg == test])
+        res["leave_one_gpu_out"][f"fit {train} -> score {test}"] = {
+            "prefill_latency": {"gamma_us_per_key": b, **_signed(ep)},
+            "mixed": {"gamma_us_per_key": tt[0], "beta": tt[1], "c0_us": tt[2], **_signed(em)}}
+    return res
+
+
 # --------------------------------------------------------------------------------------- GEMM
 def gemm_loo(system: str) -> dict:
     grid = odb.GemmGrid(str(PROFILES / "operator-db" / system / "gemm.csv.gz"), "bfloat16")
@@ -224,7 +349,7 @@ def spec_title(system: str) -> str:
 
 
 def main() -> None:
-    out = {"bandwidth": bandwidth_fit(), "gemm_interpolation": {}, "allreduce": {},
+    out = {"bandwidth": bandwidth_fit(), "attention": attention_fit(), "gemm_interpolation": {}, "allreduce": {},
            "allreduce_messages": {"hidden_sizes": list(AR_HIDDEN), "tokens": "round(2**(j/16)), j = 0..208"}}
     for hw, system in odb.HARDWARE.items():
         out["gemm_interpolation"][system] = gemm_loo(system)
@@ -240,6 +365,14 @@ def main() -> None:
         for k, v in d.items():
             print(f"  LOHO {cls:12s} {k}: t0 {v['t0_us']:.2f} us eff {v['eff']:.2f}  p50 {v['p50']:.1%} "
                   f"p90 {v['p90']:.1%}")
+    at = out["attention"]
+    print("attention: prefill latency", json.dumps({k: at["prefill_latency"][k] for k in ("gamma_us_per_key",)}),
+          "mixed", json.dumps({k: at["mixed"][k] for k in ("gamma_us_per_key", "beta", "c0_us")}))
+    for k, d in at["joint_fit_rel_err"].items():
+        print(f"  joint {k:55s}", {x: f"p50 {v['p50']:.1%} signed {v['signed_median']:+.1%}" for x, v in d.items()})
+    for k, d in at["leave_one_gpu_out"].items():
+        print(f"  LOGO {k}:", {x: f"p50 {v['p50']:.1%} p90 {v['p90']:.1%} signed {v['signed_median']:+.1%}"
+                               for x, v in d.items()})
     for s, d in out["gemm_interpolation"].items():
         print(f"gemm LOO {s:20s} all m: p50 {d['all_m']['p50']:.1%} p90 {d['all_m']['p90']:.1%}; "
               f"m>=64: p50 {d['m_ge_64']['p50']:.1%} p90 {d['m_ge_64']['p90']:.1%}")

@@ -94,19 +94,29 @@ def test_bandwidth_model_by_hand():
     assert 0 < c["t0_us"] < 20 and c["eff"] > 0.5  # a physical fit (t0 a few µs)
 
 
-def test_attention_cell_is_context_plus_generation():
-    """(pc 512, kp 0, nd 4, kvd 1024): context batch 1, isl 512 (L = sqrt(512^2 + 0) = 512)
-    plus generation batch 4 at context 1 + 1023, Llama-3.1-8B TP 1 heads 32/8, head_dim 128."""
+def test_attention_cells_prefill_decode_and_mixed_by_hand():
+    """(pc 512, kp 0, nd 4, kvd 1024), Llama-3.1-8B TP 1 heads 32/8 (G = 4), head_dim 128: prefill
+    = context batch 1, isl 512; decode = generation batch 4 at context 1 + 1023; the mixed cell
+    combines them by fit.json's attention.mixed (one varlen call, decodes as query tiles per head)."""
     _, b = _bundle("h100", LLAMA)
     pre = _row("context_attention.csv.gz", "bfloat16,1,512,32,8,128,")
     dec = _row("generation_attention.csv.gz", "bfloat16,4,1,32,8,128,1023,")
     assert (pre, dec) == (17.296, 14.0693)
-    assert _cell(b.attention, 512, 0, 4, 1024) == 17296 + 14069
     assert _cell(b.attention, 512, 0, 0, 0) == 17296 and _cell(b.attention, 0, 0, 4, 1024) == 14069
-    # a history: L = sqrt(16^2 + 2*16*504) = 128 exactly, a grid point of isl
+    c = json.loads((PROFILES / "operator-db" / "fit.json").read_text())["attention"]
+    m = c["mixed"]
+    hand = max(max(17.296, m["gamma_us_per_key"] * 1024) + (1 + m["beta"] * 3) * 14.069 - m["c0_us"], 17.296, 14.069)
+    assert _cell(b.attention, 512, 0, 4, 1024) == round(hand * 1000)
+    assert _cell(b.attention, 512, 0, 4, 1024) > 17296 + 14069 - 1000 * m["c0_us"]  # not less than the sum minus a launch
+    # a history: at least the chunk alone plus its history's keys streamed (gamma per key), at least
+    # the causal length with the same FLOPs (L = sqrt(16^2 + 2*16*504) = 128), at least a batch-1 decode
+    gamma = c["prefill_latency"]["gamma_us_per_key"]
+    parts = odb.attention_parts(H100, "h100", load_model(LLAMA), 1, "bfloat16")
+    ctx16, ctx128 = _row("context_attention.csv.gz", "bfloat16,1,16,32,8,128,"), \
+        _row("context_attention.csv.gz", "bfloat16,1,128,32,8,128,")
+    assert parts[0](16, 504) == pytest.approx(max(ctx128, ctx16 + gamma * 504, parts[1](1, 520)), rel=1e-12)
+    assert parts[0](16, 504) == pytest.approx(ctx16 + gamma * 504, rel=1e-12)  # the streaming path binds here
     assert _cell(b.attention, 16, 0, 0, 0) < _cell(b.attention, 16, 512, 0, 0)
-    assert _row("context_attention.csv.gz", "bfloat16,1,128,32,8,128,") * 1000 == pytest.approx(
-        1000 * odb.attention_parts(H100, "h100", load_model(LLAMA), 1, "bfloat16")[0](16, 504), abs=1e-6)
     # TP 2 looks up the per-rank heads 16/8 -> 16/4
     _, b2 = _bundle("h100", LLAMA, tp=2)
     assert _cell(b2.attention, 512, 0, 0, 0) == round(1000 * _row("context_attention.csv.gz", "bfloat16,1,512,16,4,128,"))
@@ -134,13 +144,19 @@ def test_moe_table_and_bundles_load():
     assert {"h100", "h200", "b200", "gb200", "rtxpro6000_opdb"} <= set(known_hardware(PROFILES))
 
 
-def test_outliers_are_listed_as_for_native_bundles():
-    """rtx_pro_6000_server's generation row at batch 1, context 4096 (185.9 us between 14.8 and 28.9 us)."""
-    with pytest.warns(UserWarning, match="1 profile point"):
-        odb._load.cache_clear()
+def test_outliers_are_dropped_and_listed():
+    """rtx_pro_6000_server's generation row at batch 1, context 4096 (185.9 us between 14.8 and 28.9 us
+    at 2048 and 8192) is a grid outlier: dropped, listed in meta, and the decode there is the log-log
+    interpolation of its neighbours."""
+    odb._load.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is used as measured: no outlier warning
         b = odb.load_converted_bundle(PROFILES, "rtxpro6000_opdb", load_model(LLAMA))
-    assert len(b.outliers) == 1 and "generation_attention.csv.gz:711" in b.outliers[0]
-    assert "context=4096 time_us=185.867" in b.outliers[0]
+    dropped = b.meta["conversion"]["dropped_outliers"]
+    assert b.outliers == [] and len(dropped) == 1 and "generation_attention.csv.gz:711" in dropped[0]
+    assert "context=4096 time_us=185.867" in dropped[0]
+    hand = math.exp((math.log(14.8267) + math.log(28.9387)) / 2)  # 4096 midway between 2048 and 8192 in log
+    assert _cell(b.attention, 0, 0, 1, 4096) == round(hand * 1000)
 
 
 def test_errors_name_hardware_model_tp_and_what_the_tables_hold():
