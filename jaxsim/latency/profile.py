@@ -295,6 +295,18 @@ def pp_layers(num_layers, pp, max_pp: int):
     return jnp.where(s < pp, L // pp + extra, 0)
 
 
+def split_stages(total, t_pro, t_head, L, pp, max_pp: int):
+    """int64 [max_pp] stage times of an iteration of ``total`` ns: stage 0 takes the prologue
+    ``t_pro``, the last stage the head ``t_head`` and the rounding remainder, the blocks split in
+    proportion to :func:`pp_layers` (floored); 0 past ``pp``. They sum to ``total``."""
+    layers = pp_layers(L, pp, max_pp)
+    blocks = total - t_pro - t_head
+    s = jnp.arange(max_pp, dtype=_I)
+    st = blocks * layers // L + jnp.where(s == 0, t_pro, 0)
+    last = total - jnp.sum(jnp.where(s < pp - 1, st, 0))
+    return jnp.where(s == pp - 1, last, jnp.where(s < pp, st, 0))
+
+
 def stage_times(tb: LatencyTables, max_pp: int, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, slots=None):
     """Per-stage latencies of one batch under pipeline parallelism (``tb.pp`` stages, REFERENCE.md §1.8).
 
@@ -312,13 +324,7 @@ def stage_times(tb: LatencyTables, max_pp: int, T, S, pc, kp, nd, kvd_sum, kvd_m
     """
     total, extrapolated, (t_pro, t_head) = _iteration(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, parts=True,
                                                       slots=slots)
-    L, pp = tb.num_layers, tb.pp
-    layers = pp_layers(L, pp, max_pp)
-    blocks = total - t_pro - t_head
-    s = jnp.arange(max_pp, dtype=_I)
-    st = blocks * layers // L + jnp.where(s == 0, t_pro, 0)
-    last = total - jnp.sum(jnp.where(s < pp - 1, st, 0))
-    st = jnp.where(s == pp - 1, last, jnp.where(s < pp, st, 0))
+    st = split_stages(total, t_pro, t_head, tb.num_layers, tb.pp, max_pp)
     T = jnp.asarray(T).astype(_I)
     p2p = _ring(jnp.asarray(1, _I), tb, (T * tb.hidden * tb.weight_bytes).astype(_F))
     return st, extrapolated, p2p
