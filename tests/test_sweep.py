@@ -70,7 +70,7 @@ POINTS = [
 @pytest.fixture(scope="module")
 def swept():
     before = cluster.run_batch._cache_size()
-    result = sweep.sweep(BASE, POINTS, chunk_size=4, progress=False, keep_requests=True)  # 2 chunks, the last padded
+    result = sweep.sweep(BASE, POINTS, chunk_size=5, progress=False, keep_requests=True)  # 2 chunks, the last padded
     return result, cluster.run_batch._cache_size() - before
 
 
