@@ -45,7 +45,7 @@ from jaxsim.profiles import MoETable, ProfileBundle, Table1D, load_architecture
 PREFIX = "spec/"
 SPECS_DIR = "specs"  # under profiles_dir
 # variant -> (weight bytes, KV bytes): the roofline prices any dtype, so each variant is exact
-VARIANTS = {"bf16": (2, 2), "bf16-kvfp8": (2, 1), "fp8": (1, 1), "fp8-kvbf16": (1, 2)}
+VARIANTS = {"bf16": (2, 2), "bf16-kvfp8": (2, 1), "fp8": (1, 2), "fp8-kvfp8": (1, 1)}  # as jaxsim.operator_db
 ENGINE_EFFECTIVE = {"source": "roofline model (no engine ran)"}
 
 
@@ -100,7 +100,8 @@ def load_spec_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: s
 
     Args:
       profiles_dir: the profiles folder (sheets under ``specs/``, ``architectures/``).
-      variant: ``bf16`` | ``bf16-kvfp8`` | ``fp8`` | ``fp8-kvbf16`` (weight and KV dtypes, :data:`VARIANTS`).
+      variant: ``bf16`` | ``bf16-kvfp8`` | ``fp8`` | ``fp8-kvfp8`` (weights, then the KV cache when it differs:
+        :data:`VARIANTS`, the names of the profile variants, REFERENCE.md §1.14).
       tp: tensor-parallel degree (heads, intermediate size and vocabulary per rank; any degree that
         divides the model's KV heads).
       peak_tflops, mem_bw_gbs: what-if overrides of the sheet's peak TFLOP/s (of the variant's

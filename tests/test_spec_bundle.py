@@ -86,6 +86,13 @@ def test_sources_and_errors(llama):
     variant, scale = planning.profile_variant(P, "spec/h100", llama,
                                               dataclasses.replace(planning.ModelRuntimeConfig(), kv_cache_dtype="fp8"))
     assert (variant, scale) == ("bf16-kvfp8", 1.0)
+    rt = planning.ModelRuntimeConfig(dtype="fp8")  # FP8 weights, the KV cache still bf16
+    assert planning.profile_variant(P, "spec/h100", llama, rt) == ("fp8", 1.0)
+    both = load_spec_bundle(P, "spec/h100", llama, "fp8-kvfp8")
+    fp8 = load_spec_bundle(P, "spec/h100", llama, "fp8")
+    # same weights, half the KV bytes: a long decode batch's attention is cheaper, its GEMMs are not
+    assert both.attention.values_ns[0, -1, 0, -1] < 0.75 * fp8.attention.values_ns[0, -1, 0, -1]
+    np.testing.assert_array_equal(both.dense["qkv_proj"].values_ns, fp8.dense["qkv_proj"].values_ns)
 
 
 @pytest.mark.slow  # the engine compiles once more for the roofline's own pytree (~40 s on 2 cores)
