@@ -13,6 +13,8 @@ workload, instances and chunk size; only the tier's capacity, bandwidth and shar
 power_and_pim compiles four times: one sweep loop per design (GPU only, PIM offload, PIM + sub-batch
 interleaving: the PIM flags are static; the five loads of a design share it), whose GPU-only loop
 the power-cap sweep reuses (the cap is a value), and one single run (the energy by component).
+hardware_comparison compiles once: one sweep over 12 hardware options of three latency sources, two
+loads and the what-if part's bandwidth (hardware and mem_bw_gbs are values of the compiled loop).
 """
 
 import json
@@ -243,8 +245,79 @@ def _check_power_and_pim(ns: dict):
         assert word in text, word
 
 
+def _check_hardware_comparison(ns: dict):
+    from matplotlib.figure import Figure
+
+    n, at, bw, load, burst = ns["N_REQUESTS"], ns["at"], ns["bw"], ns["LOAD"], ns["BURST"]
+    parts, options, source, result = ns["PARTS"], ns["OPTIONS"], ns["SOURCE"], ns["result"]
+    assert list(parts) == ["RTX 4090", "RTX PRO 6000", "H100", "H200", "B200", "what-if H100 2xBW"]
+    # every option at both loads, and the bandwidth sweep, in one sweep call and one compile
+    assert len(options) == 12 and len(result.rows) == 2 * len(options) + len(ns["BANDWIDTHS"])
+    assert result.num_groups == 1 and ns["_run_batch_compiles"] == 1
+    for r in result.rows:
+        assert r["status"] == "ok" and r["finished"] == n, r
+        # output tokens/s = the trace's output tokens over first arrival to last completion (one GPU per point)
+        assert r["output_tok_s"] == pytest.approx(ns["OUTPUT_TOKENS"] / r["makespan_s"], rel=1e-12)
+    # each option priced by the source its form says: a native bundle folder, a converted system, a spec sheet
+    native, opdb = {"rtx4090", "rtxpro6000"}, {"h100", "h200", "b200", "rtxpro6000_opdb"}
+    for opt in options:
+        want = "profiles" if opt in native else "operator-db" if opt in opdb else "roofline"
+        assert (opt in native | opdb) != opt.startswith("roofline_"), opt
+        assert source[opt] == at[opt, load]["latency_model"] == at[opt, burst]["latency_model"] == want, opt
+    assert {r["latency_model"] for r in bw.values()} == {"roofline"}
+    # 24 GiB x 0.9 less 16.06 GB of bf16 weights: 3,400 blocks of 16 tokens x 131,072 bytes (conf/hardware/rtx4090.yaml)
+    assert ns["KV_TOKENS"]["rtx4090"] == 54_400 and all(ns["KV_TOKENS"][o] > 400_000 for o in options
+                                                        if ns["HW"][o].mem_size_gb >= 80)
+    # the 4090 runs out of KV at the comparison load: preempts, misses the SLO; nothing with >= 80 GB preempts
+    assert at["rtx4090", load]["preemptions"] > 0 and at["rtx4090", load]["slo_attainment"] < 0.5
+    assert all(at[o, s]["preemptions"] == 0 for o in options for s in (load, burst) if ns["HW"][o].mem_size_gb >= 80)
+    # decode is bandwidth-bound: TPOT p99 follows the parts' bandwidth, saturation throughput the reverse
+    real = ["rtx4090", "rtxpro6000", "h100", "h200", "b200"]
+    assert [ns["SHEET"][ns["PART_OF"][o]].mem_bw_gbs for o in real] == [1008, 1792, 3350, 4800, 7700]
+    tpot99 = [at[o, load]["tpot_p99_ms"] for o in real]
+    sat = [at[o, burst]["output_tok_s"] for o in real]
+    assert all(a > b for a, b in zip(tpot99, tpot99[1:])) and all(a < b for a, b in zip(sat, sat[1:]))
+    # the what-if part (2x bandwidth, half the FLOP/s) against the H100 sheet: faster decode, slower prefill
+    w, h = at["roofline_whatif_h100_2xbw", load], at["roofline_h100", load]
+    assert w["tpot_mean_ms"] < 0.8 * h["tpot_mean_ms"] and w["ttft_p99_ms"] > h["ttft_p99_ms"]
+    # the bandwidth knob at the sheet's own 6,700 GB/s reproduces the what-if row exactly; TPOT falls with
+    # bandwidth, and doubling the bandwidth never halves it (compute and fixed costs remain)
+    same = {k: v for k, v in bw[6700.0].items() if k not in ("config", "mem_bw_gbs")}
+    assert same == {k: v for k, v in w.items() if k != "config"}
+    bws = sorted(bw)
+    assert all(bw[a]["tpot_mean_ms"] > bw[b]["tpot_mean_ms"] for a, b in zip(bws, bws[1:]))
+    doubled = [b for b in bws if 2 * b in bw]
+    assert len(doubled) >= 3 and all(bw[2 * b]["tpot_mean_ms"] > bw[b]["tpot_mean_ms"] / 2 for b in doubled)
+    # the sources agree as the prose says: roofline within 10% of the operator database's TPOT mean on the
+    # data-centre parts; slower than the native RTX 4090 bundle (as its leave-one-hardware-out error's sign);
+    # the converted RTX PRO 6000 bundle within 10% of the native one's TPOT mean
+    for part in ("h100", "h200", "b200"):
+        assert abs(at[f"roofline_{part}", load]["tpot_mean_ms"] / at[part, load]["tpot_mean_ms"] - 1) < 0.10, part
+    assert at["roofline_rtx4090", load]["tpot_mean_ms"] > at["rtx4090", load]["tpot_mean_ms"]
+    assert ns["ROOFLINE_FIT"]["iteration_loho"]["per_bundle"]["RTX4090 meta-llama/Llama-3.1-8B tp1"]["signed_median"] > 0
+    assert abs(ns["OPDB_VS_NATIVE"]["tpot_mean_ms"]) < 0.10
+    for part, opt, _, r, s, q in ns["cross"]:  # the cross-source table's ratios are the rows'
+        ref = ns["REFERENCE"][part]
+        assert q["tpot_mean"] == r["tpot_mean_ms"] / at[ref, load]["tpot_mean_ms"] and r is at[opt, load]
+        assert q["saturation"] == s["output_tok_s"] / at[ref, burst]["output_tok_s"]
+
+    # plots: throughput / TTFT / TPOT per part, the sources side by side, TPOT and TTFT against bandwidth
+    for fig, k in ((ns["fig_compare"], 3), (ns["fig_sources"], 2), (ns["fig_bw"], 2)):
+        assert isinstance(fig, Figure) and len(fig.axes) == k
+    assert len(ns["fig_compare"].axes[0].patches) == 2 * len(parts)
+    assert all(len(ax.patches) == len(parts) for ax in ns["fig_compare"].axes[1:])
+    assert len(ns["fig_sources"].axes[0].patches) == len(ns["cross"])
+    assert all(len(line.get_xdata()) == len(bws) for line in ns["fig_bw"].axes[0].lines[:3])
+    # the conclusions are computed and cover the SLO, saturation, the sources and the what-if part
+    text = "\n".join(ns["conclusions"])
+    for word in ("SLO", "Saturation throughput", "Roofline against", "Converted operator database", "what-if part",
+                 "Bandwidth sweep"):
+        assert word in text, word
+
+
 CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated,
-          "cpu_kv_tier.ipynb": _check_cpu_kv_tier, "power_and_pim.ipynb": _check_power_and_pim}
+          "cpu_kv_tier.ipynb": _check_cpu_kv_tier, "power_and_pim.ipynb": _check_power_and_pim,
+          "hardware_comparison.ipynb": _check_hardware_comparison}
 
 
 # The P/D notebook compiles three cluster designs (~55 s on 2 cores): it runs with `-m slow`; the P/D
@@ -252,8 +325,11 @@ CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated,
 # compiles one cluster loop and runs it 15 times (~50-60 s): `-m slow` too; tests/test_kv_tier.py
 # covers the tier's engine paths at small shapes. The power and PIM notebook compiles three sweep
 # loops and a single run (~80 s): `-m slow`; tests/test_power.py, test_pim.py and test_sweep.py cover
-# its pieces at small shapes.
-SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb", "cpu_kv_tier.ipynb", "power_and_pim.ipynb")
+# its pieces at small shapes. The hardware comparison notebook runs one sweep of 31 points over 12
+# hardware options (~80-90 s, most of it the compile): `-m slow`; tests/test_sweep.py covers hardware of
+# every source and the mem_bw_gbs knob in one call at small shapes.
+SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb", "cpu_kv_tier.ipynb", "power_and_pim.ipynb",
+                  "hardware_comparison.ipynb")
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_NOTEBOOKS else p
