@@ -18,6 +18,17 @@ hardware name          system folder             note
                                                  stays the native bundle): the cross-check
 =====================  ========================  ==========================================
 
+Constant sets. The converter's native-fitted constants (bandwidth model, prefill-latency
+``gamma``, mixed-batch ``(gamma_mix, beta, c0)``; ``fit.json`` ``bandwidth`` and ``attention``)
+are by default the **joint** fit on both native GPUs (RTX PRO 6000 and RTX 4090). That set
+includes the native RTX PRO 6000 tables, so a comparison of ``rtxpro6000_opdb`` with them is
+partly in-sample. Hardware ``rtxpro6000_opdb_loo`` (:data:`LEAVE_OUT_HARDWARE`) is the same
+converted RTX PRO 6000 priced with the constants refitted with the RTX PRO 6000 **left out**
+(RTX 4090 alone; ``fit.json`` ``leave_out.RTXPRO6000``, :func:`fit_constants`): the honest
+transfer figure of ``scripts/crosscheck_operator_db.py``. It is a cross-check name only: not
+listed by :func:`operator_db_hardware` (nor ``known_hardware``), no ``conf/hardware`` file.
+qk_norm, never measured on the RTX 4090, takes the RTX 4090's layernorm constants there.
+
 Variants: ``bf16`` (bfloat16 GEMMs and MoE, bfloat16 KV cache), ``bf16-kvfp8`` (FP8 KV cache),
 ``fp8`` and ``fp8-kvfp8`` (per-tensor FP8 GEMMs and MoE).
 
@@ -135,12 +146,15 @@ FIT_FILE = "fit.json"
 PC_AXIS = tuple(16 * 2 ** i for i in range(10))  # 16 ... 8192
 KP_AXIS = (0,) + tuple(16 * 2 ** i for i in range(13))  # 0, 16 ... 65536
 KVD_AXIS = tuple(16 * 2 ** i for i in range(14))  # 16 ... 131072
+# cross-check names: hardware -> (converted hardware it reprices, native GPU left out of its constants)
+LEAVE_OUT_HARDWARE = {"rtxpro6000_opdb_loo": ("rtxpro6000_opdb", "RTXPRO6000")}
 MEMORY_LAYERS = ("embedding", "layernorm", "final_layernorm", "qk_norm", "rotary_emb", "act_fn", "sampler")
 
 
 def is_operator_db(hardware) -> bool:
-    """Whether ``hardware`` names a converted operator-database system (:data:`HARDWARE`)."""
-    return str(hardware) in HARDWARE
+    """Whether ``hardware`` names a converted operator-database system (:data:`HARDWARE`, or a
+    cross-check name of :data:`LEAVE_OUT_HARDWARE`)."""
+    return str(hardware) in HARDWARE or str(hardware) in LEAVE_OUT_HARDWARE
 
 
 def system_dir(profiles_dir, hardware: str) -> Path:
@@ -150,7 +164,7 @@ def system_dir(profiles_dir, hardware: str) -> Path:
 
         raise JaxsimInputError(str(Path(profiles_dir) / OPDB_DIR), f"unknown hardware {hardware!r}",
                                f"known hardware: {known_hardware(profiles_dir)}")
-    d = Path(profiles_dir) / OPDB_DIR / HARDWARE[hardware]
+    d = Path(profiles_dir) / OPDB_DIR / HARDWARE[LEAVE_OUT_HARDWARE.get(hardware, (hardware,))[0]]
     if not d.is_dir():
         raise JaxsimInputError(str(d), f"missing operator-database folder of {hardware!r}",
                                "run python scripts/import_operator_db.py")
@@ -204,6 +218,34 @@ def load_fit(profiles_dir) -> dict:
         raise JaxsimInputError(str(path), "missing fitted constants of the operator-database converter",
                                "run python scripts/fit_operator_db.py")
     return json.loads(path.read_text())
+
+
+def fit_constants(fit: dict, leave_out: "str | None" = None) -> dict:
+    """``fit`` (``fit.json``) with the constant set to price with: unchanged for ``leave_out=None``
+    (the joint fit); else a copy whose ``bandwidth.classes`` and ``attention.prefill_latency`` /
+    ``attention.mixed`` constants are ``fit["leave_out"][leave_out]``'s (fitted without native GPU
+    ``leave_out``, module docstring), with ``constant_set`` naming it.
+
+    Raises :class:`JaxsimInputError` when ``fit.json`` holds no such set (or an incomplete one).
+    """
+    if leave_out is None:
+        return {**fit, "constant_set": "joint"}
+    path = f"{OPDB_DIR}/{FIT_FILE}"
+    lo = fit.get("leave_out", {}).get(leave_out)
+    if lo is None:
+        raise JaxsimInputError(path, f"no constants fitted with {leave_out} left out (leave_out.{leave_out})",
+                               "rerun python scripts/fit_operator_db.py")
+    missing = sorted(set(fit["bandwidth"]["classes"]) - set(lo["bandwidth"]["classes"]))
+    if missing:
+        raise JaxsimInputError(path, f"leave_out.{leave_out}.bandwidth.classes lacks {missing}",
+                               "rerun python scripts/fit_operator_db.py")
+    att = fit["attention"]
+    return {**fit, "constant_set": f"leave_out {leave_out}",
+            "bandwidth": {**fit["bandwidth"], "classes": lo["bandwidth"]["classes"],
+                          "provenance": lo["provenance"]},
+            "attention": {**att, "prefill_latency": {**att["prefill_latency"], **lo["attention"]["prefill_latency"]},
+                          "mixed": {**att["mixed"], **lo["attention"]["mixed"]},
+                          "provenance": lo["provenance"]}}
 
 
 def spec_sheet(sdir: Path) -> dict:
@@ -518,7 +560,7 @@ def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp
     check_tp(hardware, model, tp)
     root = Path(profiles_dir)
     sequence, category, tp_stable = load_architecture(root, model.model_type)
-    fit = load_fit(root)
+    fit = fit_constants(load_fit(root), LEAVE_OUT_HARDWARE.get(hardware, (None, None))[1])
     spec = spec_sheet(sdir)
     mem_bw = float(spec["gpu"]["mem_bw"])
     gpath = str(sdir / "gemm.csv.gz")
@@ -558,7 +600,7 @@ def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp
     engine = {"max_num_batched_tokens": int(attention.pc_axis[-1]), "max_num_seqs": int(attention.nd_axis[-1])}
     meta = {
         "format": "operator-db (jaxsim.operator_db)", "source": "NVIDIA AIConfigurator vLLM 0.19.0 tables",
-        "system": HARDWARE[hardware], "hardware": hardware, "model": model.name, "variant": variant, "tp": tp,
+        "system": sdir.name, "hardware": hardware, "constant_set": fit["constant_set"], "model": model.name, "variant": variant, "tp": tp,
         "gemm_dtype": gdtype, "kv_cache_dtype": kvdtype, "mem_bw": mem_bw,
         "bandwidth_fit": fit["bandwidth"]["provenance"], "attention_fit": fit["attention"]["provenance"], "engine_effective": engine, "skew_fit": {"enabled": False},
         "conversion": conversion,
@@ -574,7 +616,8 @@ def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp
 def load_converted_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: str = "bf16",
                           tp: int = 1) -> ProfileBundle:
     """The :class:`jaxsim.profiles.ProfileBundle` of ``model`` at TP ``tp`` on converted system
-    ``hardware`` (:data:`HARDWARE`), built from ``<profiles_dir>/operator-db/<system>/`` as the
+    ``hardware`` (:data:`HARDWARE`; or :data:`LEAVE_OUT_HARDWARE`: the same system priced with
+    the constants fitted without its native twin), built from ``<profiles_dir>/operator-db/<system>/`` as the
     module docstring describes. Cached per (profiles_dir, hardware, model, variant, tp): the
     same object is returned (treat it as read-only).
 

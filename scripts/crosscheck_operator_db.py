@@ -13,8 +13,9 @@ measured by the vLLM layerwise profiler on the same GPU model. Three measurement
      converted value by the engine's 1-D lookup (REFERENCE.md §2.4, re-implemented in numpy:
      clamp below, linear between keys, linear extrapolation above). Kinds: ``gemm`` and
      ``memory`` (:func:`jaxsim.operators.layer_operators`' kind of the layer). The memory-bound
-     layers' constants were fitted on these very native tables (with the RTX 4090's:
-     ``scripts/fit_operator_db.py``), so their figures are in-sample;
+     layers' joint constants were fitted on these very native tables (with the RTX 4090's:
+     ``scripts/fit_operator_db.py``), so their joint figures are in-sample (the left-out run below
+     is not);
    * attention at every ``(pc, kp, nd, kvd)`` point of the native table; the converted value by
      the engine's own lookup (:func:`jaxsim.latency.latency_tables` of the converted bundle, then
      the per-layer attention term of ``jaxsim.latency.profile._components``, jitted and vmapped,
@@ -42,10 +43,22 @@ measured by the vLLM layerwise profiler on the same GPU model. Three measurement
    statistics (TTFT, TPOT, E2E x mean, median, P90, P95, P99) against the real measurement, next
    to the native bundle's.
 
-Writes ``tests/data/opdb_crosscheck.json`` and prints the tables.
+**Twice**: with the converter's default constants (``rtxpro6000_opdb``: the bandwidth model, the
+prefill-latency ``gamma`` and the mixed-batch constants fitted jointly on the native RTX PRO 6000
+*and* RTX 4090 tables, so partly in-sample here), and with the same constants refitted with the
+RTX PRO 6000 left out (``rtxpro6000_opdb_loo``: RTX 4090 alone, ``fit.json``
+``leave_out.RTXPRO6000``; :mod:`jaxsim.operator_db` "Constant sets"): the out-of-sample transfer
+figure. The GEMM, decode-attention and MoE tables use no fitted constant and come out the same
+in both. The engine-cost calibration (``jaxsim.spec.Calibration``, fitted jointly on the
+development cases including this one) is the same for both bundles and both runs.
 
-Usage: ``PYTHONPATH=. python scripts/crosscheck_operator_db.py [--out PATH]`` (about 1-2 minutes
-on 2 cores, the JAX compilation cache on).
+Writes ``tests/data/opdb_crosscheck.json`` (top level: the joint constants; block
+``leave_out_RTXPRO6000``: the left-out ones; each with ``constants``: the set it used) and prints
+the tables.
+
+Usage: ``PYTHONPATH=. python scripts/crosscheck_operator_db.py [--out PATH]`` (both constant
+sets: 85 s on 2 cores with ``--no-compile-cache``, 33 s with the JAX compilation cache warm).
+Deterministic: a rerun writes the same figures (``wall_s`` aside).
 """
 
 import argparse
@@ -74,7 +87,8 @@ from jaxsim.profiles import load_profile_bundle  # noqa: E402
 from jaxsim.spec import HardwareConfig  # noqa: E402
 
 PROFILES = ROOT / "profiles"
-NATIVE, CONVERTED = "RTXPRO6000", "rtxpro6000_opdb"
+NATIVE, CONVERTED, CONVERTED_LOO = "RTXPRO6000", "rtxpro6000_opdb", "rtxpro6000_opdb_loo"
+LOO_KEY = "leave_out_RTXPRO6000"  # the JSON block of the left-out constants
 MODELS = ("meta-llama/Llama-3.1-8B", "Qwen/Qwen3-32B", "Qwen/Qwen3-30B-A3B-Instruct-2507")
 CASE = PROFILES / "validation" / "RTXPRO6000-Llama-3.1-8B"
 VARIANT = "bf16"
@@ -172,7 +186,7 @@ def tables_of(bundle, model, tp: int):
 
 
 # -------------------------------------------------------------------------------- 1. table by table
-def compare_tables(profiles=PROFILES, models=MODELS) -> dict:
+def compare_tables(profiles=PROFILES, models=MODELS, converted=CONVERTED) -> dict:
     """Part 1: ``{model: {"tp<N>": {"kinds": {kind: stats}, "layers": {layer: stats}, ...}}}``."""
     out = {}
     for name in models:
@@ -183,7 +197,7 @@ def compare_tables(profiles=PROFILES, models=MODELS) -> dict:
                 nb = load_profile_bundle(profiles, NATIVE, model, VARIANT, tp)
             except Exception:  # noqa: BLE001 - a TP degree the native profiles lack is skipped
                 continue
-            cb = load_profile_bundle(profiles, CONVERTED, model, VARIANT, tp)
+            cb = load_profile_bundle(profiles, converted, model, VARIANT, tp)
             ops = layer_operators(model, tp)
             errs = {k: [] for k in KINDS}
             layers = {}
@@ -325,14 +339,15 @@ def components(tb, shapes) -> dict:
     return {"t_lin": np.asarray(c.t_lin), "t_att": np.asarray(c.t_att)}
 
 
-def compare_iterations(ev, profiles=PROFILES) -> dict:
-    """Part 2 on the native run ``ev`` (a ``scripts/validate.py`` Evaluation)."""
+def compare_iterations(ev, profiles=PROFILES, converted=CONVERTED) -> dict:
+    """Part 2 on the native run ``ev`` (a ``scripts/validate.py`` Evaluation), converted bundle
+    ``converted``."""
     r, case = ev.result, ev.case
     shapes = batch_shapes(r)
     specs, rt, _ = validation.case_to_cluster(case, profiles)
     hw = specs[0].hw
     tb_nat = planning.latency_tables(str(profiles), hw, case.model, VARIANT, 2, rt)
-    tb_conv = planning.latency_tables(str(profiles), dataclasses.replace(hw, name=CONVERTED), case.model, VARIANT, 2, rt)
+    tb_conv = planning.latency_tables(str(profiles), dataclasses.replace(hw, name=converted), case.model, VARIANT, 2, rt)
     t_nat, _ = price(tb_nat, shapes)
     exact = int(np.sum(t_nat == np.asarray(r.iter_busy_ns)))
     if exact != len(shapes):
@@ -398,6 +413,24 @@ def score(ev) -> dict:
             "latency_model": ev.result.stats.get("latency_model")}
 
 
+def constants_used(converted: str, profiles=PROFILES) -> dict:
+    """The fitted constants bundle ``converted`` is priced with (:func:`jaxsim.operator_db.fit_constants`):
+    the set's name, the GPUs it was fitted on, the bandwidth classes and the attention constants."""
+    from jaxsim import operator_db as odb
+
+    fit = odb.load_fit(profiles)
+    left_out = odb.LEAVE_OUT_HARDWARE.get(converted, (None, None))[1]
+    f = odb.fit_constants(fit, left_out)
+    return {"constant_set": f["constant_set"],
+            "fitted_on": (fit["leave_out"][left_out]["fitted_on"] if left_out
+                          else list(fit["bandwidth"]["provenance"]["mem_bw_bytes_per_s"])),
+            "source": f"profiles/operator-db/fit.json {'leave_out.' + left_out if left_out else 'bandwidth, attention'}",
+            "bandwidth": f["bandwidth"]["classes"],
+            "bandwidth_borrowed": fit["leave_out"][left_out]["bandwidth"]["borrowed"] if left_out else {},
+            "prefill_latency_gamma_us_per_key": f["attention"]["prefill_latency"]["gamma_us_per_key"],
+            "mixed": {k: f["attention"]["mixed"][k] for k in ("gamma_us_per_key", "beta", "c0_us")}}
+
+
 # ---------------------------------------------------------------------------------- reporting
 def pooled(tables: dict) -> dict:
     """Every model and TP degree pooled, per kind."""
@@ -416,6 +449,8 @@ HEAD = f"  {'':<34} {'n':>6} {'p50|e|%':>8} {'p90|e|%':>8} {'signed%':>9}"
 
 
 def print_report(res: dict) -> None:
+    c = res["constants"]
+    print(f"=== {res['converted']}: constants {c['constant_set']} (fitted on {', '.join(c['fitted_on'])}; {c['source']})")
     print("1. Converted vs native tables, err = converted/native - 1, at the native grid points")
     for name, per_tp in res["tables"].items():
         for tp, d in per_tp.items():
@@ -455,6 +490,36 @@ def print_report(res: dict) -> None:
           f"{v['converted']['mean_abs_diff_pct']:.1f}")
 
 
+def summary_rows(res: dict) -> list:
+    """``(label, joint, left out)`` rows of the headline figures of both constant sets."""
+    lo = res[LOO_KEY]
+    rows = [("15 statistics: mean |Diff%|", *(r["validation"]["converted"]["mean_abs_diff_pct"] for r in (res, lo)))]
+    for m in ("ttft", "tpot", "e2e"):
+        for r in (res, lo):
+            d = [r["validation"]["converted"]["stats"][f"{m}_{s}"]["diff_pct"] for s in ("mean", "median", "p90", "p95",
+                                                                                           "p99")]
+            r.setdefault("_range", {})[m] = f"{min(d):+.1f} .. {max(d):+.1f}"
+        rows.append((f"{m.upper()} Diff% range", res["_range"][m], lo["_range"][m]))
+    for r in (res, lo):
+        r.pop("_range")
+    for k in ("all", "with_prefill"):
+        rows.append((f"iterations {k}: p50 |e|%, signed%", *(f"{100 * r['iterations'][k]['p50']:.1f}, "
+                                                             f"{100 * r['iterations'][k]['signed_median']:+.1f}"
+                                                             for r in (res, lo))))
+    for k in KINDS:
+        rows.append((f"tables pooled {k}: signed median %", *(f"{100 * r['pooled'][k]['signed_median']:+.1f}"
+                                                              for r in (res, lo))))
+    return rows
+
+
+def print_summary(res: dict) -> None:
+    print(f"\n=== Both constant sets (native bundle: mean |Diff%| {res['validation']['native']['mean_abs_diff_pct']:.1f})")
+    print(f"  {'':<44} {'joint':>16} {'RTXPRO6000 left out':>20}")
+    for label, a, b in summary_rows(res):
+        a, b = (f"{x:.1f}" if isinstance(x, float) else x for x in (a, b))
+        print(f"  {label:<44} {a:>16} {b:>20}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "tests" / "data" / "opdb_crosscheck.json"))
@@ -463,25 +528,35 @@ def main(argv=None) -> int:
     if not args.no_compile_cache:
         compile_cache.enable()
     t0 = time.perf_counter()
-    tables = compare_tables()
-    t1 = time.perf_counter()
     native = evaluate_case(CASE)
-    iterations = compare_iterations(native)
-    t2 = time.perf_counter()
-    converted = evaluate_case(CASE, hardware=CONVERTED)
-    t3 = time.perf_counter()
-    print(f"[wall: tables {t1 - t0:.0f} s, native run + iterations {t2 - t1:.0f} s, converted run {t3 - t2:.0f} s]")
-    res = {
-        "command": "PYTHONPATH=. python scripts/crosscheck_operator_db.py",
-        "native": NATIVE, "converted": CONVERTED, "variant": VARIANT,
-        "tables": tables, "pooled": pooled(tables), "iterations": iterations,
-        "validation": {"case": CASE.name, "native": score(native), "converted": score(converted)},
-    }
+    t1 = time.perf_counter()
+    print(f"[wall: native run {t1 - t0:.0f} s]")
+    runs = {}
+    for conv in (CONVERTED, CONVERTED_LOO):
+        t1 = time.perf_counter()
+        tables = compare_tables(converted=conv)
+        t2 = time.perf_counter()
+        iterations = compare_iterations(native, converted=conv)
+        t3 = time.perf_counter()
+        converted = evaluate_case(CASE, hardware=conv)
+        t4 = time.perf_counter()
+        print(f"[wall {conv}: tables {t2 - t1:.0f} s, iterations {t3 - t2:.0f} s, converted run {t4 - t3:.0f} s]")
+        runs[conv] = {
+            "native": NATIVE, "converted": conv, "variant": VARIANT, "constants": constants_used(conv),
+            "tables": tables, "pooled": pooled(tables), "iterations": iterations,
+            "validation": {"case": CASE.name, "native": score(native), "converted": score(converted)},
+        }
+    res = {"command": "PYTHONPATH=. python scripts/crosscheck_operator_db.py", **runs[CONVERTED],
+           LOO_KEY: runs[CONVERTED_LOO]}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
-    print_report(res)
-    for per_tp in tables.values():
-        for d in per_tp.values():
-            d.pop("_errors")
+    for r in (res, res[LOO_KEY]):
+        print_report(r)
+        print()
+    print_summary(res)
+    for r in (res, res[LOO_KEY]):
+        for per_tp in r["tables"].values():
+            for d in per_tp.values():
+                d.pop("_errors")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
     print(f"\nwrote {args.out} ({res['wall_s']} s)")

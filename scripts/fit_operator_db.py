@@ -51,6 +51,12 @@ Three parts (module docstring of :mod:`jaxsim.operator_db` for how they are used
      (``c0``: the one kernel launch and metadata step the sum counts twice), fitted on the mixed
      cells with the native P and D at the same coordinates.
 
+5. **Leave one GPU out** (``fit.json`` ``leave_out.RTXPRO6000``): every constant of parts 1 and 4
+   refitted on the RTX 4090 alone (:func:`leave_out_fit`), so that the converted RTX PRO 6000 can be
+   checked against the native one with constants that never saw it (``jaxsim.operator_db`` hardware
+   ``rtxpro6000_opdb_loo``, ``scripts/crosscheck_operator_db.py``). qk_norm, never measured on the
+   RTX 4090, borrows the RTX 4090's layernorm constants (recorded under ``borrowed``).
+
 Usage: ``PYTHONPATH=. python scripts/fit_operator_db.py`` (about 20 s). Deterministic.
 """
 
@@ -348,9 +354,53 @@ def spec_title(system: str) -> str:
                                    "native bundle is RTXPRO6000)"}[system]
 
 
+# ------------------------------------------------------------------------------ leave one GPU out
+LEAVE_OUT = ("RTXPRO6000",)  # native GPUs with a converted twin (jaxsim.operator_db.LEAVE_OUT_HARDWARE)
+BORROW = {"qk_norm": "layernorm"}  # class -> the class whose constants stand in where a GPU set lacks it
+
+
+def leave_out_fit(left_out: str) -> dict:
+    """Every native-fitted constant of the converter refitted without GPU ``left_out``: the
+    bandwidth classes (t0, eff), the prefill-latency gamma and the mixed-batch (gamma_mix, beta, c0),
+    by the same fits as the joint set (:func:`fit_class`, :func:`fit_prefill_latency`,
+    :func:`fit_mixed`) on the remaining GPUs' rows. A class none of them measured (qk_norm: Qwen3 ran
+    on the RTX PRO 6000 only) takes the constants of :data:`BORROW`'s class, recorded as such.
+    Same rounding as the joint set. ``jaxsim.operator_db`` serves it as hardware
+    ``<converted twin>_loo``."""
+    gpus = tuple(g for g in NATIVE if g != left_out)
+    pts = [p for p in native_points() if p[0] in gpus]
+    classes, borrowed = {}, {}
+    for cls in sorted(set(CLASSES.values())):
+        cp = [p for p in pts if p[1] == cls]
+        if cp:
+            t0, eff = fit_class(cp)
+            classes[cls] = {"t0_us": round(t0, 6), "eff": round(eff, 6)}
+    for cls in sorted(set(CLASSES.values())):
+        if cls not in classes:
+            src = BORROW.get(cls)
+            if src not in classes:
+                raise SystemExit(f"leave out {left_out}: no rows of class {cls!r} and nothing to borrow")
+            classes[cls] = dict(classes[src])
+            borrowed[cls] = f"{src} (no {cls} rows on {', '.join(gpus)})"
+    tabs = [t for t in native_attention() if t[0] in gpus]
+    g = fit_prefill_latency(tabs, gpus)
+    th = fit_mixed(tabs, gpus)
+    return {
+        "fitted_on": list(gpus),
+        "bandwidth": {"classes": classes, "borrowed": borrowed},
+        "attention": {"prefill_latency": {"gamma_us_per_key": round(g, 6)},
+                      "mixed": {"gamma_us_per_key": round(th[0], 6), "beta": round(th[1], 6), "c0_us": round(th[2], 4)}},
+        "provenance": {"script": "scripts/fit_operator_db.py (leave_out_fit)", "left_out": left_out,
+                       "data": sorted({f"profiles/{p[0]}/{p[3]}/bf16/tp{p[4]}" for p in pts}
+                                      | {f"profiles/{t[0]}/{t[1]}/bf16/tp{t[2]}/attention.csv" for t in tabs}),
+                       "formulas": "as the joint set (bandwidth.formula, attention.*.formula)"},
+    }
+
+
 def main() -> None:
     out = {"bandwidth": bandwidth_fit(), "attention": attention_fit(), "gemm_interpolation": {}, "allreduce": {},
-           "allreduce_messages": {"hidden_sizes": list(AR_HIDDEN), "tokens": "round(2**(j/16)), j = 0..208"}}
+           "allreduce_messages": {"hidden_sizes": list(AR_HIDDEN), "tokens": "round(2**(j/16)), j = 0..208"},
+           "leave_out": {g: leave_out_fit(g) for g in LEAVE_OUT}}
     for hw, system in odb.HARDWARE.items():
         out["gemm_interpolation"][system] = gemm_loo(system)
         out["allreduce"][system] = allreduce_fit(system)
@@ -373,6 +423,9 @@ def main() -> None:
     for k, d in at["leave_one_gpu_out"].items():
         print(f"  LOGO {k}:", {x: f"p50 {v['p50']:.1%} p90 {v['p90']:.1%} signed {v['signed_median']:+.1%}"
                                for x, v in d.items()})
+    for g, d in out["leave_out"].items():
+        print(f"leave out {g} (fit on {', '.join(d['fitted_on'])}): bandwidth", json.dumps(d["bandwidth"]["classes"]),
+              "borrowed", json.dumps(d["bandwidth"]["borrowed"]), "attention", json.dumps(d["attention"]))
     for s, d in out["gemm_interpolation"].items():
         print(f"gemm LOO {s:20s} all m: p50 {d['all_m']['p50']:.1%} p90 {d['all_m']['p90']:.1%}; "
               f"m>=64: p50 {d['m_ge_64']['p50']:.1%} p90 {d['m_ge_64']['p90']:.1%}")

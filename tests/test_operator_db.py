@@ -159,6 +159,52 @@ def test_outliers_are_dropped_and_listed():
     assert _cell(b.attention, 0, 0, 1, 4096) == round(hand * 1000)
 
 
+def test_leave_out_constant_set():
+    """``rtxpro6000_opdb_loo``: the converted RTX PRO 6000 with the constants fitted on the RTX 4090
+    alone (fit.json leave_out.RTXPRO6000, the same fits as the leave-one-out scores next to the
+    joint set); GEMMs unchanged, the memory-bound layers, prefill latency path and mixed cells by
+    hand from that set."""
+    from jaxsim.profiles import bundle_source, us_to_ns
+
+    fit = odb.load_fit(PROFILES)
+    lo = fit["leave_out"]["RTXPRO6000"]
+    assert lo["fitted_on"] == ["RTX4090"]
+    # the same refit that fit.json scores as "fit RTX4090 -> score RTXPRO6000", rounded alike
+    for cls, v in fit["bandwidth"]["leave_one_hardware_out"].items():
+        ref = v["fit RTX4090 -> score RTXPRO6000"]
+        assert lo["bandwidth"]["classes"][cls] == {"t0_us": round(ref["t0_us"], 6), "eff": round(ref["eff"], 6)}, cls
+    assert "qk_norm" not in fit["bandwidth"]["leave_one_hardware_out"]  # never measured on the RTX 4090:
+    assert lo["bandwidth"]["classes"]["qk_norm"] == lo["bandwidth"]["classes"]["layernorm"]  # borrowed
+    assert set(lo["bandwidth"]["borrowed"]) == {"qk_norm"}
+    ref = fit["attention"]["leave_one_gpu_out"]["fit RTX4090 -> score RTXPRO6000"]
+    assert lo["attention"]["prefill_latency"]["gamma_us_per_key"] == round(ref["prefill_latency"]["gamma_us_per_key"], 6)
+    assert lo["attention"]["mixed"] == {"gamma_us_per_key": round(ref["mixed"]["gamma_us_per_key"], 6),
+                                        "beta": round(ref["mixed"]["beta"], 6), "c0_us": round(ref["mixed"]["c0_us"], 4)}
+    assert odb.fit_constants(fit)["bandwidth"] == fit["bandwidth"]
+    with pytest.raises(JaxsimInputError, match=r"no constants fitted with A6000 left out \(leave_out.A6000\)"):
+        odb.fit_constants(fit, "A6000")
+    # a cross-check name: priced as operator-db, not advertised
+    assert bundle_source("rtxpro6000_opdb_loo") == "operator-db"
+    assert "rtxpro6000_opdb_loo" not in known_hardware(PROFILES)
+
+    m, j = _bundle("rtxpro6000_opdb", LLAMA)
+    _, b = _bundle("rtxpro6000_opdb_loo", LLAMA)
+    assert (j.meta["constant_set"], b.meta["constant_set"]) == ("joint", "leave_out RTXPRO6000")
+    assert np.array_equal(b.dense["qkv_proj"].values_ns, j.dense["qkv_proj"].values_ns)  # GEMMs: no constant
+    c = lo["bandwidth"]["classes"]["layernorm"]
+    nbytes = 4 * 4096 * 2 * 64 + 4096 * 2
+    assert _at(b.dense["layernorm"], 64) == round((c["t0_us"] + nbytes / (c["eff"] * 1792e9) * 1e6) * 1000)
+    # prefill of 16 tokens over 8192 cached: the latency path (gamma per key, head_dim 128) dominates
+    dg = lo["attention"]["prefill_latency"]["gamma_us_per_key"] - fit["attention"]["prefill_latency"]["gamma_us_per_key"]
+    assert abs(_cell(b.attention, 16, 8192, 0, 0) - _cell(j.attention, 16, 8192, 0, 0) - dg * 8192 * 1000) <= 1
+    # a mixed cell from its parts with the left-out (gamma_mix, beta, c0); G = 32/8 = 4
+    P, D = _cell(b.attention, 128, 1024, 0, 0) / 1e3, _cell(b.attention, 0, 0, 8, 2048) / 1e3
+    hand = max(max(P, lo["attention"]["mixed"]["gamma_us_per_key"] * 2048)
+               + (1 + 3 * lo["attention"]["mixed"]["beta"]) * D - lo["attention"]["mixed"]["c0_us"], P, D)
+    assert _cell(b.attention, 128, 1024, 8, 2048) == int(us_to_ns(hand))
+    assert _cell(b.attention, 128, 1024, 8, 2048) != _cell(j.attention, 128, 1024, 8, 2048)
+
+
 def test_errors_name_hardware_model_tp_and_what_the_tables_hold():
     llama = load_model(LLAMA)
     with pytest.raises(JaxsimInputError, match="unknown hardware 'h300'.*known hardware"):

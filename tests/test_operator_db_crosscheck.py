@@ -1,6 +1,7 @@
 """The converted RTX PRO 6000 bundle against the native one (scripts/crosscheck_operator_db.py,
 tests/data/opdb_crosscheck.json): the script's numpy lookups by hand, the shipped figures'
-internal consistency, and (slow) the figures recomputed."""
+internal consistency for both constant sets (joint, RTX PRO 6000 left out), and (slow) the
+figures recomputed."""
 
 import importlib.util
 import json
@@ -70,8 +71,16 @@ def _stats(d):
             yield from _stats(v)
 
 
-def test_figures_are_consistent(res):
-    stats = list(_stats(res))
+def _blocks(res):
+    """``(converted hardware, block)`` of each constant set: the top level (joint), leave_out_RTXPRO6000."""
+    return [("rtxpro6000_opdb", res), ("rtxpro6000_opdb_loo", res["leave_out_RTXPRO6000"])]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["joint", "leave_out"])
+def test_figures_are_consistent(res, which):
+    hw, res = _blocks(res)[which]
+    assert res["converted"] == hw
+    stats = list(_stats({k: v for k, v in res.items() if k != "leave_out_RTXPRO6000"}))
     assert len(stats) > 100
     for s in stats:
         assert s["n"] > 0 and all(math.isfinite(s[k]) for k in ("p50", "p90", "max", "signed_median"))
@@ -104,15 +113,42 @@ def test_figures_are_consistent(res):
         assert v[side]["mean_abs_diff_pct"] == pytest.approx(np.mean([abs(s["diff_pct"]) for s in st.values()]))
 
 
+def test_constant_sets_are_the_fitted_ones(res):
+    """Each block names the constants it used, and they are fit.json's; what uses no fitted constant
+    (GEMMs, decode attention, MoE, the native run) is the same in both, what does differs."""
+    fit = json.loads((ROOT / "profiles" / "operator-db" / "fit.json").read_text())
+    joint, lo = res["constants"], res["leave_out_RTXPRO6000"]["constants"]
+    assert joint["constant_set"] == "joint" and sorted(joint["fitted_on"]) == ["RTX4090", "RTXPRO6000"]
+    assert lo["constant_set"] == "leave_out RTXPRO6000" and lo["fitted_on"] == ["RTX4090"]
+    for c, src in ((joint, fit), (lo, fit["leave_out"]["RTXPRO6000"])):
+        assert c["bandwidth"] == src["bandwidth"]["classes"]
+        assert c["prefill_latency_gamma_us_per_key"] == src["attention"]["prefill_latency"]["gamma_us_per_key"]
+        assert c["mixed"] == {k: src["attention"]["mixed"][k] for k in ("gamma_us_per_key", "beta", "c0_us")}
+    other = res["leave_out_RTXPRO6000"]
+    for m, per_tp in res["tables"].items():
+        for tp, d in per_tp.items():
+            e = other["tables"][m][tp]["kinds"]
+            for kind in ("gemm", "attention_decode", "moe", "moe_balanced_path"):
+                assert d["kinds"][kind] == e[kind], (m, tp, kind)
+            for kind in ("memory", "attention_prefill", "attention_mixed"):
+                assert d["kinds"][kind] != e[kind], (m, tp, kind)
+    assert other["validation"]["native"] == res["validation"]["native"]
+    assert other["iterations"]["iterations"] == res["iterations"]["iterations"]
+
+
 @pytest.mark.slow
 def test_figures_recomputed(xc, res):
-    """Parts 1 (Llama-3.1-8B) and 2 recomputed equal the shipped JSON (deterministic); the
-    rebuilt batch shapes reproduce every iteration of the native run exactly."""
-    tables = xc.compare_tables(models=(LLAMA,))
-    for tp, d in tables[LLAMA].items():
-        for kind, s in d["kinds"].items():
-            assert s == res["tables"][LLAMA][tp]["kinds"][kind], (tp, kind)
-    it = xc.compare_iterations(xc.evaluate_case(xc.CASE))
-    assert it["native_reproduces_busy_ns"] == it["iterations"]
-    for key in ("all", "with_prefill", "decode_only", "busy_time_ratio"):
-        assert it[key] == res["iterations"][key], key
+    """Parts 1 (Llama-3.1-8B) and 2 recomputed equal the shipped JSON (deterministic) for both
+    constant sets, and so do their constants; the rebuilt batch shapes reproduce every iteration
+    of the native run exactly."""
+    native = xc.evaluate_case(xc.CASE)
+    for hw, block in _blocks(res):
+        assert xc.constants_used(hw) == block["constants"], hw
+        tables = xc.compare_tables(models=(LLAMA,), converted=hw)
+        for tp, d in tables[LLAMA].items():
+            for kind, s in d["kinds"].items():
+                assert s == block["tables"][LLAMA][tp]["kinds"][kind], (hw, tp, kind)
+        it = xc.compare_iterations(native, converted=hw)
+        assert it["native_reproduces_busy_ns"] == it["iterations"]
+        for key in ("all", "with_prefill", "decode_only", "busy_time_ratio"):
+            assert it[key] == block["iterations"][key], (hw, key)
