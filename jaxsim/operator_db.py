@@ -133,8 +133,8 @@ import numpy as np
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
 from jaxsim.operators import layer_operators
-from jaxsim.profiles import (MoETable, ProfileBundle, Table1D, axis_outliers, load_architecture, ordered_outliers,
-                             us_to_ns)
+from jaxsim.profiles import (ProfileBundle, Table1D, axis_outliers, load_architecture, moe_table_from_rows,
+                             ordered_outliers, us_to_ns)
 
 OPDB_DIR = "operator-db"
 HARDWARE = {"h100": "h100_sxm", "h200": "h200_sxm", "b200": "b200_sxm", "gb200": "gb200",
@@ -523,19 +523,9 @@ def moe_table(sdir: Path, hardware: str, model: ModelConfig, ep: int, dtype: str
             r.setdefault(edges[i - 1][1], lo)
         if i + 1 < len(order):
             r.setdefault(edges[i + 1][0], hi)
-    ae_axis = np.array(order, np.int64)
-    K = max(len(r) for r in rows.values())
-    n_tok = np.zeros(len(ae_axis), np.int32)
-    keys = np.zeros((len(ae_axis), K), np.int64)
-    vals = np.zeros((len(ae_axis), K), np.int64)
-    for a, ae in enumerate(ae_axis):
-        toks = sorted(rows[int(ae)])
-        n_tok[a] = len(toks)
-        keys[a, : len(toks)] = toks
-        vals[a, : len(toks)] = us_to_ns([rows[int(ae)][x] for x in toks])
     info = {"ep_assumed": ep, "moe_tp": 1, "rows": int(sel.sum()), "router_gemm": [E, H],
             "formula": "moe(num_tokens T) + router GEMM(T, E, H) at (round(T*f), min(round(T*k/ep), E/ep))"}
-    return MoETable(ae_axis, n_tok, keys, vals), outliers, info
+    return moe_table_from_rows(rows), outliers, info
 
 
 # --------------------------------------------------------------------------------------- bundle

@@ -381,17 +381,23 @@ def _moe_table(path: Path) -> tuple:
         outliers += axis_outliers(path, row, lambda k, ae=ae: f"moe tokens={k} activated_experts={ae}")
     for tok, col in by_tok.items():
         outliers += axis_outliers(path, col, lambda k, tok=tok: f"moe tokens={tok} activated_experts={k}")
-    ae_axis = np.array(sorted(d), dtype=np.int64)
-    K = max(len(r) for r in d.values())
+    return moe_table_from_rows({ae: {t: v[0] for t, v in row.items()} for ae, row in d.items()}), outliers
+
+
+def moe_table_from_rows(rows: dict) -> MoETable:
+    """A :class:`MoETable` from ``{activated_experts: {tokens: time_us}}`` (any order; each row its
+    own token keys, padded with zeros past ``n_tokens``; µs converted by :func:`us_to_ns`)."""
+    ae_axis = np.array(sorted(rows), dtype=np.int64)
+    K = max(len(r) for r in rows.values())
     n_tok = np.zeros(len(ae_axis), np.int32)
     keys = np.zeros((len(ae_axis), K), np.int64)
     vals = np.zeros((len(ae_axis), K), np.int64)
     for a, ae in enumerate(ae_axis):
-        toks = sorted(d[int(ae)])
+        toks = sorted(rows[int(ae)])
         n_tok[a] = len(toks)
         keys[a, : len(toks)] = toks
-        vals[a, : len(toks)] = us_to_ns([d[int(ae)][t][0] for t in toks])
-    return MoETable(ae_axis, n_tok, keys, vals), outliers
+        vals[a, : len(toks)] = us_to_ns([rows[int(ae)][t] for t in toks])
+    return MoETable(ae_axis, n_tok, keys, vals)
 
 
 # ------------------------------------------------------------------------------------ skew fit
