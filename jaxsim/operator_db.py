@@ -100,6 +100,25 @@ How each layer is priced (times are the tables' milliseconds as µs, then int ns
   the table's T; each row is extended, constant, to its neighbours' token counts so that such a
   query stays inside both rows it blends); off it (``expert_routing: zipf``) a row is constant in
   tokens: an estimate.
+
+  **Fallback** for a shape (or ``moe_ep``) the table lacks (``microsoft/Phi-mini-MoE-instruct``:
+  intermediate 960, 16 experts): the block is composed from the GEMM table
+  (:func:`moe_fallback_us`), as the legacy loader composes it from per-expert rows: the router GEMM
+  plus, for the rank's ``ae`` activated experts of ``m = T*k/(ep*ae)`` rows each, gate/up GEMM
+  ``(m, 2I, H)`` + act_fn (bandwidth model) + down GEMM ``(m, H, I)``, summed over the experts,
+  with the ``ae - 1`` extra launches a grouped kernel does not pay removed, times a per-system
+  and dtype factor ``fit.json`` ``moe_fallback.scale`` (the fused-MoE kernel's time over this
+  composition, fitted on every shape of that system's MoE table by ``scripts/fit_operator_db.py
+  --moe-fallback``: 1.30 H100, 1.33 H200, 1.64 B200, 1.63 GB200, 1.01 RTX PRO 6000 in bf16; the
+  fused Triton kernel is slower than cuBLAS at large m, and faster than ``ae`` separate small GEMMs
+  at small m). Error against the table on its balanced path, each shape left out of the factor in
+  turn (``moe_fallback.leave_one_shape_out``, bf16, all 12 shapes): |relative error| p50 36-57%
+  (RTX PRO 6000 18%), p90 69-145%, signed median +0.3 to +4.7%; Qwen3-30B-A3B p50 42-69%
+  (signed -21.5 to +15.5%), Mixtral p50 9-28% (signed -10 to -4%). It is a coarse estimate (the
+  error depends on T and the shape: the composition's shape across T is not the fused
+  kernel's); the bundle's ``meta["conversion"]["moe"]["path"]`` says ``"table"`` or
+  ``"gemm_fallback"`` (with the missing shape), and loading warns once per hardware, model, dtype
+  and ep.
 * **TP all-reduce** is not in the bundle: the engine's ring model reads ``link_bw_gbps`` /
   ``link_latency_ns`` of ``conf/hardware/<name>.yaml``, fitted to the custom all-reduce table by
   ``scripts/fit_operator_db.py``.
@@ -116,8 +135,8 @@ as measured) stays empty. Native bundles keep and warn about theirs.
 
 Errors (:class:`jaxsim.errors.JaxsimInputError`): unknown hardware or variant, a TP degree that
 does not divide the heads, head counts / head_dim absent from the attention tables (naming what
-they hold), a MoE shape absent from the MoE table (naming the shapes it holds), a missing or
-malformed shipped file.
+they hold), a missing or malformed shipped file (``fit.json`` without ``moe_fallback`` where the
+fallback is needed).
 """
 
 import csv
@@ -132,7 +151,7 @@ import numpy as np
 
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.operators import layer_operators
+from jaxsim.operators import layer_operators, moe_expert_shapes
 from jaxsim.profiles import (ProfileBundle, Table1D, axis_outliers, load_architecture, moe_table_from_rows,
                              ordered_outliers, us_to_ns)
 
@@ -481,35 +500,85 @@ def attention_table(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
 
 
 # ------------------------------------------------------------------------------------------ MoE
-def moe_table(sdir: Path, hardware: str, model: ModelConfig, ep: int, dtype: str, gemm: GemmGrid) -> tuple:
-    """``(MoETable, outliers, info)`` of one EP rank (module docstring)."""
-    path = str(sdir / "moe.csv.gz")
-    t = read_table(path)
-    H, I, k, E = model.hidden_size, model.moe_intermediate_size, model.experts_per_token, model.num_experts
-    ep = max(1, min(int(ep), E))
-    shape = (t["moe_dtype"] == dtype) & (t["hidden_size"] == H) & (t["inter_size"] == I) & (t["topk"] == k) \
-        & (t["num_experts"] == E)
-    sel = shape & (t["moe_tp_size"] == 1) & (t["moe_ep_size"] == ep)
-    if not sel.any():
-        held = sorted({tuple(int(v) for v in r) for r in zip(*(t[c][t["moe_dtype"] == dtype] for c in (
-            "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size", "moe_ep_size")))})
-        raise JaxsimInputError(path, f"{hardware}: no {dtype} MoE rows for {model.name} (hidden {H}, moe intermediate "
-                               f"{I}, topk {k}, {E} experts) at moe_tp 1, moe_ep {ep} (ep = tp)",
-                               f"(hidden, inter, topk, experts, moe_tp, moe_ep) held: {held}")
-    pts, outliers = _drop_outliers(path, {int(x): (float(v), int(ln)) for x, v, ln in
-                                          zip(t["num_tokens"][sel], t["time_us"][sel], t["_line"][sel])},
-                                   lambda x: f"moe H={H} I={I} topk={k} E={E} ep={ep} num_tokens={x}")
-    T = np.array(sorted(pts), np.float64)
-    us = np.array([pts[int(x)][0] for x in T])
-    router, _ = gemm_us(gemm, E, H)  # router logits for every token (replicated on each rank)
-    ok = np.isfinite(router)
+MOE_PATHS = ("table", "gemm_fallback")
+_WARNED_FALLBACK: set = set()  # (hardware, model, dtype, ep) already warned about
+
+
+def moe_shape_rows(t: dict, model: ModelConfig, ep: int, dtype: str) -> np.ndarray:
+    """Mask of the MoE table ``t``'s rows of ``model``'s shape at ``moe_tp = 1``, ``moe_ep = ep``."""
+    return ((t["moe_dtype"] == dtype) & (t["hidden_size"] == model.hidden_size)
+            & (t["inter_size"] == model.moe_intermediate_size) & (t["topk"] == model.experts_per_token)
+            & (t["num_experts"] == model.num_experts) & (t["moe_tp_size"] == 1) & (t["moe_ep_size"] == ep))
+
+
+def balanced_keys(T, ep: int, k: int, E: int) -> tuple:
+    """``(local tokens, activated experts)`` of one EP rank for ``T`` tokens (§1.9 BALANCED):
+    ``local = max(1, round(T*(1-((ep-1)/ep)**k)))``, ``act = max(1, min(round(T*k/ep), E/ep))``."""
     f = 1.0 - ((ep - 1) / ep) ** k
+    return max(1, int(round(T * f))), max(1, int(min(round(T * k / ep), E // ep)))
+
+
+def gemm_at(grid: GemmGrid, n: int, k: int, m) -> np.ndarray:
+    """GEMM time (µs) at fractional row counts ``m``: :func:`gemm_us` at ``(n, k)``, linear in m
+    between the table's m (§2.4's token lookup), clamped below its smallest m, linear growth
+    ``t(m_max) * m / m_max`` above its largest (the work splits into row blocks)."""
+    us, _ = gemm_us(grid, n, k)
+    ok = np.isfinite(us)
+    if not ok.any():
+        raise JaxsimInputError(grid.path, f"no measured GEMM at n={n}, k={k}", "")
+    ms, ts = grid.m[ok].astype(np.float64), us[ok]
+    m = np.asarray(m, np.float64)
+    return np.where(m > ms[-1], ts[-1] * m / ms[-1], np.interp(m, ms, ts))
+
+
+def moe_fallback_us(grid: GemmGrid, model: ModelConfig, ep: int, T, act_fn: dict, mem_bw: float,
+                    weight_bytes: int = 2, form: str = "grouped") -> tuple:
+    """The experts' part of a MoE block on one EP rank, composed from the GEMM table (µs), for
+    token counts ``T`` (array): ``(times [len(T)], per-expert floor removed, µs)``.
+
+    The legacy per-expert composition (:func:`jaxsim.legacy_profiles._moe_table`, REFERENCE.md
+    §1.9 / §2.7): the rank's ``T*k/ep`` token-expert assignments spread evenly on its
+    ``ae`` activated experts (:func:`balanced_keys`), so each expert sees ``m = T*k/(ep*ae)`` rows and
+    runs its gate/up GEMM ``(m, 2I, H)`` (:func:`gemm_at`), ``act_fn`` (``3*I`` activations per row,
+    the converter's bandwidth model ``t0 + bytes / (eff * mem_bw)`` with ``act_fn``'s fitted
+    ``(t0_us, eff)``) and its down GEMM ``(m, H, I)``; the block is ``ae`` times that. A fused-MoE
+    kernel runs the experts as one grouped GEMM, not ``ae`` launches of each kernel: with
+    ``grouped`` (the default, what the converter uses) the ``ae - 1`` extra launches are removed,
+    ``(ae - 1) * floor`` with ``floor = 2 * gemm_floor + act_fn t0``, ``gemm_floor`` the GEMM
+    table's smallest time at its smallest m (a launch-bound GEMM). ``fit.json`` ``moe_fallback``:
+    the error of both forms against the fused-MoE table where it holds the shape
+    (``scripts/fit_operator_db.py``). The router GEMM is not included (the caller adds it).
+    """
+    H, I, k, E = model.hidden_size, model.moe_intermediate_size, model.experts_per_token, model.num_experts
+    T = np.asarray(T, np.float64)
+    act = np.array([balanced_keys(t, ep, k, E)[1] for t in T], np.float64)
+    m = T * k / ep / act
+    (n1, k1), (n2, k2) = moe_expert_shapes(model, 1)
+    op = layer_operators(dataclasses.replace(model, intermediate_size=I), 1, 2, weight_bytes)["act_fn"]
+    per_expert = gemm_at(grid, n1, k1, m) + memory_us(op, m, mem_bw, act_fn["t0_us"], act_fn["eff"]) \
+        + gemm_at(grid, n2, k2, m)
+    floor = 2.0 * float(np.nanmin(grid.us[0])) + float(act_fn["t0_us"]) if form == "grouped" else 0.0
+    return act * per_expert - (act - 1.0) * floor, floor
+
+
+def moe_fallback_scale(sdir: Path, dtype: str) -> float:
+    """``fit.json`` ``moe_fallback.scale[system][dtype]``: the system's fused-MoE kernel time over the
+    grouped composition, fitted on every shape of its MoE table (``scripts/fit_operator_db.py``)."""
+    fit = load_fit(Path(sdir).parent.parent)
+    try:
+        return float(fit["moe_fallback"]["scale"][Path(sdir).name][dtype])
+    except KeyError:
+        raise JaxsimInputError(f"{OPDB_DIR}/{FIT_FILE}", f"no moe_fallback.scale for {Path(sdir).name} {dtype}",
+                               "run python scripts/fit_operator_db.py --moe-fallback") from None
+
+
+def _balanced_rows(T, expert_us, router_us, ep: int, k: int, E: int) -> dict:
+    """``{activated experts: {local tokens: µs}}`` of the block at token counts ``T`` (module docstring),
+    each row extended (constant) to its neighbours' nearest token counts."""
     rows: dict = {}
-    for tok, v in zip(T, us):
-        act = int(min(round(tok * k / ep), E // ep))
-        local = max(1, int(round(tok * f)))
-        r_us = float(np.interp(tok, gemm.m[ok], router[ok]))
-        rows.setdefault(max(act, 1), {}).setdefault(local, v + r_us)
+    for tok, v, r in zip(T, expert_us, router_us):
+        local, act = balanced_keys(float(tok), ep, k, E)
+        rows.setdefault(act, {}).setdefault(local, float(v) + float(r))
     # Each row also gets its neighbours' nearest token counts at its own edge value (constant), so
     # that a balanced-path query, which blends the two rows around its act at its own token count,
     # interpolates inside both rows instead of counting as an extrapolation (the values it returns
@@ -523,9 +592,59 @@ def moe_table(sdir: Path, hardware: str, model: ModelConfig, ep: int, dtype: str
             r.setdefault(edges[i - 1][1], lo)
         if i + 1 < len(order):
             r.setdefault(edges[i + 1][0], hi)
-    info = {"ep_assumed": ep, "moe_tp": 1, "rows": int(sel.sum()), "router_gemm": [E, H],
-            "formula": "moe(num_tokens T) + router GEMM(T, E, H) at (round(T*f), min(round(T*k/ep), E/ep))"}
-    return moe_table_from_rows(rows), outliers, info
+    return rows
+
+
+def moe_table(sdir: Path, hardware: str, model: ModelConfig, ep: int, dtype: str, gemm: GemmGrid,
+              act_fn: "dict | None" = None, mem_bw: "float | None" = None, weight_bytes: int = 2,
+              force_fallback: bool = False) -> tuple:
+    """``(MoETable, outliers, info)`` of one EP rank (module docstring): from the fused-MoE table
+    when it holds the model's shape at ``moe_ep = ep``, else from :func:`moe_fallback_us` (needs
+    ``act_fn`` = ``fit.json`` ``bandwidth.classes.act_fn`` and the spec sheet's ``mem_bw`` in bytes/s;
+    warns once per hardware, model, dtype and ep). ``info["path"]``: ``"table"`` or ``"gemm_fallback"``.
+    ``force_fallback``: the fallback even where the table holds the shape (its error measurement)."""
+    path = str(sdir / "moe.csv.gz")
+    t = read_table(path)
+    H, I, k, E = model.hidden_size, model.moe_intermediate_size, model.experts_per_token, model.num_experts
+    ep = max(1, min(int(ep), E))
+    sel = moe_shape_rows(t, model, ep, dtype)
+    router, _ = gemm_us(gemm, E, H)  # router logits for every token (replicated on each rank)
+    ok = np.isfinite(router)
+    info = {"ep_assumed": ep, "moe_tp": 1, "router_gemm": [E, H]}
+    if sel.any() and not force_fallback:
+        pts, outliers = _drop_outliers(path, {int(x): (float(v), int(ln)) for x, v, ln in
+                                              zip(t["num_tokens"][sel], t["time_us"][sel], t["_line"][sel])},
+                                       lambda x: f"moe H={H} I={I} topk={k} E={E} ep={ep} num_tokens={x}")
+        T = np.array(sorted(pts), np.float64)
+        us = np.array([pts[int(x)][0] for x in T])
+        info.update(path="table", rows=int(sel.sum()),
+                    formula="moe(num_tokens T) + router GEMM(T, E, H) at (round(T*f), min(round(T*k/ep), E/ep))")
+    else:
+        if act_fn is None or mem_bw is None:
+            raise JaxsimInputError(path, f"{hardware}: the MoE fallback for {model.name} needs act_fn's bandwidth "
+                                   "constants and mem_bw", "pass act_fn and mem_bw")
+        outliers = []
+        # the token counts the MoE table is measured at (its largest: 16384), so both paths share keys
+        T = np.unique(t["num_tokens"]).astype(np.float64)
+        composed, floor = moe_fallback_us(gemm, model, ep, T, act_fn, mem_bw, weight_bytes)
+        scale = moe_fallback_scale(Path(sdir), dtype)
+        us = scale * composed
+        shape = f"(hidden {H}, moe intermediate {I}, topk {k}, {E} experts, moe_tp 1, moe_ep {ep}, {dtype})"
+        info.update(path="gemm_fallback", missing_shape=shape, grouped_launch_floor_us=round(floor, 5), scale=scale,
+                    gemm_shapes=[list(s) for s in moe_expert_shapes(model, 1)],
+                    formula="router GEMM(T, E, H) + scale*(ae*(gate_up GEMM(m, 2I, H) + act_fn(m) + down GEMM(m, H, I)) "
+                            "- (ae-1)*(2*gemm_floor + act_fn t0)), m = T*k/(ep*ae), at (round(T*f), ae)",
+                    error="fit.json moe_fallback (fallback vs the fused-MoE table where it holds the shape)")
+        key = (hardware, model.name, dtype, ep)
+        if key not in _WARNED_FALLBACK and not force_fallback:
+            _WARNED_FALLBACK.add(key)
+            import warnings
+
+            warnings.warn(f"{path}: {hardware}: the MoE table has no rows for {model.name} {shape}; its MoE block is "
+                          "composed from the GEMM table (jaxsim.operator_db.moe_fallback_us; error: fit.json "
+                          "moe_fallback)", stacklevel=3)
+    r_us = np.interp(T, gemm.m[ok], router[ok])
+    return moe_table_from_rows(_balanced_rows(T, us, r_us, ep, k, E)), outliers, info
 
 
 # --------------------------------------------------------------------------------------- bundle
@@ -584,7 +703,9 @@ def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp
         if not model.is_moe:
             raise JaxsimInputError(f"architectures/{model.model_type}.yaml", f"{model.name} has no experts but its "
                                    "architecture sequence has a MoE block", "check the model config")
-        moe, moe_out, conversion["moe"] = moe_table(sdir, hardware, model, tp, gdtype, grid)
+        moe, moe_out, conversion["moe"] = moe_table(sdir, hardware, model, tp, gdtype, grid,
+                                                      fit["bandwidth"]["classes"][operator_class(fit, "act_fn")],
+                                                      mem_bw, wbytes)
         outliers += moe_out
     conversion["dropped_outliers"] = ordered_outliers(outliers)  # not used: interpolated from the neighbours
     engine = {"max_num_batched_tokens": int(attention.pc_axis[-1]), "max_num_seqs": int(attention.nd_axis[-1])}

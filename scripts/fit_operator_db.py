@@ -57,9 +57,20 @@ Three parts (module docstring of :mod:`jaxsim.operator_db` for how they are used
    ``rtxpro6000_opdb_loo``, ``scripts/crosscheck_operator_db.py``). qk_norm, never measured on the
    RTX 4090, borrows the RTX 4090's layernorm constants (recorded under ``borrowed``).
 
-Usage: ``PYTHONPATH=. python scripts/fit_operator_db.py`` (about 20 s). Deterministic.
+6. **MoE fallback** (``fit.json`` ``moe_fallback``, :func:`moe_fallback_fit`): for MoE shapes the
+   fused-MoE table lacks, the converter composes the block from the GEMM table
+   (:func:`jaxsim.operator_db.moe_fallback_us`) times a factor per system and dtype, fitted here on
+   every ``moe_tp = 1`` shape and EP size of that system's table (median over shapes of each shape's
+   median log(table / composed)). Reported against the table on its balanced path (the router GEMM
+   included on both sides): the scaled fallback with each shape left out of the factor in turn
+   (pooled and for Qwen3-30B-A3B and Mixtral-8x7B), the unscaled grouped composition, and the plain
+   sum of ``ae`` separate expert GEMMs.
+
+Usage: ``PYTHONPATH=. python scripts/fit_operator_db.py`` (about 30 s). Deterministic.
+``--moe-fallback`` refits part 6 alone (about 9 s), leaving the rest of ``fit.json`` as it is.
 """
 
+import dataclasses
 import json
 import math
 import sys
@@ -397,10 +408,91 @@ def leave_out_fit(left_out: str) -> dict:
     }
 
 
+MOE_MODELS = ("Qwen/Qwen3-30B-A3B-Instruct-2507", "mistralai/Mixtral-8x7B-v0.1")  # shipped MoE models the table holds
+
+
+def _moe_cases(system: str, dtype: str, act: dict, form: str = "grouped") -> list:
+    """``[(shape, ep, T, table µs, composed µs, router µs)]``: every ``moe_tp = 1`` shape and EP size of
+    the system's fused-MoE table in ``dtype``, at its token counts, with the grouped composition
+    (:func:`jaxsim.operator_db.moe_fallback_us`, unscaled) and the router GEMM."""
+    sdir = PROFILES / "operator-db" / system
+    t = odb.read_table(str(sdir / "moe.csv.gz"))
+    bw = float(odb.spec_sheet(sdir)["gpu"]["mem_bw"])
+    grid = odb.GemmGrid(str(sdir / "gemm.csv.gz"), dtype)
+    base = load_model_config(PROFILES / "models", MOE_MODELS[0])
+    b = (t["moe_dtype"] == dtype) & (t["moe_tp_size"] == 1)
+    out = []
+    for sh in sorted({tuple(int(v) for v in r) for r in zip(*(t[c][b] for c in (
+            "hidden_size", "inter_size", "topk", "num_experts", "moe_ep_size")))}):
+        H, I, k, E, ep = sh
+        model = dataclasses.replace(base, hidden_size=H, moe_intermediate_size=I, experts_per_token=k, num_experts=E)
+        sel = odb.moe_shape_rows(t, model, ep, dtype)
+        T, tab = t["num_tokens"][sel], t["time_us"][sel]
+        comp, _ = odb.moe_fallback_us(grid, model, ep, T, act, bw, 1 if dtype == "fp8" else 2, form)
+        r, _ = odb.gemm_us(grid, E, H)
+        ok = np.isfinite(r)
+        out.append(((H, I, k, E), ep, T, tab, comp, np.interp(T, grid.m[ok], r[ok])))
+    return out
+
+
+def _scale(cases, shapes) -> float:
+    """exp(median over ``shapes`` of each shape's median log(table / composed)): each shape counts once."""
+    return float(np.exp(np.median([np.median(np.concatenate([np.log(c[3] / c[4]) for c in cases if c[0] == s]))
+                                   for s in shapes])))
+
+
+def moe_fallback_fit(act: dict) -> dict:
+    """``fit.json`` ``moe_fallback``: the fused-MoE kernel's time over the grouped GEMM composition
+    (:func:`jaxsim.operator_db.moe_fallback_us`), one factor per system and dtype, fitted on every
+    shape of its MoE table (median of the per-shape median log ratios), and the error of the
+    fallback block (router included) against the table on the balanced path: every shape left out
+    in turn (the factor refitted on the others), pooled and for the shipped MoE models; plus the
+    unscaled composition's error (what the factor corrects), and that of the plain sum of ``ae``
+    separate expert GEMMs (``form="sum"``: no launch removed). ``act``: ``bandwidth.classes.act_fn``."""
+    out = {"formula": "scale[system][dtype] * grouped composition (jaxsim.operator_db.moe_fallback_us) + router GEMM",
+           "fit": "scale = exp(median over table shapes of median log(table/composed)), moe_tp 1, every moe_ep",
+           "scale": {}, "leave_one_shape_out": {}, "unscaled": {}, "unscaled_sum": {}}
+    for system in odb.HARDWARE.values():
+        for dtype in ("bfloat16", "fp8"):
+            cases = _moe_cases(system, dtype, act)
+            sums = _moe_cases(system, dtype, act, "sum")
+            if not cases:
+                continue
+            shapes = sorted({c[0] for c in cases})
+            out["scale"].setdefault(system, {})[dtype] = round(_scale(cases, shapes), 4)
+            loso, raw, plain = {}, {}, {}
+            for s in shapes:
+                sc = _scale(cases, [x for x in shapes if x != s])
+                mine = [c for c in cases if c[0] == s]
+                loso[s] = np.concatenate([(sc * c[4] + c[5]) / (c[3] + c[5]) - 1.0 for c in mine])
+                raw[s] = np.concatenate([(c[4] + c[5]) / (c[3] + c[5]) - 1.0 for c in mine])
+                plain[s] = np.concatenate([(c[4] + c[5]) / (c[3] + c[5]) - 1.0 for c in sums if c[0] == s])
+            named = {}
+            for name in MOE_MODELS:
+                m = load_model_config(PROFILES / "models", name)
+                named[name] = (m.hidden_size, m.moe_intermediate_size, m.experts_per_token, m.num_experts)
+            for tgt, errs in ((out["leave_one_shape_out"], loso), (out["unscaled"], raw), (out["unscaled_sum"], plain)):
+                d = {"all_shapes": {**_q(np.concatenate(list(errs.values()))), **_signed(np.concatenate(list(errs.values())))}}
+                for name, s in named.items():
+                    if s in errs:
+                        d[name] = {**_q(errs[s]), **_signed(errs[s])}
+                tgt.setdefault(system, {})[dtype] = d
+    return out
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--moe-fallback"]:  # refit only fit.json moe_fallback (the rest unchanged)
+        path = PROFILES / "operator-db" / odb.FIT_FILE
+        out = json.loads(path.read_text())
+        out["moe_fallback"] = moe_fallback_fit(out["bandwidth"]["classes"]["act_fn"])
+        path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+        print_moe_fallback(out["moe_fallback"])
+        print("wrote", path)
+        return
     out = {"bandwidth": bandwidth_fit(), "attention": attention_fit(), "gemm_interpolation": {}, "allreduce": {},
            "allreduce_messages": {"hidden_sizes": list(AR_HIDDEN), "tokens": "round(2**(j/16)), j = 0..208"},
            "leave_out": {g: leave_out_fit(g) for g in LEAVE_OUT}}
+    out["moe_fallback"] = moe_fallback_fit(out["bandwidth"]["classes"]["act_fn"])
     for hw, system in odb.HARDWARE.items():
         out["gemm_interpolation"][system] = gemm_loo(system)
         out["allreduce"][system] = allreduce_fit(system)
@@ -434,7 +526,17 @@ def main() -> None:
             for n, v in per.items():
                 print(f"allreduce {s:20s} {be:10s} N={n}: bw {v['link_bw_gbps']} GB/s lat {v['link_latency_ns']} ns "
                       f"p50 {v['rel_err']['p50']:.1%} p90 {v['rel_err']['p90']:.1%} max {v['rel_err']['max']:.1%}")
+    print_moe_fallback(out["moe_fallback"])
     print("wrote", path)
+
+
+def print_moe_fallback(d: dict) -> None:
+    for system, per in d["scale"].items():
+        for dtype, sc in per.items():
+            for key in ("unscaled_sum", "unscaled", "leave_one_shape_out"):
+                for what, v in d[key][system][dtype].items():
+                    print(f"moe fallback {system:20s} {dtype:8s} scale {sc:.3f} {key:19s} {what:34s} p50 {v['p50']:6.1%} "
+                          f"p90 {v['p90']:6.1%} signed median {v['signed_median']:+6.1%}")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,7 @@ def test_moe_table_and_bundles_load():
     assert len(set(b.moe.values_ns[i16, :3].tolist())) == 1 and list(b.moe.token_keys[i32, :3]) == [2, 4, 8]
     assert list(b.moe.ae_axis) == [8, 16, 32, 64, 128]  # T = 1, 2, 4, 8 then saturated
     assert "qk_norm" in b.dense and b.skew.enabled is False and b.meta["conversion"]["moe"]["ep_assumed"] == 1
+    assert b.meta["conversion"]["moe"]["path"] == "table"  # the table holds the shape: no fallback
     _, b2 = _bundle("h100", QWEN_MOE, tp=2)  # ep 2: experts per rank 64, T = 1 -> 4 activated
     assert b2.moe.ae_axis[0] == 4 and b2.moe.ae_axis[-1] == 64
     assert {"h100", "h200", "b200", "gb200", "rtxpro6000_opdb"} <= set(known_hardware(PROFILES))
@@ -205,15 +206,52 @@ def test_leave_out_constant_set():
     assert _cell(b.attention, 128, 1024, 8, 2048) != _cell(j.attention, 128, 1024, 8, 2048)
 
 
+PHI_MOE = "microsoft/Phi-mini-MoE-instruct"
+
+
+def test_moe_fallback_for_a_shape_the_table_lacks_by_hand():
+    """Phi-mini-MoE (H 4096, I 960, top-2 of 16 experts) is not in the h100 MoE table: the block is
+    composed from gemm.csv.gz. T = 1 token at ep 1 activates ae = 2 experts with m = 1 row each:
+    gate/up (1, 1920, 4096) between lines 168 (n 1536: 9.584 us) and 190 (n 2048: 10.8098 us),
+    log-bilinear = 10.5218 us; down (1, 4096, 960) between lines 271 (k 768: 5.112) and 272
+    (k 1024: 6.024) = 5.8062 us; act_fn 1.736483 + 3*960*2 B / (2.459302 * 3.35e12 B/s) = 1.737182 us;
+    one grouped launch: minus (ae-1) * (2 * 2.52178 (line 3, the smallest m = 1 GEMM) + 1.736483);
+    times fit.json's h100 bf16 scale; plus the router GEMM (1, 16, 4096), n clamped to 32: line 14,
+    5.86933 us. = 44.151 us."""
+    m = load_model(PHI_MOE)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        b = odb.load_converted_bundle(PROFILES, "h100", m, tp=2)  # tp 2: not loaded by another test
+        odb.load_converted_bundle(PROFILES, "h100", m, tp=2)
+    msg = [str(x.message) for x in w if "MoE table has no rows" in str(x.message)]
+    assert len(msg) == 1 and PHI_MOE in msg[0] and "moe intermediate 960, topk 2, 16 experts, moe_tp 1, moe_ep 2" in msg[0]
+    info = b.meta["conversion"]["moe"]
+    assert info["path"] == "gemm_fallback" and "moe_ep 2" in info["missing_shape"] and info["ep_assumed"] == 2
+    _, b1 = _bundle("h100", PHI_MOE)
+    assert b1.meta["conversion"]["moe"]["path"] == "gemm_fallback"
+    scale = odb.load_fit(PROFILES)["moe_fallback"]["scale"]["h100_sxm"]["bfloat16"]
+    assert b1.meta["conversion"]["moe"]["scale"] == scale
+    assert [_row("gemm.csv.gz", f"bfloat16,1,{n},{k},") for n, k in ((1536, 4096), (2048, 4096), (4096, 768),
+                                                                       (4096, 1024), (32, 64), (32, 4096))] \
+        == [9.584, 10.8098, 5.112, 6.024, 2.52178, 5.86933]
+    w_n = math.log(1920 / 1536) / math.log(2048 / 1536)
+    gu = 9.584 * (10.8098 / 9.584) ** w_n
+    dn = 5.112 * (6.024 / 5.112) ** (math.log(960 / 768) / math.log(1024 / 768))
+    act = 1.736483 + 3 * 960 * 2 / (2.459302 * 3.35e12) * 1e6
+    hand = 5.86933 + scale * (2 * (gu + act + dn) - (2 * 2.52178 + 1.736483))
+    a = list(b1.moe.ae_axis).index(2)
+    assert list(b1.moe.ae_axis) == [2, 4, 8, 16] and b1.moe.token_keys[a, 0] == 1
+    assert abs(int(b1.moe.values_ns[a, 0]) - hand * 1000) <= 1, (int(b1.moe.values_ns[a, 0]), hand)
+    # ep 2: 8 experts per rank, T = 1 -> round(1*2/2) = 1 activated expert, local round(1*(1-0.5**2)) = 1
+    assert b.moe.ae_axis[0] == 1 and b.moe.ae_axis[-1] == 8
+
+
 def test_errors_name_hardware_model_tp_and_what_the_tables_hold():
     llama = load_model(LLAMA)
     with pytest.raises(JaxsimInputError, match="unknown hardware 'h300'.*known hardware"):
         odb.load_converted_bundle(PROFILES, "h300", llama)
     with pytest.raises(JaxsimInputError, match=r"h100: tp=8 does not divide .*num_kv_heads 4.*\[1, 2, 4\]"):
         load_profile_bundle(PROFILES, "h100", load_model(QWEN_MOE), tp=8)
-    with pytest.raises(JaxsimInputError, match=r"no bfloat16 MoE rows for microsoft/Phi-mini-MoE-instruct \(hidden "
-                       r"4096, moe intermediate 960, topk 2, 16 experts\).*held: .*\(2048, 768, 8, 128, 1, 1\)"):
-        load_profile_bundle(PROFILES, "h100", load_model("microsoft/Phi-mini-MoE-instruct"))
     with pytest.raises(JaxsimInputError, match="no variant 'fp16'"):
         load_profile_bundle(PROFILES, "h100", llama, variant="fp16")
     # FP8 KV on the RTX PRO 6000: FlashInfer's rows (the FlashAttention rows are bf16-KV only)
