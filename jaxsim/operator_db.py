@@ -273,6 +273,28 @@ def spec_sheet(sdir: Path) -> dict:
     return yaml.safe_load((Path(sdir) / "spec.yaml").read_text())
 
 
+def hardware_defaults(profiles_dir, hardware: str, tp: int) -> dict:
+    """What a converted system supplies for a hardware config's null fields
+    (:func:`jaxsim.planning.resolve_hardware`): ``mem_size_gb`` from its spec sheet
+    (``gpu.mem_capacity``, GiB) and the TP ring's ``link_bw_gbps`` / ``link_latency_ns`` fitted to
+    its vLLM custom all-reduce table (eager backend) at ``tp`` GPUs (``fit.json`` ``allreduce``;
+    ``tp = 1`` runs no collective and takes the smallest fitted degree's).
+
+    Raises:
+      JaxsimInputError: at ``hardware.tp`` when the table holds no all-reduce at ``tp`` GPUs.
+    """
+    sdir = system_dir(profiles_dir, hardware)
+    fits = load_fit(profiles_dir)["allreduce"][sdir.name]["vllm_eager"]
+    degrees = sorted(int(n) for n in fits)
+    n = degrees[0] if tp == 1 else tp
+    if str(n) not in fits:
+        raise JaxsimInputError("hardware.tp", f"{hardware}'s all-reduce table holds {degrees} GPUs, not {tp}, so its "
+                               "TP link cannot be derived", "set hardware.link_bw_gbps and hardware.link_latency_ns")
+    cap = float(spec_sheet(sdir)["gpu"]["mem_capacity"])
+    return {"mem_size_gb": round(cap / 2 ** 30, 2), "link_bw_gbps": float(fits[str(n)]["link_bw_gbps"]),
+            "link_latency_ns": float(fits[str(n)]["link_latency_ns"])}
+
+
 # ----------------------------------------------------------------------------------------- GEMM
 class GemmGrid:
     """One dtype of the GEMM table as a dense ``[M, N, K]`` array of µs (NaN where not measured)."""

@@ -558,6 +558,45 @@ def _bundle(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, 
     return profiles.load_profile_bundle(profiles_dir, hardware, model, variant=variant, tp=tp, spec=spec or None)
 
 
+SOURCE_FIELDS = ("mem_size_gb", "link_bw_gbps", "link_latency_ns")  # None = from the hardware's source
+
+
+@functools.lru_cache(maxsize=256)
+def resolve_hardware(hw: HardwareConfig, profiles_dir: str = "profiles") -> HardwareConfig:
+    """``hw`` with the fields of :data:`SOURCE_FIELDS` that are None filled from its source.
+
+    * a spec sheet (``spec/...``): its ``mem_gib``, ``link_bw_gbs`` and ``link_latency_us``;
+    * a converted operator database: its spec sheet's memory (``gpu.mem_capacity``) and the ring
+      link fitted to its custom all-reduce table at ``hw.tp`` (``profiles/operator-db/fit.json``
+      ``allreduce``; TP 1 has no collective and takes the smallest fitted degree's).
+
+    Raises:
+      JaxsimInputError: at ``hardware.<field>`` for measured or legacy profiles (they carry no
+        memory size or link: the hardware must give them), or a TP degree the all-reduce table
+        does not hold.
+    """
+    missing = [k for k in SOURCE_FIELDS if getattr(hw, k) is None]
+    if not missing:
+        return hw
+    source = profiles.bundle_source(hw.name)
+    if source == "roofline":
+        from jaxsim.spec_bundle import sheet_path
+        from jaxsim.specs import load_spec
+
+        sheet = load_spec(sheet_path(profiles_dir, hw.name))
+        vals = dict(mem_size_gb=sheet.mem_gib, link_bw_gbps=sheet.link_bw_gbs,
+                    link_latency_ns=sheet.link_latency_us * 1e3)
+    elif source == "operator-db":
+        from jaxsim import operator_db
+
+        vals = operator_db.hardware_defaults(profiles_dir, hw.name, hw.tp)
+    else:
+        raise JaxsimInputError(f"hardware.{missing[0]}", f"is null, but {hw.name!r} is priced by "
+                               f"{profiles.SOURCES[source]}, which carry no memory size or link",
+                               "set it (only spec sheets and converted operator databases supply their own)")
+    return dataclasses.replace(hw, **{k: vals[k] for k in missing})
+
+
 def hardware_bundle(profiles_dir: str, hw: HardwareConfig, model: ModelConfig, variant: str):
     """The profile bundle of ``hw`` (its name, TP degree and, for a spec sheet, its what-if
     ``peak_tflops`` / ``mem_bw_gbs``), cached.
@@ -610,6 +649,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                                f"{sched.block_size}-token KV blocks (a chunk is copied and found block by block)",
                                f"use a multiple of scheduler.block_size, e.g. "
                                f"{max(1, kv_tier.chunk_size // sched.block_size) * sched.block_size}")
+    hw = resolve_hardware(hw, str(profiles_dir))  # null memory / link: the hardware source's own
     bs = sched.block_size
     n = workload.num_requests
     if n == 0:

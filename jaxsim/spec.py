@@ -228,16 +228,20 @@ class HardwareConfig:
 
     KEY: ClassVar[str] = "hardware"
 
-    name: str = "RTXPRO6000"  # a folder under profiles/
-    mem_size_gb: float = checked(96.0, lo=0, lo_open=True)  # per accelerator, read as GiB
+    name: str = "RTXPRO6000"  # a folder under profiles/ (or legacy/<HW>, a converted system, spec/<sheet>)
+    # per accelerator, read as GiB. mem_size_gb and the TP link may be None ("null"): taken from the
+    # hardware's own source (resolve_hardware in jaxsim/planning.py: a spec sheet's mem_gib and link, a
+    # converted operator database's spec sheet and its all-reduce fit at this TP degree); measured
+    # profiles carry neither, so their hardware must give them.
+    mem_size_gb: float | None = checked(96.0, lo=0, lo_open=True)
     mem_util: float = checked(0.9, lo=0, lo_open=True, hi=1)  # vLLM gpu_memory_utilization
     # explicit KV block count; overrides the memory model
     num_gpu_blocks: int | None = checked(None, lo=1)
     # activation peak + CUDA graphs + non-torch memory, GiB per rank
     activation_reserve_gb: float = checked(0.0, lo=0)
     tp: int = checked(1, lo=1)
-    link_bw_gbps: float = checked(16.0, lo=0, lo_open=True, finite=False)  # TP collectives (within node)
-    link_latency_ns: float = checked(20000.0, lo=0)
+    link_bw_gbps: float | None = checked(16.0, lo=0, lo_open=True, finite=False)  # TP collectives (within node)
+    link_latency_ns: float | None = checked(20000.0, lo=0)
     # host memory: token ids in / sampled ids out
     cpu_mem_bw_gbps: float = checked(256.0, lo=0, lo_open=True, finite=False)
     cpu_mem_latency_ns: float = checked(0.0, lo=0)
@@ -303,7 +307,7 @@ class HardwareConfig:
         if self.kv_offload_device == "cxl" and self.offload_bw_gbps is None:
             raise JaxsimInputError(f"{self.KEY}.offload_bw_gbps", "a KV cache on a CXL device needs the device's "
                                    "bandwidth", "set hardware.offload_bw_gbps (GB/s)")
-        if self.activation_reserve_gb >= self.mem_size_gb * self.mem_util:
+        if self.mem_size_gb is not None and self.activation_reserve_gb >= self.mem_size_gb * self.mem_util:
             raise JaxsimInputError(f"{self.KEY}.activation_reserve_gb",
                                    f"{self.activation_reserve_gb:g} GiB leaves no memory of "
                                    f"mem_size_gb·mem_util = {self.mem_size_gb * self.mem_util:g} GiB",

@@ -332,12 +332,11 @@ mem_util: 0.9  # vLLM gpu_memory_utilization (default)
 num_gpu_blocks: null  # explicit KV block count; null = from the memory model
 activation_reserve_gb: 0.0  # activation peak + CUDA graphs + non-torch memory per rank
 tp: 1
-# TP collectives: ring model fitted to vLLM's custom all-reduce table (eager backend) at TP {N}
-# over the shipped models' messages (T*H*2 bytes, T = 1..8192): relative error p50 {p50:.1%}, p90 {p90:.1%}
-# (profiles/operator-db/fit.json allreduce). For other TP degrees set hardware.link_bw_gbps /
-# hardware.link_latency_ns to:{others}
-link_bw_gbps: {bw}
-link_latency_ns: {lat}
+# TP collectives: null = the ring model fitted to vLLM's custom all-reduce table (eager backend) at the
+# run's TP degree (jaxsim.operator_db.hardware_defaults; profiles/operator-db/fit.json allreduce), over
+# the shipped models' messages (T*H*2 bytes, T = 1..8192):{others}
+link_bw_gbps: null
+link_latency_ns: null
 cpu_mem_bw_gbps: {pcie}  # host memory over PCIe: spec.yaml node.pcie_bw
 cpu_mem_latency_ns: 0
 """
@@ -346,15 +345,12 @@ cpu_mem_latency_ns: 0
 def write_yaml(hw: str, system: str, ar: dict) -> None:
     spec = odb.spec_sheet(PROFILES / "operator-db" / system)
     eager = ar["vllm_eager"]
-    N = "2"
     others = "".join(f"\n#   TP {n}: link_bw_gbps {v['link_bw_gbps']}, link_latency_ns {v['link_latency_ns']} "
-                     f"(p50 {v['rel_err']['p50']:.1%}, p90 {v['rel_err']['p90']:.1%})" for n, v in eager.items()
-                     if n != N) or " (the table holds TP 2 only)"
+                     f"(relative error p50 {v['rel_err']['p50']:.1%}, p90 {v['rel_err']['p90']:.1%})"
+                     for n, v in eager.items())
     cap = int(spec["gpu"]["mem_capacity"])
-    text = YAML.format(title=spec_title(system), system=system, name=hw, mem=round(cap / 2 ** 30, 2), cap=cap, N=N,
-                       p50=eager[N]["rel_err"]["p50"], p90=eager[N]["rel_err"]["p90"], others=others,
-                       bw=eager[N]["link_bw_gbps"], lat=eager[N]["link_latency_ns"],
-                       pcie=round(float(spec["node"]["pcie_bw"]) / 1e9, 1))
+    text = YAML.format(title=spec_title(system), system=system, name=hw, mem=round(cap / 2 ** 30, 2), cap=cap,
+                       others=others, pcie=round(float(spec["node"]["pcie_bw"]) / 1e9, 1))
     (ROOT / "conf" / "hardware" / f"{hw}.yaml").write_text(text)
 
 

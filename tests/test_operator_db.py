@@ -3,6 +3,7 @@ values hand-checked against the shipped CSV rows, the interpolation and bandwidt
 the prefill + decode attention sum, the MoE mapping, errors, the config path and one simulation."""
 
 import csv
+import dataclasses
 import gzip
 import json
 import math
@@ -15,7 +16,7 @@ import pytest
 import jaxsim  # noqa: F401  (enables x64)
 from jaxsim import config as config_lib
 from jaxsim import operator_db as odb
-from jaxsim import simulator
+from jaxsim import planning, simulator
 from jaxsim.errors import JaxsimInputError
 from jaxsim.latency import iteration_time, latency_tables
 from jaxsim.profiles import known_hardware, load_profile_bundle
@@ -261,7 +262,9 @@ def test_errors_name_hardware_model_tp_and_what_the_tables_hold():
 
 def test_config_accepts_converted_hardware():
     hw = config_lib.hardware_option("h100", PROFILES, LLAMA)
-    assert hw.name == "h100" and hw.mem_size_gb == 80.0 and hw.link_bw_gbps > 100
+    # the TP link is null in the option: the all-reduce fit at the run's TP degree (planning.resolve_hardware)
+    assert hw.name == "h100" and hw.mem_size_gb == 80.0 and hw.link_bw_gbps is None
+    hw = planning.resolve_hardware(dataclasses.replace(hw, tp=2), str(PROFILES))
     fit = json.loads((PROFILES / "operator-db" / "fit.json").read_text())["allreduce"]["h100_sxm"]["vllm_eager"]["2"]
     assert (hw.link_bw_gbps, hw.link_latency_ns) == (fit["link_bw_gbps"], fit["link_latency_ns"])
 

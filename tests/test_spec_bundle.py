@@ -137,3 +137,25 @@ def test_a_sheet_anywhere_by_path(llama, tmp_path):
     same.write_text(sheet.read_text().replace("name: Part", "name: Same"))
     np.testing.assert_array_equal(load_spec_bundle(P, f"spec/{same}", llama).dense["qkv_proj"].values_ns,
                                   b.dense["qkv_proj"].values_ns)
+
+
+def test_null_memory_and_link_come_from_the_hardware_source():
+    """A spec sheet supplies its memory and TP link; a converted operator database its spec sheet's
+    memory and the all-reduce fit at the run's TP degree; measured profiles supply neither."""
+    import json
+
+    none = dict(mem_size_gb=None, link_bw_gbps=None, link_latency_ns=None)
+    hw = planning.resolve_hardware(HardwareConfig(name="spec/mi300x", **none), P)
+    assert (hw.mem_size_gb, hw.link_bw_gbps, hw.link_latency_ns) == (192.0, 448.0, 10000.0)
+    fits = json.load(open(f"{P}/operator-db/fit.json"))["allreduce"]["h200_sxm"]["vllm_eager"]
+    for tp in (2, 4, 8):
+        hw = planning.resolve_hardware(HardwareConfig(name="h200", tp=tp, **none), P)
+        assert (hw.link_bw_gbps, hw.link_latency_ns) == (fits[str(tp)]["link_bw_gbps"], fits[str(tp)]["link_latency_ns"])
+        assert hw.mem_size_gb == 141.0
+    # a value given wins over the source's
+    assert planning.resolve_hardware(HardwareConfig(name="spec/mi300x", mem_size_gb=64.0, link_bw_gbps=None,
+                                                    link_latency_ns=None), P).mem_size_gb == 64.0
+    with pytest.raises(JaxsimInputError, match="hardware.mem_size_gb: is null, but 'RTXPRO6000'"):
+        planning.resolve_hardware(HardwareConfig(mem_size_gb=None), P)
+    with pytest.raises(JaxsimInputError, match="hardware.tp: h200's all-reduce table holds"):
+        planning.resolve_hardware(HardwareConfig(name="h200", tp=16, **none), P)
