@@ -63,7 +63,7 @@ def test_knob_checks_cover_every_knob():
 
 
 def test_options_compose_and_expand():
-    assert OPTIONS == ["capacity", "hardware", "load", "none", "seeds", "whatif"]
+    assert OPTIONS == ["capacity", "hardware", "hardware_sources", "load", "none", "roofline_part", "seeds", "whatif"]
     none = options()
     assert none.axes == {} and none.points() == [{}] and none.slo is None
     assert (none.chunk_size, none.progress, none.plots, none.table) == (128, True, True, "sweep.csv")
@@ -75,8 +75,8 @@ def test_options_compose_and_expand():
     assert points[1] == {"arrival_rate_scale": 0.25, "max_num_seqs": 64}  # last knob fastest
     assert load.slo == {"ttft_ms": 1000.0, "tpot_ms": 50.0}
     sizes = {o: len(options([f"sweep={o}"]).points()) for o in OPTIONS}
-    assert sizes == {"capacity": 25, "hardware": 12, "load": 24, "none": 1, "seeds": 32,
-                     "whatif": 27}
+    assert sizes == {"capacity": 25, "hardware": 12, "hardware_sources": 21, "load": 24, "none": 1,
+                     "roofline_part": 18, "seeds": 32, "whatif": 27}
     # command-line axes: ++ adds or replaces a knob, ~ drops one
     o = options(["sweep=load", "++sweep.axes.max_num_seqs=[4,8]", "++sweep.axes.tp=[1]",
                  "~sweep.axes.arrival_rate_scale", "sweep.slo.tpot_ms=null"])
