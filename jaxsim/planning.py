@@ -684,6 +684,14 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
                 f"{model.name} on {hw.name}; attention is priced from the {variant} tables with decode attention's "
                 f"KV-read term (fitted a + b*nd*kvd) scaled by {kv_scale:g}, an estimate (REFERENCE.md §1.14)")
     bundle = hardware_bundle(str(profiles_dir), hw, model, variant)
+    width = int(bundle.meta.get("width", 1) or 1)
+    if width != 1:  # scripts/profile.py width=N: the operators of a narrower model were timed
+        approximations.append(
+            f"{hw.name}: the {model.name} profiles were measured at 1/{width} of its width (scripts/profile.py "
+            f"width={width}: hidden size, intermediate size, heads and vocabulary divided by {width}, "
+            f"{bundle.path}/meta.yaml); their times are the narrower model's, while the KV cache and memory "
+            "are sized for the full model")
+        warnings.warn(approximations[-1], stacklevel=2)
     tables = latency_tables(str(profiles_dir), hw, model, variant, w_bytes, rt)
     f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
     if scales:

@@ -187,3 +187,19 @@ def test_compare_against_a_real_system(bundle, source):
     assert all(s.endswith(".parquet" if source == "raw" else ".csv.gz") for s in cmp["sources"])
     # every GEMM row is either matched or skipped: 4 dense GEMMs x 2 tokens + lm_head x 2 sequences
     assert cmp["gemm"]["n"] + cmp["skipped"]["gemm"] == 4 * 2 + 2 and cmp["gemm"]["n"] >= 8
+
+
+def test_a_reduced_width_bundle_is_named_in_the_run_summary(bundle):
+    """Times of a narrower model used for the full one: the plan says so (approximations) and warns."""
+    import numpy as np
+
+    from jaxsim import planning
+    from jaxsim.spec import HardwareConfig, SchedulerConfig, Workload
+
+    out, model, _ = bundle
+    w = Workload(arrival_ns=np.array([0], np.int64), input_toks=np.array([8], np.int32),
+                 output_toks=np.array([2], np.int32), token_ids=[None])
+    with pytest.warns(UserWarning, match="1/2 of its width"):
+        pl = planning.plan(w, model, HardwareConfig(name=HW, mem_size_gb=4.0), SchedulerConfig(max_num_seqs=4),
+                           profiles_dir=out)
+    assert any("1/2 of its width" in a and "narrower model" in a for a in pl.approximations)
