@@ -79,8 +79,12 @@ class ClusterSpec:
 def check_profiled(name: str, profiles: Path, where: str) -> None:
     """Hardware ``name`` has profiles (a bundle folder, legacy/<HW>, REFERENCE.md §2.8, a converted
     operator database, :mod:`jaxsim.operator_db`, or a spec sheet, :mod:`jaxsim.spec_bundle`)."""
-    from jaxsim.profiles import has_hardware
+    from jaxsim.profiles import bundle_source, has_hardware
 
+    if bundle_source(name) == "roofline":  # a spec sheet: its own error names the file looked for
+        from jaxsim.spec_bundle import sheet_path
+
+        sheet_path(profiles, name)
     if not has_hardware(profiles, name):
         from jaxsim.profiles import known_hardware
 

@@ -611,7 +611,8 @@ def hardware_bundle(profiles_dir: str, hw: HardwareConfig, model: ModelConfig, v
             if getattr(hw, k) is not None:
                 raise JaxsimInputError(f"hardware.{k}", f"only spec-sheet hardware (spec/<sheet>) has a {k}; "
                                        f"{hw.name!r} is priced by {profiles.SOURCES[profiles.bundle_source(hw.name)]}",
-                                       "unset it, or use compute_scale / memory_scale to scale measured tables")
+                                       "unset it; measured tables are scaled by the sweep knobs compute_scale / "
+                                       "memory_scale (scripts/sweep.py), or use a spec sheet (hardware=roofline_<sheet>)")
     return _bundle(profiles_dir, hw.name, model, variant, hw.tp, hw.peak_tflops, hw.mem_bw_gbs)
 
 

@@ -71,7 +71,7 @@ def sheet_path(profiles_dir, hardware) -> Path:
     name = str(hardware)[len(PREFIX):] if is_spec(hardware) else ""
     path = Path(name) if name.endswith(".yaml") else root / SPECS_DIR / f"{name}.yaml"
     if not name or (not name.endswith(".yaml") and "/" in name) or not path.is_file():
-        raise JaxsimInputError(str(path), f"unknown hardware {hardware!r}",
+        raise JaxsimInputError(str(path), f"no such file: hardware {hardware!r} names a spec sheet that does not exist",
                                f"spec-sheet hardware: {spec_hardware(root)}, or spec/<path to a sheet>.yaml "
                                f"(a sheet like {root / SPECS_DIR / 'h100.yaml'})")
     return path

@@ -25,6 +25,7 @@ Keys (``key=value``, each at most once; an unknown key is an error):
 
 Simulate with the bundle (its hardware has no conf/hardware YAML: take any and rename it):
     python scripts/run.py paths.profiles=out/profiles hardware.name=CPU workload=example
+A bundle profiled at reduced width is named in the run summary's approximations.
 """
 
 import sys
@@ -85,6 +86,9 @@ def _bool(args, key, default):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__)
+        return 0
     try:
         args = parse_args(argv)
         import jax
