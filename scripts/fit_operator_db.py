@@ -104,22 +104,27 @@ def _q(err) -> dict:
 def native_points() -> list:
     """``(gpu, class, layer, model, tp, x, bytes, t_us)`` rows of every native memory-bound layer."""
     rows = []
+    for gpu, name, model, tp, _ in native_folders():
+        b = load_profile_bundle(PROFILES, gpu, model, "bf16", tp)
+        ops = layer_operators(model, tp)
+        for layer, cls in CLASSES.items():
+            tab = b.dense.get(layer) or b.per_sequence.get(layer)
+            if tab is None or (tp != 1 and layer in b.tp_stable):
+                continue
+            x = tab.keys.astype(np.float64)
+            for xi, by, t in zip(x, ops[layer].bytes(x), tab.values_ns / 1000.0):
+                rows.append((gpu, cls, layer, name, tp, xi, float(by), float(t)))
+    return rows
+
+
+def native_folders():
+    """``(gpu, model name, ModelConfig, tp, tp folder)`` of every native bf16 bundle of :data:`NATIVE`."""
     for gpu in NATIVE:
         for meta in sorted((PROFILES / gpu).glob("*/*/bf16/meta.yaml")):
             name = str(meta.parent.parent.relative_to(PROFILES / gpu))
             model = load_model_config(PROFILES / "models", name)
             for tpdir in sorted(meta.parent.glob("tp*")):
-                tp = int(tpdir.name[2:])
-                b = load_profile_bundle(PROFILES, gpu, model, "bf16", tp)
-                ops = layer_operators(model, tp)
-                for layer, cls in CLASSES.items():
-                    tab = b.dense.get(layer) or b.per_sequence.get(layer)
-                    if tab is None or (tp != 1 and layer in b.tp_stable):
-                        continue
-                    x = tab.keys.astype(np.float64)
-                    for xi, by, t in zip(x, ops[layer].bytes(x), tab.values_ns / 1000.0):
-                        rows.append((gpu, cls, layer, name, tp, xi, float(by), float(t)))
-    return rows
+                yield gpu, name, model, int(tpdir.name[2:]), tpdir
 
 
 def fit_class(pts: list) -> tuple:
@@ -179,19 +184,14 @@ def native_attention() -> list:
     mixed cells as ``(pc, kp, nd, kvd, t, P, D)`` with the prefill-only ``P`` and decode-only ``D``
     times at the same coordinates, and the prefill-only cells ``(pc, kp, t)`` (µs)."""
     out = []
-    for gpu in NATIVE:
-        for meta in sorted((PROFILES / gpu).glob("*/*/bf16/meta.yaml")):
-            name = str(meta.parent.parent.relative_to(PROFILES / gpu))
-            model = load_model_config(PROFILES / "models", name)
-            for tpdir in sorted(meta.parent.glob("tp*")):
-                tp = int(tpdir.name[2:])
-                a = np.loadtxt(tpdir / "attention.csv", delimiter=",", skiprows=1, ndmin=2)
-                pre = {(int(r[0]), int(r[1])): r[4] for r in a if r[2] == 0}
-                dec = {(int(r[2]), int(r[3])): r[4] for r in a if r[0] == 0}
-                mix = [(*r[:5], pre[(int(r[0]), int(r[1]))], dec[(int(r[2]), int(r[3]))]) for r in a
-                       if r[0] > 0 and r[2] > 0 and (int(r[0]), int(r[1])) in pre and (int(r[2]), int(r[3])) in dec]
-                out.append((gpu, name, tp, model.num_heads // model.num_kv_heads, model.head_dim,
-                            np.array(mix, np.float64), np.array([(p, k, v) for (p, k), v in pre.items()], np.float64)))
+    for gpu, name, model, tp, tpdir in native_folders():
+        a = np.loadtxt(tpdir / "attention.csv", delimiter=",", skiprows=1, ndmin=2)
+        pre = {(int(r[0]), int(r[1])): r[4] for r in a if r[2] == 0}
+        dec = {(int(r[2]), int(r[3])): r[4] for r in a if r[0] == 0}
+        mix = [(*r[:5], pre[(int(r[0]), int(r[1]))], dec[(int(r[2]), int(r[3]))]) for r in a
+               if r[0] > 0 and r[2] > 0 and (int(r[0]), int(r[1])) in pre and (int(r[2]), int(r[3])) in dec]
+        out.append((gpu, name, tp, model.num_heads // model.num_kv_heads, model.head_dim,
+                    np.array(mix, np.float64), np.array([(p, k, v) for (p, k), v in pre.items()], np.float64)))
     return out
 
 
