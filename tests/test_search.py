@@ -1,0 +1,283 @@
+"""Gradient-based design search (jaxsim.search): the antithetic stencil and its gradient, common random
+numbers in a step's batch, stochastic rounding, the smoothed SLO attainment by hand, the augmented
+Lagrangian, the trust region on a fake evaluator (host only, no simulation), and, in the slow set,
+problem A in miniature against an exhaustive grid (one compile for the whole search).
+"""
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from jaxsim import search as S
+from jaxsim.errors import JaxsimInputError
+from jaxsim.spec import Workload
+
+
+def _sig(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+# --- stencil ------------------------------------------------------------------------------------
+
+
+def test_stencil_rows_are_antithetic_pairs():
+    u = np.array([0.4, 0.7])
+    d = np.array([[1.0, -2.0], [0.5, 0.25]])
+    st = S.stencil(u, d, 0.1)
+    np.testing.assert_allclose(st, [[0.5, 0.5], [0.3, 0.9], [0.45, 0.725], [0.35, 0.675]])
+
+
+def test_antithetic_difference_is_exact_for_a_quadratic_at_any_radius():
+    # f = c.u + u'Au: (f(u+rd) - f(u-rd)) / 2r = c.d + 2 u'A d, no r left: the radius only smooths
+    # what is rougher than quadratic.
+    c, A = np.array([1.0, -3.0, 0.5]), np.array([[2.0, 0.3, 0.0], [0.3, 1.0, -0.4], [0.0, -0.4, 0.5]])
+    f = lambda x: c @ x + x @ A @ x  # noqa: E731
+    u = np.array([0.2, 0.5, 0.9])
+    d = S.directions(np.random.default_rng(1), 4, 3, "gaussian")
+    grads = []
+    for r in (0.01, 0.3):
+        st = S.stencil(u, d, r)
+        grads.append(S.stencil_gradient([f(x) for x in st[0::2]], [f(x) for x in st[1::2]], d, r))
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-10)
+    true = c + 2 * A @ u
+    np.testing.assert_allclose(grads[0], ((d @ true)[:, None] * d).mean(axis=0), rtol=1e-10)
+    # Rademacher directions in one dimension (SPSA): the exact derivative from one pair
+    d1 = S.directions(np.random.default_rng(0), 1, 1, "rademacher")
+    assert abs(d1[0, 0]) == 1
+    st = S.stencil([0.3], d1, 0.05)
+    g = S.stencil_gradient([st[0, 0] ** 2], [st[1, 0] ** 2], d1, 0.05)
+    assert g[0] == pytest.approx(0.6, rel=1e-12)
+
+
+def test_stencil_gradient_drops_a_pair_with_a_failed_run():
+    d = np.array([[1.0], [-1.0]])
+    g = S.stencil_gradient([2.0, math.inf], [1.0, 0.0], d, 0.5)
+    assert g[0] == pytest.approx(1.0)  # the first pair only: (2 - 1) / 1 * 1
+    assert S.stencil_gradient([math.nan], [1.0], d[:1], 0.5)[0] == 0.0
+
+
+def test_stochastic_rounding_is_unbiased_and_pairs_share_draws():
+    xi = np.random.default_rng(3).random(200_000)
+    r = S.stochastic_round(np.full(xi.size, 3.3), xi)
+    assert set(np.unique(r)) == {3, 4}
+    assert r.mean() == pytest.approx(3.3, abs=0.005)  # std of the mean: 0.46 / sqrt(2e5) = 0.001
+    assert S.stochastic_round(-1.25, 0.7) == -1 and S.stochastic_round(-1.25, 0.8) == -2  # frac(-1.25) = 0.75
+    # The same draw for both points of a pair: rounding never reverses their order (independent
+    # draws would, for about a third of these close pairs).
+    x = np.random.default_rng(4).uniform(0, 50, 5000)
+    dx = np.random.default_rng(5).uniform(0, 0.6, 5000)
+    assert np.all(S.stochastic_round(x + dx, xi[:5000]) >= S.stochastic_round(x - dx, xi[:5000]))
+
+
+SPACE = S.Space((S.Variable("peak_tflops", 100, 1000), S.Variable("max_num_seqs", 8, 64, "integer")))
+
+
+def test_batch_pairs_share_seed_and_rounding_and_keep_one_size():
+    sizes = set()
+    for step, u in enumerate(([0.5, 0.5], [0.0, 1.0], [0.93, 0.11])):
+        rng = np.random.default_rng(step)
+        dirs = S.directions(rng, 3, 2)
+        state = rng.bit_generator.state
+        b = S.make_batch(SPACE, np.array(u), dirs, 0.05, (7, 9), rng)
+        rng.bit_generator.state = state
+        xi = rng.random((3, 2, 2))  # the draws make_batch took, pair k, seed j
+        sizes.add(len(b.points))
+        st = S.stencil(u, dirs, 0.05)
+        for i, s in zip(b.exact, (7, 9)):
+            assert b.points[i] == {**SPACE.decode(u), "seed": s}
+            assert b.points[i]["max_num_seqs"] == int(np.floor(8 + np.clip(u[1], 0, 1) * 56 + 0.5))
+        for k in range(3):
+            for j, s in enumerate((7, 9)):
+                p, m = b.points[b.plus[k][j]], b.points[b.minus[k][j]]
+                assert p["seed"] == m["seed"] == s
+                assert p == {**SPACE.decode(st[2 * k], xi[k, j]), "seed": s}
+                assert m == {**SPACE.decode(st[2 * k + 1], xi[k, j]), "seed": s}
+        # max_num_seqs changes the seats (array sizes): the anchor at the upper bounds fixes them
+        assert b.points[b.anchor] == {"peak_tflops": 1000.0, "max_num_seqs": 64, "seed": 7}
+    assert sizes == {2 * (2 * 3 + 1) + 1}
+    cont = S.Space((S.Variable("peak_tflops", 100, 1000), S.Variable("mem_bw_gbs", 500, 3500)))
+    assert not cont.needs_anchor
+    assert S.make_batch(cont, np.array([0.5, 0.5]), np.ones((2, 2)), 0.1, (0,), np.random.default_rng(0)).anchor is None
+
+
+def test_bad_variables_are_refused_with_the_field():
+    with pytest.raises(JaxsimInputError, match="search.variables.peak_tflop: not a numeric sweep knob"):
+        S.Variable("peak_tflop", 1, 2)
+    with pytest.raises(JaxsimInputError, match="lo < hi"):
+        S.Variable("peak_tflops", 2, 1)
+    with pytest.raises(JaxsimInputError, match="kind"):
+        S.Variable("max_num_seqs", 1, 2, "ordinal")
+    with pytest.raises(JaxsimInputError, match="appears twice"):
+        S.Space((S.Variable("peak_tflops", 1, 2), S.Variable("peak_tflops", 1, 3)))
+    with pytest.raises(JaxsimInputError, match="'<=' or '>='"):
+        S.Constraint("tpot_p99_ms", "<", 1.0)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def test_soft_attainment_by_hand():
+    ttft = np.array([100.0, 600.0, 500.0, np.nan])
+    tpot = np.array([10.0, 20.0, 30.0, np.nan])
+    done = np.array([True, True, True, False])
+    p = S.soft_attainment(ttft, tpot, done, 500.0, 30.0, 0.1)
+    want = [_sig(0.8 / 0.1) * _sig((20 / 30) / 0.1), _sig(-0.2 / 0.1) * _sig((10 / 30) / 0.1), 0.5 * 0.5, 0.0]
+    np.testing.assert_allclose(p, want, rtol=1e-12)
+    # only a TPOT SLO: the TTFT is no factor; a small temperature tends to the hard indicator
+    np.testing.assert_allclose(S.soft_attainment(ttft, tpot, done, None, 30.0, 1e-4), [1, 1, 0.5, 0], atol=1e-12)
+    with pytest.raises(JaxsimInputError, match="temperature"):
+        S.soft_attainment(ttft, tpot, done, 500.0, 30.0, 0.0)
+
+
+def _hand_workload():
+    # 4 requests arriving at 0, 1, 2, 3 s; 1, 11, 5, 3 output tokens
+    return Workload(arrival_ns=np.array([0, 1, 2, 3], np.int64) * 10**9, input_toks=np.full(4, 100, np.int32),
+                    output_toks=np.array([1, 11, 5, 3], np.int32), token_ids=[None] * 4)
+
+
+def test_request_metrics_and_pooling_by_hand():
+    w = _hand_workload()
+    ms = 10**6
+    req = {"first_token": np.array([200, 1300, 2100, -1]) * ms + np.array([0, 0, 0, 0]),
+           "finish": np.array([200, 1300 + 10 * 50, 2100 + 4 * 20, -1]) * ms,
+           "arrival": np.zeros(4, np.int64)}
+    req["first_token"][3] = -1
+    req["finish"][3] = -1
+    m = S.request_metrics(w, req, slo_ttft_ms=250.0, slo_tpot_ms=30.0, temperature=0.1)
+    np.testing.assert_allclose(m["ttft_ms"][:3], [200, 300, 100])
+    np.testing.assert_allclose(m["tpot_ms"][:3], [0, 50, 20])  # one token: TPOT 0 (config_metrics' rule)
+    assert np.isnan(m["ttft_ms"][3]) and not m["done"][3]
+    np.testing.assert_array_equal(m["ok"], [True, False, True, False])
+    assert m["makespan_s"] == pytest.approx(2.18)  # first arrival (0) to the last finish (2.18 s)
+    assert m["throughput_rps"] == pytest.approx(3 / 2.18)
+    assert m["goodput_rps"] == pytest.approx(2 / 2.18)
+    soft = [_sig(0.2 / 0.1) * _sig(1 / 0.1), _sig(-0.2 / 0.1) * _sig((-20 / 30) / 0.1),
+            _sig(0.6 / 0.1) * _sig((10 / 30) / 0.1), 0.0]
+    np.testing.assert_allclose(m["soft"], soft, rtol=1e-12)
+    assert m["soft_goodput_rps"] == pytest.approx(sum(soft) / 2.18)
+    # pooled over two seeds: a design with an unfinished request has an infinite P99
+    done_all = dict(m, done=np.ones(4, bool), ttft_ms=np.array([1.0, 2, 3, 4]), tpot_ms=np.array([5.0, 6, 7, 8]))
+    pooled = S.pool_metrics([done_all, dict(done_all, ttft_ms=np.array([5.0, 6, 7, 8]))])
+    assert pooled["ttft_p50_ms"] == pytest.approx(np.percentile([1, 2, 3, 4, 5, 6, 7, 8], 50))
+    assert pooled["tpot_p99_ms"] == pytest.approx(np.percentile([5, 6, 7, 8] * 2, 99))
+    assert pooled["slo_attainment"] == 0.5 and pooled["goodput_rps"] == pytest.approx(2 / 2.18)
+    assert S.pool_metrics([m, done_all])["tpot_p99_ms"] == math.inf
+
+
+def test_constraint_violation_and_augmented_lagrangian_by_hand():
+    c = S.Constraint("tpot_p99_ms", "<=", 25.0)
+    assert c.violation({"tpot_p99_ms": 30.0}) == pytest.approx(0.2)
+    assert S.Constraint("slo_attainment", ">=", 0.9).violation({"slo_attainment": 0.99}) == pytest.approx(-0.1)
+    assert c.violation({"tpot_p99_ms": math.inf}) == math.inf
+    with pytest.raises(JaxsimInputError, match="unknown metric"):
+        S.Constraint("tpot_p98_ms", "<=", 1.0).violation({"tpot_p99_ms": 1.0})
+    assert S.merit(1.0, [0.1], None, 100.0) == pytest.approx(1.5)  # 1 + 50 * 0.1^2
+    assert S.merit(1.0, [0.1], [2.0], 100.0) == pytest.approx(1 + 50 * 0.12 ** 2 - 4 / 200)
+    assert S.merit(1.0, [-0.5], [2.0], 100.0) == pytest.approx(1 - 4 / 200)  # inactive: -lam^2/2mu
+    assert S.merit(1.0, [math.inf], None, 100.0) == math.inf
+
+
+# --- trust region -------------------------------------------------------------------------------
+
+
+def test_trust_region_accept_reject_and_radius():
+    tr = S.TrustRegion(radius=0.2, shrink=0.5, grow=1.5, eta_good=0.5, max_radius=0.25)
+    assert not tr.decide(1.0, 1.0, 0.1, 0.08)  # no decrease: reject, radius = 0.5 * the step
+    assert tr.radius == pytest.approx(0.04)
+    assert not tr.decide(1.0, math.inf, 0.1, 0.04)
+    assert tr.radius == pytest.approx(0.02)
+    assert tr.decide(1.0, 0.99, 0.1, 0.02) and tr.radius == pytest.approx(0.02)  # 10% of the prediction: keep
+    assert tr.decide(1.0, 0.9, 0.1, 0.02) and tr.radius == pytest.approx(0.03)  # as predicted: grow
+    np.testing.assert_allclose(tr.clip(np.array([0.06, -0.015])), [0.03, -0.0075])
+    np.testing.assert_allclose(tr.clip(np.array([0.01, 0.0])), [0.01, 0.0])
+
+
+class FakeEvaluator:
+    """Per-request arrays from a closed form of the point: every request's TPOT is
+    ``10 + 40 (1 - x)^2`` ms (x = peak_tflops / 1000), so ``tpot <= 20`` means x >= 1 - 0.5."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def __call__(self, points):
+        self.sizes.append(len(points))
+        out = []
+        for p in points:
+            x = p["peak_tflops"] / 1000
+            n = 8
+            tpot = np.full(n, 10 + 40 * (1 - x) ** 2)
+            out.append(dict(ttft_ms=np.full(n, 100.0), tpot_ms=tpot, done=np.ones(n, bool), ok=tpot <= 20,
+                            soft=np.ones(n), throughput_rps=1.0, goodput_rps=1.0, soft_goodput_rps=1.0,
+                            output_tok_s=1.0, status="ok"))
+        return out
+
+
+def test_search_on_a_fake_evaluator_accepts_only_improvements():
+    space = S.Space((S.Variable("peak_tflops", 0, 1000),))
+    prob = S.Problem(space, S.linear_cost({"peak_tflops": 1.0}), (S.Constraint("tpot_p99_ms", "<=", 20.0),))
+    ev = FakeEvaluator()
+    # a large learning rate: the candidates overshoot into the infeasible side and get rejected
+    res = S.search(ev, prob, {"peak_tflops": 950}, seeds=(0, 1), steps=14, num_directions=2, radius=0.02,
+                   optimizer="sgd", learning_rate=0.3, mu=1000.0)
+    assert set(ev.sizes) == {2 * (2 * 2 + 1)} and len(ev.sizes) == 14 and res.evaluations == 14 * 10
+    exact = [e for e in res.trajectory if e["kind"] == "exact"]
+    incumbent = exact[0]["merit"]
+    rejected = 0
+    for e in exact[1:]:
+        if e["accepted"]:
+            assert e["merit"] < incumbent
+            incumbent = e["merit"]
+        else:
+            rejected += 1
+            assert not e["merit"] < incumbent  # (merits of one multiplier state; checked above by hand)
+    assert rejected >= 1
+    # the optimum is x = 0.5 (cost 500); the best feasible point found is close above it
+    assert res.best.values["peak_tflops"] >= 500 - 1e-6 and res.best.objective < 560
+    assert res.best.metrics["tpot_p99_ms"] <= 20.0
+
+
+# --- problem A in miniature ---------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~100 s on 2 cores (two compiles: the search's batch and the grid's)
+def test_problem_a_in_miniature_against_the_grid():
+    import sys
+    from jaxsim import sweep
+    from jaxsim.engine import cluster
+    from jaxsim.spec import HardwareConfig, SchedulerConfig
+    from jaxsim.workload import synthetic_workload
+    from _shared import PROFILES, load_model
+
+    syn = dict(num_requests=48, rate_rps=8.0, input_len={"kind": "uniform", "min": 200, "max": 800},
+               output_len={"kind": "uniform", "min": 32, "max": 128})
+    hw = HardwareConfig(name="spec/h100", mem_size_gb=80, link_bw_gbps=450, link_latency_ns=10000)
+    base = sweep.SweepBase(synthetic_workload(**syn, seed=0), load_model(), hw, SchedulerConfig(max_num_seqs=32),
+                           profiles_dir=PROFILES, synthetic=syn, slo_tpot_ms=25)
+    space = S.Space((S.Variable("peak_tflops", 100, 1000), S.Variable("mem_bw_gbs", 500, 3500)))
+    prob = S.Problem(space, S.linear_cost({"peak_tflops": 1.0, "mem_bw_gbs": 0.25}),
+                     (S.Constraint("tpot_p99_ms", "<=", 25.0),))
+    seeds = (0, 1)
+    ev = S.SweepEvaluator(base)
+    c0, t0 = cluster.run_batch._cache_size(), time.perf_counter()
+    res = S.search(ev, prob, {"peak_tflops": 800, "mem_bw_gbs": 3000}, seeds, steps=12, num_directions=2,
+                   radius=0.05, learning_rate=0.08)
+    search_wall, search_compiles = time.perf_counter() - t0, cluster.run_batch._cache_size() - c0
+
+    c0, t0 = cluster.run_batch._cache_size(), time.perf_counter()
+    g = np.linspace(0, 1, 9)
+    designs = [space.decode([a, b]) for a in g for b in g]
+    out = ev([{**p, "seed": s} for p in designs for s in seeds])  # the 9x9 grid in one call
+    grid = [S._evaluation(prob, None, p, out[len(seeds) * i:len(seeds) * (i + 1)]) for i, p in enumerate(designs)]
+    grid_best = min((e for e in grid if e.feasible), key=lambda e: e.objective)
+    grid_wall, grid_compiles = time.perf_counter() - t0, cluster.run_batch._cache_size() - c0
+    gap = 100 * (res.best.objective / grid_best.objective - 1)
+    print(f"\nproblem A mini: search {res.best.values} cost {res.best.objective:.1f} tpot_p99 "
+          f"{res.best.metrics['tpot_p99_ms']:.2f} ms, {res.evaluations} sims, {res.calls} calls, "
+          f"{search_compiles} compiles, {search_wall:.1f} s | grid {grid_best.values} cost {grid_best.objective:.1f}, "
+          f"{len(out)} sims, {grid_compiles} compiles, {grid_wall:.1f} s | gap {gap:+.2f}%", file=sys.stderr)
+    assert search_compiles <= 1  # one batch shape for the whole search (0 when already compiled)
+    assert res.best.metrics["tpot_p99_ms"] <= 25.0
+    assert gap <= 2.0
+    assert res.evaluations < len(out)
