@@ -48,7 +48,8 @@ def weight_and_kv_bytes(model: ModelConfig, rt: ModelRuntimeConfig) -> tuple[int
 
 
 def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
-                  rt: ModelRuntimeConfig, placement: "placement_lib.WeightPlacement | None" = None) -> int:
+                  rt: ModelRuntimeConfig, placement: "placement_lib.WeightPlacement | None" = None,
+                  profiles_dir="profiles") -> int:
     """KV blocks per instance: an explicit count, or the memory model of REFERENCE.md §1.3
     (``util * device bytes - weights - activation reserve``, per rank, over bytes per block).
 
@@ -60,7 +61,9 @@ def num_kv_blocks(model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig
     §1.16 row ``kv_loc``) takes its blocks from that device's capacity instead:
     :func:`jaxsim.placement.kv_device_blocks` (the instance's share of the device, less its own
     weights there, over the bytes of a block on all ranks). The GPU's leftover memory, the KV share
-    of §1.3, is then unused (the weights must still fit the GPU)."""
+    of §1.3, is then unused (the weights must still fit the GPU). A null memory size comes from the
+    hardware's source (:func:`resolve_hardware`, with ``profiles_dir``)."""
+    hw = resolve_hardware(hw, str(profiles_dir))
     if hw.num_gpu_blocks is not None:
         if hw.num_gpu_blocks <= 0:
             raise JaxsimInputError("hardware.num_gpu_blocks", f"must be > 0, got {hw.num_gpu_blocks}")
@@ -729,7 +732,7 @@ def plan(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: Sche
     # vLLM's null block (SchedulerConfig.reserve_null_block) is not a request's: num_blocks is what
     # requests can use, and KV usage is over it (vllm/v1/core/block_pool.py).
     null_block = int(sched.reserve_null_block)
-    num_blocks = num_kv_blocks(model, hw, sched, rt, placement) - null_block
+    num_blocks = num_kv_blocks(model, hw, sched, rt, placement, profiles_dir) - null_block
     if num_blocks <= 0:
         raise JaxsimInputError("hardware.num_gpu_blocks", "1 block is vLLM's null block alone: no block is left "
                                "for requests", "give the KV cache at least 2 blocks")
