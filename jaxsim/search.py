@@ -290,9 +290,11 @@ class Constraint:
 
     def __post_init__(self):
         if self.sense not in ("<=", ">="):
-            raise JaxsimInputError(f"search.constraints.{self.metric}.sense", f"must be '<=' or '>=', got {self.sense!r}")
+            raise JaxsimInputError(f"search.constraints.{self.metric}.sense",
+                                   f"must be '<=' or '>=', got {self.sense!r}")
         if not (math.isfinite(self.bound) and self.bound != 0):
-            raise JaxsimInputError(f"search.constraints.{self.metric}.bound", f"must be finite and non-zero, got {self.bound}")
+            raise JaxsimInputError(f"search.constraints.{self.metric}.bound",
+                                   f"must be finite and non-zero, got {self.bound}")
 
     def violation(self, metrics: dict) -> float:
         if self.metric not in metrics:

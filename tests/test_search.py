@@ -214,6 +214,24 @@ class FakeEvaluator:
         return out
 
 
+def test_smoothed_gradient_in_one_call():
+    space = S.Space((S.Variable("peak_tflops", 0, 1000),))
+    prob = S.Problem(space, S.linear_cost({"peak_tflops": 1.0}), (S.Constraint("tpot_p99_ms", "<=", 20.0),))
+    ev = FakeEvaluator()
+    # feasible with margin at u = 0.9 (TPOT 10.4 ms): the merit is the cost, linear, so each pair
+    # gives 1000 d_k^2 exactly
+    g, center, batch = S.smoothed_gradient(ev, prob, np.array([0.9]), (0, 1), radius=0.02, num_directions=3,
+                                           rng=np.random.default_rng(2))
+    assert ev.sizes == [2 * (2 * 3 + 1)]
+    assert g[0] == pytest.approx(1000 * np.mean(batch.dirs[:, 0] ** 2), rel=1e-9)
+    assert center.values == {"peak_tflops": 900.0} and center.feasible
+    # infeasible at u = 0.3 (TPOT 29.6 ms): the penalty's slope (more FLOP/s, less TPOT) dominates
+    g, center, _ = S.smoothed_gradient(ev, prob, np.array([0.3]), (0,), radius=0.02, num_directions=2,
+                                       rng=np.random.default_rng(2), mu=100.0, scale=1000.0)
+    assert not center.feasible and center.violations[0] == pytest.approx((29.6 - 20) / 20)
+    assert g[0] < 0
+
+
 def test_search_on_a_fake_evaluator_accepts_only_improvements():
     space = S.Space((S.Variable("peak_tflops", 0, 1000),))
     prob = S.Problem(space, S.linear_cost({"peak_tflops": 1.0}), (S.Constraint("tpot_p99_ms", "<=", 20.0),))
