@@ -1,0 +1,164 @@
+"""scripts/search.py and the ``search`` config group: composition and validation of every shipped
+problem (host only, no simulation), the errors that name a key, and in the slow set one end-to-end
+run of the shipped problem with very few steps."""
+
+import csv
+import importlib.util
+import json
+import math
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from jaxsim import config as jconfig
+from jaxsim.errors import JaxsimInputError
+
+from _shared import CONF, SCRIPTS
+
+PROBLEMS = sorted(p.stem for p in (CONF / "search").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("jaxsim_search_script", SCRIPTS / "search.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # registers search_config in Hydra's ConfigStore
+    return mod
+
+
+def section(script, overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("search_config", overrides=list(overrides))
+    return jconfig.to_container(cfg)
+
+
+def test_shipped_problems_compose_and_validate(script):
+    assert PROBLEMS == ["accelerator_sizing", "none"]
+    d = section(script, ["search=accelerator_sizing"])
+    assert (d["hardware"]["name"], d["hardware"]["mem_size_gb"]) == ("spec/h100", 80.0)
+    assert d["workload"]["kind"] == "synthetic"
+    assert (d["workload"]["num_requests"], d["scheduler"]["max_num_seqs"]) == (48, 32)
+    o = script.search_options(d["search"])
+    space = o.problem.space
+    assert [(v.name, v.lo, v.hi, v.kind) for v in space.variables] == [
+        ("peak_tflops", 100.0, 1000.0, "continuous"), ("mem_bw_gbs", 500.0, 3500.0, "continuous")]
+    assert not space.needs_anchor  # value-only knobs: one batch shape, no anchor point
+    assert script._batch_size(space, o.seeds, o.directions) == 2 * (2 * 2 + 1)
+    # the cost is the linear price of the knobs: 800 TFLOP/s * 1 + 3000 GB/s * 0.25 = 1550
+    assert o.problem.objective(o.start, {}) == pytest.approx(1550.0)
+    (c,) = o.problem.constraints
+    assert (c.metric, c.sense, c.bound) == ("tpot_p99_ms", "<=", 25.0)
+    assert c.violation({"tpot_p99_ms": 30.0}) == pytest.approx(0.2)
+    assert (o.seeds, o.heldout_seeds, o.slo_tpot_ms) == ((0, 1), (100, 101, 102, 103), 25.0)
+    # command-line overrides reach the section; a missing x0 starts mid-box
+    o2 = script.search_options(section(script, ["search=accelerator_sizing", "search.steps=3",
+                                                "~search.x0.mem_bw_gbs", "search.objective.metric=output_tok_s",
+                                                "search.objective.sense=maximize"])["search"])
+    assert o2.steps == 3 and o2.start == {"peak_tflops": 800.0, "mem_bw_gbs": 2000.0}
+    assert o2.objective_desc == {"metric": "output_tok_s", "sense": "maximize"}
+    assert o2.problem.objective({}, {"output_tok_s": 7.0}) == -7.0
+    # the default problem is none: refused, with the fix
+    with pytest.raises(JaxsimInputError, match=r"search.variables: no decision variables .*search=accelerator_sizing"):
+        script.search_options(section(script)["search"])
+
+
+def _problem(**changes):
+    d = {"variables": {"peak_tflops": {"lo": 100, "hi": 1000}},
+         "objective": {"metric": "cost", "prices": {"peak_tflops": 1.0}},
+         "constraints": {"tpot_p99_ms": "<= 25"}}
+    d.update(changes)
+    return d
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"step": 3}, r"^search.step: unknown field \(did you mean 'steps'\?"),
+    ({"variables": {"peak_tflops": {"lo": 100, "hii": 1000}}}, r"^search.variables.peak_tflops.hii: unknown field"),
+    ({"objective": {"metric": "cost", "price": {}}}, r"^search.objective.price: unknown field \(did you mean 'prices'"),
+    ({"objective": {"metric": "tpot_p99"}}, r"^search.objective.metric: unknown metric 'tpot_p99'"),
+    ({"objective": {"metric": "output_tok_s", "sense": "max"}}, r"^search.objective.sense: must be 'minimize' or"),
+    ({"constraints": {"tpot_p99": "<= 25"}},
+     r"^search.constraints.tpot_p99: unknown metric 'tpot_p99' \(did you mean 'tpot_p99_ms'"),
+    ({"constraints": {"tpot_p99_ms": "< 25"}}, r"^search.constraints.tpot_p99_ms: must be '<= bound' or '>= bound'"),
+    ({"variables": {"max_num_seq": {"lo": 1, "hi": 8}}}, r"^search.variables.max_num_seq: not a numeric sweep knob"),
+    ({"objective": {"prices": {"mem_bw_gbs": 1.0}}}, r"^search.objective.prices.mem_bw_gbs: not a decision variable"),
+    ({"x0": {"peak_tflops": 5000}}, r"^search.x0.peak_tflops: 5000.0 is outside the bounds \[100.0, 1000.0\]"),
+    ({"seeds": [0, 1], "heldout_seeds": [1, 2]}, r"^search.heldout_seeds: \[1\] are also search seeds"),
+    ({"radius": 0}, r"^search.radius: must be > 0"),
+    ({"steps": 2.5}, r"^search.steps: must be an integer"),
+])
+def test_bad_sections_name_the_key(script, changes, match):
+    with pytest.raises(JaxsimInputError, match=match):
+        script.search_options(_problem(**changes))
+
+
+def test_bad_bound_and_unknown_key_through_hydra(script):
+    d = section(script, ["search=accelerator_sizing", "search.variables.peak_tflops.lo=2000"])
+    with pytest.raises(JaxsimInputError, match=r"^search.variables.peak_tflops: bounds must be finite with lo < hi, "
+                                               r"got \[2000.0, 1000.0\]"):
+        script.search_options(d["search"])
+    d = section(script, ["search=accelerator_sizing", "+search.learning_rat=0.1"])
+    with pytest.raises(JaxsimInputError, match=r"^search.learning_rat: unknown field \(did you mean 'learning_rate'"):
+        script.search_options(d["search"])
+    # on the command line, before Hydra: a search key, and a run key (jaxsim.config's check)
+    with pytest.raises(JaxsimInputError, match=r"^search.step: unknown field \(did you mean 'steps'"):
+        script.check_cli_overrides(["search=accelerator_sizing", "search.step=3"])
+    with pytest.raises(JaxsimInputError, match=r"^scheduler.max_num_seq: unknown field"):
+        script.check_cli_overrides(["search=accelerator_sizing", "scheduler.max_num_seq=3"])
+    script.check_cli_overrides(["search=accelerator_sizing", "search.steps=3", "hardware=roofline_h100", "-m"])
+
+
+def test_padded_evaluation_keeps_the_batch_shape(script):
+    """The held-out re-simulation runs in calls of the search's batch size (no new compile)."""
+    from jaxsim import search as S
+
+    calls = []
+
+    def fake(points):
+        calls.append(points)
+        return [p["seed"] for p in points]
+
+    space = S.Space((S.Variable("peak_tflops", 100, 1000),))
+    pts = [{"peak_tflops": 500.0, "seed": s} for s in (10, 11, 12, 13, 14, 15, 16)]
+    assert script.evaluate_padded(fake, space, pts, 5) == [10, 11, 12, 13, 14, 15, 16]
+    assert [len(c) for c in calls] == [5, 5]
+    assert [p["seed"] for p in calls[1]] == [15, 16, 15, 15, 15]
+    calls.clear()
+    ispace = S.Space((S.Variable("max_num_seqs", 4, 64, "integer"),))  # sizes change: an anchor per call
+    assert script.evaluate_padded(fake, ispace, [{"max_num_seqs": 8, "seed": 3}], 4) == [3]
+    assert calls == [[{"max_num_seqs": 8, "seed": 3}] * 3 + [{"max_num_seqs": 64, "seed": 3}]]
+
+
+@pytest.mark.slow  # ~45 s on 2 cores (two compiles: the search's 10-point batch, the held-out traces')
+def test_end_to_end_accelerator_sizing(script, tmp_path):
+    overrides = ["search=accelerator_sizing", "search.steps=3", "search.heldout_seeds=[100,101]",
+                 "sim.progress=false", "sim.compile_cache=false", f"output_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("search_config", overrides=overrides)
+    out = script.run_search(cfg, out_dir=tmp_path, echo=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert {"trajectory.csv", "best.json", "config.yaml"} <= set(names)
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "search.png").stat().st_size > 10_000
+
+    rows = list(csv.DictReader(open(tmp_path / "trajectory.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert [int(r["evaluations"]) for r in rows] == [10, 20, 30]  # 2 seeds x (2 x 2 + 1) per call
+    assert rows[0]["accepted"] == "True"
+    assert (float(rows[0]["peak_tflops"]), float(rows[0]["mem_bw_gbs"])) == (800.0, 3000.0)  # x0
+    for r in rows:  # the objective is the price of the knobs
+        assert float(r["objective"]) == pytest.approx(float(r["peak_tflops"]) + 0.25 * float(r["mem_bw_gbs"]))
+        assert (r["feasible"] == "True") == (float(r["tpot_p99_ms"]) <= 25.0)
+
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best == {k: v for k, v in out.items() if k not in ("out_dir", "files")} | {"wall_s": best["wall_s"]}
+    assert (best["evaluations"], best["calls"], best["points_per_call"]) == (30, 3, 10)
+    assert best["heldout_evaluations"] == 10  # the 2 held-out seeds padded to one 10-point call
+    assert best["heldout"]["seeds"] == [100, 101]
+    feas = [r for r in rows if r["feasible"] == "True"]
+    assert feas, "the start (800 TFLOP/s, 3000 GB/s) is feasible"
+    assert best["best"]["objective"] == pytest.approx(min(float(r["objective"]) for r in feas))
+    assert best["best"]["feasible"] and best["best"]["metrics"]["tpot_p99_ms"] <= 25.0
+    held = best["heldout"]
+    assert held["feasible"] == (held["metrics"]["tpot_p99_ms"] <= 25.0 and held["metrics"]["finished_fraction"] == 1)
+    assert held["metrics"]["tpot_p99_ms"] != best["best"]["metrics"]["tpot_p99_ms"]  # other traces
+    assert 0 < best["search_wall_s"] <= best["wall_s"] and math.isfinite(best["wall_s"])
