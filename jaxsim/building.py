@@ -31,14 +31,14 @@ def _pad_workload(arrays: dict, dims: Dims) -> dict:
 
 
 def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: bool | None = None,
-          max_steps: int | None = None, pad_like: "list[Plan] | None" = None):
+          max_steps: int | None = None, pad_like: "dict | None" = None):
     """Device arrays for ``plans`` at the shared ``dims``: (state, params, workload, workload_batched).
 
     With ``batched``, every leaf gets a leading configuration axis (the workload only when the
     plans' traces differ, e.g. scaled arrivals or other seeds, or when ``workload_batched``);
     otherwise ``plans`` has one entry. ``max_steps``: the step limit (default
-    :meth:`Dims.max_steps`). ``pad_like``: more plans whose latency-table shapes the arrays must
-    cover (a sweep's whole group: every chunk then has one shape, hence one compile).
+    :meth:`Dims.max_steps`). ``pad_like``: the :func:`jaxsim.latency.table_extents` the latency
+    tables must cover (a sweep's whole group: every chunk then has one shape, hence one compile).
     """
     state, params, wl, wl_batched = build_clusters([[p] for p in plans], dims,  # one instance each
                                                    workload_batched=workload_batched if batched else False,
@@ -49,7 +49,7 @@ def build(plans: "list[Plan]", dims: Dims, *, batched: bool, workload_batched: b
 
 
 def build_clusters(clusters: "list[list[Plan]]", dims: Dims, *, workload_batched: bool | None = None,
-                   max_steps: int | None = None, pad_like: "list[Plan] | None" = None):
+                   max_steps: int | None = None, pad_like: "dict | None" = None):
     """:func:`build` for a batch of cluster designs (``clusters[c][i]``: the plan of instance i of
     configuration c; the instances of a configuration share its trace). Designs with fewer
     instances than the largest are padded with copies of their last instance that are never
@@ -87,15 +87,15 @@ def weight_load_devices(plans: "list[Plan]") -> np.ndarray:
     return out
 
 
-def stacked_params(plans: "list[Plan]", pad_like: "list[Plan] | None" = None) -> cluster.EngineParams:
+def stacked_params(plans: "list[Plan]", pad_like: "dict | None" = None) -> cluster.EngineParams:
     """The plans' engine parameters stacked along a leading axis (latency tables padded to cover
-    ``pad_like``'s too, :func:`jaxsim.latency.stack_tables`)."""
+    the extents ``pad_like`` too, :func:`jaxsim.latency.stack_tables`)."""
     sched = {k: jnp.asarray(np.stack([p.sched[k] for p in plans])) for k in plans[0].sched}
     calib = {k: jnp.asarray(np.array([getattr(p.calibration, k) for p in plans], np.int64))
              for k in (f.name for f in dataclasses.fields(Calibration))}
     links = [p.links for p in plans]
     return cluster.EngineParams(
-        sched=inst_lib.SchedulerParams(**sched), latency=latency.stack_tables([p.tables for p in plans], [p.tables for p in pad_like or ()]),
+        sched=inst_lib.SchedulerParams(**sched), latency=latency.stack_tables([p.tables for p in plans], pad_like),
         pp=jnp.asarray([p.pp for p in plans], jnp.int64), tp=jnp.asarray([p.tp for p in plans], jnp.int64),
         num_layers=jnp.asarray([p.num_layers for p in plans], jnp.int64),
         routable=jnp.ones(len(plans), bool), role=jnp.asarray([ROLES.index(p.role) for p in plans], jnp.int32),

@@ -148,9 +148,9 @@ import numpy as np
 
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
-from jaxsim.profiles import (AttentionTable, MoETable, ProfileBundle, SkewFit, SKEW_PC_GRID, Table1D, axis_outliers,
-                             duplicate_point, known_hardware, load_architecture, ordered_outliers, tp_folder,
-                             warn_outliers)
+from jaxsim.profiles import (AttentionTable, MoETable, ProfileBundle, Table1D, axis_outliers, disabled_skew,
+                             duplicate_point, fallback_table, known_hardware, load_architecture, ordered_outliers,
+                             sum_attention, tp_folder, warn_outliers)
 
 LEGACY_DIR = "legacy"
 PREFIX = LEGACY_DIR + "/"
@@ -546,53 +546,6 @@ def _grid_from_rows(pre: dict, dec: dict):
     return kp_rows, kv_rows, derived
 
 
-def _fallback_table(present: np.ndarray, pc_axis, nd_axis) -> np.ndarray:
-    """Nearest present slice per (pc, nd) in squared raw distance, ties -> smallest (pc, nd) (§2.5)."""
-    P, D = present.shape
-    fb = np.zeros((P, D, 2), np.int64)
-    fb[..., 0], fb[..., 1] = np.meshgrid(np.arange(P), np.arange(D), indexing="ij")
-    idx = np.argwhere(present)
-    ppc, pnd = pc_axis[idx[:, 0]].astype(np.float64), nd_axis[idx[:, 1]].astype(np.float64)
-    for i, j in np.argwhere(~present):
-        dist = (ppc - pc_axis[i]) ** 2 + (pnd - nd_axis[j]) ** 2
-        fb[i, j] = idx[int(np.argmin(dist))]
-    return fb
-
-
-def _sum_attention(kp_rows: dict, kv_rows: dict) -> AttentionTable:
-    """The (pc, nd) grid of prefill + decode sums (module docstring)."""
-    chunks, batches = sorted(kp_rows), sorted(kv_rows)
-    pc_axis = np.array([0] + chunks, np.int64)
-    nd_axis = np.array([0] + batches, np.int64)
-    P, D = len(pc_axis), len(nd_axis)
-    KP = max(len(k) for k, _ in kp_rows.values())
-    KV = max(len(k) for k, _ in kv_rows.values())
-    # per pc: kp keys / prefill values (pc = 0: one row kp = 0, value 0); per nd likewise (nd = 0: kvd 0)
-    pk, pv, pn = np.zeros((P, KP), np.int64), np.zeros((P, KP), np.int64), np.ones(P, np.int32)
-    for i, c in enumerate(chunks, start=1):
-        k, v = kp_rows[c]
-        pk[i, : len(k)], pv[i, : len(k)], pn[i] = k, v, len(k)
-    dk, dv, dn = np.zeros((D, KV), np.int64), np.zeros((D, KV), np.int64), np.ones(D, np.int32)
-    for j, b in enumerate(batches, start=1):
-        k, v = kv_rows[b]
-        dk[j, : len(k)], dv[j, : len(k)], dn[j] = k, v, len(k)
-    row_ok = np.arange(KP)[None, :] < pn[:, None]  # [P, KP]
-    col_ok = np.arange(KV)[None, :] < dn[:, None]  # [D, KV]
-    mask = row_ok[:, None, :, None] & col_ok[None, :, None, :]  # [P, D, KP, KV]
-    values = np.where(mask, pv[:, None, :, None] + dv[None, :, None, :], 0)
-    kvd_keys = np.where(mask, np.broadcast_to(dk[None, :, None, :], mask.shape), 0)
-    kp_keys = np.where(row_ok[:, None, :], np.broadcast_to(pk[:, None, :], (P, D, KP)), 0)
-    n_kp = np.broadcast_to(pn[:, None], (P, D)).astype(np.int32)
-    n_kvd = np.where(row_ok[:, None, :], np.broadcast_to(dn[None, :, None], (P, D, KP)), 0).astype(np.int32)
-    has = np.ones((P, D), bool)
-    has[0, 0] = False  # no attention term at pc = nd = 0; the corner falls back to (0, 1)
-    values[0, 0] = 0
-    n_kp[0, 0] = 0
-    n_kvd[0, 0] = 0
-    return AttentionTable(pc_axis, nd_axis, has, _fallback_table(has, pc_axis, nd_axis), np.ascontiguousarray(n_kp),
-                          kp_keys, n_kvd, kvd_keys, values)
-
-
 def _attn_rows_attention(attn: dict) -> AttentionTable:
     """Attention from the layers.csv ``attn`` rows: ``attn(pc + nd)`` (module docstring)."""
     keys = np.array(sorted(attn), np.int64)
@@ -608,7 +561,7 @@ def _attn_rows_attention(attn: dict) -> AttentionTable:
     n_kp = np.ones((P, D), np.int32)
     n_kp[0, 0] = 0
     n_kvd = n_kp[..., None].copy()
-    return AttentionTable(pc_axis, nd_axis, has, _fallback_table(has, pc_axis, nd_axis), n_kp,
+    return AttentionTable(pc_axis, nd_axis, has, fallback_table(has, pc_axis, nd_axis), n_kp,
                           np.zeros((P, D, 1), np.int64), n_kvd, np.zeros((P, D, 1, 1), np.int64), values)
 
 
@@ -649,12 +602,6 @@ def _moe_table(path: Path, raw: dict, model: ModelConfig, ep: int) -> tuple:
 
 
 # ------------------------------------------------------------------------------------- bundle
-def _disabled_skew() -> SkewFit:
-    one = np.array([0.0, 1.0])
-    return SkewFit(False, 0.0, {}, one, ["all"], one, ["all"], one, ["all"], one, ["all"], SKEW_PC_GRID,
-                   np.full((len(SKEW_PC_GRID), 1, 1, 1, 1), np.nan), np.zeros((len(SKEW_PC_GRID), 1, 1, 1, 1), bool))
-
-
 def _models_on(hw_dir: Path) -> list:
     return sorted(str(p.parent.relative_to(hw_dir)) for p in hw_dir.glob("*/*") if p.is_dir()
                   and any(q.is_dir() and q.name.startswith("tp") for q in p.iterdir())) \
@@ -698,7 +645,7 @@ def load_legacy_bundle(profiles_dir, hardware: str, model: ModelConfig, variant:
     if att_path is not None:
         pre, dec, info, outliers = _attention_rows(att_path, model, tp)
         kp_rows, kv_rows, derived = _grid_from_rows(pre, dec)
-        attention = _sum_attention(kp_rows, kv_rows)
+        attention = sum_attention(kp_rows, kv_rows)
         conversion.update(info, attention_source=att_path.name, derived_kp_rows=derived,
                           kvd_cap=KVD_CAP, kp_cap=KP_CAP, thin_tol=THIN_TOL)
     elif "attn" in raw:
@@ -772,6 +719,6 @@ def load_legacy_bundle(profiles_dir, hardware: str, model: ModelConfig, variant:
     return ProfileBundle(
         hardware=hardware, model_name=model.name, model_type=model.model_type, variant=variant, tp=tp,
         path=str(model_dir), meta=meta, engine_effective=dict(ENGINE_EFFECTIVE), sequence=kept, category=category,
-        tp_stable=tp_stable, dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=_disabled_skew(),
+        tp_stable=tp_stable, dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=disabled_skew(),
         outliers=outliers,
     )

@@ -87,7 +87,7 @@ How each layer is priced (times are the tables' milliseconds as µs, then int ns
   table (isl <= 16384: all of them up to pc = 128, kp <= 8192 at pc = 8192), so that no grid value
   is itself extrapolated and a query beyond is flagged like any extrapolation; nd 0 and the table's
   batch sizes (1, 2, ..., 2048); kvd 16, 32, ..., 131072 (the generation table's contexts). The slices are laid out as the legacy
-  converter does (:func:`jaxsim.legacy_profiles._sum_attention`), the mixed cells then
+  converter does (:func:`jaxsim.profiles.sum_attention`), the mixed cells then
   recombined by :func:`mixed_us`.
 * **MoE** (``tp1/moe.csv``'s role, §2.7): the MoE table's rows for the model's
   ``(hidden, moe_intermediate, topk, num_experts)``, ``moe_tp = 1`` and ``moe_ep = ep``
@@ -152,8 +152,8 @@ import numpy as np
 from jaxsim.errors import JaxsimInputError
 from jaxsim.model import ModelConfig
 from jaxsim.operators import layer_operators, moe_expert_shapes
-from jaxsim.profiles import (ProfileBundle, Table1D, axis_outliers, load_architecture, moe_table_from_rows,
-                             ordered_outliers, us_to_ns)
+from jaxsim.profiles import (ProfileBundle, Table1D, axis_outliers, disabled_skew, load_architecture,
+                             moe_table_from_rows, ordered_outliers, sum_attention, us_to_ns)
 
 OPDB_DIR = "operator-db"
 HARDWARE = {"h100": "h100_sxm", "h200": "h200_sxm", "b200": "b200_sxm", "gb200": "gb200",
@@ -410,6 +410,18 @@ def _drop_outliers(path, points: dict, what) -> tuple:
     return {k: v for k, v in points.items() if v[1] not in bad}, out
 
 
+def _head_rows(path: str, t: dict, base, heads: tuple, what: str, model, tp: int, hardware: str):
+    """The mask of ``t``'s rows within ``base`` at (query heads, KV heads, head_dim) = ``heads``; a
+    :func:`_heads_error` listing the head shapes ``base`` holds when there are none."""
+    h, kvh, hd = heads
+    sel = base & (t["num_heads"] == h) & (t["num_key_value_heads"] == kvh) & (t["head_dim"] == hd)
+    if not sel.any():
+        held = sorted({(int(a), int(b), int(d)) for a, b, d in zip(t["num_heads"][base], t["num_key_value_heads"][base],
+                                                                      t["head_dim"][base])})
+        raise _heads_error(path, what, held, model, tp, hardware)
+    return sel
+
+
 def _heads_error(path, what, held, model, tp, hardware):
     return JaxsimInputError(path, f"{hardware}: {model.name} at tp={tp} needs {what}, which the table does not hold",
                             f"(num_heads, num_kv_heads, head_dim) per rank held: {held}")
@@ -426,13 +438,8 @@ def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
     outliers = []
     cpath = str(sdir / "context_attention.csv.gz")
     c = read_table(cpath)
-    base = (c["kv_cache_dtype"] == kv_dtype) & (c["batch_size"] == 1)
-    sel = base & (c["num_heads"] == h) & (c["num_key_value_heads"] == kvh) & (c["head_dim"] == hd)
-    if not sel.any():
-        held = sorted({(int(a), int(b), int(d)) for a, b, d in zip(c["num_heads"][base], c["num_key_value_heads"][base],
-                                                                      c["head_dim"][base])})
-        raise _heads_error(cpath, f"prefill attention with ({h}, {kvh}, {hd}) and a {kv_dtype} KV cache", held,
-                           model, tp, hardware)
+    sel = _head_rows(cpath, c, (c["kv_cache_dtype"] == kv_dtype) & (c["batch_size"] == 1), (h, kvh, hd),
+                     f"prefill attention with ({h}, {kvh}, {hd}) and a {kv_dtype} KV cache", model, tp, hardware)
     pts, out = _drop_outliers(cpath, {int(x): (float(v), int(ln)) for x, v, ln in
                                       zip(c["isl"][sel], c["time_us"][sel], c["_line"][sel])},
                               lambda x: f"context_attention heads={h}/{kvh} isl={x}")
@@ -442,13 +449,8 @@ def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
 
     gpath = str(sdir / "generation_attention.csv.gz")
     g = read_table(gpath)
-    gb = g["kv_cache_dtype"] == kv_dtype
-    gsel = gb & (g["num_heads"] == h) & (g["num_key_value_heads"] == kvh) & (g["head_dim"] == hd)
-    if not gsel.any():
-        held = sorted({(int(a), int(b), int(d)) for a, b, d in zip(g["num_heads"][gb], g["num_key_value_heads"][gb],
-                                                                      g["head_dim"][gb])})
-        raise _heads_error(gpath, f"decode attention with ({h}, {kvh}, {hd}) and a {kv_dtype} KV cache", held,
-                           model, tp, hardware)
+    gsel = _head_rows(gpath, g, g["kv_cache_dtype"] == kv_dtype, (h, kvh, hd),
+                      f"decode attention with ({h}, {kvh}, {hd}) and a {kv_dtype} KV cache", model, tp, hardware)
     ctx = (g["isl"] + g["step"])[gsel]
     bs, gus, glines = g["batch_size"][gsel], g["time_us"][gsel], g["_line"][gsel]
     batches = np.unique(bs).astype(np.int64)
@@ -487,7 +489,6 @@ def attention_parts(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
 def attention_table(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_dtype: str, fit=None) -> tuple:
     """``(AttentionTable, dropped outliers, info)``: the §2.5 table; prefill-only and decode-only cells
     from :func:`attention_parts`, mixed cells combined by :func:`mixed_us` (module docstring)."""
-    from jaxsim.legacy_profiles import _sum_attention
 
     if fit is None:
         fit = load_fit(Path(sdir).parent.parent)["attention"]
@@ -501,7 +502,7 @@ def attention_table(sdir: Path, hardware: str, model: ModelConfig, tp: int, kv_d
         kp_rows[pc] = (np.array(kps, np.int64), us_to_ns([prefill(pc, kp) for kp in kps]))
     kv_rows = {int(b): (np.array(KVD_AXIS, np.int64), us_to_ns([decode(int(b), kvd) for kvd in KVD_AXIS]))
                for b in batches}
-    at = _sum_attention(kp_rows, kv_rows)
+    at = sum_attention(kp_rows, kv_rows)
     # mixed cells (pc > 0, nd > 0): recombine the parts (the slice's first row / column are nd = 0 / pc = 0)
     vals = at.values_ns.copy()
     pv = {int(pc): dict(zip(k.tolist(), v.tolist())) for pc, (k, v) in kp_rows.items()}
@@ -571,7 +572,7 @@ def moe_fallback_us(grid: GemmGrid, model: ModelConfig, ep: int, T, act_fn: dict
     the error of both forms against the fused-MoE table where it holds the shape
     (``scripts/fit_operator_db.py``). The router GEMM is not included (the caller adds it).
     """
-    H, I, k, E = model.hidden_size, model.moe_intermediate_size, model.experts_per_token, model.num_experts
+    I, k, E = model.moe_intermediate_size, model.experts_per_token, model.num_experts
     T = np.asarray(T, np.float64)
     act = np.array([balanced_keys(t, ep, k, E)[1] for t in T], np.float64)
     m = T * k / ep / act
@@ -738,12 +739,10 @@ def _load(profiles_dir: str, hardware: str, model: ModelConfig, variant: str, tp
         "bandwidth_fit": fit["bandwidth"]["provenance"], "attention_fit": fit["attention"]["provenance"], "engine_effective": engine, "skew_fit": {"enabled": False},
         "conversion": conversion,
     }
-    from jaxsim.legacy_profiles import _disabled_skew
-
     return ProfileBundle(
         hardware=hardware, model_name=model.name, model_type=model.model_type, variant=variant, tp=tp,
         path=str(sdir), meta=meta, engine_effective=engine, sequence=kept, category=category, tp_stable=tp_stable,
-        dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=_disabled_skew(), outliers=[])
+        dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=disabled_skew(), outliers=[])
 
 
 def load_converted_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: str = "bf16",

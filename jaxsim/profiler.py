@@ -60,7 +60,6 @@ import csv
 import dataclasses
 import datetime
 import hashlib
-import math
 import os
 import platform
 import shutil

@@ -349,16 +349,8 @@ def _attention_table(path: Path) -> tuple:
             n_kvd[i, j, r] = len(kvds)
             kvd_keys[i, j, r, : len(kvds)] = kvds
             values[i, j, r, : len(kvds)] = us_to_ns([sl[kp][k][0] for k in kvds])
-    # Nearest existing slice for every corner (squared raw distance, ties -> smallest (pc, nd)).
-    present = np.argwhere(has)  # lexicographic (pc index, nd index) order = (pc, nd) order
-    ppc = pc_axis[present[:, 0]].astype(np.float64)
-    pnd = nd_axis[present[:, 1]].astype(np.float64)
-    fallback = np.zeros((P, D, 2), np.int64)
-    for i in range(P):
-        for j in range(D):
-            dist = (ppc - pc_axis[i]) ** 2 + (pnd - nd_axis[j]) ** 2
-            fallback[i, j] = present[int(np.argmin(dist))]  # argmin returns the first minimum
-    return AttentionTable(pc_axis, nd_axis, has, fallback, n_kp, kp_keys, n_kvd, kvd_keys, values), outliers
+    return AttentionTable(pc_axis, nd_axis, has, fallback_table(has, pc_axis, nd_axis), n_kp, kp_keys, n_kvd,
+                          kvd_keys, values), outliers
 
 
 def _moe_table(path: Path) -> tuple:
@@ -398,6 +390,65 @@ def moe_table_from_rows(rows: dict) -> MoETable:
         keys[a, : len(toks)] = toks
         vals[a, : len(toks)] = us_to_ns([rows[int(ae)][t] for t in toks])
     return MoETable(ae_axis, n_tok, keys, vals)
+
+
+def fallback_table(present: np.ndarray, pc_axis, nd_axis) -> np.ndarray:
+    """Nearest present slice per (pc, nd) in squared raw distance, ties -> smallest (pc, nd) (§2.5)."""
+    P, D = present.shape
+    fb = np.zeros((P, D, 2), np.int64)
+    fb[..., 0], fb[..., 1] = np.meshgrid(np.arange(P), np.arange(D), indexing="ij")
+    idx = np.argwhere(present)
+    ppc, pnd = pc_axis[idx[:, 0]].astype(np.float64), nd_axis[idx[:, 1]].astype(np.float64)
+    for i, j in np.argwhere(~present):
+        dist = (ppc - pc_axis[i]) ** 2 + (pnd - nd_axis[j]) ** 2
+        fb[i, j] = idx[int(np.argmin(dist))]
+    return fb
+
+
+def sum_attention(kp_rows: dict, kv_rows: dict) -> AttentionTable:
+    """The (pc, nd) attention grid whose cells are a prefill part plus a decode part (the legacy
+    format's composition, REFERENCE.md §2.8; also the converted and spec-sheet bundles' start).
+
+    ``kp_rows``: ``{pc: (kp keys, ns values)}`` of the prefill part; ``kv_rows``: ``{nd: (kvd keys,
+    ns values)}`` of the decode part. The ``pc = 0`` and ``nd = 0`` axes are added (a part that is
+    absent costs 0); the ``(0, 0)`` corner has no attention term and falls back to ``(0, 1)``."""
+    chunks, batches = sorted(kp_rows), sorted(kv_rows)
+    pc_axis = np.array([0] + chunks, np.int64)
+    nd_axis = np.array([0] + batches, np.int64)
+    P, D = len(pc_axis), len(nd_axis)
+    KP = max(len(k) for k, _ in kp_rows.values())
+    KV = max(len(k) for k, _ in kv_rows.values())
+    # per pc: kp keys / prefill values (pc = 0: one row kp = 0, value 0); per nd likewise (nd = 0: kvd 0)
+    pk, pv, pn = np.zeros((P, KP), np.int64), np.zeros((P, KP), np.int64), np.ones(P, np.int32)
+    for i, c in enumerate(chunks, start=1):
+        k, v = kp_rows[c]
+        pk[i, : len(k)], pv[i, : len(k)], pn[i] = k, v, len(k)
+    dk, dv, dn = np.zeros((D, KV), np.int64), np.zeros((D, KV), np.int64), np.ones(D, np.int32)
+    for j, b in enumerate(batches, start=1):
+        k, v = kv_rows[b]
+        dk[j, : len(k)], dv[j, : len(k)], dn[j] = k, v, len(k)
+    row_ok = np.arange(KP)[None, :] < pn[:, None]  # [P, KP]
+    col_ok = np.arange(KV)[None, :] < dn[:, None]  # [D, KV]
+    mask = row_ok[:, None, :, None] & col_ok[None, :, None, :]  # [P, D, KP, KV]
+    values = np.where(mask, pv[:, None, :, None] + dv[None, :, None, :], 0)
+    kvd_keys = np.where(mask, np.broadcast_to(dk[None, :, None, :], mask.shape), 0)
+    kp_keys = np.where(row_ok[:, None, :], np.broadcast_to(pk[:, None, :], (P, D, KP)), 0)
+    n_kp = np.broadcast_to(pn[:, None], (P, D)).astype(np.int32)
+    n_kvd = np.where(row_ok[:, None, :], np.broadcast_to(dn[None, :, None], (P, D, KP)), 0).astype(np.int32)
+    has = np.ones((P, D), bool)
+    has[0, 0] = False  # no attention term at pc = nd = 0; the corner falls back to (0, 1)
+    values[0, 0] = 0
+    n_kp[0, 0] = 0
+    n_kvd[0, 0] = 0
+    return AttentionTable(pc_axis, nd_axis, has, fallback_table(has, pc_axis, nd_axis), np.ascontiguousarray(n_kp),
+                          kp_keys, n_kvd, kvd_keys, values)
+
+
+def disabled_skew() -> SkewFit:
+    """A skew fit that is off (bundles without skew data: legacy, converted, spec-sheet)."""
+    one = np.array([0.0, 1.0])
+    return SkewFit(False, 0.0, {}, one, ["all"], one, ["all"], one, ["all"], one, ["all"], SKEW_PC_GRID,
+                   np.full((len(SKEW_PC_GRID), 1, 1, 1, 1), np.nan), np.zeros((len(SKEW_PC_GRID), 1, 1, 1, 1), bool))
 
 
 # ------------------------------------------------------------------------------------ skew fit

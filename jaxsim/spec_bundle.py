@@ -40,7 +40,7 @@ from jaxsim.errors import JaxsimInputError
 from jaxsim.latency import roofline
 from jaxsim.model import ModelConfig
 from jaxsim.operators import kv_bytes_per_token, layer_operators, moe_expert_shapes
-from jaxsim.profiles import MoETable, ProfileBundle, Table1D, load_architecture
+from jaxsim.profiles import MoETable, ProfileBundle, Table1D, disabled_skew, load_architecture, sum_attention
 
 PREFIX = "spec/"
 SPECS_DIR = "specs"  # under profiles_dir
@@ -167,9 +167,8 @@ def load_spec_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: s
     for nd in ND_GRID:
         _, _, f_d, b_d = roofline.attention_work(qhd, kv_tok, q_bytes, 0.0, 0.0, float(nd), nd * KV_GRID.astype(float))
         kv_rows[int(nd)] = (KV_GRID.copy(), _ns(kernel(f_d, b_d, np.full(KV_GRID.shape, roofline.ATTN_DECODE))))
-    from jaxsim.legacy_profiles import _sum_attention  # the same prefill + decode grid as legacy tables
 
-    attention = _sum_attention(kp_rows, kv_rows)
+    attention = sum_attention(kp_rows, kv_rows)
     # mixed cells (pc > 0 and nd > 0) are one varlen kernel, not the sum (roofline.attention_ns)
     at = attention
     pcs = at.pc_axis[:, None, None, None].astype(float)
@@ -201,8 +200,6 @@ def load_spec_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: s
         moe = MoETable(ae_axis, np.full(len(ae_axis), len(x), np.int32),
                        np.broadcast_to(TOKEN_GRID, (len(ae_axis), len(x))).copy(), vals)
 
-    from jaxsim.legacy_profiles import _disabled_skew
-
     meta = {
         "format": "roofline model tabulated (jaxsim/spec_bundle.py)",
         "source": f"spec sheet {path} ({spec.source})",
@@ -213,5 +210,5 @@ def load_spec_bundle(profiles_dir, hardware: str, model: ModelConfig, variant: s
     return ProfileBundle(
         hardware=hardware, model_name=model.name, model_type=model.model_type, variant=variant, tp=tp,
         path=str(path), meta=meta, engine_effective=dict(ENGINE_EFFECTIVE), sequence=sequence, category=category,
-        tp_stable=tp_stable, dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=_disabled_skew(),
+        tp_stable=tp_stable, dense=dense, per_sequence=per_seq, attention=attention, moe=moe, skew=disabled_skew(),
     )

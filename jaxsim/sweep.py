@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxsim import latency
 from jaxsim import power as power_lib
 from jaxsim import simulator
 from jaxsim.engine import cluster
@@ -351,18 +352,19 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         dims = dataclasses.replace(dims, max_iters=1)
         # Every chunk of a group has the same shapes (hence one compile), the workload axis included.
         wl_axis = len({id(plans[i][0].workload_arrays) for i in members}) > 1
-        group_plans = [pl for i in members for pl in plans[i]]  # latency tables padded to the group's shapes
+        # latency tables padded to the whole group's shapes (computed once per group, not per chunk)
+        group_ext = latency.table_extents([pl.tables for i in members for pl in plans[i]])
         for lo in range(0, len(members), chunk_size):
             idx = members[lo:lo + chunk_size]
             padded = idx + [idx[-1]] * (chunk_size - len(idx))  # one shape per group: one compile
             if not _is_cluster(base):
                 state, params, wl, wl_batched = simulator.build([plans[i][0] for i in padded], dims, batched=True,
                                                                 workload_batched=wl_axis, max_steps=max_steps,
-                                                                pad_like=group_plans)
+                                                                pad_like=group_ext)
             else:
                 state, params, wl, wl_batched = simulator.build_clusters([plans[i] for i in padded], dims,
                                                                          workload_batched=wl_axis,
-                                                                         max_steps=max_steps, pad_like=group_plans)
+                                                                         max_steps=max_steps, pad_like=group_ext)
             final = _run_chunk(state, params, wl, wl_batched, static, tuple(devices))
             host = jax.device_get(dict(
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,

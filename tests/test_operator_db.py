@@ -2,7 +2,6 @@
 values hand-checked against the shipped CSV rows, the interpolation and bandwidth formulas by hand,
 the prefill + decode attention sum, the MoE mapping, errors, the config path and one simulation."""
 
-import csv
 import dataclasses
 import gzip
 import json

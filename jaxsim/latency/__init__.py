@@ -8,7 +8,7 @@ builder from CSV profile bundles (numpy; the engine never imports it).
 from jaxsim.latency.base import AbstractLatencyModel, BatchShape
 from jaxsim.latency.profile import LatencyTables, _iteration, iteration_time, pp_layers, stage_times
 
-_HOST = ("latency_tables", "pim_fields", "rank_popularity", "stack_tables", "zipf_popularity")
+_HOST = ("latency_tables", "pim_fields", "rank_popularity", "stack_tables", "table_extents", "zipf_popularity")
 
 
 def __getattr__(name):
@@ -20,4 +20,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxsim.latency' has no attribute {name!r}")
 
 __all__ = ["AbstractLatencyModel", "BatchShape", "LatencyTables", "iteration_time", "latency_tables", "pim_fields",
-           "pp_layers", "rank_popularity", "stack_tables", "stage_times", "zipf_popularity", "_iteration"]
+           "pp_layers", "rank_popularity", "stack_tables", "stage_times", "table_extents", "zipf_popularity",
+           "_iteration"]

@@ -268,29 +268,43 @@ _INF_PADDED = {"l1_keys", "att_kp", "att_kvd", "moe_ae", "moe_tok", "skew_n_hi",
                "skew_kp_hi", "pim_load0"}
 
 
-def stack_tables(tables: list, like: "list | None" = None) -> LatencyTables:
+_STATIC = ("kv_scaled", "offload", "pim", "interleave")  # compiled paths: on for all when any configuration needs them
+
+
+def table_extents(tables: list) -> dict:
+    """What a stack of ``tables`` must cover: per array field its largest shape, per static flag
+    whether any table sets it. A sweep computes it once for a whole group and passes it to
+    :func:`stack_tables` for each chunk, so that every chunk has one shape (one compile)."""
+    out = {n: any(getattr(t, n) for t in tables) for n in _STATIC}
+    for f in dataclasses.fields(LatencyTables):
+        if f.name not in _STATIC:
+            shapes = [np.shape(getattr(t, f.name)) for t in tables]
+            out[f.name] = tuple(max(s[d] for s in shapes) for d in range(len(shapes[0])))
+    return out
+
+
+def stack_tables(tables: list, like: "dict | None" = None) -> LatencyTables:
     """Stack configurations along a new leading axis (for ``vmap``), padding every axis.
 
     Keys pad with +inf and everything else with 0; every count is explicit (``*_last``,
     multiplicities, ``moe_rank_experts``), so padded rows, slices, labels and EP ranks are never
-    used. ``like``: more tables whose shapes and compiled paths the result must also cover (a
-    sweep's whole group, so that each of its chunks has one shape: one compile), not stacked.
+    used. ``like``: a :func:`table_extents` the result must also cover (a sweep's whole group), on
+    top of ``tables``' own.
     """
-    like = list(tables) + list(like or [])
+    ext = table_extents(tables)
+    if like is not None:
+        ext = {n: (ext[n] or like[n]) if n in _STATIC else tuple(map(max, ext[n], like[n])) for n in ext}
 
     def stack(name, *leaves):
         leaves = [np.asarray(x) for x in leaves]  # on the host: one transfer per field
-        nd = leaves[0].ndim
-        shape = [max(np.shape(getattr(t, name))[d] for t in like) for d in range(nd)]
+        shape = ext[name]
         fill = np.inf if name in _INF_PADDED else 0
         out = []
         for x in leaves:
-            pad = [(0, shape[d] - x.shape[d]) for d in range(nd)]
+            pad = [(0, shape[d] - x.shape[d]) for d in range(x.ndim)]
             out.append(np.pad(x, pad, constant_values=fill) if any(p[1] for p in pad) else x)
         return jnp.asarray(np.stack(out))
 
-    static = ("kv_scaled", "offload", "pim", "interleave")  # compiled paths: on for all when any configuration needs them
-    fields = [f.name for f in dataclasses.fields(LatencyTables) if f.name not in static]
+    fields = [f.name for f in dataclasses.fields(LatencyTables) if f.name not in _STATIC]
     return LatencyTables(**{n: stack(n, *(getattr(t, n) for t in tables)) for n in fields},
-                         **{n: any(getattr(t, n) for t in like) for n in static})
-
+                         **{n: ext[n] for n in _STATIC})
