@@ -15,7 +15,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
 I32 = jnp.int32
 
@@ -106,6 +106,13 @@ class AbstractLatencyModel(eqx.Module):
         move in and out (REFERENCE.md §1.13 DRAM row). A model without PIM returns zeros."""
         z = jnp.zeros((), jnp.int64)
         return z, z
+
+    def iteration_ns(self, shape: BatchShape) -> "Float[Array, '']":
+        """The iteration's time as float64 ns with no time rounded, differentiable in the model's
+        continuous leaves (``jax.grad``; :func:`jaxsim.latency.profile.total_ns_grad`);
+        :meth:`iteration_time` is it up to the roundings. Not used by the engine. A model without
+        a float-time evaluation raises NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} has no float-time evaluation (iteration_ns)")
 
     @abc.abstractmethod
     def iteration_time(self, shape: BatchShape) -> "tuple[Int[Array, ''], Int[Array, ' 4']]":

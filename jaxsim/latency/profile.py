@@ -5,7 +5,11 @@ an ``equinox.Module`` whose leaves are all JAX arrays (hardware knobs included),
 configurations can be stacked and ``vmap``-ed. :func:`iteration_time` and :func:`stage_times` are
 pure, jittable, vmappable functions of the tables and one batch shape. The host-side builder that
 turns CSV profile bundles into these tables is :mod:`jaxsim.latency.tables`; this module imports
-no file readers, so the engine does not either.
+no file readers, so the engine does not either. :func:`iteration_ns` is the same composition in
+float64 ns with no time rounded, differentiable in the tables' continuous leaves (the table values,
+the what-if scales, the link and host memory); :func:`total_ns_grad` is the gradient of a set of
+batches' total time. The engine never calls it (a static flag of the private helpers: the integer
+path compiles as before).
 Composition (one NPU, pp = 1)::
 
     t = [in: cpu_lat + 2*fp*T/cpu_bw] + Σ_prologue + L*{pre_attn + attn + post_attn [+AR]}
@@ -64,6 +68,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from jaxsim.errors import JaxsimInputError
 from jaxsim.latency import pim as pim_lib
 from jaxsim.latency.base import AbstractLatencyModel, BatchShape
 
@@ -197,6 +202,9 @@ class LatencyTables(AbstractLatencyModel):
     def stage_times(self, shape: BatchShape, max_pp: int):
         return stage_times(self, max_pp, *shape.args(), slots=shape.slots if self.pim else None)
 
+    def iteration_ns(self, shape: BatchShape):
+        return iteration_ns(self, shape)
+
     @property
     def needs_slots(self) -> bool:
         return self.pim
@@ -210,9 +218,15 @@ class LatencyTables(AbstractLatencyModel):
         return _iteration(self, *shape.args(), parts=False, slots=shape.slots, npu_only=True)[0]
 
 
-def _scaled(t, scale):
-    """``floor(t * scale)`` for int64 ns (exact when scale == 1)."""
-    return jnp.floor(t.astype(_F) * scale).astype(_I)
+def _ns(t, float_time: bool):
+    """A time in ns: floored to int64 (the engine's clock), or, with ``float_time``, kept as the
+    float64 it is (:func:`iteration_ns`: the same composition, differentiable)."""
+    return t if float_time else jnp.floor(t).astype(_I)
+
+
+def _scaled(t, scale, float_time: bool = False):
+    """``floor(t * scale)`` for int64 ns (exact when scale == 1); ``t * scale`` with ``float_time``."""
+    return _ns(t.astype(_F) * scale, float_time)
 
 
 # ----------------------------------------------------------------------------------- lookups
@@ -249,8 +263,11 @@ def _lerp(a, b, t):
     return a + t * (b - a)
 
 
-def _trunc(v):
-    """``max(1, int(v))``: truncation toward zero, then at least 1 ns."""
+def _trunc(v, float_time: bool = False):
+    """``max(1, int(v))``: truncation toward zero, then at least 1 ns; ``max(1, v)`` with
+    ``float_time`` (the 1 ns floor is a clamp of the value, not a rounding: kept)."""
+    if float_time:
+        return jnp.maximum(v, 1.0)
     return jnp.maximum(jnp.trunc(v).astype(_I), 1)
 
 
@@ -259,10 +276,11 @@ def _label(hi_edges, v):
     return jnp.sum(hi_edges < v, dtype=jnp.int32)
 
 
-def _ring(steps, tb: LatencyTables, msg_bytes):
-    """``floor(steps * (latency + overhead + msg/bw))`` ns: a ring collective on one dimension."""
+def _ring(steps, tb: LatencyTables, msg_bytes, float_time: bool = False):
+    """``floor(steps * (latency + overhead + msg/bw))`` ns: a ring collective on one dimension
+    (not floored with ``float_time``)."""
     cost = steps.astype(_F) * ((tb.link_lat + tb.link_step_overhead) + msg_bytes / tb.link_bw)
-    return jnp.floor(cost * tb.link_scale).astype(_I)
+    return _ns(cost * tb.link_scale, float_time)
 
 
 def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, slots=None):
@@ -282,6 +300,78 @@ def iteration_time(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_ma
     """
     total, extrapolated, _ = _iteration(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, parts=False, slots=slots)
     return total, extrapolated
+
+
+def iteration_ns(tb: LatencyTables, shape: BatchShape):
+    """The iteration's time as a float64 scalar, ns: :func:`iteration_time`'s composition with
+    every rounding of a time left out (the lookups' ``int()`` truncations, the floors of the scaled
+    terms, the host memory operations, the ring collectives and the KV reads, the skew
+    correction's rounding), so that it is differentiable (``jax.grad``, ``eqx.filter_grad``) in
+    the continuous leaves: the table values (``lin_vals``, ``att_vals``, ``moe_vals``; exactly
+    linear: a lookup is a fixed weighting of at most two keys per axis), the what-if scales
+    (``compute_scale``, ``memory_scale``, ``link_scale``, ``kv_read_scale``), the link
+    (``link_bw``, ``link_lat``, ``link_step_overhead``), the host memory (``cpu_bw``, ``cpu_lat``)
+    and an off-NPU KV cache (``kvloc_*``). What is not a time stays discrete: the bracket
+    indices (which keys a shape falls between), the MoE activated experts and local tokens, the
+    decodes' mean KV length, the skew labels; a derivative with respect to a table key or a batch
+    shape is therefore piecewise (kinks on the keys). Kinks in the continuous leaves: ``max``
+    terms (``kv_read_scale``'s floor at ``kv_read_scale * t_att``: a kink at 1.0, where the
+    gradient is the mean of the one-sided ones; the weight-load / KV-read critical path) and the
+    1 ns floor of a looked-up value. ``kv_read_scale`` enters only tables that compile its term
+    (``kv_scaled``, static: :func:`jaxsim.latency.tables.latency_tables` sets it when the scale is
+    not 1; ``dataclasses.replace(tb, kv_scaled=True)`` to differentiate at 1.0), else its
+    gradient is 0.
+
+    ``iteration_time(shape)[0]`` differs from it only by those roundings: at most about one ns
+    per rounded term and occurrence (``sum(lin_mult) + L*att_per_block*(2 + kv_scaled) + ...``;
+    measured in ``tests/test_latency_grad.py``). It is a separate compiled path (a static flag
+    of the private helpers): the engine's integer path is unchanged and pays nothing.
+
+    Args:
+      tb: one configuration's tables (``vmap`` over :func:`jaxsim.latency.tables.stack_tables`
+        for several).
+      shape: one batch (:class:`jaxsim.latency.base.BatchShape`, int scalars).
+
+    Returns:
+      float64 [] ns.
+
+    Raises:
+      JaxsimInputError: tables that compile PIM attention or sub-batch interleaving
+        (``tb.pim``, ``tb.interleave``): those schedules floor inside
+        :mod:`jaxsim.latency.pim` and are not modelled in float time.
+
+    Example (the gradient of a set of batches' total time, :func:`total_ns_grad`)::
+
+        shapes = stack_shapes([BatchShape(*(jnp.asarray(x) for x in s)) for s in
+                               [(2048, 1, 2048, 0, 0, 0, 0, 0), (65, 64, 1, 0, 64, 64 * 900, 100, 3000)]])
+        total, g = total_ns_grad(tb, shapes)
+        g.compute_scale, g.link_bw, g.lin_vals  # d total / d leaf, ns per unit of the leaf
+    """
+    total, _, _ = _iteration(tb, *shape.args(), parts=False, slots=shape.slots if tb.pim else None,
+                             float_time=True)
+    return total
+
+
+def stack_shapes(shapes) -> BatchShape:
+    """Batch shapes (a list of :class:`BatchShape` without ``slots``) stacked on a leading axis [n]."""
+    return jax.tree.map(lambda *x: jnp.stack([jnp.asarray(v) for v in x]), *shapes)
+
+
+def total_ns(model: AbstractLatencyModel, shapes: BatchShape):
+    """The summed float64 time (ns) of a set of batches: ``Σ_i model.iteration_ns(shapes[i])``,
+    ``shapes`` a :class:`BatchShape` with leaves [n] (:func:`stack_shapes`). Any model with a
+    float-time evaluation: :class:`LatencyTables`, :class:`jaxsim.latency.roofline.RooflineModel`."""
+    return jnp.sum(jax.vmap(model.iteration_ns)(shapes))
+
+
+def total_ns_grad(model: AbstractLatencyModel, shapes: BatchShape):
+    """``(total, grads)``: :func:`total_ns` and its gradient with respect to every float leaf of
+    ``model`` (``equinox.filter_value_and_grad``: ``grads`` is a model-shaped tree whose float
+    leaves hold d total / d leaf in ns per unit of that leaf and whose other leaves are None).
+    Jit it with ``equinox.filter_jit``. Example: :func:`iteration_ns`. (Plain ``jax.grad`` of
+    :func:`total_ns` over the whole model needs ``allow_int=True``: a model holds int and bool
+    leaves, whose cotangents are then float0.)"""
+    return eqx.filter_value_and_grad(total_ns)(model, shapes)
 
 
 def pp_layers(num_layers, pp, max_pp: int):
@@ -346,20 +436,27 @@ class _Parts(NamedTuple):
 
 
 def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *, parts: bool, slots=None,
-               npu_only: bool = False):
+               npu_only: bool = False, float_time: bool = False):
     """:func:`iteration_time`; with ``parts``, also ``(stage-0 part, last-stage part)``: the host
     op in + the prologue layers, and the head layers + the host op out. ``slots``: the batch's
     requests (``BatchShape.slots``), read when the tables compile PIM (``tb.pim``). ``npu_only``:
-    the NPU's own work, its waits for PIM results left out (the PIM work taken as 0 ns)."""
+    the NPU's own work, its waits for PIM results left out (the PIM work taken as 0 ns).
+    ``float_time`` (static): float64 ns, no time floored (:func:`iteration_ns`)."""
     T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max = (
         jnp.asarray(x).astype(_I) for x in (T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max))
+    if float_time and (tb.pim or tb.interleave):
+        # the PIM placement and the interleaved schedule (jaxsim.latency.pim) floor inside; their
+        # gradients would be silently 0
+        raise JaxsimInputError("LatencyTables.pim / interleave", "the float-time evaluation (iteration_ns) does "
+                               "not model PIM attention or sub-batch interleaving",
+                               "use iteration_time (int64 ns), or tables built without PIM")
     pim_t = None
     if tb.pim:  # decode attention on PIM channels: the NPU's attention lookup keeps the prefills (§1.11)
         if slots is None:
             raise ValueError("tables with PIM attention need the batch's requests (BatchShape.slots)")
         pim_t = jnp.zeros((), _I) if npu_only else _pim_layer(tb, slots.tokens == 1, slots)
         nd, kvd_sum, kvd_min, kvd_max = (jnp.where(tb.pim_on, 0, x) for x in (nd, kvd_sum, kvd_min, kvd_max))
-    c = _components(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max)
+    c = _components(tb, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, float_time=float_time)
     L = tb.num_layers
     t_att = c.t_att
     if tb.pim:
@@ -371,7 +468,8 @@ def _iteration(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *
         total = jnp.where(both, inter, total)
         extrapolated = jnp.where(both, ext, extrapolated)
     if tb.offload:
-        total = _weight_loads(tb, total, c.t_in, c.t_out, c.c_pro, c.c_head, kv_read_ns(tb, kp, kvd_sum))
+        total = _weight_loads(tb, total, c.t_in, c.t_out, c.c_pro, c.c_head,
+                              kv_read_ns(tb, kp, kvd_sum, float_time=float_time), float_time)
     if not parts:
         return total, extrapolated, None
     return total, extrapolated, (c.t_in + c.c_pro, c.t_out + c.c_head)
@@ -432,8 +530,12 @@ def pim_work(tb: LatencyTables, slots):
     return layers * whole, jnp.where(tb.pim_on, layers * decodes * tb.pim_io, 0)
 
 
-def _components(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max) -> _Parts:
-    """The lookups of one batch shape (REFERENCE.md §2.1-2.7), int64 scalars."""
+def _components(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max, *,
+                float_time: bool = False) -> _Parts:
+    """The lookups of one batch shape (REFERENCE.md §2.1-2.7), int64 scalars; float64 with
+    ``float_time`` (static: every time kept unfloored; the counts, MoE routing, bracket indices,
+    ``kvd_mean`` and skew labels stay discrete, they are not times)."""
+    ft = float_time
     T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max = (
         jnp.asarray(x).astype(_I) for x in (T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max))
     L, H, E, fp = tb.num_layers, tb.hidden, tb.moe_experts, tb.weight_bytes
@@ -457,9 +559,9 @@ def _components(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max) 
     q_lin = jnp.where(tb.lin_by_seq, jnp.maximum(S, 1), jnp.maximum(T, 1)).astype(_F)
     q1 = jnp.concatenate([jnp.stack([pc.astype(_F), nd.astype(_F)]), q_lin])
     lo1, hi1, t1, ab1 = _bracket(tb.l1_keys, tb.l1_last, q1)
-    v = _trunc(_lerp(*_take2(tb.lin_vals, lo1[2:], hi1[2:]), t1[2:]))
+    v = _trunc(_lerp(*_take2(tb.lin_vals, lo1[2:], hi1[2:]), t1[2:]), ft)
     mult = tb.lin_mult
-    t_lin = _scaled(jnp.sum(mult * v), tb.compute_scale)
+    t_lin = _scaled(jnp.sum(mult * v), tb.compute_scale, ft)
     used = mult > 0
     ext_dense = jnp.any(ab1[2:] & used & ~tb.lin_by_seq)
     ext_seq = jnp.any(ab1[2:] & used & tb.lin_by_seq)
@@ -478,11 +580,11 @@ def _components(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max) 
     lo_m, hi_m, t_m, ab_m = _bracket(tb.moe_tok[mrows], tb.moe_tok_last[mrows],
                                      jnp.broadcast_to(tokens[:, None], (R, 2)))
     mr = _lerp(*_take2(tb.moe_vals[mrows], lo_m, hi_m), t_m)  # [R, 2]
-    t_rank = _trunc(_lerp(mr[:, 0], mr[:, 1], t_a))
-    t_moe = _scaled(jnp.max(jnp.where(rank_on, t_rank, 0)), tb.compute_scale)
+    t_rank = _trunc(_lerp(mr[:, 0], mr[:, 1], t_a), ft)
+    t_moe = _scaled(jnp.max(jnp.where(rank_on, t_rank, 0)), tb.compute_scale, ft)
     ep_steps = tb.ep - 1
-    ag = _ring(ep_steps, tb, (jnp.maximum(1, T // tb.ep) * (H + E) * fp).astype(_F))  # dispatch
-    rs = _ring(ep_steps, tb, (T * H * fp).astype(_F) / epf)  # combine
+    ag = _ring(ep_steps, tb, (jnp.maximum(1, T // tb.ep) * (H + E) * fp).astype(_F), ft)  # dispatch
+    rs = _ring(ep_steps, tb, (T * H * fp).astype(_F) / epf, ft)  # combine
     t_moe_block = t_moe + jnp.where(tb.ep > 1, ag + rs, 0)
     ext_moe = (tb.moe_blocks > 0) & jnp.any(rank_on & (ab_a | ab_m[:, 0] | ab_m[:, 1]))
 
@@ -501,7 +603,7 @@ def _components(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max) 
     c = _lerp(r[..., 0], r[..., 1], t2[:4])  # [2, 4]: per corner
     v0 = _lerp(c[:, 0], c[:, 1], t1[1])
     v1 = _lerp(c[:, 2], c[:, 3], t1[1])
-    tt = _trunc(_lerp(v0, v1, t1[0]))
+    tt = _trunc(_lerp(v0, v1, t1[0]), ft)
     t_mean, t_max = tt[0], tt[1]
     a_att = ab1[0] | ab1[1] | jnp.any(ab2[:4]) | jnp.any(ab3, axis=(1, 2))  # [2]
 
@@ -514,43 +616,48 @@ def _components(tb: LatencyTables, T, S, pc, kp, nd, kvd_sum, kvd_min, kvd_max) 
     slot = jnp.where(on_grid, tb.skew_slot[jnp.clip(pc // 16, 0, tb.skew_slot.shape[0] - 1)], 0)
     alpha = tb.skew_alpha[slot, _label(tb.skew_n_hi, nd.astype(_F)), _label(tb.skew_sr_hi, sr),
                           _label(tb.skew_kvb_hi, kvd_max.astype(_F)), _label(tb.skew_kp_hi, kp.astype(_F))]
-    skewed = jnp.round(t_mean.astype(_F) + alpha * (t_max - t_mean).astype(_F)).astype(_I)
+    skewed = t_mean.astype(_F) + alpha * (t_max - t_mean).astype(_F)
+    if not ft:
+        skewed = jnp.round(skewed).astype(_I)
     t_att = jnp.where(skew_on & (alpha != 0) & (t_max > t_mean), skewed, t_mean)
     # FP8 KV from bf16 tables (§1.14): the KV-read term b*kvd_sum scaled by kv_read_scale; the
     # result is kept at or above kv_read_scale * t_att (at most the whole time is KV reads)
     if tb.kv_scaled:
         s_kv = tb.kv_read_scale
-        cut = jnp.floor((1.0 - s_kv) * tb.kv_read_b * kvd_sum.astype(_F)).astype(_I)
-        kv_scaled = jnp.maximum(t_att - cut, jnp.floor(s_kv * t_att.astype(_F)).astype(_I))
-        t_att = jnp.where(s_kv != 1.0, jnp.maximum(kv_scaled, 1), t_att)
+        cut = _ns((1.0 - s_kv) * tb.kv_read_b * kvd_sum.astype(_F), ft)
+        kv_scaled = jnp.maximum(t_att - cut, _ns(s_kv * t_att.astype(_F), ft))
+        if ft:  # continuous at 1.0 (both sides t_att): no switch, whose gradient there would be 0
+            t_att = jnp.maximum(kv_scaled, 1.0)
+        else:
+            t_att = jnp.where(s_kv != 1.0, jnp.maximum(kv_scaled, 1), t_att)
     has_att = (pc > 0) | (nd > 0)
-    t_att = jnp.where(has_att, _scaled(t_att, tb.memory_scale), 0)
+    t_att = jnp.where(has_att, _scaled(t_att, tb.memory_scale, ft), 0)
     ext_att = has_att & (a_att[0] | (skew_on & a_att[1]))
 
     # host memory ops (token ids in, sampled ids out, each floored) and the TP AllReduce (ring)
-    t_in = jnp.floor(tb.cpu_lat + (2 * fp * T).astype(_F) / tb.cpu_bw).astype(_I)
-    t_out = jnp.floor(tb.cpu_lat + (4 * T).astype(_F) / tb.cpu_bw).astype(_I)
-    ar = _ring(2 * (tb.tp - 1), tb, (T * H * fp).astype(_F) / tb.tp.astype(_F))
+    t_in = _ns(tb.cpu_lat + (2 * fp * T).astype(_F) / tb.cpu_bw, ft)
+    t_out = _ns(tb.cpu_lat + (4 * T).astype(_F) / tb.cpu_bw, ft)
+    ar = _ring(2 * (tb.tp - 1), tb, (T * H * fp).astype(_F) / tb.tp.astype(_F), ft)
 
     extrapolated = jnp.stack([ext_dense, ext_seq, ext_att, ext_moe]).astype(jnp.int32)
-    c_pro = _scaled(jnp.sum(tb.lin_prologue * v), tb.compute_scale)
-    c_head = _scaled(jnp.sum(tb.lin_head * v), tb.compute_scale)
-    c_pre = _scaled(jnp.sum(tb.lin_pre * v), tb.compute_scale)
+    c_pro = _scaled(jnp.sum(tb.lin_prologue * v), tb.compute_scale, ft)
+    c_head = _scaled(jnp.sum(tb.lin_head * v), tb.compute_scale, ft)
+    c_pre = _scaled(jnp.sum(tb.lin_pre * v), tb.compute_scale, ft)
     return _Parts(t_in, t_out, t_lin, t_att, t_moe_block, ar, c_pro, c_head, c_pre, extrapolated)
 
 
-def kv_read_ns(tb: LatencyTables, kp, kvd_sum):
+def kv_read_ns(tb: LatencyTables, kp, kvd_sum, *, float_time: bool = False):
     """One block's KV read from an off-NPU KV cache (REFERENCE.md §1.16 kv_loc), int64 ns:
     ``floor(kvloc_lat + (kvd_sum + kp) * kvloc_bytes / kvloc_bw)`` (the decodes' KV lengths plus
     the prefill chunks' histories: every token the batch attends over that was computed before
     this iteration; the new tokens' K/V are computed on the NPU). 0 without tokens to read or
-    with the KV on the NPU (``kvloc_bytes`` 0)."""
+    with the KV on the NPU (``kvloc_bytes`` 0). ``float_time``: float64, not floored."""
     tokens = (jnp.asarray(kvd_sum).astype(_I) + jnp.asarray(kp).astype(_I)).astype(_F)
-    t = jnp.floor(tb.kvloc_lat + tokens * tb.kvloc_bytes / tb.kvloc_bw).astype(_I)
+    t = _ns(tb.kvloc_lat + tokens * tb.kvloc_bytes / tb.kvloc_bw, float_time)
     return jnp.where((tb.kvloc_bytes > 0) & (tokens > 0), t, 0)
 
 
-def _weight_loads(tb: LatencyTables, total, t_in, t_out, c_pro, c_head, kv_read=0):
+def _weight_loads(tb: LatencyTables, total, t_in, t_out, c_pro, c_head, kv_read=0, float_time: bool = False):
     """The iteration's time with off-NPU weights (REFERENCE.md §1.10) or an off-NPU KV cache
     (§1.16 kv_loc): the critical path over the compute chain (host op in, prologue, L blocks, head,
     host op out), the weight loads and the KV reads, each part starting once its weights and KV are
@@ -566,11 +673,12 @@ def _weight_loads(tb: LatencyTables, total, t_in, t_out, c_pro, c_head, kv_read=
     their mean). A block waits for its whole KV before it starts (its attention cannot finish
     before: the pre-attention layers are not overlapped, a bound on the error of one block's
     pre-attention part). The KV reads and the weight loads are separate chains, even on one device.
-    With every gate 0 it is ``total`` unchanged."""
+    With every gate 0 it is ``total`` unchanged. ``float_time``: float64 times, ``i*B/L`` not floored."""
     L = tb.num_layers
     B = total - t_in - t_out - c_pro - c_head
     i = jnp.arange(tb.wload_blocks.shape[0], dtype=_I)
-    suffix = B - (i * B) // jnp.maximum(L, 1) + c_head
+    start = i * B / jnp.maximum(L, 1) if float_time else (i * B) // jnp.maximum(L, 1)
+    suffix = B - start + c_head
     gate = jnp.maximum(tb.wload_blocks, (i + 1) * kv_read)
     gated = jnp.where(i < L, gate + suffix, 0)
     chain = c_pro + B + c_head

@@ -333,6 +333,9 @@ class RooflineModel(AbstractLatencyModel):
     def iteration_time(self, shape: BatchShape):
         return jnp.floor(iteration_ns(self, shape)).astype(_I), jnp.zeros(4, jnp.int32)
 
+    def iteration_ns(self, shape: BatchShape):
+        return iteration_ns(self, shape)
+
     def stage_times(self, shape: BatchShape, max_pp: int):
         pro, blocks, head = _parts(self, shape)
         total = jnp.floor(pro + blocks + head).astype(_I)
