@@ -30,6 +30,7 @@ see :func:`request_metrics` / :func:`pool_metrics`.
 """
 
 import dataclasses
+import itertools
 import math
 import time
 
@@ -54,39 +55,78 @@ VALUE_ONLY_KNOBS = frozenset({"peak_tflops", "mem_bw_gbs", "compute_scale", "mem
 class Variable:
     """One decision variable: a sweep knob (:data:`jaxsim.sweep.KNOBS`) on ``[lo, hi]`` (its units).
 
-    ``kind="integer"``: the knob takes integer values; inside the stencil it is rounded stochastically
-    (:func:`stochastic_round`, unbiased), at an exact evaluation to the nearest integer.
+    ``kind="integer"``: the knob takes the values ``lo + k * step`` (``k`` integer, up to ``hi``);
+    inside the stencil it is rounded stochastically on that lattice (:func:`stochastic_round`,
+    unbiased), at an exact evaluation to the nearest lattice point. ``step`` (default 1) lets a
+    token budget move by 256 tokens, a KV-block count by 512 blocks: the lattice of the exhaustive
+    grid, and the neighbours of :func:`polish`.
     """
 
     name: str
     lo: float
     hi: float
     kind: str = "continuous"
+    step: float = 1.0
 
     def __post_init__(self):
-        from jaxsim.sweep import KNOBS
         where = f"search.variables.{self.name}"
-        if self.name not in KNOBS or self.name in ("hardware", "cluster", "seed", "kv_cache_dtype"):
-            raise JaxsimInputError(where, "not a numeric sweep knob", f"numeric knobs: "
-                                   f"{sorted(k for k in KNOBS if k not in ('hardware', 'cluster', 'seed'))}")
         if self.kind not in KINDS:
             raise JaxsimInputError(f"{where}.kind", f"must be one of {KINDS}, got {self.kind!r}")
         if not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
             raise JaxsimInputError(where, f"bounds must be finite with lo < hi, got [{self.lo}, {self.hi}]")
+        if self.kind == "integer" and not (self.step >= 1 and float(self.step).is_integer()
+                                           and float(self.lo).is_integer()):
+            raise JaxsimInputError(where, f"an integer variable needs an integer lo and step >= 1, got lo={self.lo}, "
+                                   f"step={self.step}")
+
+    @property
+    def levels(self) -> int:
+        """Lattice points of an integer variable (``lo, lo + step, ... <= hi``)."""
+        return int((self.hi - self.lo) // self.step) + 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Space:
-    """The box of decision variables, optimised in normalised coordinates ``u in [0, 1]^D``."""
+    """The box of decision variables, optimised in normalised coordinates ``u in [0, 1]^D``.
+
+    Each variable is a numeric sweep knob (:data:`jaxsim.sweep.KNOBS`), unless ``design`` maps the
+    variables' values to a sweep point: ``design(values) -> {knob: value}`` (e.g.
+    :class:`jaxsim.designs.ClusterCounts`: instance counts -> a ``cluster`` design). ``design.value_only``
+    (optional, default False) says that its points never change the engine's array sizes.
+
+    ``choices``: categorical choices ``{name: (option, ...)}`` (a ``hardware`` or ``cluster`` name, a
+    role layout of ``design``, ...). They are not relaxed: :func:`design_search` enumerates them, one
+    search per combination (an *arm*, :meth:`arms`), all arms sharing one compiled call. ``fixed``: the
+    choices of one arm, merged into every decoded design."""
 
     variables: tuple
+    design: object = None
+    choices: dict = dataclasses.field(default_factory=dict)
+    fixed: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        from jaxsim.sweep import KNOBS
         names = [v.name for v in self.variables]
         if not names:
             raise JaxsimInputError("search.variables", "no decision variables")
         if len(set(names)) != len(names):
             raise JaxsimInputError("search.variables", f"a knob appears twice: {names}")
+        numeric = sorted(k for k in KNOBS if k not in ("hardware", "cluster", "seed", "kv_cache_dtype"))
+        for n in names if self.design is None else ():
+            if n not in numeric:
+                raise JaxsimInputError(f"search.variables.{n}", "not a numeric sweep knob", f"numeric knobs: {numeric}")
+        for n, opts in self.choices.items():
+            if n in names or not isinstance(opts, (tuple, list)) or not opts:
+                raise JaxsimInputError(f"search.choices.{n}", "must be a non-empty list of options that is not "
+                                       "also a variable", f"got {opts!r}")
+
+    def arms(self) -> list:
+        """One space per combination of the choices (``fixed`` set); ``[self]`` without choices."""
+        if not self.choices:
+            return [self]
+        names = list(self.choices)
+        return [dataclasses.replace(self, choices={}, fixed=dict(zip(names, combo)))
+                for combo in itertools.product(*(self.choices[n] for n in names))]
 
     @property
     def dim(self) -> int:
@@ -114,27 +154,63 @@ class Space:
         return lo + np.clip(np.asarray(u, np.float64), 0.0, 1.0) * (hi - lo)
 
     def decode(self, u, xi=None) -> dict:
-        """``u`` -> a sweep point ``{knob: value}``. Integers: stochastic rounding with the uniform
-        draws ``xi`` (shape ``(D,)``; only the integer entries are read), nearest when ``xi`` is None."""
+        """``u`` -> the variables' values ``{name: value}``. Integers: stochastic rounding on their
+        lattice with the uniform draws ``xi`` (shape ``(D,)``; only the integer entries are read),
+        nearest when ``xi`` is None."""
         x = self.real(u)
         out = {}
         for i, v in enumerate(self.variables):
             if v.kind == "integer":
-                r = stochastic_round(x[i], xi[i]) if xi is not None else math.floor(x[i] + 0.5)
-                out[v.name] = int(min(max(r, math.ceil(v.lo)), math.floor(v.hi)))
+                k = (x[i] - v.lo) / v.step
+                r = stochastic_round(k, xi[i]) if xi is not None else math.floor(k + 0.5)
+                out[v.name] = int(v.lo + v.step * min(max(r, 0), v.levels - 1))
             else:
                 out[v.name] = float(x[i])
-        return out
+        return {**self.fixed, **out}
+
+    def point(self, values: dict) -> "dict | None":
+        """The sweep point of the variables' ``values`` (through ``design`` when set; None for a
+        design that does not exist, e.g. a P/D split without decode instances)."""
+        if self.design is None:
+            return dict(values)
+        p = self.design(values)
+        return None if p is None else dict(p)
 
     @property
     def needs_anchor(self) -> bool:
-        """Whether a variable can change the engine's array sizes (KV blocks, seats, ...)."""
+        """Whether a variable can change the engine's array sizes (KV blocks, seats, instances, ...)."""
+        if self.design is not None:
+            return not getattr(self.design, "value_only", False)
         return any(v.name not in VALUE_ONLY_KNOBS for v in self.variables)
 
     def anchor(self) -> dict:
-        """The point at every upper bound: the largest sizes of the box (KV blocks, seats and token
-        budgets grow with their knobs), so that the batch's merged sizes never change."""
-        return self.decode(np.ones(self.dim))
+        """The sweep point at every upper bound: the largest sizes of the box (KV blocks, seats,
+        token budgets and instance counts grow with their variables), so that a batch's merged
+        sizes never change."""
+        p = self.point(self.decode(np.ones(self.dim)))
+        if p is None:
+            raise JaxsimInputError("search.variables", "the design at every upper bound does not exist",
+                                   "the upper bounds must give the largest valid design")
+        return p
+
+    def sweep_point(self, values: dict, seed: int) -> dict:
+        """``values`` on trace ``seed`` as a sweep point; ``{"invalid": True, "seed": seed}`` for a
+        design that does not exist (:class:`SweepEvaluator` does not simulate it: it is infinitely bad)."""
+        p = self.point(values)
+        return {"invalid": True, "seed": int(seed)} if p is None else {**p, "seed": int(seed)}
+
+    def grid(self, levels: int) -> list:
+        """The exhaustive grid: every lattice point of the integer variables, ``levels`` evenly
+        spaced values of each continuous one (bounds included); a list of values dicts."""
+        axes = []
+        for v in self.variables:
+            if v.kind == "integer":
+                axes.append([int(v.lo + k * v.step) for k in range(v.levels)])
+            else:
+                axes.append([float(x) for x in np.linspace(v.lo, v.hi, levels)])
+        choice = [dict(zip(self.choices, c)) for c in itertools.product(*self.choices.values())] or [{}]
+        return [{**self.fixed, **ch, **dict(zip(self.names, combo))}
+                for ch in choice for combo in itertools.product(*axes)]
 
 
 def stochastic_round(x, xi):
@@ -148,13 +224,28 @@ def stochastic_round(x, xi):
 # Stencil
 
 
+DIRECTION_KINDS = ("gaussian", "rademacher", "orthogonal")
+
+
 def directions(rng: np.random.Generator, num: int, dim: int, kind: str = "gaussian") -> np.ndarray:
-    """``num`` random directions, shape ``(num, dim)``: standard normal, or Rademacher (+-1)."""
+    """``num`` random directions, shape ``(num, dim)``: standard normal, Rademacher (+-1), or
+    ``orthogonal``: rows of random orthogonal matrices (Haar, by QR of a Gaussian matrix with the
+    sign fix of Mezzadri 2007) scaled by ``sqrt(dim)``, a fresh matrix per ``dim`` rows. Like the
+    Gaussian ones, ``E[d d^T] = I`` (the estimate is unbiased); with ``num = dim`` the stencil
+    gradient of a linear function is exact (a central difference along each axis of a random
+    basis), where ``dim`` Gaussian directions leave an error of the gradient's own size."""
     if kind == "gaussian":
         return rng.standard_normal((num, dim))
     if kind == "rademacher":
         return rng.choice(np.array([-1.0, 1.0]), size=(num, dim))
-    raise JaxsimInputError("search.directions", f"must be 'gaussian' or 'rademacher', got {kind!r}")
+    if kind == "orthogonal":
+        rows = []
+        while len(rows) < num:
+            q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+            q = q * np.sign(np.diag(r))  # (Haar measure)
+            rows.extend(math.sqrt(dim) * q.T)
+        return np.array(rows[:num])
+    raise JaxsimInputError("search.direction_kind", f"must be one of {DIRECTION_KINDS}, got {kind!r}")
 
 
 def stencil(u, dirs: np.ndarray, radius: float) -> np.ndarray:
@@ -263,16 +354,31 @@ class SweepEvaluator:
 
     def __call__(self, points: list) -> list:
         from jaxsim import sweep
-        res = sweep.sweep(self.base, points, chunk_size=len(points), progress=False, keep_requests=True)
+        valid = [p for p in points if not p.get("invalid")]
+        if not valid:
+            return [INVALID] * len(points)
+        # a design that does not exist is not simulated: a valid point runs in its place (the call
+        # keeps its size, hence its compile) and its result is INVALID
+        run = [p if not p.get("invalid") else valid[0] for p in points]
+        res = sweep.sweep(self.base, run, chunk_size=len(run), progress=False, keep_requests=True)
         self.calls += 1
         self.simulations += len(points)
         out = []
         for p, row, req in zip(points, res.rows, res.requests):
+            if p.get("invalid"):
+                out.append(INVALID)
+                continue
             w = sweep.point_inputs(self.base, p)["workload"]  # (cached per seed: the sweep's own trace)
             m = request_metrics(w, req, self.base.slo_ttft_ms, self.base.slo_tpot_ms, self.temperature)
             m["status"] = row["status"]
             out.append(m)
         return out
+
+
+# The metrics of a design that does not exist (no request served; status "invalid": merit +inf).
+INVALID = dict(ttft_ms=np.full(1, np.nan), tpot_ms=np.full(1, np.nan), done=np.zeros(1, bool), ok=np.zeros(1, bool),
+               soft=np.zeros(1), makespan_s=math.nan, throughput_rps=0.0, goodput_rps=0.0, soft_goodput_rps=0.0,
+               output_tok_s=0.0, status="invalid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,11 +388,15 @@ class SweepEvaluator:
 @dataclasses.dataclass(frozen=True)
 class Constraint:
     """``metric sense bound`` on a pooled metric (:func:`pool_metrics`), e.g. ``tpot_p99_ms <= 25``.
-    Its normalised violation ``g`` is ``(metric - bound) / |bound|`` for ``<=`` (feasible: ``g <= 0``)."""
+    Its normalised violation ``g`` is ``(metric - bound') / |bound|`` for ``<=`` (feasible: ``g <= 0``),
+    with ``bound' = bound (1 - margin)`` (``>=``: ``bound (1 + margin)``): a guard band against the
+    trace's noise, so that a design feasible on the search's seeds stays feasible on other traces
+    (:func:`seed_noise`, :func:`guard_band`)."""
 
     metric: str
     sense: str
     bound: float
+    margin: float = 0.0
 
     def __post_init__(self):
         if self.sense not in ("<=", ">="):
@@ -295,13 +405,25 @@ class Constraint:
         if not (math.isfinite(self.bound) and self.bound != 0):
             raise JaxsimInputError(f"search.constraints.{self.metric}.bound",
                                    f"must be finite and non-zero, got {self.bound}")
+        if not 0 <= self.margin < 1:
+            raise JaxsimInputError(f"search.constraints.{self.metric}.margin", f"must be in [0, 1), got {self.margin}")
+
+    @property
+    def target(self) -> float:
+        """The bound the search enforces (the guard band applied)."""
+        return self.bound * (1 - self.margin) if self.sense == "<=" else self.bound * (1 + self.margin)
 
     def violation(self, metrics: dict) -> float:
         if self.metric not in metrics:
             raise JaxsimInputError(f"search.constraints.{self.metric}", "unknown metric", f"known: {sorted(metrics)}")
         v = metrics[self.metric]
-        g = (v - self.bound) if self.sense == "<=" else (self.bound - v)
+        g = (v - self.target) if self.sense == "<=" else (self.target - v)
         return g / abs(self.bound) if math.isfinite(g) else math.inf
+
+    def holds(self, metrics: dict) -> bool:
+        """Whether the metric meets the plain bound (no guard band): the held-out check."""
+        v = metrics[self.metric]
+        return bool(v <= self.bound) if self.sense == "<=" else bool(v >= self.bound)
 
 
 def linear_cost(weights: dict):
@@ -309,6 +431,10 @@ def linear_cost(weights: dict):
     def cost(values: dict, metrics: dict) -> float:
         return float(sum(w * values[k] for k, w in weights.items()))
     return cost
+
+
+# the per-request smoothed counterpart of a metric (the sigmoid of each request's SLO slack)
+SMOOTHED = {"goodput_rps": "soft_goodput_rps", "slo_attainment": "soft_attainment"}
 
 
 def metric_objective(metric: str, maximise: bool = False):
@@ -329,6 +455,10 @@ class Problem:
     objective: object
     constraints: tuple = ()
     objective_scale: float | None = None
+    # what the stencil differentiates instead of the objective (None: the objective itself), e.g.
+    # the smoothed goodput (soft_goodput_rps) for the goodput: a step function of each request's
+    # latency has no useful slope; designs are still compared by the objective
+    surrogate: object = None
 
 
 def merit(f: float, g: list, lam, mu: float) -> float:
@@ -364,9 +494,12 @@ class TrustRegion:
         m = np.max(np.abs(step)) if step.size else 0.0
         return step if m <= self.radius else step * (self.radius / m)
 
-    def decide(self, merit_old: float, merit_new: float, predicted_decrease: float, step_length: float) -> bool:
-        """Whether to accept the step of L-infinity length ``step_length``; updates the radius."""
-        accept = math.isfinite(merit_new) and merit_new < merit_old
+    def decide(self, merit_old: float, merit_new: float, predicted_decrease: float, step_length: float,
+               accept: bool | None = None) -> bool:
+        """Whether to accept the step of L-infinity length ``step_length`` (by default: when the merit
+        decreased; ``accept`` overrides the rule, e.g. :func:`better`); updates the radius."""
+        if accept is None:
+            accept = math.isfinite(merit_new) and merit_new < merit_old
         if not accept:
             self.radius = max(self.min_radius, min(self.radius, step_length) * self.shrink)
         elif predicted_decrease > 0 and (merit_old - merit_new) >= self.eta_good * predicted_decrease:
@@ -383,7 +516,8 @@ class Batch:
     """The sweep points of one step: ``exact`` (the candidate on each seed, nearest rounding), the
     stencil (pair k, side +/-, seed s, rounding draws shared by a pair), and the anchor."""
 
-    points: list
+    points: list  # sweep points (with "seed")
+    values: list  # the variables' values of each point (the anchor's: None)
     exact: list  # indices in points, one per seed
     plus: list  # [k][s] indices
     minus: list
@@ -396,26 +530,26 @@ def make_batch(space: Space, u, dirs: np.ndarray, radius: float, seeds, rng: np.
     """The points of one step around ``u`` (see :class:`Batch`): ``S (2K + 1)`` points, + 1 anchor
     when :attr:`Space.needs_anchor`; the same count at every step."""
     seeds = [int(s) for s in seeds]
-    pts, exact, plus, minus = [], [], [], []
+    pts, vals, exact, plus, minus = [], [], [], [], []
+
+    def add(values, seed):
+        vals.append(values)
+        pts.append(space.sweep_point(values, seed))
+        return len(pts) - 1
+
     for s in seeds:
-        exact.append(len(pts))
-        pts.append({**space.decode(u), "seed": s})
+        exact.append(add(space.decode(u), s))
     st = stencil(u, dirs, radius)
     xi = rng.random((len(dirs), len(seeds), space.dim))  # common to a + / - pair
     for k in range(len(dirs)):
-        pk, mk = [], []
-        for j, s in enumerate(seeds):
-            pk.append(len(pts))
-            pts.append({**space.decode(st[2 * k], xi[k, j]), "seed": s})
-            mk.append(len(pts))
-            pts.append({**space.decode(st[2 * k + 1], xi[k, j]), "seed": s})
-        plus.append(pk)
-        minus.append(mk)
+        plus.append([add(space.decode(st[2 * k], xi[k, j]), s) for j, s in enumerate(seeds)])
+        minus.append([add(space.decode(st[2 * k + 1], xi[k, j]), s) for j, s in enumerate(seeds)])
     anchor = None
     if space.needs_anchor:
         anchor = len(pts)
         pts.append({**space.anchor(), "seed": seeds[0]})
-    return Batch(pts, exact, plus, minus, dirs, float(radius), anchor)
+        vals.append(None)
+    return Batch(pts, vals, exact, plus, minus, dirs, float(radius), anchor)
 
 
 @dataclasses.dataclass
@@ -467,15 +601,52 @@ def smoothed_gradient(evaluate, problem: Problem, u, seeds, *, radius: float = 0
 
 
 def _read_batch(problem, batch: Batch, results, u, lam, mu, scale):
-    center = _evaluation(problem, u, {k: v for k, v in batch.points[batch.exact[0]].items() if k != "seed"},
-                         [results[i] for i in batch.exact])
-    fp, fm = [], []
+    """The smoothed gradient of the merit, and the Evaluation at ``u``."""
+    grads, center = _read_gradients(problem, batch, results, u, lam, mu, scale)
+    return grads["merit"], center
+
+
+def _read_gradients(problem, batch: Batch, results, u, lam, mu, scale):
+    """Smoothed gradients from one batch: ``{"merit": (D,), "objective": (D,) (objective / scale),
+    "constraints": (m, D)}`` (each from the same stencil pairs), and the Evaluation at ``u``."""
+    center = _evaluation(problem, u, batch.values[batch.exact[0]], [results[i] for i in batch.exact])
+    smooth = problem if problem.surrogate is None else dataclasses.replace(problem, objective=problem.surrogate)
+    sides = ([], [])
     for pk, mk in zip(batch.plus, batch.minus):
-        for idx, out in ((pk, fp), (mk, fm)):
+        for idx, out in ((pk, sides[0]), (mk, sides[1])):
             # the design of a stencil point differs per seed only by its rounding: pooled over seeds
-            vals = {k: np.mean([batch.points[i][k] for i in idx]) for k in problem.space.names}
-            out.append(_evaluation(problem, None, vals, [results[i] for i in idx]).merit(lam, mu, scale))
-    return stencil_gradient(fp, fm, batch.dirs, batch.radius), center
+            vals = {k: np.mean([batch.values[i][k] for i in idx]) for k in problem.space.names}
+            e = _evaluation(smooth, None, vals, [results[i] for i in idx])
+            ok = e.status_ok and all(math.isfinite(g) for g in e.violations)
+            out.append([e.merit(lam, mu, scale)] + [e.objective / scale if ok else math.inf]
+                       + [g if ok else math.inf for g in e.violations])
+    fp, fm = np.array(sides[0]).reshape(len(batch.plus), -1), np.array(sides[1]).reshape(len(batch.plus), -1)
+    cols = [stencil_gradient(fp[:, j], fm[:, j], batch.dirs, batch.radius) for j in range(fp.shape[1])]
+    return {"merit": cols[0], "objective": cols[1],
+            "constraints": np.array(cols[2:]).reshape(len(problem.constraints), -1)}, center
+
+
+def projected_step(update, g, G, max_active: int | None = None) -> np.ndarray:
+    """The optimiser's ``update`` (shape ``(D,)``) projected so that no linearised constraint is
+    violated after the step: the closest ``s`` to ``update`` with ``g_i + G_i s = 0`` for every
+    constraint ``i`` that ``update`` would leave violated (``g_i + G_i update > 0``; added one at a
+    time until none is), i.e. ``s = update - A^T (A A^T)^+ (A update + g_A)``. A violated constraint
+    is restored to its linearised boundary; an active one is slid along (gradient projection,
+    Rosen 1960; Nocedal & Wright ch. 16.7). ``g``: normalised violations (m,), ``G``: their smoothed
+    gradients (m, D)."""
+    update = np.asarray(update, np.float64)
+    g, G = np.asarray(g, np.float64), np.asarray(G, np.float64).reshape(len(g), -1)
+    ok = np.isfinite(g) & np.all(np.isfinite(G), axis=1) & (np.abs(G).sum(axis=1) > 0)
+    active: list = []
+    s = update
+    for _ in range(min(len(g), max_active or len(g))):
+        cand = [i for i in range(len(g)) if ok[i] and i not in active and g[i] + G[i] @ s > 1e-12]
+        if not cand:
+            break
+        active.append(max(cand, key=lambda i: g[i] + G[i] @ s))  # the most violated first
+        A, b = G[active], g[active]
+        s = update - A.T @ (np.linalg.pinv(A @ A.T) @ (A @ update + b))
+    return s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +665,7 @@ class SearchResult:
 def search(evaluate, problem: Problem, start: dict, seeds=(0, 1), *, steps: int = 10, radius: float = 0.05,
            num_directions: int = 2, kind: str = "gaussian", optimizer: str = "adam", learning_rate: float = 0.05,
            mu: float = 100.0, multipliers: bool = True, trust: TrustRegion | None = None, seed: int = 0,
-           keep_stencil: bool = False) -> SearchResult:
+           keep_stencil: bool = False, constraints: str = "projection") -> SearchResult:
     """Minimise ``problem`` from ``start`` (``{knob: value}``) with ``steps`` evaluator calls.
 
     Each call evaluates the candidate exactly (nearest rounding, on ``seeds``) and the stencil around
@@ -511,6 +682,8 @@ def search(evaluate, problem: Problem, start: dict, seeds=(0, 1), *, steps: int 
     t0 = time.perf_counter()
     if optimizer not in ("adam", "sgd"):
         raise JaxsimInputError("search.optimizer", f"must be 'adam' or 'sgd', got {optimizer!r}")
+    if constraints not in ("projection", "lagrangian"):
+        raise JaxsimInputError("search.constraints_method", f"must be 'projection' or 'lagrangian', got {constraints!r}")
     if steps < 1:
         raise JaxsimInputError("search.steps", f"must be >= 1, got {steps}")
     space = problem.space
@@ -531,15 +704,14 @@ def search(evaluate, problem: Problem, start: dict, seeds=(0, 1), *, steps: int 
         batch = make_batch(space, candidate, dirs, radius, seeds, rng)
         results = evaluate(batch.points)
         calls, sims = calls + 1, sims + len(batch.points)
-        center = _evaluation(problem, candidate, {k: v for k, v in batch.points[batch.exact[0]].items()
-                                                  if k != "seed"}, [results[i] for i in batch.exact])
+        center = _evaluation(problem, candidate, batch.values[batch.exact[0]], [results[i] for i in batch.exact])
         if scale is None:
             scale = abs(center.objective) or 1.0
         if inc is None:
             accepted = True
-        else:
+        else:  # the feasibility rule: a feasible incumbent is never traded for an infeasible candidate
             accepted = trust.decide(inc.merit(lam, mu, scale), center.merit(lam, mu, scale), predicted,
-                                    float(np.max(np.abs(candidate - u_c))))
+                                    float(np.max(np.abs(candidate - u_c))), accept=better(center, inc))
         trajectory.append(dict(step=step, kind="exact", u=candidate.tolist(), values=center.values,
                                metrics=center.metrics, objective=center.objective,
                                merit=center.merit(lam, mu, scale), feasible=center.feasible,
@@ -549,18 +721,27 @@ def search(evaluate, problem: Problem, start: dict, seeds=(0, 1), *, steps: int 
             for k in range(len(dirs)):
                 for side, idx in ((0, batch.plus[k]), (1, batch.minus[k])):
                     trajectory.append(dict(step=step, kind="stencil", u=st[2 * k + side].tolist(),
-                                           values=[{n: batch.points[i][n] for n in space.names} for i in idx],
+                                           values=[batch.values[i] for i in idx],
                                            metrics=pool_metrics([results[i] for i in idx])))
         if accepted:
             if pending_state is not None:
                 opt_state = pending_state
-            inc, u_c = center, candidate
-            if multipliers:
-                lam = np.maximum(0.0, lam + mu * np.asarray([min(g, 1e6) for g in inc.violations]))
-            inc_grad, _ = _read_batch(problem, batch, results, candidate, lam, mu, scale)  # (at the new multipliers)
+            inc, u_c, inc_batch = center, candidate, (batch, results)
+        if multipliers and center.status_ok:
+            # first-order multiplier update at every exact evaluation (Nocedal & Wright eq. 17.39): a
+            # rejected infeasible candidate says which constraint is active, and the multiplier's term
+            # is what lets the next steps slide along the constraint instead of into it
+            lam = np.maximum(0.0, lam + mu * np.asarray([min(g, 1e6) for g in center.violations]))
+        grads, _ = _read_gradients(problem, *inc_batch, u_c, lam, mu, scale)  # (at the current multipliers)
         # the next candidate: the optimiser's step from the incumbent's gradient, clipped by the trust region
-        updates, pending_state = opt.update(inc_grad, opt_state, u_c)
-        step_u = trust.clip(np.asarray(updates, np.float64))
+        if constraints == "projection":
+            inc_grad = grads["objective"]
+            updates, pending_state = opt.update(inc_grad, opt_state, u_c)
+            step_u = trust.clip(projected_step(updates, inc.violations, grads["constraints"]))
+        else:
+            inc_grad = grads["merit"]
+            updates, pending_state = opt.update(inc_grad, opt_state, u_c)
+            step_u = trust.clip(np.asarray(updates, np.float64))
         predicted = float(-inc_grad @ step_u)
         candidate = np.clip(u_c + step_u, 0.0, 1.0)
 
@@ -574,3 +755,242 @@ def search(evaluate, problem: Problem, start: dict, seeds=(0, 1), *, steps: int 
 
 def _exacts(trajectory):
     return [e for e in trajectory if e["kind"] == "exact" and math.isfinite(e["merit"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-size calls, the trace noise, and the exact local polish
+
+
+def evaluate_fixed_size(evaluate, space: Space, points: list, size: int) -> list:
+    """Run sweep ``points`` in evaluator calls of exactly ``size`` points (a search's batch size,
+    :func:`batch_size`), so that they reuse the search's compiled call: the last call padded with
+    copies of its first point, plus the anchor when the space needs one. Returns the per-point
+    metrics of ``points`` only."""
+    out = []
+    room = size - (1 if space.needs_anchor else 0)
+    if room < 1:
+        raise JaxsimInputError("search.batch_size", f"{size} points leave no room beside the anchor")
+    for i in range(0, len(points), room):
+        chunk = points[i:i + room]
+        batch = chunk + [chunk[0]] * (room - len(chunk))
+        if space.needs_anchor:
+            batch.append({**space.anchor(), "seed": chunk[0]["seed"]})
+        out.extend(evaluate(batch)[:len(chunk)])
+    return out
+
+
+def batch_size(space: Space, num_seeds: int, num_directions: int) -> int:
+    """Points of one search step (:func:`make_batch`): ``S (2K + 1)`` (+ 1 anchor)."""
+    return num_seeds * (2 * num_directions + 1) + (1 if space.needs_anchor else 0)
+
+
+def evaluate_design(evaluate, problem: Problem, values: dict, seeds, size: int) -> Evaluation:
+    """One design's exact :class:`Evaluation` on ``seeds`` (in calls of ``size`` points)."""
+    space = problem.space
+    per_seed = evaluate_fixed_size(evaluate, space, [space.sweep_point(values, s) for s in seeds], size)
+    return _evaluation(problem, space.to_unit(values), dict(values), per_seed)
+
+
+def seed_noise(evaluate, problem: Problem, values: dict, seeds, group: int, size: int, *,
+               draws: int = 2000, rng: np.random.Generator | None = None) -> dict:
+    """The spread of each constraint's pooled metric over trace seeds at one design.
+
+    Runs ``values`` on every seed of ``seeds`` (N of them, in calls of ``size`` points), then draws
+    ``draws`` subsets of ``group`` seeds without replacement (``group`` = the search's seed count)
+    and pools each (:func:`pool_metrics`): the standard deviation of a constraint's metric over the
+    subsets is the noise of the search's estimate at this design (a percentile of pooled requests is
+    not a mean of per-seed values, so it is resampled rather than divided by sqrt(group)).
+    Returns ``{metric: {"std", "mean", "seeds"}}``."""
+    rng = rng or np.random.default_rng(0)
+    seeds = [int(s) for s in seeds]
+    if len(seeds) <= group:
+        raise JaxsimInputError("search.noise_seeds", f"needs more than {group} seeds, got {len(seeds)}")
+    space = problem.space
+    per = evaluate_fixed_size(evaluate, space, [space.sweep_point(values, s) for s in seeds], size)
+    out = {}
+    for c in problem.constraints:
+        vals = np.array([pool_metrics([per[i] for i in rng.choice(len(seeds), group, replace=False)])[c.metric]
+                         for _ in range(draws)])
+        vals = vals[np.isfinite(vals)]
+        out[c.metric] = {"std": float(vals.std(ddof=1)) if vals.size > 1 else math.inf,
+                         "mean": float(vals.mean()) if vals.size else math.inf, "seeds": len(seeds)}
+    return out
+
+
+def guard_band(problem: Problem, noise: dict, z: float = 1.645) -> Problem:
+    """``problem`` with each constraint's margin set so that a design that meets the guarded bound on
+    the search's seeds meets the plain bound on another set of as many seeds with probability about
+    ``Phi(z)`` (0.95 at the default): the two estimates are independent with the standard deviation
+    ``std`` of :func:`seed_noise`, so their difference has ``sqrt(2) std``; ``margin = z sqrt(2) std / |bound|``
+    (a normal approximation, capped below 0.5)."""
+    cons = []
+    for c in problem.constraints:
+        std = noise.get(c.metric, {}).get("std", 0.0)
+        margin = min(0.5, z * math.sqrt(2.0) * std / abs(c.bound)) if math.isfinite(std) else 0.5
+        cons.append(dataclasses.replace(c, margin=margin))
+    return dataclasses.replace(problem, constraints=tuple(cons))
+
+
+def better(a: Evaluation, b: "Evaluation | None") -> bool:
+    """The feasibility rule (Deb 2000, "An efficient constraint handling method for genetic
+    algorithms"): a feasible design beats an infeasible one; two feasible ones compare by objective,
+    two infeasible ones by total violation."""
+    if b is None:
+        return True
+    if a.feasible != b.feasible:
+        return a.feasible
+    if a.feasible:
+        return a.objective < b.objective
+    va = sum(max(0.0, g) for g in a.violations) if a.status_ok else math.inf
+    vb = sum(max(0.0, g) for g in b.violations) if b.status_ok else math.inf
+    return va < vb
+
+
+def polish(evaluate, problem: Problem, start: Evaluation, seeds, size: int, *, max_rounds: int = 4):
+    """Exact local search on the lattice of the integer variables from ``start``: each round
+    evaluates every neighbour one lattice step away in one integer variable (``2 D_int`` designs on
+    ``seeds``, in calls of ``size`` points) and moves to the best by :func:`better`; stops when no
+    neighbour is better. Relaxed integers (stochastic rounding) find the basin; this settles the
+    rounding exactly. Returns ``(best Evaluation, evaluated list, simulations, calls)``."""
+    space = problem.space
+    ints = [v for v in space.variables if v.kind == "integer"]
+    best, seen, sims, calls, evaluated = start, {_key(start.values)}, 0, 0, []
+    for _ in range(max_rounds if ints else 0):
+        nbrs = []
+        for v in ints:
+            for d in (-v.step, v.step):
+                x = best.values[v.name] + d
+                cand = {**best.values, v.name: int(x)}
+                if v.lo <= x <= v.hi and _key(cand) not in seen:
+                    seen.add(_key(cand))
+                    nbrs.append(cand)
+        if not nbrs:
+            break
+        pts = [space.sweep_point(c, s) for c in nbrs for s in seeds]
+        per = evaluate_fixed_size(evaluate, space, pts, size)
+        room = size - (1 if space.needs_anchor else 0)
+        sims, calls = sims + size * -(-len(pts) // room), calls + -(-len(pts) // room)
+        n = len(seeds)
+        evs = [_evaluation(problem, space.to_unit(c), c, per[n * i:n * (i + 1)]) for i, c in enumerate(nbrs)]
+        evaluated.extend(evs)
+        top = None
+        for e in evs:
+            top = e if better(e, top) else top
+        if not better(top, best):
+            break
+        best = top
+    return best, evaluated, sims, calls
+
+
+def _key(values: dict) -> tuple:
+    return tuple(sorted((k, round(float(v), 9)) for k, v in values.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole procedure: search, measure the trace noise where the search ended, guard, search on, polish
+
+
+@dataclasses.dataclass
+class DesignResult:
+    """The outcome of :func:`design_search`: the best design under the guarded problem, the
+    guarded problem itself, the measured noise, and every exactly evaluated design (``exacts``:
+    :class:`Evaluation`, in order), with the simulations and compiled calls spent."""
+
+    best: Evaluation
+    problem: Problem  # with the guard bands
+    noise: dict
+    exacts: list
+    trajectory: list  # the search phases' trajectories (dicts, see SearchResult), phase-tagged
+    rows: list  # every exact evaluation in order: phase (1, 2, "polish"), arm, step, simulations so far,
+    #             values, objective, feasible (guarded), accepted, metrics
+    evaluations: int
+    calls: int
+    wall_s: float
+
+
+def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, steps: int = 12,
+                  noise_after: int | None = None, noise_seeds=None, z: float = 1.645, polish_rounds: int = 3,
+                  **search_kw) -> DesignResult:
+    """Search, then guard the constraints against trace noise, search on, and polish the integers.
+
+    1. :func:`search` for ``noise_after`` steps (default half of ``steps``) on the plain constraints,
+       once per arm of the space's categorical choices (:meth:`Space.arms`);
+    2. :func:`seed_noise` at the best design reached, on ``noise_seeds`` (default: as many fresh seeds
+       as fill one call), and :func:`guard_band` with ``z``: the constraints get margins;
+    3. :func:`search` for the remaining steps from each arm's best, on the guarded problem;
+    4. :func:`polish` the integer variables of the best design (``polish_rounds``).
+    The best design is the best exact evaluation of all phases and arms under the guarded constraints
+    (phase-1 designs re-scored from their metrics), by :func:`better`. Every call has the same
+    number of points (one compile). ``search_kw`` go to :func:`search` (radius, num_directions, ...).
+    """
+    t0 = time.perf_counter()
+    seeds = tuple(int(s) for s in seeds)
+    arms = [dataclasses.replace(problem, space=a) for a in problem.space.arms()]
+    size = batch_size(arms[0].space, len(seeds), search_kw.get("num_directions", 2))
+    room = size - (1 if arms[0].space.needs_anchor else 0)
+    n1 = steps // 2 if noise_after is None else noise_after
+    if not 0 < n1 < steps:
+        raise JaxsimInputError("search.noise_after", f"must be in [1, steps - 1] = [1, {steps - 1}], got {n1}")
+    sims = calls = 0
+    rows: list = []
+
+    def log(phase, arm, entries, problem_):
+        for e in entries:
+            ev = _rescored(problem_, e)
+            rows.append(dict(phase=phase, arm=arm, step=e["step"], simulations=sims + (e["step"] + 1) * size,
+                             values=e["values"], objective=ev.objective, feasible=ev.feasible,
+                             accepted=e["accepted"], metrics=e["metrics"]))
+
+    first = []
+    for p in arms:
+        first.append(search(evaluate, p, start, seeds, steps=n1, **search_kw))
+        log(1, dict(p.space.fixed), _exacts(first[-1].trajectory), p)
+        sims, calls = sims + first[-1].evaluations, calls + first[-1].calls
+    lead = None
+    for i, r in enumerate(first):
+        lead = i if lead is None or better(_plain(arms[i], r.best), _plain(arms[lead], first[lead].best)) else lead
+    if noise_seeds is None:
+        start_seed = max(seeds) + 1000  # fresh traces: neither the search's nor (by convention) held-out ones
+        noise_seeds = range(start_seed, start_seed + max(room, len(seeds) + 2))
+    noise_seeds = [int(s) for s in noise_seeds] if problem.constraints else []  # nothing to guard
+    noise = seed_noise(evaluate, arms[lead], first[lead].best.values, noise_seeds, len(seeds), size) if noise_seeds else {}
+    n_calls = -(-len(noise_seeds) // room)
+    sims, calls = sims + n_calls * size, calls + n_calls
+    guarded = [guard_band(p, noise, z) for p in arms]
+    exacts, traj, best, best_arm = [], [], None, 0
+    for i, (p, r1) in enumerate(zip(guarded, first)):
+        r2 = search(evaluate, p, r1.best.values, seeds, steps=steps - n1,
+                    **{**search_kw, "seed": 1 + search_kw.get("seed", 0)})
+        arm = dict(p.space.fixed)
+        log(2, arm, [{**e, "step": e["step"] + n1} for e in _exacts(r2.trajectory)], p)
+        sims, calls = sims + r2.evaluations, calls + r2.calls
+        traj += [{**e, "phase": 1, "arm": arm} for e in r1.trajectory]
+        traj += [{**e, "phase": 2, "arm": arm, "step": e["step"] + n1} for e in r2.trajectory]
+        for e in _exacts(r1.trajectory) + _exacts(r2.trajectory):
+            ev = _rescored(p, e)
+            exacts.append(ev)
+            if better(ev, best):
+                best, best_arm = ev, i
+    pol, extra, psims, pcalls = polish(evaluate, guarded[best_arm], best, seeds, size, max_rounds=polish_rounds)
+    exacts += extra
+    for r in rows:  # phase-1 designs judged by the guarded constraints too
+        g = next(p for p in guarded if dict(p.space.fixed) == r["arm"])
+        r["feasible"] = all(c.violation(r["metrics"]) <= 0 for c in g.constraints) and math.isfinite(r["objective"])
+    for e in extra:
+        rows.append(dict(phase="polish", arm=dict(guarded[best_arm].space.fixed), step=None,
+                         simulations=sims + psims, values=e.values, objective=e.objective, feasible=e.feasible,
+                         accepted=e is pol, metrics=e.metrics))
+    return DesignResult(pol, guarded[best_arm], noise, exacts, traj, rows, sims + psims, calls + pcalls,
+                        time.perf_counter() - t0)
+
+
+def _plain(problem: Problem, e: Evaluation) -> Evaluation:
+    return dataclasses.replace(e, violations=[c.violation(e.metrics) for c in problem.constraints])
+
+
+def _rescored(problem: Problem, e: dict) -> Evaluation:
+    """A trajectory entry as an :class:`Evaluation` under ``problem``'s constraints."""
+    m = e["metrics"]
+    ok = math.isfinite(e["merit"])
+    return Evaluation(np.asarray(e["u"]), e["values"], m, problem.objective(e["values"], m),
+                      [c.violation(m) for c in problem.constraints], ok)

@@ -342,7 +342,9 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         # A chunk loops until its slowest configuration is done, so chunks gather configurations
         # of similar length: longest trace (arrival span) first, ties in point order.
         members = sorted(members, key=lambda i: -_arrival_span(plans[i][0].workload))
-        dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]])
+        # sizes rounded up to a few per octave (larger sizes never change a result), so that calls of
+        # similar points (a search's steps, its held-out traces) share one compile
+        dims = simulator.Dims.merge([pl.dims for i in members for pl in plans[i]]).bucketed()
         n_inst = max(len(plans[i]) for i in members)
         static = dims.static(block_size, record_iterations=False, num_instances=n_inst, releases=releases,
                              dp_sync=dp_sync, kv_tier=plans[members[0]][0].kv_tier,

@@ -7,6 +7,8 @@ vLLM defaults): one compiled run, a batched sweep, and the per-step cost against
     python scripts/bench.py --instances 1,4,16,64 --json OUT   # strong and weak scaling over clusters
     python scripts/bench.py --instances 4,16 --leap 1          # the same without decode leaps (9: with)
     python scripts/bench.py --pd                       # 3 colocated instances vs 1 prefill + 2 decode
+    python scripts/bench.py --search --json OUT        # design search vs grid, random search, CMA-ES
+                                                       # (problems A, B, C: scripts/search_bench.py)
 
 ``--sweep N``: N configurations of the default case (compute and memory scale in [0.8, 1.2],
 arrival rate x [0.8, 1.2]; their step counts stay close to the default's), run with
@@ -46,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 # A sweep spreads over every local device; on a CPU, make each core a device (unless the caller
 # chose). It must be set before JAX starts.
@@ -79,7 +82,18 @@ def main(argv=None) -> int:
     ap.add_argument("--leap", type=int, default=0,
                     help="with --instances: Static.leap for every size (1: no decode leaps; 0: the default)")
     ap.add_argument("--pd", action="store_true", help="3 colocated instances vs 1 prefill + 2 decode instances")
+    ap.add_argument("--search", nargs="?", const="A,B,C", metavar="A,B,C",
+                    help="design-search benchmarks (scripts/search_bench.py): gap to the exhaustive grid, "
+                         "random search and CMA-ES at equal budget")
+    ap.add_argument("--levels", type=int, default=None, help="with --search: grid values per continuous variable")
     args = ap.parse_args(argv)
+    if args.search:
+        import search_bench
+        out = search_bench.run(args.search.split(","), args.levels, log=lambda m: print(m, flush=True))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2, default=search_bench.finite))
+        return 0
     if args.pd:
         colocated = [InstanceSpec()] * 3
         pd = [InstanceSpec(role="prefill")] + [InstanceSpec(role="decode", node=1)] * 2

@@ -95,6 +95,15 @@ class SearchSchema:
     seed: int = 0  # the search's own random draws (directions, stochastic rounding)
     x0: Dict[str, Any] = dataclasses.field(default_factory=dict)  # start; a missing knob starts mid-box
     plots: bool = True
+    # variables that are not sweep knobs: "cluster_counts" = instance counts of hardware options
+    # (the variables' names), a cluster design per point (jaxsim.designs.ClusterCounts)
+    design: Optional[str] = None
+    choices: Dict[str, Any] = dataclasses.field(default_factory=dict)  # categorical: name -> [options], enumerated
+    constraints_method: str = "projection"  # projection (gradient projection) | lagrangian (merit descent)
+    guard_z: float = 1.645  # guard band: P(feasible on other seeds) ~ Phi(z); 0 = no guard band
+    noise_after: Optional[int] = None  # steps before the trace noise is measured (null: half of steps)
+    noise_seeds: int = 0  # seeds of the noise measurement (0: as many as fill one call)
+    polish_rounds: int = 3  # exact local search rounds on the integer lattice
 
 
 @dataclasses.dataclass
@@ -111,7 +120,8 @@ def register_configs() -> None:
 register_configs()
 
 SEARCH_FIELDS = [f.name for f in dataclasses.fields(SearchSchema)]
-VARIABLE_FIELDS = ("lo", "hi", "kind")
+VARIABLE_FIELDS = ("lo", "hi", "kind", "step")
+DESIGNS = ("cluster_counts",)
 _DUMMY_SEED = dict(ttft_ms=np.ones(1), tpot_ms=np.ones(1), done=np.ones(1, bool), ok=np.ones(1, bool),
                    soft=np.ones(1), throughput_rps=1.0, goodput_rps=1.0, soft_goodput_rps=1.0, output_tok_s=1.0)
 METRICS = sorted(S.pool_metrics([_DUMMY_SEED]))  # the pooled metrics an objective / constraint may name
@@ -142,6 +152,12 @@ class SearchOptions:
     temperature: float
     seed: int
     plots: bool
+    design: str | None
+    constraints_method: str
+    guard_z: float
+    noise_after: int | None
+    noise_seeds: int
+    polish_rounds: int
 
 
 def _num(v, key, lo=None, lo_open=False, integer=False):
@@ -211,8 +227,21 @@ def search_options(d: dict | None) -> SearchOptions:
             if spec.get(k) is None:
                 raise JaxsimInputError(f"{key}.{k}", "missing bound", f"set {key}.{k}")
         variables.append(S.Variable(str(name), _num(spec["lo"], f"{key}.lo"), _num(spec["hi"], f"{key}.hi"),
-                                    spec.get("kind") or "continuous"))
-    space = S.Space(tuple(variables))
+                                    spec.get("kind") or "continuous",
+                                    _num(1 if spec.get("step") is None else spec["step"], f"{key}.step", 1, integer=True)))
+    design = d.get("design")
+    if design is not None and design not in DESIGNS:
+        raise JaxsimInputError(f"{p}.design", f"unknown design {design!r}", f"designs: {list(DESIGNS)}")
+    choices = {}
+    for name, opts in _mapping(d.get("choices"), f"{p}.choices", "{roles: [colocated, rtxpro6000_prefill]}").items():
+        if not isinstance(opts, (list, tuple)) or not opts:
+            raise JaxsimInputError(f"{p}.choices.{name}", f"must be a non-empty list of options, got {opts!r}")
+        if design is None and name not in ("hardware", "cluster"):
+            raise JaxsimInputError(f"{p}.choices.{name}", "not a categorical knob", "choices: hardware, cluster "
+                                   "(or roles with design: cluster_counts)")
+        choices[str(name)] = tuple(opts)
+    # (a design's variables are checked when the design is built from them: run_search)
+    space = S.Space(tuple(variables), design=_PendingDesign(design) if design else None, choices=choices)
 
     okey = f"{p}.objective"
     obj_in = _mapping(d.get("objective"), okey, "{metric: cost, prices: {peak_tflops: 1.0}}")
@@ -224,6 +253,7 @@ def search_options(d: dict | None) -> SearchOptions:
     sense = obj_in.get("sense") or "minimize"
     if sense not in ("minimize", "maximize"):
         raise JaxsimInputError(f"{okey}.sense", f"must be 'minimize' or 'maximize', got {sense!r}")
+    surrogate = None
     if metric == "cost":
         if sense != "minimize":
             raise JaxsimInputError(f"{okey}.sense", "a cost is minimised", f"set {okey}.sense=minimize")
@@ -241,6 +271,9 @@ def search_options(d: dict | None) -> SearchOptions:
         _metric(metric, f"{okey}.metric")
         objective = S.metric_objective(metric, maximise=sense == "maximize")
         desc = {"metric": metric, "sense": sense}
+        if metric in S.SMOOTHED:  # the gradient follows the per-request smoothed metric
+            surrogate = S.metric_objective(S.SMOOTHED[metric], maximise=sense == "maximize")
+            desc["gradient_of"] = S.SMOOTHED[metric]
 
     constraints = []
     for metric, text in _mapping(d.get("constraints"), f"{p}.constraints", "{tpot_p99_ms: '<= 25'}").items():
@@ -277,7 +310,8 @@ def search_options(d: dict | None) -> SearchOptions:
     if set(seeds) & set(heldout):
         raise JaxsimInputError(f"{p}.heldout_seeds", f"{sorted(set(seeds) & set(heldout))} are also search seeds",
                                "held-out seeds must be unseen by the search")
-    for k, allowed in (("direction_kind", ("gaussian", "rademacher")), ("optimizer", ("adam", "sgd"))):
+    for k, allowed in (("direction_kind", S.DIRECTION_KINDS), ("optimizer", ("adam", "sgd")),
+                       ("constraints_method", ("projection", "lagrangian"))):
         if get(k) not in allowed:
             raise JaxsimInputError(f"{p}.{k}", f"must be one of {allowed}, got {get(k)!r}")
     radius = _num(get("radius"), f"{p}.radius", 0, lo_open=True)
@@ -287,7 +321,7 @@ def search_options(d: dict | None) -> SearchOptions:
     if not isinstance(plots, bool):
         raise JaxsimInputError(f"{p}.plots", f"must be true or false, got {plots!r}")
     return SearchOptions(
-        problem=S.Problem(space, objective, tuple(constraints)), objective_desc=desc, start=start,
+        problem=S.Problem(space, objective, tuple(constraints), surrogate=surrogate), objective_desc=desc, start=start,
         seeds=seeds, heldout_seeds=heldout, slo_ttft_ms=slo_b["ttft_ms"], slo_tpot_ms=slo_b["tpot_ms"],
         steps=_num(get("steps"), f"{p}.steps", 1, integer=True),
         directions=_num(get("directions"), f"{p}.directions", 1, integer=True),
@@ -296,7 +330,51 @@ def search_options(d: dict | None) -> SearchOptions:
         penalty=_num(get("penalty"), f"{p}.penalty", 0, lo_open=True),
         trust_radius=_num(get("trust_radius"), f"{p}.trust_radius", 0, lo_open=True),
         temperature=_num(get("temperature"), f"{p}.temperature", 0, lo_open=True),
-        seed=_num(get("seed"), f"{p}.seed", 0, integer=True), plots=plots)
+        seed=_num(get("seed"), f"{p}.seed", 0, integer=True), plots=plots, design=design,
+        constraints_method=get("constraints_method"), guard_z=_num(get("guard_z"), f"{p}.guard_z", 0),
+        noise_after=None if d.get("noise_after") is None else _num(d["noise_after"], f"{p}.noise_after", 1, integer=True),
+        noise_seeds=_num(get("noise_seeds"), f"{p}.noise_seeds", 0, integer=True),
+        polish_rounds=_num(get("polish_rounds"), f"{p}.polish_rounds", 0, integer=True))
+
+
+class _PendingDesign:
+    """A design named in the config, built by :func:`build_design` once the sweep base exists."""
+
+    value_only = False
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, values):
+        raise RuntimeError(f"design {self.name!r} not built (scripts/search.py build_design)")
+
+
+def build_design(opts: SearchOptions, spec, base) -> SearchOptions:
+    """``opts`` with its pending design built on ``base``: ``cluster_counts`` loads each variable's
+    hardware option (``conf/hardware/<variable>.yaml``) and registers a cluster design per point."""
+    space = opts.problem.space
+    for name, options in space.choices.items() if opts.design is None else ():
+        for i, o in enumerate(options):  # categorical knobs: their options join the base
+            key = f"search.choices.{name}[{i}]"
+            if name == "hardware":
+                base.hardware_options.setdefault(o, config_lib.hardware_option(o, spec.paths.profiles, spec.model.name,
+                                                                               key=key))
+            else:
+                base.cluster_options.setdefault(o, config_lib.cluster_option(o, spec, key=key))
+    if opts.design is None:
+        return opts
+    from jaxsim.designs import ClusterCounts
+    hw = {v.name: config_lib.hardware_option(v.name, spec.paths.profiles, spec.model.name,
+                                             key=f"search.variables.{v.name}") for v in space.variables}
+    design = ClusterCounts(base, hw, spec.scheduler, spec.calibration)
+    for name, options in space.choices.items():
+        if name != "roles":
+            raise JaxsimInputError(f"search.choices.{name}", "the cluster_counts design has one choice: roles")
+        for o in options:
+            if o not in design.layouts:
+                raise JaxsimInputError(f"search.choices.roles", f"unknown layout {o!r}", f"layouts: {list(design.layouts)}")
+    problem = dataclasses.replace(opts.problem, space=dataclasses.replace(space, design=design))
+    return dataclasses.replace(opts, problem=problem)
 
 
 def check_cli_overrides(args: list) -> None:
@@ -327,49 +405,30 @@ def check_cli_overrides(args: list) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _batch_size(space: S.Space, seeds, directions: int) -> int:
-    """Points of one search step (:func:`jaxsim.search.make_batch`)."""
-    return len(seeds) * (2 * directions + 1) + (1 if space.needs_anchor else 0)
-
-
-def evaluate_padded(evaluate, space: S.Space, points: list, size: int) -> list:
-    """Run ``points`` in calls of exactly ``size`` points (the search's batch size): the last call
-    padded with copies of its first point, plus the anchor when the space needs one. Returns the
-    per-point metrics of ``points`` only. (Held-out seeds still compile once more: the engine's
-    sizes, :meth:`jaxsim.simulator.Dims.merge`, follow each trace's longest request.)"""
-    out = []
-    room = size - (1 if space.needs_anchor else 0)
-    for i in range(0, len(points), room):
-        chunk = points[i:i + room]
-        batch = chunk + [chunk[0]] * (room - len(chunk))
-        if space.needs_anchor:
-            batch.append({**space.anchor(), "seed": chunk[0]["seed"]})
-        out.extend(evaluate(batch)[:len(chunk)])
-    return out
-
-
 def _finite(x):
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def write_trajectory(path: Path, result: S.SearchResult, space: S.Space, sims_per_call: int) -> Path:
-    """One row per exactly evaluated design (accepted or not): step, cumulative simulations,
-    knob values, objective, merit, feasible, accepted, trust radius, the pooled metrics."""
-    rows = [e for e in result.trajectory if e["kind"] == "exact"]
-    metric_cols = METRICS
-    cols = (["step", "evaluations", *space.names, "objective", "merit", "feasible", "accepted", "trust_radius"]
-            + metric_cols)
+def _arm_name(arm: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in arm.items())
+
+
+def write_trajectory(path: Path, result: S.DesignResult, space: S.Space) -> Path:
+    """One row per exactly evaluated design (accepted or not, polish included): phase (1: plain
+    constraints, 2: guarded, polish), arm (the categorical choices), step, simulations so far,
+    variable values, objective, feasible (under the guarded constraints), accepted, the pooled metrics."""
+    cols = ["phase", "arm", "step", "simulations", *space.names, "objective", "feasible", "accepted"] + METRICS
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
-        for e in rows:
-            w.writerow([e["step"], (e["step"] + 1) * sims_per_call, *(e["values"][n] for n in space.names),
-                        e["objective"], e["merit"], e["feasible"], e["accepted"], e["trust_radius"],
-                        *(e["metrics"][m] for m in metric_cols)])
+        for r in result.rows:
+            w.writerow([r["phase"], _arm_name(r["arm"]), "" if r["step"] is None else r["step"], r["simulations"],
+                        *(r["values"][n] for n in space.names), r["objective"], r["feasible"], r["accepted"],
+                        *(r["metrics"][m] for m in METRICS)])
     return path
 
 
-def plot_search(path: Path, result: S.SearchResult, space: S.Space, sims_per_call: int, best_values: dict):
+def plot_search(path: Path, result: S.DesignResult, space: S.Space, best_values: dict):
     """Objective vs simulations (feasible / infeasible exact evaluations, best feasible so far) and,
     for a 2-D problem, the path of the exact evaluations in the box. None without matplotlib."""
     try:
@@ -377,13 +436,13 @@ def plot_search(path: Path, result: S.SearchResult, space: S.Space, sims_per_cal
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    rows = [e for e in result.trajectory if e["kind"] == "exact"]
-    n = [(e["step"] + 1) * sims_per_call for e in rows]
+    rows = result.rows
+    n = [r["simulations"] for r in rows]
     fig = Figure(figsize=(11 if space.dim == 2 else 6, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2 if space.dim == 2 else 1, 1)
-    feas = [e["feasible"] for e in rows]
-    obj = [e["objective"] for e in rows]
+    feas = [r["feasible"] for r in rows]
+    obj = [r["objective"] for r in rows]
     ax.scatter([x for x, f in zip(n, feas) if f], [o for o, f in zip(obj, feas) if f], c="tab:green",
                label="feasible", zorder=3)
     ax.scatter([x for x, f in zip(n, feas) if not f], [o for o, f in zip(obj, feas) if not f], c="tab:red",
@@ -400,12 +459,12 @@ def plot_search(path: Path, result: S.SearchResult, space: S.Space, sims_per_cal
     if space.dim == 2:
         a, b = space.variables
         ax2 = fig.add_subplot(1, 2, 2)
-        acc = [e for e in rows if e["accepted"]]
-        ax2.plot([e["values"][a.name] for e in acc], [e["values"][b.name] for e in acc], "-", c="tab:blue",
+        acc = [r for r in rows if r["accepted"]]
+        ax2.plot([r["values"][a.name] for r in acc], [r["values"][b.name] for r in acc], "-", c="tab:blue",
                  label="accepted path")
-        for e in rows:
-            ax2.scatter(e["values"][a.name], e["values"][b.name], c="tab:green" if e["feasible"] else "tab:red",
-                        marker="o" if e["accepted"] else "x", zorder=3)
+        for r in rows:
+            ax2.scatter(r["values"][a.name], r["values"][b.name], c="tab:green" if r["feasible"] else "tab:red",
+                        marker="o" if r["accepted"] else "x", zorder=3)
         ax2.scatter(rows[0]["values"][a.name], rows[0]["values"][b.name], s=120, facecolors="none",
                     edgecolors="k", label="start")
         ax2.scatter(best_values[a.name], best_values[b.name], s=200, marker="*", c="gold", edgecolors="k",
@@ -422,13 +481,8 @@ def plot_search(path: Path, result: S.SearchResult, space: S.Space, sims_per_cal
     return path
 
 
-def run_search(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = True) -> dict:
-    """Run the search of a composed config (``search_config``) and write its outputs; return the
-    content of ``best.json`` plus ``out_dir`` and ``files``.
-
-    Raises :class:`JaxsimInputError` for bad config values, naming the key.
-    """
-    t0 = time.perf_counter()
+def prepare(cfg: DictConfig):
+    """The run spec, validated search options (design built) and sweep base of a composed config."""
     spec = config_lib.from_hydra(cfg)
     opts = search_options(spec.config.get("search"))
     if spec.sim.compile_cache:
@@ -438,61 +492,91 @@ def run_search(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = 
         raise JaxsimInputError("workload.kind", "the search draws trace seeds: it needs a synthetic workload",
                                "e.g. workload=synthetic_poisson")
     base = config_lib.sweep_base(spec, {"slo": {"ttft_ms": opts.slo_ttft_ms, "tpot_ms": opts.slo_tpot_ms}})
+    return spec, build_design(opts, spec, base), base
+
+
+def run_design_search(opts: SearchOptions, evaluate) -> S.DesignResult:
+    """:func:`jaxsim.search.design_search` with the options of a search section."""
+    return S.design_search(evaluate, opts.problem, opts.start, opts.seeds, steps=opts.steps,
+                           noise_after=opts.noise_after,
+                           noise_seeds=(range(max(opts.seeds) + 1000, max(opts.seeds) + 1000 + opts.noise_seeds)
+                                        if opts.noise_seeds else None),
+                           z=opts.guard_z, polish_rounds=opts.polish_rounds, radius=opts.radius,
+                           num_directions=opts.directions, kind=opts.direction_kind, optimizer=opts.optimizer,
+                           learning_rate=opts.learning_rate, mu=opts.penalty,
+                           trust=S.TrustRegion(radius=opts.trust_radius), seed=opts.seed,
+                           constraints=opts.constraints_method)
+
+
+def heldout(evaluate, opts: SearchOptions, problem: S.Problem, values: dict) -> dict:
+    """``values`` re-simulated on the held-out seeds (in calls of the search's size: no new
+    compile): the metrics, and feasibility against the plain bounds (no guard band)."""
+    size = S.batch_size(problem.space, len(opts.seeds), opts.directions)  # (problem: the best arm's)
+    ev = S.evaluate_design(evaluate, problem, values, opts.heldout_seeds, size)
+    return {"seeds": list(opts.heldout_seeds), "objective": ev.objective, "status_ok": ev.status_ok,
+            "feasible": ev.status_ok and all(c.holds(ev.metrics) for c in problem.constraints),
+            "metrics": {k: _finite(v) for k, v in ev.metrics.items()}}
+
+
+def run_search(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = True) -> dict:
+    """Run the search of a composed config (``search_config``) and write its outputs; return the
+    content of ``best.json`` plus ``out_dir`` and ``files``.
+
+    Raises :class:`JaxsimInputError` for bad config values, naming the key.
+    """
+    t0 = time.perf_counter()
+    spec, opts, base = prepare(cfg)
     evaluate = S.SweepEvaluator(base, temperature=opts.temperature)
     space = opts.problem.space
-    result = S.search(evaluate, opts.problem, opts.start, opts.seeds, steps=opts.steps, radius=opts.radius,
-                      num_directions=opts.directions, kind=opts.direction_kind, optimizer=opts.optimizer,
-                      learning_rate=opts.learning_rate, mu=opts.penalty,
-                      trust=S.TrustRegion(radius=opts.trust_radius), seed=opts.seed)
-    size = _batch_size(space, opts.seeds, opts.directions)
-
-    th = time.perf_counter()
+    result = run_design_search(opts, evaluate)
     best = result.best
-    held = evaluate_padded(evaluate, space, [{**best.values, "seed": s} for s in opts.heldout_seeds], size)
-    held_ev = S._evaluation(opts.problem, best.u, best.values, held)
-    heldout_wall = time.perf_counter() - th
+    th = time.perf_counter()
+    held = heldout(evaluate, opts, result.problem, best.values)
+    held["wall_s"] = time.perf_counter() - th
 
     out = Path(out_dir or spec.output_dir or "outputs/search")
     out.mkdir(parents=True, exist_ok=True)
-    files = [write_trajectory(out / "trajectory.csv", result, space, size)]
+    files = [write_trajectory(out / "trajectory.csv", result, space)]
     summary = {
         "problem": spec.choices.get("search"),
-        "variables": {v.name: {"lo": v.lo, "hi": v.hi, "kind": v.kind} for v in space.variables},
+        "variables": {v.name: {"lo": v.lo, "hi": v.hi, "kind": v.kind, "step": v.step} for v in space.variables},
+        "choices": {k: list(v) for k, v in space.choices.items()},
         "objective": opts.objective_desc,
         "constraints": [f"{c.metric} {c.sense} {c.bound:g}" for c in opts.problem.constraints],
+        "guard_band": {c.metric: {"margin": c.margin, "target": c.target, "noise_std": result.noise[c.metric]["std"],
+                                  "z": opts.guard_z} for c in result.problem.constraints},
         "start": opts.start,
         "best": {
             "values": best.values, "objective": best.objective, "feasible": best.feasible,
             "violations": best.violations, "seeds": list(opts.seeds),
             "metrics": {k: _finite(v) for k, v in best.metrics.items()},
         },
-        "heldout": {
-            "seeds": list(opts.heldout_seeds), "objective": held_ev.objective, "feasible": held_ev.feasible,
-            "violations": held_ev.violations, "metrics": {k: _finite(v) for k, v in held_ev.metrics.items()},
-            "wall_s": heldout_wall,
-        },
-        "found_feasible": any(e["feasible"] for e in result.trajectory if e["kind"] == "exact"),
-        "evaluations": result.evaluations,  # simulations of the search (sweep points)
+        "heldout": held,
+        "found_feasible": any(r["feasible"] for r in result.rows),
+        "evaluations": result.evaluations,  # simulations of the search (sweep points), noise and polish included
         "calls": result.calls,  # compiled sweep calls of the search
         "heldout_evaluations": evaluate.simulations - result.evaluations,
-        "steps": opts.steps, "points_per_call": size,
+        "steps": opts.steps, "points_per_call": S.batch_size(space.arms()[0], len(opts.seeds), opts.directions),
         "search_wall_s": result.wall_s,
         "wall_s": time.perf_counter() - t0,
-        "choices": dict(spec.choices),
+        "config_choices": dict(spec.choices),
     }
     (out / "best.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     files.append(out / "best.json")
     if opts.plots:
-        png = plot_search(out / "search.png", result, space, size, best.values)
+        png = plot_search(out / "search.png", result, space, best.values)
         if png is not None:
             files.append(png)
     (out / "config.yaml").write_text(yaml.safe_dump(spec.config, sort_keys=False))
     if echo:
-        vals = ", ".join(f"{k}={v:.4g}" for k, v in best.values.items())
+        vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.values.items())
+        guards = ", ".join(f"{c.metric} <= {c.target:.4g}" if c.sense == "<=" else f"{c.metric} >= {c.target:.4g}"
+                           for c in result.problem.constraints)
+        held_txt = ", ".join(f"{c.metric} {held['metrics'][c.metric]:.4g}" for c in opts.problem.constraints)
         print(f"best {'feasible ' if best.feasible else '(NO feasible design found) '}design: {vals}; "
-              f"objective {best.objective:.4g}; held-out seeds {list(opts.heldout_seeds)}: "
-              f"{'feasible' if held_ev.feasible else 'INFEASIBLE'} "
-              f"({', '.join(f'{c.metric} {held_ev.metrics[c.metric]:.4g}' for c in opts.problem.constraints)})")
+              f"objective {best.objective:.4g} (guarded: {guards}); held-out seeds {list(opts.heldout_seeds)}: "
+              f"{'feasible' if held['feasible'] else 'INFEASIBLE'} "
+              f"({held_txt})")
         print(f"{result.evaluations} simulations in {result.calls} compiled calls, search {result.wall_s:.1f} s, "
               f"total {summary['wall_s']:.1f} s; outputs in {out.resolve()}")
     return {**summary, "out_dir": str(out), "files": [str(f) for f in files]}

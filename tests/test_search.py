@@ -104,7 +104,9 @@ def test_batch_pairs_share_seed_and_rounding_and_keep_one_size():
 
 def test_bad_variables_are_refused_with_the_field():
     with pytest.raises(JaxsimInputError, match="search.variables.peak_tflop: not a numeric sweep knob"):
-        S.Variable("peak_tflop", 1, 2)
+        S.Space((S.Variable("peak_tflop", 1, 2),))
+    with pytest.raises(JaxsimInputError, match="integer lo and step >= 1"):
+        S.Variable("max_num_batched_tokens", 256, 8192, "integer", step=0.5)
     with pytest.raises(JaxsimInputError, match="lo < hi"):
         S.Variable("peak_tflops", 2, 1)
     with pytest.raises(JaxsimInputError, match="kind"):
@@ -235,25 +237,76 @@ def test_smoothed_gradient_in_one_call():
 def test_search_on_a_fake_evaluator_accepts_only_improvements():
     space = S.Space((S.Variable("peak_tflops", 0, 1000),))
     prob = S.Problem(space, S.linear_cost({"peak_tflops": 1.0}), (S.Constraint("tpot_p99_ms", "<=", 20.0),))
-    ev = FakeEvaluator()
-    # a large learning rate: the candidates overshoot into the infeasible side and get rejected
-    res = S.search(ev, prob, {"peak_tflops": 950}, seeds=(0, 1), steps=14, num_directions=2, radius=0.02,
-                   optimizer="sgd", learning_rate=0.3, mu=1000.0)
-    assert set(ev.sizes) == {2 * (2 * 2 + 1)} and len(ev.sizes) == 14 and res.evaluations == 14 * 10
-    exact = [e for e in res.trajectory if e["kind"] == "exact"]
-    incumbent = exact[0]["merit"]
-    rejected = 0
-    for e in exact[1:]:
-        if e["accepted"]:
-            assert e["merit"] < incumbent
-            incumbent = e["merit"]
-        else:
-            rejected += 1
-            assert not e["merit"] < incumbent  # (merits of one multiplier state; checked above by hand)
-    assert rejected >= 1
-    # the optimum is x = 0.5 (cost 500); the best feasible point found is close above it
-    assert res.best.values["peak_tflops"] >= 500 - 1e-6 and res.best.objective < 560
-    assert res.best.metrics["tpot_p99_ms"] <= 20.0
+    for method in ("projection", "lagrangian"):
+        ev = FakeEvaluator()
+        # a large learning rate: the candidates overshoot into the infeasible side and get rejected
+        res = S.search(ev, prob, {"peak_tflops": 950}, seeds=(0, 1), steps=14, num_directions=2, radius=0.02,
+                       optimizer="sgd", learning_rate=0.3, mu=1000.0, constraints=method)
+        assert set(ev.sizes) == {2 * (2 * 2 + 1)} and len(ev.sizes) == 14 and res.evaluations == 14 * 10
+        exact = [e for e in res.trajectory if e["kind"] == "exact"]
+        incumbent, rejected = exact[0], 0
+        assert incumbent["feasible"]
+        for e in exact[1:]:  # the feasibility rule: from a feasible incumbent, only cheaper feasible designs
+            if e["accepted"]:
+                assert e["feasible"] and e["objective"] < incumbent["objective"]
+                incumbent = e
+            else:
+                rejected += 1
+                assert not e["feasible"] or e["objective"] >= incumbent["objective"]
+        assert rejected >= 1, method
+        # the optimum is x = 0.5 (cost 500); the best feasible point found is close above it
+        assert res.best.values["peak_tflops"] >= 500 - 1e-6 and res.best.objective < 560, method
+        assert res.best.metrics["tpot_p99_ms"] <= 20.0
+
+
+def test_projected_step_by_hand():
+    # one constraint g + G s <= 0 with g = -0.1, G = (1, 0): an update (0.3, 0.2) would end at +0.2, so
+    # it is projected onto g + G s = 0: s = (0.1, 0.2) (the tangential part kept)
+    np.testing.assert_allclose(S.projected_step([0.3, 0.2], [-0.1], [[1.0, 0.0]]), [0.1, 0.2])
+    # an update that keeps the constraint satisfied is unchanged
+    np.testing.assert_allclose(S.projected_step([-0.3, 0.2], [-0.1], [[1.0, 0.0]]), [-0.3, 0.2])
+    # a violated constraint (g = 0.2) is restored even by a zero update: s = -g G / |G|^2
+    np.testing.assert_allclose(S.projected_step([0.0, 0.0], [0.2], [[1.0, 1.0]]), [-0.1, -0.1])
+    # two active constraints: both linearisations end at 0
+    s = S.projected_step([0.5, 0.5], [0.0, -0.1], [[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(s, [0.0, 0.1])
+
+
+def test_orthogonal_directions_give_the_exact_gradient_of_a_linear_function():
+    rng = np.random.default_rng(0)
+    d = S.directions(rng, 3, 3, "orthogonal")
+    np.testing.assert_allclose(d @ d.T, 3 * np.eye(3), atol=1e-12)  # orthogonal rows of length sqrt(D)
+    w = np.array([1.0, -2.0, 0.5])
+    f = lambda u: float(w @ u)  # noqa: E731
+    st = S.stencil(np.zeros(3), d, 0.1)
+    g = S.stencil_gradient([f(st[2 * k]) for k in range(3)], [f(st[2 * k + 1]) for k in range(3)], d, 0.1)
+    np.testing.assert_allclose(g, w, atol=1e-12)
+    assert S.directions(rng, 5, 2, "orthogonal").shape == (5, 2)  # more directions than D: new matrices
+
+
+def test_integer_lattice_grid_and_polish():
+    space = S.Space((S.Variable("max_num_seqs", 8, 60, "integer", step=16),
+                     S.Variable("compute_scale", 0.5, 1.5)))
+    assert space.variables[0].levels == 4  # 8, 24, 40, 56
+    assert space.decode([1.0, 0.0]) == {"max_num_seqs": 56, "compute_scale": 0.5}
+    assert space.decode([0.3, 0.0])["max_num_seqs"] == 24  # 8 + 0.3 * 52 = 23.6 -> lattice point 24
+    assert len(space.grid(3)) == 4 * 3 and space.grid(3)[-1] == {"max_num_seqs": 56, "compute_scale": 1.5}
+
+    class Quad:  # objective (seats - 40)^2 through a fake metric; no constraint
+        calls = 0
+
+        def __call__(self, points):
+            Quad.calls += 1
+            return [dict(ttft_ms=np.ones(1), tpot_ms=np.ones(1), done=np.ones(1, bool), ok=np.ones(1, bool),
+                         soft=np.ones(1), throughput_rps=float((p["max_num_seqs"] - 40) ** 2), goodput_rps=1.0,
+                         soft_goodput_rps=1.0, output_tok_s=1.0, status="ok") for p in points]
+
+    prob = S.Problem(space, S.metric_objective("throughput_rps"))
+    start = S.evaluate_design(Quad(), prob, {"max_num_seqs": 8, "compute_scale": 1.0}, (0,), 5)
+    best, evaluated, sims, calls = S.polish(Quad(), prob, start, (0,), 5, max_rounds=5)
+    assert best.values["max_num_seqs"] == 40 and best.objective == 0.0
+    # rounds: from 8 {24} -> from 24 {40} -> from 40 {56}: no better, stop (4 points fit one call each)
+    assert [e.values["max_num_seqs"] for e in evaluated] == [24, 40, 56] and (sims, calls) == (15, 3)
 
 
 # --- problem A in miniature ---------------------------------------------------------------------

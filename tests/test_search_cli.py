@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from jaxsim import config as jconfig
 from jaxsim.errors import JaxsimInputError
 
+from jaxsim import search as S
 from _shared import CONF, SCRIPTS
 
 PROBLEMS = sorted(p.stem for p in (CONF / "search").glob("*.yaml"))
@@ -33,23 +34,34 @@ def section(script, overrides=()):
 
 
 def test_shipped_problems_compose_and_validate(script):
-    assert PROBLEMS == ["accelerator_sizing", "none"]
+    assert PROBLEMS == ["accelerator_sizing", "cheapest_cluster", "engine_knobs", "none"]
     d = section(script, ["search=accelerator_sizing"])
     assert (d["hardware"]["name"], d["hardware"]["mem_size_gb"]) == ("spec/h100", 80.0)
     assert d["workload"]["kind"] == "synthetic"
-    assert (d["workload"]["num_requests"], d["scheduler"]["max_num_seqs"]) == (48, 32)
+    assert (d["workload"]["num_requests"], d["scheduler"]["max_num_seqs"]) == (160, 32)
     o = script.search_options(d["search"])
     space = o.problem.space
     assert [(v.name, v.lo, v.hi, v.kind) for v in space.variables] == [
         ("peak_tflops", 100.0, 1000.0, "continuous"), ("mem_bw_gbs", 500.0, 3500.0, "continuous")]
     assert not space.needs_anchor  # value-only knobs: one batch shape, no anchor point
-    assert script._batch_size(space, o.seeds, o.directions) == 2 * (2 * 2 + 1)
+    assert S.batch_size(space, len(o.seeds), o.directions) == 3 * (2 * 2 + 1)
     # the cost is the linear price of the knobs: 800 TFLOP/s * 1 + 3000 GB/s * 0.25 = 1550
     assert o.problem.objective(o.start, {}) == pytest.approx(1550.0)
-    (c,) = o.problem.constraints
-    assert (c.metric, c.sense, c.bound) == ("tpot_p99_ms", "<=", 25.0)
-    assert c.violation({"tpot_p99_ms": 30.0}) == pytest.approx(0.2)
-    assert (o.seeds, o.heldout_seeds, o.slo_tpot_ms) == ((0, 1), (100, 101, 102, 103), 25.0)
+    c0, c = o.problem.constraints
+    assert (c0.metric, c0.bound, c.metric, c.sense, c.bound) == ("ttft_p99_ms", 300.0, "tpot_p99_ms", "<=", 25.0)
+    assert c.violation({"tpot_p99_ms": 30.0}) == pytest.approx(0.2) and c.margin == 0.0
+    assert (o.seeds, o.heldout_seeds, o.slo_tpot_ms) == ((0, 1, 2), (100, 101, 102), 25.0)
+    assert (o.direction_kind, o.guard_z, o.constraints_method) == ("orthogonal", 1.645, "projection")
+    # problem B: ordered integers on a lattice; the gradient follows the smoothed goodput
+    ob = script.search_options(section(script, ["search=engine_knobs"])["search"])
+    v = {x.name: x for x in ob.problem.space.variables}
+    assert (v["max_num_batched_tokens"].step, v["max_num_batched_tokens"].levels) == (1024, 8)
+    assert ob.problem.space.needs_anchor and ob.objective_desc["gradient_of"] == "soft_goodput_rps"
+    assert ob.problem.surrogate({}, {"soft_goodput_rps": 2.5}) == -2.5
+    # problem C: instance counts through the cluster_counts design, the roles enumerated
+    oc = script.search_options(section(script, ["search=cheapest_cluster"])["search"])
+    assert oc.design == "cluster_counts" and [a.fixed for a in oc.problem.space.arms()] == [
+        {"roles": "colocated"}, {"roles": "rtxpro6000_prefill"}, {"roles": "rtx4090_prefill"}]
     # command-line overrides reach the section; a missing x0 starts mid-box
     o2 = script.search_options(section(script, ["search=accelerator_sizing", "search.steps=3",
                                                 "~search.x0.mem_bw_gbs", "search.objective.metric=output_tok_s",
@@ -85,6 +97,11 @@ def _problem(**changes):
     ({"seeds": [0, 1], "heldout_seeds": [1, 2]}, r"^search.heldout_seeds: \[1\] are also search seeds"),
     ({"radius": 0}, r"^search.radius: must be > 0"),
     ({"steps": 2.5}, r"^search.steps: must be an integer"),
+    ({"design": "clusters"}, r"^search.design: unknown design 'clusters'"),
+    ({"choices": {"tp": [1, 2]}}, r"^search.choices.tp: not a categorical knob"),
+    ({"direction_kind": "sobol"}, r"^search.direction_kind: must be one of \('gaussian', 'rademacher', 'orthogonal'\)"),
+    ({"variables": {"max_num_seqs": {"lo": 8, "hi": 64, "kind": "integer", "step": 0}}},
+     r"^search.variables.max_num_seqs.step: must be >= 1"),
 ])
 def test_bad_sections_name_the_key(script, changes, match):
     with pytest.raises(JaxsimInputError, match=match):
@@ -119,12 +136,12 @@ def test_padded_evaluation_keeps_the_batch_shape(script):
 
     space = S.Space((S.Variable("peak_tflops", 100, 1000),))
     pts = [{"peak_tflops": 500.0, "seed": s} for s in (10, 11, 12, 13, 14, 15, 16)]
-    assert script.evaluate_padded(fake, space, pts, 5) == [10, 11, 12, 13, 14, 15, 16]
+    assert S.evaluate_fixed_size(fake, space, pts, 5) == [10, 11, 12, 13, 14, 15, 16]
     assert [len(c) for c in calls] == [5, 5]
     assert [p["seed"] for p in calls[1]] == [15, 16, 15, 15, 15]
     calls.clear()
     ispace = S.Space((S.Variable("max_num_seqs", 4, 64, "integer"),))  # sizes change: an anchor per call
-    assert script.evaluate_padded(fake, ispace, [{"max_num_seqs": 8, "seed": 3}], 4) == [3]
+    assert S.evaluate_fixed_size(fake, ispace, [{"max_num_seqs": 8, "seed": 3}], 4) == [3]
     assert calls == [[{"max_num_seqs": 8, "seed": 3}] * 3 + [{"max_num_seqs": 64, "seed": 3}]]
 
 
