@@ -623,7 +623,7 @@ def _read_gradients(problem, batch: Batch, results, u, lam, mu, scale):
     fp, fm = np.array(sides[0]).reshape(len(batch.plus), -1), np.array(sides[1]).reshape(len(batch.plus), -1)
     cols = [stencil_gradient(fp[:, j], fm[:, j], batch.dirs, batch.radius) for j in range(fp.shape[1])]
     return {"merit": cols[0], "objective": cols[1],
-            "constraints": np.array(cols[2:]).reshape(len(problem.constraints), -1)}, center
+            "constraints": np.array(cols[2:]).reshape(len(problem.constraints), len(batch.dirs[0]))}, center
 
 
 def projected_step(update, g, G, max_active: int | None = None) -> np.ndarray:
@@ -635,7 +635,7 @@ def projected_step(update, g, G, max_active: int | None = None) -> np.ndarray:
     Rosen 1960; Nocedal & Wright ch. 16.7). ``g``: normalised violations (m,), ``G``: their smoothed
     gradients (m, D)."""
     update = np.asarray(update, np.float64)
-    g, G = np.asarray(g, np.float64), np.asarray(G, np.float64).reshape(len(g), -1)
+    g, G = np.asarray(g, np.float64), np.asarray(G, np.float64).reshape(len(g), update.size)
     ok = np.isfinite(g) & np.all(np.isfinite(G), axis=1) & (np.abs(G).sum(axis=1) > 0)
     active: list = []
     s = update
@@ -934,10 +934,10 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
     sims = calls = 0
     rows: list = []
 
-    def log(phase, arm, entries, problem_):
-        for e in entries:
+    def log(phase, arm, entries, problem_, offset=0):
+        for e in entries:  # (e["step"]: the step within its own search call)
             ev = _rescored(problem_, e)
-            rows.append(dict(phase=phase, arm=arm, step=e["step"], simulations=sims + (e["step"] + 1) * size,
+            rows.append(dict(phase=phase, arm=arm, step=e["step"] + offset, simulations=sims + (e["step"] + 1) * size,
                              values=e["values"], objective=ev.objective, feasible=ev.feasible,
                              accepted=e["accepted"], metrics=e["metrics"]))
 
@@ -962,7 +962,7 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
         r2 = search(evaluate, p, r1.best.values, seeds, steps=steps - n1,
                     **{**search_kw, "seed": 1 + search_kw.get("seed", 0)})
         arm = dict(p.space.fixed)
-        log(2, arm, [{**e, "step": e["step"] + n1} for e in _exacts(r2.trajectory)], p)
+        log(2, arm, _exacts(r2.trajectory), p, offset=n1)
         sims, calls = sims + r2.evaluations, calls + r2.calls
         traj += [{**e, "phase": 1, "arm": arm} for e in r1.trajectory]
         traj += [{**e, "phase": 2, "arm": arm, "step": e["step"] + n1} for e in r2.trajectory]

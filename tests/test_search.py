@@ -352,3 +352,54 @@ def test_problem_a_in_miniature_against_the_grid():
     assert res.best.metrics["tpot_p99_ms"] <= 25.0
     assert gap <= 2.0
     assert res.evaluations < len(out)
+
+
+def test_design_search_guards_the_constraint_by_the_measured_noise():
+    """design_search on a fake evaluator whose TPOT has seed noise: phase 1, the noise measured at the
+    design reached (resampled groups of the search's seed count), the guard band, phase 2, polish."""
+    class Noisy(FakeEvaluator):
+        def __call__(self, points):
+            out = super().__call__(points)
+            for p, m in zip(points, out):  # +-1 ms per seed, deterministic
+                m["tpot_ms"] = m["tpot_ms"] + (1.0 if p["seed"] % 2 else -1.0)
+            return out
+
+    space = S.Space((S.Variable("peak_tflops", 0, 1000),))
+    prob = S.Problem(space, S.linear_cost({"peak_tflops": 1.0}), (S.Constraint("tpot_p99_ms", "<=", 20.0),))
+    ev = Noisy()
+    r = S.design_search(ev, prob, {"peak_tflops": 950}, (0, 1), steps=8, num_directions=1, radius=0.02,
+                        noise_seeds=range(10, 16), z=1.645, learning_rate=0.3)
+    (c,) = r.problem.constraints
+    std = r.noise["tpot_p99_ms"]["std"]
+    assert std > 0 and c.margin == pytest.approx(1.645 * np.sqrt(2) * std / 20.0)
+    assert r.best.feasible and r.best.metrics["tpot_p99_ms"] <= c.target < 20.0
+    assert set(ev.sizes) == {2 * 3} and r.evaluations == 6 * len(ev.sizes) and r.calls == len(ev.sizes)
+    assert [row["phase"] for row in r.rows][:4] == [1, 1, 1, 1] and r.rows[4]["phase"] == 2
+    # no constraint: no noise measurement, nothing guarded
+    ev2 = FakeEvaluator()
+    r2 = S.design_search(ev2, S.Problem(space, S.metric_objective("tpot_p99_ms")), {"peak_tflops": 500}, (0,),
+                         steps=4, num_directions=1, radius=0.02)
+    assert r2.noise == {} and r2.calls == 4 and r2.best.values["peak_tflops"] > 500
+
+
+def test_cluster_counts_design():
+    from jaxsim.designs import ClusterCounts
+    from jaxsim.spec import HardwareConfig
+
+    class Base:
+        cluster_options = {}
+
+    base = Base()
+    d = ClusterCounts(base, {"a": HardwareConfig(name="A"), "b": HardwareConfig(name="B")})
+    assert d.layouts == ("colocated", "a_prefill", "b_prefill")
+    assert d({"a": 0, "b": 0, "roles": "colocated"}) is None  # no instance
+    assert d({"a": 2, "b": 0, "roles": "a_prefill"}) is None  # no decode instance
+    p = d({"a": 1, "b": 2, "roles": "a_prefill"})
+    insts = base.cluster_options[p["cluster"]]
+    assert [(i.hw.name, i.role, i.node) for i in insts] == [("A", "prefill", 0), ("B", "decode", 1), ("B", "decode", 1)]
+    assert [i.role for i in base.cluster_options[d({"a": 1, "b": 1, "roles": "colocated"})["cluster"]]] == ["colocated"] * 2
+    space = S.Space((S.Variable("a", 0, 2, "integer"), S.Variable("b", 0, 3, "integer")), design=d,
+                    choices={"roles": ("colocated", "b_prefill")})
+    assert space.needs_anchor and len(space.arms()) == 2 and len(space.grid(2)) == 2 * 3 * 4
+    assert space.arms()[1].anchor() == {"cluster": "2xa+3xb|b_prefill"}
+    assert space.sweep_point({"a": 0, "b": 0, "roles": "colocated"}, 7) == {"invalid": True, "seed": 7}
