@@ -15,9 +15,12 @@ interleaving: the PIM flags are static; the five loads of a design share it), wh
 the power-cap sweep reuses (the cap is a value), and one single run (the energy by component).
 hardware_comparison compiles once: one sweep over 12 hardware options of three latency sources, two
 loads and the what-if part's bandwidth (hardware and mem_bw_gbs are values of the compiled loop).
+design_search compiles twice: the search's 10-point call (every step, the noise measurement and the
+held-out re-simulation reuse it) and the grid's one 242-point call.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -315,9 +318,58 @@ def _check_hardware_comparison(ns: dict):
         assert word in text, word
 
 
+def _check_design_search(ns: dict):
+    from matplotlib.figure import Figure
+
+    prices, seeds, result, best = ns["PRICES"], ns["SEEDS"], ns["result"], ns["best"]
+    guarded, plain, size = ns["GUARDED"], ns["PROBLEM"], ns["SIZE"]
+    assert ns["_run_batch_compiles"] <= 2  # the search's call size and the grid's (0-1 when already compiled)
+    assert size == len(seeds) * (2 * ns["SEARCH_KW"]["num_directions"] + 1) == 10  # no anchor: value-only knobs
+    assert result.evaluations == result.calls * size  # every call (steps and noise measurement) of one size
+    sims = [r["simulations"] for r in result.rows]
+    assert sims == sorted(sims) and sims[-1] == result.evaluations
+    for r in result.rows:  # the logged cost is the price formula by hand
+        assert r["objective"] == pytest.approx(sum(p * r["values"][k] for k, p in prices.items()), rel=1e-12)
+    # the guard band: margin = z sqrt(2) std / |bound| of the measured noise; target = bound (1 - margin)
+    for c in guarded.constraints:
+        std = result.noise[c.metric]["std"]
+        assert 0 < std < math.inf and c.margin == pytest.approx(min(0.5, ns["GUARD_Z"] * math.sqrt(2) * std / c.bound))
+        assert c.target == pytest.approx(c.bound * (1 - c.margin)) and c.target < c.bound
+    # the answer meets the guarded bounds on the search's seeds, and the grid's optimum is the cheapest
+    # grid design that does (re-judged here from the grid's pooled metrics)
+    assert best.feasible and all(best.metrics[c.metric] <= c.target for c in guarded.constraints)
+    levels, designs, metrics = ns["GRID_LEVELS"], ns["grid_designs"], ns["grid_metrics"]
+    assert len(designs) == levels ** 2 and ns["grid_sims"] == levels ** 2 * len(seeds) == 242
+    ok = [all(m[c.metric] <= c.target for c in guarded.constraints) for m in metrics]
+    grid_opt = min(sum(p * v[k] for k, p in prices.items()) for v, f in zip(designs, ok) if f)
+    assert ns["grid_best"].objective == pytest.approx(grid_opt, rel=1e-12)
+    gap = 100 * (best.objective / grid_opt - 1)
+    assert gap == pytest.approx(ns["gap_pct"]) and gap <= 3.0  # within a few % of the grid (or cheaper)
+    assert result.evaluations < ns["grid_sims"]  # with fewer simulations
+    # the plain-bound grid optimum is at most as costly, and fails the held-out pairs at least as often
+    held = ns["held"]
+    assert ns["grid_best_plain"].objective <= ns["grid_best"].objective
+    assert held["grid, plain bounds"]["pairs_ok"] <= held["grid, guarded bounds"]["pairs_ok"]
+    for h in held.values():  # disjoint pairs of held-out traces, judged by the plain bounds
+        assert len(h["pairs"]) == len(ns["HELDOUT_SEEDS"]) // len(seeds)
+        assert h["pairs_ok"] == np.mean([all(m[c.metric] <= c.bound for c in plain.constraints) for m in h["pairs"]])
+    # the landscape: more bandwidth lowers TPOT P99 and more compute lowers TTFT P99 everywhere in the box
+    tp = np.array([m["tpot_p99_ms"] for m in metrics]).reshape(levels, levels)  # [tflops, bandwidth]
+    tt = np.array([m["ttft_p99_ms"] for m in metrics]).reshape(levels, levels)
+    assert np.all(tp[:, -1] < tp[:, 0]) and np.all(tt[-1, :] < tt[0, :])
+    # plots: the landscape (+ its colour bar) with the accepted path, and the objective against simulations
+    fig, prog = ns["fig_landscape"], ns["fig_progress"]
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 and isinstance(prog, Figure) and len(prog.axes) == 1
+    path = [line for line in fig.axes[0].lines if line.get_label() == "search: accepted path"]
+    assert len(path) == 1 and len(path[0].get_xdata()) == sum(r["accepted"] for r in result.rows)
+    text = "\n".join(ns["conclusions"])
+    for word in ("Cheapest part found", "Search against the grid", "Guard band", "held-out"):
+        assert word in text, word
+
+
 CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated,
           "cpu_kv_tier.ipynb": _check_cpu_kv_tier, "power_and_pim.ipynb": _check_power_and_pim,
-          "hardware_comparison.ipynb": _check_hardware_comparison}
+          "hardware_comparison.ipynb": _check_hardware_comparison, "design_search.ipynb": _check_design_search}
 
 
 # The P/D notebook compiles three cluster designs (~55 s on 2 cores): it runs with `-m slow`; the P/D
@@ -327,9 +379,11 @@ CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated,
 # loops and a single run (~80 s): `-m slow`; tests/test_power.py, test_pim.py and test_sweep.py cover
 # its pieces at small shapes. The hardware comparison notebook runs one sweep of 31 points over 12
 # hardware options (~80-90 s, most of it the compile): `-m slow`; tests/test_sweep.py covers hardware of
-# every source and the mem_bw_gbs knob in one call at small shapes.
+# every source and the mem_bw_gbs knob in one call at small shapes. The design search notebook runs the
+# search, the noise measurements, an 11 x 11 grid and the held-out checks (~95-100 s on 2 shared cores,
+# two compiles): `-m slow`; tests/test_search.py covers the search's pieces with fake evaluators.
 SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb", "cpu_kv_tier.ipynb", "power_and_pim.ipynb",
-                  "hardware_comparison.ipynb")
+                  "hardware_comparison.ipynb", "design_search.ipynb")
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_NOTEBOOKS else p
