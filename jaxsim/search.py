@@ -17,6 +17,12 @@ that of the Gaussian (or Rademacher) smoothing of the objective at a radius the 
 antithetic pair; with Rademacher d_k it is Spall's SPSA), over K directions, in a normalised box
 u in [0, 1]^D, with common random numbers: both points of a pair run the same trace seeds and the
 same rounding draws of the integer variables, so the trace's noise cancels in the difference.
+Directions may be ``orthogonal`` (a random orthonormal basis: exact for a linear function with
+K = D). Constraints are handled by gradient projection on their smoothed gradients (or an augmented
+Lagrangian), and a step is accepted by the feasibility rule. :func:`design_search` is the whole
+procedure: search, measure the trace noise where the search got to and guard the constraints by it
+(a design feasible on the search's seeds must stay feasible on other traces), search on, and
+polish the integer variables exactly; categorical choices are enumerated (one search per option).
 
 One step = ONE call of :func:`jaxsim.sweep.sweep`: the exact evaluation of the candidate (nearest
 rounding, the fixed seeds) and the stencil around it, always the same number of points (plus, when a
@@ -669,12 +675,20 @@ def search(evaluate, problem: Problem, start: dict, seeds=(0, 1), *, steps: int 
     """Minimise ``problem`` from ``start`` (``{knob: value}``) with ``steps`` evaluator calls.
 
     Each call evaluates the candidate exactly (nearest rounding, on ``seeds``) and the stencil around
-    it (:func:`smoothed_gradient`): the candidate is accepted by the trust region when its merit is
-    below the incumbent's; the gradient of the accepted point drives the optax optimiser
-    (``adam`` or ``sgd`` at ``learning_rate``, in ``u`` units), whose step the trust region clips. On
-    a reject the optimiser state is kept and the next candidate comes from the incumbent's gradient
-    with the smaller radius. Augmented-Lagrangian multipliers (``multipliers=True``) update at
-    each accept, ``lam <- max(0, lam + mu g)``; else ``mu`` is a plain quadratic penalty weight.
+    it (:func:`smoothed_gradient`). The trust region accepts the candidate when it is :func:`better`
+    than the incumbent (the feasibility rule: a feasible incumbent is only replaced by a cheaper
+    feasible design). The incumbent's smoothed gradients drive the optax optimiser (``adam`` or
+    ``sgd`` at ``learning_rate``, in ``u`` units), whose step the trust region clips. On a reject the
+    optimiser state is kept and the next candidate comes from the incumbent's gradient with the
+    smaller radius. ``constraints``:
+
+    * ``"projection"`` (default): the optimiser steps on the objective's gradient (``problem.surrogate``'s
+      when set), and the step is projected so that no linearised constraint (value and smoothed
+      gradient from the same stencil) is violated after it (:func:`projected_step`): it restores a
+      violated constraint and slides along an active one;
+    * ``"lagrangian"``: the optimiser steps on the gradient of the augmented Lagrangian
+      (:func:`merit`); multipliers (``multipliers=True``) update at every exact evaluation,
+      ``lam <- max(0, lam + mu g)``; else ``mu`` is a plain quadratic penalty weight.
 
     The trajectory holds every evaluated design (the exact ones, and with ``keep_stencil`` the stencil
     points pooled over seeds).
@@ -918,9 +932,12 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
     2. :func:`seed_noise` at the best design reached, on ``noise_seeds`` (default: as many fresh seeds
        as fill one call), and :func:`guard_band` with ``z``: the constraints get margins;
     3. :func:`search` for the remaining steps from each arm's best, on the guarded problem;
-    4. :func:`polish` the integer variables of the best design (``polish_rounds``).
-    The best design is the best exact evaluation of all phases and arms under the guarded constraints
-    (phase-1 designs re-scored from their metrics), by :func:`better`. Every call has the same
+    4. with constraints: :func:`seed_noise` again at the best design (the noise grows toward the
+       boundary, where phase 2 ends; other fresh seeds), and the guard band set by the larger of the
+       two measurements (``noise[metric]["std_mid"]``, ``["std_end"]``);
+    5. :func:`polish` the integer variables of the best design (``polish_rounds``).
+    The best design is the best exact evaluation of all phases and arms under the final guarded
+    constraints (every design re-scored from its metrics), by :func:`better`. Every call has the same
     number of points (one compile). ``search_kw`` go to :func:`search` (radius, num_directions, ...).
     """
     t0 = time.perf_counter()
@@ -957,7 +974,7 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
     n_calls = -(-len(noise_seeds) // room)
     sims, calls = sims + n_calls * size, calls + n_calls
     guarded = [guard_band(p, noise, z) for p in arms]
-    exacts, traj, best, best_arm = [], [], None, 0
+    exacts, traj, best, best_arm = [], [], None, 0  # exacts: (arm index, trajectory entry)
     for i, (p, r1) in enumerate(zip(guarded, first)):
         r2 = search(evaluate, p, r1.best.values, seeds, steps=steps - n1,
                     **{**search_kw, "seed": 1 + search_kw.get("seed", 0)})
@@ -966,11 +983,29 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
         sims, calls = sims + r2.evaluations, calls + r2.calls
         traj += [{**e, "phase": 1, "arm": arm} for e in r1.trajectory]
         traj += [{**e, "phase": 2, "arm": arm, "step": e["step"] + n1} for e in r2.trajectory]
-        for e in _exacts(r1.trajectory) + _exacts(r2.trajectory):
-            ev = _rescored(p, e)
-            exacts.append(ev)
-            if better(ev, best):
-                best, best_arm = ev, i
+        exacts += [(i, e) for e in _exacts(r1.trajectory) + _exacts(r2.trajectory)]
+    if noise:
+        # The noise grows toward the constraint's boundary, where phase 2 ends: measure it again at the
+        # best design (fresh seeds) and guard by the larger of the two; the answer is then re-picked
+        # among the evaluated designs under the final guard band (no step is taken on a stale one).
+        best_i, best_e = None, None
+        for i, e in exacts:
+            ev = _rescored(guarded[i], e)
+            if better(ev, best_e):
+                best_i, best_e = i, ev
+        again = [s + len(noise_seeds) for s in noise_seeds]
+        noise2 = seed_noise(evaluate, guarded[best_i], best_e.values, again, len(seeds), size)
+        sims, calls = sims + n_calls * size, calls + n_calls
+        noise = {m: {**v, "std": max(v["std"], noise2[m]["std"]), "std_mid": v["std"], "std_end": noise2[m]["std"]}
+                 for m, v in noise.items()}
+        guarded = [guard_band(p, noise, z) for p in arms]
+    rescored = []
+    for i, e in exacts:
+        ev = _rescored(guarded[i], e)
+        rescored.append(ev)
+        if better(ev, best):
+            best, best_arm = ev, i
+    exacts = rescored
     pol, extra, psims, pcalls = polish(evaluate, guarded[best_arm], best, seeds, size, max_rounds=polish_rounds)
     exacts += extra
     for r in rows:  # phase-1 designs judged by the guarded constraints too

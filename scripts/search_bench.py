@@ -29,7 +29,8 @@ Per problem, with everything measured in this one process:
 
 The JSON holds per problem ``"A"``, ``"B"``, ``"C"``: ``gap_pct``, ``evals``, ``grid_evals``, ``wall_s``,
 ``heldout_feasible``, ``random_gap_pct``, ``cmaes_gap_pct`` and the details (designs, objectives,
-guard bands, baselines' evals and walls, grid wall).
+guard bands, baselines' evals and walls, grid wall, and ``evals_to_best`` / ``<method>_evals_to_best``: the
+simulations spent when each method first evaluated its final answer).
 """
 
 import dataclasses
@@ -104,10 +105,13 @@ def baseline(method: str, evaluate, problem: S.Problem, seeds, budget: int, per_
             runs.append(blackbox.random_search(evaluate, p, seeds, b, batch_size=per_call, rng=rng))
         else:
             runs.append(blackbox.cmaes(evaluate, p, seeds, b, popsize=max(per_call, 2), x0=start, rng=rng))
-    best = None
-    for r in runs:
-        best = r.best if S.better(r.best, best) else best
-    return best, sum(r.simulations for r in runs), time.perf_counter() - t0
+    best, to_best = None, None
+    size = per_call * len(seeds) + (1 if problem.space.needs_anchor else 0)
+    for k, r in enumerate(runs):
+        if S.better(r.best, best):
+            first = next(e["call"] for e in r.trajectory if e["values"] == r.best.values)
+            best, to_best = r.best, k * (budget // len(arms)) + min(r.simulations, (first + 1) * size)
+    return best, sum(r.simulations for r in runs), time.perf_counter() - t0, to_best
 
 
 def run_problem(key: str, levels: int | None = None, overrides=(), log=print) -> dict:
@@ -147,18 +151,21 @@ def run_problem(key: str, levels: int | None = None, overrides=(), log=print) ->
            "grid_plain_best": g_plain and _design(g_plain), "grid_plain_objective": g_plain and g_plain.objective,
            "grid_plain_heldout_feasible": (check(g_plain) or {}).get("feasible"),
            "grid_guarded_heldout_feasible": (check(g_guard) or {}).get("feasible"),
-           "evals_ratio": grid_sims / res.evaluations}
+           "evals_ratio": grid_sims / res.evaluations,
+           # simulations spent when the answer was first evaluated (the rest confirmed it)
+           "evals_to_best": next(r["simulations"] for r in res.rows if r["values"] == res.best.values),
+           "noise": res.noise}
     per_call = (S.batch_size(guarded.space, len(opts.seeds), opts.directions)
                 - (1 if guarded.space.needs_anchor else 0)) // len(opts.seeds)
     for method in ("random", "cmaes"):
-        best, sims, bwall = baseline(method, evaluate, full, opts.seeds, res.evaluations, per_call, opts.start,
+        best, sims, bwall, to_best = baseline(method, evaluate, full, opts.seeds, res.evaluations, per_call, opts.start,
                                      opts.seed)
         feasible = best is not None and best.feasible
         gap = _gap(best.objective, g_guard.objective) if feasible and g_guard is not None else None
         hb = check(best) if feasible else None
         out.update({f"{method}_gap_pct": gap, f"{method}_evals": sims, f"{method}_wall_s": bwall,
                     f"{method}_best": best and _design(best), f"{method}_objective": best and best.objective,
-                    f"{method}_heldout_feasible": hb and hb["feasible"]})
+                    f"{method}_heldout_feasible": hb and hb["feasible"], f"{method}_evals_to_best": to_best})
         log(f"[{key}] {method}: {best and _design(best)} objective {best and best.objective} feasible {feasible}, "
             f"gap {gap}, {sims} sims, {bwall:.1f} s")
     return out

@@ -177,7 +177,8 @@ def test_end_to_end_accelerator_sizing(script, tmp_path):
         assert g["target"] == pytest.approx(bound * (1 - g["margin"]))
 
     assert best == {k: v for k, v in out.items() if k not in ("out_dir", "files")} | {"wall_s": best["wall_s"]}
-    assert (best["evaluations"], best["calls"], best["points_per_call"]) == (75, 5, 15)
+    # + the noise measured again at the answer (one more call)
+    assert (best["evaluations"], best["calls"], best["points_per_call"]) == (90, 6, 15)
     assert best["heldout_evaluations"] == 15  # the 3 held-out seeds padded to one 15-point call
     assert best["heldout"]["seeds"] == [100, 101, 102]
     feas = [r for r in rows if r["feasible"] == "True"]
