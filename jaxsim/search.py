@@ -342,6 +342,13 @@ def pool_metrics(per_seed: list) -> dict:
             out[f"{name}_p{q}_ms"] = float(np.percentile(v, q)) if done.all() else math.inf
     for k in ("throughput_rps", "goodput_rps", "soft_goodput_rps", "output_tok_s"):
         out[k] = float(np.mean([m[k] for m in per_seed]))
+    # per accelerator, and energy (NaN without a power model: SweepBase.power); a fake evaluator's
+    # metrics may lack them
+    gpus = per_seed[0].get("gpus", math.nan)
+    out["gpus"] = float(gpus)
+    out["output_tok_s_per_gpu"] = out["output_tok_s"] / gpus if gpus and math.isfinite(gpus) else math.nan
+    for k in ("energy_j", "j_per_output_token"):
+        out[k] = float(np.mean([m.get(k, math.nan) for m in per_seed]))
     return out
 
 
@@ -377,6 +384,10 @@ class SweepEvaluator:
             w = sweep.point_inputs(self.base, p)["workload"]  # (cached per seed: the sweep's own trace)
             m = request_metrics(w, req, self.base.slo_ttft_ms, self.base.slo_tpot_ms, self.temperature)
             m["status"] = row["status"]
+            # the design's accelerators (instances x TP x PP) and, with a power model, its energy
+            m["gpus"] = sum(i.hw.tp * i.hw.pp for i in sweep.point_instances(self.base, p))
+            m["energy_j"] = float(row.get("energy_j", math.nan))
+            m["j_per_output_token"] = float(row.get("j_per_output_token", math.nan))
             out.append(m)
         return out
 
@@ -384,7 +395,7 @@ class SweepEvaluator:
 # The metrics of a design that does not exist (no request served; status "invalid": merit +inf).
 INVALID = dict(ttft_ms=np.full(1, np.nan), tpot_ms=np.full(1, np.nan), done=np.zeros(1, bool), ok=np.zeros(1, bool),
                soft=np.zeros(1), makespan_s=math.nan, throughput_rps=0.0, goodput_rps=0.0, soft_goodput_rps=0.0,
-               output_tok_s=0.0, status="invalid")
+               output_tok_s=0.0, gpus=math.nan, energy_j=math.nan, j_per_output_token=math.nan, status="invalid")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -403,3 +403,14 @@ def test_cluster_counts_design():
     assert space.needs_anchor and len(space.arms()) == 2 and len(space.grid(2)) == 2 * 3 * 4
     assert space.arms()[1].anchor() == {"cluster": "2xa+3xb|b_prefill"}
     assert space.sweep_point({"a": 0, "b": 0, "roles": "colocated"}, 7) == {"invalid": True, "seed": 7}
+
+
+def test_per_gpu_and_energy_metrics_pool():
+    one = dict(ttft_ms=np.ones(2), tpot_ms=np.ones(2), done=np.ones(2, bool), ok=np.ones(2, bool), soft=np.ones(2),
+               throughput_rps=1.0, goodput_rps=1.0, soft_goodput_rps=1.0, output_tok_s=300.0, gpus=4,
+               energy_j=100.0, j_per_output_token=0.5)
+    two = {**one, "output_tok_s": 500.0, "energy_j": 300.0, "j_per_output_token": 1.5}
+    m = S.pool_metrics([one, two])
+    assert (m["gpus"], m["output_tok_s_per_gpu"], m["energy_j"], m["j_per_output_token"]) == (4.0, 100.0, 200.0, 1.0)
+    bare = {k: v for k, v in one.items() if k not in ("gpus", "energy_j", "j_per_output_token")}
+    assert math.isnan(S.pool_metrics([bare])["output_tok_s_per_gpu"]) and math.isnan(S.pool_metrics([bare])["energy_j"])
