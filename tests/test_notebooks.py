@@ -15,8 +15,8 @@ interleaving: the PIM flags are static; the five loads of a design share it), wh
 the power-cap sweep reuses (the cap is a value), and one single run (the energy by component).
 hardware_comparison compiles once: one sweep over 12 hardware options of three latency sources, two
 loads and the what-if part's bandwidth (hardware and mem_bw_gbs are values of the compiled loop).
-design_search compiles twice: the search's 10-point call (every step, the noise measurement and the
-held-out re-simulation reuse it) and the grid's one 242-point call.
+design_search compiles twice: the search's 10-point call (every step, the two noise measurements and
+the held-out re-simulation reuse it) and the grid's one 242-point call.
 """
 
 import json
@@ -320,21 +320,31 @@ def _check_hardware_comparison(ns: dict):
 
 def _check_design_search(ns: dict):
     from matplotlib.figure import Figure
+    from scipy.stats import binom
 
     prices, seeds, result, best = ns["PRICES"], ns["SEEDS"], ns["result"], ns["best"]
     guarded, plain, size = ns["GUARDED"], ns["PROBLEM"], ns["SIZE"]
     assert ns["_run_batch_compiles"] <= 2  # the search's call size and the grid's (0-1 when already compiled)
     assert size == len(seeds) * (2 * ns["SEARCH_KW"]["num_directions"] + 1) == 10  # no anchor: value-only knobs
-    assert result.evaluations == result.calls * size  # every call (steps and noise measurement) of one size
+    # every call of one size: the steps and the two noise measurements (mid-way and after the last step)
+    assert result.evaluations == result.calls * size and result.calls == ns["STEPS"] + 2
     sims = [r["simulations"] for r in result.rows]
-    assert sims == sorted(sims) and sims[-1] == result.evaluations
+    assert sims == sorted(sims) and sims[-1] + size == result.evaluations  # no polish: no integer knob
     for r in result.rows:  # the logged cost is the price formula by hand
         assert r["objective"] == pytest.approx(sum(p * r["values"][k] for k, p in prices.items()), rel=1e-12)
-    # the guard band: margin = z sqrt(2) std / |bound| of the measured noise; target = bound (1 - margin)
-    for c in guarded.constraints:
-        std = result.noise[c.metric]["std"]
-        assert 0 < std < math.inf and c.margin == pytest.approx(min(0.5, ns["GUARD_Z"] * math.sqrt(2) * std / c.bound))
+    # the guard band: margin = z sqrt(2) std / |bound|, target = bound (1 - margin), std the larger of the
+    # two measured spreads (the mid-way one alone: the band of the search's second half)
+    for c, cm in zip(guarded.constraints, ns["MID"].constraints):
+        v = result.noise[c.metric]
+        std = v["std"]
+        assert std == max(v["std_mid"], v["std_end"]) and 0 < std < math.inf
+        assert c.margin == pytest.approx(min(0.5, ns["GUARD_Z"] * math.sqrt(2) * std / c.bound))
+        assert cm.margin == pytest.approx(min(0.5, ns["GUARD_Z"] * math.sqrt(2) * v["std_mid"] / c.bound))
         assert c.target == pytest.approx(c.bound * (1 - c.margin)) and c.target < c.bound
+    # the answer is re-picked under the final band: the cheapest logged design that meets it (re-judged here)
+    final_ok = [r for r in result.rows if all(r["metrics"][c.metric] <= c.target for c in guarded.constraints)]
+    assert [r["feasible"] for r in result.rows] == [any(r is f for f in final_ok) for r in result.rows]
+    assert best.objective == min(r["objective"] for r in final_ok)
     # the answer meets the guarded bounds on the search's seeds, and the grid's optimum is the cheapest
     # grid design that does (re-judged here from the grid's pooled metrics)
     assert best.feasible and all(best.metrics[c.metric] <= c.target for c in guarded.constraints)
@@ -350,9 +360,19 @@ def _check_design_search(ns: dict):
     held = ns["held"]
     assert ns["grid_best_plain"].objective <= ns["grid_best"].objective
     assert held["grid, plain bounds"]["pairs_ok"] <= held["grid, guarded bounds"]["pairs_ok"]
+    # the mid-way band alone answers a cheaper design, which fails held-out pairs at least as often
+    mid = ns["mid_only"]
+    assert mid.objective <= best.objective and held["search, mid-way band only"]["pairs_ok"] <= held["search"]["pairs_ok"]
     for h in held.values():  # disjoint pairs of held-out traces, judged by the plain bounds
         assert len(h["pairs"]) == len(ns["HELDOUT_SEEDS"]) // len(seeds)
         assert h["pairs_ok"] == np.mean([all(m[c.metric] <= c.bound for c in plain.constraints) for m in h["pairs"]])
+        # the 95% Clopper-Pearson interval by its definition: P(X >= k | lo) = P(X <= k | hi) = 2.5%
+        (lo, hi), k, m_ = h["ci"], h["k"], len(h["pairs"])
+        assert k == round(h["pairs_ok"] * m_) and lo <= h["pairs_ok"] <= hi
+        assert (lo == 0.0) if k == 0 else binom.sf(k - 1, m_, lo) == pytest.approx(0.025, rel=1e-6)
+        assert (hi == 1.0) if k == m_ else binom.cdf(k, m_, hi) == pytest.approx(0.025, rel=1e-6)
+        if k == m_:  # by hand: P(X >= m | p) = p^m
+            assert lo == pytest.approx(0.025 ** (1 / m_))
     # the landscape: more bandwidth lowers TPOT P99 and more compute lowers TTFT P99 everywhere in the box
     tp = np.array([m["tpot_p99_ms"] for m in metrics]).reshape(levels, levels)  # [tflops, bandwidth]
     tt = np.array([m["ttft_p99_ms"] for m in metrics]).reshape(levels, levels)
@@ -380,8 +400,8 @@ CHECKS = {"colocated_vs_disaggregated.ipynb": _check_colocated_vs_disaggregated,
 # its pieces at small shapes. The hardware comparison notebook runs one sweep of 31 points over 12
 # hardware options (~80-90 s, most of it the compile): `-m slow`; tests/test_sweep.py covers hardware of
 # every source and the mem_bw_gbs knob in one call at small shapes. The design search notebook runs the
-# search, the noise measurements, an 11 x 11 grid and the held-out checks (~95-100 s on 2 shared cores,
-# two compiles): `-m slow`; tests/test_search.py covers the search's pieces with fake evaluators.
+# search (its two noise measurements included), an 11 x 11 grid and the held-out checks of four answers
+# (~60-110 s on 2 shared cores, two compiles): `-m slow`; tests/test_search.py covers the search's pieces with fake evaluators.
 SLOW_NOTEBOOKS = ("colocated_vs_disaggregated.ipynb", "cpu_kv_tier.ipynb", "power_and_pim.ipynb",
                   "hardware_comparison.ipynb", "design_search.ipynb")
 
