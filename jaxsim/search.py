@@ -908,7 +908,8 @@ def polish(evaluate, problem: Problem, start: Evaluation, seeds, size: int, *, m
 
 
 def _key(values: dict) -> tuple:
-    return tuple(sorted((k, round(float(v), 9)) for k, v in values.items()))
+    return tuple(sorted((k, round(float(v), 9) if isinstance(v, (int, float, np.number)) else v)
+                        for k, v in values.items()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,10 +89,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.search:
         import search_bench
-        out = search_bench.run(args.search.split(","), args.levels, log=lambda m: print(m, flush=True))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=2, default=search_bench.finite))
+        def save(out):
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(out, indent=2, default=search_bench.finite))
+        search_bench.run(args.search.split(","), args.levels, log=lambda m: print(m, flush=True), save=save)
         return 0
     if args.pd:
         colocated = [InstanceSpec()] * 3

@@ -171,12 +171,16 @@ def run_problem(key: str, levels: int | None = None, overrides=(), log=print) ->
     return out
 
 
-def run(keys, levels=None, log=print) -> dict:
+def run(keys, levels=None, log=print, save=None) -> dict:
+    """Run the problems ``keys``; ``save(out)`` after each one (a long run keeps what it measured)."""
     out = {}
     for k in keys:
         if k not in PROBLEMS:
             raise SystemExit(f"--search: unknown problem {k!r}; problems: {','.join(PROBLEMS)}")
+    for k in keys:
         out[k] = run_problem(k, levels, log=log)
+        if save:
+            save(out)
         log(f"[{k}] gap {out[k]['gap_pct']}% with {out[k]['evals']} of the grid's {out[k]['grid_evals']} simulations "
             f"({out[k]['evals_ratio']:.1f}x fewer); random {out[k]['random_gap_pct']}%, CMA-ES {out[k]['cmaes_gap_pct']}%")
     return out
