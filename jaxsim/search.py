@@ -944,9 +944,10 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
     2. :func:`seed_noise` at the best design reached, on ``noise_seeds`` (default: as many fresh seeds
        as fill one call), and :func:`guard_band` with ``z``: the constraints get margins;
     3. :func:`search` for the remaining steps from each arm's best, on the guarded problem;
-    4. with constraints: :func:`seed_noise` again at the best design (the noise grows toward the
-       boundary, where phase 2 ends; other fresh seeds), and the guard band set by the larger of the
-       two measurements (``noise[metric]["std_mid"]``, ``["std_end"]``);
+    4. with constraints: :func:`seed_noise` again at the cheapest design that meets the plain bounds
+       (the noise grows toward the boundary, where phase 2 ends; other fresh seeds; skipped, ``std_end``
+       NaN, when no design meets them), and the guard band set by the larger of the two measurements
+       (``noise[metric]["std_mid"]``, ``["std_end"]``);
     5. :func:`polish` the integer variables of the best design (``polish_rounds``).
     The best design is the best exact evaluation of all phases and arms under the final guarded
     constraints (every design re-scored from its metrics), by :func:`better`. Every call has the same
@@ -1000,16 +1001,21 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
         # The noise grows toward the constraint's boundary, where phase 2 ends: measure it again at the
         # best design (fresh seeds) and guard by the larger of the two; the answer is then re-picked
         # among the evaluated designs under the final guard band (no step is taken on a stale one).
+        # It is measured at the cheapest design that meets the plain bounds (the boundary seen from the
+        # feasible side): an overloaded infeasible design's noise would inflate the band for nothing.
         best_i, best_e = None, None
         for i, e in exacts:
-            ev = _rescored(guarded[i], e)
+            ev = _rescored(arms[i], e)
             if better(ev, best_e):
                 best_i, best_e = i, ev
-        again = [s + len(noise_seeds) for s in noise_seeds]
-        noise2 = seed_noise(evaluate, guarded[best_i], best_e.values, again, len(seeds), size)
-        sims, calls = sims + n_calls * size, calls + n_calls
-        noise = {m: {**v, "std": max(v["std"], noise2[m]["std"]), "std_mid": v["std"], "std_end": noise2[m]["std"]}
-                 for m, v in noise.items()}
+        if best_e is not None and best_e.feasible:
+            again = [s + len(noise_seeds) for s in noise_seeds]
+            noise2 = seed_noise(evaluate, arms[best_i], best_e.values, again, len(seeds), size)
+            sims, calls = sims + n_calls * size, calls + n_calls
+        else:  # no design meets the plain bounds: nothing to measure at the boundary
+            noise2 = {m: {"std": math.nan} for m in noise}
+        noise = {m: {**v, "std": max(v["std"], noise2[m]["std"]) if math.isfinite(noise2[m]["std"]) else v["std"],
+                     "std_mid": v["std"], "std_end": noise2[m]["std"]} for m, v in noise.items()}
         guarded = [guard_band(p, noise, z) for p in arms]
     rescored = []
     for i, e in exacts:
