@@ -74,6 +74,7 @@ def grid(evaluate, problem: S.Problem, seeds, levels: int, chunk: int = 128):
     designs = [v for v in space.grid(levels) if space.point(v) is not None]
     pts = [space.sweep_point(v, s) for v in designs for s in seeds]
     t0, out = time.perf_counter(), []
+    chunk = -(-len(pts) // -(-len(pts) // chunk))  # equal calls: a last call is padded to the call size
     for i in range(0, len(pts), chunk):
         out.extend(evaluate(pts[i:i + chunk]))
     n = len(seeds)
