@@ -941,7 +941,8 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
 
     1. :func:`search` for ``noise_after`` steps (default half of ``steps``) on the plain constraints,
        once per arm of the space's categorical choices (:meth:`Space.arms`);
-    2. :func:`seed_noise` at the best design reached, on ``noise_seeds`` (default: as many fresh seeds
+    2. :func:`seed_noise` at the cheapest design of phase 1 that meets the plain bounds (else the best
+       reached), on ``noise_seeds`` (default: as many fresh seeds
        as fill one call), and :func:`guard_band` with ``z``: the constraints get margins;
     3. :func:`search` for the remaining steps from each arm's best, on the guarded problem;
     4. with constraints: :func:`seed_noise` again at the cheapest design that meets the plain bounds
@@ -983,7 +984,15 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
         start_seed = max(seeds) + 1000  # fresh traces: neither the search's nor (by convention) held-out ones
         noise_seeds = range(start_seed, start_seed + max(room, len(seeds) + 2))
     noise_seeds = [int(s) for s in noise_seeds] if problem.constraints else []  # nothing to guard
-    noise = seed_noise(evaluate, arms[lead], first[lead].best.values, noise_seeds, len(seeds), size) if noise_seeds else {}
+    # measured at the cheapest design of phase 1 that meets the plain bounds (else the best reached):
+    # an overloaded design's noise would inflate the band for nothing
+    at_i, at = lead, _plain(arms[lead], first[lead].best)
+    for i, r in enumerate(first):
+        for e in _exacts(r.trajectory):
+            ev = _rescored(arms[i], e)
+            if ev.feasible and better(ev, at):
+                at_i, at = i, ev
+    noise = seed_noise(evaluate, arms[at_i], at.values, noise_seeds, len(seeds), size) if noise_seeds else {}
     n_calls = -(-len(noise_seeds) // room)
     sims, calls = sims + n_calls * size, calls + n_calls
     guarded = [guard_band(p, noise, z) for p in arms]
