@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -189,3 +190,25 @@ def test_end_to_end_accelerator_sizing(script, tmp_path):
                                 and held["metrics"]["finished_fraction"] == 1)
     assert held["metrics"]["tpot_p99_ms"] != best["best"]["metrics"]["tpot_p99_ms"]  # other traces
     assert 0 < best["search_wall_s"] <= best["wall_s"] and math.isfinite(best["wall_s"])
+
+
+def test_bench_grid_and_gap_on_a_fake_evaluator(script):
+    """scripts/search_bench.py's grid: every lattice design on every seed, in equal calls; the gap."""
+    spec = importlib.util.spec_from_file_location("jaxsim_search_bench", SCRIPTS / "search_bench.py")
+    sb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sb)
+    sizes = []
+
+    def fake(points):
+        sizes.append(len(points))
+        return [dict(ttft_ms=np.ones(1), tpot_ms=np.full(1, 40.0 - p["max_num_seqs"]), done=np.ones(1, bool),
+                     ok=np.ones(1, bool), soft=np.ones(1), throughput_rps=1.0, goodput_rps=1.0,
+                     soft_goodput_rps=1.0, output_tok_s=1.0, status="ok") for p in points]
+
+    space = S.Space((S.Variable("max_num_seqs", 4, 28, "integer", step=8),))  # 4, 12, 20, 28
+    prob = S.Problem(space, S.linear_cost({"max_num_seqs": 1.0}), (S.Constraint("tpot_p99_ms", "<=", 25.0),))
+    g, sims, _ = sb.grid(fake, prob, (0, 1, 2), levels=2, chunk=5)
+    assert [v["max_num_seqs"] for v, _ in g] == [4, 12, 20, 28] and sims == 12 and sizes == [4, 4, 4]
+    best = sb._best(e for _, e in g)
+    assert best.values == {"max_num_seqs": 20} and best.metrics["tpot_p99_ms"] == 20.0  # 40 - 20 <= 25
+    assert sb._gap(21.0, 20.0) == pytest.approx(5.0) and sb._gap(-1.7, -2.0) == pytest.approx(15.0)
