@@ -148,7 +148,8 @@ def run_problem(key: str, levels: int | None = None, overrides=(), log=print) ->
            "guard_band": {c.metric: {"margin": c.margin, "target": c.target} for c in guarded.constraints},
            "grid_evals": grid_sims, "grid_wall_s": grid_wall, "grid_designs": len(g),
            "grid_best": g_guard and _design(g_guard), "grid_objective": g_guard and g_guard.objective,
-           "gap_pct": None if g_guard is None else _gap(res.best.objective, g_guard.objective),
+           # an answer that is not feasible has no gap: it is a miss
+           "gap_pct": None if g_guard is None or not res.best.feasible else _gap(res.best.objective, g_guard.objective),
            "grid_plain_best": g_plain and _design(g_plain), "grid_plain_objective": g_plain and g_plain.objective,
            "grid_plain_heldout_feasible": (check(g_plain) or {}).get("feasible"),
            "grid_guarded_heldout_feasible": (check(g_guard) or {}).get("feasible"),
