@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from jaxsim.errors import JaxsimInputError
-from jaxsim.search import Evaluation, Problem, pool_metrics
+from jaxsim.search import Evaluation, Problem, feasibility_key, pool_metrics, total_violation  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass
@@ -62,21 +62,6 @@ class BlackboxResult:
     def evaluations(self) -> int:
         """Simulations, under the name :class:`jaxsim.search.SearchResult` uses."""
         return self.simulations
-
-
-def total_violation(violations) -> float:
-    """``sum_i max(0, g_i)`` over normalised violations ``g_i`` (feasible: 0); inf if one is inf."""
-    return float(sum(max(0.0, g) for g in violations))
-
-
-def feasibility_key(e: Evaluation) -> tuple:
-    """Deb's (2000) feasibility rule as a sort key (smaller is better): ``(0, objective)`` for a
-    feasible design with a finite objective, ``(1, total violation)`` for an infeasible one,
-    ``(2, 0)`` for a design whose run failed or whose objective is not finite."""
-    if e.status_ok and math.isfinite(e.objective):
-        v = total_violation(e.violations)
-        return (0, e.objective) if v == 0 else (1, v)
-    return (2, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +97,7 @@ class _Run:
         :class:`Evaluation` s and appends them to the trajectory."""
         space, seeds = self.problem.space, self.seeds
         values = [space.decode(u) for u in us]
-        points = [_sweep_point(space, v, s) for v in values for s in seeds]
+        points = [space.sweep_point(v, s) for v in values for s in seeds]
         if self.anchor:
             points.append({**space.anchor(), "seed": seeds[0]})
         assert self.simulations + len(points) <= self.budget
@@ -136,14 +121,6 @@ class _Run:
         best = min(evaluations, key=feasibility_key)  # (min keeps the first of equal keys)
         return BlackboxResult(self.method, best, self.trajectory, self.simulations, self.calls,
                               time.perf_counter() - self.t0)
-
-
-def _sweep_point(space, values: dict, seed: int) -> dict:
-    # Space.sweep_point (values through a design mapping, an invalid design marked) is being added
-    # to jaxsim.search; until it lands, the values are the sweep knobs themselves.
-    if hasattr(space, "sweep_point"):
-        return space.sweep_point(values, seed)
-    return {**values, "seed": int(seed)}
 
 
 def _rng(rng) -> np.random.Generator:

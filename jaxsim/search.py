@@ -856,19 +856,27 @@ def guard_band(problem: Problem, noise: dict, z: float = 1.645) -> Problem:
     return dataclasses.replace(problem, constraints=tuple(cons))
 
 
-def better(a: Evaluation, b: "Evaluation | None") -> bool:
+def total_violation(violations) -> float:
+    """``sum_i max(0, g_i)`` over normalised violations ``g_i`` (feasible: 0); inf if one is inf."""
+    return float(sum(max(0.0, g) for g in violations))
+
+
+def feasibility_key(e: Evaluation) -> tuple:
     """The feasibility rule (Deb 2000, "An efficient constraint handling method for genetic
-    algorithms"): a feasible design beats an infeasible one; two feasible ones compare by objective,
-    two infeasible ones by total violation."""
-    if b is None:
-        return True
-    if a.feasible != b.feasible:
-        return a.feasible
-    if a.feasible:
-        return a.objective < b.objective
-    va = sum(max(0.0, g) for g in a.violations) if a.status_ok else math.inf
-    vb = sum(max(0.0, g) for g in b.violations) if b.status_ok else math.inf
-    return va < vb
+    algorithms", Comput. Methods Appl. Mech. Eng. 186) as a sort key, smaller is better:
+    ``(0, objective)`` for a feasible design with a finite objective, ``(1, total violation)`` for an
+    infeasible one, ``(2, 0)`` for a design whose run failed or whose objective is not finite."""
+    if e.status_ok and math.isfinite(e.objective):
+        v = total_violation(e.violations)
+        return (0, e.objective) if v == 0 else (1, v)
+    return (2, 0.0)
+
+
+def better(a: Evaluation, b: "Evaluation | None") -> bool:
+    """Whether ``a`` beats ``b`` (None: always) by the feasibility rule (:func:`feasibility_key`): a
+    feasible design beats an infeasible one; two feasible ones compare by objective, two infeasible
+    ones by total violation."""
+    return b is None or feasibility_key(a) < feasibility_key(b)
 
 
 def polish(evaluate, problem: Problem, start: Evaluation, seeds, size: int, *, max_rounds: int = 4):

@@ -90,7 +90,8 @@ def _best(evs) -> "S.Evaluation | None":
 
 
 def _arm_problem(problem: S.Problem, values: dict) -> S.Problem:
-    fixed = {k: values[k] for k in problem.space.choices} if problem.space.choices else dict(problem.space.fixed)
+    """``problem`` (with its choices) restricted to the arm of ``values``."""
+    fixed = {k: values[k] for k in problem.space.choices}
     return dataclasses.replace(problem, space=dataclasses.replace(problem.space, choices={}, fixed=fixed))
 
 
@@ -139,7 +140,8 @@ def run_problem(key: str, levels: int | None = None, overrides=(), log=print) ->
         f"{g_guard and round(g_guard.objective, 5)}; plain best {g_plain and _design(g_plain)}")
 
     def check(e):
-        return None if e is None else script.heldout(evaluate, opts, _arm_problem(guarded, e.values), e.values)
+        # (each design in its own arm: a grid or baseline answer may have another layout than the search's)
+        return None if e is None else script.heldout(evaluate, opts, _arm_problem(full, e.values), e.values)
 
     out = {"problem": PROBLEMS[key], "evals": res.evaluations, "calls": res.calls, "wall_s": wall,
            "best": _design(res.best), "objective": res.best.objective, "feasible": res.best.feasible,
