@@ -186,6 +186,18 @@ class SweepSchema:
     progress: bool = True  # progress bar
     plots: bool = True  # report.default_plots into the output dir
     table: str = "sweep.csv"  # results table in the output dir (.csv or .parquet)
+    # folder of the sweep's checkpoint (finished chunks); rerunning the same command resumes there
+    checkpoint: Optional[str] = None
+
+
+@dataclasses.dataclass
+class DistributedSchema:
+    # several processes, one global device mesh (jaxsim/distributed.py); 1 = a plain run
+    num_processes: int = 1
+    process_id: Optional[int] = None  # this process's index in [0, num_processes)
+    coordinator: Optional[str] = None  # HOST:PORT of process 0
+    auto: bool = False  # let jax.distributed.initialize() read SLURM / Open MPI variables instead
+    timeout_s: int = 300  # how long a process waits for the others
 
 
 @dataclasses.dataclass
@@ -233,6 +245,7 @@ class RootSchema:
     sim: SimSchema = dataclasses.field(default_factory=SimSchema)
     output: OutputSchema = dataclasses.field(default_factory=OutputSchema)
     sweep: SweepSchema = dataclasses.field(default_factory=SweepSchema)
+    distributed: DistributedSchema = dataclasses.field(default_factory=DistributedSchema)
     cluster: ClusterSchema = dataclasses.field(default_factory=ClusterSchema)
     kv_tier: KVTierSchema = dataclasses.field(default_factory=KVTierSchema)
     power: PowerSchema = dataclasses.field(default_factory=PowerSchema)
@@ -530,7 +543,7 @@ def from_hydra(cfg: DictConfig) -> RunSpec:
     # Sections without a spec dataclass: a key added with `+` that the schema does not have is a
     # typo (the spec sections are checked by spec.build).
     for name, schema in (("workload", WorkloadSchema), ("paths", PathsSchema), ("sweep", SweepSchema),
-                         ("cluster", ClusterSchema), ("power", PowerSchema)):
+                         ("cluster", ClusterSchema), ("power", PowerSchema), ("distributed", DistributedSchema)):
         known = [f.name for f in dataclasses.fields(schema)]
         for key in (d.get(name) or {}):
             if key not in known:
@@ -645,6 +658,7 @@ class SweepOptions:
     progress: bool = True
     plots: bool = True
     table: str = "sweep.csv"
+    checkpoint: str | None = None  # folder of the checkpoint (jaxsim.checkpoint)
 
     @property
     def slo(self) -> dict | None:
@@ -716,6 +730,7 @@ def sweep_options(d: dict | None) -> SweepOptions:
         progress=_check_bool(d.get("progress", True), f"{p}.progress"),
         plots=_check_bool(d.get("plots", True), f"{p}.plots"),
         table=table,
+        checkpoint=None if d.get("checkpoint") is None else _check_str(d["checkpoint"], f"{p}.checkpoint"),
     )
 
 

@@ -29,12 +29,13 @@ import math
 import time
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxsim import latency
+from jaxsim import distributed, latency
 from jaxsim import power as power_lib
 from jaxsim import simulator
 from jaxsim.engine import cluster
@@ -47,6 +48,9 @@ from jaxsim.planning import tier_layout
 from jaxsim.spec import (Calibration, HardwareConfig, InstanceSpec, KVTierConfig, LinkConfig, ModelRuntimeConfig, SchedulerConfig,
                          Workload)
 from jaxsim.workload import synthetic_workload
+
+if TYPE_CHECKING:
+    from jaxsim.checkpoint import SweepCheckpoint
 
 # knob -> what it sets. All of them vary per configuration inside one compiled call.
 KNOBS = {
@@ -258,7 +262,8 @@ class SweepResult:
     requests: list | None  # per point, per-request arrays (``keep_requests=True``)
     num_groups: int
     wall_s: float
-    sim_s: float  # sum over configurations of simulated seconds
+    sim_s: float  # sum over the configurations simulated in this call of simulated seconds
+    restored: int = 0  # configurations read back from a checkpoint instead of simulated
 
     def write(self, path) -> Path:
         from jaxsim import report
@@ -270,14 +275,21 @@ _REQUEST_FIELDS = ("first_token", "finish", "first_scheduled", "prefix_hit", "nu
 
 
 def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: bool = True, devices=None,
-          keep_requests: bool = False) -> SweepResult:
-    """Run every point; see the module docstring. ``devices`` defaults to ``jax.local_devices()``."""
+          keep_requests: bool = False, checkpoint: "SweepCheckpoint | None" = None) -> SweepResult:
+    """Run every point; see the module docstring. ``devices`` defaults to ``jax.local_devices()``,
+    and to every process's devices (``jax.devices()``) in a multi-process run
+    (:mod:`jaxsim.distributed`: each process builds its slice of each chunk, the rows are gathered
+    to every process). ``checkpoint`` (:class:`jaxsim.checkpoint.SweepCheckpoint`): chunks it
+    lists as finished are not run again (their rows are read back; in a multi-process run process
+    0's checkpoint decides, and the other processes' rows of those chunks are None), and every
+    chunk run is recorded in it."""
     t_start = time.perf_counter()
     if not points:
         raise JaxsimInputError("sweep.axes", "no configurations to run")
     for i, p in enumerate(points):
         _check_point(p, base, f"sweep point {i}")
-    devices = list(devices or jax.local_devices())
+    pid, nproc = distributed.process()
+    devices = list(devices or (jax.devices() if nproc > 1 else jax.local_devices()))
     chunk_size = min(chunk_size, len(points))  # a small sweep is not padded to a full chunk
     chunk_size = max(len(devices), -(-chunk_size // len(devices)) * len(devices))
 
@@ -337,7 +349,10 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     rows: list = [None] * len(points)
     requests: list | None = [None] * len(points) if keep_requests else None
     sim_s = 0.0
-    bar = _progress(len(points), progress)
+    done = checkpoint.finished() if checkpoint is not None else {}
+    skip = distributed.agree(np.array([i in done for i in range(len(points))]))  # process 0 decides
+    restored, chunk_id = 0, -1
+    bar = _progress(len(points), progress and pid == 0)
     for (block_size, _, releases, dp_sync, _), members in groups.items():
         # A chunk loops until its slowest configuration is done, so chunks gather configurations
         # of similar length: longest trace (arrival span) first, ties in point order.
@@ -358,17 +373,28 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
         group_ext = latency.table_extents([pl.tables for i in members for pl in plans[i]])
         for lo in range(0, len(members), chunk_size):
             idx = members[lo:lo + chunk_size]
+            chunk_id += 1  # (the same chunks in the same order on every process and every restart)
+            if skip[idx].all():  # finished before a restart
+                for i in idx:
+                    rows[i] = done.get(i)
+                restored += len(idx)
+                bar.update(len(idx))
+                continue
             padded = idx + [idx[-1]] * (chunk_size - len(idx))  # one shape per group: one compile
+            mine = padded[pid * (chunk_size // nproc):(pid + 1) * (chunk_size // nproc)]  # this process's slice
             if not _is_cluster(base):
-                state, params, wl, wl_batched = simulator.build([plans[i][0] for i in padded], dims, batched=True,
+                state, params, wl, wl_batched = simulator.build([plans[i][0] for i in mine], dims, batched=True,
                                                                 workload_batched=wl_axis, max_steps=max_steps,
                                                                 pad_like=group_ext)
             else:
-                state, params, wl, wl_batched = simulator.build_clusters([plans[i] for i in padded], dims,
+                state, params, wl, wl_batched = simulator.build_clusters([plans[i] for i in mine], dims,
                                                                          workload_batched=wl_axis,
                                                                          max_steps=max_steps, pad_like=group_ext)
+            if nproc > 1:  # one global batch over every process's devices
+                state, params = distributed.global_batch((state, params), tuple(devices))
+                wl = distributed.global_batch(wl, tuple(devices), batched=wl_batched)
             final = _run_chunk(state, params, wl, wl_batched, static, tuple(devices))
-            host = jax.device_get(dict(
+            host = (jax.device_get if nproc == 1 else distributed.gather)(dict(
                 **{f: getattr(final, f) for f in _REQUEST_FIELDS}, steps=final.steps, finished=final.finished,
                 status=final.status, n_iters=final.inst.n_iters.sum(axis=1),
                 preemptions=final.inst.counters.preemptions.sum(axis=1),
@@ -377,6 +403,7 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                     power={k: getattr(final.power, k) for k in power_lib.ACTIVITY_FIELDS},
                     tier_recalled=final.inst.counters.tier_recalled, written=final.tier.written
                     if base.kv_tier.enabled else None, kv_bytes=final.kv_bytes))))
+            chunk_sim = 0.0
             for k, i in enumerate(idx):
                 one = jax.tree.map(lambda v: v[k], host)
                 row, sim = config_metrics(plans[i][0].workload, one, base.slo_ttft_ms, base.slo_tpot_ms)
@@ -387,12 +414,15 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
                 # which source priced the point's iterations (profiles.SOURCES keys; several: joined by +)
                 src = "+".join(dict.fromkeys(pl.latency_source[0] for pl in plans[i]))
                 rows[i] = {"config": i, **points[i], **row, "latency_model": src}
-                sim_s += sim
+                chunk_sim += sim
                 if keep_requests:
                     requests[i] = {f: one[f] for f in _REQUEST_FIELDS}
+            sim_s += chunk_sim
+            if checkpoint is not None:
+                checkpoint.record(chunk_id, [rows[i] for i in idx], chunk_sim)
             bar.update(len(idx))
     bar.close()
-    return SweepResult(rows, requests, len(groups), time.perf_counter() - t_start, sim_s)
+    return SweepResult(rows, requests, len(groups), time.perf_counter() - t_start, sim_s, restored)
 
 
 def _point_power(base: SweepBase, point: dict) -> "power_lib.PowerConfig | None":

@@ -27,13 +27,16 @@ calibration, ...) go through Hydra multirun, one batched sweep (and table) per j
     python scripts/sweep.py -m sweep=load model=llama3_8b,qwen3_32b hardware=rtxpro6000_tp2
 
 Jobs run one after another in this process (Hydra's basic launcher; same-shaped jobs reuse the
-compiled program). A launcher plugin spreads them over machines instead, e.g. with
-``pip install hydra-submitit-launcher`` (not a dependency of jaxsim):
+compiled program). A Hydra launcher plugin spreads them instead: over local processes with
+hydra-joblib-launcher (in the ``test`` extra; ``tests/test_launcher.py`` checks its tables against
+plain runs), over a SLURM cluster with ``pip install hydra-submitit-launcher`` (one job per
+allocation; not a dependency of jaxsim):
 
+    python scripts/sweep.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 \\
+        sweep=load hardware=rtxpro6000,rtx4090
     python scripts/sweep.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \\
-        hydra.launcher.gpus_per_node=1 sweep=load model=llama3_8b,qwen3_32b hardware=...
-
-(or ``hydra/launcher=joblib`` from hydra-joblib-launcher for local processes).
+        hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=60 \\
+        sweep=load model=llama3_8b,qwen3_32b hardware=rtxpro6000_tp2
 
 Writes to the run's output folder (``outputs/<date>/<time>/``, in multirun
 ``multirun/<date>/<time>/<job>/``, or ``output_dir=...``): the table (``sweep.table``, default
@@ -43,6 +46,7 @@ Writes to the run's output folder (``outputs/<date>/<time>/``, in multirun
 """
 
 import collections
+import hashlib
 import json
 import logging
 import sys
@@ -56,7 +60,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxsim import config as config_lib  # noqa: E402  (registers the schema)
 from jaxsim import compile_cache, report  # noqa: E402
+from jaxsim import distributed as distributed_lib  # noqa: E402
 from jaxsim import sweep as sweep_lib  # noqa: E402
+from jaxsim.checkpoint import SweepCheckpoint  # noqa: E402
 from jaxsim.errors import CapacityOverflowError, JaxsimInputError  # noqa: E402
 
 
@@ -66,7 +72,14 @@ def run_sweep(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = T
     ``out_dir`` defaults to Hydra's run folder (``output_dir``), else ``outputs/sweep``. The
     returned dict is the content of ``sweep.json`` plus ``rows`` (the table) and ``out_dir``.
     Raises :class:`JaxsimInputError` for bad config values, naming the key.
+
+    With ``distributed.num_processes`` > 1 (or ``distributed.auto``), this process joins the
+    process group first; every process runs its share of each chunk, and process 0 alone writes
+    the outputs and the checkpoint (the others return the summary with ``"written": False``).
     """
+    dist = distributed_lib.distributed_options(_plain_section(cfg, "distributed"))
+    distributed_lib.initialize(dist)  # before anything touches a device
+    pid, nproc = distributed_lib.process()
     spec = config_lib.from_hydra(cfg)
     if spec.sim.compile_cache:
         compile_cache.enable(spec.sim.compile_cache_dir or None)
@@ -74,8 +87,12 @@ def run_sweep(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = T
     base = config_lib.sweep_base(spec, opts)
     points = opts.points()
     out = Path(out_dir or spec.output_dir or "outputs/sweep")
-    result = sweep_lib.sweep(base, points, chunk_size=opts.chunk_size, progress=opts.progress)
+    ckpt = (SweepCheckpoint(opts.checkpoint, fingerprint(spec.config, points), len(points), writer=pid == 0)
+            if opts.checkpoint else None)
+    result = sweep_lib.sweep(base, points, chunk_size=opts.chunk_size, progress=opts.progress, checkpoint=ckpt)
     rows = result.rows
+    if pid != 0:  # process 0 writes the table
+        return {"n_configs": len(rows), "process": pid, "processes": nproc, "written": False}
 
     out.mkdir(parents=True, exist_ok=True)
     table = report.write_table(rows, out / opts.table)
@@ -93,6 +110,8 @@ def run_sweep(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = T
         "choices": choices,
         "slo": opts.slo,
         "status": dict(collections.Counter(r["status"] for r in rows)),
+        "restored_from_checkpoint": result.restored,
+        "processes": nproc,
         "table": str(table),
         "plots": [str(p) for p in plots],
     }
@@ -105,6 +124,23 @@ def run_sweep(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = T
         print(report.format_table(report.best_rows(rows, key=key)))
         print(summary_line(summary, out))
     return {**summary, "rows": rows, "out_dir": str(out)}
+
+
+def _plain_section(cfg: DictConfig, name: str):
+    from omegaconf import OmegaConf
+    node = cfg.get(name)
+    return None if node is None else OmegaConf.to_container(node, resolve=True)
+
+
+def fingerprint(config: dict, points: list) -> str:
+    """A name of the sweep for its checkpoint: the configuration and the points, without what
+    does not change a row (where outputs go, progress, plots, the table format, chunking, the
+    process layout)."""
+    keep = {k: v for k, v in config.items() if k not in ("output_dir", "distributed", "hydra", "output")}
+    keep["sweep"] = {k: v for k, v in (config.get("sweep") or {}).items()
+                     if k not in ("progress", "plots", "table", "checkpoint", "chunk_size")}
+    text = json.dumps([keep, points], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def summary_line(summary: dict, out: Path) -> str:
