@@ -879,35 +879,59 @@ def better(a: Evaluation, b: "Evaluation | None") -> bool:
     return b is None or feasibility_key(a) < feasibility_key(b)
 
 
-def polish(evaluate, problem: Problem, start: Evaluation, seeds, size: int, *, max_rounds: int = 4):
-    """Exact local search on the lattice of the integer variables from ``start``: each round
-    evaluates every neighbour one lattice step away in one integer variable (``2 D_int`` designs on
-    ``seeds``, in calls of ``size`` points) and moves to the best by :func:`better`; stops when no
-    neighbour is better. Relaxed integers (stochastic rounding) find the basin; this settles the
-    rounding exactly. Returns ``(best Evaluation, evaluated list, simulations, calls)``."""
+def polish(evaluate, problem: Problem, start: Evaluation, seeds, size: int, *, max_rounds: int = 4,
+           choices: "dict | None" = None, known: "dict | None" = None):
+    """Exact local search from ``start``: each round evaluates every neighbour (one lattice step
+    away in one integer variable, or, with ``choices`` ``{name: options}``, the same values with one
+    categorical choice switched to another option) on ``seeds``, in calls of ``size`` points, and
+    moves to the best by :func:`better`; stops when no neighbour is better or after ``max_rounds``.
+    Relaxed integers (stochastic rounding) find the basin; this settles the rounding exactly. By the
+    feasibility rule an infeasible design first walks toward feasibility (smaller total violation),
+    across arms too, and its neighbours are then every lattice value of one integer variable (not
+    only the next ones): the searches can all end infeasible under a guard band set at the end,
+    with the feasible designs at a corner several steps away.
+    The designs of other arms are judged by ``problem`` (the arms share objective and constraints).
+    ``known``: ``{_key(values): Evaluation}`` of designs already evaluated on ``seeds`` under
+    ``problem``'s constraints; they are not simulated again (nor returned in the evaluated list).
+    Returns ``(best Evaluation, evaluated list, simulations, calls)``."""
     space = problem.space
     ints = [v for v in space.variables if v.kind == "integer"]
+    choices = {n: tuple(o) for n, o in (choices or {}).items() if len(o) > 1}
     best, seen, sims, calls, evaluated = start, {_key(start.values)}, 0, 0, []
-    for _ in range(max_rounds if ints else 0):
+    for _ in range(max_rounds if ints or choices else 0):
         nbrs = []
+        # Feasibility restoration: from an infeasible design the neighbourhood is each integer
+        # variable's whole lattice line (the others held), since the feasible designs can be a few
+        # steps away in several variables at once; once feasible, one lattice step.
+        restore = feasibility_key(best)[0] > 0
         for v in ints:
-            for d in (-v.step, v.step):
-                x = best.values[v.name] + d
+            line = [v.lo + k * v.step for k in range(v.levels)] if restore else \
+                [best.values[v.name] - v.step, best.values[v.name] + v.step]
+            for x in line:
                 cand = {**best.values, v.name: int(x)}
                 if v.lo <= x <= v.hi and _key(cand) not in seen:
                     seen.add(_key(cand))
                     nbrs.append(cand)
+        for n, opts in choices.items():
+            for o in opts:
+                cand = {**best.values, n: o}
+                if _key(cand) not in seen:
+                    seen.add(_key(cand))
+                    nbrs.append(cand)
         if not nbrs:
             break
-        pts = [space.sweep_point(c, s) for c in nbrs for s in seeds]
-        per = evaluate_fixed_size(evaluate, space, pts, size)
-        room = size - (1 if space.needs_anchor else 0)
-        sims, calls = sims + size * -(-len(pts) // room), calls + -(-len(pts) // room)
-        n = len(seeds)
-        evs = [_evaluation(problem, space.to_unit(c), c, per[n * i:n * (i + 1)]) for i, c in enumerate(nbrs)]
-        evaluated.extend(evs)
+        new = [c for c in nbrs if _key(c) not in (known or {})]
+        evs = []
+        if new:
+            pts = [space.sweep_point(c, s) for c in new for s in seeds]
+            per = evaluate_fixed_size(evaluate, space, pts, size)
+            room = size - (1 if space.needs_anchor else 0)
+            sims, calls = sims + size * -(-len(pts) // room), calls + -(-len(pts) // room)
+            n = len(seeds)
+            evs = [_evaluation(problem, space.to_unit(c), c, per[n * i:n * (i + 1)]) for i, c in enumerate(new)]
+            evaluated.extend(evs)
         top = None
-        for e in evs:
+        for e in evs + [known[_key(c)] for c in nbrs if _key(c) in (known or {})]:
             top = e if better(e, top) else top
         if not better(top, best):
             break
@@ -957,7 +981,8 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
        noise grows toward the boundary, where phase 2 ends; other fresh seeds; skipped, ``std_end``
        NaN, when that design misses the plain bounds), and the guard band set by the larger of the two measurements
        (``noise[metric]["std_mid"]``, ``["std_end"]``);
-    5. :func:`polish` the integer variables of the best design (``polish_rounds``).
+    5. :func:`polish` the best design (``polish_rounds``): its integer variables and its categorical
+       choices (another arm's design with the same values is a neighbour).
     The best design is the best exact evaluation of all phases and arms under the final guarded
     constraints (every design re-scored from its metrics), by :func:`better`. Every call has the same
     number of points (one compile). ``search_kw`` go to :func:`search` (radius, num_directions, ...).
@@ -1044,16 +1069,22 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
         if better(ev, best):
             best, best_arm = ev, i
     exacts = rescored
-    pol, extra, psims, pcalls = polish(evaluate, guarded[best_arm], best, seeds, size, max_rounds=polish_rounds)
+    known = {_key(e.values): e for e in exacts}  # evaluated on the same seeds: not simulated again
+    pol, extra, psims, pcalls = polish(evaluate, guarded[best_arm], best, seeds, size, max_rounds=polish_rounds,
+                                       choices=problem.space.choices, known=known)
     exacts += extra
+
+    def arm_of(values):
+        return next(p for p in guarded if all(values.get(k) == o for k, o in p.space.fixed.items()))
+
     for r in rows:  # phase-1 designs judged by the guarded constraints too
         g = next(p for p in guarded if dict(p.space.fixed) == r["arm"])
         r["feasible"] = all(c.violation(r["metrics"]) <= 0 for c in g.constraints) and math.isfinite(r["objective"])
     for e in extra:
-        rows.append(dict(phase="polish", arm=dict(guarded[best_arm].space.fixed), step=None,
+        rows.append(dict(phase="polish", arm=dict(arm_of(e.values).space.fixed), step=None,
                          simulations=sims + psims, values=e.values, objective=e.objective, feasible=e.feasible,
                          accepted=e is pol, metrics=e.metrics))
-    return DesignResult(pol, guarded[best_arm], noise, exacts, traj, rows, sims + psims, calls + pcalls,
+    return DesignResult(pol, arm_of(pol.values), noise, exacts, traj, rows, sims + psims, calls + pcalls,
                         time.perf_counter() - t0)
 
 

@@ -309,6 +309,53 @@ def test_integer_lattice_grid_and_polish():
     assert [e.values["max_num_seqs"] for e in evaluated] == [24, 40, 56] and (sims, calls) == (15, 3)
 
 
+def test_polish_crosses_arms_and_reuses_known_designs():
+    # a categorical choice (hardware a / b) as a polish neighbour: the objective (seats - 40)^2 + 100 on
+    # "a" is only minimised (0) at 40 seats on "b", a design no integer step from the start (8, "a") reaches
+    space = S.Space((S.Variable("max_num_seqs", 8, 60, "integer", step=16),), choices={"hardware": ("a", "b")})
+
+    class Fake:
+        def __call__(self, points):
+            return [dict(ttft_ms=np.ones(1), tpot_ms=np.ones(1), done=np.ones(1, bool), ok=np.ones(1, bool),
+                         soft=np.ones(1), throughput_rps=float((p["max_num_seqs"] - 40) ** 2
+                                                               + (100 if p["hardware"] == "a" else 0)),
+                         goodput_rps=1.0, soft_goodput_rps=1.0, output_tok_s=1.0, status="ok") for p in points]
+
+    arm_a = S.Problem(space.arms()[0], S.metric_objective("throughput_rps"))
+    start = S.evaluate_design(Fake(), arm_a, {"max_num_seqs": 8, "hardware": "a"}, (0,), 5)
+    assert start.objective == 32 ** 2 + 100
+    best, evaluated, sims, calls = S.polish(Fake(), arm_a, start, (0,), 5, max_rounds=6, choices=space.choices)
+    assert (best.values, best.objective) == ({"hardware": "b", "max_num_seqs": 40}, 0.0)
+    # rounds: {24a 356, 8b 1024} -> 24a; {40a 100, 24b 256} -> 40a; {56a 356, 40b 0} -> 40b; {56b 256}: stop
+    assert [(e.values["max_num_seqs"], e.values["hardware"]) for e in evaluated] == [
+        (24, "a"), (8, "b"), (40, "a"), (24, "b"), (56, "a"), (40, "b"), (56, "b")] and calls == 4
+    # designs already evaluated are not simulated again, and still chosen
+    known = {S._key(e.values): e for e in evaluated if e.values["hardware"] == "b"}
+    best2, evaluated2, _, calls2 = S.polish(Fake(), arm_a, start, (0,), 5, max_rounds=6, choices=space.choices,
+                                            known=known)
+    assert best2.values == best.values and all(e.values["hardware"] == "a" for e in evaluated2) and calls2 == 3
+
+
+def test_polish_restores_feasibility_along_whole_lattice_lines():
+    # TPOT meets its 20 ms bound only at 56 seats: from 8 seats, the next lattice point (24) is no
+    # less infeasible, so one-step moves would stop; restoration scans the whole line, then descends
+    space = S.Space((S.Variable("max_num_seqs", 8, 60, "integer", step=16),))
+
+    class Fake:
+        def __call__(self, points):
+            return [dict(ttft_ms=np.ones(4), tpot_ms=np.full(4, 10.0 if p["max_num_seqs"] == 56 else 30.0),
+                         done=np.ones(4, bool), ok=np.ones(4, bool), soft=np.ones(4), throughput_rps=1.0,
+                         goodput_rps=1.0, soft_goodput_rps=1.0, output_tok_s=1.0, status="ok") for p in points]
+
+    prob = S.Problem(space, S.linear_cost({"max_num_seqs": 1.0}), (S.Constraint("tpot_p99_ms", "<=", 20.0),))
+    start = S.evaluate_design(Fake(), prob, {"max_num_seqs": 8}, (0,), 5)
+    assert not start.feasible
+    best, evaluated, _, calls = S.polish(Fake(), prob, start, (0,), 5, max_rounds=4)
+    assert best.values == {"max_num_seqs": 56} and best.feasible and best.objective == 56
+    # round 1 (infeasible): the line {24, 40, 56}; round 2 (feasible): 40 was seen, 72 is off the box
+    assert [e.values["max_num_seqs"] for e in evaluated] == [24, 40, 56] and calls == 1
+
+
 # --- problem A in miniature ---------------------------------------------------------------------
 
 
