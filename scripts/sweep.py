@@ -38,11 +38,24 @@ allocation; not a dependency of jaxsim):
         hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=60 \\
         sweep=load model=llama3_8b,qwen3_32b hardware=rtxpro6000_tp2
 
+One sweep over several processes or hosts (``jaxsim.distributed``; the same command everywhere,
+each process with its id; process 0 writes the outputs):
+
+    python scripts/sweep.py sweep=load distributed.num_processes=2 distributed.process_id=0 \
+        distributed.coordinator=10.0.0.1:12355      # and process_id=1 on the other host
+    srun python scripts/sweep.py sweep=load distributed.auto=true     # SLURM sets the rest
+
+A long sweep checkpoints its finished chunks (``jaxsim.checkpoint``); killed, the same command
+resumes it, skipping what is done:
+
+    python scripts/sweep.py sweep=load sweep.checkpoint=ckpt/load
+
 Writes to the run's output folder (``outputs/<date>/<time>/``, in multirun
 ``multirun/<date>/<time>/<job>/``, or ``output_dir=...``): the table (``sweep.table``, default
 ``sweep.csv``; ``.parquet`` needs pyarrow), the plots of ``jaxsim.report.default_plots`` (unless
 ``sweep.plots=false``), ``sweep.json`` (``n_configs``, ``num_groups``, ``wall_s``, ``sim_s``,
-``aggregate_realtime_factor``, ``axes``, ``choices``, ...) and the resolved ``config.yaml``.
+``aggregate_realtime_factor``, ``axes``, ``choices``, ``restored_from_checkpoint``, ``processes``,
+...) and the resolved ``config.yaml``.
 """
 
 import collections
