@@ -289,7 +289,9 @@ def sweep(base: SweepBase, points: list, *, chunk_size: int = 128, progress: boo
     for i, p in enumerate(points):
         _check_point(p, base, f"sweep point {i}")
     pid, nproc = distributed.process()
-    devices = list(devices or (jax.devices() if nproc > 1 else jax.local_devices()))
+    # (every process's devices in one block per process: process p builds the p-th slice of a chunk)
+    devices = list(devices or (sorted(jax.devices(), key=lambda d: (d.process_index, d.id)) if nproc > 1
+                               else jax.local_devices()))
     chunk_size = min(chunk_size, len(points))  # a small sweep is not padded to a full chunk
     chunk_size = max(len(devices), -(-chunk_size // len(devices)) * len(devices))
 
