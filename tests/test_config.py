@@ -191,7 +191,7 @@ def test_schema_type_errors_at_compose():
 # by hardware, checked by jaxsim.power.node_power) and `output_dir`.
 SPEC_GROUPS = {"hardware": HardwareConfig, "model": ModelRuntimeConfig, "scheduler": SchedulerConfig,
                "calibration": Calibration, "sim": jconfig.SimOptions, "output": OutputOptions, "kv_tier": KVTierConfig}
-OTHER_SECTIONS = {"workload", "sweep", "cluster", "paths", "power", "output_dir"}
+OTHER_SECTIONS = {"workload", "sweep", "cluster", "paths", "power", "output_dir", "distributed"}
 # A valid value for every field, other than the default where the rest of the config allows it.
 OVERRIDES = {
     "hardware": dict(name="RTX4090", mem_size_gb=24.0, mem_util=0.8, num_gpu_blocks=1000, activation_reserve_gb=1.5,
@@ -226,6 +226,8 @@ def test_schema_fields_are_the_spec_fields():
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(cfg[group]) == fields, group
         assert set(OVERRIDES[group]) == fields, group
+    from jaxsim.distributed import DistributedOptions  # validated by jaxsim.distributed, not spec.build
+    assert set(cfg["distributed"]) == {f.name for f in dataclasses.fields(DistributedOptions)}
 
 
 def test_every_spec_field_overrides_from_the_command_line():
