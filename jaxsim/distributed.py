@@ -36,8 +36,9 @@ class DistributedOptions:
     """The validated ``distributed`` section (:func:`distributed_options`).
 
     ``num_processes`` 1 (the default) is a plain single-process run. ``auto``: let
-    ``jax.distributed.initialize()`` detect the cluster (SLURM, Open MPI, ...) from its
-    environment variables instead of the three explicit fields."""
+    ``jax.distributed.initialize()`` detect the cluster from its environment instead of the three
+    explicit fields: SLURM and Open MPI variables, or a Kubernetes pod (JAX's detection of it needs
+    the ``kubernetes`` package); the explicit fields work everywhere."""
 
     num_processes: int = 1
     process_id: int | None = None
