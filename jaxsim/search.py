@@ -205,6 +205,13 @@ class Space:
         p = self.point(values)
         return {"invalid": True, "seed": int(seed)} if p is None else {**p, "seed": int(seed)}
 
+    def designs(self) -> "list | None":
+        """Every design of an all-integer space (each lattice point, every arm), without the
+        designs that do not exist (:meth:`point` None); None when a variable is continuous."""
+        if any(v.kind != "integer" for v in self.variables):
+            return None
+        return [v for v in self.grid(2) if self.point(v) is not None]
+
     def grid(self, levels: int) -> list:
         """The exhaustive grid: every lattice point of the integer variables, ``levels`` evenly
         spaced values of each continuous one (bounds included); a list of values dicts."""
@@ -968,8 +975,12 @@ class DesignResult:
 
 def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, steps: int = 12,
                   noise_after: int | None = None, noise_seeds=None, z: float = 1.645, polish_rounds: int = 3,
-                  **search_kw) -> DesignResult:
+                  exhaustive: bool | None = None, **search_kw) -> DesignResult:
     """Search, then guard the constraints against trace noise, search on, and polish the integers.
+
+    ``exhaustive``: evaluate every design instead (:func:`_exhaustive`, the same guard band). None
+    (the default) does so when every variable is an integer and the whole lattice, all arms, costs
+    no more simulations than the searches' steps would: a gradient cannot beat the grid there.
 
     1. :func:`search` for ``noise_after`` steps (default half of ``steps``) on the plain constraints,
        once per arm of the space's categorical choices (:meth:`Space.arms`);
@@ -995,6 +1006,15 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
     n1 = steps // 2 if noise_after is None else noise_after
     if not 0 < n1 < steps:
         raise JaxsimInputError("search.noise_after", f"must be in [1, steps - 1] = [1, {steps - 1}], got {n1}")
+    if noise_seeds is None:
+        start_seed = max(seeds) + 1000  # fresh traces: neither the search's nor (by convention) held-out ones
+        noise_seeds = range(start_seed, start_seed + max(room, len(seeds) + 2))
+    noise_seeds = [int(s) for s in noise_seeds] if problem.constraints else []  # nothing to guard
+    if exhaustive is None:
+        designs = problem.space.designs()
+        exhaustive = designs is not None and len(designs) * len(seeds) <= steps * size * len(arms)
+    if exhaustive:
+        return _exhaustive(evaluate, problem, arms, seeds, size, noise_seeds, z, t0)
     sims = calls = 0
     rows: list = []
 
@@ -1013,10 +1033,6 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
     lead = None
     for i, r in enumerate(first):
         lead = i if lead is None or better(_plain(arms[i], r.best), _plain(arms[lead], first[lead].best)) else lead
-    if noise_seeds is None:
-        start_seed = max(seeds) + 1000  # fresh traces: neither the search's nor (by convention) held-out ones
-        noise_seeds = range(start_seed, start_seed + max(room, len(seeds) + 2))
-    noise_seeds = [int(s) for s in noise_seeds] if problem.constraints else []  # nothing to guard
     # measured at the cheapest design of phase 1 that meets the plain bounds (else the best reached):
     # an overloaded design's noise would inflate the band for nothing
     at_i, at = lead, _plain(arms[lead], first[lead].best)
@@ -1085,6 +1101,57 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
                          simulations=sims + psims, values=e.values, objective=e.objective, feasible=e.feasible,
                          accepted=e is pol, metrics=e.metrics))
     return DesignResult(pol, arm_of(pol.values), noise, exacts, traj, rows, sims + psims, calls + pcalls,
+                        time.perf_counter() - t0)
+
+
+def _exhaustive(evaluate, problem: Problem, arms: list, seeds: tuple, size: int, noise_seeds: list, z: float,
+                t0: float) -> DesignResult:
+    """Every design of an all-integer space (:meth:`Space.designs`) on ``seeds``, in calls of
+    ``size`` points, and the guard band of :func:`design_search` (the noise measured at the cheapest
+    design meeting the plain bounds, then at the best one under that band); the answer is the best
+    design under the final band. Rows are phase ``"grid"``."""
+    designs = problem.space.designs()
+    space = arms[0].space  # (its anchor pads every call: the search's call shape)
+    per = evaluate_fixed_size(evaluate, space, [space.sweep_point(v, s) for v in designs for s in seeds], size)
+    room = size - (1 if space.needs_anchor else 0)
+    calls = -(-len(designs) * len(seeds) // room)
+    n = len(seeds)
+    evs = [_evaluation(problem, problem.space.to_unit(v), v, per[n * i:n * (i + 1)]) for i, v in enumerate(designs)]
+
+    def arm_of(values):
+        return next(p for p in arms if all(values.get(k) == o for k, o in p.space.fixed.items()))
+
+    def best_under(p):
+        b = None
+        for e in evs:
+            e = _plain(p, e)
+            b = e if better(e, b) else b
+        return b
+
+    noise = {}
+    if noise_seeds:
+        n_calls = -(-len(noise_seeds) // room)
+        at = best_under(problem)  # the cheapest design meeting the plain bounds (else the least violating)
+        noise = seed_noise(evaluate, arm_of(at.values), at.values, noise_seeds, n, size)
+        calls += n_calls
+        mid = best_under(guard_band(problem, noise, z))
+        if _plain(problem, mid).feasible:  # the noise grows toward the boundary: measure it there too
+            again = [s + len(noise_seeds) for s in noise_seeds]
+            noise2 = seed_noise(evaluate, arm_of(mid.values), mid.values, again, n, size)
+            calls += n_calls
+        else:
+            noise2 = {m: {"std": math.nan} for m in noise}
+        noise = {m: {**v, "std": max(v["std"], noise2[m]["std"]) if math.isfinite(noise2[m]["std"]) else v["std"],
+                     "std_mid": v["std"], "std_end": noise2[m]["std"]} for m, v in noise.items()}
+    guarded = guard_band(problem, noise, z)
+    evs = [_plain(guarded, e) for e in evs]
+    best = None
+    for e in evs:
+        best = e if better(e, best) else best
+    rows = [dict(phase="grid", arm={k: e.values[k] for k in problem.space.choices}, step=None,
+                 simulations=size * -(-(i + 1) * n // room), values=e.values, objective=e.objective,
+                 feasible=e.feasible, accepted=e is best, metrics=e.metrics) for i, e in enumerate(evs)]
+    return DesignResult(best, guard_band(arm_of(best.values), noise, z), noise, evs, [], rows, calls * size, calls,
                         time.perf_counter() - t0)
 
 

@@ -17,6 +17,9 @@ The ``search`` section (validated by :func:`search_options`; an unknown key is a
     seeds / heldout_seeds                trace seeds of the search / of the final re-simulation
     steps, directions (K antithetic pairs), direction_kind, radius (in the unit box), optimizer
     (adam | sgd), learning_rate, penalty (augmented-Lagrangian mu), trust_radius, seed, x0, plots
+    design, choices, step, constraints_method, guard_z, noise_after, noise_seeds, polish_rounds
+    exhaustive: true | false | null (every design instead of a search; null: when the all-integer
+                 lattice costs no more simulations than the search's steps)
 
 Metrics (:func:`jaxsim.search.pool_metrics`) pool the requests of all seeds: ``ttft_p99_ms`` is the
 P99 over every request of every seed. Everything else (hardware, model, scheduler, workload, which
@@ -104,6 +107,9 @@ class SearchSchema:
     noise_after: Optional[int] = None  # steps before the trace noise is measured (null: half of steps)
     noise_seeds: int = 0  # seeds of the noise measurement (0: as many as fill one call)
     polish_rounds: int = 3  # exact local search rounds on the integer lattice
+    # every design instead of a search: null = when the space is all-integer and its whole lattice
+    # costs no more simulations than the search's steps (then the grid is the better tool)
+    exhaustive: Optional[bool] = None
 
 
 @dataclasses.dataclass
@@ -158,6 +164,7 @@ class SearchOptions:
     noise_after: int | None
     noise_seeds: int
     polish_rounds: int
+    exhaustive: bool | None = None
 
 
 def _num(v, key, lo=None, lo_open=False, integer=False):
@@ -334,7 +341,14 @@ def search_options(d: dict | None) -> SearchOptions:
         constraints_method=get("constraints_method"), guard_z=_num(get("guard_z"), f"{p}.guard_z", 0),
         noise_after=None if d.get("noise_after") is None else _num(d["noise_after"], f"{p}.noise_after", 1, integer=True),
         noise_seeds=_num(get("noise_seeds"), f"{p}.noise_seeds", 0, integer=True),
-        polish_rounds=_num(get("polish_rounds"), f"{p}.polish_rounds", 0, integer=True))
+        polish_rounds=_num(get("polish_rounds"), f"{p}.polish_rounds", 0, integer=True),
+        exhaustive=_opt_bool(d.get("exhaustive"), f"{p}.exhaustive"))
+
+
+def _opt_bool(v, key):
+    if v is not None and not isinstance(v, bool):
+        raise JaxsimInputError(key, f"must be true, false or null, got {v!r}")
+    return v
 
 
 class _PendingDesign:
@@ -501,7 +515,8 @@ def run_design_search(opts: SearchOptions, evaluate) -> S.DesignResult:
                            noise_after=opts.noise_after,
                            noise_seeds=(range(max(opts.seeds) + 1000, max(opts.seeds) + 1000 + opts.noise_seeds)
                                         if opts.noise_seeds else None),
-                           z=opts.guard_z, polish_rounds=opts.polish_rounds, radius=opts.radius,
+                           z=opts.guard_z, polish_rounds=opts.polish_rounds, exhaustive=opts.exhaustive,
+                           radius=opts.radius,
                            num_directions=opts.directions, kind=opts.direction_kind, optimizer=opts.optimizer,
                            learning_rate=opts.learning_rate, mu=opts.penalty,
                            trust=S.TrustRegion(radius=opts.trust_radius), seed=opts.seed,

@@ -356,6 +356,34 @@ def test_polish_restores_feasibility_along_whole_lattice_lines():
     assert [e.values["max_num_seqs"] for e in evaluated] == [24, 40, 56] and calls == 1
 
 
+def test_design_search_enumerates_a_small_integer_space():
+    # 4 seat limits x 2 hardware = 8 designs on 2 seeds (16 simulations) cost less than 4 search steps
+    # of 7 points per arm: every design is evaluated, then guarded as the search would be
+    space = S.Space((S.Variable("max_num_seqs", 8, 60, "integer", step=16),), choices={"hardware": ("a", "b")})
+
+    class Fake:
+        sizes = []
+
+        def __call__(self, points):
+            Fake.sizes.append(len(points))
+            return [dict(ttft_ms=np.ones(4), done=np.ones(4, bool), ok=np.ones(4, bool), soft=np.ones(4),
+                         tpot_ms=np.full(4, 40 - p["max_num_seqs"] / 2 + (5 if p["hardware"] == "a" else 0)
+                                         + (1.0 if p["seed"] % 2 else -1.0)),
+                         throughput_rps=1.0, goodput_rps=1.0, soft_goodput_rps=1.0, output_tok_s=1.0, status="ok")
+                    for p in points]
+
+    prob = S.Problem(space, S.linear_cost({"max_num_seqs": 1.0}), (S.Constraint("tpot_p99_ms", "<=", 25.0),))
+    r = S.design_search(Fake(), prob, {"max_num_seqs": 56}, (0, 1), steps=4, num_directions=1)
+    # TPOT P99 (seeds 0 and 1 pooled): b 40 -> 21 ms, b 24 -> 29, a 56 -> 18, a 40 -> 26: (40, b) is cheapest
+    assert r.best.values == {"hardware": "b", "max_num_seqs": 40} and r.best.feasible
+    (c,) = r.problem.constraints
+    assert 0 < c.margin < 0.15 and r.best.metrics["tpot_p99_ms"] <= c.target
+    assert len(r.rows) == 8 and {row["phase"] for row in r.rows} == {"grid"} and r.trajectory == []
+    assert [row["accepted"] for row in r.rows].count(True) == 1
+    # 16 points in calls of 7 (6 + the anchor): 3 calls; the two noise measurements: 1 call each
+    assert Fake.sizes == [7] * 5 and (r.calls, r.evaluations) == (5, 35)
+
+
 # --- problem A in miniature ---------------------------------------------------------------------
 
 
