@@ -8,8 +8,10 @@ runs in *stretches*: its step limit (``ClusterState.max_steps``, a traced value)
 of steps ahead, the loop returns, the bar is updated, and the loop is called again on the
 returned state with the next limit. A stopped loop has written everything it holds (the early
 ends of decode leaps are flushed when it returns), so the stretches give the same result as one
-call (``tests/test_outputs.py``) and the same compiled executable serves every stretch. A run
-shorter than the first stretch is one call, as without a bar.
+call (``tests/test_outputs.py``, ``tests/test_long_trace.py``) and the same compiled executable
+serves every stretch. A run shorter than the first stretch is one call, as without a bar.
+:func:`jaxsim.simulator.run_prepared` donates each stretch's state to the next (no copy of the
+state per call), so a long trace's stretches cost what its steps cost.
 """
 
 import dataclasses
@@ -28,16 +30,22 @@ MAX_STRETCH = 1 << 22
 
 class Bar:
     """A tqdm bar of finished requests with the simulated clock, shown once the run has taken
-    ``delay_s`` (short runs print nothing). A context manager; ``enabled=False`` shows nothing."""
+    ``delay_s`` (short runs print nothing). A context manager; ``enabled=False`` shows nothing.
+    ``callback(finished, now_ns)``, when given, is called at every update too (requests finished
+    so far, simulated ns since the trace's time 0: for a notebook or a log instead of a bar)."""
 
-    def __init__(self, total: int, enabled: bool = True, delay_s: float = 2.0, desc: str = "simulate"):
+    def __init__(self, total: int, enabled: bool = True, delay_s: float = 2.0, desc: str = "simulate",
+                 callback=None):
         from tqdm.auto import tqdm
 
         self.tqdm = tqdm(total=total, unit="req", desc=desc, delay=delay_s, disable=not enabled, dynamic_ncols=True)
+        self.callback = callback
 
     def show(self, now_ns: int, finished: int) -> None:
         self.tqdm.set_postfix_str(f"simulated {now_ns / 1e9:,.1f} s", refresh=False)
         self.tqdm.update(finished - self.tqdm.n)
+        if self.callback is not None:
+            self.callback(finished, now_ns)
 
     def __enter__(self):
         return self

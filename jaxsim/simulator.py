@@ -12,6 +12,7 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxsim.building import build, build_clusters
@@ -129,17 +130,37 @@ def check_evict_locations(instances: "list[InstanceSpec]", kv_tier: KVTierConfig
                                    f"set kv_tier={kind}" if kind in ("cpu", "cxl") else "use \"cpu\" or \"cxl:<id>\"")
 
 
+def _record_iterations(kwargs: dict) -> bool:
+    """Pop ``record_iterations`` from a run's keyword arguments (default True), refusing the
+    settings that need the iteration rows."""
+    rows = bool(kwargs.pop("record_iterations", True))
+    if not rows and kwargs.get("power") is not None:
+        raise JaxsimInputError("record_iterations", "False, but the power meter prices energy from the iteration rows",
+                               "keep the iteration rows (record_iterations=True) or run without power")
+    return rows
+
+
+def _one_row(dims: Dims, num_instances: int) -> "tuple[Dims, int]":
+    """``dims`` with a 1-row iteration buffer (rows are not recorded: ``Static.record_iterations``
+    False ignores it, as a sweep does), and the step limit the full buffer would have allowed (the
+    limit follows the iterations a run may take, :meth:`Dims.max_steps`)."""
+    return dataclasses.replace(dims, max_iters=1), dims.max_steps(num_instances)
+
+
 def prepare(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
             rt: ModelRuntimeConfig = ModelRuntimeConfig(), calib: Calibration = Calibration(), **kwargs) -> Prepared:
     """Everything :func:`cluster.run` needs for one configuration (:func:`plan_run` + ``build``).
-    ``power``: a :class:`jaxsim.power.PowerConfig` (meter power and energy; None: none)."""
+    ``power``: a :class:`jaxsim.power.PowerConfig` (meter power and energy; None: none).
+    ``record_iterations=False``: keep no iteration rows (:func:`simulate`)."""
     power = kwargs.get("power")
+    rows = _record_iterations(kwargs)
     pl = plan_run(workload, model, hw, sched, rt, calib, **kwargs)
     # Size classes let separate runs of similar traces share a compile (a sweep compiles once per
     # group anyway, so it keeps exact sizes and the memory they save).
     dims = pl.dims.bucketed(exact_iters=bool(kwargs.get("max_iterations")))
-    state, params, wl, _ = build([pl], dims, batched=False)
-    static = dims.static(pl.block_size, releases=needs_releases([pl]), kv_tier=pl.kv_tier)
+    dims, max_steps = (dims, None) if rows else _one_row(dims, 1)
+    state, params, wl, _ = build([pl], dims, batched=False, max_steps=max_steps)
+    static = dims.static(pl.block_size, record_iterations=rows, releases=needs_releases([pl]), kv_tier=pl.kv_tier)
     return Prepared(state, params, wl, static, pl.num_blocks, pl.block_size, workload, pl.max_iters_bound,
                     pl.profile_outliers, pl.approximations, (pl.latency_source,),
                     memory_layout([pl], params.sched.tier_pool[None]),
@@ -153,10 +174,14 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
     differ per instance) serving ``workload``, with arrivals routed by ``router`` and KV handed
     from prefill to decode instances over ``links``."""
     power = kwargs.get("power")
+    rows = _record_iterations(kwargs)
     plans = plan_cluster(workload, model, instances, rt, links, dp_sync, **kwargs)
     kwargs.pop("power", None)
     dims = Dims.merge([pl.dims for pl in plans]).bucketed(exact_iters=bool(kwargs.get("max_iterations")))
-    if not kwargs.get("max_iterations") and len(plans) > 1:
+    max_steps = None
+    if not rows:
+        dims, max_steps = _one_row(dims, len(plans))
+    elif not kwargs.get("max_iterations") and len(plans) > 1:
         # Each instance records only its own iterations, so an automatic buffer starts from twice
         # an even share of the trace's guess (a buffer of the whole guess per instance grows with
         # instances x trace: 64 instances of a 19,200-request trace did not fit in 24 GiB). A run
@@ -164,9 +189,10 @@ def prepare_cluster(workload: Workload, model: ModelConfig, instances: "list[Ins
         share = min(dims.max_iters, -(-2 * dims.max_iters // len(plans)) + 1024)
         dims = dataclasses.replace(dims, max_iters=bucket(share))
     # one design of the batched builder, its configuration axis dropped (the plans' axis is the instance axis)
-    state, params, wl, _ = build_clusters([plans], dims, workload_batched=False)
+    state, params, wl, _ = build_clusters([plans], dims, workload_batched=False, max_steps=max_steps)
     state, params = jax.tree.map(lambda x: x[0], (state, params))
-    static = dims.static(plans[0].block_size, num_instances=len(plans), releases=needs_releases(plans), router=router,
+    static = dims.static(plans[0].block_size, record_iterations=rows, num_instances=len(plans),
+                         releases=needs_releases(plans), router=router,
                          dp_sync=needs_dp_sync(plans), kv_tier=plans[0].kv_tier)
     return Prepared(state, params, wl, static, sum(pl.num_blocks for pl in plans), plans[0].block_size, workload,
                     max(pl.max_iters_bound for pl in plans),
@@ -181,18 +207,48 @@ def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[In
                      links: LinkConfig = LinkConfig(), dp_sync: str = "moe", **kwargs) -> SimResult:
     """Simulate a cluster (see :func:`prepare_cluster`); per-request results carry the instance
     that finished each request, and the iteration rows of every instance (``iter_instance``);
-    P/D runs add the prefill instance, KV transfer times and bytes of every request."""
+    P/D runs add the prefill instance, KV transfer times and bytes of every request. Keyword
+    arguments as :func:`simulate`'s (``progress``, ``record_iterations``, ...)."""
     return _run_growing_buffer(
         lambda **kw: prepare_cluster(workload, model, instances, router, rt, links, dp_sync, **kw), kwargs)
 
 
-def run_prepared(p: Prepared, bar: "progress.Bar | None" = None) -> cluster.ClusterState:
+# The stretches of a run with progress (jaxsim.progress) hand each stretch's final state to the
+# next. Donated, the loop runs in the state's own buffers; otherwise XLA copies the whole state into
+# the loop first, on every call: with a 1,000,000-request trace that state (its prefix index with an
+# entry per distinct block hash, mostly) is 1.25 GB, 0.4 s per stretch of ~0.5 s.
+_run_donating = jax.jit(cluster.simulate_until_done, static_argnames="static", donate_argnames="st")
+
+
+def run_prepared(p: Prepared, bar: "progress.Bar | None" = None, first: int = progress.FIRST_STRETCH
+                 ) -> cluster.ClusterState:
     """Run the compiled loop to the end. With a ``bar``, the loop runs in stretches of steps
-    (:func:`jaxsim.progress.run_in_stretches`) and the bar shows simulated time and finished
-    requests between them; the result is the same."""
+    (:func:`jaxsim.progress.run_in_stretches`, the first of ``first`` steps) and the bar shows
+    simulated time and finished requests between them; the result is the same
+    (``tests/test_long_trace.py``). ``p.state`` is left as it was (the stretches work on a copy)."""
     if bar is None:
         return cluster.run(p.state, p.params, p.workload, p.static)
-    return progress.run_in_stretches(lambda st: cluster.run(st, p.params, p.workload, p.static), p.state, bar)
+    state = jax.tree.map(jnp.copy, p.state)  # one copy: the stretches donate their state
+    return progress.run_in_stretches(lambda st: _run_donating(st, p.params, p.workload, p.static), state, bar,
+                                     first)
+
+
+def result_of(p: Prepared, final: cluster.ClusterState, wall_s: float | None = None) -> SimResult:
+    """:func:`jaxsim.results.to_result` of a run; a run that kept no iteration rows
+    (``record_iterations=False``) gets empty ``iter_*`` arrays, and its ``stats`` still count
+    the iterations it ran (``iterations``, per instance and per latency source) and say
+    ``iteration_rows: "not recorded"``."""
+    if p.static.record_iterations:
+        return to_result(p, final, wall_s=wall_s)
+    counts = [int(c) for c in np.asarray(final.inst.n_iters)]
+    r = to_result(p, dataclasses.replace(final, inst=dataclasses.replace(final.inst, n_iters=jnp.zeros_like(
+        final.inst.n_iters))), wall_s=wall_s)
+    stats = dict(r.stats, iterations=sum(counts), iteration_rows="not recorded")
+    if "iterations_per_instance" in stats:
+        stats["iterations_per_instance"] = counts
+    for source, d in stats.get("latency_model", {}).items():
+        d["iterations"] = sum(c for (src, _), c in zip(p.latency_sources, counts) if src == source)
+    return dataclasses.replace(r, stats=stats)
 
 
 def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: SchedulerConfig,
@@ -201,9 +257,24 @@ def simulate(workload: Workload, model: ModelConfig, hw: HardwareConfig, sched: 
     """Simulate one instance serving ``workload``; returns per-request and per-iteration results.
 
     With an automatic iteration buffer (``max_iterations=0``), a run that fills it is rerun with
-    twice the rows (a recompile), up to the proven bound. ``progress=True`` shows a bar (simulated
-    time, finished requests) once the run has taken 2 s (:mod:`jaxsim.progress`); the
-    other keyword arguments are :func:`jaxsim.planning.plan`'s.
+    twice the rows (a recompile), up to the proven bound. The other keyword arguments are
+    :func:`jaxsim.planning.plan`'s, and:
+
+    - ``progress``: ``True`` shows a tqdm bar (simulated time, finished requests) once the run
+      has taken 2 s; a callable ``fn(finished: int, now_ns: int)`` is called instead, after each
+      stretch of the loop (:mod:`jaxsim.progress`). Either way the result is the one-call run's.
+    - ``record_iterations=False`` keeps no per-iteration rows: the result's ``iter_*`` arrays are
+      empty (``stats["iterations"]`` still counts them). With ``record_token_times=False`` too,
+      the run's memory grows with its requests only, not with its iterations and tokens, and
+      stays flat while it runs: per request ~100 bytes of state and its prefix-hash ids padded
+      to the longest request (~2 KB for ShareGPT lengths), and 12 bytes per distinct block hash
+      of the trace (the prefix index): 3.2 GB of arrays for 1,000,000 ShareGPT requests (README
+      "Long traces"). Not with ``power`` (it prices the rows).
+
+    Raises:
+      JaxsimInputError: a bad setting or trace line (see :func:`plan_run`).
+      CapacityOverflowError: the run hit a capacity it was built with (iteration rows set by
+        ``max_iterations``, slots, the step limit).
     """
     return _run_growing_buffer(lambda **kw: prepare(workload, model, hw, sched, rt, calib, **kw), kwargs)
 
@@ -215,11 +286,12 @@ def _run_growing_buffer(prepare_fn, kwargs: dict) -> SimResult:
     kwargs = dict(kwargs)
     show = kwargs.pop("progress", False)
     p = prepare_fn(**kwargs)
-    with progress.Bar(p.workload_host.num_requests, enabled=show) as bar:
+    with progress.Bar(p.workload_host.num_requests, enabled=bool(show) and not callable(show),
+                      callback=show if callable(show) else None) as bar:
         while True:
             final = jax.block_until_ready(run_prepared(p, bar if show else None))
             try:
-                return to_result(p, final, wall_s=time.perf_counter() - t0)
+                return result_of(p, final, wall_s=time.perf_counter() - t0)
             except IterationBufferFull:
                 rows = p.state.records.start.shape[-1]
                 if kwargs.get("max_iterations") or rows >= p.max_iters_bound:
@@ -228,7 +300,8 @@ def _run_growing_buffer(prepare_fn, kwargs: dict) -> SimResult:
 
 
 __all__ = [  # this module's entry points, then the job modules' names most callers use
-    "Prepared", "plan_run", "plan_cluster", "prepare", "prepare_cluster", "run_prepared", "simulate", "simulate_cluster",
+    "Prepared", "plan_run", "plan_cluster", "prepare", "prepare_cluster", "run_prepared", "result_of", "simulate",
+    "simulate_cluster",
     "Dims", "Plan", "plan", "place_instances", "instance_runtime", "check_offload_capacity", "needs_dp_sync", "needs_releases", "num_kv_blocks", "latency_tables",
     "block_table_width", "lower_tier", "check_block_sizes", "check_kv_holds_context", "check_requests_fit", "check_token_ids",
     "workload_arrays", "workload_hashes",

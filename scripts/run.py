@@ -10,6 +10,10 @@
 Writes requests.parquet (requests.csv without pyarrow), summary.json, timeseries.csv and config.yaml
 to the run's output folder (Hydra's outputs/<date>/<time>/ unless output_dir=... is given); see the
 `output` section of conf/config.yaml for the ITL lists and the reference simulator's CSV.
+
+A run that takes over 2 s shows a progress bar (finished requests, simulated time; sim.progress).
+A trace of 100,000 requests or more runs without per-iteration rows and token times, in memory
+that grows with its requests only (``long_trace_options``; README "Long traces").
 """
 
 import logging
@@ -38,13 +42,34 @@ def simulate_spec(spec: config_lib.RunSpec, check_only: bool = False):
         args = (spec.workload, spec.model_config, spec.hardware, spec.scheduler, spec.model, spec.calibration)
         if check_only:
             return [simulator.plan_run(*args, **options)]
-        return simulator.simulate(*args, **options, progress=spec.sim.progress)
+        return simulator.simulate(*args, **{**options, **long_trace_options(spec)}, progress=spec.sim.progress)
     c = spec.cluster
     if check_only:
         return simulator.plan_cluster(spec.workload, spec.model_config, list(c.instances), spec.model, c.links,
                                       c.dp_sync, **options)
     return simulator.simulate_cluster(spec.workload, spec.model_config, list(c.instances), c.router, spec.model,
-                                      c.links, c.dp_sync, **options, progress=spec.sim.progress)
+                                      c.links, c.dp_sync, **{**options, **long_trace_options(spec)},
+                                      progress=spec.sim.progress)
+
+
+# From this many requests a run keeps no per-iteration rows and no token times (unless
+# sim.max_iterations sets the rows): with them its memory grows with the trace's iterations and
+# tokens (automatic rows for 1,000,000 ShareGPT requests: ~60 M, several GB; token times: 8 bytes a
+# token), without them with its requests only (README "Long traces").
+LONG_TRACE = 100_000
+
+
+def long_trace_options(spec: config_lib.RunSpec, log=lambda m: print(m, file=sys.stderr)) -> dict:
+    """The options of a long trace's run (:data:`LONG_TRACE` requests or more, no
+    ``sim.max_iterations``, no power meter: it prices the rows): no iteration rows, no token
+    times, said on stderr (``log``). {} otherwise."""
+    n = spec.workload.num_requests
+    if n < LONG_TRACE or spec.sim.max_iterations or spec.power is not None:
+        return {}
+    log(f"note: a long trace ({n:,} requests): the run keeps no per-iteration rows and no token times, so "
+        "its memory grows with its requests only; timeseries.csv and the ITL figures are empty "
+        "(set sim.max_iterations=N to keep N iteration rows and token times as sim.record_token_times says)")
+    return dict(record_iterations=False, record_token_times=False)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
