@@ -254,9 +254,12 @@ def summarize(result: SimResult, table: dict | None = None) -> dict:
     s["kv_num_blocks"] = num_blocks
     s["kv_block_size"] = int(result.block_size)
     s["kv_num_tokens"] = num_blocks * int(result.block_size)
-    s["kv_peak_usage_pct"] = (float(used.max()) / num_blocks * 100
-                              if used.size and num_blocks else 0.0)
-    s["iterations"] = int(np.asarray(result.iter_end_ns).shape[0])
+    stats = getattr(result, "stats", None) or {}
+    unrecorded = stats.get("iteration_rows") == "not recorded"  # simulate(record_iterations=False)
+    # (a run without iteration rows has no KV gauge: NaN, not a peak of 0)
+    s["kv_peak_usage_pct"] = (float(used.max()) / num_blocks * 100 if used.size and num_blocks
+                              else math.nan if unrecorded else 0.0)
+    s["iterations"] = int(stats["iterations"]) if unrecorded else int(np.asarray(result.iter_end_ns).shape[0])
     if getattr(result, "memory", None) and np.asarray(result.iter_end_ns).size:
         # peaks and means over the run's 1-s ticks (the last value for cumulative hit rates)
         ts = time_series(result, timeseries_interval(result))

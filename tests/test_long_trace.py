@@ -81,6 +81,8 @@ def test_simulate_with_a_progress_callback_and_outputs_without_rows(runs, tmp_pa
         np.testing.assert_array_equal(getattr(r, name), getattr(whole, name), err_msg=name)
     summary = metrics.write_outputs(r, tmp_path)
     assert summary["requests"] == N and summary["unfinished_requests"] == 0 and summary["stats_iterations"] == whole.stats["iterations"]
+    assert summary["iterations"] == whole.stats["iterations"] > 0  # counted, though no row is kept
+    assert summary["kv_peak_usage_pct"] is None  # no KV gauge without rows (NaN, written null): not 0
     assert json.loads((tmp_path / "summary.json").read_text())["iteration_rows"] == "not recorded"
     assert (tmp_path / "timeseries.csv").exists()
 
