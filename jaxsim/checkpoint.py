@@ -71,6 +71,9 @@ class SweepCheckpoint:
 
     def __init__(self, folder, fingerprint: str, num_points: int, writer: bool = True):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise JaxsimInputError("sweep.checkpoint", f"{self.folder} is a file, not a folder",
+                                   "name a folder (it is created when missing)")
         self.manifest = self.folder / "manifest.jsonl"
         self.rows_path = self.folder / "rows.jsonl"
         self.writer = writer

@@ -23,6 +23,8 @@ Launch lines (the same program everywhere; see README "Scaling out"):
 """
 
 import dataclasses
+import socket
+import time
 
 import jax
 import numpy as np
@@ -71,10 +73,28 @@ def distributed_options(d: dict | None) -> DistributedOptions:
         if not isinstance(o.process_id, int) or not 0 <= o.process_id < o.num_processes:
             raise JaxsimInputError(f"{p}.process_id", f"must be in [0, {o.num_processes - 1}], got {o.process_id!r}",
                                    "give each process its index, e.g. distributed.process_id=$SLURM_PROCID")
-        if not isinstance(o.coordinator, str) or ":" not in o.coordinator:
-            raise JaxsimInputError(f"{p}.coordinator", f"must be HOST:PORT of process 0, got {o.coordinator!r}",
-                                   "e.g. distributed.coordinator=10.0.0.1:12355")
+        host, _, port = (o.coordinator or "").rpartition(":") if isinstance(o.coordinator, str) else ("", "", "")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise JaxsimInputError(f"{p}.coordinator", f"must be HOST:PORT of process 0 (a port in 1-65535), got "
+                                   f"{o.coordinator!r}", "e.g. distributed.coordinator=10.0.0.1:12355")
     return o
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+    """Wait until process 0's coordinator accepts connections. JAX's own client aborts the whole
+    process (a C++ check failure, no Python error) when it cannot register in time."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise JaxsimInputError("distributed.coordinator", f"cannot reach {address} within {timeout_s} s ({e})",
+                                       "start process 0 first (it serves the coordinator), check the address, "
+                                       "or raise distributed.timeout_s") from None
+            time.sleep(0.5)
 
 
 def initialize(opts: DistributedOptions) -> None:
@@ -86,6 +106,8 @@ def initialize(opts: DistributedOptions) -> None:
     if opts.auto:
         jax.distributed.initialize(initialization_timeout=opts.timeout_s)
     else:
+        if opts.process_id != 0:
+            _wait_for_coordinator(opts.coordinator, opts.timeout_s)
         jax.distributed.initialize(opts.coordinator, opts.num_processes, opts.process_id,
                                    initialization_timeout=opts.timeout_s)
 

@@ -37,6 +37,8 @@ def test_distributed_options_are_checked():
     assert distributed.distributed_options({"auto": True}).enabled  # SLURM / Open MPI variables
     for bad, message in (({"num_processes": 2, "process_id": 2, "coordinator": "h:1"}, r"process_id: must be in \[0, 1\]"),
                          ({"num_processes": 2, "process_id": 0}, r"coordinator: must be HOST:PORT"),
+                         ({"num_processes": 2, "process_id": 0, "coordinator": "h:99999"}, r"a port in 1-65535"),
+                         ({"num_processes": 2, "process_id": 0, "coordinator": "h:abc"}, r"a port in 1-65535"),
                          ({"num_processes": 0}, r"num_processes: must be an integer >= 1"),
                          ({"num_proceses": 2}, r"num_proceses: unknown field")):
         with pytest.raises(JaxsimInputError, match=message):
@@ -79,7 +81,16 @@ def test_checkpoint_restart_skips_finished_chunks_and_loses_nothing(script, tmp_
                          tmp_path / "d", echo=False)
 
 
+def test_an_unreachable_coordinator_is_named():
+    # process 1 waits for process 0's coordinator, then says so (JAX itself would abort the process)
+    with pytest.raises(JaxsimInputError, match=r"distributed\.coordinator: cannot reach 127\.0\.0\.1:1 within 1 s"):
+        distributed._wait_for_coordinator("127.0.0.1:1", 1)
+
+
 def test_checkpoint_refuses_a_damaged_manifest(tmp_path):
+    with pytest.raises(JaxsimInputError, match=r"is a file, not a folder"):
+        (tmp_path / "f").write_text("x")
+        SweepCheckpoint(tmp_path / "f", "abc", 3)
     ck = SweepCheckpoint(tmp_path, "abc", 3)
     ck.record(0, [{"config": 0, "x": 1.5}], 2.0)
     assert SweepCheckpoint(tmp_path, "abc", 3).finished() == {0: {"config": 0, "x": 1.5}}
