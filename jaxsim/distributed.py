@@ -69,6 +69,11 @@ def distributed_options(d: dict | None) -> DistributedOptions:
         raise JaxsimInputError(f"{p}.auto", f"must be true or false, got {o.auto!r}")
     if not isinstance(o.timeout_s, int) or o.timeout_s < 1:
         raise JaxsimInputError(f"{p}.timeout_s", f"must be an integer >= 1, got {o.timeout_s!r}")
+    if o.num_processes == 1 and not o.auto:
+        for k in ("process_id", "coordinator"):
+            if getattr(o, k) is not None:  # a host that forgot num_processes would run the whole sweep alone
+                raise JaxsimInputError(f"{p}.{k}", "set, but distributed.num_processes is 1",
+                                       "set distributed.num_processes=<N> on every process, or drop this field")
     if o.num_processes > 1 and not o.auto:
         if not isinstance(o.process_id, int) or not 0 <= o.process_id < o.num_processes:
             raise JaxsimInputError(f"{p}.process_id", f"must be in [0, {o.num_processes - 1}], got {o.process_id!r}",
@@ -138,3 +143,15 @@ def agree(mask: np.ndarray) -> np.ndarray:
         return mask
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(mask, np.int32))).astype(bool)
+
+
+def same_everywhere(text: str) -> bool:
+    """Whether every process passes the same ``text`` (e.g. a fingerprint of its sweep): processes
+    running different sweeps would wait for each other's collectives for ever. Every process gets
+    the same answer, so all of them stop together."""
+    if jax.process_count() == 1:
+        return True
+    from jax.experimental import multihost_utils
+    mine = np.frombuffer(text.encode().ljust(64, b"\0")[:64], np.uint8).astype(np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    return bool((every == every[:1]).all())

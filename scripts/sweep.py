@@ -100,8 +100,12 @@ def run_sweep(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = T
     base = config_lib.sweep_base(spec, opts)
     points = opts.points()
     out = Path(out_dir or spec.output_dir or "outputs/sweep")
-    ckpt = (SweepCheckpoint(opts.checkpoint, fingerprint(spec.config, points), len(points), writer=pid == 0)
-            if opts.checkpoint else None)
+    name = fingerprint(spec.config, points)
+    if not distributed_lib.same_everywhere(name):
+        raise JaxsimInputError("distributed", f"the {nproc} processes were not given the same sweep (this one: "
+                               f"{len(points)} points, fingerprint {name!r})",
+                               "start every process with the same command, only process_id differing")
+    ckpt = SweepCheckpoint(opts.checkpoint, name, len(points), writer=pid == 0) if opts.checkpoint else None
     result = sweep_lib.sweep(base, points, chunk_size=opts.chunk_size, progress=opts.progress, checkpoint=ckpt)
     rows = result.rows
     if pid != 0:  # process 0 writes the table

@@ -40,7 +40,8 @@ def test_distributed_options_are_checked():
                          ({"num_processes": 2, "process_id": 0, "coordinator": "h:99999"}, r"a port in 1-65535"),
                          ({"num_processes": 2, "process_id": 0, "coordinator": "h:abc"}, r"a port in 1-65535"),
                          ({"num_processes": 0}, r"num_processes: must be an integer >= 1"),
-                         ({"num_proceses": 2}, r"num_proceses: unknown field")):
+                         ({"num_proceses": 2}, r"num_proceses: unknown field"),
+                         ({"process_id": 1}, r"process_id: set, but distributed.num_processes is 1")):
         with pytest.raises(JaxsimInputError, match=message):
             distributed.distributed_options(bad)
     with pytest.raises(JaxsimInputError, match=r"distributed\.num_proceses: unknown field"):
@@ -162,3 +163,17 @@ def test_a_killed_sweep_restarted_with_the_same_command(tmp_path):
     summary = json.loads((tmp_path / "run" / "sweep.json").read_text())
     assert summary["restored_from_checkpoint"] == done_before
     assert _csv(tmp_path / "run" / "sweep.csv") == _csv(tmp_path / "ref" / "sweep.csv")
+
+
+def test_processes_given_different_sweeps_stop_with_an_error(tmp_path):
+    """Different sweeps in different processes would wait on each other's collectives for ever:
+    every process compares its sweep's fingerprint with the others' and all stop (exit 2)."""
+    port = _free_port()
+    procs = [subprocess.Popen(_sweep_cmd(tmp_path / f"p{i}", "distributed.num_processes=2", f"distributed.process_id={i}",
+                                         f"distributed.coordinator=127.0.0.1:{port}", "distributed.timeout_s=120",
+                                         *(["++sweep.axes.max_num_seqs=[4,8,16]"] if i else [])),
+                              cwd=tmp_path, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], "\n".join(o[-2000:] for o in outs)
+    assert all("were not given the same sweep" in o for o in outs)
