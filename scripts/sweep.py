@@ -166,6 +166,8 @@ def summary_line(summary: dict, out: Path) -> str:
             f"{summary['wall_s']:.1f} s wall for {summary['sim_s']:.1f} simulated s")
     if rf is not None:
         line += f" ({rf:.0f}x real time)"
+    if summary.get("restored_from_checkpoint"):  # (their simulated time is not in this run's)
+        line += f"; {summary['restored_from_checkpoint']} configurations restored from the checkpoint"
     bad = {k: v for k, v in summary["status"].items() if k != "ok"}
     if bad:
         line += f"; NOT OK: {bad} (see the status column)"
