@@ -904,6 +904,7 @@ def polish(evaluate, problem: Problem, start: Evaluation, seeds, size: int, *, m
     space = problem.space
     ints = [v for v in space.variables if v.kind == "integer"]
     choices = {n: tuple(o) for n, o in (choices or {}).items() if len(o) > 1}
+    known = known or {}
     best, seen, sims, calls, evaluated = start, {_key(start.values)}, 0, 0, []
     for _ in range(max_rounds if ints or choices else 0):
         nbrs = []
@@ -927,7 +928,7 @@ def polish(evaluate, problem: Problem, start: Evaluation, seeds, size: int, *, m
                     nbrs.append(cand)
         if not nbrs:
             break
-        new = [c for c in nbrs if _key(c) not in (known or {})]
+        new = [c for c in nbrs if _key(c) not in known]
         evs = []
         if new:
             pts = [space.sweep_point(c, s) for c in new for s in seeds]
@@ -938,7 +939,7 @@ def polish(evaluate, problem: Problem, start: Evaluation, seeds, size: int, *, m
             evs = [_evaluation(problem, space.to_unit(c), c, per[n * i:n * (i + 1)]) for i, c in enumerate(new)]
             evaluated.extend(evs)
         top = None
-        for e in evs + [known[_key(c)] for c in nbrs if _key(c) in (known or {})]:
+        for e in evs + [known[_key(c)] for c in nbrs if _key(c) in known]:
             top = e if better(e, top) else top
         if not better(top, best):
             break
@@ -1010,11 +1011,11 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
         start_seed = max(seeds) + 1000  # fresh traces: neither the search's nor (by convention) held-out ones
         noise_seeds = range(start_seed, start_seed + max(room, len(seeds) + 2))
     noise_seeds = [int(s) for s in noise_seeds] if problem.constraints else []  # nothing to guard
+    designs = problem.space.designs() if exhaustive is not False else None
     if exhaustive is None:
-        designs = problem.space.designs()
         exhaustive = designs is not None and len(designs) * len(seeds) <= steps * size * len(arms)
     if exhaustive:
-        return _exhaustive(evaluate, problem, arms, seeds, size, noise_seeds, z, t0)
+        return _exhaustive(evaluate, problem, designs, arms, seeds, size, noise_seeds, z, t0)
     sims = calls = 0
     rows: list = []
 
@@ -1069,14 +1070,12 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
             ev = _rescored(guarded[i], e)
             if better(ev, best_e):
                 best_i, best_e = i, ev
+        noise2 = None  # no design meets the plain bounds: nothing to measure at the boundary
         if best_e is not None and _plain(arms[best_i], best_e).feasible:
             again = [s + len(noise_seeds) for s in noise_seeds]
             noise2 = seed_noise(evaluate, arms[best_i], best_e.values, again, len(seeds), size)
             sims, calls = sims + n_calls * size, calls + n_calls
-        else:  # no design meets the plain bounds: nothing to measure at the boundary
-            noise2 = {m: {"std": math.nan} for m in noise}
-        noise = {m: {**v, "std": max(v["std"], noise2[m]["std"]) if math.isfinite(noise2[m]["std"]) else v["std"],
-                     "std_mid": v["std"], "std_end": noise2[m]["std"]} for m, v in noise.items()}
+        noise = _merge_noise(noise, noise2)
         guarded = [guard_band(p, noise, z) for p in arms]
     rescored = []
     for i, e in exacts:
@@ -1089,37 +1088,32 @@ def design_search(evaluate, problem: Problem, start: dict, seeds=(0, 1, 2), *, s
     pol, extra, psims, pcalls = polish(evaluate, guarded[best_arm], best, seeds, size, max_rounds=polish_rounds,
                                        choices=problem.space.choices, known=known)
     exacts += extra
-
-    def arm_of(values):
-        return next(p for p in guarded if all(values.get(k) == o for k, o in p.space.fixed.items()))
-
     for r in rows:  # phase-1 designs judged by the guarded constraints too
         g = next(p for p in guarded if dict(p.space.fixed) == r["arm"])
         r["feasible"] = all(c.violation(r["metrics"]) <= 0 for c in g.constraints) and math.isfinite(r["objective"])
     for e in extra:
-        rows.append(dict(phase="polish", arm=dict(arm_of(e.values).space.fixed), step=None,
+        rows.append(dict(phase="polish", arm=dict(_arm_of(guarded, e.values).space.fixed), step=None,
                          simulations=sims + psims, values=e.values, objective=e.objective, feasible=e.feasible,
                          accepted=e is pol, metrics=e.metrics))
-    return DesignResult(pol, arm_of(pol.values), noise, exacts, traj, rows, sims + psims, calls + pcalls,
+    return DesignResult(pol, _arm_of(guarded, pol.values), noise, exacts, traj, rows, sims + psims, calls + pcalls,
                         time.perf_counter() - t0)
 
 
-def _exhaustive(evaluate, problem: Problem, arms: list, seeds: tuple, size: int, noise_seeds: list, z: float,
-                t0: float) -> DesignResult:
-    """Every design of an all-integer space (:meth:`Space.designs`) on ``seeds``, in calls of
+def _exhaustive(evaluate, problem: Problem, designs: "list | None", arms: list, seeds: tuple, size: int,
+                noise_seeds: list, z: float, t0: float) -> DesignResult:
+    """Every design of an all-integer space (``designs``: :meth:`Space.designs`) on ``seeds``, in calls of
     ``size`` points, and the guard band of :func:`design_search` (the noise measured at the cheapest
     design meeting the plain bounds, then at the best one under that band); the answer is the best
     design under the final band. Rows are phase ``"grid"``."""
-    designs = problem.space.designs()
+    if designs is None:
+        raise JaxsimInputError("search.exhaustive", "a continuous variable has no finite set of designs",
+                               "set search.exhaustive=false, or make every variable an integer")
     space = arms[0].space  # (its anchor pads every call: the search's call shape)
     per = evaluate_fixed_size(evaluate, space, [space.sweep_point(v, s) for v in designs for s in seeds], size)
     room = size - (1 if space.needs_anchor else 0)
     calls = -(-len(designs) * len(seeds) // room)
     n = len(seeds)
     evs = [_evaluation(problem, problem.space.to_unit(v), v, per[n * i:n * (i + 1)]) for i, v in enumerate(designs)]
-
-    def arm_of(values):
-        return next(p for p in arms if all(values.get(k) == o for k, o in p.space.fixed.items()))
 
     def best_under(p):
         b = None
@@ -1132,17 +1126,15 @@ def _exhaustive(evaluate, problem: Problem, arms: list, seeds: tuple, size: int,
     if noise_seeds:
         n_calls = -(-len(noise_seeds) // room)
         at = best_under(problem)  # the cheapest design meeting the plain bounds (else the least violating)
-        noise = seed_noise(evaluate, arm_of(at.values), at.values, noise_seeds, n, size)
+        noise = seed_noise(evaluate, _arm_of(arms, at.values), at.values, noise_seeds, n, size)
         calls += n_calls
         mid = best_under(guard_band(problem, noise, z))
+        noise2 = None
         if _plain(problem, mid).feasible:  # the noise grows toward the boundary: measure it there too
             again = [s + len(noise_seeds) for s in noise_seeds]
-            noise2 = seed_noise(evaluate, arm_of(mid.values), mid.values, again, n, size)
+            noise2 = seed_noise(evaluate, _arm_of(arms, mid.values), mid.values, again, n, size)
             calls += n_calls
-        else:
-            noise2 = {m: {"std": math.nan} for m in noise}
-        noise = {m: {**v, "std": max(v["std"], noise2[m]["std"]) if math.isfinite(noise2[m]["std"]) else v["std"],
-                     "std_mid": v["std"], "std_end": noise2[m]["std"]} for m, v in noise.items()}
+        noise = _merge_noise(noise, noise2)
     guarded = guard_band(problem, noise, z)
     evs = [_plain(guarded, e) for e in evs]
     best = None
@@ -1151,8 +1143,20 @@ def _exhaustive(evaluate, problem: Problem, arms: list, seeds: tuple, size: int,
     rows = [dict(phase="grid", arm={k: e.values[k] for k in problem.space.choices}, step=None,
                  simulations=size * -(-(i + 1) * n // room), values=e.values, objective=e.objective,
                  feasible=e.feasible, accepted=e is best, metrics=e.metrics) for i, e in enumerate(evs)]
-    return DesignResult(best, guard_band(arm_of(best.values), noise, z), noise, evs, [], rows, calls * size, calls,
+    return DesignResult(best, guard_band(_arm_of(arms, best.values), noise, z), noise, evs, [], rows, calls * size, calls,
                         time.perf_counter() - t0)
+
+
+def _arm_of(problems: list, values: dict) -> Problem:
+    """The problem of ``problems`` (one per arm) whose categorical choices ``values`` has."""
+    return next(p for p in problems if all(values.get(k) == o for k, o in p.space.fixed.items()))
+
+
+def _merge_noise(mid: dict, end: "dict | None") -> dict:
+    """The two noise measurements of :func:`design_search` as one: ``std`` the larger (the mid-way
+    one when there is no end measurement), with ``std_mid`` and ``std_end`` (NaN: not measured)."""
+    return {m: {**v, "std": v["std"] if end is None else max(v["std"], end[m]["std"]), "std_mid": v["std"],
+                "std_end": math.nan if end is None else end[m]["std"]} for m, v in mid.items()}
 
 
 def _plain(problem: Problem, e: Evaluation) -> Evaluation:
