@@ -28,9 +28,10 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxsim.errors import JaxsimInputError
+from jaxsim.errors import JaxsimInputError, unknown_key_fix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ def distributed_options(d: dict | None) -> DistributedOptions:
     known = [f.name for f in dataclasses.fields(DistributedOptions)]
     for k in d:
         if k not in known:
-            raise JaxsimInputError(f"{p}.{k}", "unknown field", f"fields: {known}")
+            raise JaxsimInputError(f"{p}.{k}", "unknown field", unknown_key_fix(str(k), known))
     o = DistributedOptions(**d)
     if not isinstance(o.num_processes, int) or isinstance(o.num_processes, bool) or o.num_processes < 1:
         raise JaxsimInputError(f"{p}.num_processes", f"must be an integer >= 1, got {o.num_processes!r}")
@@ -133,7 +134,6 @@ def global_batch(tree, devices: tuple, batched: bool = True):
 
 def gather(tree):
     """Global arrays -> the whole arrays (numpy) on every process."""
-    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -141,7 +141,6 @@ def agree(mask: np.ndarray) -> np.ndarray:
     """Process 0's ``mask`` on every process (a boolean array of the same shape everywhere)."""
     if jax.process_count() == 1:
         return mask
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(mask, np.int32))).astype(bool)
 
 
@@ -151,7 +150,6 @@ def same_everywhere(text: str) -> bool:
     the same answer, so all of them stop together."""
     if jax.process_count() == 1:
         return True
-    from jax.experimental import multihost_utils
     mine = np.frombuffer(text.encode().ljust(64, b"\0")[:64], np.uint8).astype(np.int32)
     every = np.asarray(multihost_utils.process_allgather(mine))
     return bool((every == every[:1]).all())

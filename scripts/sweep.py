@@ -90,7 +90,7 @@ def run_sweep(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = T
     process group first; every process runs its share of each chunk, and process 0 alone writes
     the outputs and the checkpoint (the others return the summary with ``"written": False``).
     """
-    dist = distributed_lib.distributed_options(_plain_section(cfg, "distributed"))
+    dist = distributed_lib.distributed_options(config_lib.to_container(cfg).get("distributed"))
     distributed_lib.initialize(dist)  # before anything touches a device
     pid, nproc = distributed_lib.process()
     spec = config_lib.from_hydra(cfg)
@@ -141,12 +141,6 @@ def run_sweep(cfg: DictConfig, out_dir: str | Path | None = None, echo: bool = T
         print(report.format_table(report.best_rows(rows, key=key)))
         print(summary_line(summary, out))
     return {**summary, "rows": rows, "out_dir": str(out)}
-
-
-def _plain_section(cfg: DictConfig, name: str):
-    from omegaconf import OmegaConf
-    node = cfg.get(name)
-    return None if node is None else OmegaConf.to_container(node, resolve=True)
 
 
 def fingerprint(config: dict, points: list) -> str:
