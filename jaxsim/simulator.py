@@ -217,7 +217,7 @@ def simulate_cluster(workload: Workload, model: ModelConfig, instances: "list[In
 # next. Donated, the loop runs in the state's own buffers; otherwise XLA copies the whole state into
 # the loop first, on every call: with a 1,000,000-request trace that state (its prefix index with an
 # entry per distinct block hash, mostly) is 1.25 GB, 0.4 s per stretch of ~0.5 s.
-_run_donating = jax.jit(cluster.simulate_until_done, static_argnames="static", donate_argnames="st")
+run_donating = jax.jit(cluster.simulate_until_done, static_argnames="static", donate_argnames="st")
 
 
 def run_prepared(p: Prepared, bar: "progress.Bar | None" = None, first: int = progress.FIRST_STRETCH
@@ -229,7 +229,7 @@ def run_prepared(p: Prepared, bar: "progress.Bar | None" = None, first: int = pr
     if bar is None:
         return cluster.run(p.state, p.params, p.workload, p.static)
     state = jax.tree.map(jnp.copy, p.state)  # one copy: the stretches donate their state
-    return progress.run_in_stretches(lambda st: _run_donating(st, p.params, p.workload, p.static), state, bar,
+    return progress.run_in_stretches(lambda st: run_donating(st, p.params, p.workload, p.static), state, bar,
                                      first)
 
 
