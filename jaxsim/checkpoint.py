@@ -109,10 +109,6 @@ class SweepCheckpoint:
                                    "to start the sweep over")
         return rows
 
-    def sim_s(self) -> float:
-        """Simulated seconds of the finished chunks."""
-        return float(sum(e.get("sim_s", 0.0) for e in self.done_chunks))
-
     def record(self, chunk: int, rows: list, sim_s: float) -> None:
         """Append a finished chunk: its rows first (flushed to disk), then its manifest line."""
         if not self.writer:
